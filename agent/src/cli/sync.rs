@@ -1,0 +1,148 @@
+//! `rewind-agent sync`: one point with `--once`, otherwise one every `--interval` seconds.
+
+use crate::client::{self, ReceiverConfig};
+use crate::sync::{sync_once, DiskSource, Progress, SyncConfig, SyncReport};
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Receiver URL, e.g. https://127.0.0.1:7443.
+    #[arg(long)]
+    pub receiver: String,
+    /// CA certificate that signed the receiver's certificate.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// This agent's certificate (its common name is the agent's identity).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// This agent's private key.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Folder for the agent's state database.
+    #[arg(long)]
+    pub state: PathBuf,
+    /// The VM's name.
+    #[arg(long)]
+    pub vm: String,
+    /// A disk as NAME=PATH (raw image or block device); repeat for each disk.
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    pub disks: Vec<String>,
+    /// Take one point and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Seconds between points without --once.
+    #[arg(long, default_value_t = 60)]
+    pub interval: u64,
+    /// Block size in bytes (power of two, 4 KiB to 4 MiB).
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE as u64)]
+    pub block_size: u64,
+    /// Limit the compressed upload rate, in MB/s.
+    #[arg(long, value_name = "MB_PER_SEC")]
+    pub bwlimit: Option<f64>,
+    /// Print each point as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_disk(spec: &str) -> anyhow::Result<DiskSource> {
+    let Some((name, path)) = spec.split_once('=') else {
+        bail!("--disk {spec:?}: expected NAME=PATH");
+    };
+    rewind_proto::names::disk(name)?;
+    if path.is_empty() {
+        bail!("--disk {spec:?}: empty path");
+    }
+    Ok(DiskSource {
+        name: name.to_owned(),
+        path: PathBuf::from(path),
+    })
+}
+
+fn print(report: &SyncReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!(
+            "point {} of {} committed ({}), {} bytes sent in {:.2}s{}",
+            report.point,
+            report.vm,
+            report.created,
+            report.sent_bytes,
+            report.seconds,
+            if report.resumed { ", resumed" } else { "" }
+        );
+        for d in &report.disks {
+            println!(
+                "  {:<8} {:>14} B  {:<5}  {:>9} changed  {:>12} B read  {:>12} B sent  root {}",
+                d.name, d.size, d.mode, d.changed_blocks, d.read_bytes, d.sent_bytes, d.root
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn run(a: SyncArgs) -> anyhow::Result<()> {
+    let disks = a
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let block_size = BlockSize::new(a.block_size)?;
+    let cfg = SyncConfig {
+        vm: a.vm.clone(),
+        disks,
+        block_size,
+        state_dir: a.state.clone(),
+        bwlimit: a.bwlimit.map(|mb| (mb * 1e6) as u64),
+    };
+    let receiver = ReceiverConfig {
+        url: a.receiver.clone(),
+        ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        loop {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_message(format!("sync {}", cfg.vm));
+            let progress: Progress = {
+                let bar = bar.clone();
+                Arc::new(move |pos, total| {
+                    bar.set_length(total);
+                    bar.set_position(pos);
+                })
+            };
+            let result = async {
+                let mut c = client::connect(&receiver).await?;
+                sync_once(&mut c, &cfg, progress).await
+            }
+            .await;
+            bar.finish_and_clear();
+            match result {
+                Ok(report) => print(&report, a.json)?,
+                Err(e) if a.once => {
+                    return Err(anyhow::Error::new(e).context(format!("syncing VM {}", cfg.vm)))
+                }
+                Err(e) => tracing::error!(vm = %cfg.vm, error = %e, "cycle failed; retrying next interval"),
+            }
+            if a.once {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(a.interval.max(1))) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    })
+}

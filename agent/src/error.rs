@@ -1,0 +1,65 @@
+//! The agent's errors: each variant one thing a caller can tell apart.
+
+use crate::scan::ScanError;
+use crate::source::DiskError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SyncError {
+    /// The local state database failed.
+    #[error("agent state: {0}")]
+    State(#[from] rusqlite::Error),
+    /// A disk could not be opened or read.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A disk's size or the block size is outside the limits.
+    #[error("disk {disk}: {source}")]
+    Geometry {
+        disk: String,
+        source: rewind_proto::format::BadGeometry,
+    },
+    /// A VM or disk name is invalid.
+    #[error(transparent)]
+    Name(#[from] rewind_proto::names::BadName),
+    /// Reading credentials failed.
+    #[error("{path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The receiver's address is not a valid https URL.
+    #[error("receiver address {0:?} is not an https:// URL with a host")]
+    BadUrl(String),
+    /// Connecting to the receiver failed.
+    #[error("connecting to the receiver: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The receiver refused a request.
+    #[error("receiver refused {call}: {status}", status = .status.message())]
+    Refused {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    /// The receiver's answer makes no sense (e.g. a plan for disks we did not ask about).
+    #[error("unexpected answer from the receiver: {0}")]
+    Protocol(&'static str),
+    /// Scanning a disk failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// A worker task died.
+    #[error("internal worker failed: {0}")]
+    Worker(String),
+}
+
+impl SyncError {
+    pub fn refused(call: &'static str) -> impl FnOnce(tonic::Status) -> SyncError {
+        move |status| SyncError::Refused { call, status }
+    }
+
+    /// The gRPC code of a refusal, if this is one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            SyncError::Refused { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Rewind's host agent: finds the changed blocks of a VM's disks and streams them to a receiver.
+//!
+//! - [`source`]: raw image files and block devices (size, data extents, reads).
+//! - [`scan`]: hash-scan change detection against the last committed point.
+//! - [`state`]: the agent's local SQLite state.
+//! - [`client`]: the mutual-TLS connection to the receiver.
+//! - [`sync`]: one replication cycle, end to end.
+//! - [`cli`]: one module per subcommand.
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod scan;
+pub mod source;
+pub mod state;
+pub mod sync;

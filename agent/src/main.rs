@@ -1,0 +1,24 @@
+//! `rewind-agent`: parses the command line, runs it, maps failure to exit code 1.
+
+use clap::Parser;
+use rewind_agent::cli::{self, Cli};
+
+fn main() -> std::process::ExitCode {
+    // One crypto provider for the whole process, chosen before any TLS object exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REWIND_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli::run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The agent's local state (SQLite under `--state`): for each VM, the last point the receiver
+//! committed, the leaves of every disk at that point, and the session in flight.
+//!
+//! Ordering rule: the leaves of a new point replace the old ones only after the receiver
+//! acknowledged its commit (`apply_pending`); until then they wait in `pending`, so a crash at
+//! any instant leaves the state describing a point the receiver really has.
+
+use rewind_proto::format::DiskGeometry;
+use rewind_proto::Leaf;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+/// The state database's file inside `--state`.
+pub const STATE_FILE: &str = "agent.sqlite";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vms(
+  vm TEXT PRIMARY KEY,
+  base_point INTEGER,
+  pending_session TEXT);
+CREATE TABLE IF NOT EXISTS disks(
+  vm TEXT NOT NULL, disk TEXT NOT NULL, size INTEGER NOT NULL, block_size INTEGER NOT NULL,
+  PRIMARY KEY(vm, disk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks(
+  vm TEXT NOT NULL, disk TEXT NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+  PRIMARY KEY(vm, disk, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_disks(
+  vm TEXT NOT NULL, disk TEXT NOT NULL, size INTEGER NOT NULL, block_size INTEGER NOT NULL,
+  full INTEGER NOT NULL,
+  PRIMARY KEY(vm, disk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending(
+  vm TEXT NOT NULL, disk TEXT NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+  PRIMARY KEY(vm, disk, idx)) WITHOUT ROWID;
+";
+
+/// Opens (creating) the state database in `dir`.
+pub fn open(dir: &Path) -> rusqlite::Result<Connection> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("{}: {e}", dir.display())),
+        )
+    })?;
+    let conn = Connection::open(dir.join(STATE_FILE))?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// What the state says about a VM.
+#[derive(Debug, Clone, Default)]
+pub struct VmState {
+    pub base_point: Option<i64>,
+    pub pending_session: Option<String>,
+}
+
+pub fn vm_state(conn: &Connection, vm: &str) -> rusqlite::Result<VmState> {
+    Ok(conn
+        .query_row(
+            "SELECT base_point, pending_session FROM vms WHERE vm = ?1",
+            [vm],
+            |r| {
+                Ok(VmState {
+                    base_point: r.get(0)?,
+                    pending_session: r.get(1)?,
+                })
+            },
+        )
+        .optional()?
+        .unwrap_or_default())
+}
+
+/// Remembers the session in flight (so a crashed agent resumes it) and clears older pending
+/// leaves.
+pub fn start_pending(
+    conn: &mut Connection,
+    vm: &str,
+    session: &str,
+    disks: &[(String, DiskGeometry, bool)],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO vms(vm, pending_session) VALUES (?1, ?2)
+         ON CONFLICT(vm) DO UPDATE SET pending_session = excluded.pending_session",
+        params![vm, session],
+    )?;
+    tx.execute("DELETE FROM pending WHERE vm = ?1", [vm])?;
+    tx.execute("DELETE FROM pending_disks WHERE vm = ?1", [vm])?;
+    for (name, g, full) in disks {
+        tx.execute(
+            "INSERT INTO pending_disks(vm, disk, size, block_size, full) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![vm, name, g.size as i64, g.block_size.bytes() as i64, *full],
+        )?;
+    }
+    tx.commit()
+}
+
+/// The stored geometry of a disk at the base point.
+pub fn disk_geometry(
+    conn: &Connection,
+    vm: &str,
+    disk: &str,
+) -> rusqlite::Result<Option<(u64, u64)>> {
+    conn.query_row(
+        "SELECT size, block_size FROM disks WHERE vm = ?1 AND disk = ?2",
+        params![vm, disk],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .optional()
+}
+
+/// Records changed leaves of the point in flight.
+pub struct PendingWriter<'c> {
+    tx: rusqlite::Transaction<'c>,
+    vm: String,
+}
+
+impl<'c> PendingWriter<'c> {
+    pub fn new(conn: &'c mut Connection, vm: &str) -> rusqlite::Result<Self> {
+        Ok(Self {
+            tx: conn.transaction()?,
+            vm: vm.to_owned(),
+        })
+    }
+
+    pub fn add(&mut self, disk: &str, idx: u64, leaf: &Leaf) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pending(vm, disk, idx, hash) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![self.vm, disk, idx as i64, &leaf.0[..]])?;
+        Ok(())
+    }
+
+    pub fn finish(self) -> rusqlite::Result<()> {
+        self.tx.commit()
+    }
+}
+
+/// Makes the pending point the base: its leaves replace the old ones, in one transaction.
+pub fn apply_pending(conn: &mut Connection, vm: &str, point: i64) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let disks: Vec<(String, i64, i64, bool)> = {
+        let mut stmt =
+            tx.prepare("SELECT disk, size, block_size, full FROM pending_disks WHERE vm = ?1")?;
+        let rows = stmt.query_map([vm], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut keep = Vec::new();
+    for (disk, size, bs, full) in &disks {
+        if *full {
+            tx.execute(
+                "DELETE FROM blocks WHERE vm = ?1 AND disk = ?2",
+                params![vm, disk],
+            )?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO disks(vm, disk, size, block_size) VALUES (?1, ?2, ?3, ?4)",
+            params![vm, disk, size, bs],
+        )?;
+        keep.push(disk.clone());
+    }
+    // Disks the VM no longer has are forgotten.
+    let known: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT disk FROM disks WHERE vm = ?1")?;
+        let rows = stmt.query_map([vm], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for d in known.iter().filter(|d| !keep.contains(d)) {
+        tx.execute(
+            "DELETE FROM blocks WHERE vm = ?1 AND disk = ?2",
+            params![vm, d],
+        )?;
+        tx.execute(
+            "DELETE FROM disks WHERE vm = ?1 AND disk = ?2",
+            params![vm, d],
+        )?;
+    }
+    tx.execute(
+        "DELETE FROM blocks WHERE (vm, disk, idx) IN
+           (SELECT vm, disk, idx FROM pending WHERE vm = ?1 AND hash = zeroblob(32))",
+        [vm],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO blocks(vm, disk, idx, hash)
+         SELECT vm, disk, idx, hash FROM pending WHERE vm = ?1 AND hash != zeroblob(32)",
+        [vm],
+    )?;
+    tx.execute("DELETE FROM pending WHERE vm = ?1", [vm])?;
+    tx.execute("DELETE FROM pending_disks WHERE vm = ?1", [vm])?;
+    tx.execute(
+        "UPDATE vms SET base_point = ?2, pending_session = NULL WHERE vm = ?1",
+        params![vm, point],
+    )?;
+    tx.commit()
+}
+
+/// Forgets everything about a VM except the session in flight: the next point is a full
+/// (deduplicated) read. Used when the receiver's root disagrees with ours.
+pub fn forget(conn: &mut Connection, vm: &str) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for table in ["blocks", "disks", "pending", "pending_disks"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE vm = ?1"), [vm])?;
+    }
+    tx.execute("UPDATE vms SET base_point = NULL WHERE vm = ?1", [vm])?;
+    tx.commit()
+}
+
+/// The leaves of one disk at the base point, read in index order a page at a time so memory
+/// stays bounded whatever the disk size. Absent leaves are zero.
+pub struct OldLeaves<'c> {
+    conn: &'c Connection,
+    vm: String,
+    disk: String,
+    buf: VecDeque<(u64, Leaf)>,
+    next_from: u64,
+    done: bool,
+}
+
+const PAGE: i64 = 65_536;
+
+impl<'c> OldLeaves<'c> {
+    /// `None` as the disk reads as all zeros (a full send).
+    pub fn new(conn: &'c Connection, vm: &str, disk: Option<&str>) -> Self {
+        Self {
+            conn,
+            vm: vm.to_owned(),
+            disk: disk.unwrap_or_default().to_owned(),
+            buf: VecDeque::new(),
+            next_from: 0,
+            done: disk.is_none(),
+        }
+    }
+
+    fn fill(&mut self) -> rusqlite::Result<()> {
+        if self.done || !self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT idx, hash FROM blocks WHERE vm = ?1 AND disk = ?2 AND idx >= ?3
+             ORDER BY idx LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![self.vm, self.disk, self.next_from as i64, PAGE],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+        )?;
+        for row in rows {
+            let (idx, hash) = row?;
+            let leaf = Leaf::from_slice(&hash).unwrap_or(Leaf::ZERO);
+            self.buf.push_back((idx, leaf));
+        }
+        match self.buf.back() {
+            Some(&(last, _)) => self.next_from = last + 1,
+            None => self.done = true,
+        }
+        Ok(())
+    }
+
+    /// The old leaf of block `idx`; blocks must be asked in increasing order. Old non-zero
+    /// leaves skipped over are passed to `skipped`.
+    pub fn leaf_at(
+        &mut self,
+        idx: u64,
+        mut skipped: impl FnMut(u64, Leaf),
+    ) -> rusqlite::Result<Leaf> {
+        loop {
+            self.fill()?;
+            match self.buf.front() {
+                Some(&(i, l)) if i < idx => {
+                    skipped(i, l);
+                    self.buf.pop_front();
+                }
+                Some(&(i, l)) if i == idx => {
+                    self.buf.pop_front();
+                    return Ok(l);
+                }
+                _ => return Ok(Leaf::ZERO),
+            }
+        }
+    }
+}

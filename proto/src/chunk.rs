@@ -1,0 +1,104 @@
+//! The stored form of one block: a zstd frame of its bytes, addressed by the blake3 hash of the
+//! bytes. Decompression is bounded by the expected length, so a hostile frame cannot balloon.
+
+use crate::format::ZSTD_LEVEL;
+use crate::hash::Leaf;
+use thiserror::Error;
+
+/// Why a chunk was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ChunkError {
+    /// The frame is not valid zstd, or it inflates past the expected length.
+    #[error("chunk {hash} does not decompress to at most {expected} bytes")]
+    Undecodable { hash: Leaf, expected: usize },
+    /// The data decompressed to a different length than its block has.
+    #[error("chunk {hash} holds {got} bytes, its block has {expected}")]
+    WrongLength {
+        hash: Leaf,
+        got: usize,
+        expected: usize,
+    },
+    /// The data does not hash to the name it was sent under.
+    #[error("chunk sent as {claimed} hashes to {actual}")]
+    WrongHash { claimed: Leaf, actual: Leaf },
+    /// All-zero blocks are holes and never stored as chunks.
+    #[error("an all-zero block was sent as a chunk")]
+    ZeroChunk,
+}
+
+/// Compresses a block's bytes into its stored form.
+pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(data, ZSTD_LEVEL)
+}
+
+/// Decompresses a stored chunk and checks that it is exactly `expected` bytes hashing to `hash`.
+pub fn open(hash: Leaf, frame: &[u8], expected: usize) -> Result<Vec<u8>, ChunkError> {
+    if hash.is_zero() {
+        return Err(ChunkError::ZeroChunk);
+    }
+    let data = zstd::bulk::decompress(frame, expected)
+        .map_err(|_| ChunkError::Undecodable { hash, expected })?;
+    if data.len() != expected {
+        return Err(ChunkError::WrongLength {
+            hash,
+            got: data.len(),
+            expected,
+        });
+    }
+    let actual = Leaf::of(&data);
+    if actual != hash {
+        return Err(ChunkError::WrongHash {
+            claimed: hash,
+            actual,
+        });
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn roundtrip(data in proptest::collection::vec(any::<u8>(), 1..20_000)) {
+            prop_assume!(!crate::hash::is_zero(&data));
+            let leaf = Leaf::of(&data);
+            let frame = compress(&data).expect("compress");
+            prop_assert_eq!(open(leaf, &frame, data.len()).expect("open"), data);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_chunks() {
+        let data = vec![7u8; 5000];
+        let leaf = Leaf::of(&data);
+        let frame = compress(&data).expect("compress");
+        assert_eq!(
+            open(leaf, &frame, 4000),
+            Err(ChunkError::Undecodable {
+                hash: leaf,
+                expected: 4000
+            })
+        );
+        assert_eq!(
+            open(leaf, &frame, 6000),
+            Err(ChunkError::WrongLength {
+                hash: leaf,
+                got: 5000,
+                expected: 6000
+            })
+        );
+        let other = Leaf::of(b"other");
+        assert!(matches!(
+            open(other, &frame, 5000),
+            Err(ChunkError::WrongHash { .. })
+        ));
+        assert!(matches!(
+            open(leaf, b"not zstd", 5000),
+            Err(ChunkError::Undecodable { .. })
+        ));
+        assert_eq!(open(Leaf::ZERO, &frame, 5000), Err(ChunkError::ZeroChunk));
+    }
+}

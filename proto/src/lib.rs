@@ -1,0 +1,23 @@
+//! The contract both sides of Rewind share: the gRPC messages, the block/chunk format and the
+//! Merkle root that proves a stored point equals the source disk.
+//!
+//! - [`format`]: every limit and magic number, each with why it has that value.
+//! - [`names`]: validation of VM and disk names (no path tricks).
+//! - [`hash`]: [`hash::Leaf`], the 32-byte value of one block in the tree.
+//! - [`chunk`]: compressing and verifying the stored form of a block.
+//! - [`tree`]: the Merkle tree over a disk's leaves and its root.
+//! - [`pb`]: the generated gRPC code.
+
+pub mod chunk;
+pub mod format;
+pub mod hash;
+pub mod names;
+pub mod tree;
+
+/// Generated from `proto/rewind.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("rewind.v1");
+}
+
+pub use hash::Leaf;

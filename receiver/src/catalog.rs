@@ -1,0 +1,157 @@
+//! The receiver's catalog: one SQLite database (WAL, synchronous=FULL) naming VMs, disks,
+//! points, sessions, chunks and the versioned Merkle nodes of every disk.
+//!
+//! Versioned nodes: the value of node (level, idx) of a disk at point P is the row with the
+//! greatest `point` not after P; no row, or a NULL hash, means the all-zero subtree. A point
+//! therefore writes rows only for the blocks it changed and the inner nodes above them.
+//! A disk generation (`disks` row) is a linear chain: a point may only build on its VM's newest
+//! point, and a disk whose size or block size changes starts a new generation.
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::Path;
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The catalog's file inside the data folder.
+pub const CATALOG_FILE: &str = "catalog.sqlite";
+/// Schema version, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vms(
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  owner TEXT NOT NULL,
+  created_us INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS disks(
+  id INTEGER PRIMARY KEY,
+  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  name TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  block_size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS points(
+  id INTEGER PRIMARY KEY,
+  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  parent INTEGER,
+  created_us INTEGER NOT NULL,
+  committed_us INTEGER NOT NULL,
+  session TEXT NOT NULL UNIQUE);
+CREATE INDEX IF NOT EXISTS points_by_vm ON points(vm_id, id);
+CREATE TABLE IF NOT EXISTS point_disks(
+  point_id INTEGER NOT NULL REFERENCES points(id),
+  name TEXT NOT NULL,
+  disk_id INTEGER NOT NULL REFERENCES disks(id),
+  size INTEGER NOT NULL,
+  block_size INTEGER NOT NULL,
+  root BLOB NOT NULL,
+  changed_blocks INTEGER NOT NULL,
+  PRIMARY KEY(point_id, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes(
+  disk_id INTEGER NOT NULL,
+  level INTEGER NOT NULL,
+  idx INTEGER NOT NULL,
+  point INTEGER NOT NULL,
+  hash BLOB,
+  PRIMARY KEY(disk_id, level, idx, point)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS packs(
+  id INTEGER PRIMARY KEY,
+  created_us INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks(
+  hash BLOB PRIMARY KEY,
+  pack_id INTEGER NOT NULL,
+  offset INTEGER NOT NULL,
+  clen INTEGER NOT NULL,
+  ulen INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunk_owners(
+  owner TEXT NOT NULL,
+  hash BLOB NOT NULL,
+  PRIMARY KEY(owner, hash)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions(
+  id TEXT PRIMARY KEY,
+  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  owner TEXT NOT NULL,
+  base_point INTEGER,
+  state TEXT NOT NULL,
+  point_id INTEGER,
+  created_us INTEGER NOT NULL,
+  updated_us INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_disks(
+  session_id TEXT NOT NULL,
+  pos INTEGER NOT NULL,
+  name TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  block_size INTEGER NOT NULL,
+  base_disk INTEGER,
+  PRIMARY KEY(session_id, pos)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_blocks(
+  session_id TEXT NOT NULL,
+  pos INTEGER NOT NULL,
+  idx INTEGER NOT NULL,
+  hash BLOB NOT NULL,
+  PRIMARY KEY(session_id, pos, idx)) WITHOUT ROWID;
+";
+
+/// Opens (and creates or migrates) the catalog for writing.
+pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(data.join(CATALOG_FILE))?;
+    configure(&conn)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < SCHEMA_VERSION {
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    Ok(conn)
+}
+
+/// Opens the catalog for reading only, safe while `serve` writes to it.
+pub fn open_ro(data: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        data.join(CATALOG_FILE),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(30))?;
+    // FULL: NORMAL can lose the last commit on power loss, and a commit acknowledged to an agent
+    // must survive.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    Ok(())
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+/// RFC 3339 UTC text of a microsecond timestamp.
+pub fn rfc3339(us: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| us.to_string())
+}
+
+/// Parses RFC 3339 text into microseconds since the epoch.
+pub fn parse_rfc3339(text: &str) -> Result<i64, time::error::Parse> {
+    let t = OffsetDateTime::parse(text, &Rfc3339)?;
+    Ok((t.unix_timestamp_nanos() / 1000) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_roundtrip() {
+        let us = 1_795_000_000_123_456;
+        assert_eq!(parse_rfc3339(&rfc3339(us)).expect("parse"), us);
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+}

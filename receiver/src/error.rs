@@ -1,0 +1,150 @@
+//! The receiver's storage errors: each variant is one thing a caller can tell apart, and its doc
+//! line is its message.
+
+use rewind_proto::chunk::ChunkError;
+use rewind_proto::format::BadGeometry;
+use rewind_proto::hash::BadHashLength;
+use rewind_proto::names::BadName;
+use rewind_proto::Leaf;
+use thiserror::Error;
+
+use crate::packs::PackError;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The catalog database failed.
+    #[error("catalog: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A pack file could not be read or written.
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    /// A file outside the packs could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// A VM or disk name with path characters or of bad length.
+    #[error(transparent)]
+    Name(#[from] BadName),
+    /// A disk whose size or block size is outside the limits.
+    #[error("disk {disk}: {source}")]
+    Geometry { disk: String, source: BadGeometry },
+    /// A point needs at least one disk and at most [`rewind_proto::format::MAX_DISKS`].
+    #[error("a point needs 1 to {max} disks, got {got}")]
+    DiskCount { got: usize, max: usize },
+    /// Two disks of one VM with the same name.
+    #[error("disk {0} is named twice")]
+    DuplicateDisk(String),
+    /// No VM of that name exists.
+    #[error("no VM named {0}")]
+    UnknownVm(String),
+    /// The VM belongs to another agent.
+    #[error("VM {vm} belongs to another agent; {caller} may not write or read it")]
+    NotOwner { vm: String, caller: String },
+    /// No session of that id exists (or it belongs to another agent).
+    #[error("no session {0}")]
+    UnknownSession(String),
+    /// The session was already committed or abandoned.
+    #[error("session {0} is not open")]
+    SessionClosed(String),
+    /// A batch names a disk the session does not have.
+    #[error("block entry names disk #{pos}, the session has {disks}")]
+    NoSuchDisk { pos: u32, disks: usize },
+    /// A block index past the end of its disk.
+    #[error("block {index} is past the end of disk {disk} ({blocks} blocks)")]
+    BlockOutOfRange {
+        disk: String,
+        index: u64,
+        blocks: u64,
+    },
+    /// A hash that is not 32 bytes.
+    #[error(transparent)]
+    HashLength(#[from] BadHashLength),
+    /// A chunk failed verification (bad frame, size or hash).
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    /// A batch refers to a chunk the agent neither sent nor holds.
+    #[error("block {index} of disk {disk} refers to chunk {hash}, which this agent does not hold")]
+    ChunkNotHeld {
+        disk: String,
+        index: u64,
+        hash: Leaf,
+    },
+    /// A chunk that no block entry of its batch refers to.
+    #[error("chunk {0} is not referenced by any block entry of its batch")]
+    UnreferencedChunk(Leaf),
+    /// The chunk has a different length than the block it is used for.
+    #[error("block {index} of disk {disk} needs {expected} bytes, chunk {hash} holds {stored}")]
+    ChunkLength {
+        disk: String,
+        index: u64,
+        hash: Leaf,
+        expected: usize,
+        stored: usize,
+    },
+    /// A batch or question larger than the limits.
+    #[error("{what}: {got} exceeds the limit of {max}")]
+    TooLarge {
+        what: &'static str,
+        got: usize,
+        max: usize,
+    },
+    /// Another point of the VM was committed since this session began.
+    #[error(
+        "VM {vm} has a newer point ({actual}) than this session's base ({expected}): start again"
+    )]
+    BaseMoved {
+        vm: String,
+        expected: i64,
+        actual: i64,
+    },
+    /// Commit roots do not name exactly the session's disks.
+    #[error(
+        "commit must give one root for each disk of the session; disk {0} is missing or unknown"
+    )]
+    RootSet(String),
+    /// The receiver's root differs from the agent's: nothing was committed.
+    #[error(
+        "disk {disk}: agent root {agent} differs from stored root {stored}; point not committed"
+    )]
+    RootMismatch {
+        disk: String,
+        agent: Leaf,
+        stored: Leaf,
+    },
+    /// No point with that id for that VM.
+    #[error("VM {vm} has no point {point}")]
+    UnknownPoint { vm: String, point: i64 },
+    /// No point at or before the asked time.
+    #[error("VM {vm} has no point created at or before {at}")]
+    NoPointAt { vm: String, at: String },
+    /// The point has no disk of that name.
+    #[error("point {point} has no disk {disk}")]
+    UnknownDisk { point: i64, disk: String },
+    /// A chunk the catalog names is missing from the catalog's chunk index.
+    #[error("chunk {0} is referenced but not in the chunk index")]
+    MissingChunk(Leaf),
+    /// Restored data does not reproduce the point's root.
+    #[error("restored disk {disk} has root {got}, the point says {want}")]
+    RestoredRoot { disk: String, got: Leaf, want: Leaf },
+    /// The output exists and would be overwritten.
+    #[error("{0} exists: refusing to overwrite (use --force)")]
+    OutputExists(std::path::PathBuf),
+}
+
+impl StoreError {
+    /// True when the error is the disk being full (so the agent should retry later).
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StoreError::Pack(PackError::Io { source, .. }) | StoreError::Io { source, .. } => {
+                source.raw_os_error()
+            }
+            StoreError::Sql(rusqlite::Error::SqliteFailure(e, _)) => {
+                return e.code == rusqlite::ErrorCode::DiskFull
+            }
+            _ => None,
+        };
+        io == Some(28)
+    }
+}

@@ -1,0 +1,742 @@
+//! Turning an agent's upload into a point: begin a session, answer which chunks are missing,
+//! verify and stage batches, and commit only when the receiver's roots equal the agent's.
+//!
+//! Ordering rules enforced here:
+//! - a chunk is durable in its pack before the catalog refers to it (`write_new_chunks` syncs
+//!   before the transaction that inserts its row);
+//! - staged blocks live only in `session_blocks` and become visible in one transaction, after
+//!   the recomputed roots equal the agent's; a crash at any instant leaves either no point or
+//!   the whole point;
+//! - a point builds only on its VM's newest point, so every disk generation is a linear chain.
+
+use crate::catalog::{now_us, rfc3339};
+use crate::error::StoreError;
+use crate::packs::PackWriter;
+use crate::store::Store;
+use rewind_proto::chunk;
+use rewind_proto::format::{DiskGeometry, MAX_BATCH_ENTRIES, MAX_DISKS, MAX_QUERY_HASHES};
+use rewind_proto::tree::{self, NodeStore, Shape};
+use rewind_proto::{names, Leaf};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::collections::{HashMap, HashSet};
+
+/// One disk as the agent describes it.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub name: String,
+    pub geometry: DiskGeometry,
+}
+
+/// What an agent asks for when it starts a point.
+#[derive(Debug, Clone)]
+pub struct BeginSpec {
+    pub vm: String,
+    pub disks: Vec<DiskSpec>,
+    /// The last point the agent knows it committed.
+    pub base_point: Option<i64>,
+    /// A session to resume.
+    pub resume: Option<String>,
+}
+
+/// How the agent must send a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskMode {
+    /// Only blocks that differ from the base point.
+    Delta,
+    /// Every non-zero block (a new generation of the disk).
+    Full,
+}
+
+/// The receiver's answer to Begin.
+#[derive(Debug, Clone)]
+pub struct BeginPlan {
+    pub session: String,
+    pub base_point: Option<i64>,
+    pub modes: Vec<(String, DiskMode)>,
+    /// Set when the resumed session was already committed as this point.
+    pub committed_point: Option<i64>,
+}
+
+/// One block map entry of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub pos: u32,
+    pub index: u64,
+    pub leaf: Leaf,
+}
+
+/// One chunk of a batch, as sent.
+#[derive(Debug, Clone)]
+pub struct IncomingChunk {
+    pub hash: Leaf,
+    pub frame: Vec<u8>,
+}
+
+/// What one batch added.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchStats {
+    pub entries: u64,
+    pub chunks_stored: u64,
+    pub chunk_bytes: u64,
+}
+
+/// A committed point.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub point: i64,
+    pub created: String,
+}
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Unknown,
+    Open,
+    Committed(i64),
+}
+
+struct SessionDisk {
+    name: String,
+    geometry: DiskGeometry,
+    base_disk: Option<i64>,
+}
+
+struct Session {
+    vm_id: i64,
+    vm: String,
+    base_point: Option<i64>,
+    disks: Vec<SessionDisk>,
+}
+
+fn new_session_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+fn validate_begin(spec: &BeginSpec) -> Result<(), StoreError> {
+    names::vm(&spec.vm)?;
+    if spec.disks.is_empty() || spec.disks.len() > MAX_DISKS {
+        return Err(StoreError::DiskCount {
+            got: spec.disks.len(),
+            max: MAX_DISKS,
+        });
+    }
+    let mut seen = HashSet::new();
+    for d in &spec.disks {
+        names::disk(&d.name)?;
+        if !seen.insert(d.name.as_str()) {
+            return Err(StoreError::DuplicateDisk(d.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The VM's id and owner, if it exists.
+fn vm_row(conn: &Connection, vm: &str) -> rusqlite::Result<Option<(i64, String)>> {
+    conn.query_row("SELECT id, owner FROM vms WHERE name = ?1", [vm], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
+}
+
+/// The newest point of a VM.
+pub fn latest_point(conn: &Connection, vm_id: i64) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT MAX(id) FROM points WHERE vm_id = ?1",
+        [vm_id],
+        |r| r.get(0),
+    )
+}
+
+/// Checks that `caller` owns `vm` and returns its id.
+pub fn owned_vm(conn: &Connection, vm: &str, caller: &str) -> Result<i64, StoreError> {
+    match vm_row(conn, vm)? {
+        None => Err(StoreError::UnknownVm(vm.to_owned())),
+        Some((_, owner)) if owner != caller => Err(StoreError::NotOwner {
+            vm: vm.to_owned(),
+            caller: caller.to_owned(),
+        }),
+        Some((id, _)) => Ok(id),
+    }
+}
+
+fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, String), StoreError> {
+    let row: Option<(i64, String, Option<i64>, String, String)> = conn
+        .query_row(
+            "SELECT s.vm_id, v.name, s.base_point, s.state, s.owner
+             FROM sessions s JOIN vms v ON v.id = s.vm_id WHERE s.id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((vm_id, vm, base_point, state, session_owner)) = row else {
+        return Err(StoreError::UnknownSession(id.to_owned()));
+    };
+    if session_owner != owner {
+        return Err(StoreError::UnknownSession(id.to_owned()));
+    }
+    let mut stmt = conn.prepare(
+        "SELECT name, size, block_size, base_disk FROM session_disks
+         WHERE session_id = ?1 ORDER BY pos",
+    )?;
+    let disks = stmt
+        .query_map([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?
+        .map(|row| {
+            let (name, size, bs, base_disk) = row?;
+            let geometry = DiskGeometry::new(size as u64, bs as u64).map_err(|source| {
+                StoreError::Geometry {
+                    disk: name.clone(),
+                    source,
+                }
+            })?;
+            Ok(SessionDisk {
+                name,
+                geometry,
+                base_disk,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok((
+        Session {
+            vm_id,
+            vm,
+            base_point,
+            disks,
+        },
+        state,
+    ))
+}
+
+fn open_session(conn: &Connection, owner: &str, id: &str) -> Result<Session, StoreError> {
+    let (session, state) = load_session(conn, owner, id)?;
+    if state != "open" {
+        return Err(StoreError::SessionClosed(id.to_owned()));
+    }
+    Ok(session)
+}
+
+impl Store {
+    /// Opens a session for the VM's next point (creating the VM, owned by `owner`, on first
+    /// use), or resumes `spec.resume`. On error nothing is written.
+    pub fn begin(&self, owner: &str, spec: &BeginSpec) -> Result<BeginPlan, StoreError> {
+        validate_begin(spec)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let vm_id = match vm_row(&tx, &spec.vm)? {
+            Some((id, o)) if o == owner => id,
+            Some(_) => {
+                return Err(StoreError::NotOwner {
+                    vm: spec.vm.clone(),
+                    caller: owner.to_owned(),
+                })
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO vms(name, owner, created_us) VALUES (?1, ?2, ?3)",
+                    params![spec.vm, owner, now_us()],
+                )?;
+                tx.last_insert_rowid()
+            }
+        };
+        let latest = latest_point(&tx, vm_id)?;
+
+        let mut session_id = None;
+        if let Some(resume) = &spec.resume {
+            let found: Option<(String, String, i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT owner, state, vm_id, point_id FROM sessions WHERE id = ?1",
+                    [resume],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            match found {
+                Some((o, state, v, point)) if o == owner && v == vm_id => {
+                    if state == "committed" {
+                        return Ok(BeginPlan {
+                            session: resume.clone(),
+                            base_point: latest,
+                            modes: vec![],
+                            committed_point: point,
+                        });
+                    }
+                    if state == "open" {
+                        // Staged entries are dropped: the agent re-sends its whole delta (the
+                        // disk may have changed since), but chunks already stored stay held.
+                        tx.execute("DELETE FROM session_blocks WHERE session_id = ?1", [resume])?;
+                        tx.execute("DELETE FROM session_disks WHERE session_id = ?1", [resume])?;
+                        session_id = Some(resume.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let latest_disks: HashMap<String, (i64, u64, u64)> = match latest {
+            Some(p) if spec.base_point == Some(p) => {
+                let mut stmt = tx.prepare(
+                    "SELECT name, disk_id, size, block_size FROM point_disks WHERE point_id = ?1",
+                )?;
+                let rows = stmt.query_map([p], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        (
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)? as u64,
+                            r.get::<_, i64>(3)? as u64,
+                        ),
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            }
+            _ => HashMap::new(),
+        };
+
+        let now = now_us();
+        let id = match session_id {
+            Some(id) => {
+                tx.execute(
+                    "UPDATE sessions SET base_point = ?2, created_us = ?3, updated_us = ?3 WHERE id = ?1",
+                    params![id, latest, now],
+                )?;
+                id
+            }
+            None => {
+                let id = new_session_id();
+                tx.execute(
+                    "INSERT INTO sessions(id, vm_id, owner, base_point, state, created_us, updated_us)
+                     VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?5)",
+                    params![id, vm_id, owner, latest, now],
+                )?;
+                id
+            }
+        };
+        let mut modes = Vec::new();
+        for (pos, d) in spec.disks.iter().enumerate() {
+            let base_disk = latest_disks.get(&d.name).and_then(|&(disk_id, size, bs)| {
+                (size == d.geometry.size && bs == d.geometry.block_size.bytes()).then_some(disk_id)
+            });
+            tx.execute(
+                "INSERT INTO session_disks(session_id, pos, name, size, block_size, base_disk)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    pos as i64,
+                    d.name,
+                    d.geometry.size as i64,
+                    d.geometry.block_size.bytes() as i64,
+                    base_disk
+                ],
+            )?;
+            let mode = if base_disk.is_some() {
+                DiskMode::Delta
+            } else {
+                DiskMode::Full
+            };
+            modes.push((d.name.clone(), mode));
+        }
+        tx.commit()?;
+        Ok(BeginPlan {
+            session: id,
+            base_point: latest,
+            modes,
+            committed_point: None,
+        })
+    }
+
+    /// The hashes among `hashes` that `owner` does not hold (its answer never depends on other
+    /// agents' data).
+    pub fn missing(
+        &self,
+        owner: &str,
+        session: &str,
+        hashes: &[Leaf],
+    ) -> Result<Vec<Leaf>, StoreError> {
+        if hashes.len() > MAX_QUERY_HASHES {
+            return Err(StoreError::TooLarge {
+                what: "hashes in one question",
+                got: hashes.len(),
+                max: MAX_QUERY_HASHES,
+            });
+        }
+        let conn = self.conn();
+        open_session(&conn, owner, session)?;
+        let mut stmt =
+            conn.prepare_cached("SELECT 1 FROM chunk_owners WHERE owner = ?1 AND hash = ?2")?;
+        let mut out = Vec::new();
+        for h in hashes {
+            if h.is_zero() {
+                continue;
+            }
+            if !stmt.exists(params![owner, &h.0[..]])? {
+                out.push(*h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Verifies one batch and stages it: every chunk is decompressed and hashed, every entry is
+    /// checked against its disk, chunks are made durable, then entries are staged in one
+    /// transaction. A refused batch changes nothing visible.
+    pub fn ingest(
+        &self,
+        owner: &str,
+        session_id: &str,
+        entries: &[Entry],
+        chunks: Vec<IncomingChunk>,
+        writer: &mut PackWriter,
+    ) -> Result<BatchStats, StoreError> {
+        if entries.len() > MAX_BATCH_ENTRIES {
+            return Err(StoreError::TooLarge {
+                what: "block entries in one batch",
+                got: entries.len(),
+                max: MAX_BATCH_ENTRIES,
+            });
+        }
+        let session = {
+            let conn = self.conn();
+            open_session(&conn, owner, session_id)?
+        };
+        // Expected length of each referenced chunk, from the blocks that use it.
+        let mut expected: HashMap<Leaf, usize> = HashMap::new();
+        for e in entries {
+            let disk = session
+                .disks
+                .get(e.pos as usize)
+                .ok_or(StoreError::NoSuchDisk {
+                    pos: e.pos,
+                    disks: session.disks.len(),
+                })?;
+            let len =
+                disk.geometry
+                    .block_len(e.index)
+                    .ok_or_else(|| StoreError::BlockOutOfRange {
+                        disk: disk.name.clone(),
+                        index: e.index,
+                        blocks: disk.geometry.blocks(),
+                    })?;
+            if !e.leaf.is_zero() {
+                expected.entry(e.leaf).or_insert(len);
+            }
+        }
+        let mut verified = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let len = *expected
+                .get(&c.hash)
+                .ok_or(StoreError::UnreferencedChunk(c.hash))?;
+            let data = chunk::open(c.hash, &c.frame, len)?;
+            verified.push((c.hash, c.frame, data.len()));
+        }
+        let (stored, bytes) = self.write_new_chunks(&verified, writer)?;
+
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // The session may have been committed by a racing stream while we verified.
+        open_session(&tx, owner, session_id)?;
+        {
+            let mut own = tx.prepare_cached(
+                "INSERT OR IGNORE INTO chunk_owners(owner, hash) VALUES (?1, ?2)",
+            )?;
+            for (hash, _, _) in &verified {
+                own.execute(params![owner, &hash.0[..]])?;
+            }
+            let mut held = tx.prepare_cached(
+                "SELECT c.ulen FROM chunk_owners o JOIN chunks c ON c.hash = o.hash
+                 WHERE o.owner = ?1 AND o.hash = ?2",
+            )?;
+            let mut stage = tx.prepare_cached(
+                "INSERT OR REPLACE INTO session_blocks(session_id, pos, idx, hash)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in entries {
+                let disk = &session.disks[e.pos as usize];
+                if !e.leaf.is_zero() {
+                    let ulen: Option<i64> = held
+                        .query_row(params![owner, &e.leaf.0[..]], |r| r.get(0))
+                        .optional()?;
+                    let Some(ulen) = ulen else {
+                        return Err(StoreError::ChunkNotHeld {
+                            disk: disk.name.clone(),
+                            index: e.index,
+                            hash: e.leaf,
+                        });
+                    };
+                    let want = disk.geometry.block_len(e.index).unwrap_or(0);
+                    if ulen as usize != want {
+                        return Err(StoreError::ChunkLength {
+                            disk: disk.name.clone(),
+                            index: e.index,
+                            hash: e.leaf,
+                            expected: want,
+                            stored: ulen as usize,
+                        });
+                    }
+                }
+                stage.execute(params![session_id, e.pos, e.index as i64, &e.leaf.0[..]])?;
+            }
+        }
+        tx.execute(
+            "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
+            params![session_id, now_us()],
+        )?;
+        tx.commit()?;
+        Ok(BatchStats {
+            entries: entries.len() as u64,
+            chunks_stored: stored,
+            chunk_bytes: bytes,
+        })
+    }
+
+    /// Appends the chunks the store does not have yet to a pack, syncs it, then indexes them.
+    fn write_new_chunks(
+        &self,
+        chunks: &[(Leaf, Vec<u8>, usize)],
+        writer: &mut PackWriter,
+    ) -> Result<(u64, u64), StoreError> {
+        if chunks.is_empty() {
+            return Ok((0, 0));
+        }
+        let fresh: Vec<&(Leaf, Vec<u8>, usize)> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")?;
+            let mut fresh = Vec::new();
+            let mut seen = HashSet::new();
+            for c in chunks {
+                if seen.insert(c.0) && !stmt.exists([&c.0 .0[..]])? {
+                    fresh.push(c);
+                }
+            }
+            fresh
+        };
+        let mut placed = Vec::with_capacity(fresh.len());
+        let mut bytes = 0u64;
+        for (hash, frame, ulen) in fresh {
+            if writer.needs_pack() {
+                let id = {
+                    let conn = self.conn();
+                    conn.execute("INSERT INTO packs(created_us) VALUES (?1)", [now_us()])?;
+                    conn.last_insert_rowid()
+                };
+                writer.open_pack(id)?;
+            }
+            let (pack, offset) = writer.append(hash, frame)?;
+            bytes += frame.len() as u64;
+            placed.push((*hash, pack, offset, frame.len(), *ulen));
+        }
+        // Durable before referenced.
+        writer.sync()?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO chunks(hash, pack_id, offset, clen, ulen)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (hash, pack, offset, clen, ulen) in &placed {
+                ins.execute(params![
+                    &hash.0[..],
+                    pack,
+                    *offset as i64,
+                    *clen as i64,
+                    *ulen as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok((placed.len() as u64, bytes))
+    }
+
+    /// Makes the session a point if, for every disk, the root recomputed from the stored nodes
+    /// equals the agent's. Either the whole point becomes visible, or nothing does.
+    pub fn commit(
+        &self,
+        owner: &str,
+        session_id: &str,
+        roots: &[(String, Leaf)],
+    ) -> Result<Committed, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let session = open_session(&tx, owner, session_id)?;
+        let latest = latest_point(&tx, session.vm_id)?;
+        if latest != session.base_point {
+            return Err(StoreError::BaseMoved {
+                vm: session.vm.clone(),
+                expected: session.base_point.unwrap_or(0),
+                actual: latest.unwrap_or(0),
+            });
+        }
+        let mut agent_roots: HashMap<&str, Leaf> = HashMap::new();
+        for (name, root) in roots {
+            if !session.disks.iter().any(|d| &d.name == name) {
+                return Err(StoreError::RootSet(name.clone()));
+            }
+            agent_roots.insert(name.as_str(), *root);
+        }
+        let created: i64 = tx.query_row(
+            "SELECT created_us FROM sessions WHERE id = ?1",
+            [session_id],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO points(vm_id, parent, created_us, committed_us, session)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                session.vm_id,
+                session.base_point,
+                created,
+                now_us(),
+                session_id
+            ],
+        )?;
+        let point = tx.last_insert_rowid();
+
+        for (pos, disk) in session.disks.iter().enumerate() {
+            let agent_root = *agent_roots
+                .get(disk.name.as_str())
+                .ok_or_else(|| StoreError::RootSet(disk.name.clone()))?;
+            let disk_id = match disk.base_disk {
+                Some(id) => id,
+                None => {
+                    tx.execute(
+                        "INSERT INTO disks(vm_id, name, size, block_size) VALUES (?1, ?2, ?3, ?4)",
+                        params![
+                            session.vm_id,
+                            disk.name,
+                            disk.geometry.size as i64,
+                            disk.geometry.block_size.bytes() as i64
+                        ],
+                    )?;
+                    tx.last_insert_rowid()
+                }
+            };
+            let changed = tx.execute(
+                "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
+                 SELECT ?1, 0, idx, ?2, CASE WHEN hash = zeroblob(32) THEN NULL ELSE hash END
+                 FROM session_blocks WHERE session_id = ?3 AND pos = ?4",
+                params![disk_id, point, session_id, pos as i64],
+            )?;
+            let top = {
+                let mut idx_stmt = tx.prepare(
+                    "SELECT idx FROM session_blocks WHERE session_id = ?1 AND pos = ?2 ORDER BY idx",
+                )?;
+                let leaves = idx_stmt
+                    .query_map(params![session_id, pos as i64], |r| r.get::<_, i64>(0))?
+                    .map(|r| r.map(|i| i as u64))
+                    .collect::<rusqlite::Result<Vec<u64>>>()?;
+                let mut nodes = SqlNodes {
+                    tx: &tx,
+                    disk_id,
+                    point,
+                };
+                let shape = Shape::of(&disk.geometry);
+                tree::update(shape, leaves, &mut nodes)?
+            };
+            let root = tree::root(&disk.geometry, top);
+            if root != agent_root {
+                return Err(StoreError::RootMismatch {
+                    disk: disk.name.clone(),
+                    agent: agent_root,
+                    stored: root,
+                });
+            }
+            tx.execute(
+                "INSERT INTO point_disks(point_id, name, disk_id, size, block_size, root, changed_blocks)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    point,
+                    disk.name,
+                    disk_id,
+                    disk.geometry.size as i64,
+                    disk.geometry.block_size.bytes() as i64,
+                    &root.0[..],
+                    changed as i64
+                ],
+            )?;
+        }
+        tx.execute(
+            "UPDATE sessions SET state = 'committed', point_id = ?2, updated_us = ?3 WHERE id = ?1",
+            params![session_id, point, now_us()],
+        )?;
+        tx.execute(
+            "DELETE FROM session_blocks WHERE session_id = ?1",
+            [session_id],
+        )?;
+        tx.commit()?;
+        Ok(Committed {
+            point,
+            created: rfc3339(created),
+        })
+    }
+
+    /// Where a session of `owner` stands.
+    pub fn session_state(&self, owner: &str, session_id: &str) -> Result<SessionState, StoreError> {
+        let conn = self.conn();
+        let row: Option<(String, String, Option<i64>)> = conn
+            .query_row(
+                "SELECT owner, state, point_id FROM sessions WHERE id = ?1",
+                [session_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            Some((o, state, point)) if o == owner => match (state.as_str(), point) {
+                ("committed", Some(p)) => SessionState::Committed(p),
+                ("open", _) => SessionState::Open,
+                _ => SessionState::Unknown,
+            },
+            _ => SessionState::Unknown,
+        })
+    }
+}
+
+/// The versioned nodes of one disk at one point, as the tree update reads and writes them.
+struct SqlNodes<'a> {
+    tx: &'a Transaction<'a>,
+    disk_id: i64,
+    point: i64,
+}
+
+impl NodeStore for SqlNodes<'_> {
+    type Error = StoreError;
+
+    fn children(
+        &mut self,
+        level: u32,
+        first: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, Leaf)>, StoreError> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT idx, hash, MAX(point) FROM nodes
+             WHERE disk_id = ?1 AND level = ?2 AND idx >= ?3 AND idx < ?4 AND point <= ?5
+             GROUP BY idx",
+        )?;
+        let rows = stmt.query_map(
+            params![self.disk_id, level, first as i64, end as i64, self.point],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?)),
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (idx, hash) = row?;
+            if let Some(h) = hash {
+                out.push((idx as u64, Leaf::from_slice(&h)?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn put(&mut self, level: u32, index: u64, value: Leaf) -> Result<(), StoreError> {
+        let hash = (!value.is_zero()).then_some(&value.0[..]);
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![self.disk_id, level, index as i64, self.point, hash])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+//! Rewind's receiver: verifies and stores the points agents send, and restores them.
+//!
+//! - [`pki`]: the deployment's CA, server and agent certificates.
+//! - [`catalog`]: the SQLite schema and time helpers.
+//! - [`packs`]: append-only pack files holding chunk data.
+//! - [`store`]: the open data folder.
+//! - [`ingest`]: sessions, batches and commits (the write path).
+//! - [`points`]: listing and resolving points (the read path).
+//! - [`restore`]: writing a point's disk back as a raw image.
+//! - [`service`] and [`server`]: the gRPC face over mutual TLS.
+//! - [`cli`]: one module per subcommand.
+
+pub mod catalog;
+pub mod cli;
+pub mod error;
+pub mod ingest;
+pub mod packs;
+pub mod pki;
+pub mod points;
+pub mod restore;
+pub mod server;
+pub mod service;
+pub mod store;

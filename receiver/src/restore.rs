@@ -1,0 +1,141 @@
+//! Restoring one disk of a point to a raw image: every non-zero block is read once from its
+//! pack, verified against its hash, and written at its offset; zero blocks stay holes. The
+//! image is written under a temporary name and renamed only once its root equals the point's.
+
+use crate::error::StoreError;
+use crate::packs::PackReader;
+use crate::points::PointDisk;
+use crate::store::PACKS_DIR;
+use rewind_proto::format::DiskGeometry;
+use rewind_proto::tree::{self, Builder, Shape};
+use rewind_proto::{chunk, Leaf};
+use rusqlite::{params, Connection};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RestoreStats {
+    pub size: u64,
+    pub blocks_written: u64,
+    pub bytes_written: u64,
+}
+
+/// Streams the leaves of `disk` at `point`, in block order, with where each chunk lives.
+pub fn for_each_block(
+    conn: &Connection,
+    disk_id: i64,
+    point: i64,
+    mut f: impl FnMut(u64, Leaf, Option<(i64, u64, u32)>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT n.idx, n.hash, c.pack_id, c.offset, c.clen FROM
+           (SELECT idx, hash, MAX(point) FROM nodes
+            WHERE disk_id = ?1 AND level = 0 AND point <= ?2 GROUP BY idx) n
+         LEFT JOIN chunks c ON c.hash = n.hash
+         WHERE n.hash IS NOT NULL ORDER BY n.idx",
+    )?;
+    let mut rows = stmt.query(params![disk_id, point])?;
+    while let Some(r) = rows.next()? {
+        let idx: i64 = r.get(0)?;
+        let hash: Vec<u8> = r.get(1)?;
+        let leaf = Leaf::from_slice(&hash)?;
+        let loc = match (
+            r.get::<_, Option<i64>>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+        ) {
+            (Some(p), Some(o), Some(l)) => Some((p, o as u64, l as u32)),
+            _ => None,
+        };
+        f(idx as u64, leaf, loc)?;
+    }
+    Ok(())
+}
+
+/// Writes disk `disk` of point `point` to `out` as a sparse raw image.
+pub fn restore_disk(
+    conn: &Connection,
+    data: &Path,
+    point: i64,
+    disk: &PointDisk,
+    out: &Path,
+    force: bool,
+    progress: &dyn Fn(u64),
+) -> Result<RestoreStats, StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    if out.exists() && !force {
+        return Err(StoreError::OutputExists(out.to_owned()));
+    }
+    let geometry =
+        DiskGeometry::new(disk.size, disk.block_size).map_err(|source| StoreError::Geometry {
+            disk: disk.name.clone(),
+            source,
+        })?;
+    let file_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = out.with_file_name(format!(".{file_name}.rewind-partial"));
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.set_len(geometry.size).map_err(io(&tmp))?;
+
+    let mut reader = PackReader::new(&data.join(PACKS_DIR));
+    let mut builder = Builder::new(Shape::of(&geometry));
+    let mut next = 0u64;
+    let mut stats = RestoreStats {
+        size: geometry.size,
+        ..Default::default()
+    };
+    let result = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
+        let Some(len) = geometry.block_len(idx) else {
+            return Ok(());
+        };
+        builder.push_zeros(idx - next);
+        let (pack, offset, clen) = loc.ok_or(StoreError::MissingChunk(leaf))?;
+        let frame = reader.read(pack, offset, clen, &leaf)?;
+        let data = chunk::open(leaf, &frame, len)?;
+        file.write_all_at(&data, geometry.offset(idx))
+            .map_err(io(&tmp))?;
+        builder.push(leaf);
+        next = idx + 1;
+        stats.blocks_written += 1;
+        stats.bytes_written += len as u64;
+        progress(geometry.offset(idx) + len as u64);
+        Ok(())
+    })
+    .and_then(|()| {
+        let got = tree::root(&geometry, builder.finish());
+        if got != disk.root_leaf {
+            return Err(StoreError::RestoredRoot {
+                disk: disk.name.clone(),
+                got,
+                want: disk.root_leaf,
+            });
+        }
+        file.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io(parent))?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| {
+        progress(geometry.size);
+        stats
+    })
+}

@@ -1,0 +1,278 @@
+//! The gRPC face of the store: translates messages to store calls and store errors to statuses.
+//! Every call is attributed to the agent named by its client certificate.
+
+use crate::error::StoreError;
+use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, SessionState};
+use crate::packs::PackWriter;
+use crate::pki::identity_of;
+use crate::points;
+use crate::store::Store;
+use rewind_proto::format::DiskGeometry;
+use rewind_proto::pb;
+use rewind_proto::pb::replication_server::Replication;
+use rewind_proto::Leaf;
+use std::sync::Arc;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The replication service over one store.
+#[derive(Clone)]
+pub struct ReplicationService {
+    store: Arc<Store>,
+}
+
+impl ReplicationService {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+/// The agent identity of a request: the common name of its verified client certificate.
+fn caller<T>(req: &Request<T>) -> Result<String, Status> {
+    req.peer_certs()
+        .and_then(|certs| certs.first().and_then(|c| identity_of(c.as_ref())))
+        .ok_or_else(|| Status::unauthenticated("a client certificate naming the agent is required"))
+}
+
+/// Maps a store error to the status an agent can act on.
+pub fn to_status(e: StoreError) -> Status {
+    use StoreError::*;
+    if e.is_disk_full() {
+        tracing::error!(error = %e, "receiver disk full");
+        return Status::resource_exhausted(format!("receiver storage is full: {e}"));
+    }
+    let msg = e.to_string();
+    let status = match e {
+        Name(_)
+        | Geometry { .. }
+        | DiskCount { .. }
+        | DuplicateDisk(_)
+        | NoSuchDisk { .. }
+        | BlockOutOfRange { .. }
+        | HashLength(_)
+        | Chunk(_)
+        | UnreferencedChunk(_)
+        | ChunkLength { .. }
+        | TooLarge { .. }
+        | RootSet(_) => Status::invalid_argument(msg),
+        NotOwner { .. } => Status::permission_denied(msg),
+        UnknownVm(_)
+        | UnknownSession(_)
+        | UnknownPoint { .. }
+        | NoPointAt { .. }
+        | UnknownDisk { .. } => Status::not_found(msg),
+        SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
+        BaseMoved { .. } => Status::aborted(msg),
+        RootMismatch { .. } => Status::data_loss(msg),
+        Sql(_) | Pack(_) | Io { .. } | MissingChunk(_) | RestoredRoot { .. } | OutputExists(_) => {
+            Status::internal(msg)
+        }
+    };
+    tracing::warn!(code = ?status.code(), message = status.message(), "request refused");
+    status
+}
+
+fn leaf(bytes: &[u8]) -> Result<Leaf, Status> {
+    Leaf::from_slice(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(to_status)
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    async fn begin(
+        &self,
+        req: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let disks = r
+            .disks
+            .iter()
+            .map(|d| {
+                let geometry =
+                    DiskGeometry::new(d.size, u64::from(d.block_size)).map_err(|source| {
+                        to_status(StoreError::Geometry {
+                            disk: d.name.clone(),
+                            source,
+                        })
+                    })?;
+                Ok(DiskSpec {
+                    name: d.name.clone(),
+                    geometry,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let spec = BeginSpec {
+            vm: r.vm,
+            disks,
+            base_point: (r.base_point != 0).then_some(r.base_point as i64),
+            resume: (!r.resume_session.is_empty()).then_some(r.resume_session),
+        };
+        let store = self.store.clone();
+        let plan = blocking(move || store.begin(&owner, &spec)).await?;
+        tracing::info!(session = %plan.session, base = ?plan.base_point, "session begun");
+        Ok(Response::new(pb::BeginReply {
+            session: plan.session,
+            base_point: plan.base_point.unwrap_or(0) as u64,
+            disks: plan
+                .modes
+                .into_iter()
+                .map(|(name, mode)| pb::DiskPlan {
+                    name,
+                    mode: match mode {
+                        DiskMode::Delta => pb::DiskMode::Delta,
+                        DiskMode::Full => pb::DiskMode::Full,
+                    } as i32,
+                })
+                .collect(),
+            committed_point: plan.committed_point.unwrap_or(0) as u64,
+        }))
+    }
+
+    async fn missing_chunks(
+        &self,
+        req: Request<pb::MissingChunksRequest>,
+    ) -> Result<Response<pb::MissingChunksReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let hashes = r
+            .hashes
+            .iter()
+            .map(|h| leaf(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = self.store.clone();
+        let missing = blocking(move || store.missing(&owner, &r.session, &hashes)).await?;
+        Ok(Response::new(pb::MissingChunksReply {
+            missing: missing.into_iter().map(|h| h.0.to_vec()).collect(),
+        }))
+    }
+
+    async fn upload(
+        &self,
+        req: Request<Streaming<pb::Batch>>,
+    ) -> Result<Response<pb::UploadReply>, Status> {
+        let owner = caller(&req)?;
+        let mut stream = req.into_inner();
+        let mut writer = PackWriter::new(&self.store.packs_dir());
+        let mut total = pb::UploadReply::default();
+        while let Some(batch) = stream.message().await? {
+            let entries = batch
+                .entries
+                .iter()
+                .map(|e| {
+                    Ok(Entry {
+                        pos: e.disk,
+                        index: e.index,
+                        leaf: leaf(&e.hash)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            let chunks = batch
+                .chunks
+                .into_iter()
+                .map(|c| {
+                    Ok(IncomingChunk {
+                        hash: leaf(&c.hash)?,
+                        frame: c.data,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            let store = self.store.clone();
+            let owner = owner.clone();
+            let session = batch.session;
+            let (w, stats) = blocking(move || {
+                let mut w = writer;
+                let stats = store.ingest(&owner, &session, &entries, chunks, &mut w)?;
+                Ok((w, stats))
+            })
+            .await?;
+            writer = w;
+            total.entries += stats.entries;
+            total.chunks_stored += stats.chunks_stored;
+            total.chunk_bytes += stats.chunk_bytes;
+        }
+        Ok(Response::new(total))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let roots = r
+            .roots
+            .iter()
+            .map(|d| Ok((d.name.clone(), leaf(&d.root)?)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let store = self.store.clone();
+        let session = r.session.clone();
+        let done = blocking(move || store.commit(&owner, &session, &roots)).await?;
+        tracing::info!(session = %r.session, point = done.point, "point committed");
+        Ok(Response::new(pb::CommitReply {
+            point: done.point as u64,
+            created: done.created,
+        }))
+    }
+
+    async fn session_status(
+        &self,
+        req: Request<pb::SessionStatusRequest>,
+    ) -> Result<Response<pb::SessionStatusReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let state = blocking(move || store.session_state(&owner, &r.session)).await?;
+        let (state, point) = match state {
+            SessionState::Unknown => (pb::SessionState::Unknown, 0),
+            SessionState::Open => (pb::SessionState::Open, 0),
+            SessionState::Committed(p) => (pb::SessionState::Committed, p as u64),
+        };
+        Ok(Response::new(pb::SessionStatusReply {
+            state: state as i32,
+            point,
+        }))
+    }
+
+    async fn list_points(
+        &self,
+        req: Request<pb::ListPointsRequest>,
+    ) -> Result<Response<pb::ListPointsReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let list = blocking(move || {
+            let conn = store.conn();
+            crate::ingest::owned_vm(&conn, &r.vm, &owner)?;
+            points::list(&conn, Some(&r.vm))
+        })
+        .await?;
+        Ok(Response::new(pb::ListPointsReply {
+            points: list
+                .into_iter()
+                .map(|p| pb::PointInfo {
+                    id: p.id as u64,
+                    vm: p.vm,
+                    created: p.created,
+                    disks: p
+                        .disks
+                        .into_iter()
+                        .map(|d| pb::PointDisk {
+                            name: d.name,
+                            size: d.size,
+                            block_size: d.block_size as u32,
+                            root: d.root_leaf.0.to_vec(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+}
