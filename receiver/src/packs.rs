@@ -158,16 +158,17 @@ impl PackReader {
         hash: &Leaf,
     ) -> Result<Vec<u8>, PackError> {
         let path = pack_path(&self.dir, id);
-        if !self.open.contains_key(&id) {
-            let f = File::open(&path).map_err(io_err(&path))?;
-            self.open.insert(id, f);
-        }
+        let file = match self.open.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(File::open(&path).map_err(io_err(&path))?)
+            }
+        };
         let bad = || PackError::BadRecord {
             path: path.clone(),
             offset,
             hash: *hash,
         };
-        let file = self.open.get(&id).ok_or_else(bad)?;
         let start = offset.checked_sub(RECORD_HEADER).ok_or_else(bad)?;
         let mut buf = vec![0u8; RECORD_HEADER as usize + len as usize];
         file.read_exact_at(&mut buf, start).map_err(io_err(&path))?;

@@ -1,0 +1,117 @@
+//! Full then incremental points of a two-disk VM with random writes in between: every point
+//! restores bit-exact, `changed_blocks` is exactly the set of blocks written, and unchanged data
+//! is never sent again.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use rewind_tests::disk::{self, Digest};
+use rewind_tests::{disk_of, Deployment};
+
+const BLOCK: u64 = 64 * 1024;
+
+#[test]
+fn full_then_incremental_points_restore_bit_exact() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    let vdb = d.path("vdb.raw");
+    // vda: 32 MiB with 8 MiB of random data and a partial last block; vdb: 16 MiB, some data.
+    disk::create(&vda, 32 * 1024 * 1024 + 4096);
+    disk::create(&vdb, 16 * 1024 * 1024);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 128, &mut rng);
+    disk::write_at(&vda, 32 * 1024 * 1024, &[7u8; 4096]);
+    disk::random_blocks(&vdb, BLOCK, 100, 20, &mut rng);
+    let disks = [("vda", vda.as_path()), ("vdb", vdb.as_path())];
+
+    let mut expected: Vec<(u64, Digest, Digest)> = Vec::new();
+    let first = d.sync_ok(&rx, "host1", "web1", &disks);
+    assert_eq!(disk_of(&first, "vda")["mode"], "full");
+    assert_eq!(disk_of(&first, "vda")["changed_blocks"], 129);
+    assert_eq!(disk_of(&first, "vdb")["changed_blocks"], 20);
+    assert!(disk_of(&first, "vda")["sent_bytes"].as_u64().unwrap() > 8 * 1024 * 1024);
+    expected.push((first["point"].as_u64().unwrap(), disk::digest(&vda), disk::digest(&vdb)));
+
+    for round in 0..3u64 {
+        let va = disk::scatter_writes(&vda, BLOCK, 512, 17 + round as usize, round * 2 + 1);
+        let vb = disk::scatter_writes(&vdb, BLOCK, 256, 5, round * 2 + 2);
+        // Zero one block that held data: it must count as changed and restore as zeros.
+        let zeroed = 3 + round;
+        let held_data = !va.contains(&zeroed);
+        disk::write_at(&vda, zeroed * BLOCK, &vec![0u8; BLOCK as usize]);
+        let r = d.sync_ok(&rx, "host1", "web1", &disks);
+        assert_eq!(disk_of(&r, "vda")["mode"], "delta");
+        let want_a = va.len() as u64 + u64::from(held_data);
+        assert_eq!(disk_of(&r, "vda")["changed_blocks"], want_a, "round {round}");
+        assert_eq!(disk_of(&r, "vdb")["changed_blocks"], vb.len() as u64, "round {round}");
+        // Only the new random blocks travel (zstd cannot shrink random data).
+        let sent = disk_of(&r, "vda")["sent_bytes"].as_u64().unwrap();
+        assert!(sent >= va.len() as u64 * BLOCK && sent < (va.len() as u64 + 1) * BLOCK + 4096, "sent {sent}");
+        expected.push((r["point"].as_u64().unwrap(), disk::digest(&vda), disk::digest(&vdb)));
+    }
+
+    // An unchanged re-sync sends nothing and changes nothing.
+    let same = d.sync_ok(&rx, "host1", "web1", &disks);
+    assert_eq!(same["sent_bytes"], 0);
+    assert_eq!(disk_of(&same, "vda")["changed_blocks"], 0);
+    assert_eq!(disk_of(&same, "vda")["root"], disk_of(&expected_last_report(&d), "vda")["root"]);
+
+    let points = d.points("web1");
+    assert_eq!(points.len(), expected.len() + 1);
+    for (point, a, b) in &expected {
+        assert_eq!(&d.restored_digest("web1", "vda", *point), a, "vda of point {point}");
+        assert_eq!(&d.restored_digest("web1", "vdb", *point), b, "vdb of point {point}");
+    }
+}
+
+fn expected_last_report(d: &Deployment) -> serde_json::Value {
+    let points = d.points("web1");
+    points[points.len() - 2].clone()
+}
+
+#[test]
+fn restore_at_picks_newest_point_at_or_before_and_is_sparse() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 8 * 1024 * 1024);
+    disk::random_blocks(&vda, BLOCK, 10, 4, &mut rand::rng());
+    let p1 = d.sync_ok(&rx, "host1", "web1", &[("vda", &vda)]);
+    let first = disk::digest(&vda);
+    disk::scatter_writes(&vda, BLOCK, 128, 3, 9);
+    let p2 = d.sync_ok(&rx, "host1", "web1", &[("vda", &vda)]);
+    let second = disk::digest(&vda);
+    assert_ne!(first, second);
+
+    let points = d.points("web1");
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[0]["id"], p1["point"]);
+    assert_eq!(points[1]["id"], p2["point"]);
+    assert_eq!(points[0]["created"], p1["created"]);
+    for p in &points {
+        assert_eq!(p["vm"], "web1");
+        assert_eq!(p["disks"][0]["size"], 8 * 1024 * 1024);
+        assert_eq!(p["disks"][0]["root"].as_str().unwrap().len(), 64);
+    }
+
+    let out = d.path("at.raw");
+    let created1 = points[0]["created"].as_str().unwrap();
+    let o = d.restore("web1", "vda", &["--at", created1], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(disk::digest(&out), first);
+    // 4 blocks of data: the image is sparse.
+    assert!(disk::allocated(&out) <= 8 * BLOCK, "allocated {}", disk::allocated(&out));
+
+    let o = d.restore("web1", "vda", &["--at", "2099-01-01T00:00:00Z", "--force"], &out);
+    assert!(o.status.success());
+    assert_eq!(disk::digest(&out), second);
+
+    let o = d.restore("web1", "vda", &["--at", "2001-01-01T00:00:00Z", "--force"], &out);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no point created at or before"));
+
+    // Refuses to overwrite without --force.
+    let o = d.restore("web1", "vda", &["--point", "1"], &out);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));
+}
