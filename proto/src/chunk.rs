@@ -26,9 +26,39 @@ pub enum ChunkError {
     ZeroChunk,
 }
 
+thread_local! {
+    // A compression context costs more to create than a 64 KiB block costs to compress.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Compresses a block's bytes into its stored form.
 pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    zstd::bulk::compress(data, ZSTD_LEVEL)
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        match c.as_mut() {
+            Some(c) => c.compress(data),
+            None => zstd::bulk::compress(data, ZSTD_LEVEL),
+        }
+    })
+}
+
+fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(frame, capacity),
+            None => zstd::bulk::decompress(frame, capacity),
+        }
+    })
 }
 
 /// Decompresses a stored chunk and checks that it is exactly `expected` bytes hashing to `hash`.
@@ -36,8 +66,8 @@ pub fn open(hash: Leaf, frame: &[u8], expected: usize) -> Result<Vec<u8>, ChunkE
     if hash.is_zero() {
         return Err(ChunkError::ZeroChunk);
     }
-    let data = zstd::bulk::decompress(frame, expected)
-        .map_err(|_| ChunkError::Undecodable { hash, expected })?;
+    let data =
+        decompress(frame, expected).map_err(|_| ChunkError::Undecodable { hash, expected })?;
     if data.len() != expected {
         return Err(ChunkError::WrongLength {
             hash,

@@ -72,6 +72,14 @@ pub struct IncomingChunk {
     pub frame: Vec<u8>,
 }
 
+/// A batch whose entries and chunks passed every check, ready to be written.
+pub struct VerifiedBatch {
+    session_id: String,
+    session: Session,
+    entries: Vec<Entry>,
+    chunks: Vec<(Leaf, Vec<u8>, usize)>,
+}
+
 /// What one batch added.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BatchStats {
@@ -380,17 +388,28 @@ impl Store {
         Ok(out)
     }
 
-    /// Verifies one batch and stages it: every chunk is decompressed and hashed, every entry is
-    /// checked against its disk, chunks are made durable, then entries are staged in one
-    /// transaction. A refused batch changes nothing visible.
+    /// Verifies one batch and stages it: see [`Store::verify_batch`] and [`Store::stage_batch`].
     pub fn ingest(
         &self,
         owner: &str,
         session_id: &str,
-        entries: &[Entry],
+        entries: Vec<Entry>,
         chunks: Vec<IncomingChunk>,
         writer: &mut PackWriter,
     ) -> Result<BatchStats, StoreError> {
+        let batch = self.verify_batch(owner, session_id, entries, chunks)?;
+        self.stage_batch(owner, batch, writer)
+    }
+
+    /// Checks every entry against its disk and decompresses and hashes every chunk. Writes
+    /// nothing, so batches of one stream can be verified while the previous one is written.
+    pub fn verify_batch(
+        &self,
+        owner: &str,
+        session_id: &str,
+        entries: Vec<Entry>,
+        chunks: Vec<IncomingChunk>,
+    ) -> Result<VerifiedBatch, StoreError> {
         if entries.len() > MAX_BATCH_ENTRIES {
             return Err(StoreError::TooLarge {
                 what: "block entries in one batch",
@@ -404,7 +423,7 @@ impl Store {
         };
         // Expected length of each referenced chunk, from the blocks that use it.
         let mut expected: HashMap<Leaf, usize> = HashMap::new();
-        for e in entries {
+        for e in &entries {
             let disk = session
                 .disks
                 .get(e.pos as usize)
@@ -432,6 +451,29 @@ impl Store {
             let data = chunk::open(c.hash, &c.frame, len)?;
             verified.push((c.hash, c.frame, data.len()));
         }
+        Ok(VerifiedBatch {
+            session_id: session_id.to_owned(),
+            session,
+            entries,
+            chunks: verified,
+        })
+    }
+
+    /// Makes a verified batch's new chunks durable, then stages its entries in one
+    /// transaction. A refused batch changes nothing visible.
+    pub fn stage_batch(
+        &self,
+        owner: &str,
+        batch: VerifiedBatch,
+        writer: &mut PackWriter,
+    ) -> Result<BatchStats, StoreError> {
+        let VerifiedBatch {
+            session_id,
+            session,
+            entries,
+            chunks: verified,
+        } = batch;
+        let session_id = session_id.as_str();
         let (stored, bytes) = self.write_new_chunks(&verified, writer)?;
 
         let mut conn = self.conn();
@@ -453,7 +495,7 @@ impl Store {
                 "INSERT OR REPLACE INTO session_blocks(session_id, pos, idx, hash)
                  VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for e in entries {
+            for e in &entries {
                 let disk = &session.disks[e.pos as usize];
                 if !e.leaf.is_zero() {
                     let ulen: Option<i64> = held

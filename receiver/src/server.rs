@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// Concurrent HTTP/2 streams per connection: an agent uses a handful; unlimited invites abuse.
@@ -29,6 +30,16 @@ pub async fn run(
     let service = ReplicationServer::new(ReplicationService::new(store))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Small replies (window updates, MissingChunks answers) must not wait for Nagle's algorithm
+    // and the peer's delayed ACK: that costs 40 ms per round trip. `tcp_nodelay` below only
+    // applies to listeners tonic binds itself, so set it on each accepted socket.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        })
+    });
     Server::builder()
         .tls_config(tls)?
         .initial_stream_window_size(H2_WINDOW_BYTES)
@@ -38,6 +49,6 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

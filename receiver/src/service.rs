@@ -84,6 +84,33 @@ async fn blocking<T: Send + 'static>(
         .map_err(to_status)
 }
 
+type DecodedBatch = (String, Vec<Entry>, Vec<IncomingChunk>);
+
+fn decode_batch(batch: pb::Batch) -> Result<DecodedBatch, Status> {
+    let entries = batch
+        .entries
+        .iter()
+        .map(|e| {
+            Ok(Entry {
+                pos: e.disk,
+                index: e.index,
+                leaf: leaf(&e.hash)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let chunks = batch
+        .chunks
+        .into_iter()
+        .map(|c| {
+            Ok(IncomingChunk {
+                hash: leaf(&c.hash)?,
+                frame: c.data,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    Ok((batch.session, entries, chunks))
+}
+
 #[tonic::async_trait]
 impl Replication for ReplicationService {
     async fn begin(
@@ -160,36 +187,47 @@ impl Replication for ReplicationService {
     ) -> Result<Response<pb::UploadReply>, Status> {
         let owner = caller(&req)?;
         let mut stream = req.into_inner();
-        let mut writer = PackWriter::new(&self.store.packs_dir());
-        let mut total = pb::UploadReply::default();
-        while let Some(batch) = stream.message().await? {
-            let entries = batch
-                .entries
-                .iter()
-                .map(|e| {
-                    Ok(Entry {
-                        pos: e.disk,
-                        index: e.index,
-                        leaf: leaf(&e.hash)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, Status>>()?;
-            let chunks = batch
-                .chunks
-                .into_iter()
-                .map(|c| {
-                    Ok(IncomingChunk {
-                        hash: leaf(&c.hash)?,
-                        frame: c.data,
-                    })
-                })
-                .collect::<Result<Vec<_>, Status>>()?;
+        // Two stages: batch N+1 is verified (decompressed and hashed) on one core while batch
+        // N is written and indexed on the other. Batches are still staged in stream order.
+        let (verified_tx, mut verified_rx) = tokio::sync::mpsc::channel(2);
+        let reader = {
             let store = self.store.clone();
             let owner = owner.clone();
-            let session = batch.session;
+            tokio::spawn(async move {
+                while let Some(batch) = stream.message().await? {
+                    let (session, entries, chunks) = decode_batch(batch)?;
+                    let store = store.clone();
+                    let owner = owner.clone();
+                    let job = tokio::task::spawn_blocking(move || {
+                        store.verify_batch(&owner, &session, entries, chunks)
+                    });
+                    if verified_tx.send(job).await.is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), Status>(())
+            })
+        };
+        let mut writer = PackWriter::new(&self.store.packs_dir());
+        let mut total = pb::UploadReply::default();
+        let mut failure = None;
+        while let Some(job) = verified_rx.recv().await {
+            let verified = match job.await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    failure = Some(to_status(e));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(Status::internal(format!("worker failed: {e}")));
+                    break;
+                }
+            };
+            let store = self.store.clone();
+            let owner = owner.clone();
             let (w, stats) = blocking(move || {
                 let mut w = writer;
-                let stats = store.ingest(&owner, &session, &entries, chunks, &mut w)?;
+                let stats = store.stage_batch(&owner, verified, &mut w)?;
                 Ok((w, stats))
             })
             .await?;
@@ -198,6 +236,14 @@ impl Replication for ReplicationService {
             total.chunks_stored += stats.chunks_stored;
             total.chunk_bytes += stats.chunk_bytes;
         }
+        drop(verified_rx);
+        let read = reader
+            .await
+            .map_err(|e| Status::internal(format!("reader failed: {e}")))?;
+        if let Some(status) = failure {
+            return Err(status);
+        }
+        read?;
         Ok(Response::new(total))
     }
 

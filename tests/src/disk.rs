@@ -16,7 +16,10 @@ pub fn create(path: &Path, size: u64) {
 
 /// Writes `data` at `offset`.
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    let f = OpenOptions::new().write(true).open(path).expect("open image");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
     f.write_all_at(data, offset).expect("write image");
     f.sync_all().expect("sync image");
 }
@@ -30,13 +33,22 @@ pub fn random_blocks(path: &Path, block: u64, first: u64, count: u64, rng: &mut 
 
 /// Rewrites `count` distinct random blocks (among the first `blocks`) with random content and
 /// returns their indexes.
-pub fn scatter_writes(path: &Path, block: u64, blocks: u64, count: usize, seed: u64) -> BTreeSet<u64> {
+pub fn scatter_writes(
+    path: &Path,
+    block: u64,
+    blocks: u64,
+    count: usize,
+    seed: u64,
+) -> BTreeSet<u64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut picked = BTreeSet::new();
     while picked.len() < count {
         picked.insert(rng.random_range(0..blocks));
     }
-    let f = OpenOptions::new().write(true).open(path).expect("open image");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
     let mut buf = vec![0u8; block as usize];
     for &i in &picked {
         rng.fill_bytes(&mut buf);
@@ -68,7 +80,9 @@ pub fn digest(path: &Path) -> Digest {
             Ok(p) => p,
             Err(_) => break,
         };
-        let end = rustix::fs::seek(&f, RawSeek::Hole(start)).unwrap_or(size).min(size);
+        let end = rustix::fs::seek(&f, RawSeek::Hole(start))
+            .unwrap_or(size)
+            .min(size);
         let mut off = start / PIECE * PIECE;
         while off < end {
             let len = PIECE.min(size - off) as usize;
@@ -100,8 +114,22 @@ pub fn mixed(path: &Path, size: u64, seed: u64) {
     let f = File::create(path).expect("create image");
     f.set_len(size).expect("size image");
     let words = [
-        "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "lazy ", "dog ", "kernel ",
-        "config ", "error ", "warning ", "user ", "session ", "GET /index.html ", "200 OK\n",
+        "the ",
+        "quick ",
+        "brown ",
+        "fox ",
+        "jumps ",
+        "over ",
+        "lazy ",
+        "dog ",
+        "kernel ",
+        "config ",
+        "error ",
+        "warning ",
+        "user ",
+        "session ",
+        "GET /index.html ",
+        "200 OK\n",
     ];
     let mut buf = vec![0u8; REGION as usize];
     let mut off = 0;

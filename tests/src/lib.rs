@@ -42,7 +42,9 @@ impl Deployment {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         let ok = |o: Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        ok(run(Command::new(bin("rewind-receiver")).args(["pki", "init", "--dir"]).arg(&pki)));
+        ok(run(Command::new(bin("rewind-receiver"))
+            .args(["pki", "init", "--dir"])
+            .arg(&pki)));
         for agent in ["host1", "host2"] {
             ok(run(Command::new(bin("rewind-receiver"))
                 .args(["pki", "issue", "--dir"])
@@ -70,12 +72,26 @@ impl Deployment {
     }
 
     /// `rewind-agent sync --once --json` as `agent`, with extra flags.
-    pub fn sync(&self, rx: &Receiver, agent: &str, vm: &str, disks: &[(&str, &Path)], extra: &[&str]) -> Output {
+    pub fn sync(
+        &self,
+        rx: &Receiver,
+        agent: &str,
+        vm: &str,
+        disks: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Output {
         run(&mut self.sync_cmd(rx, agent, vm, disks, extra))
     }
 
     /// The command line of [`Deployment::sync`], to spawn it in the background.
-    pub fn sync_cmd(&self, rx: &Receiver, agent: &str, vm: &str, disks: &[(&str, &Path)], extra: &[&str]) -> Command {
+    pub fn sync_cmd(
+        &self,
+        rx: &Receiver,
+        agent: &str,
+        vm: &str,
+        disks: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Command {
         let pki = self.pki();
         let mut cmd = Command::new(bin("rewind-agent"));
         cmd.arg("sync")
@@ -100,7 +116,12 @@ impl Deployment {
     /// Bytes in the receiver's pack files.
     pub fn pack_bytes(&self) -> u64 {
         std::fs::read_dir(self.data().join("packs"))
-            .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 
@@ -121,7 +142,11 @@ impl Deployment {
             .args(["points", "--data"])
             .arg(self.data())
             .args(["--vm", vm, "--json"]));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("JSON array")
     }
 
@@ -140,7 +165,11 @@ impl Deployment {
     pub fn restored_digest(&self, vm: &str, disk: &str, point: u64) -> disk::Digest {
         let out = self.path(&format!("restore-{vm}-{disk}-{point}.raw"));
         let o = self.restore(vm, disk, &["--point", &point.to_string()], &out);
-        assert!(o.status.success(), "restore failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "restore failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let d = disk::digest(&out);
         std::fs::remove_file(&out).expect("remove restored image");
         d
@@ -173,7 +202,9 @@ impl Receiver {
             .expect("spawn receiver");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address");
         let addr = line
             .trim()
             .rsplit(' ')

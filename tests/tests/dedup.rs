@@ -28,7 +28,10 @@ fn identical_content_is_never_sent_twice() {
     assert_eq!(disk_of(&clone, "vda")["mode"], "full");
     assert_eq!(disk_of(&clone, "vda")["changed_blocks"], 64);
     assert_eq!(clone["sent_bytes"], 0);
-    assert_eq!(disk_of(&clone, "vda")["root"], disk_of(&first, "vda")["root"]);
+    assert_eq!(
+        disk_of(&clone, "vda")["root"],
+        disk_of(&first, "vda")["root"]
+    );
 
     // A second disk of the same VM with the same content as the first: sent once.
     let c = d.path("c.raw");
@@ -52,10 +55,18 @@ fn identical_content_is_never_sent_twice() {
     assert_eq!(disk_of(&rep, "vda")["changed_blocks"], 50);
     assert_eq!(disk_of(&rep, "vda")["sent_chunks"], 1);
 
-    for (vm, path, point) in [("web2", &b, &clone), ("web3", &c2, &two), ("web4", &r, &rep)] {
+    for (vm, path, point) in [
+        ("web2", &b, &clone),
+        ("web3", &c2, &two),
+        ("web4", &r, &rep),
+    ] {
         let want = disk::digest(path);
         let disk_name = if vm == "web3" { "vdb" } else { "vda" };
-        assert_eq!(d.restored_digest(vm, disk_name, point["point"].as_u64().unwrap()), want, "{vm}");
+        assert_eq!(
+            d.restored_digest(vm, disk_name, point["point"].as_u64().unwrap()),
+            want,
+            "{vm}"
+        );
     }
 }
 
@@ -70,5 +81,8 @@ fn another_owner_must_send_its_own_copy() {
     d.sync_ok(&rx, "host1", "web1", &[("vda", &a)]);
     let other = d.sync_ok(&rx, "host2", "db1", &[("vda", &a)]);
     assert!(other["sent_bytes"].as_u64().unwrap() >= 8 * BLOCK);
-    assert_eq!(d.restored_digest("db1", "vda", other["point"].as_u64().unwrap()), disk::digest(&a));
+    assert_eq!(
+        d.restored_digest("db1", "vda", other["point"].as_u64().unwrap()),
+        disk::digest(&a)
+    );
 }

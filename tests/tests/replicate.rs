@@ -30,7 +30,11 @@ fn full_then_incremental_points_restore_bit_exact() {
     assert_eq!(disk_of(&first, "vda")["changed_blocks"], 129);
     assert_eq!(disk_of(&first, "vdb")["changed_blocks"], 20);
     assert!(disk_of(&first, "vda")["sent_bytes"].as_u64().unwrap() > 8 * 1024 * 1024);
-    expected.push((first["point"].as_u64().unwrap(), disk::digest(&vda), disk::digest(&vdb)));
+    expected.push((
+        first["point"].as_u64().unwrap(),
+        disk::digest(&vda),
+        disk::digest(&vdb),
+    ));
 
     for round in 0..3u64 {
         let va = disk::scatter_writes(&vda, BLOCK, 512, 17 + round as usize, round * 2 + 1);
@@ -42,25 +46,51 @@ fn full_then_incremental_points_restore_bit_exact() {
         let r = d.sync_ok(&rx, "host1", "web1", &disks);
         assert_eq!(disk_of(&r, "vda")["mode"], "delta");
         let want_a = va.len() as u64 + u64::from(held_data);
-        assert_eq!(disk_of(&r, "vda")["changed_blocks"], want_a, "round {round}");
-        assert_eq!(disk_of(&r, "vdb")["changed_blocks"], vb.len() as u64, "round {round}");
+        assert_eq!(
+            disk_of(&r, "vda")["changed_blocks"],
+            want_a,
+            "round {round}"
+        );
+        assert_eq!(
+            disk_of(&r, "vdb")["changed_blocks"],
+            vb.len() as u64,
+            "round {round}"
+        );
         // Only the new random blocks travel (zstd cannot shrink random data).
         let sent = disk_of(&r, "vda")["sent_bytes"].as_u64().unwrap();
-        assert!(sent >= va.len() as u64 * BLOCK && sent < (va.len() as u64 + 1) * BLOCK + 4096, "sent {sent}");
-        expected.push((r["point"].as_u64().unwrap(), disk::digest(&vda), disk::digest(&vdb)));
+        assert!(
+            sent >= va.len() as u64 * BLOCK && sent < (va.len() as u64 + 1) * BLOCK + 4096,
+            "sent {sent}"
+        );
+        expected.push((
+            r["point"].as_u64().unwrap(),
+            disk::digest(&vda),
+            disk::digest(&vdb),
+        ));
     }
 
     // An unchanged re-sync sends nothing and changes nothing.
     let same = d.sync_ok(&rx, "host1", "web1", &disks);
     assert_eq!(same["sent_bytes"], 0);
     assert_eq!(disk_of(&same, "vda")["changed_blocks"], 0);
-    assert_eq!(disk_of(&same, "vda")["root"], disk_of(&expected_last_report(&d), "vda")["root"]);
+    assert_eq!(
+        disk_of(&same, "vda")["root"],
+        disk_of(&expected_last_report(&d), "vda")["root"]
+    );
 
     let points = d.points("web1");
     assert_eq!(points.len(), expected.len() + 1);
     for (point, a, b) in &expected {
-        assert_eq!(&d.restored_digest("web1", "vda", *point), a, "vda of point {point}");
-        assert_eq!(&d.restored_digest("web1", "vdb", *point), b, "vdb of point {point}");
+        assert_eq!(
+            &d.restored_digest("web1", "vda", *point),
+            a,
+            "vda of point {point}"
+        );
+        assert_eq!(
+            &d.restored_digest("web1", "vdb", *point),
+            b,
+            "vdb of point {point}"
+        );
     }
 }
 
@@ -100,13 +130,27 @@ fn restore_at_picks_newest_point_at_or_before_and_is_sparse() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(disk::digest(&out), first);
     // 4 blocks of data: the image is sparse.
-    assert!(disk::allocated(&out) <= 8 * BLOCK, "allocated {}", disk::allocated(&out));
+    assert!(
+        disk::allocated(&out) <= 8 * BLOCK,
+        "allocated {}",
+        disk::allocated(&out)
+    );
 
-    let o = d.restore("web1", "vda", &["--at", "2099-01-01T00:00:00Z", "--force"], &out);
+    let o = d.restore(
+        "web1",
+        "vda",
+        &["--at", "2099-01-01T00:00:00Z", "--force"],
+        &out,
+    );
     assert!(o.status.success());
     assert_eq!(disk::digest(&out), second);
 
-    let o = d.restore("web1", "vda", &["--at", "2001-01-01T00:00:00Z", "--force"], &out);
+    let o = d.restore(
+        "web1",
+        "vda",
+        &["--at", "2001-01-01T00:00:00Z", "--force"],
+        &out,
+    );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no point created at or before"));
 

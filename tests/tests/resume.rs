@@ -21,9 +21,19 @@ fn setup(d: &Deployment, rx: &rewind_tests::Receiver) -> (std::path::PathBuf, u6
     (vda, p1["point"].as_u64().unwrap(), first)
 }
 
-fn finish_and_check(d: &Deployment, rx: &rewind_tests::Receiver, vda: &std::path::Path, p1: u64, first: &disk::Digest, stored_before: u64) {
+fn finish_and_check(
+    d: &Deployment,
+    rx: &rewind_tests::Receiver,
+    vda: &std::path::Path,
+    p1: u64,
+    first: &disk::Digest,
+    stored_before: u64,
+) {
     let r = d.sync_ok(rx, "host1", "web1", &[("vda", vda)]);
-    assert_eq!(r["resumed"], true, "the interrupted session is resumed: {r}");
+    assert_eq!(
+        r["resumed"], true,
+        "the interrupted session is resumed: {r}"
+    );
     assert_eq!(disk_of(&r, "vda")["changed_blocks"], BIG_BLOCKS);
     let sent = r["sent_bytes"].as_u64().unwrap();
     let full = BIG_BLOCKS * BLOCK;
@@ -34,7 +44,10 @@ fn finish_and_check(d: &Deployment, rx: &rewind_tests::Receiver, vda: &std::path
     let points = d.points("web1");
     assert_eq!(points.len(), 2);
     assert_eq!(d.restored_digest("web1", "vda", p1), *first);
-    assert_eq!(d.restored_digest("web1", "vda", r["point"].as_u64().unwrap()), disk::digest(vda));
+    assert_eq!(
+        d.restored_digest("web1", "vda", r["point"].as_u64().unwrap()),
+        disk::digest(vda)
+    );
 }
 
 #[test]
@@ -50,14 +63,18 @@ fn receiver_killed_mid_point() {
         .spawn()
         .expect("spawn agent");
     assert!(
-        wait_until(Duration::from_secs(60), || d.pack_bytes() > base + 48 * 1024 * 1024),
+        wait_until(Duration::from_secs(60), || d.pack_bytes()
+            > base + 48 * 1024 * 1024),
         "the upload never got going"
     );
     rx.kill9();
     let status = agent.wait().expect("agent exits");
     assert!(!status.success(), "the agent must notice the receiver died");
     let stored = d.pack_bytes() - base;
-    assert!(stored < BIG_BLOCKS * BLOCK, "killed before the end ({stored} stored)");
+    assert!(
+        stored < BIG_BLOCKS * BLOCK,
+        "killed before the end ({stored} stored)"
+    );
 
     let rx = d.serve();
     assert_eq!(d.points("web1").len(), 1, "no partial point is listed");
@@ -76,7 +93,8 @@ fn agent_killed_mid_point() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn agent");
-    assert!(wait_until(Duration::from_secs(60), || d.pack_bytes() > base + 48 * 1024 * 1024));
+    assert!(wait_until(Duration::from_secs(60), || d.pack_bytes()
+        > base + 48 * 1024 * 1024));
     agent.kill().expect("kill -9 agent");
     agent.wait().expect("reap");
     let stored = d.pack_bytes() - base;

@@ -16,7 +16,10 @@ async fn client(d: &Deployment, rx: &Receiver, agent: &str) -> ReplicationClient
     grpc::connect(
         &rx.url(),
         &pki.join("ca.pem"),
-        Some((&pki.join(format!("{agent}.pem")), &pki.join(format!("{agent}.key")))),
+        Some((
+            &pki.join(format!("{agent}.pem")),
+            &pki.join(format!("{agent}.key")),
+        )),
     )
     .await
     .expect("connect")
@@ -28,11 +31,19 @@ fn all_points(d: &Deployment) -> Vec<serde_json::Value> {
             .args(["points", "--json", "--data"])
             .arg(d.data()),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
-async fn begin(c: &mut ReplicationClient<Channel>, vm: &str, size: u64) -> Result<String, tonic::Status> {
+async fn begin(
+    c: &mut ReplicationClient<Channel>,
+    vm: &str,
+    size: u64,
+) -> Result<String, tonic::Status> {
     let r = c
         .begin(pb::BeginRequest {
             vm: vm.into(),
@@ -49,7 +60,9 @@ async fn begin(c: &mut ReplicationClient<Channel>, vm: &str, size: u64) -> Resul
 }
 
 fn block(seed: u8) -> Vec<u8> {
-    (0..BLOCK).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..BLOCK)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -> pb::Batch {
@@ -73,8 +86,13 @@ fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -
     }
 }
 
-async fn upload(c: &mut ReplicationClient<Channel>, b: pb::Batch) -> Result<pb::UploadReply, tonic::Status> {
-    c.upload(tokio_stream::iter(vec![b])).await.map(|r| r.into_inner())
+async fn upload(
+    c: &mut ReplicationClient<Channel>,
+    b: pb::Batch,
+) -> Result<pb::UploadReply, tonic::Status> {
+    c.upload(tokio_stream::iter(vec![b]))
+        .await
+        .map(|r| r.into_inner())
 }
 
 async fn missing(c: &mut ReplicationClient<Channel>, session: &str, h: Leaf) -> bool {
@@ -121,7 +139,15 @@ async fn clients_without_a_valid_certificate_are_refused() {
     disk::create(&vda, 1 << 20);
     let out = rewind_tests::run(
         std::process::Command::new(rewind_tests::bin("rewind-agent"))
-            .args(["sync", "--once", "--vm", "web1", "--receiver", &rx.url(), "--ca"])
+            .args([
+                "sync",
+                "--once",
+                "--vm",
+                "web1",
+                "--receiver",
+                &rx.url(),
+                "--ca",
+            ])
             .arg(pki.join("ca.pem"))
             .arg("--cert")
             .arg(op.join("host1.pem"))
@@ -152,7 +178,9 @@ async fn an_agent_cannot_touch_another_agents_vm() {
     assert!(err.contains("belongs to another agent"), "{err}");
 
     let mut c2 = client(&d, &rx, "host2").await;
-    let st = begin(&mut c2, "web1", 4 << 20).await.expect_err("begin refused");
+    let st = begin(&mut c2, "web1", 4 << 20)
+        .await
+        .expect_err("begin refused");
     assert_eq!(st.code(), Code::PermissionDenied);
     let st = c2
         .list_points(pb::ListPointsRequest { vm: "web1".into() })
@@ -165,9 +193,12 @@ async fn an_agent_cannot_touch_another_agents_vm() {
     let s1 = begin(&mut c1, "web1", 4 << 20).await.expect("host1 begins");
     let data = block(1);
     let h = Leaf::of(&data);
-    let st = upload(&mut c2, batch(&s1, &[(0, h)], vec![(h, chunk::compress(&data).unwrap())]))
-        .await
-        .expect_err("foreign session");
+    let st = upload(
+        &mut c2,
+        batch(&s1, &[(0, h)], vec![(h, chunk::compress(&data).unwrap())]),
+    )
+    .await
+    .expect_err("foreign session");
     assert_eq!(st.code(), Code::NotFound);
     let list = c1
         .list_points(pb::ListPointsRequest { vm: "web1".into() })
@@ -190,13 +221,17 @@ async fn malformed_batches_are_refused_and_store_nothing() {
 
     // Data that does not hash to its name.
     let other = chunk::compress(&block(8)).unwrap();
-    let st = upload(&mut c, batch(&s, &[(0, h)], vec![(h, other)])).await.expect_err("wrong hash");
+    let st = upload(&mut c, batch(&s, &[(0, h)], vec![(h, other)]))
+        .await
+        .expect_err("wrong hash");
     assert_eq!(st.code(), Code::InvalidArgument);
     assert!(st.message().contains("hashes to"), "{}", st.message());
     assert!(missing(&mut c, &s, h).await, "the bad chunk was not stored");
 
     // A block index past the end of the 1 MiB (16-block) disk.
-    let st = upload(&mut c, batch(&s, &[(16, h)], vec![(h, frame.clone())])).await.expect_err("past end");
+    let st = upload(&mut c, batch(&s, &[(16, h)], vec![(h, frame.clone())]))
+        .await
+        .expect_err("past end");
     assert_eq!(st.code(), Code::InvalidArgument);
     assert!(st.message().contains("past the end"), "{}", st.message());
     assert!(missing(&mut c, &s, h).await);
@@ -208,7 +243,9 @@ async fn malformed_batches_are_refused_and_store_nothing() {
     assert_eq!(st.code(), Code::InvalidArgument);
 
     // A reference to a chunk the agent never sent.
-    let st = upload(&mut c, batch(&s, &[(0, h)], vec![])).await.expect_err("not held");
+    let st = upload(&mut c, batch(&s, &[(0, h)], vec![]))
+        .await
+        .expect_err("not held");
     assert_eq!(st.code(), Code::FailedPrecondition);
     assert!(st.message().contains("does not hold"), "{}", st.message());
 
@@ -216,7 +253,9 @@ async fn malformed_batches_are_refused_and_store_nothing() {
     let bomb_data = vec![b'a'; 8 << 20];
     let bomb = chunk::compress(&bomb_data).unwrap();
     let hb = Leaf::of(&bomb_data);
-    let st = upload(&mut c, batch(&s, &[(1, hb)], vec![(hb, bomb)])).await.expect_err("bomb");
+    let st = upload(&mut c, batch(&s, &[(1, hb)], vec![(hb, bomb)]))
+        .await
+        .expect_err("bomb");
     assert_eq!(st.code(), Code::InvalidArgument);
 
     // A hash of the wrong length.
@@ -238,7 +277,9 @@ async fn malformed_batches_are_refused_and_store_nothing() {
     assert_ne!(st.code(), Code::Ok);
 
     // A correct batch still works after all that, and a wrong root commits nothing.
-    upload(&mut c, batch(&s, &[(0, h)], vec![(h, frame)])).await.expect("good batch");
+    upload(&mut c, batch(&s, &[(0, h)], vec![(h, frame)]))
+        .await
+        .expect("good batch");
     assert!(!missing(&mut c, &s, h).await);
     let st = c
         .commit(pb::CommitRequest {

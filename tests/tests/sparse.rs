@@ -25,7 +25,10 @@ fn sparse_64_gib_disk() {
     let seed_secs = started.elapsed().as_secs_f64();
     assert_eq!(disk_of(&r, "vda")["size"], size);
     assert_eq!(disk_of(&r, "vda")["changed_blocks"], 20);
-    assert!(disk_of(&r, "vda")["read_bytes"].as_u64().unwrap() < 64 << 20, "holes are not read");
+    assert!(
+        disk_of(&r, "vda")["read_bytes"].as_u64().unwrap() < 64 << 20,
+        "holes are not read"
+    );
 
     disk::random_blocks(&vda, BLOCK, (33u64 << 30) / BLOCK, 2, &mut rng);
     let r2 = d.sync_ok(&rx, "host1", "big", &[("vda", &vda)]);
