@@ -138,16 +138,20 @@ impl Deployment {
 
     /// `points --json` for a VM.
     pub fn points(&self, vm: &str) -> Vec<Value> {
+        self.try_points(vm)
+            .unwrap_or_else(|e| panic!("points --vm {vm} failed: {e}"))
+    }
+
+    /// `points --json` for a VM, or its error message (e.g. while the VM does not exist yet).
+    pub fn try_points(&self, vm: &str) -> Result<Vec<Value>, String> {
         let out = run(Command::new(bin("rewind-receiver"))
             .args(["points", "--data"])
             .arg(self.data())
             .args(["--vm", vm, "--json"]));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("JSON array")
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("JSON array"))
     }
 
     /// Restores a disk of a point (`--point ID` or `--at TIME`) to `out`.
