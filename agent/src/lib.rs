@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod nbd;
 pub mod scan;
 pub mod source;
 pub mod state;
