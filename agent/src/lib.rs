@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod nbd;
+pub mod qmp;
 pub mod scan;
 pub mod source;
 pub mod state;

@@ -42,8 +42,49 @@ pub struct DiskScan {
     pub read_bytes: u64,
 }
 
+/// Where a scanner reads block bytes from.
+pub trait BlockSource {
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError>;
+}
+
+impl BlockSource for RawDisk {
+    fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
+        Ok(self.read_at(buf, offset)?)
+    }
+}
+
+/// What the blocks outside a plan's read ranges hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outside {
+    /// Zeros (a full read: holes and unallocated space).
+    Zero,
+    /// Whatever they held at the base point (a dirty-bitmap read: clean blocks).
+    Unchanged,
+}
+
+/// Which blocks a scan reads, as sorted, disjoint block ranges `[first, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPlan {
+    pub read: Vec<(u64, u64)>,
+    /// Blocks inside `read` known to be all zeros: their leaf is zero without reading them.
+    pub zero: Vec<(u64, u64)>,
+    pub outside: Outside,
+}
+
+impl ScanPlan {
+    /// A full read of the byte extents that may hold data (everything else is zero).
+    pub fn full(extents: &[(u64, u64)], geometry: &DiskGeometry) -> ScanPlan {
+        ScanPlan {
+            read: block_ranges(extents, geometry),
+            zero: Vec::new(),
+            outside: Outside::Zero,
+        }
+    }
+}
+
 /// Block ranges `[first, end)` covering the byte extents, merged.
-fn block_ranges(extents: &[(u64, u64)], geometry: &DiskGeometry) -> Vec<(u64, u64)> {
+pub fn block_ranges(extents: &[(u64, u64)], geometry: &DiskGeometry) -> Vec<(u64, u64)> {
     let bs = geometry.block_size.bytes();
     let n = geometry.blocks();
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -60,78 +101,148 @@ fn block_ranges(extents: &[(u64, u64)], geometry: &DiskGeometry) -> Vec<(u64, u6
     out
 }
 
-/// Scans `disk` against `old`, calling `on_change` for each differing block in index order
-/// (blocks that became holes are reported when passed).
+/// Block ranges `[first, end)` lying entirely inside the byte extents.
+pub fn whole_blocks(extents: &[(u64, u64)], geometry: &DiskGeometry) -> Vec<(u64, u64)> {
+    let bs = geometry.block_size.bytes();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in extents {
+        let a = s.div_ceil(bs);
+        // The short last block counts as whole when the extent reaches the end of the disk.
+        let b = if e >= geometry.size {
+            geometry.blocks()
+        } else {
+            e / bs
+        };
+        if a >= b {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Walks a disk's blocks in order, building its tree and reporting blocks whose leaf differs
+/// from the base point.
+struct Walker<'o, 'c, F> {
+    builder: Builder,
+    old: &'o mut OldLeaves<'c>,
+    on_change: F,
+    outside: Outside,
+    changed: u64,
+    next: u64,
+}
+
+impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, F> {
+    fn emit(&mut self, index: u64, leaf: Leaf, data: Option<&[u8]>) -> Result<(), ScanError> {
+        self.changed += 1;
+        (self.on_change)(Change {
+            index,
+            leaf,
+            data: data.map(<[u8]>::to_vec),
+        })
+    }
+
+    /// Accounts for the blocks `[next, upto)` that are not read.
+    fn skip_to(&mut self, upto: u64) -> Result<(), ScanError> {
+        let mut passed = Vec::new();
+        self.old.drain_below(upto, |j, l| passed.push((j, l)))?;
+        match self.outside {
+            Outside::Zero => {
+                self.builder.push_zeros(upto - self.next);
+                for (j, _) in passed {
+                    self.emit(j, Leaf::ZERO, None)?;
+                }
+            }
+            Outside::Unchanged => {
+                let mut at = self.next;
+                for (j, l) in passed {
+                    self.builder.push_zeros(j - at);
+                    self.builder.push(l);
+                    at = j + 1;
+                }
+                self.builder.push_zeros(upto - at);
+            }
+        }
+        self.next = upto;
+        Ok(())
+    }
+
+    /// Accounts for block `index` (the next one) with its new leaf.
+    fn block(&mut self, index: u64, leaf: Leaf, data: Option<&[u8]>) -> Result<(), ScanError> {
+        self.skip_to(index)?;
+        let before = self.old.leaf_at(index, |_, _| {})?;
+        self.builder.push(leaf);
+        self.next = index + 1;
+        if leaf != before {
+            self.emit(index, leaf, data.filter(|_| !leaf.is_zero()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Scans a disk with `plan` against `old`, calling `on_change` for each block whose leaf
+/// differs from the base point (in index order, but for blocks that became holes in a full
+/// read, which are reported when passed).
 pub fn scan_disk(
-    disk: &RawDisk,
+    src: &mut dyn BlockSource,
     geometry: DiskGeometry,
+    plan: &ScanPlan,
     old: &mut OldLeaves<'_>,
-    mut on_change: impl FnMut(Change) -> Result<(), ScanError>,
+    on_change: impl FnMut(Change) -> Result<(), ScanError>,
     progress: &dyn Fn(u64),
 ) -> Result<DiskScan, ScanError> {
     let bs = geometry.block_size.bytes();
-    let ranges = block_ranges(&disk.data_extents()?, &geometry);
-    let mut builder = Builder::new(Shape::of(&geometry));
-    let mut changed = 0u64;
+    let mut w = Walker {
+        builder: Builder::new(Shape::of(&geometry)),
+        old,
+        on_change,
+        outside: plan.outside,
+        changed: 0,
+        next: 0,
+    };
     let mut read_bytes = 0u64;
-    let mut next = 0u64;
     let mut buf = vec![0u8; READ_BYTES.max(bs) as usize];
-    let mut zeroed = Vec::new();
-
-    for (first, end) in ranges {
-        builder.push_zeros(first - next);
+    let mut zero = plan.zero.iter().copied().peekable();
+    for &(first, end) in &plan.read {
+        w.skip_to(first)?;
         let mut idx = first;
         while idx < end {
-            let count = ((READ_BYTES / bs).max(1)).min(end - idx);
+            while zero.peek().is_some_and(|&(_, zb)| zb <= idx) {
+                zero.next();
+            }
+            let next_zero = zero.peek().copied();
+            if let Some((za, zb)) = next_zero.filter(|&(za, _)| za <= idx) {
+                let _ = za;
+                for i in idx..zb.min(end) {
+                    w.block(i, Leaf::ZERO, None)?;
+                }
+                idx = zb.min(end);
+                continue;
+            }
+            let stop = next_zero.map_or(end, |(za, _)| za.min(end));
+            let count = (READ_BYTES / bs).max(1).min(stop - idx);
             let offset = geometry.offset(idx);
             let len = (count * bs).min(geometry.size - offset) as usize;
-            disk.read_at(&mut buf[..len], offset)?;
+            src.read_block_range(&mut buf[..len], offset)?;
             read_bytes += len as u64;
             for k in 0..count {
                 let i = idx + k;
-                let blen = geometry.block_len(i).unwrap_or(0);
                 let start = (k * bs) as usize;
-                let data = &buf[start..start + blen];
-                let leaf = Leaf::of(data);
-                let before = old.leaf_at(i, |j, _| zeroed.push(j))?;
-                for j in zeroed.drain(..) {
-                    changed += 1;
-                    on_change(Change {
-                        index: j,
-                        leaf: Leaf::ZERO,
-                        data: None,
-                    })?;
-                }
-                builder.push(leaf);
-                if leaf != before {
-                    changed += 1;
-                    on_change(Change {
-                        index: i,
-                        leaf,
-                        data: (!leaf.is_zero()).then(|| data.to_vec()),
-                    })?;
-                }
+                let data = &buf[start..start + geometry.block_len(i).unwrap_or(0)];
+                w.block(i, Leaf::of(data), Some(data))?;
             }
             idx += count;
             progress(offset + len as u64);
         }
-        next = end;
     }
-    builder.push_zeros(geometry.blocks() - next);
-    // Old data past the last extent is now a hole.
-    old.leaf_at(geometry.blocks(), |j, _| zeroed.push(j))?;
-    for j in zeroed.drain(..) {
-        changed += 1;
-        on_change(Change {
-            index: j,
-            leaf: Leaf::ZERO,
-            data: None,
-        })?;
-    }
+    w.skip_to(geometry.blocks())?;
     progress(geometry.size);
     Ok(DiskScan {
-        root: tree::root(&geometry, builder.finish()),
-        changed,
+        root: tree::root(&geometry, w.builder.finish()),
+        changed: w.changed,
         read_bytes,
     })
 }

@@ -42,6 +42,15 @@ impl RawDisk {
         })
     }
 
+    /// A second handle on the same disk.
+    pub fn try_clone(&self) -> Result<RawDisk, DiskError> {
+        Ok(RawDisk {
+            file: self.file.try_clone().map_err(|e| self.io(e))?,
+            path: self.path.clone(),
+            size: self.size,
+        })
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }

@@ -260,6 +260,20 @@ impl<'c> OldLeaves<'c> {
         Ok(())
     }
 
+    /// Passes every old non-zero leaf below `end` (in order) to `f` and forgets it.
+    pub fn drain_below(&mut self, end: u64, mut f: impl FnMut(u64, Leaf)) -> rusqlite::Result<()> {
+        loop {
+            self.fill()?;
+            match self.buf.front() {
+                Some(&(i, l)) if i < end => {
+                    f(i, l);
+                    self.buf.pop_front();
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// The old leaf of block `idx`; blocks must be asked in increasing order. Old non-zero
     /// leaves skipped over are passed to `skipped`.
     pub fn leaf_at(

@@ -406,9 +406,12 @@ fn scan_all(
     for (pos, d) in disks.iter().enumerate() {
         let mut old = OldLeaves::new(&read_conn, vm, (!full[pos]).then_some(d.name.as_str()));
         let report = |p: u64| progress(done_before + p, total);
+        let plan = scan::ScanPlan::full(&d.disk.data_extents()?, &d.geometry);
+        let mut disk = d.disk.try_clone()?;
         let scan = scan::scan_disk(
-            &d.disk,
+            &mut disk,
             d.geometry,
+            &plan,
             &mut old,
             |change| {
                 pending.add(&d.name, change.index, &change.leaf)?;
