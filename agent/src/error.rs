@@ -45,6 +45,18 @@ pub enum SyncError {
     /// Scanning a disk failed.
     #[error(transparent)]
     Scan(#[from] ScanError),
+    /// A live-VM step failed in QEMU.
+    #[error(transparent)]
+    Live(#[from] crate::live::LiveError),
+    /// An offline qcow2 step failed.
+    #[error(transparent)]
+    Offline(#[from] crate::offline::OfflineError),
+    /// Reading through NBD failed.
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
+    /// A disk asked for on the command line is not in the VM.
+    #[error("the VM has no disk named {0}")]
+    NoSuchDisk(String),
     /// A worker task died.
     #[error("internal worker failed: {0}")]
     Worker(String),

@@ -10,7 +10,10 @@
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod faults;
+pub mod live;
 pub mod nbd;
+pub mod offline;
 pub mod qmp;
 pub mod scan;
 pub mod source;

@@ -20,6 +20,9 @@ pub enum ScanError {
     /// Reading the base point's leaves failed.
     #[error("agent state: {0}")]
     State(#[from] rusqlite::Error),
+    /// Reading through NBD failed.
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
     /// The consumer of changes stopped (the upload failed).
     #[error("upload stopped")]
     Stopped,
@@ -46,6 +49,12 @@ pub struct DiskScan {
 pub trait BlockSource {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError>;
+}
+
+impl BlockSource for crate::nbd::NbdClient {
+    fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
+        Ok(self.read_at(buf, offset)?)
+    }
 }
 
 impl BlockSource for RawDisk {

@@ -3,7 +3,11 @@
 //! lacks, commit with the roots, and only then make the new point the local base.
 
 use crate::error::SyncError;
-use crate::scan::{self, Change, DiskScan, ScanError};
+use crate::live::{self, DiskCapture, LiveError, Workdir};
+use crate::nbd::{self, NbdClient};
+use crate::offline::{self, NbdServer};
+use crate::qmp::Qmp;
+use crate::scan::{self, BlockSource, Change, DiskScan, Outside, ScanError, ScanPlan};
 use crate::source::RawDisk;
 use crate::state::{self, OldLeaves, PendingWriter};
 use rayon::prelude::*;
@@ -25,11 +29,31 @@ const MAX_WINDOW_ENTRIES: usize = 16_384;
 /// Batches queued between the scanner and the network.
 const QUEUE_DEPTH: usize = 4;
 
-/// One disk to protect: a name and a raw image or block device.
+/// How a disk given on the command line is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A raw image file or block device, hash-scanned.
+    Raw,
+    /// An offline qcow2 image with a persistent dirty bitmap, read through `qemu-nbd`.
+    Qcow2,
+}
+
+/// One disk to protect: a name and a path.
 #[derive(Debug, Clone)]
 pub struct DiskSource {
     pub name: String,
     pub path: PathBuf,
+    pub kind: DiskKind,
+}
+
+/// A running QEMU VM reached through its monitor.
+#[derive(Debug, Clone)]
+pub struct LiveSource {
+    pub qmp: PathBuf,
+    /// The QEMU guest agent's socket, to freeze file systems around the capture.
+    pub guest_agent: Option<PathBuf>,
+    /// Only these disks (all when empty).
+    pub only: Vec<String>,
 }
 
 /// What a cycle works on.
@@ -37,6 +61,7 @@ pub struct DiskSource {
 pub struct SyncConfig {
     pub vm: String,
     pub disks: Vec<DiskSource>,
+    pub live: Option<LiveSource>,
     pub block_size: BlockSize,
     pub state_dir: PathBuf,
     /// Upper bound on compressed bytes sent per second.
@@ -50,6 +75,8 @@ pub struct DiskReport {
     pub size: u64,
     pub root: String,
     pub mode: &'static str,
+    /// How changes were found: "hash-scan", "dirty-bitmap" or "full-read: REASON".
+    pub source: String,
     pub changed_blocks: u64,
     pub read_bytes: u64,
     pub sent_bytes: u64,
@@ -65,6 +92,7 @@ pub struct SyncReport {
     pub base_point: Option<i64>,
     pub session: String,
     pub resumed: bool,
+    pub consistency: String,
     pub disks: Vec<DiskReport>,
     pub sent_bytes: u64,
     pub seconds: f64,
@@ -78,10 +106,70 @@ struct Item {
     change: Change,
 }
 
+/// Where a disk's blocks are read from this cycle.
+enum Reader {
+    Raw(RawDisk),
+    /// An NBD export (QEMU's server or qemu-nbd), with the dirty bitmap to follow if any.
+    Nbd {
+        socket: PathBuf,
+        export: String,
+        bitmap: Option<String>,
+    },
+}
+
 struct OpenDisk {
     name: String,
-    disk: RawDisk,
     geometry: DiskGeometry,
+    reader: Reader,
+    source: String,
+}
+
+/// What is prepared in QEMU or on disk for one cycle and must be settled afterwards.
+enum Capture {
+    None,
+    Live {
+        qmp: Qmp,
+        work: Workdir,
+        caps: Vec<DiskCapture>,
+    },
+    Offline {
+        caps: Vec<(PathBuf, DiskCapture)>,
+        servers: Vec<NbdServer>,
+    },
+}
+
+impl Capture {
+    /// Tears down exports and settles bitmaps; `committed` says whether the point landed.
+    async fn finish(self, committed: bool) -> Result<(), SyncError> {
+        match self {
+            Capture::None => Ok(()),
+            Capture::Live {
+                mut qmp,
+                work,
+                caps,
+            } => Ok(live::finish(&mut qmp, &work, &caps, committed).await?),
+            Capture::Offline { caps, servers } => {
+                drop(servers);
+                for (path, cap) in &caps {
+                    offline::finish(path, cap, committed)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn geometry(name: &str, size: u64, block_size: BlockSize) -> Result<DiskGeometry, SyncError> {
+    DiskGeometry::new(size, block_size.bytes()).map_err(|source| SyncError::Geometry {
+        disk: name.to_owned(),
+        source,
+    })
+}
+
+fn stamp() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 /// Runs one cycle and returns the committed point.
@@ -92,22 +180,65 @@ pub async fn sync_once(
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
     names::vm(&cfg.vm)?;
-    let mut disks = Vec::new();
-    for d in &cfg.disks {
-        names::disk(&d.name)?;
-        let disk = RawDisk::open(&d.path)?;
-        let geometry =
-            DiskGeometry::new(disk.size(), cfg.block_size.bytes()).map_err(|source| {
-                SyncError::Geometry {
-                    disk: d.name.clone(),
-                    source,
+
+    // The disks and their sizes: from QEMU for a live VM, from the files otherwise.
+    let mut live_ctx = None;
+    let mut specs: Vec<(String, DiskGeometry)> = Vec::new();
+    let mut offline_disks = Vec::new();
+    let mut raw_disks = Vec::new();
+    if let Some(src) = &cfg.live {
+        let mut qmp = Qmp::connect(&src.qmp).await.map_err(LiveError::from)?;
+        let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::Credentials {
+            path: cfg.state_dir.clone(),
+            source: e,
+        })?;
+        let removed = live::cleanup(&mut qmp, &work)
+            .await
+            .map_err(LiveError::from)?;
+        if !removed.is_empty() {
+            tracing::warn!(vm = %cfg.vm, ?removed, "removed leftovers of an interrupted cycle");
+        }
+        let mut disks = live::discover(&mut qmp).await.map_err(LiveError::from)?;
+        if !src.only.is_empty() {
+            for want in &src.only {
+                if !disks.iter().any(|d| &d.name == want) {
+                    return Err(SyncError::NoSuchDisk(want.clone()));
                 }
-            })?;
-        disks.push(OpenDisk {
-            name: d.name.clone(),
-            disk,
-            geometry,
-        });
+            }
+            disks.retain(|d| src.only.contains(&d.name));
+        }
+        if disks.is_empty() {
+            return Err(SyncError::NoSuchDisk("(the VM has no disks)".into()));
+        }
+        for d in &disks {
+            names::disk(&d.name)?;
+            specs.push((d.name.clone(), geometry(&d.name, d.size, cfg.block_size)?));
+        }
+        live_ctx = Some((qmp, work, disks));
+    } else {
+        for d in &cfg.disks {
+            names::disk(&d.name)?;
+            match d.kind {
+                DiskKind::Raw => {
+                    let disk = RawDisk::open(&d.path)?;
+                    specs.push((
+                        d.name.clone(),
+                        geometry(&d.name, disk.size(), cfg.block_size)?,
+                    ));
+                    raw_disks.push(Some(disk));
+                    offline_disks.push(None);
+                }
+                DiskKind::Qcow2 => {
+                    let info = offline::inspect(&d.name, &d.path)?;
+                    specs.push((
+                        d.name.clone(),
+                        geometry(&d.name, info.size, cfg.block_size)?,
+                    ));
+                    raw_disks.push(None);
+                    offline_disks.push(Some(info));
+                }
+            }
+        }
     }
     let mut conn = state::open(&cfg.state_dir)?;
 
@@ -128,12 +259,12 @@ pub async fn sync_once(
 
     let request = pb::BeginRequest {
         vm: cfg.vm.clone(),
-        disks: disks
+        disks: specs
             .iter()
-            .map(|d| pb::DiskSpec {
-                name: d.name.clone(),
-                size: d.geometry.size,
-                block_size: d.geometry.block_size.get(),
+            .map(|(name, g)| pb::DiskSpec {
+                name: name.clone(),
+                size: g.size,
+                block_size: g.block_size.get(),
             })
             .collect(),
         base_point: vm_state.base_point.unwrap_or(0) as u64,
@@ -158,8 +289,7 @@ pub async fn sync_once(
             .into_inner();
     }
     let resumed = vm_state.pending_session.as_deref() == Some(plan.session.as_str());
-    if plan.disks.len() != disks.len()
-        || plan.disks.iter().zip(&disks).any(|(p, d)| p.name != d.name)
+    if plan.disks.len() != specs.len() || plan.disks.iter().zip(&specs).any(|(p, d)| p.name != d.0)
     {
         return Err(SyncError::Protocol(
             "the plan does not list our disks in order",
@@ -170,48 +300,192 @@ pub async fn sync_once(
         .iter()
         .map(|p| p.mode != pb::DiskMode::Delta as i32)
         .collect();
-    tracing::info!(
-        vm = %cfg.vm, session = %plan.session, resumed,
-        modes = ?plan.disks.iter().zip(&full).map(|(p, f)| format!("{}={}", p.name, if *f { "full" } else { "delta" })).collect::<Vec<_>>(),
-        "session begun"
-    );
     state::start_pending(
         &mut conn,
         &cfg.vm,
         &plan.session,
-        &disks
+        &specs
             .iter()
             .zip(&full)
-            .map(|(d, f)| (d.name.clone(), d.geometry, *f))
+            .map(|((n, g), f)| (n.clone(), *g, *f))
             .collect::<Vec<_>>(),
     )?;
     drop(conn);
 
-    let (scans, sent) = transfer(
-        client,
-        cfg,
-        &plan.session,
-        disks_arc(disks),
-        &full,
-        progress,
-    )
-    .await?;
+    // Capture: one instant for all disks of a live VM; bitmaps and qemu-nbd for offline qcow2.
+    let mut consistency = "as-read".to_owned();
+    let mut config = serde_json::json!({"source": "files", "disks": cfg.disks.iter().map(|d| serde_json::json!({
+        "name": d.name, "path": d.path, "kind": match d.kind { DiskKind::Raw => "raw", DiskKind::Qcow2 => "qcow2" }})).collect::<Vec<_>>()});
+    let mut opened = Vec::new();
+    let capture = if let Some((mut qmp, work, disks)) = live_ctx {
+        let want_delta: Vec<bool> = full.iter().map(|f| !f).collect();
+        let mut caps = live::plan(&disks, &want_delta, stamp());
+        live::drop_inconsistent(&mut qmp, &mut caps)
+            .await
+            .map_err(LiveError::from)?;
+        config = live::vm_config(&mut qmp, &disks)
+            .await
+            .map_err(LiveError::from)?;
+        let freezer = match cfg.live.as_ref().and_then(|l| l.guest_agent.as_ref()) {
+            Some(path) => Some(
+                live::Freezer::connect(path)
+                    .await
+                    .map_err(LiveError::from)?,
+            ),
+            None => None,
+        };
+        let captured = capture_live(&mut qmp, &work, &caps, freezer).await;
+        let frozen = match captured {
+            Ok(frozen) => frozen,
+            Err(e) => {
+                let _ = live::finish(&mut qmp, &work, &caps, false).await;
+                return Err(e);
+            }
+        };
+        consistency = if frozen {
+            "application-consistent"
+        } else {
+            "crash-consistent"
+        }
+        .to_owned();
+        crate::faults::point("after-transaction");
+        if let Err(e) = live::export(&mut qmp, &work, &caps).await {
+            let _ = live::finish(&mut qmp, &work, &caps, false).await;
+            return Err(e.into());
+        }
+        for (c, (name, g)) in caps.iter().zip(&specs) {
+            tracing::info!(vm = %cfg.vm, disk = %name, path = c.full_reason.as_deref().unwrap_or("dirty bitmap"), "capture");
+            opened.push(OpenDisk {
+                name: name.clone(),
+                geometry: *g,
+                reader: Reader::Nbd {
+                    socket: work.socket(),
+                    export: name.clone(),
+                    bitmap: c.read_bitmap.clone(),
+                },
+                source: c
+                    .full_reason
+                    .as_ref()
+                    .map_or_else(|| "dirty-bitmap".to_owned(), |r| format!("full-read: {r}")),
+            });
+        }
+        Capture::Live { qmp, work, caps }
+    } else {
+        let mut caps = Vec::new();
+        let mut servers = Vec::new();
+        let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::Credentials {
+            path: cfg.state_dir.clone(),
+            source: e,
+        })?;
+        let mut failure = None;
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let (name, g) = &specs[i];
+            match (raw_disks[i].take(), offline_disks[i].take()) {
+                (Some(disk), _) => opened.push(OpenDisk {
+                    name: name.clone(),
+                    geometry: *g,
+                    reader: Reader::Raw(disk),
+                    source: "hash-scan".into(),
+                }),
+                (None, Some(info)) => {
+                    let mut cap =
+                        live::plan(std::slice::from_ref(&info), &[!full[i]], stamp()).remove(0);
+                    let step = offline::capture(&d.path, &mut cap).and_then(|()| {
+                        NbdServer::start(
+                            &d.path,
+                            &work.dir.join(format!("qemu-nbd-{name}.sock")),
+                            name,
+                            cap.read_bitmap.as_deref(),
+                        )
+                    });
+                    let source = cap
+                        .full_reason
+                        .as_ref()
+                        .map_or_else(|| "dirty-bitmap".to_owned(), |r| format!("full-read: {r}"));
+                    let bitmap = cap.read_bitmap.clone();
+                    caps.push((d.path.clone(), cap));
+                    match step {
+                        Ok(server) => {
+                            opened.push(OpenDisk {
+                                name: name.clone(),
+                                geometry: *g,
+                                reader: Reader::Nbd {
+                                    socket: server.socket.clone(),
+                                    export: name.clone(),
+                                    bitmap,
+                                },
+                                source,
+                            });
+                            servers.push(server);
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                (None, None) => return Err(SyncError::Protocol("disk opened twice")),
+            }
+        }
+        if caps.is_empty() {
+            Capture::None
+        } else {
+            consistency = if caps.len() == cfg.disks.len() {
+                "offline"
+            } else {
+                "as-read"
+            }
+            .to_owned();
+            let capture = Capture::Offline { caps, servers };
+            if let Some(e) = failure {
+                let _ = capture.finish(false).await;
+                return Err(e.into());
+            }
+            capture
+        }
+    };
 
-    let roots = scans
-        .iter()
-        .map(|(name, s, _)| pb::DiskRoot {
-            name: name.clone(),
-            root: s.root.0.to_vec(),
-            changed_blocks: s.changed,
-        })
-        .collect();
-    let committed = match client
-        .commit(pb::CommitRequest {
-            session: plan.session.clone(),
-            roots,
-        })
-        .await
-    {
+    let outcome = async {
+        let (scans, sent) = transfer(
+            client,
+            cfg,
+            &plan.session,
+            Arc::new(opened),
+            &full,
+            progress,
+        )
+        .await?;
+        let roots = scans
+            .iter()
+            .map(|s| pb::DiskRoot {
+                name: s.name.clone(),
+                root: s.scan.root.0.to_vec(),
+                changed_blocks: s.scan.changed,
+            })
+            .collect();
+        let committed = client
+            .commit(pb::CommitRequest {
+                session: plan.session.clone(),
+                roots,
+                config: config.to_string(),
+                consistency: consistency.clone(),
+            })
+            .await;
+        Ok::<_, SyncError>((scans, sent, committed))
+    }
+    .await;
+    let landed = matches!(&outcome, Ok((_, _, Ok(_))));
+    crate::faults::point("before-teardown");
+    if let Err(e) = capture.finish(landed).await {
+        if landed {
+            // The point is safe; leftovers are cleaned up by the next cycle.
+            tracing::error!(vm = %cfg.vm, error = %e, "teardown after commit failed");
+        } else {
+            tracing::error!(vm = %cfg.vm, error = %e, "teardown after a failed cycle failed");
+        }
+    }
+    let (scans, sent, committed) = outcome?;
+    let committed = match committed {
         Ok(r) => r.into_inner(),
         Err(status) => {
             if status.code() == tonic::Code::DataLoss {
@@ -231,16 +505,17 @@ pub async fn sync_once(
     state::apply_pending(&mut conn, &cfg.vm, committed.point as i64)?;
 
     let disks: Vec<DiskReport> = scans
-        .iter()
+        .into_iter()
         .zip(&full)
         .zip(&sent)
-        .map(|(((name, s, size), f), (bytes, chunks))| DiskReport {
-            name: name.clone(),
-            size: *size,
-            root: s.root.to_hex(),
+        .map(|((s, f), (bytes, chunks))| DiskReport {
+            name: s.name,
+            size: s.size,
+            root: s.scan.root.to_hex(),
             mode: if *f { "full" } else { "delta" },
-            changed_blocks: s.changed,
-            read_bytes: s.read_bytes,
+            source: s.source,
+            changed_blocks: s.scan.changed,
+            read_bytes: s.scan.read_bytes,
             sent_bytes: *bytes,
             sent_chunks: *chunks,
         })
@@ -252,17 +527,59 @@ pub async fn sync_once(
         base_point: (plan.base_point != 0).then_some(plan.base_point as i64),
         session: plan.session,
         resumed,
+        consistency,
         sent_bytes: disks.iter().map(|d| d.sent_bytes).sum(),
         disks,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-fn disks_arc(d: Vec<OpenDisk>) -> Arc<Vec<OpenDisk>> {
-    Arc::new(d)
+/// Freezes (if a guest agent is given), captures, and always thaws. Returns whether the file
+/// systems were frozen during the capture.
+async fn capture_live(
+    qmp: &mut Qmp,
+    work: &Workdir,
+    caps: &[DiskCapture],
+    freezer: Option<live::Freezer>,
+) -> Result<bool, SyncError> {
+    let Some(mut freezer) = freezer else {
+        live::capture(qmp, work, caps).await?;
+        return Ok(false);
+    };
+    let frozen = match freezer.freeze().await {
+        Ok(n) => {
+            tracing::info!(filesystems = n, "guest file systems frozen");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "guest freeze failed: the point is crash-consistent");
+            let _ = freezer.thaw().await;
+            false
+        }
+    };
+    let captured = tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps)).await;
+    if frozen {
+        if let Err(e) = freezer.thaw().await {
+            tracing::error!(error = %e, "guest thaw failed");
+        }
+    }
+    match captured {
+        Ok(r) => r.map(|()| frozen).map_err(SyncError::from),
+        Err(_) => Err(SyncError::Protocol(
+            "the capture took longer than the freeze limit",
+        )),
+    }
 }
 
-type ScanResults = Vec<(String, DiskScan, u64)>;
+/// One disk after its scan.
+struct ScannedDisk {
+    name: String,
+    size: u64,
+    source: String,
+    scan: DiskScan,
+}
+
+type ScanResults = Vec<ScannedDisk>;
 
 /// Scans all disks on a blocking thread while uploading what they yield; returns each disk's
 /// scan and (bytes, chunks) sent for it.
@@ -406,10 +723,9 @@ fn scan_all(
     for (pos, d) in disks.iter().enumerate() {
         let mut old = OldLeaves::new(&read_conn, vm, (!full[pos]).then_some(d.name.as_str()));
         let report = |p: u64| progress(done_before + p, total);
-        let plan = scan::ScanPlan::full(&d.disk.data_extents()?, &d.geometry);
-        let mut disk = d.disk.try_clone()?;
+        let (mut src, plan) = open_reader(&d.reader, &d.geometry, full[pos])?;
         let scan = scan::scan_disk(
-            &mut disk,
+            src.as_mut(),
             d.geometry,
             &plan,
             &mut old,
@@ -429,15 +745,76 @@ fn scan_all(
             },
             &report,
         )?;
-        tracing::info!(vm, disk = %d.name, changed = scan.changed, read = scan.read_bytes, "disk scanned");
+        tracing::info!(vm, disk = %d.name, source = %d.source, changed = scan.changed, read = scan.read_bytes, "disk scanned");
         done_before += d.geometry.size;
-        results.push((d.name.clone(), scan, d.geometry.size));
+        results.push(ScannedDisk {
+            name: d.name.clone(),
+            size: d.geometry.size,
+            source: d.source.clone(),
+            scan,
+        });
     }
     if !window.is_empty() {
         out.blocking_send(window).map_err(|_| ScanError::Stopped)?;
     }
     pending.finish()?;
     Ok(results)
+}
+
+/// Opens a disk's reader and plans which blocks to read: everything that may hold data for a
+/// full read, only the dirty blocks when a bitmap says which changed.
+fn open_reader(
+    reader: &Reader,
+    geometry: &DiskGeometry,
+    full: bool,
+) -> Result<(Box<dyn BlockSource>, ScanPlan), SyncError> {
+    match reader {
+        Reader::Raw(disk) => {
+            let plan = ScanPlan::full(&disk.data_extents()?, geometry);
+            Ok((Box::new(disk.try_clone()?), plan))
+        }
+        Reader::Nbd {
+            socket,
+            export,
+            bitmap,
+        } => {
+            let dirty_ctx = bitmap.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+            let mut contexts = vec!["base:allocation"];
+            contexts.extend(dirty_ctx.as_deref());
+            let mut client = NbdClient::connect_unix(socket, export, &contexts)?;
+            if client.size() < geometry.size {
+                return Err(SyncError::Protocol(
+                    "the NBD export is smaller than the disk",
+                ));
+            }
+            let alloc = client.block_status("base:allocation", 0, geometry.size)?;
+            let span = |flags: fn(u32) -> bool| -> Vec<(u64, u64)> {
+                alloc
+                    .iter()
+                    .filter(|e| flags(e.flags))
+                    .map(|e| (e.offset, e.offset + e.length))
+                    .collect()
+            };
+            let data = span(|f| f & nbd::STATE_ZERO == 0);
+            let plan = match dirty_ctx.filter(|_| !full) {
+                None => ScanPlan::full(&data, geometry),
+                Some(ctx) => {
+                    let dirty: Vec<(u64, u64)> = client
+                        .block_status(&ctx, 0, geometry.size)?
+                        .iter()
+                        .filter(|e| e.flags & nbd::STATE_DIRTY != 0)
+                        .map(|e| (e.offset, e.offset + e.length))
+                        .collect();
+                    ScanPlan {
+                        read: scan::block_ranges(&dirty, geometry),
+                        zero: scan::whole_blocks(&span(|f| f & nbd::STATE_ZERO != 0), geometry),
+                        outside: Outside::Unchanged,
+                    }
+                }
+            };
+            Ok((Box::new(client), plan))
+        }
+    }
 }
 
 /// Keeps the average send rate under a limit.

@@ -24,6 +24,8 @@ pub const MAX_BATCH_ENTRIES: usize = 65_536;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most hashes in one MissingChunks question.
 pub const MAX_QUERY_HASHES: usize = 65_536;
+/// Largest VM configuration kept with a point: a QEMU description of a big VM is a few KiB.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
 /// zstd level for chunks: level 1 runs ~630 MB/s per core here, level 3 ~390 MB/s; compression
 /// is the bottleneck of a seed, and level 1 loses little ratio on disk images.
 pub const ZSTD_LEVEL: i32 = 1;

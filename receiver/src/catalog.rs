@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS points(
   parent INTEGER,
   created_us INTEGER NOT NULL,
   committed_us INTEGER NOT NULL,
-  session TEXT NOT NULL UNIQUE);
+  session TEXT NOT NULL UNIQUE,
+  consistency TEXT NOT NULL DEFAULT 'as-read',
+  config TEXT);
 CREATE INDEX IF NOT EXISTS points_by_vm ON points(vm_id, id);
 CREATE TABLE IF NOT EXISTS point_disks(
   point_id INTEGER NOT NULL REFERENCES points(id),

@@ -99,6 +99,12 @@ pub enum StoreError {
         expected: i64,
         actual: i64,
     },
+    /// The configuration kept with a point is not a small JSON object.
+    #[error("the VM configuration must be a JSON object of at most {max} bytes")]
+    BadConfig { max: usize },
+    /// An unknown consistency label.
+    #[error("unknown consistency {0:?}")]
+    BadConsistency(String),
     /// Commit roots do not name exactly the session's disks.
     #[error(
         "commit must give one root for each disk of the session; disk {0} is missing or unknown"

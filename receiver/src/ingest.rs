@@ -14,7 +14,9 @@ use crate::error::StoreError;
 use crate::packs::PackWriter;
 use crate::store::Store;
 use rewind_proto::chunk;
-use rewind_proto::format::{DiskGeometry, MAX_BATCH_ENTRIES, MAX_DISKS, MAX_QUERY_HASHES};
+use rewind_proto::format::{
+    DiskGeometry, MAX_BATCH_ENTRIES, MAX_CONFIG_BYTES, MAX_DISKS, MAX_QUERY_HASHES,
+};
 use rewind_proto::tree::{self, NodeStore, Shape};
 use rewind_proto::{names, Leaf};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -86,6 +88,49 @@ pub struct BatchStats {
     pub entries: u64,
     pub chunks_stored: u64,
     pub chunk_bytes: u64,
+}
+
+/// What an agent says about a point besides its blocks.
+#[derive(Debug, Clone, Default)]
+pub struct PointMeta {
+    /// The VM's configuration, a JSON object (empty: none).
+    pub config: String,
+    /// One of [`CONSISTENCY_LABELS`] (empty: "as-read").
+    pub consistency: String,
+}
+
+/// The consistency labels a point may carry.
+pub const CONSISTENCY_LABELS: [&str; 4] = [
+    "application-consistent",
+    "crash-consistent",
+    "offline",
+    "as-read",
+];
+
+impl PointMeta {
+    fn validate(&self) -> Result<(Option<&str>, &str), StoreError> {
+        let config = if self.config.is_empty() {
+            None
+        } else {
+            let ok = self.config.len() <= MAX_CONFIG_BYTES
+                && serde_json::from_str::<serde_json::Value>(&self.config)
+                    .is_ok_and(|v| v.is_object());
+            if !ok {
+                return Err(StoreError::BadConfig {
+                    max: MAX_CONFIG_BYTES,
+                });
+            }
+            Some(self.config.as_str())
+        };
+        let consistency = if self.consistency.is_empty() {
+            "as-read"
+        } else if CONSISTENCY_LABELS.contains(&self.consistency.as_str()) {
+            self.consistency.as_str()
+        } else {
+            return Err(StoreError::BadConsistency(self.consistency.clone()));
+        };
+        Ok((config, consistency))
+    }
 }
 
 /// A committed point.
@@ -600,7 +645,9 @@ impl Store {
         owner: &str,
         session_id: &str,
         roots: &[(String, Leaf)],
+        meta: &PointMeta,
     ) -> Result<Committed, StoreError> {
+        let (config, consistency) = meta.validate()?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let session = open_session(&tx, owner, session_id)?;
@@ -625,14 +672,16 @@ impl Store {
             |r| r.get(0),
         )?;
         tx.execute(
-            "INSERT INTO points(vm_id, parent, created_us, committed_us, session)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO points(vm_id, parent, created_us, committed_us, session, consistency, config)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 session.vm_id,
                 session.base_point,
                 created,
                 now_us(),
-                session_id
+                session_id,
+                consistency,
+                config
             ],
         )?;
         let point = tx.last_insert_rowid();

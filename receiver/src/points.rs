@@ -28,6 +28,10 @@ pub struct PointInfo {
     pub created: String,
     pub committed: String,
     pub parent: Option<i64>,
+    /// "application-consistent", "crash-consistent", "offline" or "as-read".
+    pub consistency: String,
+    /// The VM's configuration at the point, as the agent captured it.
+    pub config: Option<serde_json::Value>,
     pub disks: Vec<PointDisk>,
 }
 
@@ -66,7 +70,7 @@ fn disks_of(conn: &Connection, point: i64) -> Result<Vec<PointDisk>, StoreError>
 /// Points of one VM (or all VMs), oldest first.
 pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent
+        "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config
          FROM points p JOIN vms v ON v.id = p.vm_id
          WHERE ?1 IS NULL OR v.name = ?1 ORDER BY p.id",
     )?;
@@ -78,6 +82,8 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, Store
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, Option<i64>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -87,16 +93,20 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, Store
         }
     }
     rows.into_iter()
-        .map(|(id, vm, created, committed, parent)| {
-            Ok(PointInfo {
-                id,
-                vm,
-                created: rfc3339(created),
-                committed: rfc3339(committed),
-                parent,
-                disks: disks_of(conn, id)?,
-            })
-        })
+        .map(
+            |(id, vm, created, committed, parent, consistency, config)| {
+                Ok(PointInfo {
+                    id,
+                    vm,
+                    created: rfc3339(created),
+                    committed: rfc3339(committed),
+                    parent,
+                    consistency,
+                    config: config.and_then(|c| serde_json::from_str(&c).ok()),
+                    disks: disks_of(conn, id)?,
+                })
+            },
+        )
         .collect()
 }
 
@@ -167,10 +177,16 @@ pub fn resolve(
             },
         });
     };
-    let (created, committed, parent): (i64, i64, Option<i64>) = conn.query_row(
-        "SELECT created_us, committed_us, parent FROM points WHERE id = ?1",
+    let (created, committed, parent, consistency, config): (
+        i64,
+        i64,
+        Option<i64>,
+        String,
+        Option<String>,
+    ) = conn.query_row(
+        "SELECT created_us, committed_us, parent, consistency, config FROM points WHERE id = ?1",
         [id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
     )?;
     Ok(PointInfo {
         id,
@@ -178,6 +194,8 @@ pub fn resolve(
         created: rfc3339(created),
         committed: rfc3339(committed),
         parent,
+        consistency,
+        config: config.and_then(|c| serde_json::from_str(&c).ok()),
         disks: disks_of(conn, id)?,
     })
 }

@@ -53,7 +53,9 @@ pub fn to_status(e: StoreError) -> Status {
         | UnreferencedChunk(_)
         | ChunkLength { .. }
         | TooLarge { .. }
-        | RootSet(_) => Status::invalid_argument(msg),
+        | RootSet(_)
+        | BadConfig { .. }
+        | BadConsistency(_) => Status::invalid_argument(msg),
         NotOwner { .. } => Status::permission_denied(msg),
         UnknownVm(_)
         | UnknownSession(_)
@@ -260,7 +262,11 @@ impl Replication for ReplicationService {
             .collect::<Result<Vec<_>, Status>>()?;
         let store = self.store.clone();
         let session = r.session.clone();
-        let done = blocking(move || store.commit(&owner, &session, &roots)).await?;
+        let meta = crate::ingest::PointMeta {
+            config: r.config,
+            consistency: r.consistency,
+        };
+        let done = blocking(move || store.commit(&owner, &session, &roots, &meta)).await?;
         tracing::info!(session = %r.session, point = done.point, "point committed");
         Ok(Response::new(pb::CommitReply {
             point: done.point as u64,
@@ -307,6 +313,7 @@ impl Replication for ReplicationService {
                     id: p.id as u64,
                     vm: p.vm,
                     created: p.created,
+                    consistency: p.consistency,
                     disks: p
                         .disks
                         .into_iter()

@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod grpc;
+pub mod qemu;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -125,6 +126,24 @@ impl Deployment {
             .unwrap_or(0)
     }
 
+    /// `rewind-agent sync --once --json --qmp SOCKET` as `host1`, with extra flags.
+    pub fn sync_live(&self, rx: &Receiver, vm: &str, qmp: &Path, extra: &[&str]) -> Output {
+        let mut cmd = self.sync_cmd(rx, "host1", vm, &[], extra);
+        cmd.arg("--qmp").arg(qmp);
+        run(&mut cmd)
+    }
+
+    /// Like [`Deployment::sync_live`], but panics unless it succeeded; returns the report.
+    pub fn sync_live_ok(&self, rx: &Receiver, vm: &str, qmp: &Path) -> Value {
+        let out = self.sync_live(rx, vm, qmp, &[]);
+        assert!(
+            out.status.success(),
+            "live sync failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("sync --json prints JSON")
+    }
+
     /// Like [`Deployment::sync`], but panics unless it succeeded, and returns its JSON report.
     pub fn sync_ok(&self, rx: &Receiver, agent: &str, vm: &str, disks: &[(&str, &Path)]) -> Value {
         let out = self.sync(rx, agent, vm, disks, &[]);
@@ -188,7 +207,7 @@ impl Default for Deployment {
 
 /// A running `rewind-receiver serve`, killed with SIGKILL when dropped.
 pub struct Receiver {
-    child: Child,
+    child: Option<Child>,
     addr: SocketAddr,
 }
 
@@ -215,7 +234,15 @@ impl Receiver {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("receiver did not print its address: {line:?}"));
-        Receiver { child, addr }
+        Receiver {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    /// An address where no receiver runs (to test an unreachable receiver).
+    pub fn dead(addr: SocketAddr) -> Receiver {
+        Receiver { child: None, addr }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -228,15 +255,18 @@ impl Receiver {
 
     /// SIGKILL, as a crash or power cut would.
     pub fn kill9(mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reap");
+        let mut child = self.child.take().expect("a running receiver");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
     }
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

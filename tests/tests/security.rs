@@ -289,10 +289,24 @@ async fn malformed_batches_are_refused_and_store_nothing() {
                 root: vec![9; 32],
                 changed_blocks: 1,
             }],
+            config: String::new(),
+            consistency: String::new(),
         })
         .await
         .expect_err("wrong root");
     assert_eq!(st.code(), Code::DataLoss);
+    for (config, consistency) in [("not json", ""), ("[1]", ""), ("{}", "bogus")] {
+        let st = c
+            .commit(pb::CommitRequest {
+                session: s.clone(),
+                roots: vec![],
+                config: config.into(),
+                consistency: consistency.into(),
+            })
+            .await
+            .expect_err("bad point metadata");
+        assert_eq!(st.code(), Code::InvalidArgument, "{config} {consistency}");
+    }
     assert!(all_points(&d).is_empty(), "no point from a mismatched root");
 }
 

@@ -1,7 +1,7 @@
 //! `rewind-agent sync`: one point with `--once`, otherwise one every `--interval` seconds.
 
 use crate::client::{self, ReceiverConfig};
-use crate::sync::{sync_once, DiskSource, Progress, SyncConfig, SyncReport};
+use crate::sync::{sync_once, DiskKind, DiskSource, LiveSource, Progress, SyncConfig, SyncReport};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -30,9 +30,16 @@ pub struct SyncArgs {
     /// The VM's name.
     #[arg(long)]
     pub vm: String,
-    /// A disk as NAME=PATH (raw image or block device); repeat for each disk.
-    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    /// A disk as NAME=PATH (raw image or block device) or NAME=qcow2:PATH (offline qcow2 image
+    /// with a persistent bitmap); repeat for each disk. With --qmp, just NAME limits the disks.
+    #[arg(long = "disk", value_name = "NAME=PATH")]
     pub disks: Vec<String>,
+    /// QMP socket of a running QEMU VM: its disks are discovered and captured live.
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: Option<PathBuf>,
+    /// QEMU guest agent socket: freeze the guest's file systems around each capture.
+    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    pub guest_agent: Option<PathBuf>,
     /// Take one point and exit.
     #[arg(long)]
     pub once: bool,
@@ -52,15 +59,20 @@ pub struct SyncArgs {
 
 fn parse_disk(spec: &str) -> anyhow::Result<DiskSource> {
     let Some((name, path)) = spec.split_once('=') else {
-        bail!("--disk {spec:?}: expected NAME=PATH");
+        bail!("--disk {spec:?}: expected NAME=PATH or NAME=qcow2:PATH");
     };
     rewind_proto::names::disk(name)?;
+    let (kind, path) = match path.strip_prefix("qcow2:") {
+        Some(p) => (DiskKind::Qcow2, p),
+        None => (DiskKind::Raw, path.strip_prefix("raw:").unwrap_or(path)),
+    };
     if path.is_empty() {
         bail!("--disk {spec:?}: empty path");
     }
     Ok(DiskSource {
         name: name.to_owned(),
         path: PathBuf::from(path),
+        kind,
     })
 }
 
@@ -88,15 +100,37 @@ fn print(report: &SyncReport, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn run(a: SyncArgs) -> anyhow::Result<()> {
-    let disks = a
-        .disks
-        .iter()
-        .map(|d| parse_disk(d))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (disks, live) = match &a.qmp {
+        Some(qmp) => {
+            for d in &a.disks {
+                if d.contains('=') {
+                    bail!("--disk {d:?}: with --qmp, name disks only (their paths come from QEMU)");
+                }
+                rewind_proto::names::disk(d)?;
+            }
+            let live = LiveSource {
+                qmp: qmp.clone(),
+                guest_agent: a.guest_agent.clone(),
+                only: a.disks.clone(),
+            };
+            (Vec::new(), Some(live))
+        }
+        None if a.disks.is_empty() => {
+            bail!("give the disks with --disk NAME=PATH, or a running VM with --qmp")
+        }
+        None => (
+            a.disks
+                .iter()
+                .map(|d| parse_disk(d))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            None,
+        ),
+    };
     let block_size = BlockSize::new(a.block_size)?;
     let cfg = SyncConfig {
         vm: a.vm.clone(),
         disks,
+        live,
         block_size,
         state_dir: a.state.clone(),
         bwlimit: a.bwlimit.map(|mb| (mb * 1e6) as u64),

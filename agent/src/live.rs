@@ -1,0 +1,541 @@
+//! Live QEMU VMs: discover the disks over QMP, capture all of them at one instant with one
+//! `transaction` (new dirty bitmap, disabled old bitmap, copy-before-write fleecing), export the
+//! frozen view over QEMU's NBD server, and tear everything down afterwards.
+//!
+//! Bitmap lifecycle (the rule that keeps every change):
+//! - a bitmap named `rewind-*` records guest writes since the instant of the last committed
+//!   point; each cycle's transaction adds a new one and disables the old ones;
+//! - the old bitmaps are removed only after the receiver committed the point; if the cycle fails
+//!   they are merged into the new one first, and if the agent dies they are all still there;
+//! - so the union of all `rewind-*` bitmaps always covers every write since the last committed
+//!   point, and the next cycle reads that union (extra blocks cost a read, never a wrong point);
+//! - an inconsistent bitmap (QEMU killed) or none at all means one full read that sends only
+//!   chunks the receiver lacks.
+
+use crate::qmp::{Qmp, QmpError};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Prefix of every bitmap, node, job and export Rewind creates in a VM.
+pub const PREFIX: &str = "rewind-";
+/// Longest time file systems may stay frozen: writes in the guest block meanwhile.
+pub const MAX_FREEZE: Duration = Duration::from_secs(10);
+
+/// One disk of a running VM, as QEMU reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveDisk {
+    /// The device id (`vda`), else the drive id, else the node name.
+    pub name: String,
+    /// The block node the device writes to.
+    pub node: String,
+    /// The drive (BlockBackend) id, for `qemu-io`.
+    pub drive: String,
+    pub size: u64,
+    pub format: String,
+    pub file: String,
+    #[serde(skip)]
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// A dirty bitmap on a disk's node.
+#[derive(Debug, Clone)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub recording: bool,
+    pub inconsistent: bool,
+    pub persistent: bool,
+}
+
+/// Parses `query-block` into the VM's disks (devices with media; CD-ROMs without are skipped).
+pub fn parse_disks(query_block: &Value) -> Vec<LiveDisk> {
+    let mut out = Vec::new();
+    for dev in query_block.as_array().into_iter().flatten() {
+        let Some(ins) = dev.get("inserted") else {
+            continue;
+        };
+        let drive = dev["device"].as_str().unwrap_or_default().to_owned();
+        let node = ins["node-name"].as_str().unwrap_or_default().to_owned();
+        let qdev = dev["qdev"].as_str().unwrap_or_default();
+        let id = qdev
+            .strip_prefix("/machine/peripheral/")
+            .and_then(|r| r.split('/').next())
+            .filter(|s| !s.is_empty());
+        let name = id
+            .map(str::to_owned)
+            .or_else(|| (!drive.is_empty()).then(|| drive.clone()))
+            .unwrap_or_else(|| node.clone());
+        let bitmaps = ins["dirty-bitmaps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| BitmapInfo {
+                name: b["name"].as_str().unwrap_or_default().to_owned(),
+                recording: b["recording"].as_bool().unwrap_or(false),
+                inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                persistent: b["persistent"].as_bool().unwrap_or(false),
+            })
+            .collect();
+        out.push(LiveDisk {
+            name,
+            node,
+            drive,
+            size: ins["image"]["virtual-size"].as_u64().unwrap_or(0),
+            format: ins["image"]["format"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            file: ins["file"].as_str().unwrap_or_default().to_owned(),
+            bitmaps,
+        });
+    }
+    out
+}
+
+/// The names of this disk's Rewind bitmaps.
+pub fn rewind_bitmaps(d: &LiveDisk) -> Vec<&BitmapInfo> {
+    d.bitmaps
+        .iter()
+        .filter(|b| b.name.starts_with(PREFIX))
+        .collect()
+}
+
+fn fleece_node(disk: &str) -> String {
+    format!("{PREFIX}fleece-{disk}")
+}
+
+fn job_id(disk: &str) -> String {
+    format!("{PREFIX}job-{disk}")
+}
+
+fn export_id(disk: &str) -> String {
+    format!("{PREFIX}exp-{disk}")
+}
+
+/// Where the cycle's temporary files and socket live.
+pub struct Workdir {
+    pub dir: PathBuf,
+}
+
+impl Workdir {
+    pub fn new(state_dir: &Path, vm: &str) -> std::io::Result<Workdir> {
+        // QEMU resolves paths from its own working folder: hand it absolute ones.
+        let dir = std::path::absolute(state_dir.join("live").join(vm))?;
+        std::fs::create_dir_all(&dir)?;
+        Ok(Workdir { dir })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+
+    pub fn fleece_file(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("fleece-{disk}.qcow2"))
+    }
+}
+
+/// The VM's disks, as QEMU sees them now.
+pub async fn discover(qmp: &mut Qmp) -> Result<Vec<LiveDisk>, QmpError> {
+    Ok(parse_disks(&qmp.execute("query-block", json!({})).await?))
+}
+
+/// Removes every export, job and fleecing node a previous (possibly killed) cycle left, and
+/// stops our NBD server. Bitmaps are kept: they hold changes. Returns what it removed.
+pub async fn cleanup(qmp: &mut Qmp, work: &Workdir) -> Result<Vec<String>, QmpError> {
+    let mut removed = Vec::new();
+    let exports = qmp.execute("query-block-exports", json!({})).await?;
+    for e in exports.as_array().into_iter().flatten() {
+        if let Some(id) = e["id"].as_str().filter(|i| i.starts_with(PREFIX)) {
+            qmp.execute("block-export-del", json!({"id": id, "mode": "hard"}))
+                .await?;
+            removed.push(format!("export {id}"));
+        }
+    }
+    wait_gone(qmp, "query-block-exports", "id").await?;
+    let jobs = qmp.execute("query-block-jobs", json!({})).await?;
+    for j in jobs.as_array().into_iter().flatten() {
+        if let Some(id) = j["device"].as_str().filter(|i| i.starts_with(PREFIX)) {
+            qmp.execute("block-job-cancel", json!({"device": id, "force": true}))
+                .await?;
+            removed.push(format!("job {id}"));
+        }
+    }
+    wait_gone(qmp, "query-block-jobs", "device").await?;
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await?;
+    let mut fleece: Vec<String> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with(&format!("{PREFIX}fleece-")))
+        .map(str::to_owned)
+        .collect();
+    fleece.sort();
+    fleece.dedup();
+    for n in fleece {
+        qmp.execute("blockdev-del", json!({"node-name": n})).await?;
+        removed.push(format!("node {n}"));
+    }
+    if work.socket().exists() {
+        match qmp.execute("nbd-server-stop", json!({})).await {
+            Ok(_) => removed.push("nbd server".into()),
+            Err(QmpError::Command { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let _ = std::fs::remove_file(work.socket());
+    }
+    if let Ok(rd) = std::fs::read_dir(&work.dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("fleece-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+async fn wait_gone(qmp: &mut Qmp, query: &str, key: &str) -> Result<(), QmpError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = qmp.execute(query, json!({})).await?;
+        let left = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v[key].as_str().is_some_and(|s| s.starts_with(PREFIX)));
+        if !left {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(QmpError::Timeout(format!("{query} still lists {PREFIX}*")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How one disk is read this cycle.
+#[derive(Debug, Clone)]
+pub struct DiskCapture {
+    pub disk: LiveDisk,
+    /// The disabled bitmap holding every write since the last point, if the cycle reads only
+    /// dirty blocks.
+    pub read_bitmap: Option<String>,
+    /// The bitmap that records from this instant on.
+    pub new_bitmap: String,
+    /// Older bitmaps to remove after commit (`read_bitmap` among them).
+    pub old_bitmaps: Vec<String>,
+    /// Why the disk is read in full, if it is.
+    pub full_reason: Option<String>,
+}
+
+/// Plans each disk: which bitmap to read and which to create. `want_delta[i]` says whether the
+/// receiver and our state allow a delta for disk `i`.
+pub fn plan(disks: &[LiveDisk], want_delta: &[bool], stamp: u128) -> Vec<DiskCapture> {
+    disks
+        .iter()
+        .zip(want_delta)
+        .map(|(d, &delta)| {
+            let ours = rewind_bitmaps(d);
+            let inconsistent = ours.iter().any(|b| b.inconsistent);
+            let old: Vec<String> = ours.iter().map(|b| b.name.clone()).collect();
+            let full_reason = if !delta {
+                Some("no base point for this disk".to_owned())
+            } else if inconsistent {
+                Some("bitmap inconsistent (QEMU stopped uncleanly)".to_owned())
+            } else if ours.is_empty() {
+                Some("no dirty bitmap (first cycle, or VM restarted without it)".to_owned())
+            } else {
+                None
+            };
+            DiskCapture {
+                disk: d.clone(),
+                read_bitmap: if full_reason.is_none() {
+                    old.first().cloned()
+                } else {
+                    None
+                },
+                new_bitmap: format!("{PREFIX}{stamp}"),
+                old_bitmaps: old,
+                full_reason,
+            }
+        })
+        .collect()
+}
+
+/// Freezes and thaws guest file systems through the QEMU guest agent.
+pub struct Freezer {
+    qga: Qmp,
+    frozen_at: Option<Instant>,
+}
+
+impl Freezer {
+    pub async fn connect(path: &Path) -> Result<Freezer, QmpError> {
+        Ok(Freezer {
+            qga: Qmp::connect_guest_agent(path).await?,
+            frozen_at: None,
+        })
+    }
+
+    pub async fn freeze(&mut self) -> Result<u64, QmpError> {
+        let n = tokio::time::timeout(
+            MAX_FREEZE,
+            self.qga.execute("guest-fsfreeze-freeze", json!({})),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout("guest-fsfreeze-freeze".into()))??;
+        self.frozen_at = Some(Instant::now());
+        Ok(n.as_u64().unwrap_or(0))
+    }
+
+    /// Thaws; safe to call when not frozen.
+    pub async fn thaw(&mut self) -> Result<(), QmpError> {
+        self.frozen_at = None;
+        self.qga
+            .execute("guest-fsfreeze-thaw", json!({}))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Captures every disk at one instant: fleecing nodes first, then one transaction that adds the
+/// new bitmaps, disables (and merges) the old ones and starts the copy-before-write jobs.
+pub async fn capture(qmp: &mut Qmp, work: &Workdir, caps: &[DiskCapture]) -> Result<(), LiveError> {
+    for c in caps {
+        let file = work.fleece_file(&c.disk.name);
+        let _ = std::fs::remove_file(&file);
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&file)
+            .arg(c.disk.size.to_string())
+            .output()
+            .await
+            .map_err(|e| LiveError::Tool(format!("qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(LiveError::Tool(format!(
+                "qemu-img create {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        qmp.execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": fleece_node(&c.disk.name),
+                   "file": {"driver": "file", "filename": file.display().to_string()},
+                   "backing": c.disk.node}),
+        )
+        .await?;
+    }
+    let mut actions = Vec::new();
+    for c in caps {
+        let node = &c.disk.node;
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": node, "name": c.new_bitmap,
+            "persistent": c.disk.format == "qcow2"}}));
+        for b in rewind_bitmaps(&c.disk) {
+            if b.recording && !b.inconsistent {
+                actions.push(json!({"type": "block-dirty-bitmap-disable",
+                    "data": {"node": node, "name": b.name}}));
+            }
+        }
+        if let Some(target) = &c.read_bitmap {
+            let others: Vec<&String> = c.old_bitmaps.iter().filter(|b| *b != target).collect();
+            if !others.is_empty() {
+                actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+                    "node": node, "target": target, "bitmaps": others}}));
+            }
+        }
+        actions.push(json!({"type": "blockdev-backup", "data": {
+            "device": node, "target": fleece_node(&c.disk.name), "sync": "none",
+            "job-id": job_id(&c.disk.name),
+            "filter-node-name": format!("{PREFIX}cbw-{}", c.disk.name)}}));
+    }
+    qmp.execute("transaction", json!({"actions": actions}))
+        .await?;
+    Ok(())
+}
+
+/// Starts our NBD server and exports each disk's frozen view (with its bitmap).
+pub async fn export(qmp: &mut Qmp, work: &Workdir, caps: &[DiskCapture]) -> Result<(), LiveError> {
+    let sock = work.socket();
+    let _ = std::fs::remove_file(&sock);
+    qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}}),
+    )
+    .await
+    .map_err(|e| match e {
+        QmpError::Command { desc, .. } if desc.contains("already running") => LiveError::NbdBusy,
+        e => LiveError::Qmp(e),
+    })?;
+    for c in caps {
+        let mut args = json!({"type": "nbd", "id": export_id(&c.disk.name),
+            "node-name": fleece_node(&c.disk.name), "name": c.disk.name});
+        if let Some(b) = &c.read_bitmap {
+            args["bitmaps"] = json!([{"node": c.disk.node, "name": b}]);
+        }
+        qmp.execute("block-export-add", args).await?;
+    }
+    Ok(())
+}
+
+/// Ends a cycle: removes exports, jobs and nodes, then settles the bitmaps. After a commit the
+/// old bitmaps go; otherwise they are first merged into the new one, so no change is lost.
+pub async fn finish(
+    qmp: &mut Qmp,
+    work: &Workdir,
+    caps: &[DiskCapture],
+    committed: bool,
+) -> Result<(), LiveError> {
+    cleanup(qmp, work).await?;
+    for c in caps {
+        let old: Vec<&String> = c
+            .old_bitmaps
+            .iter()
+            .filter(|b| {
+                !c.disk
+                    .bitmaps
+                    .iter()
+                    .any(|x| &x.name == *b && x.inconsistent)
+            })
+            .collect();
+        if !committed && !old.is_empty() {
+            qmp.execute(
+                "block-dirty-bitmap-merge",
+                json!({"node": c.disk.node, "target": c.new_bitmap, "bitmaps": old}),
+            )
+            .await?;
+        }
+        for b in &c.old_bitmaps {
+            qmp.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": c.disk.node, "name": b}),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes inconsistent bitmaps (they can only be removed), before a capture.
+pub async fn drop_inconsistent(qmp: &mut Qmp, caps: &mut [DiskCapture]) -> Result<(), QmpError> {
+    for c in caps.iter_mut() {
+        let bad: Vec<String> = rewind_bitmaps(&c.disk)
+            .iter()
+            .filter(|b| b.inconsistent)
+            .map(|b| b.name.clone())
+            .collect();
+        for b in &bad {
+            qmp.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": c.disk.node, "name": b}),
+            )
+            .await?;
+        }
+        c.disk.bitmaps.retain(|b| !bad.contains(&b.name));
+        c.old_bitmaps.retain(|b| !bad.contains(b));
+    }
+    Ok(())
+}
+
+/// The VM's configuration as QEMU reports it, kept with each point so a restore can recreate it.
+pub async fn vm_config(qmp: &mut Qmp, disks: &[LiveDisk]) -> Result<Value, QmpError> {
+    let name = qmp.execute("query-name", json!({})).await?;
+    let memory = qmp
+        .execute("query-memory-size-summary", json!({}))
+        .await
+        .ok();
+    let cpus = qmp.execute("query-cpus-fast", json!({})).await.ok();
+    let machine = qmp.execute("query-target", json!({})).await.ok();
+    Ok(json!({
+        "source": "qemu",
+        "name": name.get("name"),
+        "memory_bytes": memory.as_ref().and_then(|m| m.get("base-memory")),
+        "cpus": cpus.as_ref().and_then(Value::as_array).map(Vec::len),
+        "arch": machine.as_ref().and_then(|m| m.get("arch")),
+        "disks": disks.iter().map(|d| json!({
+            "name": d.name, "drive": d.drive, "node": d.node, "format": d.format,
+            "size": d.size, "file": d.file})).collect::<Vec<_>>(),
+    }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// A QMP command failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// A helper program failed.
+    #[error("{0}")]
+    Tool(String),
+    /// Another tool's NBD server runs in this VM.
+    #[error("an NBD server not started by Rewind is running in this VM; stop it or retry later")]
+    NbdBusy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_disks_by_device_id_then_drive_then_node() {
+        let q = json!([
+            {"device": "drive0", "qdev": "/machine/peripheral/vda/virtio-backend",
+             "inserted": {"node-name": "disk0", "image": {"virtual-size": 1024, "format": "qcow2"},
+                          "file": "a.qcow2",
+                          "dirty-bitmaps": [{"name": "rewind-1", "recording": true, "persistent": true}]}},
+            {"device": "drive1", "qdev": "/machine/unattached/device[5]",
+             "inserted": {"node-name": "#block1", "image": {"virtual-size": 2048, "format": "raw"}}},
+            {"device": "", "qdev": "", "inserted": {"node-name": "n2", "image": {"virtual-size": 1, "format": "raw"}}},
+            {"device": "cd0", "qdev": "/machine/peripheral/cd/x"}
+        ]);
+        let d = parse_disks(&q);
+        let names: Vec<&str> = d.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["vda", "drive1", "n2"]);
+        assert_eq!(d[0].size, 1024);
+        assert_eq!(rewind_bitmaps(&d[0]).len(), 1);
+    }
+
+    #[test]
+    fn plans_full_reads_when_the_bitmap_cannot_be_trusted() {
+        let mk = |bitmaps: Vec<BitmapInfo>| LiveDisk {
+            name: "vda".into(),
+            node: "n".into(),
+            drive: "d".into(),
+            size: 1,
+            format: "qcow2".into(),
+            file: String::new(),
+            bitmaps,
+        };
+        let b = |name: &str, inconsistent| BitmapInfo {
+            name: name.into(),
+            recording: true,
+            inconsistent,
+            persistent: true,
+        };
+        let caps = plan(
+            &[
+                mk(vec![
+                    b("rewind-1", false),
+                    b("rewind-2", false),
+                    b("other", false),
+                ]),
+                mk(vec![b("rewind-1", true)]),
+                mk(vec![]),
+                mk(vec![b("rewind-1", false)]),
+            ],
+            &[true, true, true, false],
+            9,
+        );
+        assert_eq!(caps[0].read_bitmap.as_deref(), Some("rewind-1"));
+        assert_eq!(caps[0].old_bitmaps, ["rewind-1", "rewind-2"]);
+        assert_eq!(caps[0].new_bitmap, "rewind-9");
+        assert!(caps[1]
+            .full_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("inconsistent")));
+        assert!(caps[2].full_reason.is_some());
+        assert!(caps[3].full_reason.is_some() && caps[3].read_bitmap.is_none());
+    }
+}

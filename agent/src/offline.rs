@@ -1,0 +1,236 @@
+//! Offline qcow2 images (a stopped VM): the same bitmap lifecycle as a live VM, driven with
+//! `qemu-img bitmap`, and the image read through `qemu-nbd -B` so the chain of incremental
+//! points continues while the VM is down. The image must not be in use: qemu-img takes QEMU's
+//! write lock and refuses otherwise.
+
+use crate::live::{BitmapInfo, DiskCapture, LiveDisk};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    /// qemu-img or qemu-nbd failed (e.g. the image is in use by a running VM).
+    #[error("{tool} on {path}: {message}")]
+    Tool {
+        tool: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+}
+
+fn run(tool: &'static str, path: &Path, args: &[&str]) -> Result<String, OfflineError> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| OfflineError::Tool {
+            tool,
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let mut message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if message.contains("lock") {
+            message.push_str(" (is the VM running? use --qmp for running VMs)");
+        }
+        return Err(OfflineError::Tool {
+            tool,
+            path: path.to_owned(),
+            message,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Reads an image's size and bitmaps with `qemu-img info`.
+pub fn inspect(name: &str, path: &Path) -> Result<LiveDisk, OfflineError> {
+    let text = run(
+        "qemu-img",
+        path,
+        &["info", "--output=json", "-f", "qcow2", &path_str(path)],
+    )?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| OfflineError::Tool {
+        tool: "qemu-img",
+        path: path.to_owned(),
+        message: format!("unreadable info: {e}"),
+    })?;
+    let bitmaps = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let flags: Vec<&str> = b["flags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            BitmapInfo {
+                name: b["name"].as_str().unwrap_or_default().to_owned(),
+                recording: flags.contains(&"auto"),
+                inconsistent: flags.contains(&"in-use"),
+                persistent: true,
+            }
+        })
+        .collect();
+    Ok(LiveDisk {
+        name: name.to_owned(),
+        node: String::new(),
+        drive: String::new(),
+        size: v["virtual-size"].as_u64().unwrap_or(0),
+        format: "qcow2".into(),
+        file: path_str(path),
+        bitmaps,
+    })
+}
+
+/// Applies a plan to the image: drops inconsistent bitmaps, adds the new one, disables the old
+/// ones and merges them into the one that will be read.
+pub fn capture(path: &Path, cap: &mut DiskCapture) -> Result<(), OfflineError> {
+    let bad: Vec<String> = cap
+        .disk
+        .bitmaps
+        .iter()
+        .filter(|b| b.inconsistent && b.name.starts_with(crate::live::PREFIX))
+        .map(|b| b.name.clone())
+        .collect();
+    for b in &bad {
+        let p = path_str(path);
+        run(
+            "qemu-img",
+            path,
+            &["bitmap", "--remove", "-f", "qcow2", &p, b],
+        )?;
+    }
+    cap.old_bitmaps.retain(|b| !bad.contains(b));
+    let p = path_str(path);
+    run(
+        "qemu-img",
+        path,
+        &["bitmap", "--add", "-f", "qcow2", &p, &cap.new_bitmap],
+    )?;
+    for b in cap
+        .disk
+        .bitmaps
+        .iter()
+        .filter(|b| cap.old_bitmaps.contains(&b.name) && b.recording)
+    {
+        run(
+            "qemu-img",
+            path,
+            &["bitmap", "--disable", "-f", "qcow2", &p, &b.name],
+        )?;
+    }
+    if let Some(target) = cap.read_bitmap.clone() {
+        for other in cap.old_bitmaps.iter().filter(|b| **b != target) {
+            run(
+                "qemu-img",
+                path,
+                &["bitmap", "--merge", other, "-f", "qcow2", &p, &target],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Settles bitmaps after the cycle: merged into the new one unless the point was committed,
+/// then removed.
+pub fn finish(path: &Path, cap: &DiskCapture, committed: bool) -> Result<(), OfflineError> {
+    let p = path_str(path);
+    for b in &cap.old_bitmaps {
+        if !committed {
+            run(
+                "qemu-img",
+                path,
+                &["bitmap", "--merge", b, "-f", "qcow2", &p, &cap.new_bitmap],
+            )?;
+        }
+        run(
+            "qemu-img",
+            path,
+            &["bitmap", "--remove", "-f", "qcow2", &p, b],
+        )?;
+    }
+    Ok(())
+}
+
+/// A read-only `qemu-nbd` serving one image, killed on drop.
+pub struct NbdServer {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl NbdServer {
+    pub fn start(
+        path: &Path,
+        socket: &Path,
+        export: &str,
+        bitmap: Option<&str>,
+    ) -> Result<NbdServer, OfflineError> {
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args([
+            "--read-only",
+            "--persistent",
+            "--format=qcow2",
+            "--shared=4",
+        ])
+        .arg(format!("--export-name={export}"))
+        .arg(format!("--socket={}", socket.display()));
+        if let Some(b) = bitmap {
+            cmd.arg(format!("--bitmap={b}"));
+        }
+        let mut child = cmd
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| OfflineError::Tool {
+                tool: "qemu-nbd",
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Err(OfflineError::Tool {
+                    tool: "qemu-nbd",
+                    path: path.to_owned(),
+                    message: format!("exited with {status}: {}", err.trim()),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(OfflineError::Tool {
+                    tool: "qemu-nbd",
+                    path: path.to_owned(),
+                    message: "did not start within 15 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(NbdServer {
+            child,
+            socket: socket.to_owned(),
+        })
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
