@@ -10,6 +10,8 @@ use tokio::net::UnixStream;
 
 /// Longest line we accept from QEMU (query-named-block-nodes on a big VM is large).
 const MAX_LINE: usize = 16 * 1024 * 1024;
+/// How long a guest agent may take to answer `guest-sync`.
+const GUEST_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 /// A command that takes longer than this is treated as a hung monitor.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -68,12 +70,18 @@ impl Qmp {
         let id: u32 = rand::random::<u32>() & 0x7fff_ffff;
         q.send(&json!({"execute": "guest-sync", "arguments": {"id": id}}))
             .await?;
-        loop {
-            let m = q.read_message().await?;
-            if m.get("return").and_then(Value::as_u64) == Some(u64::from(id)) {
-                return Ok(q);
+        // The socket accepts even when no agent runs in the guest: bound the wait.
+        tokio::time::timeout(GUEST_SYNC_TIMEOUT, async {
+            loop {
+                let m = q.read_message().await?;
+                if m.get("return").and_then(Value::as_u64) == Some(u64::from(id)) {
+                    return Ok(());
+                }
             }
-        }
+        })
+        .await
+        .map_err(|_| QmpError::Timeout("guest-sync (is the guest agent running?)".into()))??;
+        Ok(q)
     }
 
     async fn open(path: &Path) -> Result<Qmp, QmpError> {

@@ -327,11 +327,14 @@ pub async fn sync_once(
             .await
             .map_err(LiveError::from)?;
         let freezer = match cfg.live.as_ref().and_then(|l| l.guest_agent.as_ref()) {
-            Some(path) => Some(
-                live::Freezer::connect(path)
-                    .await
-                    .map_err(LiveError::from)?,
-            ),
+            Some(path) => match live::Freezer::connect(path).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    // A point without a freeze beats no point: it is marked crash-consistent.
+                    tracing::warn!(vm = %cfg.vm, error = %e, "guest agent unavailable: taking a crash-consistent point");
+                    None
+                }
+            },
             None => None,
         };
         let captured = capture_live(&mut qmp, &work, &caps, freezer).await;

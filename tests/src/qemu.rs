@@ -192,6 +192,19 @@ impl Vm {
             "unix:{},server=on,wait=off",
             dir.join("aux.qmp").display()
         ));
+        // A guest agent channel (nothing answers on it: there is no guest OS).
+        let _ = std::fs::remove_file(dir.join("qga.sock"));
+        cmd.arg("-chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                dir.join("qga.sock").display()
+            ))
+            .args([
+                "-device",
+                "virtio-serial",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]);
         for d in &disks {
             cmd.arg("-drive").arg(format!(
                 "file={},format=qcow2,if=none,id={}",

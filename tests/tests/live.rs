@@ -131,6 +131,33 @@ fn two_disks_incremental_points_read_only_dirty_blocks() {
     );
     assert_eq!(vm.monitor.bitmaps("drive0").len(), 1);
 
+    // A guest agent that does not answer: the cycle neither hangs nor fails, and the point says
+    // it is only crash-consistent.
+    vm.monitor.write("drive1", 0x23, 0, BLOCK);
+    b.write(0, BLOCK, 0x23);
+    let qga = vm.dir.join("qga.sock");
+    let out = d.sync_live(
+        &rx,
+        "web1",
+        &vm.agent_qmp(),
+        &["--guest-agent", qga.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p3: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p3["consistency"], "crash-consistent");
+    assert_eq!(disk_of(&p3, "vdb")["changed_blocks"], 1);
+    check_restores(
+        &d,
+        "web1",
+        p3["point"].as_u64().unwrap(),
+        &[("vda", &a), ("vdb", &b)],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guest agent unavailable"));
+
     // --disk limits the set; an unknown one is a clear error.
     let out = d.sync_live(&rx, "web1", &vm.agent_qmp(), &["--disk", "vdz"]);
     assert!(!out.status.success());
