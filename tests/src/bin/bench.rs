@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use rand::SeedableRng;
 use rewind_tests::disk;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
@@ -28,6 +29,9 @@ struct Args {
     /// Folder for the image, the store and the restore (needs ~3x the image size free).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
+    /// Size of the live-VM case's qcow2 disk in GiB (0 skips it).
+    #[arg(long, default_value_t = 8.0)]
+    live_gib: f64,
     /// Keep the work folder (image, store, PKI) for inspection.
     #[arg(long)]
     keep: bool,
@@ -317,6 +321,10 @@ fn main() -> Result<()> {
         moved_mb: mb(disk::allocated(&out) as f64),
         note: "physical reference for restore".into(),
     });
+
+    if a.live_gib > 0.0 {
+        rows.extend(live_case(&a, w, &ag_bin, &addr, rx_pid)?);
+    }
     let _ = rx.kill();
     let _ = rx.wait();
 
@@ -347,7 +355,7 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "store: {:.1} MB for 2 points; restore / cp ratio {:.2}; MB/s is logical disk bytes per wall second",
+        "store: {:.1} MB; restore / cp ratio {:.2}; MB/s is logical disk bytes per wall second",
         mb(store as f64),
         rows[2].secs / rows[3].secs
     );
@@ -367,6 +375,110 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
     }
     Ok(())
+}
+
+/// The live-VM case: a qcow2 disk with the same kind of mixed content in a running QEMU, seeded
+/// through the dirty-bitmap path, then 1% of its blocks rewritten by `qemu-io` and one cycle;
+/// next to it, hash-scan mode on a raw copy with the same writes.
+fn live_case(a: &Args, w: &Path, ag_bin: &Path, addr: &str, rx_pid: u32) -> Result<Vec<Row>> {
+    use rewind_tests::qemu::{Vm, VmDisk};
+    let size = ((a.live_gib * (1u64 << 30) as f64) as u64) / BLOCK * BLOCK;
+    let dir = w.join("live");
+    std::fs::create_dir_all(&dir)?;
+    let raw = dir.join("disk.raw");
+    let qcow = dir.join("vda.qcow2");
+    eprintln!(
+        "live case: generating a {:.1} GiB mixed qcow2 ...",
+        a.live_gib
+    );
+    disk::mixed(&raw, size, 43);
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .output()?;
+    if !out.status.success() {
+        bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut vm = Vm::start(
+        &dir,
+        vec![VmDisk {
+            id: "vda".into(),
+            drive: "drive0".into(),
+            path: qcow.clone(),
+            size,
+        }],
+    );
+    let sync = |vm_name: &str, extra: &[String]| -> Result<(Measured, Value, f64)> {
+        let before = cpu_secs(rx_pid);
+        let m = measure(
+            Command::new(ag_bin)
+                .args(["sync", "--once", "--json", "--vm", vm_name, "--receiver"])
+                .arg(format!("https://{addr}"))
+                .arg("--ca")
+                .arg(w.join("pki/ca.pem"))
+                .arg("--cert")
+                .arg(w.join("pki/bench.pem"))
+                .arg("--key")
+                .arg(w.join("pki/bench.key"))
+                .arg("--state")
+                .arg(w.join("state"))
+                .args(extra)
+                .env("REWIND_LOG", "warn"),
+        )?;
+        if !m.ok {
+            bail!("live-case sync of {vm_name} failed");
+        }
+        let v: Value = serde_json::from_str(&m.stdout)?;
+        Ok((m, v, cpu_secs(rx_pid) - before))
+    };
+    let qmp_args = vec!["--qmp".to_owned(), vm.agent_qmp().display().to_string()];
+    let raw_args = vec!["--disk".to_owned(), format!("vda={}", raw.display())];
+    let mb = |b: f64| b / 1e6;
+    let row = |phase: &'static str, m: &Measured, v: &Value, rx_cpu: f64| Row {
+        phase,
+        secs: m.secs,
+        mbps: mb(size as f64) / m.secs,
+        agent_cpu: m.cpu,
+        agent_mib: m.peak_mib,
+        rx_cpu,
+        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
+        moved_mb: mb(v["sent_bytes"].as_f64().unwrap_or(0.0)),
+        note: format!(
+            "{} changed, {:.1} MB read ({})",
+            v["disks"][0]["changed_blocks"],
+            mb(v["disks"][0]["read_bytes"].as_f64().unwrap_or(0.0)),
+            v["disks"][0]["source"].as_str().unwrap_or("")
+        ),
+    };
+    let mut rows = Vec::new();
+    let (m, v, c) = sync("live", &qmp_args)?;
+    rows.push(row("live seed", &m, &v, c));
+    let (m, v, c) = sync("scan", &raw_args)?;
+    rows.push(row("scan seed", &m, &v, c));
+
+    // 1% of the blocks rewritten at random, through the device (as a guest would), and the
+    // same bytes into the raw copy.
+    let blocks = size / BLOCK;
+    let count = ((blocks as f64) * a.change_percent / 100.0).round() as u64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut picked = std::collections::BTreeSet::new();
+    while (picked.len() as u64) < count {
+        picked.insert(rand::Rng::random_range(&mut rng, 0..blocks));
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&raw)?;
+    for (n, &b) in picked.iter().enumerate() {
+        let pattern = (n % 250) as u8 + 1;
+        vm.monitor.write("drive0", pattern, b * BLOCK, BLOCK);
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![pattern; BLOCK as usize], b * BLOCK)?;
+    }
+    f.sync_all()?;
+    let (m, v, c) = sync("live", &qmp_args)?;
+    rows.push(row("live 1%", &m, &v, c));
+    let (m, v, c) = sync("scan", &raw_args)?;
+    rows.push(row("scan 1%", &m, &v, c));
+    drop(vm);
+    Ok(rows)
 }
 
 fn dir_bytes(p: &Path) -> u64 {
