@@ -212,30 +212,8 @@ fn main() -> Result<()> {
         .context("receiver address")?
         .to_owned();
 
-    let sync = |label: &str| -> Result<(Measured, Value, f64)> {
-        let before = cpu_secs(rx_pid);
-        let m = measure(
-            Command::new(&ag_bin)
-                .args(["sync", "--once", "--json", "--vm", "bench", "--receiver"])
-                .arg(format!("https://{addr}"))
-                .arg("--ca")
-                .arg(w.join("pki/ca.pem"))
-                .arg("--cert")
-                .arg(w.join("pki/bench.pem"))
-                .arg("--key")
-                .arg(w.join("pki/bench.key"))
-                .arg("--state")
-                .arg(w.join("state"))
-                .arg("--disk")
-                .arg(format!("vda={}", image.display()))
-                .env("REWIND_LOG", "warn"),
-        )?;
-        if !m.ok {
-            bail!("{label} failed");
-        }
-        let v: Value = serde_json::from_str(&m.stdout)?;
-        Ok((m, v, cpu_secs(rx_pid) - before))
-    };
+    let disk_args = vec!["--disk".to_owned(), format!("vda={}", image.display())];
+    let sync = |_label: &str| agent_sync(&ag_bin, w, &addr, rx_pid, "bench", &disk_args);
     let mb = |b: f64| b / 1e6;
     let mut rows = Vec::new();
 
@@ -377,6 +355,39 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// One `rewind-agent sync --once --json` of `vm` with `extra` flags, measured; also returns the
+/// receiver's CPU seconds spent meanwhile.
+fn agent_sync(
+    ag_bin: &Path,
+    w: &Path,
+    addr: &str,
+    rx_pid: u32,
+    vm: &str,
+    extra: &[String],
+) -> Result<(Measured, Value, f64)> {
+    let before = cpu_secs(rx_pid);
+    let m = measure(
+        Command::new(ag_bin)
+            .args(["sync", "--once", "--json", "--vm", vm, "--receiver"])
+            .arg(format!("https://{addr}"))
+            .arg("--ca")
+            .arg(w.join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(w.join("pki/bench.pem"))
+            .arg("--key")
+            .arg(w.join("pki/bench.key"))
+            .arg("--state")
+            .arg(w.join("state"))
+            .args(extra)
+            .env("REWIND_LOG", "warn"),
+    )?;
+    if !m.ok {
+        bail!("sync of {vm} failed");
+    }
+    let v: Value = serde_json::from_str(&m.stdout)?;
+    Ok((m, v, cpu_secs(rx_pid) - before))
+}
+
 /// The live-VM case: a qcow2 disk with the same kind of mixed content in a running QEMU, seeded
 /// through the dirty-bitmap path, then 1% of its blocks rewritten by `qemu-io` and one cycle;
 /// next to it, hash-scan mode on a raw copy with the same writes.
@@ -409,29 +420,8 @@ fn live_case(a: &Args, w: &Path, ag_bin: &Path, addr: &str, rx_pid: u32) -> Resu
             size,
         }],
     );
-    let sync = |vm_name: &str, extra: &[String]| -> Result<(Measured, Value, f64)> {
-        let before = cpu_secs(rx_pid);
-        let m = measure(
-            Command::new(ag_bin)
-                .args(["sync", "--once", "--json", "--vm", vm_name, "--receiver"])
-                .arg(format!("https://{addr}"))
-                .arg("--ca")
-                .arg(w.join("pki/ca.pem"))
-                .arg("--cert")
-                .arg(w.join("pki/bench.pem"))
-                .arg("--key")
-                .arg(w.join("pki/bench.key"))
-                .arg("--state")
-                .arg(w.join("state"))
-                .args(extra)
-                .env("REWIND_LOG", "warn"),
-        )?;
-        if !m.ok {
-            bail!("live-case sync of {vm_name} failed");
-        }
-        let v: Value = serde_json::from_str(&m.stdout)?;
-        Ok((m, v, cpu_secs(rx_pid) - before))
-    };
+    let sync =
+        |vm_name: &str, extra: &[String]| agent_sync(ag_bin, w, addr, rx_pid, vm_name, extra);
     let qmp_args = vec!["--qmp".to_owned(), vm.agent_qmp().display().to_string()];
     let raw_args = vec!["--disk".to_owned(), format!("vda={}", raw.display())];
     let mb = |b: f64| b / 1e6;
