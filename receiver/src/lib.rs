@@ -12,8 +12,10 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod convert;
 pub mod error;
 pub mod ingest;
+pub mod nbd_server;
 pub mod packs;
 pub mod pki;
 pub mod points;

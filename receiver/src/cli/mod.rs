@@ -1,6 +1,7 @@
 //! The `rewind-receiver` command line: flags parsed into plain values, one module per
 //! subcommand, each delegating to the library.
 
+pub mod export;
 pub mod pki;
 pub mod points;
 pub mod restore;
@@ -25,8 +26,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// List the committed points of a VM (or of all VMs).
     Points(points::PointsArgs),
-    /// Write one disk of a point as a raw image.
+    /// Write disks of a point as raw, qcow2, vmdk or vhdx images.
     Restore(restore::RestoreArgs),
+    /// Serve a point's disks over NBD, read-only, straight from the store.
+    Export(export::ExportArgs),
 }
 
 /// Runs the parsed command.
@@ -36,5 +39,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Points(a) => points::run(a),
         Command::Restore(a) => restore::run(a),
+        Command::Export(a) => export::run(a),
     }
 }

@@ -1,14 +1,19 @@
-//! `rewind-receiver restore`: write one disk of a point as a sparse raw image.
+//! `rewind-receiver restore`: write disks of a point as raw (sparse), qcow2, vmdk or vhdx
+//! images; `--all` writes every disk plus the VM's configuration and a QEMU command line.
 
-use crate::points::{self, PointSelector};
+use crate::convert::{self, FORMATS};
+use crate::points::{self, PointDisk, PointInfo, PointSelector};
 use crate::{catalog, restore};
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("which").args(["point", "at"])))]
+#[command(group(clap::ArgGroup::new("what").args(["disk", "all"]).required(true)))]
 pub struct RestoreArgs {
     /// Data folder.
     #[arg(long)]
@@ -18,17 +23,26 @@ pub struct RestoreArgs {
     pub vm: String,
     /// The disk to restore.
     #[arg(long)]
-    pub disk: String,
+    pub disk: Option<String>,
+    /// Restore every disk of the point into --out-dir, with the VM's configuration.
+    #[arg(long, requires = "out_dir")]
+    pub all: bool,
     /// Point id (default: the newest point).
     #[arg(long)]
     pub point: Option<i64>,
     /// The newest point created at or before this RFC 3339 time.
     #[arg(long)]
     pub at: Option<String>,
-    /// Output raw image.
+    /// Output image (with --disk).
+    #[arg(long, required_unless_present = "all")]
+    pub out: Option<PathBuf>,
+    /// Output folder (with --all).
     #[arg(long)]
-    pub out: PathBuf,
-    /// Overwrite the output if it exists.
+    pub out_dir: Option<PathBuf>,
+    /// Image format: raw, qcow2, vmdk or vhdx.
+    #[arg(long, default_value = "raw")]
+    pub format: String,
+    /// Overwrite outputs that exist.
     #[arg(long)]
     pub force: bool,
     /// Print a JSON report.
@@ -36,7 +50,91 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
+fn bar(size: u64, msg: String) -> ProgressBar {
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+/// Restores one disk in the asked format; returns (bytes written for raw, seconds).
+fn restore_one(
+    conn: &rusqlite::Connection,
+    a: &RestoreArgs,
+    point: &PointInfo,
+    disk: &PointDisk,
+    out: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let started = std::time::Instant::now();
+    let b = bar(
+        disk.size,
+        format!("restore {}/{}@{}", a.vm, disk.name, point.id),
+    );
+    let written = if a.format == "raw" {
+        let stats = restore::restore_disk(conn, &a.data, point.id, disk, out, a.force, &|pos| {
+            b.set_position(pos)
+        })
+        .with_context(|| {
+            format!(
+                "restoring {} of point {} to {}",
+                disk.name,
+                point.id,
+                out.display()
+            )
+        })?;
+        stats.bytes_written
+    } else {
+        let served = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let (served, done, b) = (served.clone(), done.clone(), b.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    b.set_position(served.load(Ordering::Relaxed));
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            })
+        };
+        let r = convert::restore_as(
+            &a.data,
+            point.id,
+            disk,
+            &a.format,
+            out,
+            a.force,
+            served.clone(),
+        );
+        done.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        r.with_context(|| {
+            format!(
+                "restoring {} of point {} to {}",
+                disk.name,
+                point.id,
+                out.display()
+            )
+        })?;
+        served.load(Ordering::Relaxed)
+    };
+    b.finish_and_clear();
+    Ok(serde_json::json!({
+        "disk": disk.name, "out": out, "format": a.format, "size": disk.size, "root": disk.root,
+        "bytes_read": written, "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
 pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
+    if !FORMATS.contains(&a.format.as_str()) {
+        bail!(
+            "unknown format {:?}: use raw, qcow2, vmdk or vhdx",
+            a.format
+        );
+    }
     let conn = catalog::open_ro(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let which = match (a.point, &a.at) {
@@ -45,52 +143,58 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
         (None, None) => PointSelector::Newest,
     };
     let point = points::resolve(&conn, &a.vm, &which)?;
-    let disk = point
-        .disks
-        .iter()
-        .find(|d| d.name == a.disk)
-        .ok_or_else(|| crate::error::StoreError::UnknownDisk {
-            point: point.id,
-            disk: a.disk.clone(),
+    let mut reports = Vec::new();
+    if a.all {
+        let dir = a.out_dir.clone().context("--all needs --out-dir")?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ext = if a.format == "raw" {
+            "raw"
+        } else {
+            a.format.as_str()
+        };
+        let mut files = Vec::new();
+        for disk in &point.disks {
+            let file = format!("{}.{ext}", disk.name);
+            reports.push(restore_one(&conn, &a, &point, disk, &dir.join(&file))?);
+            files.push((disk.name.clone(), file, a.format.clone()));
+        }
+        std::fs::write(
+            dir.join("point.json"),
+            serde_json::to_string_pretty(&point)?,
+        )
+        .context("writing point.json")?;
+        if let Some(config) = point.config.as_ref().filter(|c| c["source"] == "qemu") {
+            let script = dir.join("run-qemu.sh");
+            std::fs::write(&script, convert::qemu_command(config, &files))
+                .context("writing run-qemu.sh")?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        }
+    } else {
+        let name = a.disk.clone().context("--disk or --all")?;
+        let disk = point.disks.iter().find(|d| d.name == name).ok_or_else(|| {
+            crate::error::StoreError::UnknownDisk {
+                point: point.id,
+                disk: name.clone(),
+            }
         })?;
-    let bar = ProgressBar::new(disk.size);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message(format!("restore {}/{}@{}", a.vm, a.disk, point.id));
-    let started = std::time::Instant::now();
-    let stats = restore::restore_disk(&conn, &a.data, point.id, disk, &a.out, a.force, &|pos| {
-        bar.set_position(pos)
-    })
-    .with_context(|| {
-        format!(
-            "restoring {} of point {} to {}",
-            a.disk,
-            point.id,
-            a.out.display()
-        )
-    })?;
-    bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
+        let out = a.out.clone().context("--out")?;
+        reports.push(restore_one(&conn, &a, &point, disk, &out)?);
+    }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({
-                "vm": a.vm, "disk": a.disk, "point": point.id, "created": point.created,
-                "out": a.out, "size": stats.size, "root": disk.root,
-                "blocks_written": stats.blocks_written, "bytes_written": stats.bytes_written,
-                "seconds": secs,
-            })
+            serde_json::json!({"vm": a.vm, "point": point.id, "created": point.created, "disks": reports})
         );
     } else {
-        println!(
-            "restored {}/{} point {} ({}) to {}: {} bytes, {} blocks written, root {} verified, {:.2}s",
-            a.vm, a.disk, point.id, point.created, a.out.display(), stats.size,
-            stats.blocks_written, disk.root, secs
-        );
+        for r in &reports {
+            println!(
+                "restored {}/{} point {} ({}) to {} as {}: {} bytes, every chunk verified (root {}), {:.2}s",
+                a.vm, r["disk"].as_str().unwrap_or(""), point.id, point.created,
+                r["out"].as_str().unwrap_or(""), a.format, r["size"], r["root"].as_str().unwrap_or(""),
+                r["seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }
