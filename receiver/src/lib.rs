@@ -13,6 +13,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod convert;
+pub mod diff;
 pub mod error;
 pub mod ingest;
 pub mod nbd_server;

@@ -159,3 +159,69 @@ fn restore_at_picks_newest_point_at_or_before_and_is_sparse() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));
 }
+
+#[test]
+fn diff_lists_exactly_the_changed_extents() {
+    use std::collections::BTreeSet;
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 8 * 1024 * 1024);
+    disk::random_blocks(&vda, BLOCK, 0, 10, &mut rand::rng());
+    let p = |r: &serde_json::Value| r["point"].as_u64().unwrap();
+    let p1 = p(&d.sync_ok(&rx, "host1", "dv", &[("vda", &vda)]));
+    let mut s2 = disk::scatter_writes(&vda, BLOCK, 128, 5, 77);
+    disk::write_at(&vda, 3 * BLOCK, &vec![0u8; BLOCK as usize]);
+    s2.insert(3);
+    let p2 = p(&d.sync_ok(&rx, "host1", "dv", &[("vda", &vda)]));
+    disk::random_blocks(&vda, BLOCK, 40, 1, &mut rand::rng());
+    let p3 = p(&d.sync_ok(&rx, "host1", "dv", &[("vda", &vda)]));
+    disk::write_at(&vda, 40 * BLOCK, &vec![0u8; BLOCK as usize]);
+    let p4 = p(&d.sync_ok(&rx, "host1", "dv", &[("vda", &vda)]));
+
+    let diff = |a: u64, b: u64| -> BTreeSet<u64> {
+        let out = rewind_tests::run(
+            std::process::Command::new(rewind_tests::bin("rewind-receiver"))
+                .args([
+                    "diff",
+                    "--vm",
+                    "dv",
+                    "--json",
+                    "--from",
+                    &a.to_string(),
+                    "--to",
+                    &b.to_string(),
+                    "--data",
+                ])
+                .arg(d.data()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let disk = &v["disks"][0];
+        let mut blocks = BTreeSet::new();
+        for e in disk["extents"].as_array().unwrap() {
+            let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            assert_eq!(off % BLOCK, 0);
+            for b in off / BLOCK..(off + len) / BLOCK {
+                blocks.insert(b);
+            }
+        }
+        assert_eq!(disk["changed_blocks"], blocks.len() as u64);
+        assert_eq!(disk["changed_bytes"], blocks.len() as u64 * BLOCK);
+        blocks
+    };
+    assert_eq!(diff(p1, p2), s2);
+    assert_eq!(diff(p2, p3), BTreeSet::from([40]));
+    let mut s13 = s2.clone();
+    s13.insert(40);
+    assert_eq!(diff(p1, p3), s13);
+    assert_eq!(diff(p3, p1), s13, "diff is symmetric");
+    assert!(diff(p2, p2).is_empty());
+    assert!(diff(p2, p4).is_empty(), "block 40 changed and changed back");
+    let out = d.restore("dv", "vda", &["--point", "99"], &d.path("x.raw"));
+    assert!(!out.status.success());
+}

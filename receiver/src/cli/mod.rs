@@ -1,6 +1,7 @@
 //! The `rewind-receiver` command line: flags parsed into plain values, one module per
 //! subcommand, each delegating to the library.
 
+pub mod diff;
 pub mod export;
 pub mod pki;
 pub mod points;
@@ -28,6 +29,8 @@ pub enum Command {
     Points(points::PointsArgs),
     /// Write disks of a point as raw, qcow2, vmdk or vhdx images.
     Restore(restore::RestoreArgs),
+    /// Which extents changed between two points (from the catalog, no chunk reads).
+    Diff(diff::DiffArgs),
     /// Serve a point's disks over NBD, read-only, straight from the store.
     Export(export::ExportArgs),
 }
@@ -40,5 +43,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Points(a) => points::run(a),
         Command::Restore(a) => restore::run(a),
         Command::Export(a) => export::run(a),
+        Command::Diff(a) => diff::run(a),
     }
 }
