@@ -57,6 +57,19 @@ pub enum SyncError {
     /// A disk asked for on the command line is not in the VM.
     #[error("the VM has no disk named {0}")]
     NoSuchDisk(String),
+    /// The disk is held by a running VM.
+    #[error("disk {0} ({1}) is in use by a running VM (QEMU holds its lock): stop the VM first")]
+    InUse(String, std::path::PathBuf),
+    /// The disk's size differs from the point's.
+    #[error("disk {disk} is {have} bytes, the point's is {want}: restore it instead")]
+    SizeMismatch { disk: String, have: u64, want: u64 },
+    /// After a rollback the disk does not match the point.
+    #[error("disk {disk} after rollback has root {got}, the point has {want}")]
+    RollbackVerify {
+        disk: String,
+        got: String,
+        want: String,
+    },
     /// A worker task died.
     #[error("internal worker failed: {0}")]
     Worker(String),

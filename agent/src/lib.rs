@@ -15,6 +15,7 @@ pub mod live;
 pub mod nbd;
 pub mod offline;
 pub mod qmp;
+pub mod rollback;
 pub mod scan;
 pub mod source;
 pub mod state;

@@ -40,7 +40,10 @@ const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 const INFO_EXPORT: u16 = 0;
 
 const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_BLOCK_STATUS: u16 = 7;
 
 const REPLY_FLAG_DONE: u16 = 1;
@@ -528,6 +531,58 @@ impl<S: Read + Write> NbdClient<S> {
                 })
             }
             other => Err(NbdError::BadMagic(u64::from(other))),
+        }
+    }
+
+    /// Writes `data` at `offset` (the export must be writable).
+    pub fn write_at(&mut self, data: &[u8], offset: u64) -> Result<(), NbdError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let len = (data.len() - done).min(MAX_READ as usize);
+            let cookie = self.next_cookie();
+            let at = offset + done as u64;
+            self.sock
+                .write_all(&request(CMD_WRITE, 0, cookie, at, len as u32))?;
+            self.sock.write_all(&data[done..done + len])?;
+            self.finish_simple(cookie, "write", at)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes zeros over `len` bytes at `offset`, letting the server punch holes.
+    pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), NbdError> {
+        let cookie = self.next_cookie();
+        self.sock
+            .write_all(&request(CMD_WRITE_ZEROES, 0, cookie, offset, len))?;
+        self.finish_simple(cookie, "write zeroes", offset)
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        let cookie = self.next_cookie();
+        self.sock.write_all(&request(CMD_FLUSH, 0, cookie, 0, 0))?;
+        self.finish_simple(cookie, "flush", 0)
+    }
+
+    /// Reads a reply that carries no data.
+    fn finish_simple(
+        &mut self,
+        cookie: u64,
+        command: &'static str,
+        offset: u64,
+    ) -> Result<(), NbdError> {
+        loop {
+            let h = self.reply_header(cookie, command, offset)?;
+            if h.kind != REPLY_TYPE_NONE && h.kind != SIMPLE {
+                return proto(format!(
+                    "unexpected chunk type {} in a {command} reply",
+                    h.kind
+                ));
+            }
+            if h.done {
+                return Ok(());
+            }
         }
     }
 

@@ -173,16 +173,33 @@ impl NbdServer {
         export: &str,
         bitmap: Option<&str>,
     ) -> Result<NbdServer, OfflineError> {
+        Self::spawn(path, socket, export, bitmap, false)
+    }
+
+    /// A writable server (for rollback); enabled persistent bitmaps record its writes.
+    pub fn start_writable(
+        path: &Path,
+        socket: &Path,
+        export: &str,
+    ) -> Result<NbdServer, OfflineError> {
+        Self::spawn(path, socket, export, None, true)
+    }
+
+    fn spawn(
+        path: &Path,
+        socket: &Path,
+        export: &str,
+        bitmap: Option<&str>,
+        writable: bool,
+    ) -> Result<NbdServer, OfflineError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args([
-            "--read-only",
-            "--persistent",
-            "--format=qcow2",
-            "--shared=4",
-        ])
-        .arg(format!("--export-name={export}"))
-        .arg(format!("--socket={}", socket.display()));
+        if !writable {
+            cmd.arg("--read-only");
+        }
+        cmd.args(["--persistent", "--format=qcow2", "--shared=4"])
+            .arg(format!("--export-name={export}"))
+            .arg(format!("--socket={}", socket.display()));
         if let Some(b) = bitmap {
             cmd.arg(format!("--bitmap={b}"));
         }

@@ -24,6 +24,10 @@ pub const MAX_BATCH_ENTRIES: usize = 65_536;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most hashes in one MissingChunks question.
 pub const MAX_QUERY_HASHES: usize = 65_536;
+/// Most chunks in one ReadChunks answer: 64 blocks of 64 KiB keep a reply near 4 MiB.
+pub const MAX_READ_CHUNKS: usize = 64;
+/// Most leaves in one PointBlocks page.
+pub const MAX_POINT_BLOCKS_PAGE: u32 = 65_536;
 /// Largest VM configuration kept with a point: a QEMU description of a big VM is a few KiB.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
 /// zstd level for chunks: level 1 runs ~630 MB/s per core here, level 3 ~390 MB/s; compression

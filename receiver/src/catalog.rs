@@ -86,6 +86,13 @@ CREATE TABLE IF NOT EXISTS session_disks(
   block_size INTEGER NOT NULL,
   base_disk INTEGER,
   PRIMARY KEY(session_id, pos)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events(
+  id INTEGER PRIMARY KEY,
+  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  kind TEXT NOT NULL,
+  point INTEGER,
+  detail TEXT NOT NULL,
+  created_us INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS session_blocks(
   session_id TEXT NOT NULL,
   pos INTEGER NOT NULL,

@@ -20,6 +20,7 @@ pub mod nbd_server;
 pub mod packs;
 pub mod pki;
 pub mod points;
+pub mod readback;
 pub mod restore;
 pub mod server;
 pub mod service;

@@ -328,4 +328,70 @@ impl Replication for ReplicationService {
                 .collect(),
         }))
     }
+
+    async fn point_blocks(
+        &self,
+        req: Request<pb::PointBlocksRequest>,
+    ) -> Result<Response<pb::PointBlocksReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let page = blocking(move || {
+            store.point_leaves(&owner, &r.vm, r.point as i64, &r.disk, r.start, r.limit)
+        })
+        .await?;
+        Ok(Response::new(pb::PointBlocksReply {
+            size: page.size,
+            block_size: page.block_size as u32,
+            root: page.root.0.to_vec(),
+            entries: page
+                .leaves
+                .into_iter()
+                .map(|(i, l)| pb::BlockEntry {
+                    disk: 0,
+                    index: i,
+                    hash: l.0.to_vec(),
+                })
+                .collect(),
+            next: page.next.unwrap_or(0),
+        }))
+    }
+
+    async fn read_chunks(
+        &self,
+        req: Request<pb::ReadChunksRequest>,
+    ) -> Result<Response<pb::ReadChunksReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let hashes = r
+            .hashes
+            .iter()
+            .map(|h| leaf(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = self.store.clone();
+        let chunks = blocking(move || store.read_chunks(&owner, &r.vm, &hashes)).await?;
+        Ok(Response::new(pb::ReadChunksReply {
+            chunks: chunks
+                .into_iter()
+                .map(|(h, data)| pb::Chunk {
+                    hash: h.0.to_vec(),
+                    data,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn record_rollback(
+        &self,
+        req: Request<pb::RollbackEvent>,
+    ) -> Result<Response<pb::RollbackRecorded>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let detail = serde_json::json!({"disk": r.disk, "blocks": r.blocks, "bytes": r.bytes, "dry_run": r.dry_run});
+        let store = self.store.clone();
+        let id =
+            blocking(move || store.record_rollback(&owner, &r.vm, r.point as i64, &detail)).await?;
+        tracing::info!(event = id, "rollback recorded");
+        Ok(Response::new(pb::RollbackRecorded { event: id as u64 }))
+    }
 }

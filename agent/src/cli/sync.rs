@@ -1,6 +1,6 @@
 //! `rewind-agent sync`: one point with `--once`, otherwise one every `--interval` seconds.
 
-use crate::client::{self, ReceiverConfig};
+use crate::client;
 use crate::sync::{sync_once, DiskKind, DiskSource, LiveSource, Progress, SyncConfig, SyncReport};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -12,18 +12,8 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
-    /// Receiver URL, e.g. https://127.0.0.1:7443.
-    #[arg(long)]
-    pub receiver: String,
-    /// CA certificate that signed the receiver's certificate.
-    #[arg(long)]
-    pub ca: PathBuf,
-    /// This agent's certificate (its common name is the agent's identity).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// This agent's private key.
-    #[arg(long)]
-    pub key: PathBuf,
+    #[command(flatten)]
+    pub conn: super::ReceiverArgs,
     /// Folder for the agent's state database.
     #[arg(long)]
     pub state: PathBuf,
@@ -57,7 +47,7 @@ pub struct SyncArgs {
     pub json: bool,
 }
 
-fn parse_disk(spec: &str) -> anyhow::Result<DiskSource> {
+pub fn parse_disk(spec: &str) -> anyhow::Result<DiskSource> {
     let Some((name, path)) = spec.split_once('=') else {
         bail!("--disk {spec:?}: expected NAME=PATH or NAME=qcow2:PATH");
     };
@@ -135,12 +125,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         state_dir: a.state.clone(),
         bwlimit: a.bwlimit.map(|mb| (mb * 1e6) as u64),
     };
-    let receiver = ReceiverConfig {
-        url: a.receiver.clone(),
-        ca: a.ca.clone(),
-        cert: a.cert.clone(),
-        key: a.key.clone(),
-    };
+    let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         loop {

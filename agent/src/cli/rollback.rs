@@ -1,0 +1,81 @@
+//! `rewind-agent rollback`: bring disks on this host to a point, moving only differing blocks.
+
+use super::sync::parse_disk;
+use crate::client;
+use crate::rollback::{rollback, RollbackConfig};
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub conn: super::ReceiverArgs,
+    /// Folder for the agent's state.
+    #[arg(long)]
+    pub state: PathBuf,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point to bring the disks to (older or newer than their content).
+    #[arg(long)]
+    pub point: i64,
+    /// A disk as NAME=PATH or NAME=qcow2:PATH; repeat for each disk to roll back.
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    pub disks: Vec<String>,
+    /// Only compare and report what would move.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: RollbackArgs) -> anyhow::Result<()> {
+    rewind_proto::names::vm(&a.vm)?;
+    let disks = a
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if disks.is_empty() {
+        bail!("name the disks to roll back with --disk NAME=PATH");
+    }
+    let cfg = RollbackConfig {
+        vm: a.vm.clone(),
+        point: a.point,
+        disks,
+        state_dir: a.state.clone(),
+        dry_run: a.dry_run,
+    };
+    let receiver = a.conn.config();
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let report = rt
+        .block_on(async {
+            let mut c = client::connect(&receiver).await?;
+            rollback(&mut c, &cfg).await
+        })
+        .with_context(|| format!("rolling {} back to point {}", a.vm, a.point))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for d in &report.disks {
+            println!(
+                "{} {}/{} to point {}: {} blocks differ, {} bytes fetched, {} bytes written{}",
+                if report.dry_run {
+                    "would roll back"
+                } else {
+                    "rolled back"
+                },
+                report.vm,
+                d.name,
+                report.point,
+                d.blocks_differing,
+                d.bytes_fetched,
+                d.bytes_written,
+                if d.verified { ", root verified" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! Rolling a disk on this host back (or forward) to a point: compare the disk's current block
+//! leaves with the point's, fetch only the chunks of blocks that differ over the same mutual-TLS
+//! channel, write them (raw files and devices directly, qcow2 images through a writable
+//! `qemu-nbd`), then re-read the disk and check its root equals the point's before reporting
+//! success. A disk a running QEMU holds (its image lock) is refused. Later points stay.
+
+use crate::error::SyncError;
+use crate::nbd::{self, NbdClient};
+use crate::offline::NbdServer;
+use crate::scan::{BlockSource, ScanPlan};
+use crate::source::RawDisk;
+use crate::sync::{DiskKind, DiskSource};
+use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
+use rewind_proto::pb::replication_client::ReplicationClient;
+use rewind_proto::tree::{self, Builder, Shape};
+use rewind_proto::{chunk, pb, Leaf};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tonic::transport::Channel;
+
+/// What to roll back.
+#[derive(Debug, Clone)]
+pub struct RollbackConfig {
+    pub vm: String,
+    pub point: i64,
+    pub disks: Vec<DiskSource>,
+    pub state_dir: PathBuf,
+    pub dry_run: bool,
+}
+
+/// One disk's rollback.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskRollback {
+    pub name: String,
+    pub size: u64,
+    pub root: String,
+    /// Blocks whose content differed from the point.
+    pub blocks_differing: u64,
+    /// Compressed chunk bytes fetched from the receiver.
+    pub bytes_fetched: u64,
+    /// Bytes written to the disk (zeroed blocks included).
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    /// The disk's root was re-read and equals the point's.
+    pub verified: bool,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackReport {
+    pub vm: String,
+    pub point: i64,
+    pub dry_run: bool,
+    pub disks: Vec<DiskRollback>,
+    pub seconds: f64,
+}
+
+/// A disk opened for rollback: a reader and a way to write blocks.
+enum Target {
+    Raw {
+        disk: RawDisk,
+        file: std::fs::File,
+        is_device: bool,
+    },
+    Nbd {
+        client: NbdClient,
+        _server: NbdServer,
+    },
+}
+
+impl Target {
+    fn plan(&mut self, g: &DiskGeometry) -> Result<ScanPlan, SyncError> {
+        Ok(match self {
+            Target::Raw { disk, .. } => ScanPlan::full(&disk.data_extents()?, g),
+            Target::Nbd { client, .. } => {
+                let data: Vec<(u64, u64)> = client
+                    .block_status("base:allocation", 0, g.size)?
+                    .into_iter()
+                    .filter(|e| e.flags & nbd::STATE_ZERO == 0)
+                    .map(|e| (e.offset, e.offset + e.length))
+                    .collect();
+                ScanPlan::full(&data, g)
+            }
+        })
+    }
+
+    fn source(&mut self) -> &mut dyn BlockSource {
+        match self {
+            Target::Raw { disk, .. } => disk,
+            Target::Nbd { client, .. } => client,
+        }
+    }
+
+    fn write(&mut self, data: &[u8], offset: u64) -> Result<(), SyncError> {
+        match self {
+            Target::Raw { file, disk, .. } => file
+                .write_all_at(data, offset)
+                .map_err(|e| io(disk.path(), e)),
+            Target::Nbd { client, .. } => Ok(client.write_at(data, offset)?),
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: usize) -> Result<(), SyncError> {
+        match self {
+            Target::Raw {
+                file,
+                disk,
+                is_device,
+            } => {
+                if !*is_device {
+                    let flags = rustix::fs::FallocateFlags::PUNCH_HOLE
+                        | rustix::fs::FallocateFlags::KEEP_SIZE;
+                    if rustix::fs::fallocate(&*file, flags, offset, len as u64).is_ok() {
+                        return Ok(());
+                    }
+                }
+                file.write_all_at(&vec![0u8; len], offset)
+                    .map_err(|e| io(disk.path(), e))
+            }
+            Target::Nbd { client, .. } => Ok(client.write_zeroes(offset, len as u32)?),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), SyncError> {
+        match self {
+            Target::Raw { file, disk, .. } => file.sync_all().map_err(|e| io(disk.path(), e)),
+            Target::Nbd { client, .. } => Ok(client.flush()?),
+        }
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> SyncError {
+    SyncError::Credentials {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Refuses a disk whose image a running QEMU holds: `qemu-img info` without `-U` takes the
+/// same lock QEMU holds and fails while the VM runs.
+fn ensure_not_in_use(d: &DiskSource) -> Result<(), SyncError> {
+    let format = match d.kind {
+        DiskKind::Raw => "raw",
+        DiskKind::Qcow2 => "qcow2",
+    };
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-f", format])
+        .arg(&d.path)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if !o.status.success() => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            if err.contains("lock") {
+                return Err(SyncError::InUse(d.name.clone(), d.path.clone()));
+            }
+            Err(SyncError::Worker(format!(
+                "qemu-img info {}: {}",
+                d.path.display(),
+                err.trim()
+            )))
+        }
+        Ok(_) => Ok(()),
+        // Without qemu-img no QEMU runs here either.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Current leaves of the blocks that may hold data, compared with the point's; returns the
+/// blocks that differ and the bytes read.
+fn differing(
+    target: &mut Target,
+    g: &DiskGeometry,
+    want: &BTreeMap<u64, Leaf>,
+) -> Result<(Vec<u64>, u64), SyncError> {
+    let plan = target.plan(g)?;
+    let bs = g.block_size.bytes();
+    let mut out = Vec::new();
+    let mut read = 0u64;
+    let mut buf = vec![0u8; (4 << 20).max(bs as usize)];
+    let mut next = 0u64;
+    let outside = |from: u64, to: u64, out: &mut Vec<u64>| {
+        // Blocks not read are zero now: they differ where the point has data.
+        out.extend(want.range(from..to).map(|(&i, _)| i));
+    };
+    for &(first, end) in &plan.read {
+        outside(next, first, &mut out);
+        let mut idx = first;
+        while idx < end {
+            let count = ((4u64 << 20) / bs).max(1).min(end - idx);
+            let off = g.offset(idx);
+            let len = (count * bs).min(g.size - off) as usize;
+            target.source().read_block_range(&mut buf[..len], off)?;
+            read += len as u64;
+            for k in 0..count {
+                let i = idx + k;
+                let s = (k * bs) as usize;
+                let leaf = Leaf::of(&buf[s..s + g.block_len(i).unwrap_or(0)]);
+                if leaf != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
+                    out.push(i);
+                }
+            }
+            idx += count;
+        }
+        next = end;
+    }
+    outside(next, g.blocks(), &mut out);
+    out.sort_unstable();
+    Ok((out, read))
+}
+
+/// The root of the disk as it is now.
+fn current_root(target: &mut Target, g: &DiskGeometry) -> Result<(Leaf, u64), SyncError> {
+    let plan = target.plan(g)?;
+    let bs = g.block_size.bytes();
+    let mut b = Builder::new(Shape::of(g));
+    let mut buf = vec![0u8; (4 << 20).max(bs as usize)];
+    let mut next = 0;
+    let mut read = 0u64;
+    for &(first, end) in &plan.read {
+        b.push_zeros(first - next);
+        let mut idx = first;
+        while idx < end {
+            let count = ((4u64 << 20) / bs).max(1).min(end - idx);
+            let off = g.offset(idx);
+            let len = (count * bs).min(g.size - off) as usize;
+            target.source().read_block_range(&mut buf[..len], off)?;
+            read += len as u64;
+            for k in 0..count {
+                let s = (k * bs) as usize;
+                b.push(Leaf::of(&buf[s..s + g.block_len(idx + k).unwrap_or(0)]));
+            }
+            idx += count;
+        }
+        next = end;
+    }
+    b.push_zeros(g.blocks() - next);
+    Ok((tree::root(g, b.finish()), read))
+}
+
+/// Rolls every disk of `cfg` back to the point.
+pub async fn rollback(
+    client: &mut ReplicationClient<Channel>,
+    cfg: &RollbackConfig,
+) -> Result<RollbackReport, SyncError> {
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    for d in &cfg.disks {
+        ensure_not_in_use(d)?;
+        // The point's leaves, a page at a time.
+        let mut want = BTreeMap::new();
+        let mut start = 0u64;
+        let (size, block_size, root) = loop {
+            let page = client
+                .point_blocks(pb::PointBlocksRequest {
+                    vm: cfg.vm.clone(),
+                    point: cfg.point as u64,
+                    disk: d.name.clone(),
+                    start,
+                    limit: MAX_POINT_BLOCKS_PAGE,
+                })
+                .await
+                .map_err(SyncError::refused("PointBlocks"))?
+                .into_inner();
+            for e in &page.entries {
+                want.insert(
+                    e.index,
+                    Leaf::from_slice(&e.hash).map_err(|_| SyncError::Protocol("bad leaf"))?,
+                );
+            }
+            if page.next == 0 {
+                break (
+                    page.size,
+                    page.block_size,
+                    Leaf::from_slice(&page.root).map_err(|_| SyncError::Protocol("bad root"))?,
+                );
+            }
+            start = page.next;
+        };
+        let g = DiskGeometry::new(size, u64::from(block_size)).map_err(|source| {
+            SyncError::Geometry {
+                disk: d.name.clone(),
+                source,
+            }
+        })?;
+        let mut target = open_target(d, &cfg.state_dir, &cfg.vm, g.size)?;
+        let (diff, read) = tokio::task::block_in_place(|| differing(&mut target, &g, &want))?;
+        let mut report = DiskRollback {
+            name: d.name.clone(),
+            size,
+            root: root.to_hex(),
+            blocks_differing: diff.len() as u64,
+            bytes_fetched: 0,
+            bytes_written: 0,
+            bytes_read: read,
+            verified: false,
+        };
+        if !cfg.dry_run {
+            // Blocks that must become zero, and the chunks the others need.
+            let mut by_hash: HashMap<Leaf, Vec<u64>> = HashMap::new();
+            for &i in &diff {
+                match want.get(&i) {
+                    Some(l) => by_hash.entry(*l).or_default().push(i),
+                    None => {
+                        let len = g.block_len(i).unwrap_or(0);
+                        target.zero(g.offset(i), len)?;
+                        report.bytes_written += len as u64;
+                    }
+                }
+            }
+            let hashes: Vec<Leaf> = by_hash.keys().copied().collect();
+            for group in hashes.chunks(MAX_READ_CHUNKS) {
+                let reply = client
+                    .read_chunks(pb::ReadChunksRequest {
+                        vm: cfg.vm.clone(),
+                        hashes: group.iter().map(|h| h.0.to_vec()).collect(),
+                    })
+                    .await
+                    .map_err(SyncError::refused("ReadChunks"))?
+                    .into_inner();
+                for c in reply.chunks {
+                    let h = Leaf::from_slice(&c.hash)
+                        .map_err(|_| SyncError::Protocol("bad chunk hash"))?;
+                    let Some(blocks) = by_hash.get(&h) else {
+                        return Err(SyncError::Protocol(
+                            "the receiver sent a chunk we did not ask for",
+                        ));
+                    };
+                    report.bytes_fetched += c.data.len() as u64;
+                    for &i in blocks {
+                        let len = g.block_len(i).unwrap_or(0);
+                        let data = chunk::open(h, &c.data, len)
+                            .map_err(|e| SyncError::Worker(e.to_string()))?;
+                        target.write(&data, g.offset(i))?;
+                        report.bytes_written += len as u64;
+                    }
+                }
+            }
+            target.flush()?;
+            let (now, reread) = tokio::task::block_in_place(|| current_root(&mut target, &g))?;
+            report.bytes_read += reread;
+            if now != root {
+                return Err(SyncError::RollbackVerify {
+                    disk: d.name.clone(),
+                    got: now.to_hex(),
+                    want: root.to_hex(),
+                });
+            }
+            report.verified = true;
+        }
+        client
+            .record_rollback(pb::RollbackEvent {
+                vm: cfg.vm.clone(),
+                point: cfg.point as u64,
+                disk: d.name.clone(),
+                blocks: report.blocks_differing,
+                bytes: report.bytes_fetched,
+                dry_run: cfg.dry_run,
+            })
+            .await
+            .map_err(SyncError::refused("RecordRollback"))?;
+        reports.push(report);
+    }
+    Ok(RollbackReport {
+        vm: cfg.vm.clone(),
+        point: cfg.point,
+        dry_run: cfg.dry_run,
+        disks: reports,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn open_target(d: &DiskSource, state_dir: &Path, vm: &str, size: u64) -> Result<Target, SyncError> {
+    match d.kind {
+        DiskKind::Raw => {
+            let disk = RawDisk::open(&d.path)?;
+            if disk.size() != size {
+                return Err(SyncError::SizeMismatch {
+                    disk: d.name.clone(),
+                    have: disk.size(),
+                    want: size,
+                });
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&d.path)
+                .map_err(|e| io(&d.path, e))?;
+            let is_device = std::os::unix::fs::FileTypeExt::is_block_device(
+                &file.metadata().map_err(|e| io(&d.path, e))?.file_type(),
+            );
+            Ok(Target::Raw {
+                disk,
+                file,
+                is_device,
+            })
+        }
+        DiskKind::Qcow2 => {
+            let dir = std::path::absolute(state_dir.join("rollback").join(vm))
+                .map_err(|e| io(state_dir, e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            let server =
+                NbdServer::start_writable(&d.path, &dir.join(format!("{}.sock", d.name)), &d.name)?;
+            let client = NbdClient::connect_unix(&server.socket, &d.name, &["base:allocation"])?;
+            if client.size() != size {
+                return Err(SyncError::SizeMismatch {
+                    disk: d.name.clone(),
+                    have: client.size(),
+                    want: size,
+                });
+            }
+            Ok(Target::Nbd {
+                client,
+                _server: server,
+            })
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Reading a VM's points back for its own agent (rollback): the leaves of a disk at a point, a
+//! page at a time, and chunk data the agent owns. Also records rollbacks as events.
+
+use crate::catalog::now_us;
+use crate::error::StoreError;
+use crate::ingest::owned_vm;
+use crate::packs::PackReader;
+use crate::points::{self, PointSelector};
+use crate::store::Store;
+use rewind_proto::format::{MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
+use rewind_proto::Leaf;
+use rusqlite::params;
+
+/// One page of a disk's leaves at a point.
+pub struct LeafPage {
+    pub size: u64,
+    pub block_size: u64,
+    pub root: Leaf,
+    pub leaves: Vec<(u64, Leaf)>,
+    /// Where the next page starts, if any.
+    pub next: Option<u64>,
+}
+
+impl Store {
+    /// The non-zero leaves of `disk` at `point` from block `start`, for the VM's owner only.
+    pub fn point_leaves(
+        &self,
+        owner: &str,
+        vm: &str,
+        point: i64,
+        disk: &str,
+        start: u64,
+        limit: u32,
+    ) -> Result<LeafPage, StoreError> {
+        let conn = self.conn();
+        owned_vm(&conn, vm, owner)?;
+        let p = points::resolve(&conn, vm, &PointSelector::Id(point))?;
+        let d = p
+            .disks
+            .iter()
+            .find(|d| d.name == disk)
+            .ok_or_else(|| StoreError::UnknownDisk {
+                point,
+                disk: disk.to_owned(),
+            })?;
+        let limit = limit.clamp(1, MAX_POINT_BLOCKS_PAGE);
+        let mut stmt = conn.prepare_cached(
+            "SELECT idx, hash FROM
+               (SELECT idx, hash, MAX(point) FROM nodes
+                WHERE disk_id = ?1 AND level = 0 AND idx >= ?2 AND point <= ?3 GROUP BY idx)
+             WHERE hash IS NOT NULL ORDER BY idx LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![d.disk_id, start as i64, point, limit], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut leaves = Vec::new();
+        for row in rows {
+            let (idx, hash) = row?;
+            leaves.push((idx as u64, Leaf::from_slice(&hash)?));
+        }
+        let next =
+            (leaves.len() == limit as usize).then(|| leaves.last().map_or(start, |l| l.0 + 1));
+        Ok(LeafPage {
+            size: d.size,
+            block_size: d.block_size,
+            root: d.root_leaf,
+            leaves,
+            next,
+        })
+    }
+
+    /// The stored frames of chunks `owner` holds; a chunk it does not hold is refused.
+    pub fn read_chunks(
+        &self,
+        owner: &str,
+        vm: &str,
+        hashes: &[Leaf],
+    ) -> Result<Vec<(Leaf, Vec<u8>)>, StoreError> {
+        if hashes.len() > MAX_READ_CHUNKS {
+            return Err(StoreError::TooLarge {
+                what: "chunks in one read",
+                got: hashes.len(),
+                max: MAX_READ_CHUNKS,
+            });
+        }
+        let locs = {
+            let conn = self.conn();
+            owned_vm(&conn, vm, owner)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT c.pack_id, c.offset, c.clen FROM chunk_owners o JOIN chunks c ON c.hash = o.hash
+                 WHERE o.owner = ?1 AND o.hash = ?2",
+            )?;
+            let mut locs = Vec::new();
+            for h in hashes {
+                let loc: Option<(i64, i64, i64)> = rusqlite::OptionalExtension::optional(
+                    stmt.query_row(params![owner, &h.0[..]], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    }),
+                )?;
+                let (pack, off, clen) = loc.ok_or(StoreError::MissingChunk(*h))?;
+                locs.push((*h, pack, off as u64, clen as u32));
+            }
+            locs
+        };
+        let mut reader = PackReader::new(&self.packs_dir());
+        locs.into_iter()
+            .map(|(h, pack, off, clen)| Ok((h, reader.read(pack, off, clen, &h)?)))
+            .collect()
+    }
+
+    /// Records a rollback of `disk` to `point` as an event of the VM.
+    pub fn record_rollback(
+        &self,
+        owner: &str,
+        vm: &str,
+        point: i64,
+        detail: &serde_json::Value,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        let vm_id = owned_vm(&conn, vm, owner)?;
+        points::resolve(&conn, vm, &PointSelector::Id(point))?;
+        conn.execute(
+            "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (?1, 'rollback', ?2, ?3, ?4)",
+            params![vm_id, point, detail.to_string(), now_us()],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+}
