@@ -9,13 +9,14 @@ use crate::nbd::{self, NbdClient};
 use crate::offline::NbdServer;
 use crate::scan::{BlockSource, ScanPlan};
 use crate::source::RawDisk;
+use crate::state::{self, OldLeaves};
 use crate::sync::{DiskKind, DiskSource};
 use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{chunk, pb, Leaf};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -44,6 +45,9 @@ pub struct DiskRollback {
     /// Bytes written to the disk (zeroed blocks included).
     pub bytes_written: u64,
     pub bytes_read: u64,
+    /// How the current content was compared: every allocated block read, or only the blocks
+    /// a dirty bitmap and the point chain say can differ.
+    pub compared: &'static str,
     /// The disk's root was re-read and equals the point's.
     pub verified: bool,
 }
@@ -175,7 +179,25 @@ fn differing(
     target: &mut Target,
     g: &DiskGeometry,
     want: &BTreeMap<u64, Leaf>,
+    candidates: Option<&BTreeSet<u64>>,
 ) -> Result<(Vec<u64>, u64), SyncError> {
+    if let Some(c) = candidates {
+        // Only blocks that can differ are read; the others equal the point already.
+        let mut out = Vec::new();
+        let mut read = 0u64;
+        let mut buf = vec![0u8; g.block_size.bytes() as usize];
+        for &i in c {
+            let len = g.block_len(i).unwrap_or(0);
+            target
+                .source()
+                .read_block_range(&mut buf[..len], g.offset(i))?;
+            read += len as u64;
+            if Leaf::of(&buf[..len]) != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
+                out.push(i);
+            }
+        }
+        return Ok((out, read));
+    }
     let plan = target.plan(g)?;
     let bs = g.block_size.bytes();
     let mut out = Vec::new();
@@ -212,33 +234,110 @@ fn differing(
     Ok((out, read))
 }
 
-/// The root of the disk as it is now.
-fn current_root(target: &mut Target, g: &DiskGeometry) -> Result<(Leaf, u64), SyncError> {
-    let plan = target.plan(g)?;
-    let bs = g.block_size.bytes();
-    let mut b = Builder::new(Shape::of(g));
-    let mut buf = vec![0u8; (4 << 20).max(bs as usize)];
-    let mut next = 0;
-    let mut read = 0u64;
-    for &(first, end) in &plan.read {
-        b.push_zeros(first - next);
-        let mut idx = first;
-        while idx < end {
-            let count = ((4u64 << 20) / bs).max(1).min(end - idx);
-            let off = g.offset(idx);
-            let len = (count * bs).min(g.size - off) as usize;
-            target.source().read_block_range(&mut buf[..len], off)?;
-            read += len as u64;
-            for k in 0..count {
-                let s = (k * bs) as usize;
-                b.push(Leaf::of(&buf[s..s + g.block_len(idx + k).unwrap_or(0)]));
-            }
-            idx += count;
+/// Re-reads the written blocks and checks each now holds the point's content, and that the
+/// point's leaves give the point's root: every other block was already found (or, with a
+/// bitmap, known) equal to the point.
+fn verify(
+    target: &mut Target,
+    g: &DiskGeometry,
+    want: &BTreeMap<u64, Leaf>,
+    written: &[u64],
+    root: Leaf,
+) -> Result<(Leaf, u64), SyncError> {
+    let mut buf = vec![0u8; g.block_size.bytes() as usize];
+    let mut read = 0;
+    for &i in written {
+        let len = g.block_len(i).unwrap_or(0);
+        target
+            .source()
+            .read_block_range(&mut buf[..len], g.offset(i))?;
+        read += len as u64;
+        let now = Leaf::of(&buf[..len]);
+        if now != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
+            return Ok((now, read));
         }
-        next = end;
     }
-    b.push_zeros(g.blocks() - next);
-    Ok((tree::root(g, b.finish()), read))
+    let mut b = Builder::new(Shape::of(g));
+    let mut next = 0;
+    for (&i, &l) in want {
+        b.push_zeros(i - next);
+        b.push(l);
+        next = i + 1;
+    }
+    b.push_zeros(g.blocks().saturating_sub(next));
+    let got = tree::root(g, b.finish());
+    Ok((if got == root { root } else { got }, read))
+}
+
+/// For an offline qcow2 image whose `rewind-*` bitmaps recorded every write since the agent's
+/// last committed point: the only blocks that can differ from the target point are the dirty
+/// ones and those where the last point and the target differ. `None` when that is not known.
+fn bitmap_candidates(
+    d: &DiskSource,
+    state_dir: &Path,
+    vm: &str,
+    g: &DiskGeometry,
+    want: &BTreeMap<u64, Leaf>,
+) -> Option<BTreeSet<u64>> {
+    let info = crate::offline::inspect(&d.name, &d.path).ok()?;
+    let ours: Vec<_> = info
+        .bitmaps
+        .iter()
+        .filter(|b| b.name.starts_with(crate::live::PREFIX))
+        .collect();
+    if ours.is_empty() || ours.iter().any(|b| b.inconsistent) {
+        return None;
+    }
+    let conn = state::open(state_dir).ok()?;
+    let st = state::vm_state(&conn, vm).ok()?;
+    if st.base_point.is_none() || st.pending_session.is_some() {
+        return None;
+    }
+    if state::disk_geometry(&conn, vm, &d.name).ok()?? != (g.size, g.block_size.bytes()) {
+        return None;
+    }
+    let mut out = BTreeSet::new();
+    let dir = std::path::absolute(state_dir.join("rollback").join(vm)).ok()?;
+    std::fs::create_dir_all(&dir).ok()?;
+    for b in ours {
+        let server = NbdServer::start(
+            &d.path,
+            &dir.join(format!("{}-bitmap.sock", d.name)),
+            &d.name,
+            Some(&b.name),
+        )
+        .ok()?;
+        let ctx = format!("qemu:dirty-bitmap:{}", b.name);
+        let mut c = NbdClient::connect_unix(&server.socket, &d.name, &[ctx.as_str()]).ok()?;
+        for e in c.block_status(&ctx, 0, g.size).ok()? {
+            if e.flags & nbd::STATE_DIRTY != 0 {
+                for i in e.offset / g.block_size.bytes()
+                    ..(e.offset + e.length).div_ceil(g.block_size.bytes())
+                {
+                    out.insert(i);
+                }
+            }
+        }
+        c.disconnect();
+    }
+    // Where the last committed point and the target differ, from our own state.
+    let mut old = OldLeaves::new(&conn, vm, Some(&d.name));
+    let mut base = BTreeMap::new();
+    old.drain_below(g.blocks(), |i, l| {
+        base.insert(i, l);
+    })
+    .ok()?;
+    for (i, l) in want {
+        if base.get(i) != Some(l) {
+            out.insert(*i);
+        }
+    }
+    for i in base.keys() {
+        if !want.contains_key(i) {
+            out.insert(*i);
+        }
+    }
+    Some(out)
 }
 
 /// Rolls every disk of `cfg` back to the point.
@@ -286,8 +385,15 @@ pub async fn rollback(
                 source,
             }
         })?;
+        let candidates = match d.kind {
+            DiskKind::Qcow2 => tokio::task::block_in_place(|| {
+                bitmap_candidates(d, &cfg.state_dir, &cfg.vm, &g, &want)
+            }),
+            DiskKind::Raw => None,
+        };
         let mut target = open_target(d, &cfg.state_dir, &cfg.vm, g.size)?;
-        let (diff, read) = tokio::task::block_in_place(|| differing(&mut target, &g, &want))?;
+        let (diff, read) =
+            tokio::task::block_in_place(|| differing(&mut target, &g, &want, candidates.as_ref()))?;
         let mut report = DiskRollback {
             name: d.name.clone(),
             size,
@@ -296,6 +402,11 @@ pub async fn rollback(
             bytes_fetched: 0,
             bytes_written: 0,
             bytes_read: read,
+            compared: if candidates.is_some() {
+                "dirty bitmap + point chain"
+            } else {
+                "full read"
+            },
             verified: false,
         };
         if !cfg.dry_run {
@@ -340,7 +451,8 @@ pub async fn rollback(
                 }
             }
             target.flush()?;
-            let (now, reread) = tokio::task::block_in_place(|| current_root(&mut target, &g))?;
+            let (now, reread) =
+                tokio::task::block_in_place(|| verify(&mut target, &g, &want, &diff, root))?;
             report.bytes_read += reread;
             if now != root {
                 return Err(SyncError::RollbackVerify {

@@ -157,6 +157,10 @@ fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
     ));
     assert_eq!(r["disks"][0]["blocks_differing"], 3);
     assert_eq!(r["disks"][0]["verified"], true);
+    // The image's bitmap and the agent's last point say which blocks can differ: only those
+    // are read (and the three written ones re-read to verify).
+    assert_eq!(r["disks"][0]["compared"], "dirty bitmap + point chain");
+    assert_eq!(r["disks"][0]["bytes_read"], 6 * BLOCK);
     let cmp = run(Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "qcow2"])
         .arg(&want)

@@ -305,7 +305,15 @@ fn main() -> Result<()> {
     let changed = disk::scatter_writes(&image, BLOCK, blocks, count, 8);
     let m = measure(
         Command::new(&ag_bin)
-            .args(["rollback", "--json", "--vm", "bench", "--point", &point, "--receiver"])
+            .args([
+                "rollback",
+                "--json",
+                "--vm",
+                "bench",
+                "--point",
+                &point,
+                "--receiver",
+            ])
             .arg(format!("https://{addr}"))
             .arg("--ca")
             .arg(w.join("pki/ca.pem"))
