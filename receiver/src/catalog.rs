@@ -16,7 +16,23 @@ use time::OffsetDateTime;
 /// The catalog's file inside the data folder.
 pub const CATALOG_FILE: &str = "catalog.sqlite";
 /// Schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// From version 1 (the first release of the catalog) to 2: point metadata, events, locks, and
+/// the index prune needs to find a point's node rows without scanning the disk's.
+const MIGRATE_1_2: &str = "
+ALTER TABLE points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'as-read';
+ALTER TABLE points ADD COLUMN config TEXT;
+ALTER TABLE points ADD COLUMN locked_until_us INTEGER;
+CREATE TABLE IF NOT EXISTS events(
+  id INTEGER PRIMARY KEY,
+  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  kind TEXT NOT NULL,
+  point INTEGER,
+  detail TEXT NOT NULL,
+  created_us INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS nodes_by_point ON nodes(disk_id, point);
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -38,7 +54,8 @@ CREATE TABLE IF NOT EXISTS points(
   committed_us INTEGER NOT NULL,
   session TEXT NOT NULL UNIQUE,
   consistency TEXT NOT NULL DEFAULT 'as-read',
-  config TEXT);
+  config TEXT,
+  locked_until_us INTEGER);
 CREATE INDEX IF NOT EXISTS points_by_vm ON points(vm_id, id);
 CREATE TABLE IF NOT EXISTS point_disks(
   point_id INTEGER NOT NULL REFERENCES points(id),
@@ -56,6 +73,7 @@ CREATE TABLE IF NOT EXISTS nodes(
   point INTEGER NOT NULL,
   hash BLOB,
   PRIMARY KEY(disk_id, level, idx, point)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nodes_by_point ON nodes(disk_id, point);
 CREATE TABLE IF NOT EXISTS packs(
   id INTEGER PRIMARY KEY,
   created_us INTEGER NOT NULL);
@@ -107,9 +125,14 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
     configure(&conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version < SCHEMA_VERSION {
+    if version == 0 {
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    } else if version == 1 {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(MIGRATE_1_2)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
     }
     Ok(conn)
 }

@@ -134,6 +134,15 @@ pub enum StoreError {
     /// Restored data does not reproduce the point's root.
     #[error("restored disk {disk} has root {got}, the point says {want}")]
     RestoredRoot { disk: String, got: Leaf, want: Leaf },
+    /// Prune without any keep rule would remove every unprotected point.
+    #[error("no keep rule given: refusing to remove every point (give --keep-last and friends)")]
+    NoPolicy,
+    /// The point is locked, the newest, or the base of an unfinished session.
+    #[error("point {0} is locked, the newest of its VM, or in use by an unfinished session")]
+    Protected(i64),
+    /// Not an RFC 3339 time.
+    #[error("{0:?} is not an RFC 3339 time")]
+    BadTime(String),
     /// The output exists and would be overwritten.
     #[error("{0} exists: refusing to overwrite (use --force)")]
     OutputExists(std::path::PathBuf),

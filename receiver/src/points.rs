@@ -32,6 +32,8 @@ pub struct PointInfo {
     pub consistency: String,
     /// The VM's configuration at the point, as the agent captured it.
     pub config: Option<serde_json::Value>,
+    /// Protected from prune until this time, if locked.
+    pub locked_until: Option<String>,
     pub disks: Vec<PointDisk>,
 }
 
@@ -70,7 +72,8 @@ fn disks_of(conn: &Connection, point: i64) -> Result<Vec<PointDisk>, StoreError>
 /// Points of one VM (or all VMs), oldest first.
 pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config
+        "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config,
+                p.locked_until_us
          FROM points p JOIN vms v ON v.id = p.vm_id
          WHERE ?1 IS NULL OR v.name = ?1 ORDER BY p.id",
     )?;
@@ -84,6 +87,7 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, Store
                 r.get::<_, Option<i64>>(4)?,
                 r.get::<_, String>(5)?,
                 r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -94,7 +98,7 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, Store
     }
     rows.into_iter()
         .map(
-            |(id, vm, created, committed, parent, consistency, config)| {
+            |(id, vm, created, committed, parent, consistency, config, locked)| {
                 Ok(PointInfo {
                     id,
                     vm,
@@ -103,6 +107,7 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, Store
                     parent,
                     consistency,
                     config: config.and_then(|c| serde_json::from_str(&c).ok()),
+                    locked_until: locked.map(rfc3339),
                     disks: disks_of(conn, id)?,
                 })
             },
@@ -177,16 +182,28 @@ pub fn resolve(
             },
         });
     };
-    let (created, committed, parent, consistency, config): (
+    #[allow(clippy::type_complexity)]
+    let (created, committed, parent, consistency, config, locked): (
         i64,
         i64,
         Option<i64>,
         String,
         Option<String>,
+        Option<i64>,
     ) = conn.query_row(
-        "SELECT created_us, committed_us, parent, consistency, config FROM points WHERE id = ?1",
+        "SELECT created_us, committed_us, parent, consistency, config, locked_until_us
+         FROM points WHERE id = ?1",
         [id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
     )?;
     Ok(PointInfo {
         id,
@@ -196,6 +213,7 @@ pub fn resolve(
         parent,
         consistency,
         config: config.and_then(|c| serde_json::from_str(&c).ok()),
+        locked_until: locked.map(rfc3339),
         disks: disks_of(conn, id)?,
     })
 }

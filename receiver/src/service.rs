@@ -55,7 +55,10 @@ pub fn to_status(e: StoreError) -> Status {
         | TooLarge { .. }
         | RootSet(_)
         | BadConfig { .. }
-        | BadConsistency(_) => Status::invalid_argument(msg),
+        | BadConsistency(_)
+        | BadTime(_)
+        | NoPolicy => Status::invalid_argument(msg),
+        Protected(_) => Status::failed_precondition(msg),
         NotOwner { .. } => Status::permission_denied(msg),
         UnknownVm(_)
         | UnknownSession(_)

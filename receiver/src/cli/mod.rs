@@ -3,8 +3,10 @@
 
 pub mod diff;
 pub mod export;
+pub mod lock;
 pub mod pki;
 pub mod points;
+pub mod prune;
 pub mod restore;
 pub mod serve;
 
@@ -31,6 +33,10 @@ pub enum Command {
     Restore(restore::RestoreArgs),
     /// Which extents changed between two points (from the catalog, no chunk reads).
     Diff(diff::DiffArgs),
+    /// Remove points by keep rules (locked and newest points always stay).
+    Prune(prune::PruneArgs),
+    /// Protect a point from prune until a date.
+    Lock(lock::LockArgs),
     /// Serve a point's disks over NBD, read-only, straight from the store.
     Export(export::ExportArgs),
 }
@@ -44,5 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(a) => restore::run(a),
         Command::Export(a) => export::run(a),
         Command::Diff(a) => diff::run(a),
+        Command::Prune(a) => prune::run(a),
+        Command::Lock(a) => lock::run(a),
     }
 }

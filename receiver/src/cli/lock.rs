@@ -1,0 +1,30 @@
+//! `rewind-receiver lock`: protect a point from prune until a date (locks only extend).
+
+use crate::{catalog, prune};
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// Data folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point to lock.
+    #[arg(long)]
+    pub point: i64,
+    /// Locked until this RFC 3339 time.
+    #[arg(long)]
+    pub until: String,
+}
+
+pub fn run(a: LockArgs) -> anyhow::Result<()> {
+    let conn = catalog::open_rw(&a.data)
+        .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
+    let until = prune::lock(&conn, &a.vm, a.point, &a.until)?;
+    println!("point {} of {} is locked until {until}", a.point, a.vm);
+    Ok(())
+}

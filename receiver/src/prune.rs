@@ -1,0 +1,188 @@
+//! Removing points by retention rules, and locking points against removal.
+//!
+//! Removing point P folds its node versions into the next kept point N of the same disk: a row
+//! (level, idx, P) is deleted when a newer row of the same node exists at or before N (N does not
+//! see it), and is moved to N otherwise (N saw it through P). The cost follows the rows P wrote,
+//! i.e. the blocks it changed, never the disk size. Each point is removed in its own
+//! transaction, so a crash leaves every kept point whole.
+//!
+//! Ordering rule: prune removes references before gc removes chunks; chunks are never touched
+//! here.
+
+use crate::catalog::{now_us, parse_rfc3339, rfc3339};
+use crate::error::StoreError;
+use crate::retention::{self, Candidate, Policy, Verdict};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// What prune decided (and did, unless a dry run) for one VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmPrune {
+    pub vm: String,
+    pub kept: Vec<Verdict>,
+    pub removed: Vec<i64>,
+    /// Node rows deleted or moved: the work done, proportional to the removed points' changes.
+    pub rows_touched: u64,
+}
+
+fn vms(conn: &Connection, only: Option<&str>) -> Result<Vec<(i64, String)>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT id, name FROM vms WHERE ?1 IS NULL OR name = ?1 ORDER BY name")?;
+    let rows = stmt
+        .query_map(params![only], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(i64, String)>>>()?;
+    if let Some(vm) = only {
+        if rows.is_empty() {
+            return Err(StoreError::UnknownVm(vm.to_owned()));
+        }
+    }
+    Ok(rows)
+}
+
+fn candidates(conn: &Connection, vm_id: i64) -> Result<Vec<Candidate>, StoreError> {
+    let now = now_us();
+    let mut stmt = conn.prepare(
+        "SELECT p.id, p.created_us, COALESCE(p.locked_until_us, 0),
+                EXISTS(SELECT 1 FROM sessions s WHERE s.state = 'open' AND s.base_point = p.id)
+         FROM points p WHERE p.vm_id = ?1 ORDER BY p.id",
+    )?;
+    let rows = stmt.query_map([vm_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, bool>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, created, locked_until, in_use) = row?;
+        out.push(Candidate {
+            id,
+            created: OffsetDateTime::from_unix_timestamp_nanos(i128::from(created) * 1000)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            locked: locked_until > now,
+            in_use,
+        });
+    }
+    Ok(out)
+}
+
+/// Applies `policy` to every VM (or one); with `dry_run` only reports.
+pub fn prune(
+    conn: &mut Connection,
+    only: Option<&str>,
+    policy: &Policy,
+    dry_run: bool,
+) -> Result<Vec<VmPrune>, StoreError> {
+    if policy.is_empty() {
+        return Err(StoreError::NoPolicy);
+    }
+    let mut out = Vec::new();
+    for (vm_id, vm) in vms(conn, only)? {
+        let verdicts = retention::decide(&candidates(conn, vm_id)?, policy);
+        let removed: Vec<i64> = verdicts.iter().filter(|v| !v.keep).map(|v| v.id).collect();
+        let mut rows = 0;
+        if !dry_run {
+            for &p in &removed {
+                rows += remove_point(conn, p, &removed)?;
+            }
+        }
+        out.push(VmPrune {
+            vm,
+            kept: verdicts.into_iter().filter(|v| v.keep).collect(),
+            removed,
+            rows_touched: rows,
+        });
+    }
+    Ok(out)
+}
+
+/// Removes one point in one transaction, folding its node versions into the next kept point of
+/// each of its disks. Re-checks, inside the transaction, that it is not locked, not the newest
+/// and not the base of an open session (serve may have changed that since the decision).
+fn remove_point(conn: &mut Connection, point: i64, removing: &[i64]) -> Result<u64, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let row: Option<(i64, i64, bool)> = tx
+        .query_row(
+            "SELECT vm_id, COALESCE(locked_until_us, 0),
+                    EXISTS(SELECT 1 FROM sessions s WHERE s.state = 'open' AND s.base_point = ?1)
+             FROM points WHERE id = ?1",
+            [point],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((vm_id, locked_until, in_use)) = row else {
+        return Ok(0);
+    };
+    let newest: i64 = tx.query_row(
+        "SELECT MAX(id) FROM points WHERE vm_id = ?1",
+        [vm_id],
+        |r| r.get(0),
+    )?;
+    if locked_until > now_us() || in_use || newest == point {
+        return Err(StoreError::Protected(point));
+    }
+    let disks: Vec<i64> = {
+        let mut stmt = tx.prepare("SELECT disk_id FROM point_disks WHERE point_id = ?1")?;
+        let rows = stmt.query_map([point], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut touched = 0u64;
+    for disk in disks {
+        // The next point of this disk that stays.
+        let mut stmt = tx.prepare_cached(
+            "SELECT point_id FROM point_disks WHERE disk_id = ?1 AND point_id > ?2 ORDER BY point_id",
+        )?;
+        let later: Vec<i64> = stmt
+            .query_map(params![disk, point], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let next = later.into_iter().find(|p| !removing.contains(p));
+        match next {
+            Some(n) => {
+                touched += tx.execute(
+                    "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2 AND EXISTS
+                       (SELECT 1 FROM nodes n2 WHERE n2.disk_id = ?1 AND n2.level = nodes.level
+                        AND n2.idx = nodes.idx AND n2.point > ?2 AND n2.point <= ?3)",
+                    params![disk, point, n],
+                )? as u64;
+                touched += tx.execute(
+                    "UPDATE nodes SET point = ?3 WHERE disk_id = ?1 AND point = ?2",
+                    params![disk, point, n],
+                )? as u64;
+            }
+            None => {
+                touched += tx.execute(
+                    "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2",
+                    params![disk, point],
+                )? as u64;
+            }
+        }
+    }
+    tx.execute("DELETE FROM point_disks WHERE point_id = ?1", [point])?;
+    tx.execute("UPDATE points SET parent = NULL WHERE parent = ?1", [point])?;
+    tx.execute("DELETE FROM points WHERE id = ?1", [point])?;
+    tx.execute(
+        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (?1, 'prune', ?2, ?3, ?4)",
+        params![vm_id, point, format!("{{\"rows\": {touched}}}"), now_us()],
+    )?;
+    tx.commit()?;
+    Ok(touched)
+}
+
+/// Locks a point against prune until `until` (RFC 3339). A lock can only be extended.
+pub fn lock(conn: &Connection, vm: &str, point: i64, until: &str) -> Result<String, StoreError> {
+    let until_us = parse_rfc3339(until).map_err(|_| StoreError::BadTime(until.to_owned()))?;
+    let p = crate::points::resolve(conn, vm, &crate::points::PointSelector::Id(point))?;
+    conn.execute(
+        "UPDATE points SET locked_until_us = MAX(COALESCE(locked_until_us, 0), ?2) WHERE id = ?1",
+        params![p.id, until_us],
+    )?;
+    let now: i64 = conn.query_row(
+        "SELECT locked_until_us FROM points WHERE id = ?1",
+        [p.id],
+        |r| r.get(0),
+    )?;
+    Ok(rfc3339(now))
+}
