@@ -270,8 +270,8 @@ mod tests {
                 let mut periods = Vec::new();
                 for c in &newest_first {
                     let b = period(c.created, rule);
-                    if !newest_in.contains_key(&b) {
-                        newest_in.insert(b, c.id);
+                    if let std::collections::btree_map::Entry::Vacant(e) = newest_in.entry(b) {
+                        e.insert(c.id);
                         periods.push(b);
                     }
                 }
