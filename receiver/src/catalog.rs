@@ -32,6 +32,10 @@ CREATE TABLE IF NOT EXISTS events(
   detail TEXT NOT NULL,
   created_us INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_by_point ON nodes(disk_id, point);
+ALTER TABLE chunks ADD COLUMN created_us INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE packs ADD COLUMN writer TEXT NOT NULL DEFAULT 'serve';
+ALTER TABLE packs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack_id);
 ";
 
 const SCHEMA: &str = "
@@ -75,14 +79,18 @@ CREATE TABLE IF NOT EXISTS nodes(
   PRIMARY KEY(disk_id, level, idx, point)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nodes_by_point ON nodes(disk_id, point);
 CREATE TABLE IF NOT EXISTS packs(
-  id INTEGER PRIMARY KEY,
-  created_us INTEGER NOT NULL);
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  created_us INTEGER NOT NULL,
+  writer TEXT NOT NULL DEFAULT 'serve',
+  sealed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS chunks(
   hash BLOB PRIMARY KEY,
   pack_id INTEGER NOT NULL,
   offset INTEGER NOT NULL,
   clen INTEGER NOT NULL,
-  ulen INTEGER NOT NULL) WITHOUT ROWID;
+  ulen INTEGER NOT NULL,
+  created_us INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack_id);
 CREATE TABLE IF NOT EXISTS chunk_owners(
   owner TEXT NOT NULL,
   hash BLOB NOT NULL,
@@ -135,6 +143,29 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
         tx.commit()?;
     }
     Ok(conn)
+}
+
+/// Allocates a pack id for `writer` ("serve" or "gc"). Ids are never reused (AUTOINCREMENT),
+/// so a deleted pack's name never comes back.
+pub fn new_pack(conn: &Connection, writer: &str) -> rusqlite::Result<i64> {
+    conn.execute(
+        "INSERT INTO packs(created_us, writer, sealed) VALUES (?1, ?2, 0)",
+        rusqlite::params![now_us(), writer],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Marks a pack complete: no writer appends to it any more, so gc may rewrite or delete it.
+pub fn seal_pack(conn: &Connection, id: i64) -> rusqlite::Result<()> {
+    conn.execute("UPDATE packs SET sealed = 1 WHERE id = ?1", [id])
+        .map(|_| ())
+}
+
+/// Seals every pack of `writer`: called when no process of that kind can still be writing
+/// (serve at start; gc at start, holding the gc lock).
+pub fn seal_orphans(conn: &Connection, writer: &str) -> rusqlite::Result<()> {
+    conn.execute("UPDATE packs SET sealed = 1 WHERE writer = ?1", [writer])
+        .map(|_| ())
 }
 
 /// Opens the catalog for reading only, safe while `serve` writes to it.

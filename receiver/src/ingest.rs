@@ -74,6 +74,9 @@ pub struct IncomingChunk {
     pub frame: Vec<u8>,
 }
 
+/// A chunk appended to a pack: hash, pack, offset of its frame, frame length, data length.
+type Placed = (Leaf, i64, u64, usize, usize);
+
 /// A batch whose entries and chunks passed every check, ready to be written.
 pub struct VerifiedBatch {
     session_id: String,
@@ -519,12 +522,17 @@ impl Store {
             chunks: verified,
         } = batch;
         let session_id = session_id.as_str();
-        let (stored, bytes) = self.write_new_chunks(&verified, writer)?;
+        let (placed, bytes) = self.write_new_chunks(&verified, writer)?;
+        let stored = placed.len() as u64;
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // The session may have been committed by a racing stream while we verified.
         open_session(&tx, owner, session_id)?;
+        Self::index_chunks(&tx, &verified, &placed)?;
+        for full in writer.take_retired() {
+            crate::catalog::seal_pack(&tx, full)?;
+        }
         {
             let mut own = tx.prepare_cached(
                 "INSERT OR IGNORE INTO chunk_owners(owner, hash) VALUES (?1, ?2)",
@@ -579,14 +587,15 @@ impl Store {
         })
     }
 
-    /// Appends the chunks the store does not have yet to a pack, syncs it, then indexes them.
+    /// Appends the chunks the store does not have yet to a pack and syncs it; the caller indexes
+    /// them in the transaction that stages the blocks using them.
     fn write_new_chunks(
         &self,
         chunks: &[(Leaf, Vec<u8>, usize)],
         writer: &mut PackWriter,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<(Vec<Placed>, u64), StoreError> {
         if chunks.is_empty() {
-            return Ok((0, 0));
+            return Ok((Vec::new(), 0));
         }
         let fresh: Vec<&(Leaf, Vec<u8>, usize)> = {
             let conn = self.conn();
@@ -604,11 +613,7 @@ impl Store {
         let mut bytes = 0u64;
         for (hash, frame, ulen) in fresh {
             if writer.needs_pack() {
-                let id = {
-                    let conn = self.conn();
-                    conn.execute("INSERT INTO packs(created_us) VALUES (?1)", [now_us()])?;
-                    conn.last_insert_rowid()
-                };
+                let id = crate::catalog::new_pack(&self.conn(), "serve")?;
                 writer.open_pack(id)?;
             }
             let (pack, offset) = writer.append(hash, frame)?;
@@ -617,25 +622,46 @@ impl Store {
         }
         // Durable before referenced.
         writer.sync()?;
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chunks(hash, pack_id, offset, clen, ulen)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for (hash, pack, offset, clen, ulen) in &placed {
-                ins.execute(params![
-                    &hash.0[..],
-                    pack,
-                    *offset as i64,
-                    *clen as i64,
-                    *ulen as i64
-                ])?;
-            }
+        Ok((placed, bytes))
+    }
+
+    /// Indexes placed chunks and renews the gc grace of re-sent ones, inside the caller's
+    /// transaction (the one that also stages the blocks using them, so gc never sees them
+    /// unreferenced).
+    fn index_chunks(
+        tx: &Transaction<'_>,
+        sent: &[(Leaf, Vec<u8>, usize)],
+        placed: &[Placed],
+    ) -> Result<(), StoreError> {
+        let now = now_us();
+        let mut touch = tx.prepare_cached("UPDATE chunks SET created_us = ?2 WHERE hash = ?1")?;
+        for (hash, _, _) in sent {
+            touch.execute(params![&hash.0[..], now])?;
         }
-        tx.commit()?;
-        Ok((placed.len() as u64, bytes))
+        let mut ins = tx.prepare_cached(
+            "INSERT OR IGNORE INTO chunks(hash, pack_id, offset, clen, ulen, created_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (hash, pack, offset, clen, ulen) in placed {
+            ins.execute(params![
+                &hash.0[..],
+                pack,
+                *offset as i64,
+                *clen as i64,
+                *ulen as i64,
+                now
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Seals the pack an upload stream was writing, once the stream ended.
+    pub fn finish_upload(&self, writer: &mut PackWriter) -> Result<(), StoreError> {
+        let conn = self.conn();
+        for id in writer.take_retired().into_iter().chain(writer.current()) {
+            crate::catalog::seal_pack(&conn, id)?;
+        }
+        Ok(())
     }
 
     /// Makes the session a point if, for every disk, the root recomputed from the stored nodes

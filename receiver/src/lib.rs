@@ -15,6 +15,7 @@ pub mod cli;
 pub mod convert;
 pub mod diff;
 pub mod error;
+pub mod gc;
 pub mod ingest;
 pub mod nbd_server;
 pub mod packs;

@@ -66,6 +66,8 @@ pub struct PackWriter {
     dir: PathBuf,
     current: Option<(i64, File, u64)>,
     dirty: bool,
+    /// Packs this writer moved away from, to seal once their rows are committed.
+    retired: Vec<i64>,
 }
 
 impl PackWriter {
@@ -74,7 +76,19 @@ impl PackWriter {
             dir: dir.to_owned(),
             current: None,
             dirty: false,
+            retired: Vec::new(),
         }
+    }
+
+    /// Packs finished since the last call: seal them in the transaction that indexes their
+    /// last chunks (sealing earlier would let gc see a pack without all its rows).
+    pub fn take_retired(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// The pack being appended to, if any.
+    pub fn current(&self) -> Option<i64> {
+        self.current.as_ref().map(|(id, _, _)| *id)
     }
 
     /// The pack the next record goes to, if one is open and not full.
@@ -86,6 +100,9 @@ impl PackWriter {
     /// file and its folder, so that its name survives a crash before any record refers to it.
     pub fn open_pack(&mut self, id: i64) -> Result<(), PackError> {
         self.sync()?;
+        if let Some(old) = self.current() {
+            self.retired.push(old);
+        }
         let path = pack_path(&self.dir, id);
         let mut f = OpenOptions::new()
             .create_new(true)

@@ -58,7 +58,7 @@ pub fn to_status(e: StoreError) -> Status {
         | BadConsistency(_)
         | BadTime(_)
         | NoPolicy => Status::invalid_argument(msg),
-        Protected(_) => Status::failed_precondition(msg),
+        Protected(_) | GcRunning => Status::failed_precondition(msg),
         NotOwner { .. } => Status::permission_denied(msg),
         UnknownVm(_)
         | UnknownSession(_)
@@ -242,6 +242,10 @@ impl Replication for ReplicationService {
             total.chunk_bytes += stats.chunk_bytes;
         }
         drop(verified_rx);
+        {
+            let store = self.store.clone();
+            blocking(move || store.finish_upload(&mut writer)).await?;
+        }
         let read = reader
             .await
             .map_err(|e| Status::internal(format!("reader failed: {e}")))?;

@@ -26,6 +26,8 @@ impl Store {
         })?;
         packs::ensure_dir(&data.join(PACKS_DIR))?;
         let conn = catalog::open_rw(data)?;
+        // No upload of an earlier serve process can still be appending to its packs.
+        catalog::seal_orphans(&conn, "serve")?;
         Ok(Store {
             data: data.to_owned(),
             conn: Mutex::new(conn),

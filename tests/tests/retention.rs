@@ -127,3 +127,135 @@ fn prune_keeps_what_the_rules_say_and_kept_points_restore() {
         disk::digest(&vda)
     );
 }
+
+#[test]
+fn gc_after_prune_frees_exactly_the_dead_chunks() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 8 * 1024 * 1024);
+    disk::random_blocks(&vda, BLOCK, 0, 32, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "gc", &[("vda", &vda)]);
+    // Twice overwrite the same 16 blocks: after pruning all but the newest point, 32 chunks die.
+    for _ in 0..2 {
+        disk::random_blocks(&vda, BLOCK, 0, 16, &mut rand::rng());
+        d.sync_ok(&rx, "host1", "gc", &[("vda", &vda)]);
+    }
+    let newest = d.points("gc").last().unwrap()["id"].as_u64().unwrap();
+    let want = disk::digest(&vda);
+    let before = d.pack_bytes();
+    // With the default grace period nothing this young is collected.
+    let o = rx_cmd(&d, &["gc", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.pack_bytes(), before);
+    assert!(rx_cmd(&d, &["prune", "--vm", "gc", "--keep-last", "1"])
+        .status
+        .success());
+    // Until gc runs, prune frees nothing.
+    assert_eq!(d.pack_bytes(), before);
+    let o = rx_cmd(&d, &["gc", "--grace", "0", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["chunks_removed"], 32);
+    let after = d.pack_bytes();
+    // 32 live random chunks (64 KiB plus a few bytes each) remain, give or take pack headers.
+    let live = 32 * (BLOCK + 40 + 16);
+    assert!(
+        after >= 32 * BLOCK && after <= live + 4096,
+        "after {after}, expected about {live}"
+    );
+    assert!(before - after >= 32 * BLOCK, "freed {}", before - after);
+    assert_eq!(d.restored_digest("gc", "vda", newest), want);
+    // A second run finds nothing to do, and the store still takes points.
+    let o = rx_cmd(&d, &["gc", "--grace", "0", "--json"]);
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["chunks_removed"], 0);
+    disk::random_blocks(&vda, BLOCK, 40, 2, &mut rand::rng());
+    let p = d.sync_ok(&rx, "host1", "gc", &[("vda", &vda)]);
+    assert_eq!(
+        d.restored_digest("gc", "vda", p["point"].as_u64().unwrap()),
+        disk::digest(&vda)
+    );
+}
+
+#[test]
+fn gc_racing_a_live_sync_and_kills_at_random_moments_lose_nothing() {
+    use rand::Rng;
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 96 * 1024 * 1024);
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "race", &[("vda", &vda)]);
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "race", &[("vda", &vda)]);
+    assert!(rx_cmd(&d, &["prune", "--vm", "race", "--keep-last", "1"])
+        .status
+        .success());
+
+    // A large sync in flight while gc (no grace at all) runs again and again.
+    disk::random_blocks(&vda, BLOCK, 100, 1200, &mut rand::rng());
+    let want = disk::digest(&vda);
+    let mut agent = d
+        .sync_cmd(&rx, "host1", "race", &[("vda", &vda)], &["--bwlimit", "40"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut runs = 0;
+    while agent.try_wait().unwrap().is_none() {
+        let o = rx_cmd(&d, &["gc", "--grace", "0"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        runs += 1;
+    }
+    let out = agent.wait_with_output().unwrap();
+    assert!(out.status.success(), "the sync survived {runs} gc runs");
+    assert!(runs >= 3, "gc ran during the sync ({runs})");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        d.restored_digest("race", "vda", r["point"].as_u64().unwrap()),
+        want
+    );
+
+    // SIGKILL prune and gc at random moments: every kept point restores, every time.
+    let mut rng = rand::rng();
+    let mut digests = std::collections::HashMap::new();
+    digests.insert(r["point"].as_u64().unwrap(), want);
+    for round in 0..10u64 {
+        disk::random_blocks(&vda, BLOCK, rng.random_range(0..1400), 24, &mut rng);
+        let p = d.sync_ok(&rx, "host1", "race", &[("vda", &vda)]);
+        digests.insert(p["point"].as_u64().unwrap(), disk::digest(&vda));
+        for args in [
+            vec!["prune", "--vm", "race", "--keep-last", "2"],
+            vec!["gc", "--grace", "0"],
+        ] {
+            let mut child = Command::new(bin("rewind-receiver"))
+                .args(&args)
+                .arg("--data")
+                .arg(d.data())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..40)));
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+        for p in d.points("race") {
+            let id = p["id"].as_u64().unwrap();
+            assert_eq!(
+                &d.restored_digest("race", "vda", id),
+                &digests[&id],
+                "round {round}: point {id}"
+            );
+        }
+    }
+    assert!(rx_cmd(&d, &["prune", "--vm", "race", "--keep-last", "2"])
+        .status
+        .success());
+    assert!(rx_cmd(&d, &["gc", "--grace", "0"]).status.success());
+    for p in d.points("race") {
+        let id = p["id"].as_u64().unwrap();
+        assert_eq!(&d.restored_digest("race", "vda", id), &digests[&id]);
+    }
+}

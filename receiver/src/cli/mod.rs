@@ -3,6 +3,7 @@
 
 pub mod diff;
 pub mod export;
+pub mod gc;
 pub mod lock;
 pub mod pki;
 pub mod points;
@@ -35,6 +36,8 @@ pub enum Command {
     Diff(diff::DiffArgs),
     /// Remove points by keep rules (locked and newest points always stay).
     Prune(prune::PruneArgs),
+    /// Free the space of chunks no point references (safe while serve runs).
+    Gc(gc::GcArgs),
     /// Protect a point from prune until a date.
     Lock(lock::LockArgs),
     /// Serve a point's disks over NBD, read-only, straight from the store.
@@ -52,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Diff(a) => diff::run(a),
         Command::Prune(a) => prune::run(a),
         Command::Lock(a) => lock::run(a),
+        Command::Gc(a) => gc::run(a),
     }
 }

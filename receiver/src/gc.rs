@@ -1,0 +1,190 @@
+//! Garbage collection: forget chunks no point and no open session references, then rewrite
+//! packs that are mostly dead and delete packs that are entirely dead.
+//!
+//! Safe while `serve` accepts points:
+//! - an upload indexes a chunk in the same transaction that stages the block using it, so a
+//!   chunk is never visible unreferenced while its session is open; staged blocks of open
+//!   sessions count as references; chunks written or re-sent within the grace period are kept
+//!   too (an agent may reference a chunk it was told the receiver holds);
+//! - only sealed packs are rewritten or deleted: a writer seals a pack in the transaction that
+//!   indexes its last chunks, serve seals its packs at start (no upload survives a restart), and
+//!   gc, holding the data folder's gc lock, seals those of a killed gc; pack ids are never
+//!   reused;
+//! - a pack's file is deleted only after the transaction that moved its live chunks elsewhere
+//!   committed.
+//!
+//! Crash-safe: every step is a transaction or an idempotent file operation; a kill at any instant
+//! leaves at worst an orphan pack, removed by the next run.
+
+use crate::catalog::now_us;
+use crate::error::StoreError;
+use crate::packs::{pack_path, PackReader, PackWriter, RECORD_HEADER};
+use crate::store::PACKS_DIR;
+use rewind_proto::Leaf;
+use rusqlite::{params, Connection};
+use serde::Serialize;
+use std::path::Path;
+
+/// A pack whose live bytes are below this share of its size is rewritten.
+const REWRITE_BELOW: f64 = 0.5;
+
+/// What a gc run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    pub chunks_removed: u64,
+    pub packs_rewritten: u64,
+    pub packs_deleted: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+fn packs_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs one collection over the data folder.
+pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcReport, StoreError> {
+    let dir = data.join(PACKS_DIR);
+    // One gc at a time; the lock ends with the process, so a killed gc does not block the next.
+    let lock_path = data.join("gc.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| StoreError::GcRunning)?;
+    // Packs a killed gc left open can be collected now.
+    crate::catalog::seal_orphans(conn, "gc")?;
+    let cutoff = now_us() - (grace_secs as i64) * 1_000_000;
+    let mut report = GcReport {
+        bytes_before: packs_bytes(&dir),
+        ..Default::default()
+    };
+
+    // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
+    {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS gc_live(hash BLOB PRIMARY KEY) WITHOUT ROWID;
+             DELETE FROM gc_live;
+             INSERT OR IGNORE INTO gc_live SELECT hash FROM nodes WHERE level = 0 AND hash IS NOT NULL;
+             INSERT OR IGNORE INTO gc_live SELECT b.hash FROM session_blocks b
+               JOIN sessions s ON s.id = b.session_id WHERE s.state = 'open';",
+        )?;
+        let removed = tx.execute(
+            "DELETE FROM chunks WHERE created_us < ?1 AND hash NOT IN (SELECT hash FROM gc_live)",
+            [cutoff],
+        )?;
+        tx.execute(
+            "DELETE FROM chunk_owners WHERE hash NOT IN (SELECT hash FROM chunks)",
+            [],
+        )?;
+        tx.execute("DELETE FROM temp.gc_live", [])?;
+        tx.commit()?;
+        report.chunks_removed = removed as u64;
+    }
+
+    // 2. Packs: delete dead ones, rewrite mostly dead ones.
+    let packs: Vec<(i64, i64)> = {
+        // Only sealed packs: one a writer still appends to may not have all its rows yet.
+        let mut stmt =
+            conn.prepare("SELECT id, created_us FROM packs WHERE sealed = 1 ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut writer = PackWriter::new(&dir);
+    let mut reader = PackReader::new(&dir);
+    for (id, created) in packs {
+        if created >= cutoff {
+            continue;
+        }
+        let path = pack_path(&dir, id);
+        let meta = std::fs::metadata(&path).ok();
+        // A pack still being appended to (a long upload) is never touched.
+        let recent = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .is_some_and(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(true, |d| (d.as_micros() as i64) >= cutoff)
+            });
+        if recent {
+            continue;
+        }
+        let size = meta.map_or(0, |m| m.len());
+        let live: Vec<(Vec<u8>, i64, i64)> = {
+            let mut stmt =
+                conn.prepare_cached("SELECT hash, offset, clen FROM chunks WHERE pack_id = ?1")?;
+            let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let live_bytes: u64 = live.iter().map(|(_, _, c)| *c as u64 + RECORD_HEADER).sum();
+        if !live.is_empty() && (size == 0 || live_bytes as f64 >= REWRITE_BELOW * size as f64) {
+            continue;
+        }
+        if !live.is_empty() {
+            // Copy the live chunks, make them durable, then repoint the catalog.
+            let mut moved = Vec::new();
+            for (hash, off, clen) in &live {
+                let leaf = Leaf::from_slice(hash)?;
+                let frame = reader.read(id, *off as u64, *clen as u32, &leaf)?;
+                if writer.needs_pack() {
+                    let id = crate::catalog::new_pack(conn, "gc")?;
+                    writer.open_pack(id)?;
+                }
+                let (new_pack, new_off) = writer.append(&leaf, &frame)?;
+                moved.push((hash.clone(), new_pack, new_off));
+            }
+            writer.sync()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for (hash, pack, off) in &moved {
+                tx.execute(
+                    "UPDATE chunks SET pack_id = ?2, offset = ?3 WHERE hash = ?1 AND pack_id = ?4",
+                    params![hash, pack, *off as i64, id],
+                )?;
+            }
+            for full in writer.take_retired() {
+                crate::catalog::seal_pack(&tx, full)?;
+            }
+            tx.commit()?;
+            report.packs_rewritten += 1;
+        }
+        // No row refers to the pack any more (a chunk written meanwhile would be in a pack of
+        // serve's own, never in this old one).
+        let still: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM chunks WHERE pack_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        if still == 0 {
+            conn.execute("DELETE FROM packs WHERE id = ?1", [id])?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { path, source }),
+            }
+            report.packs_deleted += 1;
+        }
+    }
+    writer.sync()?;
+    if let Some(id) = writer.current() {
+        crate::catalog::seal_pack(conn, id)?;
+    }
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    report.bytes_after = packs_bytes(&dir);
+    Ok(report)
+}
