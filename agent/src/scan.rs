@@ -42,6 +42,8 @@ pub struct Change {
 pub struct DiskScan {
     pub root: Leaf,
     pub changed: u64,
+    /// Unchanged blocks sent again because the receiver lost their chunk.
+    pub healed: u64,
     pub read_bytes: u64,
 }
 
@@ -135,16 +137,18 @@ pub fn whole_blocks(extents: &[(u64, u64)], geometry: &DiskGeometry) -> Vec<(u64
 
 /// Walks a disk's blocks in order, building its tree and reporting blocks whose leaf differs
 /// from the base point.
-struct Walker<'o, 'c, F> {
+struct Walker<'o, 'c, 'h, F> {
     builder: Builder,
     old: &'o mut OldLeaves<'c>,
     on_change: F,
     outside: Outside,
+    heal: &'h std::collections::HashSet<Leaf>,
     changed: u64,
+    healed: u64,
     next: u64,
 }
 
-impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, F> {
+impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
     fn emit(&mut self, index: u64, leaf: Leaf, data: Option<&[u8]>) -> Result<(), ScanError> {
         self.changed += 1;
         (self.on_change)(Change {
@@ -187,6 +191,15 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, F> {
         self.next = index + 1;
         if leaf != before {
             self.emit(index, leaf, data.filter(|_| !leaf.is_zero()))?;
+        } else if !leaf.is_zero() && self.heal.contains(&leaf) {
+            if let Some(d) = data {
+                self.healed += 1;
+                (self.on_change)(Change {
+                    index,
+                    leaf,
+                    data: Some(d.to_vec()),
+                })?;
+            }
         }
         Ok(())
     }
@@ -200,6 +213,7 @@ pub fn scan_disk(
     geometry: DiskGeometry,
     plan: &ScanPlan,
     old: &mut OldLeaves<'_>,
+    heal: &std::collections::HashSet<Leaf>,
     on_change: impl FnMut(Change) -> Result<(), ScanError>,
     progress: &dyn Fn(u64),
 ) -> Result<DiskScan, ScanError> {
@@ -209,7 +223,9 @@ pub fn scan_disk(
         old,
         on_change,
         outside: plan.outside,
+        heal,
         changed: 0,
+        healed: 0,
         next: 0,
     };
     let mut read_bytes = 0u64;
@@ -252,6 +268,7 @@ pub fn scan_disk(
     Ok(DiskScan {
         root: tree::root(&geometry, w.builder.finish()),
         changed: w.changed,
+        healed: w.healed,
         read_bytes,
     })
 }

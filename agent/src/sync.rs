@@ -78,6 +78,8 @@ pub struct DiskReport {
     /// How changes were found: "hash-scan", "dirty-bitmap" or "full-read: REASON".
     pub source: String,
     pub changed_blocks: u64,
+    /// Unchanged blocks sent again because the receiver lost their chunk.
+    pub healed_blocks: u64,
     pub read_bytes: u64,
     pub sent_bytes: u64,
     pub sent_chunks: u64,
@@ -300,6 +302,15 @@ pub async fn sync_once(
         .iter()
         .map(|p| p.mode != pb::DiskMode::Delta as i32)
         .collect();
+    let heal: Arc<HashSet<Leaf>> = Arc::new(
+        plan.heal
+            .iter()
+            .filter_map(|h| Leaf::from_slice(h).ok())
+            .collect(),
+    );
+    if !heal.is_empty() {
+        tracing::warn!(vm = %cfg.vm, chunks = heal.len(), "the receiver lost chunks this VM needs: sending them again where the disks still hold them");
+    }
     state::start_pending(
         &mut conn,
         &cfg.vm,
@@ -455,6 +466,7 @@ pub async fn sync_once(
             &plan.session,
             Arc::new(opened),
             &full,
+            heal.clone(),
             progress,
         )
         .await?;
@@ -518,6 +530,7 @@ pub async fn sync_once(
             mode: if *f { "full" } else { "delta" },
             source: s.source,
             changed_blocks: s.scan.changed,
+            healed_blocks: s.scan.healed,
             read_bytes: s.scan.read_bytes,
             sent_bytes: *bytes,
             sent_chunks: *chunks,
@@ -592,6 +605,7 @@ async fn transfer(
     session: &str,
     disks: Arc<Vec<OpenDisk>>,
     full: &[bool],
+    heal: Arc<HashSet<Leaf>>,
     progress: Progress,
 ) -> Result<(ScanResults, Vec<(u64, u64)>), SyncError> {
     let (wtx, mut wrx) = mpsc::channel::<Vec<Item>>(QUEUE_DEPTH);
@@ -600,7 +614,9 @@ async fn transfer(
         let full = full.to_vec();
         let state_dir = cfg.state_dir.clone();
         let vm = cfg.vm.clone();
-        tokio::task::spawn_blocking(move || scan_all(&disks, &full, &state_dir, &vm, wtx, progress))
+        tokio::task::spawn_blocking(move || {
+            scan_all(&disks, &full, &heal, &state_dir, &vm, wtx, progress)
+        })
     };
 
     let (btx, brx) = mpsc::channel::<pb::Batch>(QUEUE_DEPTH);
@@ -710,6 +726,7 @@ async fn transfer(
 fn scan_all(
     disks: &[OpenDisk],
     full: &[bool],
+    heal: &HashSet<Leaf>,
     state_dir: &std::path::Path,
     vm: &str,
     out: mpsc::Sender<Vec<Item>>,
@@ -726,12 +743,14 @@ fn scan_all(
     for (pos, d) in disks.iter().enumerate() {
         let mut old = OldLeaves::new(&read_conn, vm, (!full[pos]).then_some(d.name.as_str()));
         let report = |p: u64| progress(done_before + p, total);
-        let (mut src, plan) = open_reader(&d.reader, &d.geometry, full[pos])?;
+        // Healing needs every block read: a dirty bitmap only names the changed ones.
+        let (mut src, plan) = open_reader(&d.reader, &d.geometry, full[pos] || !heal.is_empty())?;
         let scan = scan::scan_disk(
             src.as_mut(),
             d.geometry,
             &plan,
             &mut old,
+            heal,
             |change| {
                 pending.add(&d.name, change.index, &change.leaf)?;
                 window_bytes += change.data.as_ref().map_or(0, Vec::len);

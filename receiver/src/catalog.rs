@@ -35,6 +35,10 @@ CREATE INDEX IF NOT EXISTS nodes_by_point ON nodes(disk_id, point);
 ALTER TABLE chunks ADD COLUMN created_us INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE packs ADD COLUMN writer TEXT NOT NULL DEFAULT 'serve';
 ALTER TABLE packs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE IF NOT EXISTS bad_chunks(
+  hash BLOB PRIMARY KEY,
+  found_us INTEGER NOT NULL,
+  detail TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack_id);
 ";
 
@@ -119,6 +123,10 @@ CREATE TABLE IF NOT EXISTS events(
   point INTEGER,
   detail TEXT NOT NULL,
   created_us INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS bad_chunks(
+  hash BLOB PRIMARY KEY,
+  found_us INTEGER NOT NULL,
+  detail TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session_blocks(
   session_id TEXT NOT NULL,
   pos INTEGER NOT NULL,

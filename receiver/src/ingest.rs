@@ -57,6 +57,8 @@ pub struct BeginPlan {
     pub modes: Vec<(String, DiskMode)>,
     /// Set when the resumed session was already committed as this point.
     pub committed_point: Option<i64>,
+    /// Damaged chunks the VM's points need (see [`crate::verify`]).
+    pub heal: Vec<Leaf>,
 }
 
 /// One block map entry of a batch.
@@ -319,6 +321,7 @@ impl Store {
                             base_point: latest,
                             modes: vec![],
                             committed_point: point,
+                            heal: Vec::new(),
                         });
                     }
                     if state == "open" {
@@ -396,12 +399,14 @@ impl Store {
             };
             modes.push((d.name.clone(), mode));
         }
+        let heal = crate::verify::heal_list(&tx, vm_id)?;
         tx.commit()?;
         Ok(BeginPlan {
             session: id,
             base_point: latest,
             modes,
             committed_point: None,
+            heal,
         })
     }
 
@@ -642,6 +647,12 @@ impl Store {
             "INSERT OR IGNORE INTO chunks(hash, pack_id, offset, clen, ulen, created_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        let mut healed = tx.prepare_cached("DELETE FROM bad_chunks WHERE hash = ?1")?;
+        for (hash, _, _, _, _) in placed {
+            if healed.execute([&hash.0[..]])? > 0 {
+                tracing::info!(chunk = %hash, "damaged chunk healed");
+            }
+        }
         for (hash, pack, offset, clen, ulen) in placed {
             ins.execute(params![
                 &hash.0[..],

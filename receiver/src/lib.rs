@@ -28,3 +28,4 @@ pub mod retention;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod verify;

@@ -165,6 +165,7 @@ impl Replication for ReplicationService {
                 })
                 .collect(),
             committed_point: plan.committed_point.unwrap_or(0) as u64,
+            heal: plan.heal.iter().map(|h| h.0.to_vec()).collect(),
         }))
     }
 

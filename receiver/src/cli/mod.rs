@@ -10,6 +10,7 @@ pub mod points;
 pub mod prune;
 pub mod restore;
 pub mod serve;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ pub enum Command {
     Prune(prune::PruneArgs),
     /// Free the space of chunks no point references (safe while serve runs).
     Gc(gc::GcArgs),
+    /// Re-read and re-hash chunks; quarantine bad ones and name the points they damage.
+    Verify(verify::VerifyArgs),
     /// Protect a point from prune until a date.
     Lock(lock::LockArgs),
     /// Serve a point's disks over NBD, read-only, straight from the store.
@@ -56,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prune(a) => prune::run(a),
         Command::Lock(a) => lock::run(a),
         Command::Gc(a) => gc::run(a),
+        Command::Verify(a) => verify::run(a),
     }
 }

@@ -1,0 +1,167 @@
+//! Verify: re-read every chunk the selected points reference (or every chunk), check that it
+//! decompresses to its length and hashes to its name, and quarantine the bad ones.
+//!
+//! A bad chunk is removed from the chunk index (its bytes cannot be trusted) and recorded in
+//! `bad_chunks`; the points that reference it are reported damaged. The owning agent's next
+//! sync is told (Begin's heal list) to send that content again if its disk still has it; the
+//! chunk is then stored anew, the points that reference it by hash are whole again, and the
+//! quarantine entry is dropped.
+
+use crate::catalog::now_us;
+use crate::error::StoreError;
+use crate::packs::PackReader;
+use crate::store::PACKS_DIR;
+use rewind_proto::{chunk, Leaf};
+use rusqlite::{params, Connection};
+use serde::Serialize;
+use std::path::Path;
+
+/// One bad chunk and what it damages.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadChunk {
+    pub hash: String,
+    pub error: String,
+    /// (VM, point) pairs whose content needs it.
+    pub points: Vec<(String, i64)>,
+}
+
+/// What a verify run found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    pub bad: Vec<BadChunk>,
+    /// Chunks still quarantined from earlier runs (not yet healed).
+    pub quarantined: Vec<BadChunk>,
+}
+
+/// Points (of any VM) whose content references `hash`.
+fn points_using(conn: &Connection, hash: &[u8]) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT v.name, pd.point_id FROM nodes n
+         JOIN point_disks pd ON pd.disk_id = n.disk_id AND pd.point_id >= n.point
+         JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
+         WHERE n.level = 0 AND n.hash = ?1
+           AND NOT EXISTS (SELECT 1 FROM nodes n2 WHERE n2.disk_id = n.disk_id AND n2.level = 0
+                           AND n2.idx = n.idx AND n2.point > n.point AND n2.point <= pd.point_id)
+         ORDER BY pd.point_id",
+    )?;
+    let rows = stmt.query_map([hash], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Checks chunks and quarantines bad ones. `scope` limits the check to chunks referenced by
+/// the points of a VM (and one point of it).
+pub fn verify(
+    conn: &mut Connection,
+    data: &Path,
+    scope: Option<(&str, Option<i64>)>,
+    progress: &dyn Fn(u64, u64),
+) -> Result<VerifyReport, StoreError> {
+    let chunks: Vec<(Vec<u8>, i64, i64, i64, i64)> = {
+        let (sql, vm, point) = match scope {
+            None => (
+                "SELECT hash, pack_id, offset, clen, ulen FROM chunks ORDER BY pack_id, offset",
+                None,
+                None,
+            ),
+            Some((vm, point)) => (
+                "SELECT c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c WHERE c.hash IN
+                   (SELECT n.hash FROM nodes n JOIN point_disks pd ON pd.disk_id = n.disk_id
+                    JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
+                    WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
+                      AND n.point <= p.id AND n.hash IS NOT NULL)
+                 ORDER BY c.pack_id, c.offset",
+                Some(vm),
+                point,
+            ),
+        };
+        let mut stmt = conn.prepare(sql)?;
+        let rows = if vm.is_some() {
+            stmt.query_map(params![vm, point], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+        } else {
+            stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        rows
+    };
+    let total: u64 = chunks.iter().map(|c| c.4 as u64).sum();
+    let mut reader = PackReader::new(&data.join(PACKS_DIR));
+    let mut report = VerifyReport::default();
+    let mut bad = Vec::new();
+    for (hash, pack, off, clen, ulen) in chunks {
+        let leaf = Leaf::from_slice(&hash)?;
+        let result = reader
+            .read(pack, off as u64, clen as u32, &leaf)
+            .map_err(|e| e.to_string())
+            .and_then(|frame| chunk::open(leaf, &frame, ulen as usize).map_err(|e| e.to_string()));
+        report.chunks_checked += 1;
+        report.bytes_checked += ulen as u64;
+        if let Err(error) = result {
+            bad.push((hash, error));
+        }
+        progress(report.bytes_checked, total);
+    }
+    for (hash, error) in bad {
+        let points = points_using(conn, &hash)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO bad_chunks(hash, found_us, detail) VALUES (?1, ?2, ?3)",
+            params![hash, now_us(), error],
+        )?;
+        tx.execute("DELETE FROM chunks WHERE hash = ?1", [&hash])?;
+        tx.execute("DELETE FROM chunk_owners WHERE hash = ?1", [&hash])?;
+        tx.commit()?;
+        tracing::error!(chunk = %hex::encode(&hash), %error, points = points.len(), "bad chunk quarantined");
+        report.bad.push(BadChunk {
+            hash: hex::encode(&hash),
+            error,
+            points,
+        });
+    }
+    let earlier: Vec<(Vec<u8>, String)> = {
+        let mut stmt = conn.prepare("SELECT hash, detail FROM bad_chunks ORDER BY found_us")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (hash, error) in earlier {
+        let hex_hash = hex::encode(&hash);
+        if report.bad.iter().any(|b| b.hash == hex_hash) {
+            continue;
+        }
+        let points = points_using(conn, &hash)?;
+        let in_scope = match scope {
+            None => true,
+            Some((vm, p)) => points
+                .iter()
+                .any(|(v, id)| v == vm && p.is_none_or(|p| p == *id)),
+        };
+        if in_scope {
+            report.quarantined.push(BadChunk {
+                hash: hex_hash,
+                error,
+                points,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Quarantined chunks a VM's points need: the agent should send them again.
+pub fn heal_list(conn: &Connection, vm_id: i64) -> Result<Vec<Leaf>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT b.hash FROM bad_chunks b JOIN nodes n ON n.hash = b.hash AND n.level = 0
+         JOIN disks d ON d.id = n.disk_id WHERE d.vm_id = ?1",
+    )?;
+    let rows = stmt.query_map([vm_id], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(Leaf::from_slice(&r?)?);
+    }
+    Ok(out)
+}
