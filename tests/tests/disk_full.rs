@@ -1,0 +1,138 @@
+//! The receiver's disk fills up during a sync: the agent gets a clear error, nothing committed
+//! is damaged, and once space is freed the store takes points again (continuous mode retries by
+//! itself). The data folder lives on a small loop-mounted ext4 file system made for the test.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use rewind_tests::{disk, run, wait_until, Deployment, Receiver};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BLOCK: u64 = 64 * 1024;
+const MIB: u64 = 1 << 20;
+
+/// A small ext4 file system mounted on a folder; unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn new(image: &Path, mount: &Path, mib: u64) -> SmallFs {
+        disk::create(image, mib * MIB);
+        let ok = |c: &mut Command| {
+            let o = run(c);
+            assert!(
+                o.status.success(),
+                "{c:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ok(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(image));
+        std::fs::create_dir_all(mount).unwrap();
+        ok(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(mount));
+        SmallFs(mount.to_owned())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg("-l").arg(&self.0));
+    }
+}
+
+#[test]
+fn a_full_receiver_disk_fails_cleanly_and_recovers() {
+    let d = Deployment::new();
+    let fs = SmallFs::new(&d.path("fs.img"), &d.path("mnt"), 160);
+    let data = fs.0.join("data");
+    let rx = Receiver::start(&data, &d.pki());
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 256 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, 160, &mut rand::rng()); // 10 MiB
+    let mut agent_cmd = d.sync_cmd(&rx, "host1", "full", &[("vda", &vda)], &[]);
+    let first = run(&mut agent_cmd);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let first_digest = disk::digest(&vda);
+
+    // Leave about 30 MiB free, then try to send 100 MiB of new data.
+    let filler = fs.0.join("filler");
+    let free = rustix::fs::statvfs(&fs.0).unwrap();
+    let avail = free.f_bavail * free.f_frsize;
+    disk::create(&filler, 0);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, avail - 30 * MIB).unwrap();
+    drop(f);
+    disk::random_blocks(&vda, BLOCK, 400, 1600, &mut rand::rng());
+    let out = run(&mut d.sync_cmd(&rx, "host1", "full", &[("vda", &vda)], &[]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("receiver storage is full"), "{err}");
+    // Nothing committed is damaged, and no partial point is listed.
+    let points = run(Command::new(rewind_tests::bin("rewind-receiver"))
+        .args(["points", "--json", "--data"])
+        .arg(&data));
+    let points: serde_json::Value = serde_json::from_slice(&points.stdout).unwrap();
+    assert_eq!(points.as_array().unwrap().len(), 1);
+    let restored = d.path("p1.raw");
+    let o = run(Command::new(rewind_tests::bin("rewind-receiver"))
+        .args([
+            "restore", "--vm", "full", "--disk", "vda", "--point", "1", "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&restored));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(disk::digest(&restored), first_digest);
+    std::fs::remove_file(&restored).unwrap();
+
+    // Continuous mode keeps retrying; freeing space lets the next cycle through.
+    let mut cmd = d.sync_cmd(&rx, "host1", "full", &[("vda", &vda)], &["--interval", "1"]);
+    let args: Vec<_> = cmd
+        .get_args()
+        .filter(|a| *a != "--once")
+        .map(|a| a.to_owned())
+        .collect();
+    let mut agent = Command::new(cmd.get_program())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::remove_file(&filler).unwrap();
+    let done = wait_until(Duration::from_secs(60), || {
+        let o = run(Command::new(rewind_tests::bin("rewind-receiver"))
+            .args(["points", "--json", "--data"])
+            .arg(&data));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() >= 2))
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(
+        done,
+        "the agent never got a point through after space was freed"
+    );
+    let want = disk::digest(&vda);
+    let o = run(Command::new(rewind_tests::bin("rewind-receiver"))
+        .args([
+            "restore", "--vm", "full", "--disk", "vda", "--point", "2", "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&restored));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(disk::digest(&restored), want);
+    drop(rx);
+}
