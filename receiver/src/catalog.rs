@@ -26,7 +26,7 @@ ALTER TABLE points ADD COLUMN config TEXT;
 ALTER TABLE points ADD COLUMN locked_until_us INTEGER;
 CREATE TABLE IF NOT EXISTS events(
   id INTEGER PRIMARY KEY,
-  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  vm_id INTEGER REFERENCES vms(id),
   kind TEXT NOT NULL,
   point INTEGER,
   detail TEXT NOT NULL,
@@ -118,7 +118,7 @@ CREATE TABLE IF NOT EXISTS session_disks(
   PRIMARY KEY(session_id, pos)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events(
   id INTEGER PRIMARY KEY,
-  vm_id INTEGER NOT NULL REFERENCES vms(id),
+  vm_id INTEGER REFERENCES vms(id),
   kind TEXT NOT NULL,
   point INTEGER,
   detail TEXT NOT NULL,

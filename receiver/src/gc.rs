@@ -186,5 +186,9 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         let _ = d.sync_all();
     }
     report.bytes_after = packs_bytes(&dir);
+    conn.execute(
+        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'gc', NULL, ?1, ?2)",
+        params![serde_json::to_string(&report).unwrap_or_default(), now_us()],
+    )?;
     Ok(report)
 }

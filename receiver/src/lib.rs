@@ -17,6 +17,7 @@ pub mod diff;
 pub mod error;
 pub mod gc;
 pub mod ingest;
+pub mod metrics;
 pub mod nbd_server;
 pub mod packs;
 pub mod pki;

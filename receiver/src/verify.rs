@@ -149,6 +149,14 @@ pub fn verify(
             });
         }
     }
+    conn.execute(
+        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'verify', NULL, ?1, ?2)",
+        params![
+            serde_json::json!({"chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
+                "bad": report.bad.len(), "quarantined": report.quarantined.len()}).to_string(),
+            now_us()
+        ],
+    )?;
     Ok(report)
 }
 

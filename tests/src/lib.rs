@@ -213,11 +213,17 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(data: &Path, pki: &Path) -> Receiver {
+        Receiver::start_with(data, pki, &[])
+    }
+
+    /// Starts `serve` with extra flags.
+    pub fn start_with(data: &Path, pki: &Path, extra: &[&str]) -> Receiver {
         let mut child = Command::new(bin("rewind-receiver"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .arg("--pki")
             .arg(pki)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

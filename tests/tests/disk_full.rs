@@ -97,7 +97,7 @@ fn a_full_receiver_disk_fails_cleanly_and_recovers() {
     std::fs::remove_file(&restored).unwrap();
 
     // Continuous mode keeps retrying; freeing space lets the next cycle through.
-    let mut cmd = d.sync_cmd(&rx, "host1", "full", &[("vda", &vda)], &["--interval", "1"]);
+    let cmd = d.sync_cmd(&rx, "host1", "full", &[("vda", &vda)], &["--interval", "1"]);
     let args: Vec<_> = cmd
         .get_args()
         .filter(|a| *a != "--once")

@@ -259,3 +259,66 @@ fn gc_racing_a_live_sync_and_kills_at_random_moments_lose_nothing() {
         assert_eq!(&d.restored_digest("race", "vda", id), &digests[&id]);
     }
 }
+
+#[test]
+fn serve_applies_retention_on_schedule_and_exports_metrics() {
+    use std::io::{Read, Write};
+    let d = Deployment::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let rx = rewind_tests::Receiver::start_with(
+        &d.data(),
+        &d.pki(),
+        &[
+            "--keep-last",
+            "1",
+            "--prune-interval",
+            "1",
+            "--metrics",
+            &metrics_addr,
+        ],
+    );
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 4 * 1024 * 1024);
+    for i in 0..3 {
+        disk::random_blocks(&vda, BLOCK, i * 4, 4, &mut rand::rng());
+        d.sync_ok(&rx, "host1", "sched", &[("vda", &vda)]);
+    }
+    assert!(
+        rewind_tests::wait_until(std::time::Duration::from_secs(20), || d
+            .points("sched")
+            .len()
+            == 1),
+        "scheduled retention never pruned"
+    );
+    let newest = d.points("sched")[0]["id"].as_u64().unwrap();
+    assert_eq!(
+        d.restored_digest("sched", "vda", newest),
+        disk::digest(&vda)
+    );
+    assert!(rx_cmd(&d, &["verify"]).status.success());
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let m = scrape();
+    assert!(m.contains("rewind_points{vm=\"sched\"} 1"), "{m}");
+    assert!(m.contains("rewind_prune_points_removed_total 2"), "{m}");
+    assert!(
+        m.contains("rewind_verify_chunks_checked_last 4")
+            || m.contains("rewind_verify_chunks_checked_last 12"),
+        "{m}"
+    );
+    assert!(m.contains("rewind_verify_chunks_bad_last 0"), "{m}");
+    assert!(
+        m.contains("rewind_last_point_age_seconds{vm=\"sched\"}"),
+        "{m}"
+    );
+}

@@ -18,6 +18,71 @@ pub struct ServeArgs {
     /// PKI folder with ca.pem, receiver.pem and receiver.key.
     #[arg(long)]
     pub pki: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP: keep it on loopback or a
+    /// monitoring network).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Retention for every VM, applied by prune + gc every --prune-interval seconds.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Seconds between scheduled prune + gc runs (with any --keep-* rule).
+    #[arg(long, default_value_t = 3600)]
+    pub prune_interval: u64,
+}
+
+/// Keep rules for scheduled retention (same meaning as `prune`).
+#[derive(Debug, Clone, Args)]
+pub struct RetentionArgs {
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    #[arg(long)]
+    pub keep_hourly: Option<u32>,
+    #[arg(long)]
+    pub keep_daily: Option<u32>,
+    #[arg(long)]
+    pub keep_weekly: Option<u32>,
+    #[arg(long)]
+    pub keep_monthly: Option<u32>,
+    #[arg(long)]
+    pub keep_yearly: Option<u32>,
+}
+
+impl RetentionArgs {
+    fn policy(&self) -> crate::retention::Policy {
+        crate::retention::Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
+}
+
+/// Prune then gc on a schedule, on blocking threads; failures are logged and retried next time.
+async fn retention_loop(data: PathBuf, policy: crate::retention::Policy, every: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every.max(1)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let data = data.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<(), crate::error::StoreError> {
+            let mut conn = crate::catalog::open_rw(&data)?;
+            for vm in crate::prune::prune(&mut conn, None, &policy, false)? {
+                tracing::info!(vm = %vm.vm, removed = vm.removed.len(), rows = vm.rows_touched, "scheduled prune");
+            }
+            let g = crate::gc::gc(&mut conn, &data, 6 * 3600)?;
+            tracing::info!(chunks = g.chunks_removed, freed = g.bytes_before.saturating_sub(g.bytes_after), "scheduled gc");
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "scheduled retention failed"),
+            Err(e) => tracing::error!(error = %e, "scheduled retention crashed"),
+        }
+    }
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -33,6 +98,18 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!("rewind-receiver listening on {addr}");
+        if let Some(m) = a.metrics {
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding the metrics address {m}"))?;
+            tracing::info!(addr = %m, "metrics");
+            tokio::spawn(crate::metrics::serve(l, a.data.clone()));
+        }
+        let policy = a.retention.policy();
+        if !policy.is_empty() {
+            tracing::info!(?policy, every = a.prune_interval, "scheduled retention");
+            tokio::spawn(retention_loop(a.data.clone(), policy, a.prune_interval));
+        }
         tracing::info!(%addr, data = %a.data.display(), "serving");
         crate::server::run(listener, &pki, store, shutdown_signal())
             .await

@@ -1,0 +1,157 @@
+//! Prometheus metrics of the store, read from the catalog at each scrape, so that what the
+//! `prune`, `gc` and `verify` commands did (recorded as events) shows up next to what `serve`
+//! stores: points and last point age per VM, store size, quarantined chunks, and the totals and
+//! last results of prune, gc and verify.
+
+use crate::catalog::{self, now_us};
+use crate::error::StoreError;
+use crate::store::PACKS_DIR;
+use rusqlite::Connection;
+use std::fmt::Write as _;
+use std::path::Path;
+
+fn sum_detail(conn: &Connection, kind: &str, field: &str) -> Result<f64, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT detail FROM events WHERE kind = ?1")?;
+    let rows = stmt.query_map([kind], |r| r.get::<_, String>(0))?;
+    let mut total = 0.0;
+    for r in rows {
+        let v: serde_json::Value = serde_json::from_str(&r?).unwrap_or_default();
+        total += v[field].as_f64().unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+fn last_detail(conn: &Connection, kind: &str) -> Result<serde_json::Value, StoreError> {
+    let d: Option<String> = rusqlite::OptionalExtension::optional(conn.query_row(
+        "SELECT detail FROM events WHERE kind = ?1 ORDER BY id DESC LIMIT 1",
+        [kind],
+        |r| r.get(0),
+    ))?;
+    Ok(d.and_then(|d| serde_json::from_str(&d).ok())
+        .unwrap_or_default())
+}
+
+/// The metrics in Prometheus' text format.
+pub fn render(data: &Path) -> Result<String, StoreError> {
+    let conn = catalog::open_ro(data)?;
+    let mut out = String::new();
+    let now = now_us();
+    let _ = writeln!(
+        out,
+        "# HELP rewind_points Committed points per VM.\n# TYPE rewind_points gauge"
+    );
+    let _ = writeln!(out, "# HELP rewind_last_point_age_seconds Age of the newest point per VM.\n# TYPE rewind_last_point_age_seconds gauge");
+    let mut stmt = conn.prepare(
+        "SELECT v.name, COUNT(p.id), MAX(p.created_us) FROM vms v LEFT JOIN points p ON p.vm_id = v.id GROUP BY v.id ORDER BY v.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+        ))
+    })?;
+    for r in rows {
+        let (vm, n, last) = r?;
+        let _ = writeln!(out, "rewind_points{{vm=\"{vm}\"}} {n}");
+        if let Some(last) = last {
+            let _ = writeln!(
+                out,
+                "rewind_last_point_age_seconds{{vm=\"{vm}\"}} {:.3}",
+                (now - last) as f64 / 1e6
+            );
+        }
+    }
+    let store_bytes: u64 = std::fs::read_dir(data.join(PACKS_DIR))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    let (chunks, logical): (i64, Option<i64>) =
+        conn.query_row("SELECT COUNT(*), SUM(ulen) FROM chunks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
+    let pruned: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE kind = 'prune'",
+        [],
+        |r| r.get(0),
+    )?;
+    let gc_last = last_detail(&conn, "gc")?;
+    let verify_last = last_detail(&conn, "verify")?;
+    let gauges = [
+        (
+            "rewind_store_bytes",
+            "Bytes in pack files.",
+            store_bytes as f64,
+        ),
+        ("rewind_chunks", "Distinct chunks stored.", chunks as f64),
+        (
+            "rewind_chunks_logical_bytes",
+            "Uncompressed bytes of the stored chunks.",
+            logical.unwrap_or(0) as f64,
+        ),
+        (
+            "rewind_chunks_quarantined",
+            "Chunks found damaged and not yet healed.",
+            quarantined as f64,
+        ),
+        (
+            "rewind_prune_points_removed_total",
+            "Points removed by prune.",
+            pruned as f64,
+        ),
+        (
+            "rewind_gc_chunks_removed_total",
+            "Chunks removed by gc.",
+            sum_detail(&conn, "gc", "chunks_removed")?,
+        ),
+        (
+            "rewind_gc_bytes_freed_last",
+            "Bytes the last gc freed.",
+            gc_last["bytes_before"].as_f64().unwrap_or(0.0)
+                - gc_last["bytes_after"].as_f64().unwrap_or(0.0),
+        ),
+        (
+            "rewind_verify_chunks_checked_last",
+            "Chunks the last verify checked.",
+            verify_last["chunks_checked"].as_f64().unwrap_or(0.0),
+        ),
+        (
+            "rewind_verify_chunks_bad_last",
+            "Bad chunks the last verify found.",
+            verify_last["bad"].as_f64().unwrap_or(0.0),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    Ok(out)
+}
+
+/// Serves `/metrics` over plain HTTP (bind it to loopback or a monitoring network).
+pub async fn serve(listener: tokio::net::TcpListener, data: std::path::PathBuf) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let data = data.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let _ = sock.read(&mut buf).await;
+            let body = tokio::task::spawn_blocking(move || render(&data))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            let resp = match body {
+                Some(b) => format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len()),
+                None => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
+            };
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
