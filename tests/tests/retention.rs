@@ -276,6 +276,8 @@ fn serve_applies_retention_on_schedule_and_exports_metrics() {
         &[
             "--keep-last",
             "1",
+            "--retention",
+            "other:last=2",
             "--prune-interval",
             "1",
             "--metrics",
@@ -287,13 +289,13 @@ fn serve_applies_retention_on_schedule_and_exports_metrics() {
     for i in 0..3 {
         disk::random_blocks(&vda, BLOCK, i * 4, 4, &mut rand::rng());
         d.sync_ok(&rx, "host1", "sched", &[("vda", &vda)]);
+        d.sync_ok(&rx, "host1", "other", &[("vda", &vda)]);
     }
     assert!(
-        rewind_tests::wait_until(std::time::Duration::from_secs(20), || d
-            .points("sched")
-            .len()
-            == 1),
-        "scheduled retention never pruned"
+        rewind_tests::wait_until(std::time::Duration::from_secs(20), || {
+            d.points("sched").len() == 1 && d.points("other").len() == 2
+        }),
+        "scheduled retention did not apply the default and the per-VM rules"
     );
     let newest = d.points("sched")[0]["id"].as_u64().unwrap();
     assert_eq!(
@@ -310,7 +312,7 @@ fn serve_applies_retention_on_schedule_and_exports_metrics() {
     };
     let m = scrape();
     assert!(m.contains("rewind_points{vm=\"sched\"} 1"), "{m}");
-    assert!(m.contains("rewind_prune_points_removed_total 2"), "{m}");
+    assert!(m.contains("rewind_prune_points_removed_total 3"), "{m}");
     assert!(
         m.contains("rewind_verify_chunks_checked_last 4")
             || m.contains("rewind_verify_chunks_checked_last 12"),

@@ -45,6 +45,37 @@ pub struct RetentionArgs {
     pub keep_monthly: Option<u32>,
     #[arg(long)]
     pub keep_yearly: Option<u32>,
+    /// Retention for one VM instead of the --keep-* defaults, as VM:RULE=N[,RULE=N...] with
+    /// RULE one of last, hourly, daily, weekly, monthly, yearly (repeatable).
+    #[arg(long = "retention", value_name = "VM:RULES", value_parser = parse_vm_policy)]
+    pub per_vm: Vec<(String, crate::retention::Policy)>,
+}
+
+fn parse_vm_policy(spec: &str) -> Result<(String, crate::retention::Policy), String> {
+    let (vm, rules) = spec
+        .split_once(':')
+        .ok_or("expected VM:RULE=N[,RULE=N...]")?;
+    rewind_proto::names::vm(vm).map_err(|e| e.to_string())?;
+    let mut p = crate::retention::Policy::default();
+    for rule in rules.split(',') {
+        let (k, n) = rule
+            .split_once('=')
+            .ok_or_else(|| format!("{rule:?}: expected RULE=N"))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| format!("{rule:?}: N must be a number"))?;
+        let slot = match k {
+            "last" => &mut p.last,
+            "hourly" => &mut p.hourly,
+            "daily" => &mut p.daily,
+            "weekly" => &mut p.weekly,
+            "monthly" => &mut p.monthly,
+            "yearly" => &mut p.yearly,
+            other => return Err(format!("unknown rule {other:?}")),
+        };
+        *slot = Some(n);
+    }
+    Ok((vm.to_owned(), p))
 }
 
 impl RetentionArgs {
@@ -61,16 +92,34 @@ impl RetentionArgs {
 }
 
 /// Prune then gc on a schedule, on blocking threads; failures are logged and retried next time.
-async fn retention_loop(data: PathBuf, policy: crate::retention::Policy, every: u64) {
+async fn retention_loop(
+    data: PathBuf,
+    policy: crate::retention::Policy,
+    per_vm: Vec<(String, crate::retention::Policy)>,
+    every: u64,
+) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(every.max(1)));
     tick.tick().await;
     loop {
         tick.tick().await;
         let data = data.clone();
+        let per_vm = per_vm.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), crate::error::StoreError> {
             let mut conn = crate::catalog::open_rw(&data)?;
-            for vm in crate::prune::prune(&mut conn, None, &policy, false)? {
-                tracing::info!(vm = %vm.vm, removed = vm.removed.len(), rows = vm.rows_touched, "scheduled prune");
+            let vms: Vec<String> = crate::points::list(&conn, None)?
+                .into_iter()
+                .map(|p| p.vm)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for name in vms {
+                let p = per_vm.iter().find(|(v, _)| *v == name).map_or(policy, |(_, p)| *p);
+                if p.is_empty() {
+                    continue;
+                }
+                for vm in crate::prune::prune(&mut conn, Some(&name), &p, false)? {
+                    tracing::info!(vm = %vm.vm, removed = vm.removed.len(), rows = vm.rows_touched, "scheduled prune");
+                }
             }
             let g = crate::gc::gc(&mut conn, &data, 6 * 3600)?;
             tracing::info!(chunks = g.chunks_removed, freed = g.bytes_before.saturating_sub(g.bytes_after), "scheduled gc");
@@ -106,9 +155,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(crate::metrics::serve(l, a.data.clone()));
         }
         let policy = a.retention.policy();
-        if !policy.is_empty() {
-            tracing::info!(?policy, every = a.prune_interval, "scheduled retention");
-            tokio::spawn(retention_loop(a.data.clone(), policy, a.prune_interval));
+        if !policy.is_empty() || !a.retention.per_vm.is_empty() {
+            tracing::info!(?policy, per_vm = ?a.retention.per_vm, every = a.prune_interval, "scheduled retention");
+            tokio::spawn(retention_loop(
+                a.data.clone(),
+                policy,
+                a.retention.per_vm.clone(),
+                a.prune_interval,
+            ));
         }
         tracing::info!(%addr, data = %a.data.display(), "serving");
         crate::server::run(listener, &pki, store, shutdown_signal())
