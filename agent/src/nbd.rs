@@ -11,54 +11,13 @@
 //! ```
 //! (numbers big-endian, as the protocol says).
 
+use rewind_proto::nbd::*;
+pub use rewind_proto::nbd::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use thiserror::Error;
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-
-const INFO_EXPORT: u16 = 0;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_BLOCK_STATUS: u16 = 7;
-
-const REPLY_FLAG_DONE: u16 = 1;
-const REPLY_TYPE_NONE: u16 = 0;
-const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
-
-/// `base:allocation` flag: the extent is a hole (unallocated).
-pub const STATE_HOLE: u32 = 1;
-/// `base:allocation` flag: the extent reads as zeros.
-pub const STATE_ZERO: u32 = 2;
-/// `qemu:dirty-bitmap:*` flag: the extent is dirty.
-pub const STATE_DIRTY: u32 = 1;
 
 /// Largest read we ask for: QEMU's server accepts up to 32 MiB.
 pub const MAX_READ: u32 = 4 * 1024 * 1024;
@@ -163,18 +122,6 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&opt.to_be_bytes());
     v.extend_from_slice(&(data.len() as u32).to_be_bytes());
     v.extend_from_slice(data);
-    v
-}
-
-/// Encodes a transmission request.
-fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
-    let mut v = [0u8; 28];
-    v[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    v[4..6].copy_from_slice(&flags.to_be_bytes());
-    v[6..8].copy_from_slice(&kind.to_be_bytes());
-    v[8..16].copy_from_slice(&cookie.to_be_bytes());
-    v[16..24].copy_from_slice(&offset.to_be_bytes());
-    v[24..28].copy_from_slice(&len.to_be_bytes());
     v
 }
 

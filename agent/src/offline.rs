@@ -215,7 +215,8 @@ impl NbdServer {
                 message: e.to_string(),
             })?;
         let deadline = Instant::now() + Duration::from_secs(15);
-        while !socket.exists() {
+        // The socket file appears at bind(), before listen(): wait until a connection succeeds.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut err = String::new();
                 if let Some(mut e) = child.stderr.take() {

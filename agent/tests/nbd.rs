@@ -46,8 +46,9 @@ fn serve(img: &Path, sock: &Path, bitmap: Option<&str>) -> Server {
         cmd.arg(format!("--bitmap={b}"));
     }
     let child = cmd.arg(img).stdin(Stdio::null()).spawn().unwrap();
+    // The socket file appears at bind(), before listen(): wait until a connection succeeds.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() && Instant::now() < deadline {
+    while std::os::unix::net::UnixStream::connect(sock).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(sock.exists(), "qemu-nbd did not start");

@@ -12,6 +12,7 @@ pub mod chunk;
 pub mod format;
 pub mod hash;
 pub mod names;
+pub mod nbd;
 pub mod tree;
 
 /// Generated from `proto/rewind.proto`.

@@ -25,12 +25,15 @@ use rusqlite::{params, Connection};
 use serde::Serialize;
 use std::path::Path;
 
+/// An open session untouched this long is abandoned by gc.
+const SESSION_EXPIRY_SECS: i64 = 7 * 24 * 3600;
 /// A pack whose live bytes are below this share of its size is rewritten.
 const REWRITE_BELOW: f64 = 0.5;
 
 /// What a gc run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
+    pub sessions_expired: u64,
     pub chunks_removed: u64,
     pub packs_rewritten: u64,
     pub packs_deleted: u64,
@@ -76,6 +79,19 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
     {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Sessions nobody touched for a week are abandoned: their staged blocks stop holding
+        // chunks and the points they built on stop being protected. An agent coming back
+        // later simply starts a new session.
+        let expired = now_us() - SESSION_EXPIRY_SECS * 1_000_000;
+        tx.execute(
+            "DELETE FROM session_blocks WHERE session_id IN
+               (SELECT id FROM sessions WHERE state = 'open' AND updated_us < ?1)",
+            [expired],
+        )?;
+        report.sessions_expired = tx.execute(
+            "UPDATE sessions SET state = 'abandoned' WHERE state = 'open' AND updated_us < ?1",
+            [expired],
+        )? as u64;
         tx.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS gc_live(hash BLOB PRIMARY KEY) WITHOUT ROWID;
              DELETE FROM gc_live;

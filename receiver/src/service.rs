@@ -80,6 +80,10 @@ fn leaf(bytes: &[u8]) -> Result<Leaf, Status> {
     Leaf::from_slice(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+fn leaves(hashes: &[Vec<u8>]) -> Result<Vec<Leaf>, Status> {
+    hashes.iter().map(|h| leaf(h)).collect()
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
@@ -175,11 +179,7 @@ impl Replication for ReplicationService {
     ) -> Result<Response<pb::MissingChunksReply>, Status> {
         let owner = caller(&req)?;
         let r = req.into_inner();
-        let hashes = r
-            .hashes
-            .iter()
-            .map(|h| leaf(h))
-            .collect::<Result<Vec<_>, _>>()?;
+        let hashes = leaves(&r.hashes)?;
         let store = self.store.clone();
         let missing = blocking(move || store.missing(&owner, &r.session, &hashes)).await?;
         Ok(Response::new(pb::MissingChunksReply {
@@ -371,11 +371,7 @@ impl Replication for ReplicationService {
     ) -> Result<Response<pb::ReadChunksReply>, Status> {
         let owner = caller(&req)?;
         let r = req.into_inner();
-        let hashes = r
-            .hashes
-            .iter()
-            .map(|h| leaf(h))
-            .collect::<Result<Vec<_>, _>>()?;
+        let hashes = leaves(&r.hashes)?;
         let store = self.store.clone();
         let chunks = blocking(move || store.read_chunks(&owner, &r.vm, &hashes)).await?;
         Ok(Response::new(pb::ReadChunksReply {

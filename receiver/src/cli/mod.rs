@@ -14,6 +14,42 @@ pub mod verify;
 
 use clap::{Parser, Subcommand};
 
+/// Keep rules (restic's `forget --keep-*` meaning), shared by `prune` and `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeepArgs {
+    /// Keep the N newest points.
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N hours that have points.
+    #[arg(long)]
+    pub keep_hourly: Option<u32>,
+    /// ... of each of the last N days.
+    #[arg(long)]
+    pub keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long)]
+    pub keep_weekly: Option<u32>,
+    /// ... of each of the last N months.
+    #[arg(long)]
+    pub keep_monthly: Option<u32>,
+    /// ... of each of the last N years.
+    #[arg(long)]
+    pub keep_yearly: Option<u32>,
+}
+
+impl KeepArgs {
+    pub fn policy(&self) -> crate::retention::Policy {
+        crate::retention::Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
+}
+
 /// Rewind's offsite receiver: stores verified points of VM disks and restores them.
 #[derive(Debug, Parser)]
 #[command(name = "rewind-receiver", version, about)]

@@ -24,31 +24,14 @@ pub struct ServeArgs {
     pub metrics: Option<SocketAddr>,
     /// Retention for every VM, applied by prune + gc every --prune-interval seconds.
     #[command(flatten)]
-    pub retention: RetentionArgs,
-    /// Seconds between scheduled prune + gc runs (with any --keep-* rule).
-    #[arg(long, default_value_t = 3600)]
-    pub prune_interval: u64,
-}
-
-/// Keep rules for scheduled retention (same meaning as `prune`).
-#[derive(Debug, Clone, Args)]
-pub struct RetentionArgs {
-    #[arg(long)]
-    pub keep_last: Option<u32>,
-    #[arg(long)]
-    pub keep_hourly: Option<u32>,
-    #[arg(long)]
-    pub keep_daily: Option<u32>,
-    #[arg(long)]
-    pub keep_weekly: Option<u32>,
-    #[arg(long)]
-    pub keep_monthly: Option<u32>,
-    #[arg(long)]
-    pub keep_yearly: Option<u32>,
+    pub keep: super::KeepArgs,
     /// Retention for one VM instead of the --keep-* defaults, as VM:RULE=N[,RULE=N...] with
     /// RULE one of last, hourly, daily, weekly, monthly, yearly (repeatable).
     #[arg(long = "retention", value_name = "VM:RULES", value_parser = parse_vm_policy)]
     pub per_vm: Vec<(String, crate::retention::Policy)>,
+    /// Seconds between scheduled prune + gc runs (with any --keep-* rule).
+    #[arg(long, default_value_t = 3600)]
+    pub prune_interval: u64,
 }
 
 fn parse_vm_policy(spec: &str) -> Result<(String, crate::retention::Policy), String> {
@@ -76,19 +59,6 @@ fn parse_vm_policy(spec: &str) -> Result<(String, crate::retention::Policy), Str
         *slot = Some(n);
     }
     Ok((vm.to_owned(), p))
-}
-
-impl RetentionArgs {
-    fn policy(&self) -> crate::retention::Policy {
-        crate::retention::Policy {
-            last: self.keep_last,
-            hourly: self.keep_hourly,
-            daily: self.keep_daily,
-            weekly: self.keep_weekly,
-            monthly: self.keep_monthly,
-            yearly: self.keep_yearly,
-        }
-    }
 }
 
 /// Prune then gc on a schedule, on blocking threads; failures are logged and retried next time.
@@ -154,13 +124,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(addr = %m, "metrics");
             tokio::spawn(crate::metrics::serve(l, a.data.clone()));
         }
-        let policy = a.retention.policy();
-        if !policy.is_empty() || !a.retention.per_vm.is_empty() {
-            tracing::info!(?policy, per_vm = ?a.retention.per_vm, every = a.prune_interval, "scheduled retention");
+        let policy = a.keep.policy();
+        if !policy.is_empty() || !a.per_vm.is_empty() {
+            tracing::info!(?policy, per_vm = ?a.per_vm, every = a.prune_interval, "scheduled retention");
             tokio::spawn(retention_loop(
                 a.data.clone(),
                 policy,
-                a.retention.per_vm.clone(),
+                a.per_vm.clone(),
                 a.prune_interval,
             ));
         }
