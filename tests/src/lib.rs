@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod benchkit;
 pub mod disk;
 pub mod grpc;
 pub mod qemu;
@@ -112,6 +113,36 @@ impl Deployment {
         }
         cmd.args(extra);
         cmd
+    }
+
+    /// `rewind-agent sync` in continuous mode (a point every `interval` seconds), running in the
+    /// background with its output discarded; kill the child to stop it.
+    pub fn spawn_continuous(
+        &self,
+        rx: &Receiver,
+        vm: &str,
+        disks: &[(&str, &Path)],
+        interval: u32,
+    ) -> Child {
+        let cmd = self.sync_cmd(
+            rx,
+            "host1",
+            vm,
+            disks,
+            &["--interval", &interval.to_string()],
+        );
+        let args: Vec<_> = cmd
+            .get_args()
+            .filter(|a| *a != "--once")
+            .map(|a| a.to_owned())
+            .collect();
+        Command::new(cmd.get_program())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent")
     }
 
     /// Bytes in the receiver's pack files.

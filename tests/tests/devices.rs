@@ -5,7 +5,7 @@
 
 use rewind_tests::{disk, disk_of, run, wait_until, Deployment};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const BLOCK: u64 = 64 * 1024;
@@ -59,19 +59,7 @@ fn continuous_mode_takes_a_point_every_interval() {
     let vda = d.path("vda.raw");
     disk::create(&vda, 4 * 1024 * 1024);
     disk::random_blocks(&vda, BLOCK, 0, 4, &mut rand::rng());
-    let cmd = d.sync_cmd(&rx, "host1", "web1", &[("vda", &vda)], &["--interval", "1"]);
-    // Same command line without --once: keeps running.
-    let args: Vec<_> = cmd
-        .get_args()
-        .filter(|a| *a != "--once")
-        .map(|a| a.to_owned())
-        .collect();
-    let mut agent = Command::new(cmd.get_program())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = d.spawn_continuous(&rx, "web1", &[("vda", &vda)], 1);
     assert!(wait_until(Duration::from_secs(30), || {
         d.try_points("web1").is_ok_and(|p| p.len() >= 2)
     }));

@@ -6,7 +6,7 @@
 
 use rewind_tests::{disk, run, wait_until, Deployment, Receiver};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const BLOCK: u64 = 64 * 1024;
@@ -97,18 +97,7 @@ fn a_full_receiver_disk_fails_cleanly_and_recovers() {
     std::fs::remove_file(&restored).unwrap();
 
     // Continuous mode keeps retrying; freeing space lets the next cycle through.
-    let cmd = d.sync_cmd(&rx, "host1", "full", &[("vda", &vda)], &["--interval", "1"]);
-    let args: Vec<_> = cmd
-        .get_args()
-        .filter(|a| *a != "--once")
-        .map(|a| a.to_owned())
-        .collect();
-    let mut agent = Command::new(cmd.get_program())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = d.spawn_continuous(&rx, "full", &[("vda", &vda)], 1);
     std::thread::sleep(Duration::from_secs(3));
     std::fs::remove_file(&filler).unwrap();
     let done = wait_until(Duration::from_secs(60), || {

@@ -8,6 +8,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rand::SeedableRng;
+use rewind_tests::benchkit::{self, cpu_secs};
 use rewind_tests::disk;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
@@ -42,9 +43,6 @@ struct Args {
 
 const BLOCK: u64 = 64 * 1024;
 
-/// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
-const TICKS: f64 = 100.0;
-
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("binary folder")?.to_owned();
@@ -57,23 +55,6 @@ fn bin_dir() -> Result<PathBuf> {
         }
     }
     Ok(dir)
-}
-
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (t(11) + t(12)) / TICKS
 }
 
 fn peak_kib(pid: u32) -> u64 {
@@ -415,21 +396,13 @@ fn agent_sync(
     extra: &[String],
 ) -> Result<(Measured, Value, f64)> {
     let before = cpu_secs(rx_pid);
-    let m = measure(
-        Command::new(ag_bin)
-            .args(["sync", "--once", "--json", "--vm", vm, "--receiver"])
-            .arg(format!("https://{addr}"))
-            .arg("--ca")
-            .arg(w.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(w.join("pki/bench.pem"))
-            .arg("--key")
-            .arg(w.join("pki/bench.key"))
-            .arg("--state")
-            .arg(w.join("state"))
-            .args(extra)
-            .env("REWIND_LOG", "warn"),
-    )?;
+    let m = measure(&mut benchkit::agent_sync(
+        ag_bin.parent().unwrap_or(Path::new(".")),
+        w,
+        addr,
+        vm,
+        extra,
+    ))?;
     if !m.ok {
         bail!("sync of {vm} failed");
     }

@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use rewind_tests::benchkit::{agent_sync, cpu_secs};
 use rewind_tests::disk;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -31,25 +32,12 @@ struct Args {
 }
 
 const BLOCK: u64 = 64 * 1024;
-const TICKS: f64 = 100.0;
 
 struct M {
     secs: f64,
     cpu: f64,
     peak_mib: f64,
     stdout: String,
-}
-
-fn proc_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12) + t(13) + t(14)) / TICKS
 }
 
 /// Runs a command under `/usr/bin/time` for its CPU and peak memory (children included).
@@ -197,25 +185,11 @@ impl Rewind {
 
     fn sync(&mut self, image: &Path) -> Result<(M, f64)> {
         let rx_pid = self.rx.as_ref().map_or(0, |c| c.id());
-        let before = proc_cpu(rx_pid);
+        let before = cpu_secs(rx_pid);
         let w = &self.work;
-        let mut m = measure(
-            Command::new(self.bins.join("rewind-agent"))
-                .args(["sync", "--once", "--json", "--vm", "bench", "--receiver"])
-                .arg(format!("https://{}", self.addr))
-                .arg("--ca")
-                .arg(w.join("pki/ca.pem"))
-                .arg("--cert")
-                .arg(w.join("pki/bench.pem"))
-                .arg("--key")
-                .arg(w.join("pki/bench.key"))
-                .arg("--state")
-                .arg(w.join("state"))
-                .arg("--disk")
-                .arg(format!("vda={}", image.display()))
-                .env("REWIND_LOG", "warn"),
-        )?;
-        m.cpu += proc_cpu(rx_pid) - before;
+        let disk = vec!["--disk".to_owned(), format!("vda={}", image.display())];
+        let mut m = measure(&mut agent_sync(&self.bins, w, &self.addr, "bench", &disk))?;
+        m.cpu += cpu_secs(rx_pid) - before;
         let v: Value = serde_json::from_str(&m.stdout)?;
         self.point = v["point"].to_string();
         let sent = v["sent_bytes"].as_f64().unwrap_or(0.0);

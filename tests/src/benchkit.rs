@@ -1,0 +1,40 @@
+//! Pieces the benchmark commands share: CPU time of a running process and the agent's sync
+//! command line against a benchmark deployment.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// CPU seconds (user + system, waited-for children included) a process has used so far.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12) + t(13) + t(14)) / TICKS
+}
+
+/// `rewind-agent sync --once --json` of `vm` as agent `bench` of the PKI under `work`, with its
+/// state in `work/state`, and `extra` flags (the disks or `--qmp`).
+pub fn agent_sync(bins: &Path, work: &Path, addr: &str, vm: &str, extra: &[String]) -> Command {
+    let mut c = Command::new(bins.join("rewind-agent"));
+    c.args(["sync", "--once", "--json", "--vm", vm, "--receiver"])
+        .arg(format!("https://{addr}"))
+        .arg("--ca")
+        .arg(work.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(work.join("pki/bench.pem"))
+        .arg("--key")
+        .arg(work.join("pki/bench.key"))
+        .arg("--state")
+        .arg(work.join("state"))
+        .args(extra)
+        .env("REWIND_LOG", "warn");
+    c
+}
