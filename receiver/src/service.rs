@@ -231,13 +231,22 @@ impl Replication for ReplicationService {
             };
             let store = self.store.clone();
             let owner = owner.clone();
-            let (w, stats) = blocking(move || {
+            let (w, staged) = tokio::task::spawn_blocking(move || {
                 let mut w = writer;
-                let stats = store.stage_batch(&owner, verified, &mut w)?;
-                Ok((w, stats))
+                let r = store.stage_batch(&owner, verified, &mut w);
+                (w, r)
             })
-            .await?;
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
             writer = w;
+            let stats = match staged {
+                Ok(s) => s,
+                Err(e) => {
+                    // The writer's packs are sealed even when the batch fails, so gc can reclaim them.
+                    failure = Some(to_status(e));
+                    break;
+                }
+            };
             total.entries += stats.entries;
             total.chunks_stored += stats.chunks_stored;
             total.chunk_bytes += stats.chunk_bytes;
