@@ -13,6 +13,7 @@ pub mod format;
 pub mod hash;
 pub mod names;
 pub mod nbd;
+pub mod systemd;
 pub mod tree;
 
 /// Generated from `proto/rewind.proto`.

@@ -128,6 +128,18 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
+        if !a.once {
+            rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
+            if let Some(every) = rewind_proto::systemd::watchdog_interval() {
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        rewind_proto::systemd::notify("WATCHDOG=1");
+                    }
+                });
+            }
+        }
         loop {
             let bar = ProgressBar::new(0);
             bar.set_style(

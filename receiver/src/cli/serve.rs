@@ -117,6 +117,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", a.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!("rewind-receiver listening on {addr}");
+        rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
+        if let Some(every) = rewind_proto::systemd::watchdog_interval() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    rewind_proto::systemd::notify("WATCHDOG=1");
+                }
+            });
+        }
         if let Some(m) = a.metrics {
             let l = tokio::net::TcpListener::bind(m)
                 .await
@@ -144,6 +154,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
+    wait_for_signal().await;
+    rewind_proto::systemd::notify("STOPPING=1");
+    tracing::info!("stopping: finishing requests in flight");
+}
+
+async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
