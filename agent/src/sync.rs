@@ -26,6 +26,8 @@ use tonic::transport::Channel;
 /// Most block entries in one upload batch: keeps metadata-only batches (blocks that became
 /// zero, or chunks the receiver already holds) well under the message limit.
 const MAX_WINDOW_ENTRIES: usize = 16_384;
+/// Most chunk hashes remembered per session to skip repeated questions.
+const MAX_SEEN: usize = 1 << 20;
 /// Batches queued between the scanner and the network.
 const QUEUE_DEPTH: usize = 4;
 
@@ -654,6 +656,12 @@ async fn transfer(
                 .filter_map(|h| Leaf::from_slice(h).ok())
                 .collect()
         };
+        // Chunks already asked about in this session: the receiver would answer "held" for
+        // them anyway once their batch is stored; the set only saves questions and duplicate
+        // sends between batches in flight, so it is bounded (about 64 MiB).
+        if seen.len() > MAX_SEEN {
+            seen.clear();
+        }
         seen.extend(ask.iter().copied());
         let mut to_send: Vec<(u32, Leaf, &[u8])> = Vec::new();
         let mut queued: HashSet<Leaf> = HashSet::new();
