@@ -23,8 +23,15 @@ pub fn cpu_secs(pid: u32) -> f64 {
 /// `rewind-agent sync --once --json` of `vm` as agent `bench` of the PKI under `work`, with its
 /// state in `work/state`, and `extra` flags (the disks or `--qmp`).
 pub fn agent_sync(bins: &Path, work: &Path, addr: &str, vm: &str, extra: &[String]) -> Command {
+    let mut c = agent(bins, work, addr, "sync");
+    c.args(["--once", "--json", "--vm", vm]).args(extra);
+    c
+}
+
+/// `rewind-agent SUBCOMMAND` as agent `bench` with the receiver, credentials and state set.
+pub fn agent(bins: &Path, work: &Path, addr: &str, subcommand: &str) -> Command {
     let mut c = Command::new(bins.join("rewind-agent"));
-    c.args(["sync", "--once", "--json", "--vm", vm, "--receiver"])
+    c.args([subcommand, "--receiver"])
         .arg(format!("https://{addr}"))
         .arg("--ca")
         .arg(work.join("pki/ca.pem"))
@@ -34,7 +41,6 @@ pub fn agent_sync(bins: &Path, work: &Path, addr: &str, vm: &str, extra: &[Strin
         .arg(work.join("pki/bench.key"))
         .arg("--state")
         .arg(work.join("state"))
-        .args(extra)
         .env("REWIND_LOG", "warn");
     c
 }

@@ -94,9 +94,20 @@ impl Deployment {
         disks: &[(&str, &Path)],
         extra: &[&str],
     ) -> Command {
+        let mut cmd = self.agent_cmd(rx, agent, "sync");
+        cmd.args(["--vm", vm, "--once", "--json"]);
+        for (name, path) in disks {
+            cmd.arg("--disk").arg(format!("{name}={}", path.display()));
+        }
+        cmd.args(extra);
+        cmd
+    }
+
+    /// `rewind-agent SUBCOMMAND` as `agent`, with the receiver, credentials and state folder set.
+    pub fn agent_cmd(&self, rx: &Receiver, agent: &str, subcommand: &str) -> Command {
         let pki = self.pki();
         let mut cmd = Command::new(bin("rewind-agent"));
-        cmd.arg("sync")
+        cmd.arg(subcommand)
             .arg("--receiver")
             .arg(rx.url())
             .arg("--ca")
@@ -106,12 +117,7 @@ impl Deployment {
             .arg("--key")
             .arg(pki.join(format!("{agent}.key")))
             .arg("--state")
-            .arg(self.path(&format!("state-{agent}")))
-            .args(["--vm", vm, "--once", "--json"]);
-        for (name, path) in disks {
-            cmd.arg("--disk").arg(format!("{name}={}", path.display()));
-        }
-        cmd.args(extra);
+            .arg(self.path(&format!("state-{agent}")));
         cmd
     }
 

@@ -50,18 +50,26 @@ fn finish_and_check(
     );
 }
 
+/// A sync of the big change, limited to 24 MB/s so that it can be interrupted midway.
+fn spawn_slow_sync(
+    d: &Deployment,
+    rx: &rewind_tests::Receiver,
+    vda: &std::path::Path,
+) -> std::process::Child {
+    d.sync_cmd(rx, "host1", "web1", &[("vda", vda)], &["--bwlimit", "24"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent")
+}
+
 #[test]
 fn receiver_killed_mid_point() {
     let d = Deployment::new();
     let rx = d.serve();
     let (vda, p1, first) = setup(&d, &rx);
     let base = d.pack_bytes();
-    let mut agent = d
-        .sync_cmd(&rx, "host1", "web1", &[("vda", &vda)], &["--bwlimit", "24"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
+    let mut agent = spawn_slow_sync(&d, &rx, &vda);
     assert!(
         wait_until(Duration::from_secs(60), || d.pack_bytes()
             > base + 48 * 1024 * 1024),
@@ -87,12 +95,7 @@ fn agent_killed_mid_point() {
     let rx = d.serve();
     let (vda, p1, first) = setup(&d, &rx);
     let base = d.pack_bytes();
-    let mut agent = d
-        .sync_cmd(&rx, "host1", "web1", &[("vda", &vda)], &["--bwlimit", "24"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
+    let mut agent = spawn_slow_sync(&d, &rx, &vda);
     assert!(wait_until(Duration::from_secs(60), || d.pack_bytes()
         > base + 48 * 1024 * 1024));
     agent.kill().expect("kill -9 agent");

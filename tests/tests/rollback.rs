@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_tests::qemu::Vm;
-use rewind_tests::{bin, disk, run, Deployment, Receiver};
+use rewind_tests::{disk, run, Deployment, Receiver};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -22,10 +22,9 @@ fn rollback(
     disk: &str,
     extra: &[&str],
 ) -> Output {
-    let pki = d.pki();
-    run(Command::new(bin("rewind-agent"))
+    run(d
+        .agent_cmd(rx, agent, "rollback")
         .args([
-            "rollback",
             "--json",
             "--vm",
             vm,
@@ -33,17 +32,7 @@ fn rollback(
             &point.to_string(),
             "--disk",
             disk,
-            "--receiver",
-            &rx.url(),
         ])
-        .arg("--ca")
-        .arg(pki.join("ca.pem"))
-        .arg("--cert")
-        .arg(pki.join(format!("{agent}.pem")))
-        .arg("--key")
-        .arg(pki.join(format!("{agent}.key")))
-        .arg("--state")
-        .arg(d.path(&format!("state-{agent}")))
         .args(extra))
 }
 

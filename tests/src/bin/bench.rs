@@ -199,40 +199,22 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
 
     let (m, v, rx_cpu) = sync("seed")?;
-    rows.push(Row {
-        phase: "seed",
-        secs: m.secs,
-        mbps: mb(size as f64) / m.secs,
-        agent_cpu: m.cpu,
-        agent_mib: m.peak_mib,
-        rx_cpu,
-        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
-        moved_mb: mb(v["sent_bytes"].as_f64().unwrap_or(0.0)),
-        note: format!(
-            "{} blocks, {:.0} MB read",
-            v["disks"][0]["changed_blocks"],
-            mb(v["disks"][0]["read_bytes"].as_f64().unwrap_or(0.0))
-        ),
-    });
+    let note = format!(
+        "{} blocks, {:.0} MB read",
+        v["disks"][0]["changed_blocks"],
+        mb(v["disks"][0]["read_bytes"].as_f64().unwrap_or(0.0))
+    );
+    rows.push(sync_row("seed", size, &m, &v, rx_cpu, rx_pid, note));
 
     let blocks = size / BLOCK;
     let count = ((blocks as f64) * a.change_percent / 100.0).round() as usize;
     disk::scatter_writes(&image, BLOCK, blocks, count, 7);
     let (m, v, rx_cpu) = sync("incremental")?;
-    rows.push(Row {
-        phase: "incremental",
-        secs: m.secs,
-        mbps: mb(size as f64) / m.secs,
-        agent_cpu: m.cpu,
-        agent_mib: m.peak_mib,
-        rx_cpu,
-        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
-        moved_mb: mb(v["sent_bytes"].as_f64().unwrap_or(0.0)),
-        note: format!(
-            "{} blocks changed ({count} rewritten)",
-            v["disks"][0]["changed_blocks"]
-        ),
-    });
+    let note = format!(
+        "{} blocks changed ({count} rewritten)",
+        v["disks"][0]["changed_blocks"]
+    );
+    rows.push(sync_row("incremental", size, &m, &v, rx_cpu, rx_pid, note));
     let point = v["point"].to_string();
 
     let out = w.join("restored.raw");
@@ -285,28 +267,9 @@ fn main() -> Result<()> {
     // Rollback after another 1% of the blocks changed, back to the newest point.
     let changed = disk::scatter_writes(&image, BLOCK, blocks, count, 8);
     let m = measure(
-        Command::new(&ag_bin)
-            .args([
-                "rollback",
-                "--json",
-                "--vm",
-                "bench",
-                "--point",
-                &point,
-                "--receiver",
-            ])
-            .arg(format!("https://{addr}"))
-            .arg("--ca")
-            .arg(w.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(w.join("pki/bench.pem"))
-            .arg("--key")
-            .arg(w.join("pki/bench.key"))
-            .arg("--state")
-            .arg(w.join("state"))
-            .arg("--disk")
-            .arg(format!("vda={}", image.display()))
-            .env("REWIND_LOG", "warn"),
+        benchkit::agent(&bins, w, &addr, "rollback")
+            .args(["--json", "--vm", "bench", "--point", &point, "--disk"])
+            .arg(format!("vda={}", image.display())),
     )?;
     if !m.ok {
         bail!("rollback failed");
@@ -385,6 +348,29 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The row of one measured sync of a `size`-byte disk.
+fn sync_row(
+    phase: &'static str,
+    size: u64,
+    m: &Measured,
+    v: &Value,
+    rx_cpu: f64,
+    rx_pid: u32,
+    note: String,
+) -> Row {
+    Row {
+        phase,
+        secs: m.secs,
+        mbps: size as f64 / 1e6 / m.secs,
+        agent_cpu: m.cpu,
+        agent_mib: m.peak_mib,
+        rx_cpu,
+        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
+        moved_mb: v["sent_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        note,
+    }
+}
+
 /// One `rewind-agent sync --once --json` of `vm` with `extra` flags, measured; also returns the
 /// receiver's CPU seconds spent meanwhile.
 fn agent_sync(
@@ -447,21 +433,14 @@ fn live_case(a: &Args, w: &Path, ag_bin: &Path, addr: &str, rx_pid: u32) -> Resu
     let qmp_args = vec!["--qmp".to_owned(), vm.agent_qmp().display().to_string()];
     let raw_args = vec!["--disk".to_owned(), format!("vda={}", raw.display())];
     let mb = |b: f64| b / 1e6;
-    let row = |phase: &'static str, m: &Measured, v: &Value, rx_cpu: f64| Row {
-        phase,
-        secs: m.secs,
-        mbps: mb(size as f64) / m.secs,
-        agent_cpu: m.cpu,
-        agent_mib: m.peak_mib,
-        rx_cpu,
-        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
-        moved_mb: mb(v["sent_bytes"].as_f64().unwrap_or(0.0)),
-        note: format!(
+    let row = |phase: &'static str, m: &Measured, v: &Value, rx_cpu: f64| {
+        let note = format!(
             "{} changed, {:.1} MB read ({})",
             v["disks"][0]["changed_blocks"],
             mb(v["disks"][0]["read_bytes"].as_f64().unwrap_or(0.0)),
             v["disks"][0]["source"].as_str().unwrap_or("")
-        ),
+        );
+        sync_row(phase, size, m, v, rx_cpu, rx_pid, note)
     };
     let mut rows = Vec::new();
     let (m, v, c) = sync("live", &qmp_args)?;

@@ -122,6 +122,16 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// A child process killed and reaped when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One tool's state for a run: where its repository lives and how to drive it.
 trait Tool {
     fn name(&self) -> &'static str;
@@ -134,7 +144,7 @@ trait Tool {
 struct Rewind {
     bins: PathBuf,
     work: PathBuf,
-    rx: Option<std::process::Child>,
+    rx: Child,
     addr: String,
     point: String,
 }
@@ -177,14 +187,14 @@ impl Rewind {
         Ok(Rewind {
             bins: bins.to_owned(),
             work: work.to_owned(),
-            rx: Some(rx),
+            rx: Child(rx),
             addr,
             point: String::new(),
         })
     }
 
     fn sync(&mut self, image: &Path) -> Result<(M, f64)> {
-        let rx_pid = self.rx.as_ref().map_or(0, |c| c.id());
+        let rx_pid = self.rx.0.id();
         let before = cpu_secs(rx_pid);
         let w = &self.work;
         let disk = vec!["--disk".to_owned(), format!("vda={}", image.display())];
@@ -194,15 +204,6 @@ impl Rewind {
         self.point = v["point"].to_string();
         let sent = v["sent_bytes"].as_f64().unwrap_or(0.0);
         Ok((m, sent))
-    }
-}
-
-impl Drop for Rewind {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.rx.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -353,7 +354,7 @@ impl Tool for Borg {
 
 struct Rsync {
     dest: PathBuf,
-    daemon: Option<std::process::Child>,
+    _daemon: Child,
     port: u16,
 }
 
@@ -376,7 +377,7 @@ impl Rsync {
         std::thread::sleep(std::time::Duration::from_millis(300));
         Ok(Rsync {
             dest,
-            daemon: Some(daemon),
+            _daemon: Child(daemon),
             port,
         })
     }
@@ -395,15 +396,6 @@ impl Rsync {
             .map(|v| v.replace(',', "").trim().parse::<f64>().unwrap_or(0.0))
             .unwrap_or(0.0);
         Ok((m, sent))
-    }
-}
-
-impl Drop for Rsync {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
     }
 }
 
