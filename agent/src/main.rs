@@ -3,6 +3,11 @@
 use clap::Parser;
 use rewind_agent::cli::{self, Cli};
 
+// Many short-lived 64 KiB block buffers: mimalloc reuses them instead of returning pages
+// to the kernel and faulting them in again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // One crypto provider for the whole process, chosen before any TLS object exists.
     let _ = rustls::crypto::ring::default_provider().install_default();

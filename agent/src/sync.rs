@@ -626,11 +626,18 @@ async fn transfer(
         let mut c = client.clone();
         tokio::spawn(async move { c.upload(ReceiverStream::new(brx)).await })
     };
+    // Compression runs on its own thread (fanning out over the cores) so the next window's
+    // MissingChunks round trip overlaps with this window's compression.
+    let (ctx, crx) = mpsc::channel::<(Vec<Item>, HashSet<Leaf>)>(1);
+    let compressor = {
+        let session = session.to_owned();
+        let limiter = cfg.bwlimit.map(RateLimiter::new);
+        let n = disks.len();
+        tokio::task::spawn_blocking(move || compress_all(&session, n, crx, btx, limiter))
+    };
 
-    let mut sent = vec![(0u64, 0u64); disks.len()];
     let mut seen: HashSet<Leaf> = HashSet::new();
-    let mut limiter = cfg.bwlimit.map(RateLimiter::new);
-    let mut upload_gone = false;
+    let mut compressor_gone = false;
     while let Some(window) = wrx.recv().await {
         let mut ask: Vec<Leaf> = Vec::new();
         for it in &window {
@@ -663,6 +670,45 @@ async fn transfer(
             seen.clear();
         }
         seen.extend(ask.iter().copied());
+        if ctx.send((window, missing)).await.is_err() {
+            compressor_gone = true;
+            break;
+        }
+    }
+    drop(ctx);
+    drop(wrx);
+    let compressed = compressor
+        .await
+        .map_err(|e| SyncError::Worker(e.to_string()))?;
+    let uploaded = upload
+        .await
+        .map_err(|e| SyncError::Worker(e.to_string()))?
+        .map_err(SyncError::refused("Upload"));
+    let scanned = scanner
+        .await
+        .map_err(|e| SyncError::Worker(e.to_string()))?;
+    // The upload's own error explains a stopped scan better than "upload stopped".
+    uploaded?;
+    let (sent, upload_gone) = compressed?;
+    if upload_gone || compressor_gone {
+        return Err(SyncError::Protocol("the upload stream closed early"));
+    }
+    let scans = scanned?;
+    Ok((scans, sent))
+}
+
+/// The compression stage of [`transfer`]: compresses the chunks the receiver lacks, builds
+/// each window's batch and queues it for upload. Returns (bytes, chunks) sent per disk and
+/// whether the upload stream went away early.
+fn compress_all(
+    session: &str,
+    disks: usize,
+    mut windows: mpsc::Receiver<(Vec<Item>, HashSet<Leaf>)>,
+    out: mpsc::Sender<pb::Batch>,
+    mut limiter: Option<RateLimiter>,
+) -> Result<(Vec<(u64, u64)>, bool), SyncError> {
+    let mut sent = vec![(0u64, 0u64); disks];
+    while let Some((window, missing)) = windows.blocking_recv() {
         let mut to_send: Vec<(u32, Leaf, &[u8])> = Vec::new();
         let mut queued: HashSet<Leaf> = HashSet::new();
         for it in &window {
@@ -672,13 +718,11 @@ async fn transfer(
                 }
             }
         }
-        let frames: Vec<(u32, Leaf, Vec<u8>)> = tokio::task::block_in_place(|| {
-            to_send
-                .par_iter()
-                .map(|(pos, leaf, data)| chunk::compress(data).map(|f| (*pos, *leaf, f)))
-                .collect::<std::io::Result<Vec<_>>>()
-        })
-        .map_err(|e| SyncError::Worker(format!("compression failed: {e}")))?;
+        let frames: Vec<(u32, Leaf, Vec<u8>)> = to_send
+            .par_iter()
+            .map(|(pos, leaf, data)| chunk::compress(data).map(|f| (*pos, *leaf, f)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| SyncError::Worker(format!("compression failed: {e}")))?;
         let mut bytes = 0u64;
         for (pos, _, f) in &frames {
             sent[*pos as usize].0 += f.len() as u64;
@@ -704,29 +748,13 @@ async fn transfer(
                 .collect(),
         };
         if let Some(l) = limiter.as_mut() {
-            l.spend(bytes).await;
+            l.spend(bytes);
         }
-        if btx.send(batch).await.is_err() {
-            upload_gone = true;
-            break;
+        if out.blocking_send(batch).is_err() {
+            return Ok((sent, true));
         }
     }
-    drop(btx);
-    drop(wrx);
-    let uploaded = upload
-        .await
-        .map_err(|e| SyncError::Worker(e.to_string()))?
-        .map_err(SyncError::refused("Upload"));
-    let scanned = scanner
-        .await
-        .map_err(|e| SyncError::Worker(e.to_string()))?;
-    // The upload's own error explains a stopped scan better than "upload stopped".
-    uploaded?;
-    if upload_gone {
-        return Err(SyncError::Protocol("the upload stream closed early"));
-    }
-    let scans = scanned?;
-    Ok((scans, sent))
+    Ok((sent, false))
 }
 
 /// The blocking half of [`transfer`]: scans disk after disk, records every change as pending
@@ -863,12 +891,13 @@ impl RateLimiter {
         }
     }
 
-    async fn spend(&mut self, bytes: u64) {
+    /// Blocks the calling (non-async) thread until `bytes` more fit under the limit.
+    fn spend(&mut self, bytes: u64) {
         self.spent += bytes;
         let due = Duration::from_secs_f64(self.spent as f64 / self.bytes_per_sec as f64);
         let elapsed = self.started.elapsed();
         if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+            std::thread::sleep(due - elapsed);
         }
     }
 }
