@@ -10,6 +10,7 @@ use crate::qmp::Qmp;
 use crate::scan::{self, BlockSource, Change, DiskScan, Outside, ScanError, ScanPlan};
 use crate::source::RawDisk;
 use crate::state::{self, OldLeaves, PendingWriter};
+use futures::StreamExt;
 use rayon::prelude::*;
 use rewind_proto::format::{BlockSize, DiskGeometry, BATCH_TARGET_BYTES};
 use rewind_proto::pb::replication_client::ReplicationClient;
@@ -30,6 +31,8 @@ const MAX_WINDOW_ENTRIES: usize = 16_384;
 const MAX_SEEN: usize = 1 << 20;
 /// Batches queued between the scanner and the network.
 const QUEUE_DEPTH: usize = 4;
+/// MissingChunks questions in flight at once (each covers one window of up to 4 MiB).
+const QUESTIONS_IN_FLIGHT: usize = 8;
 
 /// How a disk given on the command line is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -610,7 +613,7 @@ async fn transfer(
     heal: Arc<HashSet<Leaf>>,
     progress: Progress,
 ) -> Result<(ScanResults, Vec<(u64, u64)>), SyncError> {
-    let (wtx, mut wrx) = mpsc::channel::<Vec<Item>>(QUEUE_DEPTH);
+    let (wtx, wrx) = mpsc::channel::<Vec<Item>>(QUEUE_DEPTH);
     let scanner = {
         let disks = disks.clone();
         let full = full.to_vec();
@@ -636,47 +639,57 @@ async fn transfer(
         tokio::task::spawn_blocking(move || compress_all(&session, n, crx, btx, limiter))
     };
 
+    // Several MissingChunks questions in flight: on a long link each costs a round trip, and
+    // one at a time would cap a seed at one window per round trip.
     let mut seen: HashSet<Leaf> = HashSet::new();
     let mut compressor_gone = false;
-    while let Some(window) = wrx.recv().await {
-        let mut ask: Vec<Leaf> = Vec::new();
-        for it in &window {
-            let leaf = it.change.leaf;
-            if !leaf.is_zero() && !seen.contains(&leaf) && !ask.contains(&leaf) {
-                ask.push(leaf);
+    let mut answers = ReceiverStream::new(wrx)
+        .map(|window| {
+            let mut ask: Vec<Leaf> = Vec::new();
+            for it in &window {
+                let leaf = it.change.leaf;
+                if !leaf.is_zero() && !seen.contains(&leaf) && !ask.contains(&leaf) {
+                    ask.push(leaf);
+                }
             }
-        }
-        let missing: HashSet<Leaf> = if ask.is_empty() {
-            HashSet::new()
-        } else {
-            let reply = client
-                .missing_chunks(pb::MissingChunksRequest {
-                    session: session.to_owned(),
-                    hashes: ask.iter().map(|h| h.0.to_vec()).collect(),
-                })
-                .await
-                .map_err(SyncError::refused("MissingChunks"))?
-                .into_inner();
-            reply
-                .missing
-                .iter()
-                .filter_map(|h| Leaf::from_slice(h).ok())
-                .collect()
-        };
-        // Chunks already asked about in this session: the receiver would answer "held" for
-        // them anyway once their batch is stored; the set only saves questions and duplicate
-        // sends between batches in flight, so it is bounded (about 64 MiB).
-        if seen.len() > MAX_SEEN {
-            seen.clear();
-        }
-        seen.extend(ask.iter().copied());
-        if ctx.send((window, missing)).await.is_err() {
+            // Chunks already asked about in this session: the receiver would answer "held"
+            // for them anyway once their batch is stored; the set only saves questions and
+            // duplicate sends between batches in flight, so it is bounded (about 64 MiB).
+            if seen.len() > MAX_SEEN {
+                seen.clear();
+            }
+            seen.extend(ask.iter().copied());
+            let mut client = client.clone();
+            let session = session.to_owned();
+            async move {
+                if ask.is_empty() {
+                    return Ok((window, HashSet::new()));
+                }
+                let reply = client
+                    .missing_chunks(pb::MissingChunksRequest {
+                        session,
+                        hashes: ask.iter().map(|h| h.0.to_vec()).collect(),
+                    })
+                    .await
+                    .map_err(SyncError::refused("MissingChunks"))?
+                    .into_inner();
+                let missing: HashSet<Leaf> = reply
+                    .missing
+                    .iter()
+                    .filter_map(|h| Leaf::from_slice(h).ok())
+                    .collect();
+                Ok::<_, SyncError>((window, missing))
+            }
+        })
+        .buffered(QUESTIONS_IN_FLIGHT);
+    while let Some(answer) = answers.next().await {
+        if ctx.send(answer?).await.is_err() {
             compressor_gone = true;
             break;
         }
     }
+    drop(answers);
     drop(ctx);
-    drop(wrx);
     let compressed = compressor
         .await
         .map_err(|e| SyncError::Worker(e.to_string()))?;

@@ -7,6 +7,7 @@ pub mod benchkit;
 pub mod disk;
 pub mod grpc;
 pub mod qemu;
+pub mod wan;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};

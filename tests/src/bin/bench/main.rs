@@ -33,6 +33,27 @@ struct Args {
     /// Size of the live-VM case's qcow2 disk in GiB (0 skips it).
     #[arg(long, default_value_t = 8.0)]
     live_gib: f64,
+    /// Long fat link case: link rate in Mbit/s (0 skips it; needs root, ip and tc).
+    #[arg(long, default_value_t = 1000)]
+    wan_mbit: u64,
+    /// Long fat link case: round-trip time added by the delaying proxy, in ms.
+    #[arg(long, default_value_t = 50.0)]
+    wan_rtt_ms: f64,
+    /// Steady-state case: seconds the writer runs (0 skips it).
+    #[arg(long, default_value_t = 120)]
+    steady_secs: u64,
+    /// Steady-state case: seconds between points.
+    #[arg(long, default_value_t = 5)]
+    steady_interval: u64,
+    /// Steady-state case: MB/s the writer rewrites inside the VM.
+    #[arg(long, default_value_t = 20.0)]
+    steady_mbps: f64,
+    /// Scale case: size of the sparse disk in GiB (0 skips it).
+    #[arg(long, default_value_t = 1024)]
+    scale_gib: u64,
+    /// Scale case: GiB written into the sparse disk.
+    #[arg(long, default_value_t = 2)]
+    scale_written_gib: u64,
     /// Keep the work folder (image, store, PKI) for inspection.
     #[arg(long)]
     keep: bool,
@@ -41,7 +62,37 @@ struct Args {
     json: bool,
 }
 
+mod extra;
+
 const BLOCK: u64 = 64 * 1024;
+
+/// Starts `rewind-receiver serve` through `cmd` (the binary, or a wrapper that runs it) and
+/// returns it with the address it printed.
+fn spawn_receiver(
+    mut cmd: Command,
+    data: &Path,
+    pki: &Path,
+    listen: &str,
+) -> Result<(std::process::Child, String)> {
+    let mut rx = cmd
+        .args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .arg("--pki")
+        .arg(pki)
+        .env("REWIND_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(rx.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .context("receiver address")?
+        .to_owned();
+    Ok((rx, addr))
+}
 
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -174,24 +225,13 @@ fn main() -> Result<()> {
         disk::allocated(&image) >> 20
     );
 
-    let mut rx = Command::new(&rx_bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(w.join("data"))
-        .arg("--pki")
-        .arg(w.join("pki"))
-        .env("REWIND_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let (mut rx, addr) = spawn_receiver(
+        Command::new(&rx_bin),
+        &w.join("data"),
+        &w.join("pki"),
+        "127.0.0.1:0",
+    )?;
     let rx_pid = rx.id();
-    let mut line = String::new();
-    BufReader::new(rx.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .context("receiver address")?
-        .to_owned();
 
     let disk_args = vec!["--disk".to_owned(), format!("vda={}", image.display())];
     let sync = |_label: &str| agent_sync(&ag_bin, w, &addr, rx_pid, "bench", &disk_args);
@@ -295,6 +335,15 @@ fn main() -> Result<()> {
 
     if a.live_gib > 0.0 {
         rows.extend(live_case(&a, w, &ag_bin, &addr, rx_pid)?);
+    }
+    if a.steady_secs > 0 {
+        rows.extend(extra::steady_case(&a, w, &bins, &addr, rx_pid)?);
+    }
+    if a.wan_mbit > 0 {
+        rows.extend(extra::wan_case(&a, w, &bins, &image)?);
+    }
+    if a.scale_gib > 0 {
+        rows.extend(extra::scale_case(&a, w, &bins)?);
     }
     let _ = rx.kill();
     let _ = rx.wait();
