@@ -62,6 +62,9 @@ pub fn wan_case(a: &Args, w: &Path, bins: &Path, image: &Path) -> Result<Vec<Row
     Ok(vec![row])
 }
 
+/// Points of a continuous agent as they arrive: when, its cycle seconds, its JSON.
+type Points = Arc<Mutex<Vec<(Instant, f64, Value)>>>;
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -96,7 +99,7 @@ pub fn steady_case(a: &Args, w: &Path, bins: &Path, addr: &str, rx_pid: u32) -> 
         .stderr(Stdio::null())
         .spawn()?;
     let agent_pid = agent.id();
-    let points: Arc<Mutex<Vec<(Instant, f64, Value)>>> = Arc::default();
+    let points: Points = Arc::default();
     let reader = {
         let points = points.clone();
         let out = agent.stdout.take().context("agent stdout")?;
@@ -111,7 +114,7 @@ pub fn steady_case(a: &Args, w: &Path, bins: &Path, addr: &str, rx_pid: u32) -> 
             }
         })
     };
-    let count = |p: &Arc<Mutex<Vec<(Instant, f64, Value)>>>| p.lock().map_or(0, |v| v.len());
+    let count = |p: &Points| p.lock().map_or(0, |v| v.len());
     let deadline = Instant::now() + Duration::from_secs(120);
     while count(&points) == 0 {
         if Instant::now() > deadline {
