@@ -256,8 +256,26 @@ impl Receiver {
 
     /// Starts `serve` with extra flags.
     pub fn start_with(data: &Path, pki: &Path, extra: &[&str]) -> Receiver {
-        let mut child = Command::new(bin("rewind-receiver"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        Receiver::start_via(
+            Command::new(bin("rewind-receiver")),
+            data,
+            pki,
+            "127.0.0.1:0",
+            extra,
+        )
+    }
+
+    /// Starts `serve` on `listen` through `cmd`: the receiver binary, or a wrapper that runs it
+    /// (such as `ip netns exec NS rewind-receiver`), with `extra` flags.
+    pub fn start_via(
+        mut cmd: Command,
+        data: &Path,
+        pki: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Receiver {
+        let mut child = cmd
+            .args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .arg("--pki")
             .arg(pki)
