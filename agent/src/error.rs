@@ -80,6 +80,29 @@ impl SyncError {
         move |status| SyncError::Refused { call, status }
     }
 
+    /// A short, stable name of the failure's kind (for metrics and status).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SyncError::State(_) => "state",
+            SyncError::Disk(_) | SyncError::Scan(_) | SyncError::NoSuchDisk(_) => "disk",
+            SyncError::Geometry { .. } | SyncError::Name(_) | SyncError::SizeMismatch { .. } => {
+                "config"
+            }
+            SyncError::Credentials { .. } | SyncError::BadUrl(_) => "config",
+            SyncError::Connect(_) => "connect",
+            SyncError::Refused { status, .. } if status.code() == tonic::Code::Unavailable => {
+                "connect"
+            }
+            SyncError::Refused { .. } => "refused",
+            SyncError::Protocol(_) => "protocol",
+            SyncError::Live(_) => "qemu",
+            SyncError::Offline(_) | SyncError::InUse(..) => "qcow2",
+            SyncError::Nbd(_) => "nbd",
+            SyncError::RollbackVerify { .. } => "verify",
+            SyncError::Worker(_) => "internal",
+        }
+    }
+
     /// The gRPC code of a refusal, if this is one.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {

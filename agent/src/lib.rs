@@ -9,8 +9,10 @@
 
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod error;
 pub mod faults;
+pub mod health;
 pub mod live;
 pub mod nbd;
 pub mod offline;

@@ -179,6 +179,22 @@ fn stamp() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
+/// The one log line of a committed cycle.
+pub fn log_committed(r: &SyncReport) {
+    let changed: u64 = r.disks.iter().map(|d| d.changed_blocks).sum();
+    let read: u64 = r.disks.iter().map(|d| d.read_bytes).sum();
+    let sources: Vec<String> = r
+        .disks
+        .iter()
+        .map(|d| format!("{}:{}", d.name, d.source))
+        .collect();
+    tracing::info!(
+        vm = %r.vm, point = r.point, consistency = %r.consistency, changed, read,
+        sent = r.sent_bytes, seconds = format!("{:.2}", r.seconds), resumed = r.resumed,
+        sources = %sources.join(","), "cycle committed"
+    );
+}
+
 /// Runs one cycle and returns the committed point.
 pub async fn sync_once(
     client: &mut ReplicationClient<Channel>,

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 /// The catalog's file inside the data folder.
 pub const CATALOG_FILE: &str = "catalog.sqlite";
 /// Schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// From version 1 (the first release of the catalog) to 2: point metadata, events, locks, and
 /// the index prune needs to find a point's node rows without scanning the disk's.
@@ -40,6 +40,23 @@ CREATE TABLE IF NOT EXISTS bad_chunks(
   found_us INTEGER NOT NULL,
   detail TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack_id);
+";
+
+/// From version 2 to 3: the record of DR drills.
+const MIGRATE_2_3: &str = "
+CREATE TABLE IF NOT EXISTS drills(
+  id INTEGER PRIMARY KEY,
+  vm TEXT NOT NULL,
+  point INTEGER,
+  started_us INTEGER NOT NULL,
+  point_age_s REAL,
+  verified_s REAL,
+  boot_s REAL,
+  rto_s REAL,
+  result TEXT NOT NULL,
+  reason TEXT,
+  detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS drills_by_vm ON drills(vm, id);
 ";
 
 const SCHEMA: &str = "
@@ -133,6 +150,19 @@ CREATE TABLE IF NOT EXISTS session_blocks(
   idx INTEGER NOT NULL,
   hash BLOB NOT NULL,
   PRIMARY KEY(session_id, pos, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drills(
+  id INTEGER PRIMARY KEY,
+  vm TEXT NOT NULL,
+  point INTEGER,
+  started_us INTEGER NOT NULL,
+  point_age_s REAL,
+  verified_s REAL,
+  boot_s REAL,
+  rto_s REAL,
+  result TEXT NOT NULL,
+  reason TEXT,
+  detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS drills_by_vm ON drills(vm, id);
 ";
 
 /// Opens (and creates or migrates) the catalog for writing.
@@ -144,9 +174,12 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
     if version == 0 {
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    } else if version == 1 {
+    } else if version < SCHEMA_VERSION {
         let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(MIGRATE_1_2)?;
+        if version < 2 {
+            tx.execute_batch(MIGRATE_1_2)?;
+        }
+        tx.execute_batch(MIGRATE_2_3)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
     }

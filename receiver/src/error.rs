@@ -128,6 +128,9 @@ pub enum StoreError {
     /// The point has no disk of that name.
     #[error("point {point} has no disk {disk}")]
     UnknownDisk { point: i64, disk: String },
+    /// A signal asked the operation to stop.
+    #[error("cancelled")]
+    Cancelled,
     /// A chunk the catalog names is missing from the catalog's chunk index.
     #[error("chunk {0} is referenced but not in the chunk index")]
     MissingChunk(Leaf),

@@ -12,8 +12,10 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod config;
 pub mod convert;
 pub mod diff;
+pub mod drill;
 pub mod error;
 pub mod gc;
 pub mod ingest;

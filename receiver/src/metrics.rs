@@ -62,6 +62,7 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             );
         }
     }
+    drill_metrics(&conn, &mut out)?;
     let store_bytes: u64 = std::fs::read_dir(data.join(PACKS_DIR))
         .map(|rd| {
             rd.flatten()
@@ -93,6 +94,15 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             "rewind_chunks_logical_bytes",
             "Uncompressed bytes of the stored chunks.",
             logical.unwrap_or(0) as f64,
+        ),
+        (
+            "rewind_store_reduction_ratio",
+            "Uncompressed bytes of the distinct stored chunks per byte in pack files (dedup within the chunk index and compression).",
+            if store_bytes > 0 {
+                logical.unwrap_or(0) as f64 / store_bytes as f64
+            } else {
+                0.0
+            },
         ),
         (
             "rewind_chunks_quarantined",
@@ -130,6 +140,67 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     Ok(out)
+}
+
+/// Per VM: drills by result, and the last drill's result, RTO, RPO and time.
+fn drill_metrics(conn: &Connection, out: &mut String) -> Result<(), StoreError> {
+    let _ = writeln!(
+        out,
+        "# HELP rewind_drills_total DR drills run, by result.\n# TYPE rewind_drills_total counter"
+    );
+    let mut stmt = conn.prepare(
+        "SELECT vm, result, COUNT(*) FROM drills GROUP BY vm, result ORDER BY vm, result",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    for r in rows {
+        let (vm, result, n) = r?;
+        let _ = writeln!(
+            out,
+            "rewind_drills_total{{vm=\"{vm}\",result=\"{result}\"}} {n}"
+        );
+    }
+    let mut stmt = conn.prepare(
+        "SELECT d.vm, d.result, d.rto_s, d.point_age_s, d.started_us FROM drills d
+         WHERE d.id = (SELECT MAX(id) FROM drills e WHERE e.vm = d.vm) ORDER BY d.vm",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<f64>>(2)?,
+                r.get::<_, Option<f64>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let series: [(&str, &str); 4] = [
+        ("rewind_drill_last_passed", "1 when the VM's last drill passed, 0 when it failed."),
+        ("rewind_drill_last_rto_seconds", "Time from the last passing drill's start to its boot marker (or verified data without --boot)."),
+        ("rewind_drill_last_point_age_seconds", "Age of the point the last drill used when it started (the RPO then)."),
+        ("rewind_drill_last_timestamp_seconds", "When the last drill started (Unix time)."),
+    ];
+    for (i, (name, help)) in series.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (vm, result, rto, age, started) in &rows {
+            let v = match i {
+                0 => Some(f64::from(u8::from(result == "passed"))),
+                1 => *rto,
+                2 => *age,
+                _ => Some(*started as f64 / 1e6),
+            };
+            if let Some(v) = v {
+                let _ = writeln!(out, "{name}{{vm=\"{vm}\"}} {v}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Serves `/metrics` over plain HTTP (bind it to loopback or a monitoring network).

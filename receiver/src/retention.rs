@@ -4,11 +4,12 @@
 //! Besides the rules, a locked point, the newest point and a point an unfinished session builds
 //! on are never removed.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 /// How many of each kind to keep; `None` means the rule is not used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
     pub last: Option<u32>,
     pub hourly: Option<u32>,

@@ -67,6 +67,7 @@ pub fn to_status(e: StoreError) -> Status {
         | UnknownDisk { .. } => Status::not_found(msg),
         SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
         BaseMoved { .. } => Status::aborted(msg),
+        Cancelled => Status::cancelled(msg),
         RootMismatch { .. } => Status::data_loss(msg),
         Sql(_) | Pack(_) | Io { .. } | MissingChunk(_) | RestoredRoot { .. } | OutputExists(_) => {
             Status::internal(msg)

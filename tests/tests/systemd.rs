@@ -12,10 +12,28 @@ use std::time::Duration;
 fn units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
-    for (file, as_name) in [
+    let pairs = [
         ("rewind-receiver.service", "rewind-receiver.service"),
-        ("rewind-agent@.service", "rewind-agent@web1.service"),
-    ] {
+        ("rewind-agent.service", "rewind-agent.service"),
+        ("rewind-drill@.service", "rewind-drill@web1.service"),
+        ("rewind-drill@.timer", "rewind-drill@web1.timer"),
+        ("rewind-verify.service", "rewind-verify.service"),
+        ("rewind-verify.timer", "rewind-verify.timer"),
+        ("rewind-prune.service", "rewind-prune.service"),
+        ("rewind-prune.timer", "rewind-prune.timer"),
+    ];
+    // Every unit in the folder is checked (a new one must be added above).
+    let mut shipped: Vec<String> = std::fs::read_dir(&units)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".service") || n.ends_with(".timer"))
+        .collect();
+    shipped.sort();
+    let mut listed: Vec<String> = pairs.iter().map(|(f, _)| (*f).to_owned()).collect();
+    listed.sort();
+    assert_eq!(shipped, listed);
+    // All units side by side first: a timer is verified together with its service.
+    for (file, as_name) in pairs {
         let text = std::fs::read_to_string(units.join(file)).unwrap();
         let text = text
             .replace(
@@ -26,15 +44,59 @@ fn units_pass_systemd_analyze_verify() {
                 "/usr/local/bin/rewind-agent",
                 bin("rewind-agent").to_str().unwrap(),
             );
+        std::fs::write(dir.path().join(as_name), text).unwrap();
+    }
+    for (_, as_name) in pairs {
         let path = dir.path().join(as_name);
-        std::fs::write(&path, text).unwrap();
         let out = run(Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
-            .arg(&path));
+            .arg(&path)
+            .current_dir(dir.path()));
         let err = String::from_utf8_lossy(&out.stderr);
         let ours: Vec<&str> = err.lines().filter(|l| l.contains("rewind")).collect();
         assert!(out.status.success() && ours.is_empty(), "{as_name}: {err}");
     }
+}
+
+/// The example configuration files parse: `status` reads them (and lists their VMs).
+#[test]
+fn example_configurations_are_valid() {
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let d = Deployment::new();
+    let out = run(Command::new(bin("rewind-agent"))
+        .args(["status", "--json", "--config"])
+        .arg(units.join("agent.toml.example"))
+        .arg("--state")
+        .arg(d.path("state")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let vms: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(vms.len(), 2);
+    assert_eq!(vms[0]["vm"], "db1");
+    assert_eq!(vms[0]["rpo_seconds"], 120);
+    assert_eq!(vms[1]["vm"], "web1");
+    assert_eq!(vms[1]["state"], "seeding");
+    // The receiver's example parses (prune reads its retention; --data points at an empty store).
+    std::fs::create_dir_all(d.data()).unwrap();
+    let rx = run(Command::new(bin("rewind-receiver"))
+        .args(["prune", "--dry-run", "--json", "--config"])
+        .arg(units.join("receiver.toml.example"))
+        .arg("--data")
+        .arg(d.data()));
+    assert!(
+        rx.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rx.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&rx.stdout).unwrap();
+    assert_eq!(v["vms"], serde_json::json!([]));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The `rewind-agent` command line: flags parsed into plain values, one module per subcommand.
 
 pub mod rollback;
+pub mod run;
+pub mod status;
 pub mod sync;
 
 use crate::client::ReceiverConfig;
@@ -50,11 +52,18 @@ pub enum Command {
     Sync(sync::SyncArgs),
     /// Bring disks on this host back (or forward) to a point, moving only blocks that differ.
     Rollback(rollback::RollbackArgs),
+    /// The service: protect every VM of a configuration file on its schedule (SIGHUP reloads,
+    /// SIGTERM finishes or checkpoints the points in flight).
+    Run(run::RunArgs),
+    /// Each VM's state and why; exits non-zero when a VM has no point within 2x its RPO target.
+    Status(status::StatusArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sync(a) => sync::run(a),
         Command::Rollback(a) => rollback::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Status(a) => status::run(a),
     }
 }

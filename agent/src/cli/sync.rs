@@ -1,7 +1,7 @@
 //! `rewind-agent sync`: one point with `--once`, otherwise one every `--interval` seconds.
 
 use crate::client;
-use crate::sync::{sync_once, DiskKind, DiskSource, LiveSource, Progress, SyncConfig, SyncReport};
+use crate::sync::{sync_once, DiskSource, LiveSource, Progress, SyncConfig, SyncReport};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,22 +48,7 @@ pub struct SyncArgs {
 }
 
 pub fn parse_disk(spec: &str) -> anyhow::Result<DiskSource> {
-    let Some((name, path)) = spec.split_once('=') else {
-        bail!("--disk {spec:?}: expected NAME=PATH or NAME=qcow2:PATH");
-    };
-    rewind_proto::names::disk(name)?;
-    let (kind, path) = match path.strip_prefix("qcow2:") {
-        Some(p) => (DiskKind::Qcow2, p),
-        None => (DiskKind::Raw, path.strip_prefix("raw:").unwrap_or(path)),
-    };
-    if path.is_empty() {
-        bail!("--disk {spec:?}: empty path");
-    }
-    Ok(DiskSource {
-        name: name.to_owned(),
-        path: PathBuf::from(path),
-        kind,
-    })
+    Ok(crate::config::parse_disk(spec)?)
 }
 
 fn print(report: &SyncReport, json: bool) -> anyhow::Result<()> {
@@ -154,14 +139,28 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
                     bar.set_position(pos);
                 })
             };
+            let rpo = 2 * a.interval.max(1);
+            let started = std::time::Instant::now();
+            if let Ok(conn) = crate::state::open(&cfg.state_dir) {
+                let _ = crate::health::cycle_started(&conn, &cfg.vm, rpo);
+            }
             let result = async {
                 let mut c = client::connect(&receiver).await?;
                 sync_once(&mut c, &cfg, progress).await
             }
             .await;
             bar.finish_and_clear();
+            if let Ok(conn) = crate::state::open(&cfg.state_dir) {
+                let secs = started.elapsed().as_secs_f64();
+                if let Err(e) = crate::health::cycle_ended(&conn, &cfg.vm, rpo, secs, &result) {
+                    tracing::warn!(error = %e, "could not record the cycle");
+                }
+            }
             match result {
-                Ok(report) => print(&report, a.json)?,
+                Ok(report) => {
+                    crate::sync::log_committed(&report);
+                    print(&report, a.json)?
+                }
                 Err(e) if a.once => {
                     return Err(anyhow::Error::new(e).context(format!("syncing VM {}", cfg.vm)))
                 }

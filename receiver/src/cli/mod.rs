@@ -2,6 +2,7 @@
 //! subcommand, each delegating to the library.
 
 pub mod diff;
+pub mod drill;
 pub mod export;
 pub mod gc;
 pub mod lock;
@@ -10,6 +11,7 @@ pub mod points;
 pub mod prune;
 pub mod restore;
 pub mod serve;
+pub mod status;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -81,6 +83,14 @@ pub enum Command {
     Lock(lock::LockArgs),
     /// Serve a point's disks over NBD, read-only, straight from the store.
     Export(export::ExportArgs),
+    /// DR drill: verify every block of a point and, with --boot, boot it in an isolated QEMU;
+    /// records RPO and RTO. Exits non-zero when the drill fails.
+    Drill(drill::DrillArgs),
+    /// The record of past drills.
+    Drills(drill::DrillsArgs),
+    /// Each VM's state (seeding, replicating, behind, failing) and why; exits non-zero when
+    /// any VM is behind or failing.
+    Status(status::StatusArgs),
 }
 
 /// Runs the parsed command.
@@ -96,5 +106,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock(a) => lock::run(a),
         Command::Gc(a) => gc::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Drill(a) => drill::run(a),
+        Command::Drills(a) => drill::list(a),
+        Command::Status(a) => status::run(a),
     }
 }

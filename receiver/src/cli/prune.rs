@@ -1,5 +1,6 @@
 //! `rewind-receiver prune`: remove points by keep rules (restic's `forget --keep-*` semantics).
 
+use crate::config::ReceiverFile;
 use crate::{catalog, prune};
 use anyhow::Context;
 use clap::Args;
@@ -7,9 +8,13 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// Data folder.
+    /// Receiver configuration file: its data folder and each VM's retention (the --keep-*
+    /// flags override it for every VM).
     #[arg(long)]
-    pub data: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Data folder (overrides the file's).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Only this VM (default: every VM).
     #[arg(long)]
     pub vm: Option<String>,
@@ -24,10 +29,35 @@ pub struct PruneArgs {
 }
 
 pub fn run(a: PruneArgs) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(p) => ReceiverFile::load(p)?,
+        None => ReceiverFile::default(),
+    };
+    let data = a
+        .data
+        .clone()
+        .or(file.data.clone())
+        .context("give --data or a --config with a data folder")?;
     let policy = a.keep.policy();
-    let mut conn = catalog::open_rw(&a.data)
-        .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
-    let result = prune::prune(&mut conn, a.vm.as_deref(), &policy, a.dry_run)?;
+    let mut conn = catalog::open_rw(&data)
+        .with_context(|| format!("opening the catalog in {}", data.display()))?;
+    let result = if a.config.is_some() && policy.is_empty() {
+        // Each VM by its own rules from the file; VMs without rules are left alone.
+        let vms: std::collections::BTreeSet<String> = crate::points::list(&conn, a.vm.as_deref())?
+            .into_iter()
+            .map(|p| p.vm)
+            .collect();
+        let mut all = Vec::new();
+        for vm in vms {
+            let p = file.policy(&vm);
+            if !p.is_empty() {
+                all.extend(prune::prune(&mut conn, Some(&vm), &p, a.dry_run)?);
+            }
+        }
+        all
+    } else {
+        prune::prune(&mut conn, a.vm.as_deref(), &policy, a.dry_run)?
+    };
     for r in &result {
         tracing::info!(vm = %r.vm, removed = r.removed.len(), kept = r.kept.len(), rows = r.rows_touched, dry_run = a.dry_run, "prune");
     }

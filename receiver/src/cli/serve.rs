@@ -1,23 +1,30 @@
 //! `rewind-receiver serve`: accept points from agents until SIGTERM or SIGINT.
 
+use crate::config::ReceiverFile;
 use crate::store::Store;
 use anyhow::Context;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Configuration file (TOML); the flags below override its keys. SIGHUP re-reads it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Data folder holding the catalog and the packs.
     #[arg(long)]
-    pub data: PathBuf,
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    pub listen: SocketAddr,
+    pub data: Option<PathBuf>,
+    /// Address to listen on, default 127.0.0.1:7443 (port 0 picks a free port; the chosen
+    /// address is printed).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// PKI folder with ca.pem, receiver.pem and receiver.key.
     #[arg(long)]
-    pub pki: PathBuf,
+    pub pki: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP: keep it on loopback or a
     /// monitoring network).
     #[arg(long, value_name = "ADDR")]
@@ -29,9 +36,49 @@ pub struct ServeArgs {
     /// RULE one of last, hourly, daily, weekly, monthly, yearly (repeatable).
     #[arg(long = "retention", value_name = "VM:RULES", value_parser = parse_vm_policy)]
     pub per_vm: Vec<(String, crate::retention::Policy)>,
-    /// Seconds between scheduled prune + gc runs (with any --keep-* rule).
-    #[arg(long, default_value_t = 3600)]
-    pub prune_interval: u64,
+    /// Seconds between scheduled prune + gc runs (default 3600).
+    #[arg(long)]
+    pub prune_interval: Option<u64>,
+}
+
+/// Default seconds between scheduled prune + gc runs.
+const PRUNE_INTERVAL: u64 = 3600;
+
+/// The configuration file with the flags applied.
+pub fn load(a: &ServeArgs) -> anyhow::Result<ReceiverFile> {
+    let mut f = match &a.config {
+        Some(p) => ReceiverFile::load(p)?,
+        None => ReceiverFile::default(),
+    };
+    if a.data.is_some() {
+        f.data.clone_from(&a.data);
+    }
+    if a.listen.is_some() {
+        f.listen = a.listen;
+    }
+    if a.pki.is_some() {
+        f.pki.clone_from(&a.pki);
+    }
+    if a.metrics.is_some() {
+        f.metrics = a.metrics;
+    }
+    if a.prune_interval.is_some() {
+        f.prune_interval = a.prune_interval;
+    }
+    let policy = a.keep.policy();
+    if !policy.is_empty() {
+        f.retention = Some(policy);
+    }
+    for (vm, p) in &a.per_vm {
+        f.vm.entry(vm.clone()).or_default().retention = Some(*p);
+    }
+    if f.data.is_none() {
+        anyhow::bail!("the data folder is not set (data = ... or --data)");
+    }
+    if f.pki.is_none() {
+        anyhow::bail!("the PKI folder is not set (pki = ... or --pki)");
+    }
+    Ok(f)
 }
 
 fn parse_vm_policy(spec: &str) -> Result<(String, crate::retention::Policy), String> {
@@ -61,20 +108,30 @@ fn parse_vm_policy(spec: &str) -> Result<(String, crate::retention::Policy), Str
     Ok((vm.to_owned(), p))
 }
 
-/// Prune then gc on a schedule, on blocking threads; failures are logged and retried next time.
-async fn retention_loop(
-    data: PathBuf,
-    policy: crate::retention::Policy,
-    per_vm: Vec<(String, crate::retention::Policy)>,
-    every: u64,
-) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every.max(1)));
-    tick.tick().await;
+/// Prune then gc on a schedule, on blocking threads, with the configuration in force at each
+/// run; failures are logged and retried next time.
+async fn retention_loop(data: PathBuf, mut files: watch::Receiver<Arc<ReceiverFile>>) {
+    let mut last = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
+        let every = files
+            .borrow()
+            .prune_interval
+            .unwrap_or(PRUNE_INTERVAL)
+            .max(1);
+        let due = last + Duration::from_secs(every);
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            changed = files.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        last = tokio::time::Instant::now();
+        let file = files.borrow().clone();
         let data = data.clone();
-        let per_vm = per_vm.clone();
-        let r = tokio::task::spawn_blocking(move || -> Result<(), crate::error::StoreError> {
+        let r = tokio::task::spawn_blocking(move || -> Result<bool, crate::error::StoreError> {
             let mut conn = crate::catalog::open_rw(&data)?;
             let vms: Vec<String> = crate::points::list(&conn, None)?
                 .into_iter()
@@ -82,39 +139,115 @@ async fn retention_loop(
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
+            let mut any = false;
             for name in vms {
-                let p = per_vm.iter().find(|(v, _)| *v == name).map_or(policy, |(_, p)| *p);
+                let p = file.policy(&name);
                 if p.is_empty() {
                     continue;
                 }
+                any = true;
                 for vm in crate::prune::prune(&mut conn, Some(&name), &p, false)? {
                     tracing::info!(vm = %vm.vm, removed = vm.removed.len(), rows = vm.rows_touched, "scheduled prune");
                 }
             }
-            let g = crate::gc::gc(&mut conn, &data, 6 * 3600)?;
-            tracing::info!(chunks = g.chunks_removed, freed = g.bytes_before.saturating_sub(g.bytes_after), "scheduled gc");
-            Ok(())
+            if any {
+                let g = crate::gc::gc(&mut conn, &data, 6 * 3600)?;
+                tracing::info!(chunks = g.chunks_removed, freed = g.bytes_before.saturating_sub(g.bytes_after), "scheduled gc");
+            }
+            Ok(any)
         })
         .await;
         match r {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "scheduled retention failed"),
             Err(e) => tracing::error!(error = %e, "scheduled retention crashed"),
         }
     }
 }
 
+/// Runs each VM's scheduled drill when it is due (by the catalog's record of its last drill,
+/// so a restart does not repeat one), one at a time, as a `drill` child process.
+async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
+    let started = crate::catalog::now_us();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let file = files.borrow().clone();
+        let d = data.clone();
+        let due = tokio::task::spawn_blocking(move || -> Result<Vec<(String, crate::config::DrillSchedule)>, crate::error::StoreError> {
+            let conn = crate::catalog::open_ro(&d)?;
+            let now = crate::catalog::now_us();
+            let mut out = Vec::new();
+            let vms: std::collections::BTreeSet<String> =
+                crate::points::list(&conn, None)?.into_iter().map(|p| p.vm).collect();
+            for vm in vms {
+                let Some(s) = file.drill(&vm) else { continue };
+                let last: Option<i64> = conn.query_row(
+                    "SELECT MAX(started_us) FROM drills WHERE vm = ?1",
+                    [&vm],
+                    |r| r.get(0),
+                )?;
+                // Never drilled: the first one is one period after serve started.
+                if now - last.unwrap_or(started) >= (s.every as i64).saturating_mul(1_000_000) {
+                    out.push((vm, s.clone()));
+                }
+            }
+            Ok(out)
+        })
+        .await;
+        let due = match due {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "drill schedule: reading the catalog failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        for (vm, s) in due {
+            let Ok(exe) = std::env::current_exe() else {
+                continue;
+            };
+            let mut cmd = tokio::process::Command::new(exe);
+            cmd.args(["drill", "--json", "--vm", &vm, "--data"])
+                .arg(&data)
+                .args(["--boot-timeout", &s.boot_timeout.to_string()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true);
+            if s.boot {
+                cmd.arg("--boot");
+            }
+            if let Some(re) = &s.expect_serial {
+                cmd.args(["--expect-serial", re]);
+            }
+            tracing::info!(vm = %vm, boot = s.boot, "scheduled drill");
+            match cmd.status().await {
+                Ok(st) if st.success() => tracing::info!(vm = %vm, "scheduled drill passed"),
+                Ok(_) => {
+                    tracing::error!(vm = %vm, "scheduled drill FAILED (see `rewind-receiver drills --vm {vm}`)")
+                }
+                Err(e) => tracing::error!(vm = %vm, error = %e, "scheduled drill could not start"),
+            }
+        }
+    }
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    let pki = crate::pki::load_server(&a.pki).context("loading the receiver's certificates")?;
+    let file = Arc::new(load(&a)?);
+    let data = file.data.clone().unwrap_or_default();
+    let pki_dir = file.pki.clone().unwrap_or_default();
+    let listen = file
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
+    let pki = crate::pki::load_server(&pki_dir).context("loading the receiver's certificates")?;
     let store = Arc::new(
-        Store::open(&a.data)
-            .with_context(|| format!("opening data folder {}", a.data.display()))?,
+        Store::open(&data).with_context(|| format!("opening data folder {}", data.display()))?,
     );
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("binding {}", a.listen))?;
+            .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!("rewind-receiver listening on {addr}");
         rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
@@ -127,30 +260,54 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 }
             });
         }
-        if let Some(m) = a.metrics {
+        if let Some(m) = file.metrics {
             let l = tokio::net::TcpListener::bind(m)
                 .await
                 .with_context(|| format!("binding the metrics address {m}"))?;
             tracing::info!(addr = %m, "metrics");
-            tokio::spawn(crate::metrics::serve(l, a.data.clone()));
+            tokio::spawn(crate::metrics::serve(l, data.clone()));
         }
-        let policy = a.keep.policy();
-        if !policy.is_empty() || !a.per_vm.is_empty() {
-            tracing::info!(?policy, per_vm = ?a.per_vm, every = a.prune_interval, "scheduled retention");
-            tokio::spawn(retention_loop(
-                a.data.clone(),
-                policy,
-                a.per_vm.clone(),
-                a.prune_interval,
-            ));
-        }
-        tracing::info!(%addr, data = %a.data.display(), "serving");
+        let (files_tx, files_rx) = watch::channel(file.clone());
+        tokio::spawn(retention_loop(data.clone(), files_rx.clone()));
+        tokio::spawn(drill_loop(data.clone(), files_rx));
+        tokio::spawn(reload_on_hangup(a.clone(), files_tx));
+        tracing::info!(%addr, data = %data.display(), "serving");
         crate::server::run(listener, &pki, store, shutdown_signal())
             .await
             .context("serving")?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// SIGHUP: re-read the configuration; retention, RPO targets and drill schedules change at
+/// once, the listen address, data folder, PKI and metrics address at the next start.
+async fn reload_on_hangup(a: ServeArgs, files: watch::Sender<Arc<ReceiverFile>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        rewind_proto::systemd::notify("RELOADING=1");
+        match load(&a) {
+            Ok(f) => {
+                let old = files.borrow().clone();
+                if (&old.data, old.listen, &old.pki, old.metrics)
+                    != (&f.data, f.listen, &f.pki, f.metrics)
+                {
+                    tracing::warn!(
+                        "data, listen, pki and metrics changes take effect at the next start"
+                    );
+                }
+                tracing::info!(vms = f.vm.len(), "configuration reloaded");
+                let _ = files.send(Arc::new(f));
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running configuration")
+            }
+        }
+        rewind_proto::systemd::notify("READY=1");
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,125 @@
+//! `rewind-receiver drill` (prove a point restores and boots; record RPO and RTO) and
+//! `rewind-receiver drills` (the record).
+
+use crate::catalog;
+use crate::drill::{self, DrillOptions, DrillReport};
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// Data folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// Point id (default: the newest point).
+    #[arg(long)]
+    pub point: Option<i64>,
+    /// Boot the point in an isolated QEMU after verifying it.
+    #[arg(long)]
+    pub boot: bool,
+    /// Seconds to wait for the boot marker.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+    /// Regular expression the serial console must show (default: any console output).
+    #[arg(long)]
+    pub expect_serial: Option<String>,
+    /// Print the drill's record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillsArgs {
+    /// Data folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Only this VM's drills.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn line(r: &DrillReport) -> String {
+    let secs = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.1}s"));
+    format!(
+        "drill {} {} point {} {}: age {} verified {} ({} blocks) rto {}{}",
+        r.id,
+        r.vm,
+        r.point.map_or("-".to_owned(), |p| p.to_string()),
+        r.result.to_uppercase(),
+        secs(r.point_age_seconds),
+        secs(r.verified_seconds),
+        r.blocks_verified,
+        secs(r.rto_seconds),
+        r.reason
+            .as_deref()
+            .map_or(String::new(), |why| format!("\n  reason: {why}"))
+    )
+}
+
+pub fn run(a: DrillArgs) -> anyhow::Result<()> {
+    let expect_serial = a
+        .expect_serial
+        .as_deref()
+        .map(regex::Regex::new)
+        .transpose()
+        .context("--expect-serial is not a valid regular expression")?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
+    }
+    let opts = DrillOptions {
+        point: a.point,
+        boot: a.boot,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+        expect_serial,
+        cancel,
+    };
+    if !a.json {
+        eprintln!(
+            "drill of {}: verifying every block{} ...",
+            a.vm,
+            if a.boot { ", then booting" } else { "" }
+        );
+    }
+    let r = drill::run(&a.data, &a.vm, &opts)?;
+    tracing::info!(vm = %r.vm, point = ?r.point, result = %r.result, rto = ?r.rto_seconds, reason = ?r.reason, "drill");
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", line(&r));
+    }
+    if !r.passed() {
+        bail!(
+            "drill of {} failed: {}",
+            r.vm,
+            r.reason.as_deref().unwrap_or("unknown")
+        );
+    }
+    Ok(())
+}
+
+pub fn list(a: DrillsArgs) -> anyhow::Result<()> {
+    let conn = catalog::open_ro(&a.data)
+        .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
+    let all = drill::history(&conn, a.vm.as_deref())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() {
+        println!("no drills recorded");
+    } else {
+        for r in &all {
+            println!("{}", line(r));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! `rewind-receiver status`: one line per VM with its state and why, from the catalog: seeding
+//! (a session open, no point yet), replicating (newest point within 2x the RPO target), behind
+//! (older), failing (its last drill failed, or a point references a quarantined chunk). Exits
+//! non-zero when any VM is behind or failing.
+
+use crate::catalog::{self, now_us, rfc3339};
+use crate::config::ReceiverFile;
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Configuration file (its data folder and per-VM RPO targets).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data folder (overrides the file's).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// RPO target in seconds for VMs without one in the file.
+    #[arg(long, default_value_t = 3600)]
+    pub rpo: u64,
+    /// Print one JSON object per VM, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct VmLine {
+    vm: String,
+    state: &'static str,
+    why: String,
+    points: i64,
+    newest_point: Option<i64>,
+    newest_point_created: Option<String>,
+    newest_point_age_seconds: Option<f64>,
+    rpo_seconds: u64,
+    open_sessions: i64,
+    last_drill: Option<String>,
+}
+
+pub fn run(a: StatusArgs) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(p) => ReceiverFile::load(p)?,
+        None => ReceiverFile::default(),
+    };
+    let data = a
+        .data
+        .clone()
+        .or(file.data.clone())
+        .context("give --data or a --config with a data folder")?;
+    let conn = catalog::open_ro(&data)
+        .with_context(|| format!("opening the catalog in {}", data.display()))?;
+    let now = now_us();
+    // Which VMs a quarantined chunk damages costs a scan of their leaves: only when any is.
+    let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
+    let damage = if quarantined > 0 {
+        "(SELECT COUNT(*) FROM bad_chunks b WHERE b.hash IN
+              (SELECT n.hash FROM nodes n JOIN disks k ON k.id = n.disk_id
+               WHERE k.vm_id = v.id AND n.level = 0))"
+    } else {
+        "0"
+    };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT v.name,
+           (SELECT COUNT(*) FROM points p WHERE p.vm_id = v.id),
+           (SELECT MAX(id) FROM points p WHERE p.vm_id = v.id),
+           (SELECT MAX(created_us) FROM points p WHERE p.vm_id = v.id),
+           (SELECT COUNT(*) FROM sessions s WHERE s.vm_id = v.id AND s.state = 'open'),
+           (SELECT result || COALESCE(': ' || reason, '') FROM drills d WHERE d.vm = v.name
+              ORDER BY d.id DESC LIMIT 1),
+           {damage}
+         FROM vms v ORDER BY v.name"
+    ))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut alerts = Vec::new();
+    for (vm, points, newest, created, open, drill, bad) in rows {
+        let rpo = file.rpo(&vm).unwrap_or(a.rpo).max(1);
+        let age = created.map(|c| (now - c).max(0) as f64 / 1e6);
+        let (state, why) = if bad > 0 {
+            (
+                "failing",
+                format!("{bad} quarantined chunk(s) damage its points: the agent's next cycle heals them"),
+            )
+        } else if drill.as_deref().is_some_and(|d| d.starts_with("failed")) {
+            (
+                "failing",
+                format!("last drill {}", drill.as_deref().unwrap_or("")),
+            )
+        } else if points == 0 {
+            (
+                "seeding",
+                if open > 0 {
+                    "first point in progress".to_owned()
+                } else {
+                    "no point yet".to_owned()
+                },
+            )
+        } else if age.is_some_and(|a| a > 2.0 * rpo as f64) {
+            (
+                "behind",
+                format!(
+                    "newest point is {:.0} s old, more than 2x the {rpo} s RPO target",
+                    age.unwrap_or(0.0)
+                ),
+            )
+        } else {
+            (
+                "replicating",
+                format!(
+                    "newest point is {:.0} s old (RPO target {rpo} s)",
+                    age.unwrap_or(0.0)
+                ),
+            )
+        };
+        if state == "behind" || state == "failing" {
+            alerts.push(vm.clone());
+        }
+        let line = VmLine {
+            vm,
+            state,
+            why,
+            points,
+            newest_point: newest,
+            newest_point_created: created.map(rfc3339),
+            newest_point_age_seconds: age,
+            rpo_seconds: rpo,
+            open_sessions: open,
+            last_drill: drill,
+        };
+        if a.json {
+            println!("{}", serde_json::to_string(&line)?);
+        } else {
+            println!("{:<20} {:<12} {}", line.vm, line.state, line.why);
+        }
+    }
+    if !alerts.is_empty() {
+        bail!("behind or failing: {}", alerts.join(", "));
+    }
+    Ok(())
+}
