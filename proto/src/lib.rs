@@ -13,6 +13,7 @@ pub mod format;
 pub mod hash;
 pub mod names;
 pub mod nbd;
+pub mod scrape;
 pub mod systemd;
 pub mod tree;
 

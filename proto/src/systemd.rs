@@ -1,5 +1,6 @@
 //! The systemd service protocol (`sd_notify`): readiness, watchdog keep-alives and stopping,
-//! sent as datagrams to `$NOTIFY_SOCKET`. Both daemons use it; outside systemd it does nothing.
+//! sent as datagrams to `$NOTIFY_SOCKET`, and logging to the journal. Both daemons use it;
+//! outside systemd it does nothing (logs go to stderr).
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -20,4 +21,29 @@ pub fn notify(state: &str) -> bool {
 pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+/// Logs through `tracing` (filter from `$REWIND_LOG`, default info): to the journal, with
+/// structured fields, when systemd connected our output to it (`$JOURNAL_STREAM`); to stderr
+/// otherwise (with colour on a terminal).
+pub fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        || EnvFilter::try_from_env("REWIND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journal) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(journal)
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }

@@ -205,24 +205,5 @@ fn drill_metrics(conn: &Connection, out: &mut String) -> Result<(), StoreError> 
 
 /// Serves `/metrics` over plain HTTP (bind it to loopback or a monitoring network).
 pub async fn serve(listener: tokio::net::TcpListener, data: std::path::PathBuf) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let data = data.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let _ = sock.read(&mut buf).await;
-            let body = tokio::task::spawn_blocking(move || render(&data))
-                .await
-                .ok()
-                .and_then(Result::ok);
-            let resp = match body {
-                Some(b) => format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len()),
-                None => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
-            };
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+    rewind_proto::scrape::serve(listener, move || render(&data).ok()).await;
 }

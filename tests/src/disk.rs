@@ -163,3 +163,31 @@ pub fn mixed(path: &Path, size: u64, seed: u64) {
     }
     f.sync_all().expect("sync image");
 }
+
+/// A 512-byte x86 boot sector (for SeaBIOS): prints `marker` and CR LF on COM1 (port 0x3f8),
+/// then halts.
+pub fn boot_sector(marker: &str) -> Vec<u8> {
+    #[rustfmt::skip]
+    let mut s = vec![
+        0xFA,             // cli
+        0x31, 0xC0,       // xor ax, ax
+        0x8E, 0xD8,       // mov ds, ax
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8
+        0xBE, 0x17, 0x7C, // mov si, 0x7c17 (the message below)
+        0xFC,             // cld
+        0xAC,             // .l: lodsb
+        0x84, 0xC0,       // test al, al
+        0x74, 0x03,       // jz .h
+        0xEE,             // out dx, al
+        0xEB, 0xF8,       // jmp .l
+        0xF4,             // .h: hlt
+        0xEB, 0xFD,       // jmp .h
+    ];
+    assert_eq!(s.len(), 0x17, "the message starts at 0x7c17");
+    s.extend_from_slice(marker.as_bytes());
+    s.extend_from_slice(b"\r\n\0");
+    assert!(s.len() <= 510, "marker too long for a boot sector");
+    s.resize(510, 0);
+    s.extend_from_slice(&[0x55, 0xAA]);
+    s
+}

@@ -311,6 +311,11 @@ impl Receiver {
         self.addr
     }
 
+    /// The receiver's process id (0 for a dead one).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
     }
@@ -330,6 +335,14 @@ impl Drop for Receiver {
             let _ = c.wait();
         }
     }
+}
+
+/// A loopback TCP port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use rewind_tests::disk::boot_sector;
 use rewind_tests::{bin, disk, run, Deployment};
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
@@ -14,32 +15,6 @@ use std::time::{Duration, Instant};
 
 const BLOCK: u64 = 64 * 1024;
 const MARKER: &str = "REWIND-DRILL-OK";
-
-/// A 512-byte boot sector: prints `marker` on COM1 (port 0x3f8) and halts.
-fn boot_sector(marker: &str) -> Vec<u8> {
-    #[rustfmt::skip]
-    let mut s = vec![
-        0xFA,             // cli
-        0x31, 0xC0,       // xor ax, ax
-        0x8E, 0xD8,       // mov ds, ax
-        0xBA, 0xF8, 0x03, // mov dx, 0x3f8
-        0xBE, 0x17, 0x7C, // mov si, 0x7c17 (the message below)
-        0xFC,             // cld
-        0xAC,             // .l: lodsb
-        0x84, 0xC0,       // test al, al
-        0x74, 0x03,       // jz .h
-        0xEE,             // out dx, al
-        0xEB, 0xF8,       // jmp .l
-        0xF4,             // .h: hlt
-        0xEB, 0xFD,       // jmp .h
-    ];
-    assert_eq!(s.len(), 0x17);
-    s.extend_from_slice(marker.as_bytes());
-    s.extend_from_slice(b"\r\n\0");
-    s.resize(510, 0);
-    s.extend_from_slice(&[0x55, 0xAA]);
-    s
-}
 
 fn drill(d: &Deployment, vm: &str, extra: &[&str], tmp: &Path) -> (Output, Value) {
     let o = run(Command::new(bin("rewind-receiver"))

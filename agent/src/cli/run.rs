@@ -250,28 +250,12 @@ async fn protect(
 
 /// Serves the agent's metrics from its state database.
 async fn serve_metrics(listener: tokio::net::TcpListener, state: PathBuf) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let _ = sock.read(&mut buf).await;
-            let body = tokio::task::spawn_blocking(move || {
-                crate::state::open(&state).and_then(|c| health::render(&c))
-            })
-            .await
+    rewind_proto::scrape::serve(listener, move || {
+        crate::state::open(&state)
+            .and_then(|c| health::render(&c))
             .ok()
-            .and_then(Result::ok);
-            let resp = match body {
-                Some(b) => format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len()),
-                None => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
-            };
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+    })
+    .await;
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
