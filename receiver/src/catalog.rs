@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS bad_chunks(
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack_id);
 ";
 
-/// From version 2 to 3: the record of DR drills.
+/// From version 2 to 3: the record of DR drills, and what each VM added to the store.
 const MIGRATE_2_3: &str = "
 CREATE TABLE IF NOT EXISTS drills(
   id INTEGER PRIMARY KEY,
@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS drills(
   reason TEXT,
   detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS drills_by_vm ON drills(vm, id);
+CREATE TABLE IF NOT EXISTS vm_stats(
+  vm_id INTEGER PRIMARY KEY,
+  chunks_stored INTEGER NOT NULL DEFAULT 0,
+  bytes_stored INTEGER NOT NULL DEFAULT 0);
 ";
 
 const SCHEMA: &str = "
@@ -163,6 +167,10 @@ CREATE TABLE IF NOT EXISTS drills(
   reason TEXT,
   detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS drills_by_vm ON drills(vm, id);
+CREATE TABLE IF NOT EXISTS vm_stats(
+  vm_id INTEGER PRIMARY KEY,
+  chunks_stored INTEGER NOT NULL DEFAULT 0,
+  bytes_stored INTEGER NOT NULL DEFAULT 0);
 ";
 
 /// Opens (and creates or migrates) the catalog for writing.

@@ -584,6 +584,13 @@ impl Store {
             "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
             params![session_id, now_us()],
         )?;
+        // What this VM's uploads added to the store, for metrics.
+        tx.execute(
+            "INSERT INTO vm_stats(vm_id, chunks_stored, bytes_stored) VALUES (?1, ?2, ?3)
+             ON CONFLICT(vm_id) DO UPDATE SET chunks_stored = chunks_stored + excluded.chunks_stored,
+               bytes_stored = bytes_stored + excluded.bytes_stored",
+            params![session.vm_id, stored as i64, bytes as i64],
+        )?;
         tx.commit()?;
         Ok(BatchStats {
             entries: entries.len() as u64,

@@ -62,6 +62,15 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             );
         }
     }
+    let _ = writeln!(out, "# HELP rewind_vm_stored_bytes_total Compressed bytes of new chunks each VM's uploads added to the packs.\n# TYPE rewind_vm_stored_bytes_total counter");
+    let mut stmt = conn.prepare(
+        "SELECT v.name, s.bytes_stored FROM vm_stats s JOIN vms v ON v.id = s.vm_id ORDER BY v.name",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for r in rows {
+        let (vm, b) = r?;
+        let _ = writeln!(out, "rewind_vm_stored_bytes_total{{vm=\"{vm}\"}} {b}");
+    }
     drill_metrics(&conn, &mut out)?;
     let store_bytes: u64 = std::fs::read_dir(data.join(PACKS_DIR))
         .map(|rd| {
@@ -76,6 +85,13 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             Ok((r.get(0)?, r.get(1)?))
         })?;
     let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
+    // Every committed block change at full size: what the points would take without dedup
+    // and compression.
+    let changed_logical: f64 = conn.query_row(
+        "SELECT COALESCE(SUM(changed_blocks * block_size), 0) FROM point_disks",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? as f64;
     let pruned: i64 = conn.query_row(
         "SELECT COUNT(*) FROM events WHERE kind = 'prune'",
         [],
@@ -94,6 +110,20 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             "rewind_chunks_logical_bytes",
             "Uncompressed bytes of the stored chunks.",
             logical.unwrap_or(0) as f64,
+        ),
+        (
+            "rewind_points_changed_logical_bytes",
+            "Bytes of every block change committed in the points held, at full size.",
+            changed_logical,
+        ),
+        (
+            "rewind_dedup_ratio",
+            "Logical changed bytes of the points held per byte in pack files (dedup and compression together).",
+            if store_bytes > 0 {
+                changed_logical / store_bytes as f64
+            } else {
+                0.0
+            },
         ),
         (
             "rewind_store_reduction_ratio",

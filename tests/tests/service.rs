@@ -332,6 +332,8 @@ fn serve_config_reload_schedules_drills_and_retention() {
         "rewind_drill_last_rto_seconds{vm=\"sched\"}",
         "rewind_drill_last_point_age_seconds{vm=\"sched\"}",
         "rewind_store_reduction_ratio",
+        "rewind_dedup_ratio",
+        "rewind_vm_stored_bytes_total{vm=\"sched\"}",
     ] {
         assert!(m.contains(series), "{series} missing:\n{m}");
     }
