@@ -225,3 +225,38 @@ fn diff_lists_exactly_the_changed_extents() {
     let out = d.restore("dv", "vda", &["--point", "99"], &d.path("x.raw"));
     assert!(!out.status.success());
 }
+
+/// Restores write straight to the device (O_DIRECT) where they can: a disk whose size is not a
+/// multiple of 4 KiB (its short last block goes through the page cache) and a restore onto
+/// tmpfs (no O_DIRECT at all) both come back bit for bit.
+#[test]
+fn restores_of_odd_sizes_and_onto_tmpfs_are_exact() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("odd.raw");
+    let size = 3 * BLOCK + 7 * 512; // the last block is 3.5 KiB
+    disk::create(&vda, size);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 2, &mut rng);
+    let mut tail = vec![0u8; 7 * 512];
+    rand::RngCore::fill_bytes(&mut rng, &mut tail);
+    disk::write_at(&vda, 3 * BLOCK, &tail);
+    let p = d.sync_ok(&rx, "host1", "odd", &[("vda", &vda)])["point"]
+        .as_u64()
+        .unwrap();
+    let out = d.path("odd-restored.raw");
+    let o = d.restore("odd", "vda", &["--point", &p.to_string()], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
+    assert_eq!(disk::digest(&out), disk::digest(&vda));
+
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        let on_tmpfs = shm.join(format!("rewind-test-{}.raw", std::process::id()));
+        let o = d.restore("odd", "vda", &["--point", &p.to_string()], &on_tmpfs);
+        let same = disk::digest(&on_tmpfs) == disk::digest(&vda);
+        let _ = std::fs::remove_file(&on_tmpfs);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(same);
+    }
+}
