@@ -333,6 +333,16 @@ fn main() -> Result<()> {
         ),
     });
 
+    let restore_secs = rows[2].secs;
+    rows.extend(extra::qcow2_rollback_case(
+        &a,
+        w,
+        &bins,
+        &addr,
+        rx_pid,
+        &image,
+        restore_secs,
+    )?);
     if a.live_gib > 0.0 {
         rows.extend(live_case(&a, w, &ag_bin, &addr, rx_pid)?);
     }
