@@ -8,7 +8,7 @@
 
 use crate::error::SyncError;
 use crate::sync::SyncReport;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -255,15 +255,6 @@ pub fn forget(conn: &Connection, vm: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM health WHERE vm = ?1", [vm])?;
     conn.execute("DELETE FROM health_failures WHERE vm = ?1", [vm])?;
     Ok(())
-}
-
-/// Whether `vm` has a health row.
-pub fn known(conn: &Connection, vm: &str) -> rusqlite::Result<bool> {
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn
-        .query_row("SELECT 1 FROM health WHERE vm = ?1", [vm], |_| Ok(()))
-        .optional()?
-        .is_some())
 }
 
 /// The agent's metrics in Prometheus' text format.

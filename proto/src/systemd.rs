@@ -23,6 +23,20 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// Sends `WATCHDOG=1` at half the interval systemd asked for, from a task of the current tokio
+/// runtime, for as long as the runtime runs; does nothing when no watchdog was asked for.
+pub fn spawn_watchdog() {
+    if let Some(every) = watchdog_interval() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notify("WATCHDOG=1");
+            }
+        });
+    }
+}
+
 /// Logs through `tracing` (filter from `$REWIND_LOG`, default info): to the journal, with
 /// structured fields, when systemd connected our output to it (`$JOURNAL_STREAM`); to stderr
 /// otherwise (with colour on a terminal).

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS vm_stats(
   bytes_stored INTEGER NOT NULL DEFAULT 0);
 ";
 
+/// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`].
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
   id INTEGER PRIMARY KEY,
@@ -154,23 +155,6 @@ CREATE TABLE IF NOT EXISTS session_blocks(
   idx INTEGER NOT NULL,
   hash BLOB NOT NULL,
   PRIMARY KEY(session_id, pos, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS drills(
-  id INTEGER PRIMARY KEY,
-  vm TEXT NOT NULL,
-  point INTEGER,
-  started_us INTEGER NOT NULL,
-  point_age_s REAL,
-  verified_s REAL,
-  boot_s REAL,
-  rto_s REAL,
-  result TEXT NOT NULL,
-  reason TEXT,
-  detail TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS drills_by_vm ON drills(vm, id);
-CREATE TABLE IF NOT EXISTS vm_stats(
-  vm_id INTEGER PRIMARY KEY,
-  chunks_stored INTEGER NOT NULL DEFAULT 0,
-  bytes_stored INTEGER NOT NULL DEFAULT 0);
 ";
 
 /// Opens (and creates or migrates) the catalog for writing.
@@ -181,6 +165,7 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version == 0 {
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(MIGRATE_2_3)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     } else if version < SCHEMA_VERSION {
         let tx = conn.unchecked_transaction()?;
@@ -259,6 +244,38 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, time::error::Parse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_2_catalog_is_migrated_to_3() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = Connection::open(dir.path().join(CATALOG_FILE)).expect("open");
+            conn.execute_batch(SCHEMA).expect("v2 schema");
+            conn.pragma_update(None, "user_version", 2)
+                .expect("version");
+            conn.execute(
+                "INSERT INTO vms(name, owner, created_us) VALUES ('v', 'a', 1)",
+                [],
+            )
+            .expect("row");
+        }
+        let conn = open_rw(dir.path()).expect("migrate");
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, SCHEMA_VERSION);
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM drills", [], |r| r.get(0))
+            .expect("drills table");
+        assert_eq!(n, 0);
+        let vms: i64 = conn
+            .query_row("SELECT COUNT(*) FROM vms", [], |r| r.get(0))
+            .expect("vms kept");
+        assert_eq!(vms, 1);
+        drop(conn);
+        // Opening again changes nothing.
+        open_rw(dir.path()).expect("reopen");
+    }
 
     #[test]
     fn time_roundtrip() {

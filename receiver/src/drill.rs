@@ -38,7 +38,7 @@ const MAX_LISTED: usize = 100;
 const SERIAL_TAIL: usize = 2048;
 
 /// What a drill does.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DrillOptions {
     /// The point (default: the VM's newest).
     pub point: Option<i64>,
@@ -49,6 +49,8 @@ pub struct DrillOptions {
     pub expect_serial: Option<regex::Regex>,
     /// Set from a signal handler: the drill stops, cleans up and fails.
     pub cancel: Arc<AtomicBool>,
+    /// Called with (bytes verified, bytes to verify) as verification goes.
+    pub progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
 }
 
 /// One damaged block of a point.
@@ -141,9 +143,13 @@ fn drill(
     started: Instant,
     report: &mut DrillReport,
 ) -> Result<(), String> {
+    let total: u64 = point.disks.iter().map(|d| d.size).sum();
+    let mut before = 0u64;
     for disk in &point.disks {
-        let v = verify_disk(conn, data, point.id, disk, &opts.cancel)
+        let report_progress = |done: u64| (opts.progress)(before + done, total);
+        let v = verify_disk(conn, data, point.id, disk, &opts.cancel, &report_progress)
             .map_err(|e| format!("verifying {}: {e}", disk.name))?;
+        before += disk.size;
         report.blocks_verified += v.blocks;
         report.bytes_verified += v.bytes;
         report.damaged_blocks += v.damaged;
@@ -203,6 +209,7 @@ fn verify_disk(
     point: i64,
     disk: &PointDisk,
     cancel: &AtomicBool,
+    progress: &dyn Fn(u64),
 ) -> Result<Verified, StoreError> {
     let geometry =
         DiskGeometry::new(disk.size, disk.block_size).map_err(|source| StoreError::Geometry {
@@ -261,6 +268,7 @@ fn verify_disk(
         out.bytes += len as u64;
         if batch.len() == BATCH_BLOCKS {
             check(std::mem::take(&mut batch), &mut out);
+            progress(geometry.offset(idx) + len as u64);
             if cancel.load(Ordering::Relaxed) {
                 return Err(StoreError::Cancelled);
             }
@@ -268,6 +276,7 @@ fn verify_disk(
         Ok(())
     })?;
     check(batch, &mut out);
+    progress(geometry.size);
     let root = tree::root(&geometry, builder.finish());
     if root != disk.root_leaf {
         out.damaged += 1;

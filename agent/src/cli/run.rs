@@ -174,6 +174,12 @@ async fn protect(
         let file = files.borrow_and_update().clone();
         let Some(entry) = file.vm.iter().find(|v| v.name == name) else {
             tracing::info!(vm = %name, "no longer in the configuration: stopped protecting it");
+            // Its points stay on the receiver; `status` no longer reports it.
+            if let Some(state) = &file.state {
+                if let Ok(conn) = crate::state::open(state) {
+                    let _ = health::forget(&conn, &name);
+                }
+            }
             return;
         };
         let (interval, rpo) = file.timing(entry);
@@ -227,7 +233,7 @@ async fn protect(
         }
         // Next cycle one interval after this one started (at once when it ran longer); a
         // reload re-reads the interval.
-        let due = started + Duration::from_secs(interval.max(1));
+        let mut due = started + Duration::from_secs(interval.max(1));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(due.into()) => break,
@@ -239,8 +245,7 @@ async fn protect(
                     let f = files.borrow().clone();
                     match f.vm.iter().find(|v| v.name == name) {
                         None => break,
-                        Some(e) if f.timing(e).0 != interval => break,
-                        Some(_) => {}
+                        Some(e) => due = started + Duration::from_secs(f.timing(e).0.max(1)),
                     }
                 }
             }
@@ -295,15 +300,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         spawn_new(&file, &mut tasks);
         let names: Vec<&str> = file.vm.iter().map(|v| v.name.as_str()).collect();
         rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", names.join(", ")));
-        if let Some(every) = rewind_proto::systemd::watchdog_interval() {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    rewind_proto::systemd::notify("WATCHDOG=1");
-                }
-            });
-        }
+        rewind_proto::systemd::spawn_watchdog();
         loop {
             tokio::select! {
                 _ = hup.recv() => {

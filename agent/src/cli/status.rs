@@ -33,6 +33,10 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let conn = crate::state::open(&state)
         .with_context(|| format!("opening the agent state in {}", state.display()))?;
     let mut all = health::status(&conn)?;
+    // With a file, its VMs are the ones protected.
+    if !file.vm.is_empty() {
+        all.retain(|s| file.vm.iter().any(|v| v.name == s.vm));
+    }
     for v in &file.vm {
         if !all.iter().any(|s| s.vm == v.name) {
             let (_, rpo) = file.timing(v);

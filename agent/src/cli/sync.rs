@@ -115,15 +115,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         if !a.once {
             rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
-            if let Some(every) = rewind_proto::systemd::watchdog_interval() {
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(every);
-                    loop {
-                        tick.tick().await;
-                        rewind_proto::systemd::notify("WATCHDOG=1");
-                    }
-                });
-            }
+            rewind_proto::systemd::spawn_watchdog();
         }
         loop {
             let bar = ProgressBar::new(0);

@@ -5,6 +5,7 @@ use crate::catalog;
 use crate::drill::{self, DrillOptions, DrillReport};
 use anyhow::{bail, Context};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -77,12 +78,33 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
     }
+    let bar = if a.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "verify [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let opts = DrillOptions {
         point: a.point,
         boot: a.boot,
         boot_timeout: Duration::from_secs(a.boot_timeout),
         expect_serial,
         cancel,
+        progress: {
+            let bar = bar.clone();
+            Arc::new(move |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+                if done >= total {
+                    bar.finish_and_clear();
+                }
+            })
+        },
     };
     if !a.json {
         eprintln!(

@@ -251,15 +251,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr().context("reading the bound address")?;
         println!("rewind-receiver listening on {addr}");
         rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
-        if let Some(every) = rewind_proto::systemd::watchdog_interval() {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    rewind_proto::systemd::notify("WATCHDOG=1");
-                }
-            });
-        }
+        rewind_proto::systemd::spawn_watchdog();
         if let Some(m) = file.metrics {
             let l = tokio::net::TcpListener::bind(m)
                 .await
