@@ -373,7 +373,15 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
         .as_u64()
         .map_or(256, |b| (b >> 20).max(64));
     let cpus = config["cpus"].as_u64().unwrap_or(1).max(1);
-    let mut cmd = Command::new("qemu-system-x86_64");
+    // QEMU dies with the drill even when the drill is SIGKILLed (setpriv sets the parent-death
+    // signal, then runs QEMU); without setpriv, only the drill's own cleanup stops it.
+    let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+        let mut c = Command::new("/usr/bin/setpriv");
+        c.args(["--pdeathsig", "KILL", "--", "qemu-system-x86_64"]);
+        c
+    } else {
+        Command::new("qemu-system-x86_64")
+    };
     cmd.args(["-name", &format!("rewind-drill-{}", point.vm)])
         .args(["-machine", "pc", "-accel", accel])
         .args(["-m", &mem_mib.to_string(), "-smp", &cpus.to_string()])

@@ -185,7 +185,8 @@ impl Drop for DelayProxy {
     }
 }
 
-/// Copies `from` to `to`, releasing each piece `delay` after it was read.
+/// Copies `from` to `to`, releasing each piece `delay` after it was read. Pieces move through
+/// the queue without being copied again.
 async fn delay_copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -208,29 +209,28 @@ async fn delay_copy(
                 continue;
             };
             tokio::time::sleep_until((*due).into()).await;
-            // Everything already due goes out in one write.
             let now = Instant::now();
-            let mut out = Vec::new();
+            let mut out: Vec<Vec<u8>> = Vec::new();
             while queue.front().is_some_and(|(d, _)| *d <= now) {
                 if let Some((_, b)) = queue.pop_front() {
-                    out.extend_from_slice(&b);
+                    out.push(b);
                 }
             }
-            if to.write_all(&out).await.is_err() {
-                return;
+            for b in out {
+                if to.write_all(&b).await.is_err() {
+                    return;
+                }
             }
         }
         let _ = to.shutdown().await;
     });
-    let mut buf = vec![0u8; 256 * 1024];
     loop {
+        let mut buf = vec![0u8; 256 * 1024];
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx
-                    .send((Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-                {
+                buf.truncate(n);
+                if tx.send((Instant::now() + delay, buf)).is_err() {
                     break;
                 }
             }

@@ -254,3 +254,38 @@ fn no_marker_times_out_and_sigterm_stops_a_drill() {
     assert!(empty_dir(&tmp));
     assert_eq!(drills(&d, "silent").len(), 2);
 }
+
+#[test]
+fn qemu_dies_with_a_killed_drill() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 4 << 20);
+    disk::random_blocks(&vda, BLOCK, 3, 2, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "orphan", &[("vda", &vda)]);
+    drop(rx);
+    let mut child = Command::new(bin("rewind-receiver"))
+        .args([
+            "drill",
+            "--vm",
+            "orphan",
+            "--boot",
+            "--boot-timeout",
+            "300",
+            "--data",
+        ])
+        .arg(d.data())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(rewind_tests::wait_until(Duration::from_secs(30), || {
+        qemu_running("orphan")
+    }));
+    child.kill().unwrap(); // SIGKILL: no cleanup code runs
+    child.wait().unwrap();
+    assert!(
+        rewind_tests::wait_until(Duration::from_secs(10), || !qemu_running("orphan")),
+        "QEMU outlived its drill"
+    );
+}
