@@ -208,6 +208,16 @@ impl AgentFile {
                 return bad(format!("{what} must be positive"));
             }
         }
+        let limits = std::iter::once(("bwlimit".to_owned(), self.bwlimit)).chain(
+            self.vm
+                .iter()
+                .map(|v| (format!("VM {} bwlimit", v.name), v.bwlimit)),
+        );
+        for (what, mb) in limits {
+            if mb.is_some_and(|mb| mb.is_nan() || mb <= 0.0) {
+                return bad(format!("{what} must be positive (MB/s)"));
+            }
+        }
         for w in &self.bandwidth {
             if minutes(&w.start).is_none() || minutes(&w.end).is_none() {
                 return bad(format!(
@@ -385,6 +395,11 @@ mod tests {
             ),
             ("utc_offset = \"CET\"", "utc_offset"),
             ("interval = 0", "interval"),
+            ("bwlimit = 0", "bwlimit"),
+            (
+                "[[vm]]\nname = \"a\"\nqmp = \"/q\"\nbwlimit = -1",
+                "VM a bwlimit",
+            ),
             ("intervall = 5", "intervall"),
         ];
         for (text, want) in cases {

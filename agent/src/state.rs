@@ -113,22 +113,31 @@ pub fn disk_geometry(
     .optional()
 }
 
-/// Records changed leaves of the point in flight.
+/// Records changed leaves of the point in flight. Commits at every [`PendingWriter::checkpoint`]
+/// so that other VMs' cycles (which share this database) never wait on a long scan; rows of an
+/// unfinished scan are harmless: the next start of a session clears them.
 pub struct PendingWriter<'c> {
-    tx: rusqlite::Transaction<'c>,
+    conn: &'c Connection,
     vm: String,
+    open: bool,
 }
 
 impl<'c> PendingWriter<'c> {
-    pub fn new(conn: &'c mut Connection, vm: &str) -> rusqlite::Result<Self> {
+    pub fn new(conn: &'c Connection, vm: &str) -> rusqlite::Result<Self> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(Self {
-            tx: conn.transaction()?,
+            conn,
             vm: vm.to_owned(),
+            open: true,
         })
     }
 
     pub fn add(&mut self, disk: &str, idx: u64, leaf: &Leaf) -> rusqlite::Result<()> {
-        self.tx
+        if !self.open {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.open = true;
+        }
+        self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO pending(vm, disk, idx, hash) VALUES (?1, ?2, ?3, ?4)",
             )?
@@ -136,8 +145,25 @@ impl<'c> PendingWriter<'c> {
         Ok(())
     }
 
-    pub fn finish(self) -> rusqlite::Result<()> {
-        self.tx.commit()
+    /// Commits what was added so far (before the scan waits on anything).
+    pub fn checkpoint(&mut self) -> rusqlite::Result<()> {
+        if self.open {
+            self.conn.execute_batch("COMMIT")?;
+            self.open = false;
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> rusqlite::Result<()> {
+        self.checkpoint()
+    }
+}
+
+impl Drop for PendingWriter<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 }
 

@@ -69,8 +69,29 @@ pub struct SyncConfig {
     pub live: Option<LiveSource>,
     pub block_size: BlockSize,
     pub state_dir: PathBuf,
-    /// Upper bound on compressed bytes sent per second.
-    pub bwlimit: Option<u64>,
+    /// Upper bound on compressed bytes sent per second, asked again for every batch.
+    pub bwlimit: Bandwidth,
+}
+
+/// The upload limit in bytes per second (None: unlimited), asked again before every batch so
+/// that a time-of-day window opening or closing mid-cycle takes effect at once.
+#[derive(Clone)]
+pub struct Bandwidth(pub Arc<dyn Fn() -> Option<u64> + Send + Sync>);
+
+impl Bandwidth {
+    pub fn fixed(bytes_per_sec: Option<u64>) -> Bandwidth {
+        Bandwidth(Arc::new(move || bytes_per_sec))
+    }
+
+    pub fn now(&self) -> Option<u64> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Bandwidth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bandwidth({:?} B/s now)", self.now())
+    }
 }
 
 /// One disk of a committed point, as `sync --json` reports it.
@@ -571,6 +592,31 @@ pub async fn sync_once(
     })
 }
 
+/// Cycles of this process between a guest freeze and its thaw. A stopping agent must not cut
+/// such a cycle short: the thaw would never run and the guest would stay frozen.
+static FREEZES_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether a cycle of this process may have guest file systems frozen right now.
+pub fn freeze_in_flight() -> bool {
+    FREEZES_IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
+/// Counts a freeze in flight while alive.
+struct FreezeGuard;
+
+impl FreezeGuard {
+    fn new() -> Self {
+        FREEZES_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        FreezeGuard
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        FREEZES_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Freezes (if a guest agent is given), captures, and always thaws. Returns whether the file
 /// systems were frozen during the capture.
 async fn capture_live(
@@ -583,6 +629,7 @@ async fn capture_live(
         live::capture(qmp, work, caps).await?;
         return Ok(false);
     };
+    let _guard = FreezeGuard::new();
     let frozen = match freezer.freeze().await {
         Ok(n) => {
             tracing::info!(filesystems = n, "guest file systems frozen");
@@ -650,7 +697,7 @@ async fn transfer(
     let (ctx, crx) = mpsc::channel::<(Vec<Item>, HashSet<Leaf>)>(1);
     let compressor = {
         let session = session.to_owned();
-        let limiter = cfg.bwlimit.map(RateLimiter::new);
+        let limiter = RateLimiter::new(cfg.bwlimit.clone());
         let n = disks.len();
         tokio::task::spawn_blocking(move || compress_all(&session, n, crx, btx, limiter))
     };
@@ -734,7 +781,7 @@ fn compress_all(
     disks: usize,
     mut windows: mpsc::Receiver<(Vec<Item>, HashSet<Leaf>)>,
     out: mpsc::Sender<pb::Batch>,
-    mut limiter: Option<RateLimiter>,
+    mut limiter: RateLimiter,
 ) -> Result<(Vec<(u64, u64)>, bool), SyncError> {
     let mut sent = vec![(0u64, 0u64); disks];
     while let Some((window, missing)) = windows.blocking_recv() {
@@ -776,9 +823,7 @@ fn compress_all(
                 })
                 .collect(),
         };
-        if let Some(l) = limiter.as_mut() {
-            l.spend(bytes);
-        }
+        limiter.spend(bytes);
         if out.blocking_send(batch).is_err() {
             return Ok((sent, true));
         }
@@ -798,8 +843,8 @@ fn scan_all(
     progress: Progress,
 ) -> Result<ScanResults, SyncError> {
     let read_conn = state::open(state_dir)?;
-    let mut write_conn = state::open(state_dir)?;
-    let mut pending = PendingWriter::new(&mut write_conn, vm)?;
+    let write_conn = state::open(state_dir)?;
+    let mut pending = PendingWriter::new(&write_conn, vm)?;
     let total: u64 = disks.iter().map(|d| d.geometry.size).sum();
     let mut done_before = 0u64;
     let mut results = Vec::new();
@@ -825,6 +870,8 @@ fn scan_all(
                 });
                 if window_bytes >= BATCH_TARGET_BYTES || window.len() >= MAX_WINDOW_ENTRIES {
                     window_bytes = 0;
+                    // Never hold the state's write lock while waiting on the network.
+                    pending.checkpoint()?;
                     out.blocking_send(std::mem::take(&mut window))
                         .map_err(|_| ScanError::Stopped)?;
                 }
@@ -841,10 +888,10 @@ fn scan_all(
             scan,
         });
     }
+    pending.finish()?;
     if !window.is_empty() {
         out.blocking_send(window).map_err(|_| ScanError::Stopped)?;
     }
-    pending.finish()?;
     Ok(results)
 }
 
@@ -904,29 +951,72 @@ fn open_reader(
     }
 }
 
-/// Keeps the average send rate under a limit.
+/// Keeps the send rate under the limit in force (which may change between batches).
 struct RateLimiter {
-    bytes_per_sec: u64,
-    started: Instant,
-    spent: u64,
+    limit: Bandwidth,
+    /// When the bytes already spent are paid for.
+    next: Instant,
 }
 
 impl RateLimiter {
-    fn new(bytes_per_sec: u64) -> Self {
+    fn new(limit: Bandwidth) -> Self {
         Self {
-            bytes_per_sec: bytes_per_sec.max(1),
-            started: Instant::now(),
-            spent: 0,
+            limit,
+            next: Instant::now(),
         }
     }
 
-    /// Blocks the calling (non-async) thread until `bytes` more fit under the limit.
+    /// Blocks the calling (non-async) thread until the bytes spent before fit under the
+    /// limit, then books `bytes` at the current rate.
     fn spend(&mut self, bytes: u64) {
-        self.spent += bytes;
-        let due = Duration::from_secs_f64(self.spent as f64 / self.bytes_per_sec as f64);
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
+        let now = Instant::now();
+        let Some(rate) = self.limit.now() else {
+            self.next = now;
+            return;
+        };
+        if self.next > now {
+            std::thread::sleep(self.next - now);
         }
+        self.next = self.next.max(Instant::now())
+            + Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn the_rate_limit_in_force_applies_from_the_next_batch() {
+        // 0 stands for "no limit".
+        let rate = Arc::new(AtomicU64::new(0));
+        let r = rate.clone();
+        let mut l = RateLimiter::new(Bandwidth(Arc::new(move || {
+            Some(r.load(Ordering::SeqCst)).filter(|&v| v > 0)
+        })));
+        let t = Instant::now();
+        l.spend(50_000_000);
+        l.spend(50_000_000);
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "unlimited: no wait"
+        );
+        // A window opens: 1 MB/s.
+        rate.store(1_000_000, Ordering::SeqCst);
+        l.spend(200_000);
+        let t = Instant::now();
+        l.spend(1);
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+        // It closes again: no more waiting.
+        rate.store(0, Ordering::SeqCst);
+        let t = Instant::now();
+        l.spend(10_000_000);
+        l.spend(10_000_000);
+        assert!(t.elapsed() < Duration::from_millis(100));
     }
 }

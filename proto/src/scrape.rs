@@ -15,6 +15,8 @@ where
 {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
+            // EMFILE and friends: do not spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let render = render.clone();

@@ -121,6 +121,9 @@ impl ReceiverFile {
         if f.rpo == Some(0) {
             return Err(invalid("rpo must be positive".into()));
         }
+        if f.prune_interval == Some(0) {
+            return Err(invalid("prune_interval must be positive (seconds)".into()));
+        }
         Ok(f)
     }
 
@@ -207,6 +210,8 @@ mod tests {
             .expect_err("bad vm")
             .to_string();
         assert!(e.contains("bad name"), "{e}");
+        let e = parse("prune_interval = 0").expect_err("zero").to_string();
+        assert!(e.contains("prune_interval"), "{e}");
         let e = parse("[drill]\nevery = 0").expect_err("zero").to_string();
         assert!(e.contains("every"), "{e}");
         let e = parse("[vm.a]\ndrill = { every = 5, expect_serial = \"(\" }")

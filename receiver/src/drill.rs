@@ -49,6 +49,8 @@ pub struct DrillOptions {
     pub expect_serial: Option<regex::Regex>,
     /// Set from a signal handler: the drill stops, cleans up and fails.
     pub cancel: Arc<AtomicBool>,
+    /// Memory for QEMU at most, in MiB (a drill should not starve the backup host).
+    pub max_memory_mib: u64,
     /// Called with (bytes verified, bytes to verify) as verification goes.
     pub progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
 }
@@ -100,6 +102,8 @@ impl DrillReport {
 pub fn run(data: &Path, vm: &str, opts: &DrillOptions) -> Result<DrillReport, StoreError> {
     let started = Instant::now();
     let started_us = now_us();
+    // gc must not move chunks while the drill reads them through one catalog snapshot.
+    let _gc = crate::gc::read_lock(data)?;
     let conn = catalog::open_ro(data)?;
     let which = opts.point.map_or(PointSelector::Newest, PointSelector::Id);
     let point = points::resolve(&conn, vm, &which)?;
@@ -371,7 +375,8 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
     let accel = if kvm_usable() { "kvm" } else { "tcg" };
     let mem_mib = config["memory_bytes"]
         .as_u64()
-        .map_or(256, |b| (b >> 20).max(64));
+        .map_or(256, |b| (b >> 20).max(64))
+        .min(opts.max_memory_mib);
     let cpus = config["cpus"].as_u64().unwrap_or(1).max(1);
     // QEMU dies with the drill even when the drill is SIGKILLed (setpriv sets the parent-death
     // signal, then runs QEMU); without setpriv, only the drill's own cleanup stops it.

@@ -143,8 +143,8 @@ pub enum StoreError {
     /// The point is locked, the newest, or the base of an unfinished session.
     #[error("point {0} is locked, the newest of its VM, or in use by an unfinished session")]
     Protected(i64),
-    /// Another gc holds the data folder's gc lock.
-    #[error("another gc is running on this data folder")]
+    /// Another gc, or a drill reading the store, holds the data folder's gc lock.
+    #[error("another gc, or a drill reading the store, holds this data folder's gc lock: try again later")]
     GcRunning,
     /// Not an RFC 3339 time.
     #[error("{0:?} is not an RFC 3339 time")]

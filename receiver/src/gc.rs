@@ -52,6 +52,29 @@ fn packs_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Holds the data folder's gc lock shared while alive: a reader that resolves chunk locations
+/// from one catalog snapshot and reads packs for a long time (a drill) keeps gc from moving
+/// chunks under it. Waits for a running gc to finish.
+pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
+    let lock_path = data.join("gc.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared).map_err(|e| {
+        StoreError::Io {
+            path: lock_path,
+            source: e.into(),
+        }
+    })?;
+    Ok(lock)
+}
+
 /// Runs one collection over the data folder.
 pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcReport, StoreError> {
     let dir = data.join(PACKS_DIR);

@@ -352,3 +352,41 @@ fn serve_config_reload_schedules_drills_and_retention() {
     assert_eq!(v["rpo_seconds"], 600);
     assert!(v["last_drill"].as_str().unwrap().starts_with("passed"));
 }
+
+#[test]
+fn a_long_seed_does_not_hold_up_other_vms() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let big = d.path("big.raw");
+    disk::create(&big, 64 << 20);
+    disk::random_blocks(&big, BLOCK, 0, 1024, &mut rand::rng());
+    let small = d.path("small.raw");
+    disk::create(&small, 2 << 20);
+    disk::random_blocks(&small, BLOCK, 0, 3, &mut rand::rng());
+    let cfg = d.path("agent.toml");
+    // The big seed takes ~16 s at 4 MB/s; the small VM cycles every second meanwhile, sharing
+    // the agent's state database.
+    let vms = vm("big", &big, "bwlimit = 4") + &vm("small", &small, "interval = 1");
+    std::fs::write(&cfg, agent_config(&d, &rx, "", &vms)).unwrap();
+    let agent = Agent::start(&cfg, &[]);
+    assert!(
+        wait_until(Duration::from_secs(12), || agent.points("small").len() >= 4),
+        "small VM points: {}",
+        agent.points("small").len()
+    );
+    assert!(
+        agent.points("big").is_empty(),
+        "the big seed is still running"
+    );
+    assert!(wait_until(Duration::from_secs(90), || !agent
+        .points("big")
+        .is_empty()));
+    let (exit, _) = agent.stop();
+    assert!(exit.success());
+    let p = agent_points_last(&d, "big");
+    assert_eq!(d.restored_digest("big", "vda", p), disk::digest(&big));
+}
+
+fn agent_points_last(d: &Deployment, vm: &str) -> u64 {
+    d.points(vm).last().unwrap()["id"].as_u64().unwrap()
+}

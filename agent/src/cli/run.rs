@@ -145,7 +145,12 @@ fn plan(f: &AgentFile, vm: &VmEntry) -> anyhow::Result<SyncConfig> {
                 .unwrap_or(DEFAULT_BLOCK_SIZE as u64),
         )?,
         state_dir: state_dir(f)?,
-        bwlimit: f.bwlimit_at(vm, time::OffsetDateTime::now_utc()),
+        bwlimit: {
+            let (f, vm) = (f.clone(), vm.clone());
+            crate::sync::Bandwidth(Arc::new(move || {
+                f.bwlimit_at(&vm, time::OffsetDateTime::now_utc())
+            }))
+        },
     })
 }
 
@@ -187,8 +192,12 @@ async fn protect(
         let cfg = plan(&file, entry);
         let state = file.state.clone().unwrap_or_default();
         let receiver_cfg = receiver(&file);
-        if let Ok(conn) = crate::state::open(&state) {
-            let _ = health::cycle_started(&conn, &name, rpo);
+        {
+            let (state, name) = (state.clone(), name.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::state::open(&state).and_then(|c| health::cycle_started(&c, &name, rpo))
+            })
+            .await;
         }
         let cycle = async {
             let cfg = cfg.map_err(|e| crate::error::SyncError::Worker(format!("{e:#}")))?;
@@ -202,7 +211,21 @@ async fn protect(
             r = &mut cycle => Some(r),
             _ = stopped(&mut stop) => {
                 tracing::info!(vm = %name, grace = grace.as_secs(), "stopping: letting the point in flight finish");
-                tokio::time::timeout(grace, &mut cycle).await.ok()
+                match tokio::time::timeout(grace, &mut cycle).await {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        // Never cut a cycle between a guest freeze and its thaw (the capture
+                        // under a freeze is itself bounded by live::MAX_FREEZE).
+                        let mut r = None;
+                        while crate::sync::freeze_in_flight() {
+                            if let Ok(done) = tokio::time::timeout(Duration::from_millis(100), &mut cycle).await {
+                                r = Some(done);
+                                break;
+                            }
+                        }
+                        r
+                    }
+                }
             }
         };
         let Some(outcome) = outcome else {
@@ -223,13 +246,16 @@ async fn protect(
                 tracing::error!(vm = %name, kind = e.kind(), error = %e, seconds = format!("{seconds:.2}"), "cycle failed; retrying next interval")
             }
         }
-        match crate::state::open(&state) {
-            Ok(conn) => {
-                if let Err(e) = health::cycle_ended(&conn, &name, rpo, seconds, &outcome) {
-                    tracing::warn!(vm = %name, error = %e, "could not record the cycle");
-                }
-            }
-            Err(e) => tracing::warn!(vm = %name, error = %e, "could not open the state"),
+        let recorded = {
+            let (state, name) = (state.clone(), name.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::state::open(&state)
+                    .and_then(|c| health::cycle_ended(&c, &name, rpo, seconds, &outcome))
+            })
+            .await
+        };
+        if let Ok(Err(e)) = recorded {
+            tracing::warn!(vm = %name, error = %e, "could not record the cycle");
         }
         // Next cycle one interval after this one started (at once when it ran longer); a
         // reload re-reads the interval.
@@ -309,8 +335,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                         Ok(f) => {
                             let f = Arc::new(f);
                             tracing::info!(vms = f.vm.len(), "configuration reloaded");
+                            // The new file first: a task started for a new VM must find it.
+                            let _ = files_tx.send(f.clone());
                             spawn_new(&f, &mut tasks);
-                            let _ = files_tx.send(f);
                         }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running configuration"),
                     }

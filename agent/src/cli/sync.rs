@@ -101,6 +101,9 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
             None,
         ),
     };
+    if a.bwlimit.is_some_and(|mb| mb.is_nan() || mb <= 0.0) {
+        bail!("--bwlimit must be positive (MB/s)");
+    }
     let block_size = BlockSize::new(a.block_size)?;
     let cfg = SyncConfig {
         vm: a.vm.clone(),
@@ -108,7 +111,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         live,
         block_size,
         state_dir: a.state.clone(),
-        bwlimit: a.bwlimit.map(|mb| (mb * 1e6) as u64),
+        bwlimit: crate::sync::Bandwidth::fixed(a.bwlimit.map(|mb| (mb * 1e6) as u64)),
     };
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -31,6 +31,9 @@ pub struct DrillArgs {
     /// Regular expression the serial console must show (default: any console output).
     #[arg(long)]
     pub expect_serial: Option<String>,
+    /// Memory for the drill's QEMU at most (the VM's captured memory when smaller), in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub max_memory_mib: u64,
     /// Print the drill's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +98,7 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         boot_timeout: Duration::from_secs(a.boot_timeout),
         expect_serial,
         cancel,
+        max_memory_mib: a.max_memory_mib.max(16),
         progress: {
             let bar = bar.clone();
             Arc::new(move |done, total| {
@@ -131,7 +135,8 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
 }
 
 pub fn list(a: DrillsArgs) -> anyhow::Result<()> {
-    let conn = catalog::open_ro(&a.data)
+    // Read-write: a catalog from before drills existed is migrated, not refused.
+    let conn = catalog::open_rw(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let all = drill::history(&conn, a.vm.as_deref())?;
     if a.json {

@@ -166,13 +166,22 @@ async fn retention_loop(data: PathBuf, mut files: watch::Receiver<Arc<ReceiverFi
 }
 
 /// Runs each VM's scheduled drill when it is due (by the catalog's record of its last drill,
-/// so a restart does not repeat one), one at a time, as a `drill` child process.
+/// so a restart does not repeat one), one at a time, as a `drill` child process. A drill that
+/// leaves no record (it could not start, or was killed) is not retried before its period.
 async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
     let started = crate::catalog::now_us();
+    let mut attempted: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut warned = false;
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let file = files.borrow().clone();
+        if !warned && std::env::var_os("INVOCATION_ID").is_some() && file_has_boot_drills(&file) {
+            // The shipped unit denies /dev/kvm and W+X memory (QEMU's TCG needs it).
+            tracing::warn!("boot drills scheduled from serve run inside its sandbox: if QEMU cannot start there, schedule them with rewind-drill@VM.timer instead");
+            warned = true;
+        }
         let d = data.clone();
+        let tried = attempted.clone();
         let due = tokio::task::spawn_blocking(move || -> Result<Vec<(String, crate::config::DrillSchedule)>, crate::error::StoreError> {
             let conn = crate::catalog::open_ro(&d)?;
             let now = crate::catalog::now_us();
@@ -187,7 +196,10 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
                     |r| r.get(0),
                 )?;
                 // Never drilled: the first one is one period after serve started.
-                if now - last.unwrap_or(started) >= (s.every as i64).saturating_mul(1_000_000) {
+                let since = last
+                    .unwrap_or(started)
+                    .max(tried.get(&vm).copied().unwrap_or(i64::MIN));
+                if now - since >= (s.every as i64).saturating_mul(1_000_000) {
                     out.push((vm, s.clone()));
                 }
             }
@@ -203,10 +215,9 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             Err(_) => continue,
         };
         for (vm, s) in due {
-            let Ok(exe) = std::env::current_exe() else {
-                continue;
-            };
-            let mut cmd = tokio::process::Command::new(exe);
+            attempted.insert(vm.clone(), crate::catalog::now_us());
+            // /proc/self/exe still runs this binary after an upgrade replaced the file.
+            let mut cmd = tokio::process::Command::new("/proc/self/exe");
             cmd.args(["drill", "--json", "--vm", &vm, "--data"])
                 .arg(&data)
                 .args(["--boot-timeout", &s.boot_timeout.to_string()])
@@ -230,6 +241,13 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             }
         }
     }
+}
+
+fn file_has_boot_drills(f: &ReceiverFile) -> bool {
+    f.drill.as_ref().is_some_and(|d| d.boot)
+        || f.vm
+            .values()
+            .any(|v| v.drill.as_ref().is_some_and(|d| d.boot))
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {

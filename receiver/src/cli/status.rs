@@ -50,7 +50,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         .clone()
         .or(file.data.clone())
         .context("give --data or a --config with a data folder")?;
-    let conn = catalog::open_ro(&data)
+    // Read-write: a catalog from before drills existed is migrated, not refused.
+    let conn = catalog::open_rw(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;
     let now = now_us();
     // Which VMs a quarantined chunk damages costs a scan of their leaves: only when any is.
