@@ -21,6 +21,8 @@ use thiserror::Error;
 
 /// Largest read we ask for: QEMU's server accepts up to 32 MiB.
 pub const MAX_READ: u32 = 4 * 1024 * 1024;
+/// Requests the pipelined calls keep in flight (each round trip to qemu-nbd costs ~0.1 ms).
+pub const PIPELINE: usize = 16;
 /// Largest option reply or structured chunk header payload we accept besides read data.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
 /// Block status is asked for in pieces of at most 1 GiB (the length field is 32 bits).
@@ -403,6 +405,173 @@ impl<S: Read + Write> NbdClient<S> {
             pos = (pos + advanced).min(end);
         }
         Ok(out)
+    }
+
+    /// Reads many ranges (each at most [`MAX_READ`] bytes) keeping up to [`PIPELINE`] requests
+    /// in flight; `deliver(i, bytes)` gets range `i` as soon as its reply is complete (replies
+    /// may come in any order). Holes are zero-filled. After an error the connection is not
+    /// reusable.
+    pub fn read_many(
+        &mut self,
+        ranges: &[(u64, usize)],
+        deliver: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), NbdError> {
+        // cookie -> (range index, buffer, bytes covered)
+        let mut inflight: HashMap<u64, (usize, Vec<u8>, u64)> = HashMap::new();
+        let mut next = 0;
+        while next < ranges.len() || !inflight.is_empty() {
+            while next < ranges.len() && inflight.len() < PIPELINE {
+                let (offset, len) = ranges[next];
+                if len > MAX_READ as usize {
+                    return proto(format!("read of {len} bytes is over the {MAX_READ} limit"));
+                }
+                let cookie = self.next_cookie();
+                self.sock
+                    .write_all(&request(CMD_READ, 0, cookie, offset, len as u32))?;
+                inflight.insert(cookie, (next, vec![0u8; len], 0));
+                next += 1;
+            }
+            let (cookie, h) =
+                self.any_reply("read", |c| inflight.get(&c).map(|(i, _, _)| ranges[*i].0))?;
+            let Some((i, buf, covered)) = inflight.get_mut(&cookie) else {
+                return proto(format!("reply for unknown cookie {cookie}"));
+            };
+            let (offset, len) = ranges[*i];
+            let end = offset + len as u64;
+            match h.kind {
+                REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
+                    let data = h.kind == REPLY_TYPE_OFFSET_DATA;
+                    if (data && h.len < 8) || (!data && h.len != 12) {
+                        return proto("bad read reply chunk");
+                    }
+                    let at = read_u64(&mut self.sock)?;
+                    let n = if data {
+                        u64::from(h.len - 8)
+                    } else {
+                        u64::from(read_u32(&mut self.sock)?)
+                    };
+                    if at < offset || at + n > end {
+                        return proto(format!("chunk {at}+{n} outside {offset}+{len}"));
+                    }
+                    let s = (at - offset) as usize;
+                    let piece = &mut buf[s..s + n as usize];
+                    if data {
+                        self.sock.read_exact(piece)?;
+                    } else {
+                        piece.fill(0);
+                    }
+                    *covered += n;
+                }
+                REPLY_TYPE_NONE if h.len == 0 => {}
+                SIMPLE => {
+                    self.sock.read_exact(buf)?;
+                    *covered = len as u64;
+                }
+                other => return proto(format!("unexpected chunk type {other} in a read reply")),
+            }
+            if h.done {
+                if let Some((i, buf, covered)) = inflight.remove(&cookie) {
+                    if covered != len as u64 {
+                        return proto(format!("read reply covered {covered} of {len} bytes"));
+                    }
+                    deliver(i, &buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes many (offset, bytes) pieces, each at most [`MAX_READ`] bytes, keeping up to
+    /// [`PIPELINE`] requests in flight. After an error the connection is not reusable.
+    pub fn write_many(&mut self, writes: &[(u64, &[u8])]) -> Result<(), NbdError> {
+        let mut inflight: HashMap<u64, u64> = HashMap::new();
+        let mut next = 0;
+        while next < writes.len() || !inflight.is_empty() {
+            while next < writes.len() && inflight.len() < PIPELINE {
+                let (offset, data) = writes[next];
+                if data.len() > MAX_READ as usize {
+                    return proto(format!(
+                        "write of {} bytes is over the {MAX_READ} limit",
+                        data.len()
+                    ));
+                }
+                let cookie = self.next_cookie();
+                self.sock
+                    .write_all(&request(CMD_WRITE, 0, cookie, offset, data.len() as u32))?;
+                self.sock.write_all(data)?;
+                inflight.insert(cookie, offset);
+                next += 1;
+            }
+            let (cookie, h) = self.any_reply("write", |c| inflight.get(&c).copied())?;
+            if !inflight.contains_key(&cookie) {
+                return proto(format!("reply for unknown cookie {cookie}"));
+            }
+            if h.len != 0 {
+                return proto("write reply with payload");
+            }
+            if h.done {
+                inflight.remove(&cookie);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one reply header for any request in flight; `offset_of(cookie)` names the
+    /// request's offset for error messages. An error chunk becomes an error (not drained).
+    fn any_reply(
+        &mut self,
+        command: &'static str,
+        offset_of: impl Fn(u64) -> Option<u64>,
+    ) -> Result<(u64, ReplyHeader), NbdError> {
+        let magic = read_u32(&mut self.sock)?;
+        let (cookie, header, failure) = match magic {
+            STRUCTURED_REPLY_MAGIC => {
+                let flags = read_u16(&mut self.sock)?;
+                let kind = read_u16(&mut self.sock)?;
+                let cookie = read_u64(&mut self.sock)?;
+                let len = read_u32(&mut self.sock)?;
+                if kind & REPLY_TYPE_ERROR_BIT != 0 {
+                    let payload = read_vec(&mut self.sock, len, MAX_OPTION_REPLY)?;
+                    if payload.len() < 6 {
+                        return proto("short error chunk");
+                    }
+                    let errno =
+                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    let mlen = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+                    let message = String::from_utf8_lossy(payload.get(6..6 + mlen).unwrap_or(&[]))
+                        .into_owned();
+                    (cookie, None, Some((errno, message)))
+                } else {
+                    let done = flags & REPLY_FLAG_DONE != 0;
+                    (cookie, Some(ReplyHeader { done, kind, len }), None)
+                }
+            }
+            SIMPLE_REPLY_MAGIC => {
+                let errno = read_u32(&mut self.sock)?;
+                let cookie = read_u64(&mut self.sock)?;
+                if errno != 0 {
+                    (cookie, None, Some((errno, String::new())))
+                } else {
+                    let h = ReplyHeader {
+                        done: true,
+                        kind: SIMPLE,
+                        len: 0,
+                    };
+                    (cookie, Some(h), None)
+                }
+            }
+            other => return Err(NbdError::BadMagic(u64::from(other))),
+        };
+        match (header, failure) {
+            (Some(h), _) => Ok((cookie, h)),
+            (None, Some((errno, message))) => Err(NbdError::Command {
+                command,
+                offset: offset_of(cookie).unwrap_or(0),
+                errno,
+                message,
+            }),
+            (None, None) => proto("empty reply"),
+        }
     }
 
     /// Reads one reply header for `cookie`; error chunks become errors (after draining them).

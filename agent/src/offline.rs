@@ -247,6 +247,18 @@ impl NbdServer {
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
+        // SIGTERM first: qemu-nbd then closes the image cleanly, storing its persistent bitmaps.
+        // Killed outright, a writable export leaves them flagged in-use (inconsistent), and the
+        // next cycle would have to read the whole disk.
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);

@@ -98,12 +98,21 @@ impl Target {
         }
     }
 
-    fn write(&mut self, data: &[u8], offset: u64) -> Result<(), SyncError> {
+    /// Writes (offset, bytes) pieces of at most a block each.
+    fn write_many(&mut self, pieces: &[(u64, Vec<u8>)]) -> Result<(), SyncError> {
         match self {
-            Target::Raw { file, disk, .. } => file
-                .write_all_at(data, offset)
-                .map_err(|e| io(disk.path(), e)),
-            Target::Nbd { client, .. } => Ok(client.write_at(data, offset)?),
+            Target::Raw { file, disk, .. } => {
+                for (offset, data) in pieces {
+                    file.write_all_at(data, *offset)
+                        .map_err(|e| io(disk.path(), e))?;
+                }
+                Ok(())
+            }
+            Target::Nbd { client, .. } => {
+                let refs: Vec<(u64, &[u8])> =
+                    pieces.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+                Ok(client.write_many(&refs)?)
+            }
         }
     }
 
@@ -182,20 +191,22 @@ fn differing(
     candidates: Option<&BTreeSet<u64>>,
 ) -> Result<(Vec<u64>, u64), SyncError> {
     if let Some(c) = candidates {
-        // Only blocks that can differ are read; the others equal the point already.
+        // Only blocks that can differ are read (several in flight); the others equal the point
+        // already.
+        let blocks: Vec<u64> = c.iter().copied().collect();
+        let ranges: Vec<(u64, usize)> = blocks
+            .iter()
+            .map(|&i| (g.offset(i), g.block_len(i).unwrap_or(0)))
+            .collect();
+        let read = ranges.iter().map(|r| r.1 as u64).sum();
         let mut out = Vec::new();
-        let mut read = 0u64;
-        let mut buf = vec![0u8; g.block_size.bytes() as usize];
-        for &i in c {
-            let len = g.block_len(i).unwrap_or(0);
-            target
-                .source()
-                .read_block_range(&mut buf[..len], g.offset(i))?;
-            read += len as u64;
-            if Leaf::of(&buf[..len]) != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
+        target.source().read_ranges(&ranges, &mut |k, bytes| {
+            let i = blocks[k];
+            if Leaf::of(bytes) != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
                 out.push(i);
             }
-        }
+        })?;
+        out.sort_unstable();
         return Ok((out, read));
     }
     let plan = target.plan(g)?;
@@ -244,18 +255,21 @@ fn verify(
     written: &[u64],
     root: Leaf,
 ) -> Result<(Leaf, u64), SyncError> {
-    let mut buf = vec![0u8; g.block_size.bytes() as usize];
-    let mut read = 0;
-    for &i in written {
-        let len = g.block_len(i).unwrap_or(0);
-        target
-            .source()
-            .read_block_range(&mut buf[..len], g.offset(i))?;
-        read += len as u64;
-        let now = Leaf::of(&buf[..len]);
-        if now != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
-            return Ok((now, read));
+    let ranges: Vec<(u64, usize)> = written
+        .iter()
+        .map(|&i| (g.offset(i), g.block_len(i).unwrap_or(0)))
+        .collect();
+    let read = ranges.iter().map(|r| r.1 as u64).sum();
+    let mut wrong: Option<(u64, Leaf)> = None;
+    target.source().read_ranges(&ranges, &mut |k, bytes| {
+        let i = written[k];
+        let now = Leaf::of(bytes);
+        if now != want.get(&i).copied().unwrap_or(Leaf::ZERO) && wrong.is_none_or(|(j, _)| i < j) {
+            wrong = Some((i, now));
         }
+    })?;
+    if let Some((_, now)) = wrong {
+        return Ok((now, read));
     }
     let mut b = Builder::new(Shape::of(g));
     let mut next = 0;
@@ -385,15 +399,19 @@ pub async fn rollback(
                 source,
             }
         })?;
+        tracing::debug!(disk = %d.name, leaves = want.len(), at = ?started.elapsed(), "point leaves fetched");
         let candidates = match d.kind {
             DiskKind::Qcow2 => tokio::task::block_in_place(|| {
                 bitmap_candidates(d, &cfg.state_dir, &cfg.vm, &g, &want)
             }),
             DiskKind::Raw => None,
         };
+        tracing::debug!(disk = %d.name, candidates = ?candidates.as_ref().map(BTreeSet::len), at = ?started.elapsed(), "candidates");
         let mut target = open_target(d, &cfg.state_dir, &cfg.vm, g.size)?;
+        tracing::debug!(disk = %d.name, at = ?started.elapsed(), "target open");
         let (diff, read) =
             tokio::task::block_in_place(|| differing(&mut target, &g, &want, candidates.as_ref()))?;
+        tracing::debug!(disk = %d.name, differing = diff.len(), at = ?started.elapsed(), "compared");
         let mut report = DiskRollback {
             name: d.name.clone(),
             size,
@@ -423,6 +441,7 @@ pub async fn rollback(
                 }
             }
             let hashes: Vec<Leaf> = by_hash.keys().copied().collect();
+            let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
             for group in hashes.chunks(MAX_READ_CHUNKS) {
                 let reply = client
                     .read_chunks(pb::ReadChunksRequest {
@@ -445,12 +464,17 @@ pub async fn rollback(
                         let len = g.block_len(i).unwrap_or(0);
                         let data = chunk::open(h, &c.data, len)
                             .map_err(|e| SyncError::Worker(e.to_string()))?;
-                        target.write(&data, g.offset(i))?;
+                        pending.push((g.offset(i), data));
                         report.bytes_written += len as u64;
                     }
                 }
+                // One reply's blocks written together (several writes in flight over NBD).
+                target.write_many(&pending)?;
+                pending.clear();
             }
+            tracing::debug!(disk = %d.name, at = ?started.elapsed(), "fetched and written");
             target.flush()?;
+            tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
             let (now, reread) =
                 tokio::task::block_in_place(|| verify(&mut target, &g, &want, &diff, root))?;
             report.bytes_read += reread;

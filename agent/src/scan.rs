@@ -51,11 +51,35 @@ pub struct DiskScan {
 pub trait BlockSource {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError>;
+
+    /// Reads many scattered ranges (each at most a block); `deliver(i, bytes)` gets range `i`,
+    /// in any order. Sources that can keep several reads in flight do.
+    fn read_ranges(
+        &mut self,
+        ranges: &[(u64, usize)],
+        deliver: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), ScanError> {
+        let mut buf = Vec::new();
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            buf.resize(len, 0);
+            self.read_block_range(&mut buf, offset)?;
+            deliver(i, &buf);
+        }
+        Ok(())
+    }
 }
 
 impl BlockSource for crate::nbd::NbdClient {
     fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
         Ok(self.read_at(buf, offset)?)
+    }
+
+    fn read_ranges(
+        &mut self,
+        ranges: &[(u64, usize)],
+        deliver: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), ScanError> {
+        Ok(self.read_many(ranges, deliver)?)
     }
 }
 
