@@ -11,6 +11,7 @@ use crate::scan::{BlockSource, ScanPlan};
 use crate::source::RawDisk;
 use crate::state::{self, OldLeaves};
 use crate::sync::{DiskKind, DiskSource};
+use futures::StreamExt;
 use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::tree::{self, Builder, Shape};
@@ -21,6 +22,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tonic::transport::Channel;
+
+/// ReadChunks requests in flight during a rollback.
+const CHUNK_REQUESTS_IN_FLIGHT: usize = 4;
 
 /// What to roll back.
 #[derive(Debug, Clone)]
@@ -442,13 +446,19 @@ pub async fn rollback(
             }
             let hashes: Vec<Leaf> = by_hash.keys().copied().collect();
             let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
-            for group in hashes.chunks(MAX_READ_CHUNKS) {
-                let reply = client
-                    .read_chunks(pb::ReadChunksRequest {
+            // Several ReadChunks requests in flight; replies are handled in order.
+            let mut replies = futures::stream::iter(hashes.chunks(MAX_READ_CHUNKS))
+                .map(|group| {
+                    let mut c = client.clone();
+                    let req = pb::ReadChunksRequest {
                         vm: cfg.vm.clone(),
                         hashes: group.iter().map(|h| h.0.to_vec()).collect(),
-                    })
-                    .await
+                    };
+                    async move { c.read_chunks(req).await }
+                })
+                .buffered(CHUNK_REQUESTS_IN_FLIGHT);
+            while let Some(reply) = replies.next().await {
+                let reply = reply
                     .map_err(SyncError::refused("ReadChunks"))?
                     .into_inner();
                 for c in reply.chunks {
@@ -469,9 +479,10 @@ pub async fn rollback(
                     }
                 }
                 // One reply's blocks written together (several writes in flight over NBD).
-                target.write_many(&pending)?;
+                tokio::task::block_in_place(|| target.write_many(&pending))?;
                 pending.clear();
             }
+            drop(replies);
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "fetched and written");
             target.flush()?;
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
