@@ -1,10 +1,11 @@
 //! Removing points by retention rules, and locking points against removal.
 //!
-//! Removing point P folds its node versions into the next kept point N of the same disk: a row
-//! (level, idx, P) is deleted when a newer row of the same node exists at or before N (N does not
-//! see it), and is moved to N otherwise (N saw it through P). The cost follows the rows P wrote,
-//! i.e. the blocks it changed, never the disk size. Each point is removed in its own
-//! transaction, so a crash leaves every kept point whole.
+//! Removing point P folds its node versions into the next point N of the same disk (the very
+//! next one, even if it is to be removed too): a row (level, idx, P) is deleted when a newer row
+//! of the same node exists at or before N (N does not see it), and is moved to N otherwise (N saw
+//! it through P). Points are removed newest first, so each row moves once. The cost follows the
+//! rows P wrote, i.e. the blocks it changed, never the disk size. Each point is removed in its
+//! own transaction, so a crash between two leaves every remaining point whole.
 //!
 //! Ordering rule: prune removes references before gc removes chunks; chunks are never touched
 //! here.
@@ -85,8 +86,10 @@ pub fn prune(
         let removed: Vec<i64> = verdicts.iter().filter(|v| !v.keep).map(|v| v.id).collect();
         let mut rows = 0;
         if !dry_run {
-            for &p in &removed {
-                rows += remove_point(conn, p, &removed)?;
+            // Newest first: each removed point's rows then move once, straight to the point
+            // that stays after it.
+            for &p in removed.iter().rev() {
+                rows += remove_point(conn, p)?;
             }
         }
         out.push(VmPrune {
@@ -102,7 +105,7 @@ pub fn prune(
 /// Removes one point in one transaction, folding its node versions into the next kept point of
 /// each of its disks. Re-checks, inside the transaction, that it is not locked, not the newest
 /// and not the base of an open session (serve may have changed that since the decision).
-fn remove_point(conn: &mut Connection, point: i64, removing: &[i64]) -> Result<u64, StoreError> {
+fn remove_point(conn: &mut Connection, point: i64) -> Result<u64, StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let row: Option<(i64, i64, bool)> = tx
         .query_row(
@@ -131,14 +134,14 @@ fn remove_point(conn: &mut Connection, point: i64, removing: &[i64]) -> Result<u
     };
     let mut touched = 0u64;
     for disk in disks {
-        // The next point of this disk that stays.
-        let mut stmt = tx.prepare_cached(
-            "SELECT point_id FROM point_disks WHERE disk_id = ?1 AND point_id > ?2 ORDER BY point_id",
-        )?;
-        let later: Vec<i64> = stmt
-            .query_map(params![disk, point], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        let next = later.into_iter().find(|p| !removing.contains(p));
+        // The very next point of this disk, even one this prune will remove too: folding past
+        // it would hide this point's versions from it, and a prune killed before removing it
+        // would leave it damaged. Its own removal folds them further.
+        let next: Option<i64> = tx
+            .prepare_cached(
+                "SELECT MIN(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id > ?2",
+            )?
+            .query_row(params![disk, point], |r| r.get(0))?;
         match next {
             Some(n) => {
                 touched += tx.execute(
@@ -185,4 +188,87 @@ pub fn lock(conn: &Connection, vm: &str, point: i64, until: &str) -> Result<Stri
         |r| r.get(0),
     )?;
     Ok(rfc3339(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Leaves (level 0) of disk 1 as point `p` sees them.
+    fn view(conn: &Connection, p: i64) -> BTreeMap<i64, Vec<u8>> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT idx, hash, MAX(point) FROM nodes WHERE disk_id = 1 AND level = 0
+                 AND point <= ?1 GROUP BY idx",
+            )
+            .expect("prepare");
+        stmt.query_map([p], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect()
+    }
+
+    /// Every state a prune of points 1..=4 of 5 passes through (it may be killed after any
+    /// removal) leaves each remaining point seeing exactly the leaves it saw before.
+    #[test]
+    fn every_step_of_a_prune_leaves_the_remaining_points_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = crate::catalog::open_rw(dir.path()).expect("catalog");
+        conn.execute_batch(
+            "INSERT INTO vms(id, name, owner, created_us) VALUES (1, 'v', 'a', 0);
+             INSERT INTO disks(id, vm_id, name, size, block_size) VALUES (1, 1, 'vda', 1048576, 65536);",
+        )
+        .expect("vm");
+        // Five points; each rewrites some of 16 blocks (overlapping).
+        let writes: [&[i64]; 5] = [
+            &[0, 1, 2, 3, 4, 5],
+            &[1, 2, 9],
+            &[2, 3, 10],
+            &[0, 9, 11],
+            &[4, 12],
+        ];
+        for (k, blocks) in writes.iter().enumerate() {
+            let p = k as i64 + 1;
+            conn.execute(
+                "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session)
+                 VALUES (?1, 1, ?2, ?1, ?1, ?3)",
+                params![p, (p > 1).then_some(p - 1), format!("s{p}")],
+            )
+            .expect("point");
+            conn.execute(
+                "INSERT INTO point_disks(point_id, name, disk_id, size, block_size, root, changed_blocks)
+                 VALUES (?1, 'vda', 1, 1048576, 65536, x'00', ?2)",
+                params![p, blocks.len() as i64],
+            )
+            .expect("point disk");
+            for &b in *blocks {
+                conn.execute(
+                    "INSERT INTO nodes(disk_id, level, idx, point, hash) VALUES (1, 0, ?1, ?2, ?3)",
+                    params![b, p, vec![p as u8, b as u8]],
+                )
+                .expect("node");
+            }
+        }
+        let before: Vec<_> = (1..=5).map(|p| view(&conn, p)).collect();
+        let policy = Policy {
+            last: Some(1),
+            ..Policy::default()
+        };
+        let plan = prune(&mut conn, Some("v"), &policy, true).expect("dry run");
+        assert_eq!(plan[0].removed, vec![1, 2, 3, 4]);
+        // The removals prune makes, one transaction at a time, in its order.
+        let mut remaining: Vec<i64> = (1..=5).collect();
+        for p in [4, 3, 2, 1] {
+            remove_point(&mut conn, p).expect("remove");
+            remaining.retain(|&q| q != p);
+            for &q in &remaining {
+                assert_eq!(
+                    view(&conn, q),
+                    before[q as usize - 1],
+                    "point {q} after removing {p}"
+                );
+            }
+        }
+    }
 }
