@@ -118,6 +118,17 @@ fn read_vec(r: &mut impl Read, len: u32, limit: u32) -> Result<Vec<u8>, NbdError
 }
 
 /// Encodes an option request.
+/// The errno and message of a structured error chunk's payload.
+fn error_payload(payload: &[u8]) -> Result<(u32, String), NbdError> {
+    if payload.len() < 6 {
+        return proto("short error chunk");
+    }
+    let errno = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    let mlen = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+    let message = String::from_utf8_lossy(payload.get(6..6 + mlen).unwrap_or(&[])).into_owned();
+    Ok((errno, message))
+}
+
 fn option(opt: u32, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + data.len());
     v.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -531,15 +542,8 @@ impl<S: Read + Write> NbdClient<S> {
                 let cookie = read_u64(&mut self.sock)?;
                 let len = read_u32(&mut self.sock)?;
                 if kind & REPLY_TYPE_ERROR_BIT != 0 {
-                    let payload = read_vec(&mut self.sock, len, MAX_OPTION_REPLY)?;
-                    if payload.len() < 6 {
-                        return proto("short error chunk");
-                    }
-                    let errno =
-                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    let mlen = u16::from_be_bytes([payload[4], payload[5]]) as usize;
-                    let message = String::from_utf8_lossy(payload.get(6..6 + mlen).unwrap_or(&[]))
-                        .into_owned();
+                    let (errno, message) =
+                        error_payload(&read_vec(&mut self.sock, len, MAX_OPTION_REPLY)?)?;
                     (cookie, None, Some((errno, message)))
                 } else {
                     let done = flags & REPLY_FLAG_DONE != 0;
@@ -592,15 +596,8 @@ impl<S: Read + Write> NbdClient<S> {
                     return proto(format!("reply for cookie {got}, expected {cookie}"));
                 }
                 if kind & REPLY_TYPE_ERROR_BIT != 0 {
-                    let payload = read_vec(&mut self.sock, len, MAX_OPTION_REPLY)?;
-                    if payload.len() < 6 {
-                        return proto("short error chunk");
-                    }
-                    let errno =
-                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    let mlen = u16::from_be_bytes([payload[4], payload[5]]) as usize;
-                    let message = String::from_utf8_lossy(payload.get(6..6 + mlen).unwrap_or(&[]))
-                        .into_owned();
+                    let (errno, message) =
+                        error_payload(&read_vec(&mut self.sock, len, MAX_OPTION_REPLY)?)?;
                     // Drain the rest of the reply so the connection stays usable.
                     let mut done = flags & REPLY_FLAG_DONE != 0;
                     while !done {

@@ -12,7 +12,7 @@
 
 use crate::catalog::{self, now_us, rfc3339};
 use crate::error::StoreError;
-use crate::nbd_server::{self, Export, Exports};
+use crate::nbd_server::{self, Exports};
 use crate::packs::PackReader;
 use crate::points::{self, PointDisk, PointInfo, PointSelector};
 use crate::restore::for_each_block;
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -356,19 +356,7 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
     let sock = dir.path().join("nbd.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock)
         .map_err(|e| format!("binding {}: {e}", sock.display()))?;
-    let exports = Exports {
-        data: data.to_owned(),
-        list: point
-            .disks
-            .iter()
-            .map(|d| Export {
-                name: d.name.clone(),
-                point: point.id,
-                disk: d.clone(),
-            })
-            .collect(),
-        served: Arc::new(AtomicU64::new(0)),
-    };
+    let exports = Exports::of_point(data, point);
     std::thread::spawn(move || nbd_server::serve_unix(listener, exports));
 
     let config = point.config.clone().unwrap_or(serde_json::Value::Null);

@@ -52,10 +52,8 @@ fn packs_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Holds the data folder's gc lock shared while alive: a reader that resolves chunk locations
-/// from one catalog snapshot and reads packs for a long time (a drill) keeps gc from moving
-/// chunks under it. Waits for a running gc to finish.
-pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
+/// The data folder's gc lock file (created if missing) and its path.
+fn lock_file(data: &Path) -> Result<(std::fs::File, std::path::PathBuf), StoreError> {
     let lock_path = data.join("gc.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -66,6 +64,14 @@ pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
             path: lock_path.clone(),
             source,
         })?;
+    Ok((lock, lock_path))
+}
+
+/// Holds the data folder's gc lock shared while alive: a reader that resolves chunk locations
+/// from one catalog snapshot and reads packs for a long time (a drill) keeps gc from moving
+/// chunks under it. Waits for a running gc to finish.
+pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
+    let (lock, lock_path) = lock_file(data)?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared).map_err(|e| {
         StoreError::Io {
             path: lock_path,
@@ -79,16 +85,7 @@ pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
 pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcReport, StoreError> {
     let dir = data.join(PACKS_DIR);
     // One gc at a time; the lock ends with the process, so a killed gc does not block the next.
-    let lock_path = data.join("gc.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|source| StoreError::Io {
-            path: lock_path.clone(),
-            source,
-        })?;
+    let (lock, _) = lock_file(data)?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(|_| StoreError::GcRunning)?;
     // Packs a killed gc left open can be collected now.

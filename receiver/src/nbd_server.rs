@@ -46,6 +46,25 @@ pub struct Exports {
     pub served: Served,
 }
 
+impl Exports {
+    /// Every disk of `point`, each exported under its disk name.
+    pub fn of_point(data: &Path, point: &crate::points::PointInfo) -> Exports {
+        Exports {
+            data: data.to_owned(),
+            list: point
+                .disks
+                .iter()
+                .map(|d| Export {
+                    name: d.name.clone(),
+                    point: point.id,
+                    disk: d.clone(),
+                })
+                .collect(),
+            served: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
 fn rd_u16(r: &mut impl Read) -> io::Result<u16> {
     let mut b = [0; 2];
     r.read_exact(&mut b)?;

@@ -2,14 +2,12 @@
 //! until SIGTERM or Ctrl-C, straight from the store.
 
 use crate::catalog;
-use crate::nbd_server::{self, Export, Exports};
+use crate::nbd_server::{self, Exports};
 use crate::points::{self, PointSelector};
 use anyhow::Context;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -35,19 +33,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let which = a.point.map_or(PointSelector::Newest, PointSelector::Id);
     let point = points::resolve(&conn, &a.vm, &which)?;
-    let exports = Exports {
-        data: a.data.clone(),
-        list: point
-            .disks
-            .iter()
-            .map(|d| Export {
-                name: d.name.clone(),
-                point: point.id,
-                disk: d.clone(),
-            })
-            .collect(),
-        served: Arc::new(AtomicU64::new(0)),
-    };
+    let exports = Exports::of_point(&a.data, &point);
     let names: Vec<&str> = point.disks.iter().map(|d| d.name.as_str()).collect();
     match &a.unix {
         Some(path) => {

@@ -52,6 +52,23 @@ impl KeepArgs {
     }
 }
 
+/// The configuration file named by `--config` (empty without one) and the data folder: `--data`
+/// or the file's.
+pub fn config_and_data(
+    config: Option<&std::path::Path>,
+    data: Option<&std::path::Path>,
+) -> anyhow::Result<(crate::config::ReceiverFile, std::path::PathBuf)> {
+    let file = match config {
+        Some(p) => crate::config::ReceiverFile::load(p)?,
+        None => crate::config::ReceiverFile::default(),
+    };
+    let data = data
+        .map(std::path::Path::to_path_buf)
+        .or(file.data.clone())
+        .ok_or_else(|| anyhow::anyhow!("give --data or a --config with a data folder"))?;
+    Ok((file, data))
+}
+
 /// Rewind's offsite receiver: stores verified points of VM disks and restores them.
 #[derive(Debug, Parser)]
 #[command(name = "rewind-receiver", version, about)]

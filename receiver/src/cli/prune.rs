@@ -1,6 +1,5 @@
 //! `rewind-receiver prune`: remove points by keep rules (restic's `forget --keep-*` semantics).
 
-use crate::config::ReceiverFile;
 use crate::{catalog, prune};
 use anyhow::Context;
 use clap::Args;
@@ -29,15 +28,7 @@ pub struct PruneArgs {
 }
 
 pub fn run(a: PruneArgs) -> anyhow::Result<()> {
-    let file = match &a.config {
-        Some(p) => ReceiverFile::load(p)?,
-        None => ReceiverFile::default(),
-    };
-    let data = a
-        .data
-        .clone()
-        .or(file.data.clone())
-        .context("give --data or a --config with a data folder")?;
+    let (file, data) = super::config_and_data(a.config.as_deref(), a.data.as_deref())?;
     let policy = a.keep.policy();
     let mut conn = catalog::open_rw(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;

@@ -4,7 +4,6 @@
 //! non-zero when any VM is behind or failing.
 
 use crate::catalog::{self, now_us, rfc3339};
-use crate::config::ReceiverFile;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
@@ -41,15 +40,7 @@ struct VmLine {
 }
 
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let file = match &a.config {
-        Some(p) => ReceiverFile::load(p)?,
-        None => ReceiverFile::default(),
-    };
-    let data = a
-        .data
-        .clone()
-        .or(file.data.clone())
-        .context("give --data or a --config with a data folder")?;
+    let (file, data) = super::config_and_data(a.config.as_deref(), a.data.as_deref())?;
     // Read-write: a catalog from before drills existed is migrated, not refused.
     let conn = catalog::open_rw(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;
