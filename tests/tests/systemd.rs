@@ -138,3 +138,92 @@ fn serve_notifies_readiness() {
     assert!(stopping, "no STOPPING=1 after SIGTERM");
     assert!(status.success(), "{status}");
 }
+
+/// Under systemd (`$JOURNAL_STREAM` set) logs go to the journal's socket with structured fields,
+/// one `cycle committed` entry per cycle, and not to stderr. Skipped where a real journald owns
+/// the socket (its traffic is not ours to intercept).
+#[test]
+fn logs_go_to_the_journal_under_systemd() {
+    let socket = std::path::Path::new("/run/systemd/journal/socket");
+    if socket.exists() {
+        eprintln!("skipped: a journald listens on {}", socket.display());
+        return;
+    }
+    let made_dir = !socket.parent().unwrap().exists();
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let journal = UnixDatagram::bind(socket).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    rewind_tests::disk::create(&vda, 1 << 20);
+    rewind_tests::disk::random_blocks(&vda, 65536, 0, 2, &mut rand::rng());
+    let out = d
+        .sync_cmd(&rx, "host1", "journaled", &[("vda", &vda)], &[])
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("REWIND_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = journal.recv(&mut buf) {
+        entries.push(journal_fields(&buf[..n]));
+    }
+    drop(journal);
+    let _ = std::fs::remove_file(socket);
+    if made_dir {
+        let _ = std::fs::remove_dir(socket.parent().unwrap());
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cycles: Vec<_> = entries
+        .iter()
+        .filter(|e| e.get("MESSAGE").map(String::as_str) == Some("cycle committed"))
+        .collect();
+    assert_eq!(cycles.len(), 1, "{entries:?}");
+    let cycle = cycles[0];
+    assert_eq!(cycle["F_VM"], "journaled", "{cycle:?}");
+    assert_eq!(cycle["F_CHANGED"], "2", "{cycle:?}");
+    assert_eq!(cycle["F_POINT"], "1", "{cycle:?}");
+    assert_eq!(cycle["SYSLOG_IDENTIFIER"], "rewind-agent", "{cycle:?}");
+    assert!(cycle.contains_key("PRIORITY"), "{cycle:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("cycle committed"),
+        "logged to stderr too: {err}"
+    );
+}
+
+/// The fields of one entry in the journal's native protocol: `NAME=value\n`, or for values that
+/// may hold newlines `NAME\n` + little-endian u64 length + value + `\n`.
+fn journal_fields(mut b: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    while !b.is_empty() {
+        let Some(end) = b.iter().position(|&c| c == b'=' || c == b'\n') else {
+            break;
+        };
+        let name = String::from_utf8_lossy(&b[..end]).into_owned();
+        if b[end] == b'=' {
+            let rest = &b[end + 1..];
+            let stop = rest.iter().position(|&c| c == b'\n').unwrap_or(rest.len());
+            out.insert(name, String::from_utf8_lossy(&rest[..stop]).into_owned());
+            b = &rest[(stop + 1).min(rest.len())..];
+        } else {
+            let rest = &b[end + 1..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let value = &rest[8..8 + len];
+            out.insert(name, String::from_utf8_lossy(value).into_owned());
+            b = &rest[(8 + len + 1).min(rest.len())..];
+        }
+    }
+    out
+}

@@ -263,6 +263,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     );
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -280,9 +284,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let (files_tx, files_rx) = watch::channel(file.clone());
         tokio::spawn(retention_loop(data.clone(), files_rx.clone()));
         tokio::spawn(drill_loop(data.clone(), files_rx));
-        tokio::spawn(reload_on_hangup(a.clone(), files_tx));
+        tokio::spawn(reload_on_hangup(a.clone(), files_tx, hup));
         tracing::info!(%addr, data = %data.display(), "serving");
-        crate::server::run(listener, &pki, store, shutdown_signal())
+        crate::server::run(listener, &pki, store, shutdown_signal(term, int))
             .await
             .context("serving")?;
         tracing::info!("stopped");
@@ -292,11 +296,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
 
 /// SIGHUP: re-read the configuration; retention, RPO targets and drill schedules change at
 /// once, the listen address, data folder, PKI and metrics address at the next start.
-async fn reload_on_hangup(a: ServeArgs, files: watch::Sender<Arc<ReceiverFile>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_hangup(
+    a: ServeArgs,
+    files: watch::Sender<Arc<ReceiverFile>>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
         rewind_proto::systemd::notify("RELOADING=1");
         match load(&a) {
@@ -320,23 +324,16 @@ async fn reload_on_hangup(a: ServeArgs, files: watch::Sender<Arc<ReceiverFile>>)
     }
 }
 
-async fn shutdown_signal() {
-    wait_for_signal().await;
+/// Resolves at SIGTERM or SIGINT (handlers installed by the caller before it says READY, so a
+/// signal right after readiness is never fatal).
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
     rewind_proto::systemd::notify("STOPPING=1");
     tracing::info!("stopping: finishing requests in flight");
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
