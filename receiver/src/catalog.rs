@@ -179,6 +179,21 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Opens an existing catalog for writing (migrating it). A folder without one is an error, so a
+/// mistyped `--data` never creates an empty store.
+pub fn open_existing(data: &Path) -> rusqlite::Result<Connection> {
+    if !data.join(CATALOG_FILE).is_file() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!(
+                "{} holds no Rewind catalog ({CATALOG_FILE})",
+                data.display()
+            )),
+        ));
+    }
+    open_rw(data)
+}
+
 /// Allocates a pack id for `writer` ("serve" or "gc"). Ids are never reused (AUTOINCREMENT),
 /// so a deleted pack's name never comes back.
 pub fn new_pack(conn: &Connection, writer: &str) -> rusqlite::Result<i64> {

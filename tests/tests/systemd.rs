@@ -83,8 +83,19 @@ fn example_configurations_are_valid() {
     assert_eq!(vms[0]["rpo_seconds"], 120);
     assert_eq!(vms[1]["vm"], "web1");
     assert_eq!(vms[1]["state"], "seeding");
-    // The receiver's example parses (prune reads its retention; --data points at an empty store).
-    std::fs::create_dir_all(d.data()).unwrap();
+    // The receiver's example parses (prune reads its retention; --data points at an empty store,
+    // which a receiver created; a folder without a catalog is refused).
+    let empty = d.path("not-a-store");
+    std::fs::create_dir_all(&empty).unwrap();
+    let refused = run(Command::new(bin("rewind-receiver"))
+        .args(["prune", "--dry-run", "--config"])
+        .arg(units.join("receiver.toml.example"))
+        .arg("--data")
+        .arg(&empty));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("holds no Rewind catalog"));
+    assert!(!empty.join("catalog.sqlite").exists(), "nothing created");
+    drop(d.serve());
     let rx = run(Command::new(bin("rewind-receiver"))
         .args(["prune", "--dry-run", "--json", "--config"])
         .arg(units.join("receiver.toml.example"))

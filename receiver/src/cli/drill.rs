@@ -136,7 +136,7 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
 
 pub fn list(a: DrillsArgs) -> anyhow::Result<()> {
     // Read-write: a catalog from before drills existed is migrated, not refused.
-    let conn = catalog::open_rw(&a.data)
+    let conn = catalog::open_existing(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let all = drill::history(&conn, a.vm.as_deref())?;
     if a.json {

@@ -19,7 +19,7 @@ pub struct GcArgs {
 }
 
 pub fn run(a: GcArgs) -> anyhow::Result<()> {
-    let mut conn = catalog::open_rw(&a.data)
+    let mut conn = catalog::open_existing(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let r = gc::gc(&mut conn, &a.data, a.grace)?;
     tracing::info!(

@@ -22,7 +22,7 @@ pub struct LockArgs {
 }
 
 pub fn run(a: LockArgs) -> anyhow::Result<()> {
-    let conn = catalog::open_rw(&a.data)
+    let conn = catalog::open_existing(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let until = prune::lock(&conn, &a.vm, a.point, &a.until)?;
     println!("point {} of {} is locked until {until}", a.point, a.vm);

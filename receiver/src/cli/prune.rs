@@ -30,7 +30,7 @@ pub struct PruneArgs {
 pub fn run(a: PruneArgs) -> anyhow::Result<()> {
     let (file, data) = super::config_and_data(a.config.as_deref(), a.data.as_deref())?;
     let policy = a.keep.policy();
-    let mut conn = catalog::open_rw(&data)
+    let mut conn = catalog::open_existing(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;
     let result = if a.config.is_some() && policy.is_empty() {
         // Each VM by its own rules from the file; VMs without rules are left alone.

@@ -42,7 +42,7 @@ struct VmLine {
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let (file, data) = super::config_and_data(a.config.as_deref(), a.data.as_deref())?;
     // Read-write: a catalog from before drills existed is migrated, not refused.
-    let conn = catalog::open_rw(&data)
+    let conn = catalog::open_existing(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;
     let now = now_us();
     // Which VMs a quarantined chunk damages costs a scan of their leaves: only when any is.

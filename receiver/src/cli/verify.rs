@@ -24,7 +24,7 @@ pub struct VerifyArgs {
 }
 
 pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
-    let mut conn = catalog::open_rw(&a.data)
+    let mut conn = catalog::open_existing(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let bar = ProgressBar::new(0);
     bar.set_style(
