@@ -391,3 +391,42 @@ fn a_long_seed_does_not_hold_up_other_vms() {
 fn agent_points_last(d: &Deployment, vm: &str) -> u64 {
     d.points(vm).last().unwrap()["id"].as_u64().unwrap()
 }
+
+#[test]
+fn sigterm_stops_continuous_sync_and_the_next_run_resumes() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let big = d.path("big.raw");
+    disk::create(&big, 64 << 20);
+    disk::random_blocks(&big, BLOCK, 0, 1024, &mut rand::rng());
+    let cmd = d.sync_cmd(&rx, "host1", "cont", &[("vda", &big)], &["--bwlimit", "4"]);
+    let args: Vec<_> = cmd
+        .get_args()
+        .filter(|a| *a != "--once")
+        .map(|a| a.to_owned())
+        .collect();
+    let mut child = Command::new(cmd.get_program())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(d.points("cont").is_empty());
+    let r = d.sync_ok(&rx, "host1", "cont", &[("vda", &big)]);
+    assert_eq!(r["resumed"], true, "{r}");
+    assert_eq!(
+        d.restored_digest("cont", "vda", r["point"].as_u64().unwrap()),
+        disk::digest(&big)
+    );
+}

@@ -74,6 +74,16 @@ fn print(report: &SyncReport, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves at SIGTERM when a handler is installed, never otherwise.
+async fn terminated(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(t) => {
+            t.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     let (disks, live) = match &a.qmp {
         Some(qmp) => {
@@ -116,6 +126,17 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
+        // Continuous mode stops cleanly on SIGTERM: between cycles at once; during one, the cycle
+        // is dropped (its session resumes on the next run) unless guest file systems are
+        // frozen, when the capture and thaw finish first. `--once` keeps the default action.
+        let mut term = if a.once {
+            None
+        } else {
+            Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("SIGTERM handler")?,
+            )
+        };
         if !a.once {
             rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
             rewind_proto::systemd::spawn_watchdog();
@@ -139,11 +160,25 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
             if let Ok(conn) = crate::state::open(&cfg.state_dir) {
                 let _ = crate::health::cycle_started(&conn, &cfg.vm, rpo);
             }
-            let result = async {
+            let cycle = async {
                 let mut c = client::connect(&receiver).await?;
                 sync_once(&mut c, &cfg, progress).await
-            }
-            .await;
+            };
+            tokio::pin!(cycle);
+            let result = tokio::select! {
+                r = &mut cycle => r,
+                _ = terminated(&mut term) => {
+                    rewind_proto::systemd::notify("STOPPING=1");
+                    while crate::sync::freeze_in_flight() {
+                        if tokio::time::timeout(Duration::from_millis(100), &mut cycle).await.is_ok() {
+                            break;
+                        }
+                    }
+                    bar.finish_and_clear();
+                    tracing::warn!(vm = %cfg.vm, "stopped: the point in flight resumes on the next run");
+                    return Ok(());
+                }
+            };
             bar.finish_and_clear();
             if let Ok(conn) = crate::state::open(&cfg.state_dir) {
                 let secs = started.elapsed().as_secs_f64();
@@ -167,6 +202,10 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(a.interval.max(1))) => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = terminated(&mut term) => {
+                    rewind_proto::systemd::notify("STOPPING=1");
+                    return Ok(());
+                }
             }
         }
     })
