@@ -124,7 +124,7 @@ pub fn cycle_ended(
 }
 
 /// One VM's line of `status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct VmStatus {
     pub vm: String,
     /// seeding, replicating, behind or failing.

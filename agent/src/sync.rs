@@ -597,8 +597,19 @@ pub async fn sync_once(
 static FREEZES_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Whether a cycle of this process may have guest file systems frozen right now.
-pub fn freeze_in_flight() -> bool {
+fn freeze_in_flight() -> bool {
     FREEZES_IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
+/// Lets a cycle being stopped run on while a guest freeze is in flight (dropped between freeze
+/// and thaw, it would leave the guest frozen); returns its result if it finished meanwhile.
+pub async fn finish_freeze<F: std::future::Future + Unpin>(cycle: &mut F) -> Option<F::Output> {
+    while freeze_in_flight() {
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(100), &mut *cycle).await {
+            return Some(done);
+        }
+    }
+    None
 }
 
 /// Counts a freeze in flight while alive.

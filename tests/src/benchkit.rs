@@ -1,8 +1,10 @@
 //! Pieces the benchmark commands share: CPU time of a running process and the agent's sync
 //! command line against a benchmark deployment.
 
+use anyhow::Context;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
@@ -43,4 +45,32 @@ pub fn agent(bins: &Path, work: &Path, addr: &str, subcommand: &str) -> Command 
         .arg(work.join("state"))
         .env("REWIND_LOG", "warn");
     c
+}
+
+/// Starts `rewind-receiver serve` through `cmd` (the binary, or a wrapper that runs it) and
+/// returns it with the address it printed.
+pub fn spawn_receiver(
+    mut cmd: Command,
+    data: &Path,
+    pki: &Path,
+    listen: &str,
+) -> anyhow::Result<(std::process::Child, String)> {
+    let mut rx = cmd
+        .args(["serve", "--listen", listen, "--data"])
+        .arg(data)
+        .arg("--pki")
+        .arg(pki)
+        .env("REWIND_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(rx.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .context("receiver address")?
+        .to_owned();
+    Ok((rx, addr))
 }

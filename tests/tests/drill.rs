@@ -187,6 +187,19 @@ fn a_damaged_chunk_fails_the_drill_naming_the_block() {
     assert!(err.contains("vda block 17"), "{err}");
     assert_eq!(drills(&d, "dmg")[0]["result"], "failed");
     assert_eq!(pack_digest(&d), before, "a drill never repairs or rewrites");
+
+    // The receiver's status shows the VM failing, and exits non-zero for it.
+    let st = run(Command::new(bin("rewind-receiver"))
+        .args(["status", "--json", "--data"])
+        .arg(d.data()));
+    assert!(!st.status.success());
+    let line: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(line["state"], "failing", "{line}");
+    assert!(
+        line["why"].as_str().unwrap().contains("last drill failed"),
+        "{line}"
+    );
+    assert!(String::from_utf8_lossy(&st.stderr).contains("dmg"));
 }
 
 #[test]

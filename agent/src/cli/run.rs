@@ -216,14 +216,7 @@ async fn protect(
                     Err(_) => {
                         // Never cut a cycle between a guest freeze and its thaw (the capture
                         // under a freeze is itself bounded by live::MAX_FREEZE).
-                        let mut r = None;
-                        while crate::sync::freeze_in_flight() {
-                            if let Ok(done) = tokio::time::timeout(Duration::from_millis(100), &mut cycle).await {
-                                r = Some(done);
-                                break;
-                            }
-                        }
-                        r
+                        crate::sync::finish_freeze(&mut cycle).await
                     }
                 }
             }

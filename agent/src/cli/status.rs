@@ -44,20 +44,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
                 vm: v.name.clone(),
                 state: "seeding".into(),
                 why: "configured; no cycle has run yet".into(),
-                alert: false,
                 rpo_seconds: rpo,
-                last_point: None,
-                last_point_created: None,
-                last_point_age_seconds: None,
-                last_cycle_seconds: None,
-                last_error: None,
-                last_error_kind: None,
-                consecutive_failures: 0,
-                cycles_ok: 0,
-                cycles_failed: 0,
-                bytes_read: 0,
-                bytes_sent: 0,
-                failures_by_kind: Vec::new(),
+                ..VmStatus::default()
             });
         }
     }

@@ -169,11 +169,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
                 r = &mut cycle => r,
                 _ = terminated(&mut term) => {
                     rewind_proto::systemd::notify("STOPPING=1");
-                    while crate::sync::freeze_in_flight() {
-                        if tokio::time::timeout(Duration::from_millis(100), &mut cycle).await.is_ok() {
-                            break;
-                        }
-                    }
+                    let _ = crate::sync::finish_freeze(&mut cycle).await;
                     bar.finish_and_clear();
                     tracing::warn!(vm = %cfg.vm, "stopped: the point in flight resumes on the next run");
                     return Ok(());

@@ -9,11 +9,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rewind_tests::benchkit::{agent_sync, cpu_secs};
+use rewind_tests::benchkit::{agent_sync, cpu_secs, spawn_receiver};
 use rewind_tests::disk;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -167,23 +166,12 @@ impl Rewind {
                 bail!("pki: {}", String::from_utf8_lossy(&o.stderr));
             }
         }
-        let mut rx = Command::new(&rx_bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(work.join("data"))
-            .arg("--pki")
-            .arg(work.join("pki"))
-            .env("REWIND_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(rx.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .context("address")?
-            .to_owned();
+        let (rx, addr) = spawn_receiver(
+            Command::new(&rx_bin),
+            &work.join("data"),
+            &work.join("pki"),
+            "127.0.0.1:0",
+        )?;
         Ok(Rewind {
             bins: bins.to_owned(),
             work: work.to_owned(),
@@ -254,6 +242,19 @@ impl Restic {
     }
 }
 
+impl Restic {
+    /// One `restic backup` of the image, measured, with the bytes it added to the repository.
+    fn backup(&self, image: &Path) -> Result<(M, f64)> {
+        let before = du(&self.repo);
+        let m = measure(
+            self.cmd()
+                .args(["backup", "--compression", "auto"])
+                .arg(image),
+        )?;
+        Ok((m, du(&self.repo).saturating_sub(before) as f64))
+    }
+}
+
 impl Tool for Restic {
     fn name(&self) -> &'static str {
         "restic"
@@ -264,22 +265,10 @@ impl Tool for Restic {
         if !o.status.success() {
             bail!("restic init: {}", String::from_utf8_lossy(&o.stderr));
         }
-        let before = du(&self.repo);
-        let m = measure(
-            self.cmd()
-                .args(["backup", "--compression", "auto"])
-                .arg(image),
-        )?;
-        Ok((m, (du(&self.repo) - before) as f64))
+        self.backup(image)
     }
     fn incremental(&mut self, image: &Path) -> Result<(M, f64)> {
-        let before = du(&self.repo);
-        let m = measure(
-            self.cmd()
-                .args(["backup", "--compression", "auto"])
-                .arg(image),
-        )?;
-        Ok((m, du(&self.repo).saturating_sub(before) as f64))
+        self.backup(image)
     }
     fn restore(&mut self, out: &Path) -> Result<(M, f64)> {
         let dir = out.with_extension("restic");

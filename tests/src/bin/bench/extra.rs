@@ -1,8 +1,9 @@
 //! The benchmark's link, steady-state and scale cases.
 
-use super::{agent_sync, measure, peak_kib, spawn_receiver, sync_row, Args, Row, BLOCK};
+use super::{agent_sync, measure, peak_kib, sync_row, Args, Row, BLOCK};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
+use rewind_tests::benchkit::spawn_receiver;
 use rewind_tests::qemu::{Monitor, Vm};
 use rewind_tests::{benchkit, disk, wan};
 use serde_json::Value;

@@ -8,10 +8,10 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rand::SeedableRng;
-use rewind_tests::benchkit::{self, cpu_secs};
+use rewind_tests::benchkit::{self, cpu_secs, spawn_receiver};
 use rewind_tests::disk;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,34 +65,6 @@ struct Args {
 mod extra;
 
 const BLOCK: u64 = 64 * 1024;
-
-/// Starts `rewind-receiver serve` through `cmd` (the binary, or a wrapper that runs it) and
-/// returns it with the address it printed.
-fn spawn_receiver(
-    mut cmd: Command,
-    data: &Path,
-    pki: &Path,
-    listen: &str,
-) -> Result<(std::process::Child, String)> {
-    let mut rx = cmd
-        .args(["serve", "--listen", listen, "--data"])
-        .arg(data)
-        .arg("--pki")
-        .arg(pki)
-        .env("REWIND_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(rx.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .context("receiver address")?
-        .to_owned();
-    Ok((rx, addr))
-}
 
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
