@@ -520,29 +520,44 @@ impl Store {
         batch: VerifiedBatch,
         writer: &mut PackWriter,
     ) -> Result<BatchStats, StoreError> {
-        let VerifiedBatch {
-            session_id,
-            session,
-            entries,
-            chunks: verified,
-        } = batch;
-        let session_id = session_id.as_str();
-        let (placed, bytes) = self.write_new_chunks(&verified, writer)?;
+        self.stage_batches(owner, vec![batch], writer)
+    }
+
+    /// Group commit: makes the new chunks of several verified batches durable with one pack
+    /// sync, then stages all their entries in one transaction (one catalog sync). A receiver
+    /// that falls behind its stream thus pays two syncs per group, not per batch. A refused
+    /// batch refuses the group and changes nothing visible.
+    pub fn stage_batches(
+        &self,
+        owner: &str,
+        batches: Vec<VerifiedBatch>,
+        writer: &mut PackWriter,
+    ) -> Result<BatchStats, StoreError> {
+        let all: Vec<&(Leaf, Vec<u8>, usize)> = batches.iter().flat_map(|b| &b.chunks).collect();
+        let (placed, bytes) = self.write_new_chunks(&all, writer)?;
         let stored = placed.len() as u64;
+        // Chunks sent in this group: held by this owner once the transaction commits, with the
+        // length they were verified at, so their blocks need no catalog lookup.
+        let sent: HashMap<Leaf, usize> = all.iter().map(|(h, _, ulen)| (*h, *ulen)).collect();
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // The session may have been committed by a racing stream while we verified.
-        open_session(&tx, owner, session_id)?;
-        Self::index_chunks(&tx, &verified, &placed)?;
+        Self::index_chunks(&tx, &all, &placed)?;
         for full in writer.take_retired() {
             crate::catalog::seal_pack(&tx, full)?;
         }
-        {
+        let mut entries_total = 0u64;
+        for (n, batch) in batches.iter().enumerate() {
+            let session_id = batch.session_id.as_str();
+            let session = &batch.session;
+            // The session may have been committed by a racing stream while we verified.
+            if n == 0 || batches[n - 1].session_id != batch.session_id {
+                open_session(&tx, owner, session_id)?;
+            }
             let mut own = tx.prepare_cached(
                 "INSERT OR IGNORE INTO chunk_owners(owner, hash) VALUES (?1, ?2)",
             )?;
-            for (hash, _, _) in &verified {
+            for (hash, _, _) in &batch.chunks {
                 own.execute(params![owner, &hash.0[..]])?;
             }
             let mut held = tx.prepare_cached(
@@ -553,12 +568,15 @@ impl Store {
                 "INSERT OR REPLACE INTO session_blocks(session_id, pos, idx, hash)
                  VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for e in &entries {
+            for e in &batch.entries {
                 let disk = &session.disks[e.pos as usize];
                 if !e.leaf.is_zero() {
-                    let ulen: Option<i64> = held
-                        .query_row(params![owner, &e.leaf.0[..]], |r| r.get(0))
-                        .optional()?;
+                    let ulen = match sent.get(&e.leaf) {
+                        Some(&ulen) => Some(ulen as i64),
+                        None => held
+                            .query_row(params![owner, &e.leaf.0[..]], |r| r.get(0))
+                            .optional()?,
+                    };
                     let Some(ulen) = ulen else {
                         return Err(StoreError::ChunkNotHeld {
                             disk: disk.name.clone(),
@@ -579,21 +597,25 @@ impl Store {
                 }
                 stage.execute(params![session_id, e.pos, e.index as i64, &e.leaf.0[..]])?;
             }
+            entries_total += batch.entries.len() as u64;
+            tx.execute(
+                "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
+                params![session_id, now_us()],
+            )?;
         }
-        tx.execute(
-            "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
-            params![session_id, now_us()],
-        )?;
-        // What this VM's uploads added to the store, for metrics.
-        tx.execute(
-            "INSERT INTO vm_stats(vm_id, chunks_stored, bytes_stored) VALUES (?1, ?2, ?3)
-             ON CONFLICT(vm_id) DO UPDATE SET chunks_stored = chunks_stored + excluded.chunks_stored,
-               bytes_stored = bytes_stored + excluded.bytes_stored",
-            params![session.vm_id, stored as i64, bytes as i64],
-        )?;
+        // What this VM's uploads added to the store, for metrics (chunks are counted under the
+        // first batch's VM: one stream uploads for one session).
+        if let Some(first) = batches.first() {
+            tx.execute(
+                "INSERT INTO vm_stats(vm_id, chunks_stored, bytes_stored) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(vm_id) DO UPDATE SET chunks_stored = chunks_stored + excluded.chunks_stored,
+                   bytes_stored = bytes_stored + excluded.bytes_stored",
+                params![first.session.vm_id, stored as i64, bytes as i64],
+            )?;
+        }
         tx.commit()?;
         Ok(BatchStats {
-            entries: entries.len() as u64,
+            entries: entries_total,
             chunks_stored: stored,
             chunk_bytes: bytes,
         })
@@ -603,7 +625,7 @@ impl Store {
     /// them in the transaction that stages the blocks using them.
     fn write_new_chunks(
         &self,
-        chunks: &[(Leaf, Vec<u8>, usize)],
+        chunks: &[&(Leaf, Vec<u8>, usize)],
         writer: &mut PackWriter,
     ) -> Result<(Vec<Placed>, u64), StoreError> {
         if chunks.is_empty() {
@@ -614,7 +636,7 @@ impl Store {
             let mut stmt = conn.prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")?;
             let mut fresh = Vec::new();
             let mut seen = HashSet::new();
-            for c in chunks {
+            for &c in chunks {
                 if seen.insert(c.0) && !stmt.exists([&c.0 .0[..]])? {
                     fresh.push(c);
                 }
@@ -642,7 +664,7 @@ impl Store {
     /// unreferenced).
     fn index_chunks(
         tx: &Transaction<'_>,
-        sent: &[(Leaf, Vec<u8>, usize)],
+        sent: &[&(Leaf, Vec<u8>, usize)],
         placed: &[Placed],
     ) -> Result<(), StoreError> {
         let now = now_us();
@@ -873,5 +895,104 @@ impl NodeStore for SqlNodes<'_> {
             )?
             .execute(params![self.disk_id, level, index as i64, self.point, hash])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(byte: u8) -> (Leaf, IncomingChunk) {
+        let data = vec![byte; 4096];
+        let hash = Leaf::of(&data);
+        let frame = chunk::compress(&data).expect("compress");
+        (hash, IncomingChunk { hash, frame })
+    }
+
+    fn entry(index: u64, leaf: Leaf) -> Entry {
+        Entry {
+            pos: 0,
+            index,
+            leaf,
+        }
+    }
+
+    fn staged(store: &Store, session: &str) -> i64 {
+        store
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM session_blocks WHERE session_id = ?1",
+                [session],
+                |r| r.get(0),
+            )
+            .expect("count")
+    }
+
+    fn open() -> (tempfile::TempDir, Store, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let spec = BeginSpec {
+            vm: "vm".into(),
+            disks: vec![DiskSpec {
+                name: "vda".into(),
+                geometry: DiskGeometry::new(16 * 4096, 4096).expect("geometry"),
+            }],
+            base_point: None,
+            resume: None,
+        };
+        let session = store.begin("agent", &spec).expect("begin").session;
+        (dir, store, session)
+    }
+
+    #[test]
+    fn a_group_stages_blocks_using_chunks_sent_by_another_batch_of_it() {
+        let (_dir, store, session) = open();
+        let (a, ca) = block(1);
+        let (b, cb) = block(2);
+        let first = store
+            .verify_batch(
+                "agent",
+                &session,
+                vec![entry(0, a), entry(1, b)],
+                vec![ca, cb],
+            )
+            .expect("verify first");
+        // The second batch only refers to chunks the first one sends.
+        let second = store
+            .verify_batch("agent", &session, vec![entry(2, a), entry(3, b)], vec![])
+            .expect("verify second");
+        let mut w = PackWriter::new(&store.packs_dir());
+        let stats = store
+            .stage_batches("agent", vec![first, second], &mut w)
+            .expect("stage");
+        assert_eq!((stats.entries, stats.chunks_stored), (4, 2));
+        assert_eq!(staged(&store, &session), 4);
+    }
+
+    #[test]
+    fn a_refused_batch_refuses_its_whole_group() {
+        let (_dir, store, session) = open();
+        let (a, ca) = block(1);
+        let (never_sent, _) = block(3);
+        let first = store
+            .verify_batch("agent", &session, vec![entry(0, a)], vec![ca])
+            .expect("verify first");
+        let second = store
+            .verify_batch("agent", &session, vec![entry(1, never_sent)], vec![])
+            .expect("verify second");
+        let mut w = PackWriter::new(&store.packs_dir());
+        let err = store
+            .stage_batches("agent", vec![first, second], &mut w)
+            .expect_err("a block whose chunk nobody sent");
+        assert!(
+            matches!(err, StoreError::ChunkNotHeld { index: 1, hash, .. } if hash == never_sent),
+            "{err}"
+        );
+        assert_eq!(staged(&store, &session), 0);
+        let indexed: i64 = store
+            .conn()
+            .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(indexed, 0, "nothing of the group is visible");
     }
 }

@@ -11,6 +11,11 @@ use rewind_proto::format::DiskGeometry;
 use rewind_proto::pb;
 use rewind_proto::pb::replication_server::Replication;
 use rewind_proto::Leaf;
+
+/// Batches of one upload stream verified ahead of the one being written.
+const VERIFY_AHEAD: usize = 6;
+/// Most batches staged by one pack sync and one catalog transaction.
+const GROUP_MAX: usize = 8;
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -194,9 +199,10 @@ impl Replication for ReplicationService {
     ) -> Result<Response<pb::UploadReply>, Status> {
         let owner = caller(&req)?;
         let mut stream = req.into_inner();
-        // Two stages: batch N+1 is verified (decompressed and hashed) on one core while batch
-        // N is written and indexed on the other. Batches are still staged in stream order.
-        let (verified_tx, mut verified_rx) = tokio::sync::mpsc::channel(2);
+        // Two stages: later batches are verified (decompressed and hashed) on the spare cores
+        // while earlier ones are written and indexed. Batches are still staged in stream order;
+        // those verified while the last group was syncing are staged together (group commit).
+        let (verified_tx, mut verified_rx) = tokio::sync::mpsc::channel(VERIFY_AHEAD);
         let reader = {
             let store = self.store.clone();
             let owner = owner.clone();
@@ -218,39 +224,54 @@ impl Replication for ReplicationService {
         let mut writer = PackWriter::new(&self.store.packs_dir());
         let mut total = pb::UploadReply::default();
         let mut failure = None;
-        while let Some(job) = verified_rx.recv().await {
-            let verified = match job.await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    failure = Some(to_status(e));
-                    break;
+        while let Some(first) = verified_rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < GROUP_MAX {
+                match verified_rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
                 }
-                Err(e) => {
-                    failure = Some(Status::internal(format!("worker failed: {e}")));
-                    break;
+            }
+            let mut group = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                match job.await {
+                    Ok(Ok(v)) => group.push(v),
+                    Ok(Err(e)) => {
+                        failure = Some(to_status(e));
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(Status::internal(format!("worker failed: {e}")));
+                        break;
+                    }
                 }
-            };
-            let store = self.store.clone();
-            let owner = owner.clone();
-            let (w, staged) = tokio::task::spawn_blocking(move || {
-                let mut w = writer;
-                let r = store.stage_batch(&owner, verified, &mut w);
-                (w, r)
-            })
-            .await
-            .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
-            writer = w;
-            let stats = match staged {
-                Ok(s) => s,
-                Err(e) => {
-                    // The writer's packs are sealed even when the batch fails, so gc can reclaim them.
-                    failure = Some(to_status(e));
-                    break;
+            }
+            // The batches verified before a refused one are still staged.
+            if !group.is_empty() {
+                let store = self.store.clone();
+                let owner = owner.clone();
+                let (w, staged) = tokio::task::spawn_blocking(move || {
+                    let mut w = writer;
+                    let r = store.stage_batches(&owner, group, &mut w);
+                    (w, r)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
+                writer = w;
+                match staged {
+                    Ok(stats) => {
+                        total.entries += stats.entries;
+                        total.chunks_stored += stats.chunks_stored;
+                        total.chunk_bytes += stats.chunk_bytes;
+                    }
+                    // The writer's packs are sealed even when the batch fails, so gc can
+                    // reclaim them. The earlier batches' error is the one to report.
+                    Err(e) => failure = Some(to_status(e)),
                 }
-            };
-            total.entries += stats.entries;
-            total.chunks_stored += stats.chunks_stored;
-            total.chunk_bytes += stats.chunk_bytes;
+            }
+            if failure.is_some() {
+                break;
+            }
         }
         drop(verified_rx);
         {
