@@ -15,6 +15,7 @@ pub mod names;
 pub mod nbd;
 pub mod scrape;
 pub mod systemd;
+pub mod tls;
 pub mod tree;
 
 /// Generated from `proto/rewind.proto`.

@@ -668,18 +668,26 @@ impl Store {
         placed: &[Placed],
     ) -> Result<(), StoreError> {
         let now = now_us();
+        // Chunks placed now are indexed with `now` below; only re-sent ones need renewing.
+        let new: HashSet<Leaf> = placed.iter().map(|p| p.0).collect();
         let mut touch = tx.prepare_cached("UPDATE chunks SET created_us = ?2 WHERE hash = ?1")?;
         for (hash, _, _) in sent {
-            touch.execute(params![&hash.0[..], now])?;
+            if !new.contains(hash) {
+                touch.execute(params![&hash.0[..], now])?;
+            }
         }
         let mut ins = tx.prepare_cached(
             "INSERT OR IGNORE INTO chunks(hash, pack_id, offset, clen, ulen, created_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let mut healed = tx.prepare_cached("DELETE FROM bad_chunks WHERE hash = ?1")?;
-        for (hash, _, _, _, _) in placed {
-            if healed.execute([&hash.0[..]])? > 0 {
-                tracing::info!(chunk = %hash, "damaged chunk healed");
+        let any_bad: bool =
+            tx.query_row("SELECT EXISTS(SELECT 1 FROM bad_chunks)", [], |r| r.get(0))?;
+        if any_bad {
+            let mut healed = tx.prepare_cached("DELETE FROM bad_chunks WHERE hash = ?1")?;
+            for (hash, _, _, _, _) in placed {
+                if healed.execute([&hash.0[..]])? > 0 {
+                    tracing::info!(chunk = %hash, "damaged chunk healed");
+                }
             }
         }
         for (hash, pack, offset, clen, ulen) in placed {

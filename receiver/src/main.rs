@@ -10,7 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     // One crypto provider for the whole process, chosen before any TLS object exists.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    rewind_proto::tls::install_provider();
     rewind_proto::systemd::init_logging();
     match cli::run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
