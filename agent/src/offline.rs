@@ -173,23 +173,25 @@ impl NbdServer {
         export: &str,
         bitmap: Option<&str>,
     ) -> Result<NbdServer, OfflineError> {
-        Self::spawn(path, socket, export, bitmap, false)
+        Self::spawn(path, socket, export, bitmap.as_slice(), false)
     }
 
-    /// A writable server (for rollback); enabled persistent bitmaps record its writes.
+    /// A writable server (for rollback) that also exports `bitmaps`; enabled persistent
+    /// bitmaps record its writes.
     pub fn start_writable(
         path: &Path,
         socket: &Path,
         export: &str,
+        bitmaps: &[&str],
     ) -> Result<NbdServer, OfflineError> {
-        Self::spawn(path, socket, export, None, true)
+        Self::spawn(path, socket, export, bitmaps, true)
     }
 
     fn spawn(
         path: &Path,
         socket: &Path,
         export: &str,
-        bitmap: Option<&str>,
+        bitmaps: &[&str],
         writable: bool,
     ) -> Result<NbdServer, OfflineError> {
         let _ = std::fs::remove_file(socket);
@@ -200,7 +202,7 @@ impl NbdServer {
         cmd.args(["--persistent", "--format=qcow2", "--shared=4"])
             .arg(format!("--export-name={export}"))
             .arg(format!("--socket={}", socket.display()));
-        if let Some(b) = bitmap {
+        for b in bitmaps {
             cmd.arg(format!("--bitmap={b}"));
         }
         let mut child = cmd

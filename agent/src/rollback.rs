@@ -12,6 +12,7 @@ use crate::source::RawDisk;
 use crate::state::{self, OldLeaves};
 use crate::sync::{DiskKind, DiskSource};
 use futures::StreamExt;
+use rayon::prelude::*;
 use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::tree::{self, Builder, Shape};
@@ -24,7 +25,7 @@ use std::time::Instant;
 use tonic::transport::Channel;
 
 /// ReadChunks requests in flight during a rollback.
-const CHUNK_REQUESTS_IN_FLIGHT: usize = 4;
+const CHUNK_REQUESTS_IN_FLIGHT: usize = 8;
 
 /// What to roll back.
 #[derive(Debug, Clone)]
@@ -93,6 +94,13 @@ impl Target {
                 ScanPlan::full(&data, g)
             }
         })
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Target::Raw { disk, .. } => disk.size(),
+            Target::Nbd { client, .. } => client.size(),
+        }
     }
 
     fn source(&mut self) -> &mut dyn BlockSource {
@@ -257,7 +265,6 @@ fn verify(
     g: &DiskGeometry,
     want: &BTreeMap<u64, Leaf>,
     written: &[u64],
-    root: Leaf,
 ) -> Result<(Leaf, u64), SyncError> {
     let ranges: Vec<(u64, usize)> = written
         .iter()
@@ -275,76 +282,149 @@ fn verify(
     if let Some((_, now)) = wrong {
         return Ok((now, read));
     }
+    Ok((root_of(g, want), read))
+}
+
+/// The blocks an offline qcow2 image's `rewind-*` bitmaps say were written since the agent's
+/// last committed point, read with the disk geometry of that point.
+struct Dirty {
+    geometry: (u64, u64),
+    blocks: BTreeSet<u64>,
+    /// The leaves of the agent's last committed point, from its state.
+    base: Option<BTreeMap<u64, Leaf>>,
+}
+
+/// Opens a disk for rollback: refuses one a running QEMU holds, and for a qcow2 image starts
+/// one writable `qemu-nbd` that also exports our dirty bitmaps and reads which blocks they
+/// name (`None` when they cannot be trusted: missing, in use, or no committed base). Runs
+/// while the point's leaves arrive.
+fn open_disk(
+    d: &DiskSource,
+    state_dir: &Path,
+    vm: &str,
+) -> Result<(Target, Option<Dirty>), SyncError> {
+    if d.kind == DiskKind::Raw {
+        ensure_not_in_use(d)?;
+        return Ok((open_raw(d)?, None));
+    }
+    // `qemu-img info` without -U fails on the lock a running QEMU holds.
+    let info = crate::offline::inspect(&d.name, &d.path).map_err(|e| match &e {
+        crate::offline::OfflineError::Tool { message, .. } if message.contains("lock") => {
+            SyncError::InUse(d.name.clone(), d.path.clone())
+        }
+        _ => SyncError::from(e),
+    })?;
+    let ours: Vec<&str> = info
+        .bitmaps
+        .iter()
+        .filter(|b| b.name.starts_with(crate::live::PREFIX))
+        .map(|b| b.name.as_str())
+        .collect();
+    let trusted = !ours.is_empty()
+        && !info
+            .bitmaps
+            .iter()
+            .any(|b| b.inconsistent && b.name.starts_with(crate::live::PREFIX));
+    // The bitmaps cover writes since the last committed point only when no session is open.
+    let base_geometry = trusted
+        .then(|| {
+            let conn = state::open(state_dir).ok()?;
+            let st = state::vm_state(&conn, vm).ok()?;
+            if st.base_point.is_none() || st.pending_session.is_some() {
+                return None;
+            }
+            state::disk_geometry(&conn, vm, &d.name).ok()?
+        })
+        .flatten();
+    let exported: &[&str] = if base_geometry.is_some() { &ours } else { &[] };
+    let dir =
+        std::path::absolute(state_dir.join("rollback").join(vm)).map_err(|e| io(state_dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let server = NbdServer::start_writable(
+        &d.path,
+        &dir.join(format!("{}.sock", d.name)),
+        &d.name,
+        exported,
+    )?;
+    let contexts: Vec<String> = exported
+        .iter()
+        .map(|b| format!("qemu:dirty-bitmap:{b}"))
+        .collect();
+    let mut want_ctx = vec!["base:allocation"];
+    want_ctx.extend(contexts.iter().map(String::as_str));
+    let mut client = NbdClient::connect_unix(&server.socket, &d.name, &want_ctx)?;
+    let dirty = match base_geometry {
+        Some((size, bs)) if bs > 0 => {
+            let mut blocks = BTreeSet::new();
+            for ctx in &contexts {
+                for e in client.block_status(ctx, 0, client.size())? {
+                    if e.flags & nbd::STATE_DIRTY != 0 {
+                        blocks.extend(e.offset / bs..(e.offset + e.length).div_ceil(bs));
+                    }
+                }
+            }
+            Some(Dirty {
+                geometry: (size, bs),
+                blocks,
+                base: base_leaves(state_dir, vm, &d.name, size.div_ceil(bs)),
+            })
+        }
+        _ => None,
+    };
+    Ok((
+        Target::Nbd {
+            client,
+            _server: server,
+        },
+        dirty,
+    ))
+}
+
+/// The leaves of the agent's last committed point of `disk` (`blocks` blocks), from its state.
+fn base_leaves(state_dir: &Path, vm: &str, disk: &str, blocks: u64) -> Option<BTreeMap<u64, Leaf>> {
+    let conn = state::open(state_dir).ok()?;
+    let mut old = OldLeaves::new(&conn, vm, Some(disk));
+    let mut base = BTreeMap::new();
+    old.drain_below(blocks, |i, l| {
+        base.insert(i, l);
+    })
+    .ok()?;
+    Some(base)
+}
+
+/// The agent's last committed point of `vm`, if it knows one and no session is open.
+fn base_point(state_dir: &Path, vm: &str) -> Option<i64> {
+    let conn = state::open(state_dir).ok()?;
+    let st = state::vm_state(&conn, vm).ok()?;
+    st.base_point.filter(|_| st.pending_session.is_none())
+}
+
+/// The root of a disk of geometry `g` with these non-zero leaves.
+fn root_of(g: &DiskGeometry, leaves: &BTreeMap<u64, Leaf>) -> Leaf {
     let mut b = Builder::new(Shape::of(g));
     let mut next = 0;
-    for (&i, &l) in want {
+    for (&i, &l) in leaves {
         b.push_zeros(i - next);
         b.push(l);
         next = i + 1;
     }
     b.push_zeros(g.blocks().saturating_sub(next));
-    let got = tree::root(g, b.finish());
-    Ok((if got == root { root } else { got }, read))
+    tree::root(g, b.finish())
 }
 
-/// For an offline qcow2 image whose `rewind-*` bitmaps recorded every write since the agent's
-/// last committed point: the only blocks that can differ from the target point are the dirty
-/// ones and those where the last point and the target differ. `None` when that is not known.
-fn bitmap_candidates(
-    d: &DiskSource,
-    state_dir: &Path,
-    vm: &str,
+/// The only blocks that can differ from the target point: the dirty ones, and those where the
+/// agent's last committed point and the target differ (from our own state). `None` when the
+/// bitmaps were read with another geometry than the point's, or the state lacks the leaves.
+fn chain_candidates(
+    dirty: Dirty,
     g: &DiskGeometry,
     want: &BTreeMap<u64, Leaf>,
 ) -> Option<BTreeSet<u64>> {
-    let info = crate::offline::inspect(&d.name, &d.path).ok()?;
-    let ours: Vec<_> = info
-        .bitmaps
-        .iter()
-        .filter(|b| b.name.starts_with(crate::live::PREFIX))
-        .collect();
-    if ours.is_empty() || ours.iter().any(|b| b.inconsistent) {
+    if dirty.geometry != (g.size, g.block_size.bytes()) {
         return None;
     }
-    let conn = state::open(state_dir).ok()?;
-    let st = state::vm_state(&conn, vm).ok()?;
-    if st.base_point.is_none() || st.pending_session.is_some() {
-        return None;
-    }
-    if state::disk_geometry(&conn, vm, &d.name).ok()?? != (g.size, g.block_size.bytes()) {
-        return None;
-    }
-    let mut out = BTreeSet::new();
-    let dir = std::path::absolute(state_dir.join("rollback").join(vm)).ok()?;
-    std::fs::create_dir_all(&dir).ok()?;
-    for b in ours {
-        let server = NbdServer::start(
-            &d.path,
-            &dir.join(format!("{}-bitmap.sock", d.name)),
-            &d.name,
-            Some(&b.name),
-        )
-        .ok()?;
-        let ctx = format!("qemu:dirty-bitmap:{}", b.name);
-        let mut c = NbdClient::connect_unix(&server.socket, &d.name, &[ctx.as_str()]).ok()?;
-        for e in c.block_status(&ctx, 0, g.size).ok()? {
-            if e.flags & nbd::STATE_DIRTY != 0 {
-                for i in e.offset / g.block_size.bytes()
-                    ..(e.offset + e.length).div_ceil(g.block_size.bytes())
-                {
-                    out.insert(i);
-                }
-            }
-        }
-        c.disconnect();
-    }
-    // Where the last committed point and the target differ, from our own state.
-    let mut old = OldLeaves::new(&conn, vm, Some(&d.name));
-    let mut base = BTreeMap::new();
-    old.drain_below(g.blocks(), |i, l| {
-        base.insert(i, l);
-    })
-    .ok()?;
+    let base = dirty.base?;
+    let mut out = dirty.blocks;
     for (i, l) in want {
         if base.get(i) != Some(l) {
             out.insert(*i);
@@ -358,6 +438,37 @@ fn bitmap_candidates(
     Some(out)
 }
 
+/// One page of the point's leaves of `disk` from block `start`, added to `want`. Returns the
+/// next page's start (0: none), the disk size, block size and root.
+async fn point_page(
+    client: &mut ReplicationClient<Channel>,
+    cfg: &RollbackConfig,
+    disk: &str,
+    start: u64,
+    limit: u32,
+    want: &mut BTreeMap<u64, Leaf>,
+) -> Result<(u64, u64, u32, Leaf), SyncError> {
+    let page = client
+        .point_blocks(pb::PointBlocksRequest {
+            vm: cfg.vm.clone(),
+            point: cfg.point as u64,
+            disk: disk.to_owned(),
+            start,
+            limit,
+        })
+        .await
+        .map_err(SyncError::refused("PointBlocks"))?
+        .into_inner();
+    for e in &page.entries {
+        want.insert(
+            e.index,
+            Leaf::from_slice(&e.hash).map_err(|_| SyncError::Protocol("bad leaf"))?,
+        );
+    }
+    let root = Leaf::from_slice(&page.root).map_err(|_| SyncError::Protocol("bad root"))?;
+    Ok((page.next, page.size, page.block_size, root))
+}
+
 /// Rolls every disk of `cfg` back to the point.
 pub async fn rollback(
     client: &mut ReplicationClient<Channel>,
@@ -366,53 +477,63 @@ pub async fn rollback(
     let started = Instant::now();
     let mut reports = Vec::new();
     for d in &cfg.disks {
-        ensure_not_in_use(d)?;
-        // The point's leaves, a page at a time.
-        let mut want = BTreeMap::new();
-        let mut start = 0u64;
-        let (size, block_size, root) = loop {
-            let page = client
-                .point_blocks(pb::PointBlocksRequest {
-                    vm: cfg.vm.clone(),
-                    point: cfg.point as u64,
-                    disk: d.name.clone(),
-                    start,
-                    limit: MAX_POINT_BLOCKS_PAGE,
-                })
-                .await
-                .map_err(SyncError::refused("PointBlocks"))?
-                .into_inner();
-            for e in &page.entries {
-                want.insert(
-                    e.index,
-                    Leaf::from_slice(&e.hash).map_err(|_| SyncError::Protocol("bad leaf"))?,
-                );
-            }
-            if page.next == 0 {
-                break (
-                    page.size,
-                    page.block_size,
-                    Leaf::from_slice(&page.root).map_err(|_| SyncError::Protocol("bad root"))?,
-                );
-            }
-            start = page.next;
+        let disk_side = {
+            let (d, state_dir, vm) = (d.clone(), cfg.state_dir.clone(), cfg.vm.clone());
+            tokio::task::spawn_blocking(move || open_disk(&d, &state_dir, &vm))
         };
+        // Rolling back to the agent's own last point (the usual case) with trusted bitmaps:
+        // the agent's state already holds the point's leaves, so only its geometry and root
+        // are asked for, and the state is used once its root matches the receiver's.
+        let own_point = base_point(&cfg.state_dir, &cfg.vm) == Some(cfg.point);
+        let first_limit = if own_point && d.kind == DiskKind::Qcow2 {
+            1
+        } else {
+            MAX_POINT_BLOCKS_PAGE
+        };
+        let mut want = BTreeMap::new();
+        let (mut next, size, block_size, root) =
+            point_page(client, cfg, &d.name, 0, first_limit, &mut want).await?;
         let g = DiskGeometry::new(size, u64::from(block_size)).map_err(|source| {
             SyncError::Geometry {
                 disk: d.name.clone(),
                 source,
             }
         })?;
-        tracing::debug!(disk = %d.name, leaves = want.len(), at = ?started.elapsed(), "point leaves fetched");
-        let candidates = match d.kind {
-            DiskKind::Qcow2 => tokio::task::block_in_place(|| {
-                bitmap_candidates(d, &cfg.state_dir, &cfg.vm, &g, &want)
-            }),
-            DiskKind::Raw => None,
-        };
-        tracing::debug!(disk = %d.name, candidates = ?candidates.as_ref().map(BTreeSet::len), at = ?started.elapsed(), "candidates");
-        let mut target = open_target(d, &cfg.state_dir, &cfg.vm, g.size)?;
-        tracing::debug!(disk = %d.name, at = ?started.elapsed(), "target open");
+        let (mut target, dirty) = disk_side
+            .await
+            .map_err(|e| SyncError::Worker(e.to_string()))??;
+        if target.size() != size {
+            return Err(SyncError::SizeMismatch {
+                disk: d.name.clone(),
+                have: target.size(),
+                want: size,
+            });
+        }
+        let mut candidates = None;
+        if let Some(dirty) = dirty {
+            if own_point && dirty.geometry == (g.size, g.block_size.bytes()) {
+                if let Some(base) = dirty.base.as_ref().filter(|b| root_of(&g, b) == root) {
+                    want = base.clone();
+                    next = 0;
+                    candidates = Some(dirty.blocks.clone());
+                }
+            }
+            // The rest of the point's leaves, a page at a time.
+            while next != 0 {
+                next = point_page(client, cfg, &d.name, next, MAX_POINT_BLOCKS_PAGE, &mut want)
+                    .await?
+                    .0;
+            }
+            if candidates.is_none() {
+                candidates = tokio::task::block_in_place(|| chain_candidates(dirty, &g, &want));
+            }
+        }
+        while next != 0 {
+            next = point_page(client, cfg, &d.name, next, MAX_POINT_BLOCKS_PAGE, &mut want)
+                .await?
+                .0;
+        }
+        tracing::debug!(disk = %d.name, leaves = want.len(), candidates = ?candidates.as_ref().map(BTreeSet::len), at = ?started.elapsed(), "leaves and candidates known");
         let (diff, read) =
             tokio::task::block_in_place(|| differing(&mut target, &g, &want, candidates.as_ref()))?;
         tracing::debug!(disk = %d.name, differing = diff.len(), at = ?started.elapsed(), "compared");
@@ -445,7 +566,6 @@ pub async fn rollback(
                 }
             }
             let hashes: Vec<Leaf> = by_hash.keys().copied().collect();
-            let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
             // Several ReadChunks requests in flight; replies are handled in order.
             let mut replies = futures::stream::iter(hashes.chunks(MAX_READ_CHUNKS))
                 .map(|group| {
@@ -457,10 +577,36 @@ pub async fn rollback(
                     async move { c.read_chunks(req).await }
                 })
                 .buffered(CHUNK_REQUESTS_IN_FLIGHT);
+            // Replies are decompressed and written on a thread of their own while later ones
+            // arrive.
+            let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Vec<(Leaf, Vec<u8>, Vec<u64>)>>(
+                CHUNK_REQUESTS_IN_FLIGHT,
+            );
+            let writer = tokio::task::spawn_blocking(move || {
+                let mut written = 0u64;
+                while let Some(reply) = wrx.blocking_recv() {
+                    // A reply's chunks decompressed and checked across the cores, then its
+                    // blocks written together (several writes in flight over NBD).
+                    let pending: Vec<(u64, Vec<u8>)> = reply
+                        .par_iter()
+                        .flat_map_iter(|(h, frame, blocks)| {
+                            blocks.iter().map(move |&i| {
+                                chunk::open(*h, frame, g.block_len(i).unwrap_or(0))
+                                    .map(|data| (g.offset(i), data))
+                            })
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| SyncError::Worker(e.to_string()))?;
+                    written += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
+                    target.write_many(&pending)?;
+                }
+                Ok::<_, SyncError>((target, written))
+            });
             while let Some(reply) = replies.next().await {
                 let reply = reply
                     .map_err(SyncError::refused("ReadChunks"))?
                     .into_inner();
+                let mut work = Vec::with_capacity(reply.chunks.len());
                 for c in reply.chunks {
                     let h = Leaf::from_slice(&c.hash)
                         .map_err(|_| SyncError::Protocol("bad chunk hash"))?;
@@ -470,24 +616,24 @@ pub async fn rollback(
                         ));
                     };
                     report.bytes_fetched += c.data.len() as u64;
-                    for &i in blocks {
-                        let len = g.block_len(i).unwrap_or(0);
-                        let data = chunk::open(h, &c.data, len)
-                            .map_err(|e| SyncError::Worker(e.to_string()))?;
-                        pending.push((g.offset(i), data));
-                        report.bytes_written += len as u64;
-                    }
+                    work.push((h, c.data, blocks.clone()));
                 }
-                // One reply's blocks written together (several writes in flight over NBD).
-                tokio::task::block_in_place(|| target.write_many(&pending))?;
-                pending.clear();
+                if wtx.send(work).await.is_err() {
+                    break;
+                }
             }
             drop(replies);
+            drop(wtx);
+            let (back, written) = writer
+                .await
+                .map_err(|e| SyncError::Worker(e.to_string()))??;
+            target = back;
+            report.bytes_written += written;
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "fetched and written");
             target.flush()?;
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
             let (now, reread) =
-                tokio::task::block_in_place(|| verify(&mut target, &g, &want, &diff, root))?;
+                tokio::task::block_in_place(|| verify(&mut target, &g, &want, &diff))?;
             report.bytes_read += reread;
             if now != root {
                 return Err(SyncError::RollbackVerify {
@@ -520,48 +666,18 @@ pub async fn rollback(
     })
 }
 
-fn open_target(d: &DiskSource, state_dir: &Path, vm: &str, size: u64) -> Result<Target, SyncError> {
-    match d.kind {
-        DiskKind::Raw => {
-            let disk = RawDisk::open(&d.path)?;
-            if disk.size() != size {
-                return Err(SyncError::SizeMismatch {
-                    disk: d.name.clone(),
-                    have: disk.size(),
-                    want: size,
-                });
-            }
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&d.path)
-                .map_err(|e| io(&d.path, e))?;
-            let is_device = std::os::unix::fs::FileTypeExt::is_block_device(
-                &file.metadata().map_err(|e| io(&d.path, e))?.file_type(),
-            );
-            Ok(Target::Raw {
-                disk,
-                file,
-                is_device,
-            })
-        }
-        DiskKind::Qcow2 => {
-            let dir = std::path::absolute(state_dir.join("rollback").join(vm))
-                .map_err(|e| io(state_dir, e))?;
-            std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-            let server =
-                NbdServer::start_writable(&d.path, &dir.join(format!("{}.sock", d.name)), &d.name)?;
-            let client = NbdClient::connect_unix(&server.socket, &d.name, &["base:allocation"])?;
-            if client.size() != size {
-                return Err(SyncError::SizeMismatch {
-                    disk: d.name.clone(),
-                    have: client.size(),
-                    want: size,
-                });
-            }
-            Ok(Target::Nbd {
-                client,
-                _server: server,
-            })
-        }
-    }
+fn open_raw(d: &DiskSource) -> Result<Target, SyncError> {
+    let disk = RawDisk::open(&d.path)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&d.path)
+        .map_err(|e| io(&d.path, e))?;
+    let is_device = std::os::unix::fs::FileTypeExt::is_block_device(
+        &file.metadata().map_err(|e| io(&d.path, e))?.file_type(),
+    );
+    Ok(Target::Raw {
+        disk,
+        file,
+        is_device,
+    })
 }

@@ -194,3 +194,53 @@ fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
     );
     drop(vm);
 }
+
+#[test]
+fn qcow2_rolls_back_to_an_older_point_through_bitmap_and_point_chain() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let img = d.path("img.qcow2");
+    let p = img.display().to_string();
+    sh(&["qemu-img", "create", "-q", "-f", "qcow2", &p, "16M"]);
+    sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 2M", &p]);
+    let spec = format!("qcow2:{p}");
+    let first = d.sync_ok(&rx, "host1", "q", &[("vda", Path::new(&spec))]);
+    let first = first["point"].as_u64().unwrap();
+    let want = d.path("want.raw");
+    assert!(d
+        .restore("q", "vda", &["--point", &first.to_string()], &want)
+        .status
+        .success());
+    // A later point changes block 64 (zero in the first point) ...
+    sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 4M 64k", &p]);
+    let second = d.sync_ok(&rx, "host1", "q", &[("vda", Path::new(&spec))]);
+    assert_eq!(second["disks"][0]["changed_blocks"], 1, "{second}");
+    // ... and block 16 is written after it (dirty in the image's bitmap).
+    sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x43 1M 64k", &p]);
+    let r = ok(rollback(
+        &d,
+        &rx,
+        "host1",
+        "q",
+        first,
+        &format!("vda=qcow2:{p}"),
+        &[],
+    ));
+    // Candidates: the dirty block and the block the two points differ in; both differ.
+    assert_eq!(
+        r["disks"][0]["compared"], "dirty bitmap + point chain",
+        "{r}"
+    );
+    assert_eq!(r["disks"][0]["blocks_differing"], 2, "{r}");
+    assert_eq!(r["disks"][0]["bytes_read"], 4 * BLOCK, "{r}");
+    assert_eq!(r["disks"][0]["verified"], true, "{r}");
+    let cmp = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&want)
+        .arg(&img));
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
