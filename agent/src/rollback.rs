@@ -336,47 +336,61 @@ fn open_disk(
             state::disk_geometry(&conn, vm, &d.name).ok()?
         })
         .flatten();
-    let exported: &[&str] = if base_geometry.is_some() { &ours } else { &[] };
     let dir =
         std::path::absolute(state_dir.join("rollback").join(vm)).map_err(|e| io(state_dir, e))?;
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-    let server = NbdServer::start_writable(
-        &d.path,
-        &dir.join(format!("{}.sock", d.name)),
-        &d.name,
-        exported,
-    )?;
-    let contexts: Vec<String> = exported
-        .iter()
-        .map(|b| format!("qemu:dirty-bitmap:{b}"))
-        .collect();
-    let mut want_ctx = vec!["base:allocation"];
-    want_ctx.extend(contexts.iter().map(String::as_str));
-    let mut client = NbdClient::connect_unix(&server.socket, &d.name, &want_ctx)?;
-    let dirty = match base_geometry {
-        Some((size, bs)) if bs > 0 => {
-            let mut blocks = BTreeSet::new();
-            for ctx in &contexts {
-                for e in client.block_status(ctx, 0, client.size())? {
-                    if e.flags & nbd::STATE_DIRTY != 0 {
-                        blocks.extend(e.offset / bs..(e.offset + e.length).div_ceil(bs));
+    let socket = dir.join(format!("{}.sock", d.name));
+    if let Some((size, bs)) = base_geometry.filter(|&(_, bs)| bs > 0) {
+        // A bitmap qemu-nbd will not export, or whose context it does not grant, only costs
+        // the shortcut: the disk is then read whole.
+        let with_bitmaps = NbdServer::start_writable(&d.path, &socket, &d.name, &ours)
+            .map_err(SyncError::from)
+            .and_then(|server| {
+                let contexts: Vec<String> = ours
+                    .iter()
+                    .map(|b| format!("qemu:dirty-bitmap:{b}"))
+                    .collect();
+                let mut want_ctx = vec!["base:allocation"];
+                want_ctx.extend(contexts.iter().map(String::as_str));
+                let mut client = NbdClient::connect_unix(&server.socket, &d.name, &want_ctx)?;
+                let mut blocks = BTreeSet::new();
+                for ctx in &contexts {
+                    for e in client.block_status(ctx, 0, client.size())? {
+                        if e.flags & nbd::STATE_DIRTY != 0 {
+                            blocks.extend(e.offset / bs..(e.offset + e.length).div_ceil(bs));
+                        }
                     }
                 }
+                Ok((server, client, blocks))
+            });
+        match with_bitmaps {
+            Ok((server, client, blocks)) => {
+                let dirty = Dirty {
+                    geometry: (size, bs),
+                    blocks,
+                    base: base_leaves(state_dir, vm, &d.name, size.div_ceil(bs)),
+                };
+                return Ok((
+                    Target::Nbd {
+                        client,
+                        _server: server,
+                    },
+                    Some(dirty),
+                ));
             }
-            Some(Dirty {
-                geometry: (size, bs),
-                blocks,
-                base: base_leaves(state_dir, vm, &d.name, size.div_ceil(bs)),
-            })
+            Err(e) => {
+                tracing::warn!(disk = %d.name, error = %e, "dirty bitmaps unusable: comparing the whole disk");
+            }
         }
-        _ => None,
-    };
+    }
+    let server = NbdServer::start_writable(&d.path, &socket, &d.name, &[])?;
+    let client = NbdClient::connect_unix(&server.socket, &d.name, &["base:allocation"])?;
     Ok((
         Target::Nbd {
             client,
             _server: server,
         },
-        dirty,
+        None,
     ))
 }
 
@@ -602,31 +616,37 @@ pub async fn rollback(
                 }
                 Ok::<_, SyncError>((target, written))
             });
-            while let Some(reply) = replies.next().await {
-                let reply = reply
-                    .map_err(SyncError::refused("ReadChunks"))?
-                    .into_inner();
-                let mut work = Vec::with_capacity(reply.chunks.len());
-                for c in reply.chunks {
-                    let h = Leaf::from_slice(&c.hash)
-                        .map_err(|_| SyncError::Protocol("bad chunk hash"))?;
-                    let Some(blocks) = by_hash.get(&h) else {
-                        return Err(SyncError::Protocol(
-                            "the receiver sent a chunk we did not ask for",
-                        ));
-                    };
-                    report.bytes_fetched += c.data.len() as u64;
-                    work.push((h, c.data, blocks.clone()));
+            // On an error, the writer still finishes (and closes the image) before it is
+            // reported.
+            let fetched = async {
+                while let Some(reply) = replies.next().await {
+                    let reply = reply
+                        .map_err(SyncError::refused("ReadChunks"))?
+                        .into_inner();
+                    let mut work = Vec::with_capacity(reply.chunks.len());
+                    for c in reply.chunks {
+                        let h = Leaf::from_slice(&c.hash)
+                            .map_err(|_| SyncError::Protocol("bad chunk hash"))?;
+                        let Some(blocks) = by_hash.get(&h) else {
+                            return Err(SyncError::Protocol(
+                                "the receiver sent a chunk we did not ask for",
+                            ));
+                        };
+                        report.bytes_fetched += c.data.len() as u64;
+                        work.push((h, c.data, blocks.clone()));
+                    }
+                    if wtx.send(work).await.is_err() {
+                        break;
+                    }
                 }
-                if wtx.send(work).await.is_err() {
-                    break;
-                }
+                Ok(())
             }
+            .await;
             drop(replies);
             drop(wtx);
-            let (back, written) = writer
-                .await
-                .map_err(|e| SyncError::Worker(e.to_string()))??;
+            let written = writer.await.map_err(|e| SyncError::Worker(e.to_string()))?;
+            fetched?;
+            let (back, written) = written?;
             target = back;
             report.bytes_written += written;
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "fetched and written");

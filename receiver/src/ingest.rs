@@ -533,12 +533,27 @@ impl Store {
         batches: Vec<VerifiedBatch>,
         writer: &mut PackWriter,
     ) -> Result<BatchStats, StoreError> {
+        // What the store adds is counted per VM: a group spans one session.
+        if batches
+            .windows(2)
+            .any(|w| w[0].session_id != w[1].session_id)
+        {
+            let mut total = BatchStats::default();
+            for batch in batches {
+                let s = self.stage_batches(owner, vec![batch], writer)?;
+                total.entries += s.entries;
+                total.chunks_stored += s.chunks_stored;
+                total.chunk_bytes += s.chunk_bytes;
+            }
+            return Ok(total);
+        }
         let all: Vec<&(Leaf, Vec<u8>, usize)> = batches.iter().flat_map(|b| &b.chunks).collect();
         let (placed, bytes) = self.write_new_chunks(&all, writer)?;
         let stored = placed.len() as u64;
-        // Chunks sent in this group: held by this owner once the transaction commits, with the
-        // length they were verified at, so their blocks need no catalog lookup.
-        let sent: HashMap<Leaf, usize> = all.iter().map(|(h, _, ulen)| (*h, *ulen)).collect();
+        // Chunks this group placed: indexed and owned once the transaction commits, with the
+        // length they were verified at, so their blocks need no catalog lookup. (A re-sent
+        // chunk the store already had is looked up: gc may have removed it meanwhile.)
+        let sent: HashMap<Leaf, usize> = placed.iter().map(|p| (p.0, p.4)).collect();
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -603,8 +618,7 @@ impl Store {
                 params![session_id, now_us()],
             )?;
         }
-        // What this VM's uploads added to the store, for metrics (chunks are counted under the
-        // first batch's VM: one stream uploads for one session).
+        // What this VM's uploads added to the store, for metrics.
         if let Some(first) = batches.first() {
             tx.execute(
                 "INSERT INTO vm_stats(vm_id, chunks_stored, bytes_stored) VALUES (?1, ?2, ?3)
