@@ -3,7 +3,7 @@
 //! image is written under a temporary name and renamed only once its root equals the point's.
 
 use crate::error::StoreError;
-use crate::packs::PackReader;
+use crate::packs::{pack_path, read_prepared, PackReader, Prepared};
 use crate::points::PointDisk;
 use crate::store::PACKS_DIR;
 use rayon::prelude::*;
@@ -17,6 +17,9 @@ use std::path::Path;
 
 /// Blocks decompressed together: 4 MiB at 64 KiB blocks, enough to keep both cores busy.
 const BATCH_BLOCKS: usize = 64;
+
+/// Where a chunk's frame lies: where the pack reader found it, pack id, offset, length.
+type Frame = (Prepared, i64, u64, u32);
 
 /// Alignment O_DIRECT needs of file offsets, lengths and memory.
 const DIRECT_ALIGN: usize = 4096;
@@ -168,71 +171,91 @@ pub fn restore_disk(
         .map_err(io(&tmp))?;
     file.set_len(geometry.size).map_err(io(&tmp))?;
 
-    let mut reader = PackReader::new(&data.join(PACKS_DIR));
+    let packs_dir = data.join(PACKS_DIR);
+    let mut reader = PackReader::new(&packs_dir);
     let mut builder = Builder::new(Shape::of(&geometry));
     let mut next = 0u64;
     let mut stats = RestoreStats {
         size: geometry.size,
         ..Default::default()
     };
-    // Frames are read in block order; each batch is decompressed and verified on all cores
-    // while the previous one is written (contiguous blocks coalesced into one write).
-    let mut batch: Vec<(u64, Leaf, Vec<u8>)> = Vec::with_capacity(BATCH_BLOCKS);
-    let mut pending: Option<Vec<(u64, Vec<u8>)>> = None;
-    let decode = |batch: Vec<(u64, Leaf, Vec<u8>)>| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    // Three stages: this thread walks the catalog in block order and asks the kernel to read
+    // ahead of the packs; a worker reads, decompresses and verifies each batch of frames on
+    // all cores (several reads in flight when the packs are not in the page cache: they are
+    // written with O_DIRECT) while it writes the previous batch (contiguous blocks coalesced
+    // into one write).
+    let decode = |batch: Vec<(u64, Leaf, Frame)>| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         batch
             .into_par_iter()
-            .map(|(idx, leaf, frame)| {
+            .map(|(idx, leaf, (file, pack, offset, clen))| {
+                let frame =
+                    read_prepared(&file, &pack_path(&packs_dir, pack), offset, clen, &leaf)?;
                 let len = geometry.block_len(idx).unwrap_or(0);
                 Ok((idx, chunk::open(leaf, &frame, len)?))
             })
             .collect()
     };
-    let output = std::sync::Mutex::new(Output::open(&tmp, file.try_clone().map_err(io(&tmp))?));
-    let write = |blocks: Vec<(u64, Vec<u8>)>| -> Result<(), StoreError> {
-        let mut out = output.lock().map_err(|_| StoreError::Io {
-            path: tmp.clone(),
-            source: std::io::Error::other("a writer panicked"),
-        })?;
-        out.write_blocks(&geometry, blocks).map_err(io(&tmp))
+    let mut output = Output::open(&tmp, file.try_clone().map_err(io(&tmp))?);
+    let mut write = |blocks: Vec<(u64, Vec<u8>)>| -> Result<(), StoreError> {
+        output.write_blocks(&geometry, blocks).map_err(io(&tmp))
     };
-    let flush = |batch: Vec<(u64, Leaf, Vec<u8>)>,
-                 pending: &mut Option<Vec<(u64, Vec<u8>)>>|
-     -> Result<(), StoreError> {
-        let decoded = match pending.take() {
-            Some(prev) => {
-                let (w, d) = rayon::join(|| write(prev), || decode(batch));
-                w?;
-                d?
+    let result = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf, Frame)>>(2);
+        let worker = scope.spawn(move || -> Result<(), StoreError> {
+            let mut pending: Option<Vec<(u64, Vec<u8>)>> = None;
+            for batch in rx {
+                let decoded = match pending.take() {
+                    Some(prev) => {
+                        let (w, d) = rayon::join(|| write(prev), || decode(batch));
+                        w?;
+                        d?
+                    }
+                    None => decode(batch)?,
+                };
+                pending = Some(decoded);
             }
-            None => decode(batch)?,
-        };
-        *pending = Some(decoded);
-        Ok(())
-    };
-    let result = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
-        let Some(len) = geometry.block_len(idx) else {
-            return Ok(());
-        };
-        builder.push_zeros(idx - next);
-        let (pack, offset, clen) = loc.ok_or(StoreError::MissingChunk(leaf))?;
-        batch.push((idx, leaf, reader.read(pack, offset, clen, &leaf)?));
-        builder.push(leaf);
-        next = idx + 1;
-        stats.blocks_written += 1;
-        stats.bytes_written += len as u64;
-        if batch.len() == BATCH_BLOCKS {
-            flush(std::mem::take(&mut batch), &mut pending)?;
-            progress(geometry.offset(idx) + len as u64);
+            match pending.take() {
+                Some(last) => write(last),
+                None => Ok(()),
+            }
+        });
+        let mut batch: Vec<(u64, Leaf, Frame)> = Vec::with_capacity(BATCH_BLOCKS);
+        let walked = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
+            let Some(len) = geometry.block_len(idx) else {
+                return Ok(());
+            };
+            builder.push_zeros(idx - next);
+            let (pack, offset, clen) = loc.ok_or(StoreError::MissingChunk(leaf))?;
+            let file = reader.prepare(pack, offset, clen)?;
+            batch.push((idx, leaf, (file, pack, offset, clen)));
+            builder.push(leaf);
+            next = idx + 1;
+            stats.blocks_written += 1;
+            stats.bytes_written += len as u64;
+            if batch.len() == BATCH_BLOCKS {
+                // A worker that stopped reports why below.
+                if tx.send(std::mem::take(&mut batch)).is_err() {
+                    return Err(StoreError::Io {
+                        path: tmp.clone(),
+                        source: std::io::Error::other("the restore worker stopped"),
+                    });
+                }
+                progress(geometry.offset(idx) + len as u64);
+            }
+            Ok(())
+        });
+        if walked.is_ok() && !batch.is_empty() {
+            let _ = tx.send(batch);
         }
-        Ok(())
-    })
-    .and_then(|()| {
-        flush(std::mem::take(&mut batch), &mut pending)?;
-        match pending.take() {
-            Some(last) => write(last),
-            None => Ok(()),
-        }
+        drop(tx);
+        let worked = worker.join().unwrap_or_else(|_| {
+            Err(StoreError::Io {
+                path: tmp.clone(),
+                source: std::io::Error::other("a restore worker panicked"),
+            })
+        });
+        // The worker's error explains a stopped walk better than "worker stopped".
+        worked.and(walked)
     })
     .and_then(|()| {
         let got = tree::root(&geometry, builder.finish());
