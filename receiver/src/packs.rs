@@ -272,6 +272,8 @@ impl PackWriter {
             c.file
                 .write_all_at(&self.pending.bytes()[from..], c.written)
                 .map_err(io_err(&path))?;
+            // A refused direct write may have left padding behind.
+            c.file.set_len(c.len).map_err(io_err(&path))?;
         }
         c.file.sync_data().map_err(io_err(&path))?;
         c.written = c.len;
@@ -288,6 +290,14 @@ impl PackWriter {
 const READ_AHEAD: u64 = 8 << 20;
 /// A read starting at most this far past the previous one's end counts as reading in order.
 const IN_ORDER_GAP: u64 = 1 << 20;
+/// A new window is read only for a record starting at most this far past the previous one's
+/// end: a pack read sparsely is read record by record instead.
+const WINDOW_GAP: u64 = 256 << 10;
+/// Windows a reader keeps (one per pack, the least recently made dropped first).
+const WINDOWS_KEPT: usize = 4;
+/// Largest frame a catalog row may name: a block of the largest size that did not compress,
+/// with room to spare.
+const MAX_FRAME_BYTES: u32 = 2 * rewind_proto::format::MAX_BLOCK_SIZE;
 
 struct OpenPack {
     file: Arc<File>,
@@ -328,9 +338,10 @@ pub enum Prepared {
 pub struct PackReader {
     dir: PathBuf,
     open: HashMap<i64, OpenPack>,
-    /// The window read last, and its pack (one at a time: memory stays bounded however many
-    /// packs a long-lived reader opens).
-    window: Option<(i64, Arc<Window>)>,
+    /// The last windows read, with their packs: a few, so memory stays bounded however many
+    /// packs a long-lived reader opens, and a restore alternating between packs does not
+    /// read the same window again.
+    windows: Vec<(i64, Arc<Window>)>,
 }
 
 impl PackReader {
@@ -338,7 +349,7 @@ impl PackReader {
         PackReader {
             dir: dir.to_owned(),
             open: HashMap::new(),
-            window: None,
+            windows: Vec::new(),
         }
     }
 
@@ -350,15 +361,31 @@ impl PackReader {
         len: u32,
         hash: &Leaf,
     ) -> Result<Vec<u8>, PackError> {
-        let at = self.prepare(id, offset, len)?;
+        let at = self.prepare(id, offset, len, hash)?;
         read_prepared(&at, &pack_path(&self.dir, id), offset, len, hash)
     }
 
     /// Finds the record whose frame is at `offset` in pack `id`: in the pack's current window,
     /// in a new window when the pack is being read in order, else in the open pack (then, when
     /// read in order, the kernel is asked to read ahead).
-    pub fn prepare(&mut self, id: i64, offset: u64, len: u32) -> Result<Prepared, PackError> {
+    pub fn prepare(
+        &mut self,
+        id: i64,
+        offset: u64,
+        len: u32,
+        hash: &Leaf,
+    ) -> Result<Prepared, PackError> {
         let path = pack_path(&self.dir, id);
+        let bad = || PackError::BadRecord {
+            path: path.clone(),
+            offset,
+            hash: *hash,
+        };
+        let start = offset.checked_sub(RECORD_HEADER).ok_or_else(bad)?;
+        let end = offset.checked_add(u64::from(len)).ok_or_else(bad)?;
+        if len > MAX_FRAME_BYTES {
+            return Err(bad());
+        }
         let pack = match self.open.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(OpenPack {
@@ -372,20 +399,20 @@ impl PackReader {
                 ahead: 0,
             }),
         };
-        let start = offset.saturating_sub(RECORD_HEADER);
-        let end = offset + u64::from(len);
-        if let Some((_, w)) = self.window.as_ref().filter(|(p, _)| *p == id) {
-            if start >= w.start && end <= w.start + w.len as u64 {
-                pack.last_end = end;
-                return Ok(Prepared::Window(w.clone()));
-            }
+        if let Some((_, w)) = self
+            .windows
+            .iter()
+            .find(|(p, w)| *p == id && start >= w.start && end <= w.start + w.len as u64)
+        {
+            pack.last_end = end;
+            return Ok(Prepared::Window(w.clone()));
         }
-        let in_order = start >= pack.last_end && start - pack.last_end <= IN_ORDER_GAP;
+        let gap = start.checked_sub(pack.last_end);
         pack.last_end = end;
-        if !in_order {
+        let Some(gap) = gap.filter(|&g| g <= IN_ORDER_GAP) else {
             return Ok(Prepared::File(pack.file.clone()));
-        }
-        if let Some(direct) = &pack.direct {
+        };
+        if let Some(direct) = pack.direct.as_ref().filter(|_| gap <= WINDOW_GAP) {
             let from = start / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
             let want =
                 (end - from).max(READ_AHEAD).div_ceil(DIRECT_ALIGN as u64) as usize * DIRECT_ALIGN;
@@ -393,13 +420,31 @@ impl PackReader {
             let at = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
             match read_direct(direct, &mut buf[at..at + want], from) {
                 Ok(got) if from + got as u64 >= end => {
+                    // The last page of a file may be the zero padding of a write in progress,
+                    // where later records will go: a window reaching the end of the file
+                    // stops before its last page (the few records there are read directly).
+                    let size = pack.file.metadata().map_err(io_err(&path))?.len();
+                    let len = if from + got as u64 >= size {
+                        let last_page =
+                            size.saturating_sub(1) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+                        last_page.saturating_sub(from) as usize
+                    } else {
+                        got
+                    };
                     let w = Arc::new(Window {
                         buf,
                         at,
                         start: from,
-                        len: got,
+                        len,
                     });
-                    self.window = Some((id, w.clone()));
+                    self.windows.retain(|(p, _)| *p != id);
+                    if self.windows.len() >= WINDOWS_KEPT {
+                        self.windows.remove(0);
+                    }
+                    self.windows.push((id, w.clone()));
+                    if end > from + len as u64 {
+                        return Ok(Prepared::File(pack.file.clone()));
+                    }
                     return Ok(Prepared::Window(w));
                 }
                 // Short: the pack ends before the record (a bad offset, reported below).
@@ -490,6 +535,9 @@ pub fn read_frame(
         hash: *hash,
     };
     let start = offset.checked_sub(RECORD_HEADER).ok_or_else(bad)?;
+    if len > MAX_FRAME_BYTES {
+        return Err(bad());
+    }
     let mut header = [0u8; RECORD_HEADER as usize];
     let mut frame = vec![0u8; len as usize];
     read_record(file, start, &mut header, &mut frame).map_err(io_err(path))?;
@@ -604,5 +652,52 @@ mod tests {
             frame
         );
         assert_eq!(r.read(2, o, 4, &Leaf([9; 32])).expect("read"), b"next");
+    }
+
+    #[test]
+    fn a_window_read_at_the_end_of_a_growing_pack_serves_later_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = PackWriter::new(dir.path());
+        w.open_pack(1).expect("open");
+        let a = vec![1u8; 5000];
+        let (_, oa) = w.append(&Leaf([1; 32]), &a).expect("append");
+        w.sync().expect("sync");
+        let mut r = PackReader::new(dir.path());
+        // In order from the start of the pack: read as a window reaching the file's end.
+        assert_eq!(r.read(1, oa, 5000, &Leaf([1; 32])).expect("read"), a);
+        let b = vec![2u8; 300];
+        let (_, ob) = w.append(&Leaf([2; 32]), &b).expect("append");
+        w.sync().expect("sync");
+        assert_eq!(
+            r.read(1, ob, 300, &Leaf([2; 32]))
+                .expect("read later record"),
+            b
+        );
+    }
+
+    #[test]
+    fn impossible_places_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = PackWriter::new(dir.path());
+        w.open_pack(1).expect("open");
+        let (_, o) = w.append(&Leaf([1; 32]), b"frame").expect("append");
+        w.sync().expect("sync");
+        let mut r = PackReader::new(dir.path());
+        let h = Leaf([1; 32]);
+        for (offset, len) in [
+            (u64::MAX - 2, 100),
+            (3, 5),
+            (o, u32::MAX),
+            (o + (1 << 40), 5),
+        ] {
+            assert!(
+                matches!(
+                    r.read(1, offset, len, &h),
+                    Err(PackError::BadRecord { .. }) | Err(PackError::Io { .. })
+                ),
+                "offset {offset} len {len}"
+            );
+        }
+        assert_eq!(r.read(1, o, 5, &h).expect("still readable"), b"frame");
     }
 }

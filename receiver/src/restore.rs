@@ -226,7 +226,7 @@ pub fn restore_disk(
             };
             builder.push_zeros(idx - next);
             let (pack, offset, clen) = loc.ok_or(StoreError::MissingChunk(leaf))?;
-            let file = reader.prepare(pack, offset, clen)?;
+            let file = reader.prepare(pack, offset, clen, &leaf)?;
             batch.push((idx, leaf, (file, pack, offset, clen)));
             builder.push(leaf);
             next = idx + 1;
