@@ -498,53 +498,37 @@ pub fn read_prepared(
         hash: *hash,
     };
     let start = offset.checked_sub(RECORD_HEADER).ok_or_else(bad)?;
-    let w = match at {
-        Prepared::File(file) => return read_frame(file, path, offset, len, hash),
-        Prepared::Window(w) => w,
-    };
-    let from = start.checked_sub(w.start).ok_or_else(bad)? as usize;
-    let record = w
-        .bytes()
-        .get(from..from + RECORD_HEADER as usize + len as usize)
-        .ok_or_else(bad)?;
-    let (header, frame) = record.split_at(RECORD_HEADER as usize);
-    if !header_matches(header, hash, len) {
-        return Err(bad());
-    }
-    Ok(frame.to_vec())
-}
-
-fn header_matches(header: &[u8], hash: &Leaf, len: u32) -> bool {
-    &header[..4] == RECORD_MAGIC
-        && &header[4..36] == hash.as_bytes()
-        && header[36..40] == len.to_le_bytes()
-}
-
-/// The frame of `hash` at `offset` in the open pack `file` (at `path`), checking the record
-/// header around it.
-pub fn read_frame(
-    file: &File,
-    path: &Path,
-    offset: u64,
-    len: u32,
-    hash: &Leaf,
-) -> Result<Vec<u8>, PackError> {
-    let bad = || PackError::BadRecord {
-        path: path.to_owned(),
-        offset,
-        hash: *hash,
-    };
-    let start = offset.checked_sub(RECORD_HEADER).ok_or_else(bad)?;
     if len > MAX_FRAME_BYTES {
         return Err(bad());
     }
-    let mut header = [0u8; RECORD_HEADER as usize];
-    let mut frame = vec![0u8; len as usize];
-    read_record(file, start, &mut header, &mut frame).map_err(io_err(path))?;
-    if !header_matches(&header, hash, len) {
-        return Err(bad());
+    let header_ok = |header: &[u8]| {
+        &header[..4] == RECORD_MAGIC
+            && &header[4..36] == hash.as_bytes()
+            && header[36..40] == len.to_le_bytes()
+    };
+    match at {
+        Prepared::File(file) => {
+            let mut header = [0u8; RECORD_HEADER as usize];
+            let mut frame = vec![0u8; len as usize];
+            read_record(file, start, &mut header, &mut frame).map_err(io_err(path))?;
+            if !header_ok(&header) {
+                return Err(bad());
+            }
+            Ok(frame)
+        }
+        Prepared::Window(w) => {
+            let from = start.checked_sub(w.start).ok_or_else(bad)? as usize;
+            let record = w
+                .bytes()
+                .get(from..from + RECORD_HEADER as usize + len as usize)
+                .ok_or_else(bad)?;
+            let (header, frame) = record.split_at(RECORD_HEADER as usize);
+            if !header_ok(header) {
+                return Err(bad());
+            }
+            Ok(frame.to_vec())
+        }
     }
-    Ok(frame)
 }
 
 /// Reads a record's header and frame at `start` with one system call when it can.

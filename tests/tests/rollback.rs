@@ -117,22 +117,43 @@ fn sh(args: &[&str]) {
     );
 }
 
-#[test]
-fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
-    let d = Deployment::new();
-    let rx = d.serve();
-    let img = d.path("img.qcow2");
-    let p = img.display().to_string();
+/// A 16 MiB qcow2 image with 2 MiB written, its first point (synced as VM `q` of `host1`, which
+/// gives the image the agent's dirty bitmap) and that point restored to `want.raw`: (image
+/// path, `qcow2:` disk spec, point, restored file).
+fn qcow2_point(d: &Deployment, rx: &Receiver) -> (String, String, u64, std::path::PathBuf) {
+    let p = d.path("img.qcow2").display().to_string();
     sh(&["qemu-img", "create", "-q", "-f", "qcow2", &p, "16M"]);
     sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 2M", &p]);
     let spec = format!("qcow2:{p}");
-    let r = d.sync_ok(&rx, "host1", "q", &[("vda", Path::new(&spec))]);
+    let r = d.sync_ok(rx, "host1", "q", &[("vda", Path::new(&spec))]);
     let point = r["point"].as_u64().unwrap();
     let want = d.path("want.raw");
     assert!(d
         .restore("q", "vda", &["--point", &point.to_string()], &want)
         .status
         .success());
+    (p, spec, point, want)
+}
+
+/// Fails unless the qcow2 image `img` holds exactly the raw image `want`.
+fn same_content(want: &Path, img: &str) {
+    let cmp = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(want)
+        .arg(img));
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
+
+#[test]
+fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let (p, spec, point, want) = qcow2_point(&d, &rx);
+    let img = Path::new(&p);
     sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 128k", &p]);
     sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x43 8M 64k", &p]);
     let r = ok(rollback(
@@ -150,15 +171,7 @@ fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
     // are read (and the three written ones re-read to verify).
     assert_eq!(r["disks"][0]["compared"], "dirty bitmap + point chain");
     assert_eq!(r["disks"][0]["bytes_read"], 6 * BLOCK);
-    let cmp = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "qcow2"])
-        .arg(&want)
-        .arg(&img));
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    same_content(&want, &p);
     // The writable export was closed cleanly: the bitmap is not left in-use (inconsistent),
     // so the next cycle still reads only what changed: the 3 blocks the rollback rewrote, of
     // which the one at 8 MiB is zero again and known so from the allocation map, not read.
@@ -199,18 +212,7 @@ fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
 fn qcow2_rolls_back_to_an_older_point_through_bitmap_and_point_chain() {
     let d = Deployment::new();
     let rx = d.serve();
-    let img = d.path("img.qcow2");
-    let p = img.display().to_string();
-    sh(&["qemu-img", "create", "-q", "-f", "qcow2", &p, "16M"]);
-    sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 2M", &p]);
-    let spec = format!("qcow2:{p}");
-    let first = d.sync_ok(&rx, "host1", "q", &[("vda", Path::new(&spec))]);
-    let first = first["point"].as_u64().unwrap();
-    let want = d.path("want.raw");
-    assert!(d
-        .restore("q", "vda", &["--point", &first.to_string()], &want)
-        .status
-        .success());
+    let (p, spec, first, want) = qcow2_point(&d, &rx);
     // A later point changes block 64 (zero in the first point) ...
     sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 4M 64k", &p]);
     let second = d.sync_ok(&rx, "host1", "q", &[("vda", Path::new(&spec))]);
@@ -234,13 +236,5 @@ fn qcow2_rolls_back_to_an_older_point_through_bitmap_and_point_chain() {
     assert_eq!(r["disks"][0]["blocks_differing"], 2, "{r}");
     assert_eq!(r["disks"][0]["bytes_read"], 4 * BLOCK, "{r}");
     assert_eq!(r["disks"][0]["verified"], true, "{r}");
-    let cmp = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "qcow2"])
-        .arg(&want)
-        .arg(&img));
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    same_content(&want, &p);
 }
