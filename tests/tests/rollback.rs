@@ -177,7 +177,7 @@ fn qcow2_rolls_back_through_qemu_nbd_and_a_running_vm_is_refused() {
     // which the one at 8 MiB is zero again and known so from the allocation map, not read.
     let info = run(Command::new("qemu-img")
         .args(["info", "--output=json"])
-        .arg(&img));
+        .arg(img));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     let flags = info["format-specific"]["data"]["bitmaps"][0]["flags"].clone();
     assert_eq!(flags, serde_json::json!(["auto"]), "{info}");
