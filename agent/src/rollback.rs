@@ -257,9 +257,9 @@ fn differing(
     Ok((out, read))
 }
 
-/// Re-reads the written blocks and checks each now holds the point's content, and that the
+/// Re-reads `written` blocks and checks each now holds the point's content, and that the
 /// point's leaves give the point's root: every other block was already found (or, with a
-/// bitmap, known) equal to the point.
+/// bitmap, known) equal to the point, or checked as it was written.
 fn verify(
     target: &mut Target,
     g: &DiskGeometry,
@@ -283,6 +283,19 @@ fn verify(
         return Ok((now, read));
     }
     Ok((root_of(g, want), read))
+}
+
+/// A block's bytes at their disk offset.
+type Piece = (u64, Vec<u8>);
+
+/// What the writer of a rollback did: bytes written, bytes read back, the blocks it checked,
+/// and the first of them that does not hold the point's content (with what it holds).
+#[derive(Default)]
+struct Written {
+    bytes: u64,
+    reread: u64,
+    checked: BTreeSet<u64>,
+    wrong: Option<(u64, Leaf)>,
 }
 
 /// The blocks an offline qcow2 image's `rewind-*` bitmaps say were written since the agent's
@@ -597,24 +610,41 @@ pub async fn rollback(
                 CHUNK_REQUESTS_IN_FLIGHT,
             );
             let writer = tokio::task::spawn_blocking(move || {
-                let mut written = 0u64;
+                let mut w = Written::default();
                 while let Some(reply) = wrx.blocking_recv() {
                     // A reply's chunks decompressed and checked across the cores, then its
-                    // blocks written together (several writes in flight over NBD).
-                    let pending: Vec<(u64, Vec<u8>)> = reply
+                    // blocks written together (several writes in flight over NBD) and read
+                    // back to check they now hold the point's content.
+                    let opened: Vec<(u64, Leaf, Vec<u8>)> = reply
                         .par_iter()
                         .flat_map_iter(|(h, frame, blocks)| {
                             blocks.iter().map(move |&i| {
                                 chunk::open(*h, frame, g.block_len(i).unwrap_or(0))
-                                    .map(|data| (g.offset(i), data))
+                                    .map(|data| (i, *h, data))
                             })
                         })
                         .collect::<Result<_, _>>()
                         .map_err(|e| SyncError::Worker(e.to_string()))?;
-                    written += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
+                    let (blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = opened
+                        .into_iter()
+                        .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
+                        .unzip();
+                    w.bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
                     target.write_many(&pending)?;
+                    let ranges: Vec<(u64, usize)> =
+                        pending.iter().map(|(o, d)| (*o, d.len())).collect();
+                    drop(pending);
+                    w.reread += ranges.iter().map(|r| r.1 as u64).sum::<u64>();
+                    target.source().read_ranges(&ranges, &mut |k, bytes| {
+                        let (i, h) = blocks[k];
+                        let now = Leaf::of(bytes);
+                        if now != h && w.wrong.is_none_or(|(j, _)| i < j) {
+                            w.wrong = Some((i, now));
+                        }
+                    })?;
+                    w.checked.extend(blocks.iter().map(|b| b.0));
                 }
-                Ok::<_, SyncError>((target, written))
+                Ok::<_, SyncError>((target, w))
             });
             // On an error, the writer still finishes (and closes the image) before it is
             // reported.
@@ -646,14 +676,23 @@ pub async fn rollback(
             drop(wtx);
             let written = writer.await.map_err(|e| SyncError::Worker(e.to_string()))?;
             fetched?;
-            let (back, written) = written?;
+            let (back, w) = written?;
             target = back;
-            report.bytes_written += written;
+            report.bytes_written += w.bytes;
+            report.bytes_read += w.reread;
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "fetched and written");
             target.flush()?;
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
-            let (now, reread) =
-                tokio::task::block_in_place(|| verify(&mut target, &g, &want, &diff))?;
+            // The blocks written were read back as they were written; the zeroed ones now.
+            let rest: Vec<u64> = diff
+                .iter()
+                .copied()
+                .filter(|i| !w.checked.contains(i))
+                .collect();
+            let (now, reread) = match w.wrong {
+                Some((_, now)) => (now, 0),
+                None => tokio::task::block_in_place(|| verify(&mut target, &g, &want, &rest))?,
+            };
             report.bytes_read += reread;
             if now != root {
                 return Err(SyncError::RollbackVerify {

@@ -220,7 +220,7 @@ fn verify_disk(
             disk: disk.name.clone(),
             source,
         })?;
-    let mut reader = PackReader::new(&data.join(PACKS_DIR));
+    let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
     let mut builder = Builder::new(Shape::of(&geometry));
     let mut next = 0u64;
     let mut out = Verified {

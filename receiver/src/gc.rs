@@ -141,7 +141,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         rows.collect::<rusqlite::Result<_>>()?
     };
     let mut writer = PackWriter::new(&dir);
-    let mut reader = PackReader::new(&dir);
+    let mut reader = PackReader::sequential(&dir);
     for (id, created) in packs {
         if created >= cutoff {
             continue;

@@ -338,6 +338,8 @@ pub enum Prepared {
 pub struct PackReader {
     dir: PathBuf,
     open: HashMap<i64, OpenPack>,
+    /// Whether records read in order are read in windows (see [`PackReader::sequential`]).
+    windowed: bool,
     /// The last windows read, with their packs: a few, so memory stays bounded however many
     /// packs a long-lived reader opens, and a restore alternating between packs does not
     /// read the same window again.
@@ -345,11 +347,23 @@ pub struct PackReader {
 }
 
 impl PackReader {
+    /// A reader for records asked for in no particular order (chunks an agent asks for, a
+    /// booted VM's reads): each is read on its own, with no read-ahead beyond the kernel's.
     pub fn new(dir: &Path) -> PackReader {
         PackReader {
             dir: dir.to_owned(),
             open: HashMap::new(),
+            windowed: false,
             windows: Vec::new(),
+        }
+    }
+
+    /// A reader for a walk that reads records mostly in pack order (a restore, a drill, a
+    /// verify, gc): runs of records are read in 8 MiB windows.
+    pub fn sequential(dir: &Path) -> PackReader {
+        PackReader {
+            windowed: true,
+            ..PackReader::new(dir)
         }
     }
 
@@ -412,7 +426,11 @@ impl PackReader {
         let Some(gap) = gap.filter(|&g| g <= IN_ORDER_GAP) else {
             return Ok(Prepared::File(pack.file.clone()));
         };
-        if let Some(direct) = pack.direct.as_ref().filter(|_| gap <= WINDOW_GAP) {
+        if let Some(direct) = pack
+            .direct
+            .as_ref()
+            .filter(|_| self.windowed && gap <= WINDOW_GAP)
+        {
             let from = start / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
             let want =
                 (end - from).max(READ_AHEAD).div_ceil(DIRECT_ALIGN as u64) as usize * DIRECT_ALIGN;
@@ -455,7 +473,7 @@ impl PackReader {
                 Err(e) => return Err(io_err(&path)(e)),
             }
         }
-        if end + READ_AHEAD / 2 > pack.ahead {
+        if self.windowed && end + READ_AHEAD / 2 > pack.ahead {
             let from = pack.ahead.max(start);
             // Advice only: a file system that ignores it is read as before.
             let _ = rustix::fs::fadvise(
@@ -576,7 +594,7 @@ mod tests {
         let (p2, o2) = w.append(&h2, b"second").expect("append");
         w.sync().expect("sync");
         assert_eq!((p1, p2), (7, 7));
-        let mut r = PackReader::new(dir.path());
+        let mut r = PackReader::sequential(dir.path());
         assert_eq!(r.read(7, o1, 11, &h1).expect("read"), b"first frame");
         assert_eq!(r.read(7, o2, 6, &h2).expect("read"), b"second");
         assert!(matches!(
@@ -617,7 +635,7 @@ mod tests {
             end,
             "no page padding left"
         );
-        let mut r = PackReader::new(dir.path());
+        let mut r = PackReader::sequential(dir.path());
         for (hash, off, frame) in &placed {
             assert_eq!(
                 &r.read(1, *off, frame.len() as u32, hash).expect("read"),
@@ -646,7 +664,7 @@ mod tests {
         let a = vec![1u8; 5000];
         let (_, oa) = w.append(&Leaf([1; 32]), &a).expect("append");
         w.sync().expect("sync");
-        let mut r = PackReader::new(dir.path());
+        let mut r = PackReader::sequential(dir.path());
         // In order from the start of the pack: read as a window reaching the file's end.
         assert_eq!(r.read(1, oa, 5000, &Leaf([1; 32])).expect("read"), a);
         let b = vec![2u8; 300];
@@ -666,7 +684,7 @@ mod tests {
         w.open_pack(1).expect("open");
         let (_, o) = w.append(&Leaf([1; 32]), b"frame").expect("append");
         w.sync().expect("sync");
-        let mut r = PackReader::new(dir.path());
+        let mut r = PackReader::sequential(dir.path());
         let h = Leaf([1; 32]);
         for (offset, len) in [
             (u64::MAX - 2, 100),

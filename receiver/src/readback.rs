@@ -102,6 +102,9 @@ impl Store {
             }
             locs
         };
+        // In pack order: neighbouring records then come from the same pages.
+        let mut locs = locs;
+        locs.sort_by_key(|l| (l.1, l.2));
         let mut reader = PackReader::new(&self.packs_dir());
         locs.into_iter()
             .map(|(h, pack, off, clen)| Ok((h, reader.read(pack, off, clen, &h)?)))

@@ -172,7 +172,7 @@ pub fn restore_disk(
     file.set_len(geometry.size).map_err(io(&tmp))?;
 
     let packs_dir = data.join(PACKS_DIR);
-    let mut reader = PackReader::new(&packs_dir);
+    let mut reader = PackReader::sequential(&packs_dir);
     let mut builder = Builder::new(Shape::of(&geometry));
     let mut next = 0u64;
     let mut stats = RestoreStats {

@@ -91,7 +91,7 @@ pub fn verify(
         rows
     };
     let total: u64 = chunks.iter().map(|c| c.4 as u64).sum();
-    let mut reader = PackReader::new(&data.join(PACKS_DIR));
+    let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
     let mut report = VerifyReport::default();
     let mut bad = Vec::new();
     for (hash, pack, off, clen, ulen) in chunks {
