@@ -714,6 +714,9 @@ pub async fn rollback(
             })
             .await
             .map_err(SyncError::refused("RecordRollback"))?;
+        tracing::debug!(at = ?started.elapsed(), "recorded");
+        drop(target);
+        tracing::debug!(at = ?started.elapsed(), "closed");
         reports.push(report);
     }
     Ok(RollbackReport {
