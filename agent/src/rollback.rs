@@ -341,11 +341,8 @@ fn open_disk(
     // The bitmaps cover writes since the last committed point only when no session is open.
     let base_geometry = trusted
         .then(|| {
+            base_point(state_dir, vm)?;
             let conn = state::open(state_dir).ok()?;
-            let st = state::vm_state(&conn, vm).ok()?;
-            if st.base_point.is_none() || st.pending_session.is_some() {
-                return None;
-            }
             state::disk_geometry(&conn, vm, &d.name).ok()?
         })
         .flatten();

@@ -63,7 +63,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
 }
 
 /// Alignment O_DIRECT needs of offsets, lengths and memory.
-const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// Bytes to be written from a page boundary of the pack, kept at a page-aligned address so
 /// they can go to the file with O_DIRECT as they are.
@@ -285,11 +285,9 @@ impl PackWriter {
     }
 }
 
-/// Read-ahead of a pack read in order: packs written with O_DIRECT are not in the page cache,
-/// and a restore reading one small record at a time from disk would wait on each.
-const READ_AHEAD: u64 = 8 << 20;
-/// A read starting at most this far past the previous one's end counts as reading in order.
-const IN_ORDER_GAP: u64 = 1 << 20;
+/// Size of a window: packs written with O_DIRECT are not in the page cache, and a restore
+/// reading one small record at a time from disk would wait on each.
+const WINDOW_BYTES: u64 = 8 << 20;
 /// A new window is read only for a record starting at most this far past the previous one's
 /// end: a pack read sparsely is read record by record instead.
 const WINDOW_GAP: u64 = 256 << 10;
@@ -305,8 +303,6 @@ struct OpenPack {
     direct: Option<File>,
     /// End of the last record read.
     last_end: u64,
-    /// End of what was asked to be read ahead (without O_DIRECT).
-    ahead: u64,
 }
 
 /// Bytes `[start, start + len)` of a pack, read with O_DIRECT into an aligned buffer.
@@ -376,12 +372,12 @@ impl PackReader {
         hash: &Leaf,
     ) -> Result<Vec<u8>, PackError> {
         let at = self.prepare(id, offset, len, hash)?;
-        read_prepared(&at, &pack_path(&self.dir, id), offset, len, hash)
+        read_prepared(&at, &self.dir, id, offset, len, hash)
     }
 
-    /// Finds the record whose frame is at `offset` in pack `id`: in the pack's current window,
-    /// in a new window when the pack is being read in order, else in the open pack (then, when
-    /// read in order, the kernel is asked to read ahead).
+    /// Finds the record whose frame is at `offset` in pack `id`: in one of the windows kept, in
+    /// a new window when the pack is being read in order (by a [`PackReader::sequential`]
+    /// reader on a file system that takes O_DIRECT), else in the open pack.
     pub fn prepare(
         &mut self,
         id: i64,
@@ -389,9 +385,8 @@ impl PackReader {
         len: u32,
         hash: &Leaf,
     ) -> Result<Prepared, PackError> {
-        let path = pack_path(&self.dir, id);
         let bad = || PackError::BadRecord {
-            path: path.clone(),
+            path: pack_path(&self.dir, id),
             offset,
             hash: *hash,
         };
@@ -402,16 +397,18 @@ impl PackReader {
         }
         let pack = match self.open.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(OpenPack {
-                file: Arc::new(File::open(&path).map_err(io_err(&path))?),
-                direct: OpenOptions::new()
-                    .read(true)
-                    .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-                    .open(&path)
-                    .ok(),
-                last_end: 0,
-                ahead: 0,
-            }),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let path = pack_path(&self.dir, id);
+                v.insert(OpenPack {
+                    file: Arc::new(File::open(&path).map_err(io_err(&path))?),
+                    direct: OpenOptions::new()
+                        .read(true)
+                        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                        .open(&path)
+                        .ok(),
+                    last_end: 0,
+                })
+            }
         };
         if let Some((_, w)) = self
             .windows
@@ -421,70 +418,60 @@ impl PackReader {
             pack.last_end = end;
             return Ok(Prepared::Window(w.clone()));
         }
-        let gap = start.checked_sub(pack.last_end);
+        let in_order = start
+            .checked_sub(pack.last_end)
+            .is_some_and(|gap| gap <= WINDOW_GAP);
         pack.last_end = end;
-        let Some(gap) = gap.filter(|&g| g <= IN_ORDER_GAP) else {
+        let Some(direct) = pack.direct.as_ref().filter(|_| self.windowed && in_order) else {
             return Ok(Prepared::File(pack.file.clone()));
         };
-        if let Some(direct) = pack
-            .direct
-            .as_ref()
-            .filter(|_| self.windowed && gap <= WINDOW_GAP)
-        {
-            let from = start / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-            let want =
-                (end - from).max(READ_AHEAD).div_ceil(DIRECT_ALIGN as u64) as usize * DIRECT_ALIGN;
-            let mut buf = vec![0u8; want + DIRECT_ALIGN];
-            let at = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-            match read_direct(direct, &mut buf[at..at + want], from) {
-                Ok(got) if from + got as u64 >= end => {
-                    // The last page of a file may be the zero padding of a write in progress,
-                    // where later records will go: a window reaching the end of the file
-                    // stops before its last page (the few records there are read directly).
-                    let size = pack.file.metadata().map_err(io_err(&path))?.len();
-                    let len = if from + got as u64 >= size {
-                        let last_page =
-                            size.saturating_sub(1) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-                        last_page.saturating_sub(from) as usize
-                    } else {
-                        got
-                    };
-                    let w = Arc::new(Window {
-                        buf,
-                        at,
-                        start: from,
-                        len,
-                    });
-                    self.windows.retain(|(p, _)| *p != id);
-                    if self.windows.len() >= WINDOWS_KEPT {
-                        self.windows.remove(0);
-                    }
-                    self.windows.push((id, w.clone()));
-                    if end > from + len as u64 {
-                        return Ok(Prepared::File(pack.file.clone()));
-                    }
-                    return Ok(Prepared::Window(w));
-                }
-                // Short: the pack ends before the record (a bad offset, reported below).
-                Ok(_) => return Ok(Prepared::File(pack.file.clone())),
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                    pack.direct = None;
-                }
-                Err(e) => return Err(io_err(&path)(e)),
+        let from = start / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+        let want =
+            (end - from).max(WINDOW_BYTES).div_ceil(DIRECT_ALIGN as u64) as usize * DIRECT_ALIGN;
+        let mut buf = vec![0u8; want + DIRECT_ALIGN];
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        let got = match read_direct(direct, &mut buf[at..at + want], from) {
+            Ok(got) => got,
+            // The file system opened the file with O_DIRECT but refuses such reads.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                pack.direct = None;
+                return Ok(Prepared::File(pack.file.clone()));
             }
+            Err(e) => return Err(io_err(&pack_path(&self.dir, id))(e)),
+        };
+        // Short: the pack ends before the record (a bad offset, reported when read).
+        if from + (got as u64) < end {
+            return Ok(Prepared::File(pack.file.clone()));
         }
-        if self.windowed && end + READ_AHEAD / 2 > pack.ahead {
-            let from = pack.ahead.max(start);
-            // Advice only: a file system that ignores it is read as before.
-            let _ = rustix::fs::fadvise(
-                &*pack.file,
-                from,
-                std::num::NonZeroU64::new(READ_AHEAD),
-                rustix::fs::Advice::WillNeed,
-            );
-            pack.ahead = from + READ_AHEAD;
+        // The last page of a file may be the zero padding of a write in progress, where later
+        // records will go: a window reaching the end of the file stops before its last page
+        // (the few records there are read directly).
+        let size = pack
+            .file
+            .metadata()
+            .map_err(io_err(&pack_path(&self.dir, id)))?
+            .len();
+        let len = if from + got as u64 >= size {
+            let last_page = size.saturating_sub(1) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+            last_page.saturating_sub(from) as usize
+        } else {
+            got
+        };
+        let w = Arc::new(Window {
+            buf,
+            at,
+            start: from,
+            len,
+        });
+        self.windows.retain(|(p, _)| *p != id);
+        if self.windows.len() >= WINDOWS_KEPT {
+            self.windows.remove(0);
         }
-        Ok(Prepared::File(pack.file.clone()))
+        self.windows.push((id, w.clone()));
+        if end > from + len as u64 {
+            return Ok(Prepared::File(pack.file.clone()));
+        }
+        Ok(Prepared::Window(w))
     }
 }
 
@@ -501,17 +488,18 @@ fn read_direct(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usiz
     Ok(got)
 }
 
-/// The frame of `hash` at `offset` in pack `path`, from where [`PackReader::prepare`] found
+/// The frame of `hash` at `offset` in pack `id` of `dir`, from where [`PackReader::prepare`] found
 /// it, checking the record header around it.
 pub fn read_prepared(
     at: &Prepared,
-    path: &Path,
+    dir: &Path,
+    id: i64,
     offset: u64,
     len: u32,
     hash: &Leaf,
 ) -> Result<Vec<u8>, PackError> {
     let bad = || PackError::BadRecord {
-        path: path.to_owned(),
+        path: pack_path(dir, id),
         offset,
         hash: *hash,
     };
@@ -528,7 +516,8 @@ pub fn read_prepared(
         Prepared::File(file) => {
             let mut header = [0u8; RECORD_HEADER as usize];
             let mut frame = vec![0u8; len as usize];
-            read_record(file, start, &mut header, &mut frame).map_err(io_err(path))?;
+            read_record(file, start, &mut header, &mut frame)
+                .map_err(io_err(&pack_path(dir, id)))?;
             if !header_ok(&header) {
                 return Err(bad());
             }

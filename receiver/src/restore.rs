@@ -3,7 +3,7 @@
 //! image is written under a temporary name and renamed only once its root equals the point's.
 
 use crate::error::StoreError;
-use crate::packs::{pack_path, read_prepared, PackReader, Prepared};
+use crate::packs::{read_prepared, PackReader, Prepared, DIRECT_ALIGN};
 use crate::points::PointDisk;
 use crate::store::PACKS_DIR;
 use rayon::prelude::*;
@@ -20,9 +20,6 @@ const BATCH_BLOCKS: usize = 64;
 
 /// Where a chunk's frame lies: where the pack reader found it, pack id, offset, length.
 type Frame = (Prepared, i64, u64, u32);
-
-/// Alignment O_DIRECT needs of file offsets, lengths and memory.
-const DIRECT_ALIGN: usize = 4096;
 
 /// The output image. Written with O_DIRECT where the file system allows it: no copy into the
 /// page cache (the dominant cost of a restore on a fresh machine), nothing useful evicted, and
@@ -188,8 +185,7 @@ pub fn restore_disk(
         batch
             .into_par_iter()
             .map(|(idx, leaf, (file, pack, offset, clen))| {
-                let frame =
-                    read_prepared(&file, &pack_path(&packs_dir, pack), offset, clen, &leaf)?;
+                let frame = read_prepared(&file, &packs_dir, pack, offset, clen, &leaf)?;
                 let len = geometry.block_len(idx).unwrap_or(0);
                 Ok((idx, chunk::open(leaf, &frame, len)?))
             })
