@@ -226,6 +226,7 @@ fn differing(
     let mut out = Vec::new();
     let mut read = 0u64;
     let mut buf = vec![0u8; (4 << 20).max(bs as usize)];
+    let mut leaves = Vec::new();
     let mut next = 0u64;
     let outside = |from: u64, to: u64, out: &mut Vec<u64>| {
         // Blocks not read are zero now: they differ where the point has data.
@@ -238,13 +239,13 @@ fn differing(
             let count = ((4u64 << 20) / bs).max(1).min(end - idx);
             let off = g.offset(idx);
             let len = (count * bs).min(g.size - off) as usize;
-            target.source().read_block_range(&mut buf[..len], off)?;
+            target
+                .source()
+                .read_leaves(&mut buf[..len], off, bs as usize, &mut leaves)?;
             read += len as u64;
-            for k in 0..count {
-                let i = idx + k;
-                let s = (k * bs) as usize;
-                let leaf = Leaf::of(&buf[s..s + g.block_len(i).unwrap_or(0)]);
-                if leaf != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
+            for (k, leaf) in leaves.iter().enumerate() {
+                let i = idx + k as u64;
+                if *leaf != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
                     out.push(i);
                 }
             }

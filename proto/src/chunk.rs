@@ -61,6 +61,42 @@ fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
+/// Decompresses a stored chunk into `out` and checks that it fills `out` exactly and hashes to
+/// `hash`: [`open`] without a buffer per chunk.
+pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let expected = out.len();
+    if hash.is_zero() {
+        return Err(ChunkError::ZeroChunk);
+    }
+    let got = DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress_to_buffer(frame, &mut *out),
+                None => zstd::bulk::decompress_to_buffer(frame, &mut *out),
+            }
+        })
+        .map_err(|_| ChunkError::Undecodable { hash, expected })?;
+    if got != expected {
+        return Err(ChunkError::WrongLength {
+            hash,
+            got,
+            expected,
+        });
+    }
+    let actual = Leaf::of(out);
+    if actual != hash {
+        return Err(ChunkError::WrongHash {
+            claimed: hash,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Decompresses a stored chunk and checks that it is exactly `expected` bytes hashing to `hash`.
 pub fn open(hash: Leaf, frame: &[u8], expected: usize) -> Result<Vec<u8>, ChunkError> {
     if hash.is_zero() {
@@ -96,7 +132,10 @@ mod tests {
             prop_assume!(!crate::hash::is_zero(&data));
             let leaf = Leaf::of(&data);
             let frame = compress(&data).expect("compress");
-            prop_assert_eq!(open(leaf, &frame, data.len()).expect("open"), data);
+            prop_assert_eq!(&open(leaf, &frame, data.len()).expect("open"), &data);
+            let mut out = vec![0u8; data.len()];
+            open_into(leaf, &frame, &mut out).expect("open_into");
+            prop_assert_eq!(out, data);
         }
     }
 
@@ -130,5 +169,33 @@ mod tests {
             Err(ChunkError::Undecodable { .. })
         ));
         assert_eq!(open(Leaf::ZERO, &frame, 5000), Err(ChunkError::ZeroChunk));
+        // The same refusals when decompressing into a caller's buffer.
+        assert_eq!(
+            open_into(leaf, &frame, &mut [0u8; 4000]),
+            Err(ChunkError::Undecodable {
+                hash: leaf,
+                expected: 4000
+            })
+        );
+        assert_eq!(
+            open_into(leaf, &frame, &mut [0u8; 6000]),
+            Err(ChunkError::WrongLength {
+                hash: leaf,
+                got: 5000,
+                expected: 6000
+            })
+        );
+        assert!(matches!(
+            open_into(other, &frame, &mut [0u8; 5000]),
+            Err(ChunkError::WrongHash { .. })
+        ));
+        assert!(matches!(
+            open_into(leaf, b"not zstd", &mut [0u8; 5000]),
+            Err(ChunkError::Undecodable { .. })
+        ));
+        assert_eq!(
+            open_into(Leaf::ZERO, &frame, &mut [0u8; 5000]),
+            Err(ChunkError::ZeroChunk)
+        );
     }
 }

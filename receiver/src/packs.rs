@@ -15,6 +15,7 @@
 //! pack was created) before the catalog refers to it. [`PackWriter::sync`] is that fsync.
 
 use rewind_proto::Leaf;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -372,7 +373,7 @@ impl PackReader {
         hash: &Leaf,
     ) -> Result<Vec<u8>, PackError> {
         let at = self.prepare(id, offset, len, hash)?;
-        read_prepared(&at, &self.dir, id, offset, len, hash)
+        read_prepared(&at, &self.dir, id, offset, len, hash).map(Cow::into_owned)
     }
 
     /// Finds the record whose frame is at `offset` in pack `id`: in one of the windows kept, in
@@ -490,14 +491,16 @@ fn read_direct(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usiz
 
 /// The frame of `hash` at `offset` in pack `id` of `dir`, from where [`PackReader::prepare`] found
 /// it, checking the record header around it.
-pub fn read_prepared(
-    at: &Prepared,
+///
+/// A frame in a window is lent, not copied.
+pub fn read_prepared<'a>(
+    at: &'a Prepared,
     dir: &Path,
     id: i64,
     offset: u64,
     len: u32,
     hash: &Leaf,
-) -> Result<Vec<u8>, PackError> {
+) -> Result<Cow<'a, [u8]>, PackError> {
     let bad = || PackError::BadRecord {
         path: pack_path(dir, id),
         offset,
@@ -521,7 +524,7 @@ pub fn read_prepared(
             if !header_ok(&header) {
                 return Err(bad());
             }
-            Ok(frame)
+            Ok(Cow::Owned(frame))
         }
         Prepared::Window(w) => {
             let from = start.checked_sub(w.start).ok_or_else(bad)? as usize;
@@ -533,7 +536,7 @@ pub fn read_prepared(
             if !header_ok(header) {
                 return Err(bad());
             }
-            Ok(frame.to_vec())
+            Ok(Cow::Borrowed(frame))
         }
     }
 }

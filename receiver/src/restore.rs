@@ -18,6 +18,9 @@ use std::path::Path;
 /// Blocks decompressed together: 4 MiB at 64 KiB blocks, enough to keep both cores busy.
 const BATCH_BLOCKS: usize = 64;
 
+/// Buffers of decoded batches: one being decoded, one queued, one being written.
+const DECODED_BUFFERS: usize = 3;
+
 /// Where a chunk's frame lies: where the pack reader found it, pack id, offset, length.
 type Frame = (Prepared, i64, u64, u32);
 
@@ -28,8 +31,42 @@ type Frame = (Prepared, i64, u64, u32);
 struct Output {
     direct: Option<File>,
     buffered: File,
-    /// Coalesced run of contiguous blocks, at an aligned place inside `buf`.
+}
+
+/// A batch of blocks decompressed back to back, in block order, into one buffer whose part
+/// from `at` is aligned for O_DIRECT; buffers are reused batch after batch.
+struct Decoded {
     buf: Vec<u8>,
+    at: usize,
+    /// (block index, length), ascending.
+    blocks: Vec<(u64, usize)>,
+}
+
+impl Decoded {
+    /// Lays out `blocks` in `buf` (grown, never shrunk: no zeroing per batch) and returns the
+    /// batch with a mutable slice for each block, in order.
+    fn layout(mut buf: Vec<u8>, blocks: Vec<(u64, usize)>) -> Decoded {
+        let total: usize = blocks.iter().map(|b| b.1).sum();
+        if buf.len() < total + DIRECT_ALIGN {
+            buf.resize(total + DIRECT_ALIGN, 0);
+        }
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let at = if at < DIRECT_ALIGN { at } else { 0 };
+        Decoded { buf, at, blocks }
+    }
+
+    /// One mutable slice per block, in order.
+    fn slices(&mut self) -> Vec<&mut [u8]> {
+        let total: usize = self.blocks.iter().map(|b| b.1).sum();
+        let mut rest = &mut self.buf[self.at..self.at + total];
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for &(_, len) in &self.blocks {
+            let (head, tail) = rest.split_at_mut(len);
+            out.push(head);
+            rest = tail;
+        }
+        out
+    }
 }
 
 impl Output {
@@ -40,38 +77,23 @@ impl Output {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .ok();
-        Output {
-            direct,
-            buffered,
-            buf: Vec::new(),
-        }
+        Output { direct, buffered }
     }
 
-    /// Writes `blocks` (index, bytes; ascending), one write per run of contiguous blocks.
-    fn write_blocks(
-        &mut self,
-        geometry: &DiskGeometry,
-        blocks: Vec<(u64, Vec<u8>)>,
-    ) -> std::io::Result<()> {
+    /// Writes a decoded batch, one write per run of contiguous blocks, and hands back its
+    /// buffer.
+    fn write_batch(&mut self, geometry: &DiskGeometry, d: Decoded) -> std::io::Result<Vec<u8>> {
+        let mut pos = d.at;
         let mut i = 0;
-        while i < blocks.len() {
+        while i < d.blocks.len() {
             let mut j = i + 1;
-            while j < blocks.len() && blocks[j].0 == blocks[j - 1].0 + 1 {
+            while j < d.blocks.len() && d.blocks[j].0 == d.blocks[j - 1].0 + 1 {
                 j += 1;
             }
-            let len: usize = blocks[i..j].iter().map(|(_, d)| d.len()).sum();
-            self.buf.resize(len + DIRECT_ALIGN, 0);
-            let at = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
-            let at = if at < DIRECT_ALIGN { at } else { 0 };
-            let mut pos = at;
-            for (_, d) in &blocks[i..j] {
-                self.buf[pos..pos + d.len()].copy_from_slice(d);
-                pos += d.len();
-            }
-            let offset = geometry.offset(blocks[i].0);
-            let run = &self.buf[at..at + len];
-            let aligned = (self.buf.as_ptr().wrapping_add(at) as usize)
-                .is_multiple_of(DIRECT_ALIGN)
+            let len: usize = d.blocks[i..j].iter().map(|b| b.1).sum();
+            let offset = geometry.offset(d.blocks[i].0);
+            let run = &d.buf[pos..pos + len];
+            let aligned = (run.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
                 && offset.is_multiple_of(DIRECT_ALIGN as u64)
                 && len.is_multiple_of(DIRECT_ALIGN);
             match &self.direct {
@@ -87,9 +109,10 @@ impl Output {
                 }
                 _ => self.buffered.write_all_at(run, offset)?,
             }
+            pos += len;
             i = j;
         }
-        Ok(())
+        Ok(d.buf)
     }
 }
 
@@ -176,44 +199,60 @@ pub fn restore_disk(
         size: geometry.size,
         ..Default::default()
     };
-    // Three stages: this thread walks the catalog in block order and asks the kernel to read
-    // ahead of the packs; a worker reads, decompresses and verifies each batch of frames on
-    // all cores (several reads in flight when the packs are not in the page cache: they are
-    // written with O_DIRECT) while it writes the previous batch (contiguous blocks coalesced
-    // into one write).
-    let decode = |batch: Vec<(u64, Leaf, Frame)>| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        batch
-            .into_par_iter()
-            .map(|(idx, leaf, (file, pack, offset, clen))| {
+    // Three stages: this thread walks the catalog in block order and finds each frame's pack
+    // window; a worker reads, decompresses and verifies each batch of frames on all cores,
+    // straight into an aligned buffer; a writer writes the previous batch from it (contiguous
+    // blocks in one write).
+    let decode = |batch: Vec<(u64, Leaf, Frame)>, buf: Vec<u8>| -> Result<Decoded, StoreError> {
+        let blocks = batch
+            .iter()
+            .map(|(idx, _, _)| (*idx, geometry.block_len(*idx).unwrap_or(0)))
+            .collect();
+        let mut decoded = Decoded::layout(buf, blocks);
+        batch.into_par_iter().zip(decoded.slices()).try_for_each(
+            |((_, leaf, (file, pack, offset, clen)), out)| {
                 let frame = read_prepared(&file, &packs_dir, pack, offset, clen, &leaf)?;
-                let len = geometry.block_len(idx).unwrap_or(0);
-                Ok((idx, chunk::open(leaf, &frame, len)?))
-            })
-            .collect()
+                chunk::open_into(leaf, &frame, out)?;
+                Ok::<_, StoreError>(())
+            },
+        )?;
+        Ok(decoded)
     };
     let mut output = Output::open(&tmp, file.try_clone().map_err(io(&tmp))?);
-    let mut write = |blocks: Vec<(u64, Vec<u8>)>| -> Result<(), StoreError> {
-        output.write_blocks(&geometry, blocks).map_err(io(&tmp))
+    let mut write = |d: Decoded| -> Result<Vec<u8>, StoreError> {
+        output.write_batch(&geometry, d).map_err(io(&tmp))
     };
     let result = std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf, Frame)>>(2);
+        // Decoded batches go to a writer thread of their own, so both cores decode while it
+        // waits on the device; their buffers come back for the next batches.
+        let (dtx, drx) = std::sync::mpsc::sync_channel::<Decoded>(1);
+        let (ftx, frx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer = scope.spawn(move || -> Result<(), StoreError> {
+            for d in drx {
+                let buf = write(d)?;
+                let _ = ftx.send(buf);
+            }
+            Ok(())
+        });
+        let stopped = || StoreError::Io {
+            path: tmp.clone(),
+            source: std::io::Error::other("the restore writer stopped"),
+        };
         let worker = scope.spawn(move || -> Result<(), StoreError> {
-            let mut pending: Option<Vec<(u64, Vec<u8>)>> = None;
+            let mut made = 0;
             for batch in rx {
-                let decoded = match pending.take() {
-                    Some(prev) => {
-                        let (w, d) = rayon::join(|| write(prev), || decode(batch));
-                        w?;
-                        d?
+                let buf = match frx.try_recv() {
+                    Ok(buf) => buf,
+                    Err(_) if made < DECODED_BUFFERS => {
+                        made += 1;
+                        Vec::new()
                     }
-                    None => decode(batch)?,
+                    Err(_) => frx.recv().map_err(|_| stopped())?,
                 };
-                pending = Some(decoded);
+                dtx.send(decode(batch, buf)?).map_err(|_| stopped())?;
             }
-            match pending.take() {
-                Some(last) => write(last),
-                None => Ok(()),
-            }
+            Ok(())
         });
         let mut batch: Vec<(u64, Leaf, Frame)> = Vec::with_capacity(BATCH_BLOCKS);
         let walked = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
@@ -244,14 +283,17 @@ pub fn restore_disk(
             let _ = tx.send(batch);
         }
         drop(tx);
-        let worked = worker.join().unwrap_or_else(|_| {
+        let panicked = || {
             Err(StoreError::Io {
                 path: tmp.clone(),
                 source: std::io::Error::other("a restore worker panicked"),
             })
-        });
-        // The worker's error explains a stopped walk better than "worker stopped".
-        worked.and(walked)
+        };
+        let decoded = worker.join().unwrap_or_else(|_| panicked());
+        let written = writer.join().unwrap_or_else(|_| panicked());
+        // The writer's error explains a stopped decoder, and the decoder's a stopped walk,
+        // better than "stopped".
+        written.and(decoded).and(walked)
     })
     .and_then(|()| {
         let got = tree::root(&geometry, builder.finish());
