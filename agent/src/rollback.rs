@@ -604,7 +604,7 @@ pub async fn rollback(
                 .buffered(CHUNK_REQUESTS_IN_FLIGHT);
             // Replies are decompressed and written on a thread of their own while later ones
             // arrive.
-            let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Vec<(Leaf, Vec<u8>, Vec<u64>)>>(
+            let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Vec<(Leaf, bytes::Bytes, Vec<u64>)>>(
                 CHUNK_REQUESTS_IN_FLIGHT,
             );
             let writer = tokio::task::spawn_blocking(move || {

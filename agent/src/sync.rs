@@ -830,7 +830,7 @@ fn compress_all(
                 .into_iter()
                 .map(|(_, leaf, data)| pb::Chunk {
                     hash: leaf.0.to_vec(),
-                    data,
+                    data: data.into(),
                 })
                 .collect(),
         };

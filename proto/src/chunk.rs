@@ -30,21 +30,32 @@ thread_local! {
     // A compression context costs more to create than a 64 KiB block costs to compress.
     static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// Compresses a block's bytes into its stored form.
+///
+/// The frame is built in a buffer the thread keeps and returned as an exact-size copy: a
+/// fresh worst-case-size buffer per block costs more (the allocator hands out fresh pages the
+/// kernel must clear) than copying the frame out.
 pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
-        }
-        match c.as_mut() {
-            Some(c) => c.compress(data),
-            None => zstd::bulk::compress(data, ZSTD_LEVEL),
-        }
+        SCRATCH.with(|scratch| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+            }
+            let Some(c) = c.as_mut() else {
+                return zstd::bulk::compress(data, ZSTD_LEVEL);
+            };
+            let mut out = scratch.borrow_mut();
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            c.compress_to_buffer(data, &mut *out)?;
+            Ok(out.to_vec())
+        })
     })
 }
 
@@ -97,6 +108,18 @@ pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkEr
     Ok(())
 }
 
+/// Checks that a stored chunk decompresses to exactly `expected` bytes hashing to `hash`,
+/// decompressing into a buffer the thread keeps.
+pub fn verify(hash: Leaf, frame: &[u8], expected: usize) -> Result<(), ChunkError> {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        if buf.len() < expected {
+            buf.resize(expected, 0);
+        }
+        open_into(hash, frame, &mut buf[..expected])
+    })
+}
+
 /// Decompresses a stored chunk and checks that it is exactly `expected` bytes hashing to `hash`.
 pub fn open(hash: Leaf, frame: &[u8], expected: usize) -> Result<Vec<u8>, ChunkError> {
     if hash.is_zero() {
@@ -135,7 +158,8 @@ mod tests {
             prop_assert_eq!(&open(leaf, &frame, data.len()).expect("open"), &data);
             let mut out = vec![0u8; data.len()];
             open_into(leaf, &frame, &mut out).expect("open_into");
-            prop_assert_eq!(out, data);
+            prop_assert_eq!(&out, &data);
+            prop_assert_eq!(verify(leaf, &frame, data.len()), Ok(()));
         }
     }
 
@@ -197,5 +221,17 @@ mod tests {
             open_into(Leaf::ZERO, &frame, &mut [0u8; 5000]),
             Err(ChunkError::ZeroChunk)
         );
+        assert_eq!(
+            verify(leaf, &frame, 6000),
+            Err(ChunkError::WrongLength {
+                hash: leaf,
+                got: 5000,
+                expected: 6000
+            })
+        );
+        assert!(matches!(
+            verify(other, &frame, 5000),
+            Err(ChunkError::WrongHash { .. })
+        ));
     }
 }

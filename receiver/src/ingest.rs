@@ -73,7 +73,7 @@ pub struct Entry {
 #[derive(Debug, Clone)]
 pub struct IncomingChunk {
     pub hash: Leaf,
-    pub frame: Vec<u8>,
+    pub frame: bytes::Bytes,
 }
 
 /// A chunk appended to a pack: hash, pack, offset of its frame, frame length, data length.
@@ -84,7 +84,7 @@ pub struct VerifiedBatch {
     session_id: String,
     session: Session,
     entries: Vec<Entry>,
-    chunks: Vec<(Leaf, Vec<u8>, usize)>,
+    chunks: Vec<(Leaf, bytes::Bytes, usize)>,
 }
 
 /// What one batch added.
@@ -501,8 +501,8 @@ impl Store {
             let len = *expected
                 .get(&c.hash)
                 .ok_or(StoreError::UnreferencedChunk(c.hash))?;
-            let data = chunk::open(c.hash, &c.frame, len)?;
-            verified.push((c.hash, c.frame, data.len()));
+            chunk::verify(c.hash, &c.frame, len)?;
+            verified.push((c.hash, c.frame, len));
         }
         Ok(VerifiedBatch {
             session_id: session_id.to_owned(),
@@ -547,7 +547,8 @@ impl Store {
             }
             return Ok(total);
         }
-        let all: Vec<&(Leaf, Vec<u8>, usize)> = batches.iter().flat_map(|b| &b.chunks).collect();
+        let all: Vec<&(Leaf, bytes::Bytes, usize)> =
+            batches.iter().flat_map(|b| &b.chunks).collect();
         let (placed, bytes) = self.write_new_chunks(&all, writer)?;
         let stored = placed.len() as u64;
         // Chunks this group placed: indexed and owned once the transaction commits, with the
@@ -639,13 +640,13 @@ impl Store {
     /// them in the transaction that stages the blocks using them.
     fn write_new_chunks(
         &self,
-        chunks: &[&(Leaf, Vec<u8>, usize)],
+        chunks: &[&(Leaf, bytes::Bytes, usize)],
         writer: &mut PackWriter,
     ) -> Result<(Vec<Placed>, u64), StoreError> {
         if chunks.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        let fresh: Vec<&(Leaf, Vec<u8>, usize)> = {
+        let fresh: Vec<&(Leaf, bytes::Bytes, usize)> = {
             let conn = self.conn();
             let mut stmt = conn.prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")?;
             let mut fresh = Vec::new();
@@ -678,7 +679,7 @@ impl Store {
     /// unreferenced).
     fn index_chunks(
         tx: &Transaction<'_>,
-        sent: &[&(Leaf, Vec<u8>, usize)],
+        sent: &[&(Leaf, bytes::Bytes, usize)],
         placed: &[Placed],
     ) -> Result<(), StoreError> {
         let now = now_us();
@@ -928,7 +929,13 @@ mod tests {
         let data = vec![byte; 4096];
         let hash = Leaf::of(&data);
         let frame = chunk::compress(&data).expect("compress");
-        (hash, IncomingChunk { hash, frame })
+        (
+            hash,
+            IncomingChunk {
+                hash,
+                frame: frame.into(),
+            },
+        )
     }
 
     fn entry(index: u64, leaf: Leaf) -> Entry {

@@ -410,7 +410,7 @@ impl Replication for ReplicationService {
                 .into_iter()
                 .map(|(h, data)| pb::Chunk {
                     hash: h.0.to_vec(),
-                    data,
+                    data: data.into(),
                 })
                 .collect(),
         }))

@@ -80,7 +80,7 @@ fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -
             .into_iter()
             .map(|(h, data)| pb::Chunk {
                 hash: h.0.to_vec(),
-                data,
+                data: data.into(),
             })
             .collect(),
     }
@@ -270,7 +270,7 @@ async fn malformed_batches_are_refused_and_store_nothing() {
         entries: vec![],
         chunks: vec![pb::Chunk {
             hash: h.0.to_vec(),
-            data: vec![0x5a; 17 << 20],
+            data: vec![0x5a; 17 << 20].into(),
         }],
     };
     let st = upload(&mut c, big).await.expect_err("oversize");
