@@ -82,6 +82,9 @@ fn a_bad_chunk_is_found_named_and_healed() {
         !o.status.success(),
         "a damaged point does not restore silently"
     );
+    // Neither the image nor the partial file it was written under is left behind.
+    assert!(!d.path("broken.raw").exists());
+    assert!(!d.path(".broken.raw.rewind-partial").exists());
     // Still reported until healed.
     let again = verify();
     assert!(!again.status.success());
