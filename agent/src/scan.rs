@@ -2,7 +2,7 @@
 //! leaf, compare with the leaf at the base point, and report the blocks that differ. Holes are
 //! never read; all-zero blocks are never sent. Builds the disk's Merkle root on the way.
 
-use crate::source::{DiskError, RawDisk};
+use crate::source::{DiskError, RawDisk, DIRECT_ALIGN};
 use crate::state::OldLeaves;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
@@ -115,6 +115,11 @@ impl BlockSource for RawDisk {
         block: usize,
         leaves: &mut Vec<Leaf>,
     ) -> Result<(), ScanError> {
+        if self.read_at_direct(buf, offset)? {
+            // The device did the copying; hashing still uses every core.
+            buf.par_chunks(block).map(Leaf::of).collect_into_vec(leaves);
+            return Ok(());
+        }
         let disk = &*self;
         let part = READ_PART.div_ceil(block).max(1) * block;
         let parts = buf
@@ -275,7 +280,7 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
 /// differs from the base point (in index order, but for blocks that became holes in a full
 /// read, which are reported when passed).
 pub fn scan_disk(
-    src: &mut dyn BlockSource,
+    src: &mut (dyn BlockSource + Send),
     geometry: DiskGeometry,
     plan: &ScanPlan,
     old: &mut OldLeaves<'_>,
@@ -295,40 +300,44 @@ pub fn scan_disk(
         next: 0,
     };
     let mut read_bytes = 0u64;
-    let mut buf = vec![0u8; READ_BYTES.max(bs) as usize];
-    let mut leaves = Vec::new();
-    let mut zero = plan.zero.iter().copied().peekable();
-    for &(first, end) in &plan.read {
-        w.skip_to(first)?;
-        let mut idx = first;
-        while idx < end {
-            while zero.peek().is_some_and(|&(_, zb)| zb <= idx) {
-                zero.next();
-            }
-            let next_zero = zero.peek().copied();
-            if let Some((za, zb)) = next_zero.filter(|&(za, _)| za <= idx) {
-                let _ = za;
-                for i in idx..zb.min(end) {
-                    w.block(i, Leaf::ZERO, None)?;
+    // Two stages: a reader thread reads (and hashes) the next steps while this one walks the
+    // blocks of the last, so a read that waits on the device overlaps the walk.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Step>(READ_AHEAD);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<StepBuf>();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || read_steps(src, geometry, plan, &tx, &back_rx));
+        let walked = (|| {
+            for step in rx.iter() {
+                match step {
+                    Step::Range(first) => w.skip_to(first)?,
+                    Step::Zeros(from, to) => {
+                        for i in from..to {
+                            w.block(i, Leaf::ZERO, None)?;
+                        }
+                    }
+                    Step::Read { idx, buf, leaves } => {
+                        let data = buf.bytes();
+                        read_bytes += data.len() as u64;
+                        for (k, &leaf) in leaves.iter().enumerate() {
+                            let start = k * bs as usize;
+                            let block = &data[start..(start + bs as usize).min(data.len())];
+                            w.block(idx + k as u64, leaf, Some(block))?;
+                        }
+                        progress(geometry.offset(idx) + data.len() as u64);
+                        // A reader that stopped no longer needs it.
+                        let _ = back_tx.send(buf);
+                    }
                 }
-                idx = zb.min(end);
-                continue;
             }
-            let stop = next_zero.map_or(end, |(za, _)| za.min(end));
-            let count = (READ_BYTES / bs).max(1).min(stop - idx);
-            let offset = geometry.offset(idx);
-            let len = (count * bs).min(geometry.size - offset) as usize;
-            src.read_leaves(&mut buf[..len], offset, bs as usize, &mut leaves)?;
-            read_bytes += len as u64;
-            for (k, &leaf) in leaves.iter().enumerate() {
-                let start = k * bs as usize;
-                let data = &buf[start..(start + bs as usize).min(len)];
-                w.block(idx + k as u64, leaf, Some(data))?;
-            }
-            idx += count;
-            progress(offset + len as u64);
-        }
-    }
+            Ok::<_, ScanError>(())
+        })();
+        // Stops the reader if the walk stopped first (waiting to send, or for a buffer).
+        drop(rx);
+        drop(back_tx);
+        let read = reader.join().unwrap_or_else(|_| Err(ScanError::Stopped));
+        // The reader's error explains a walk that ended early.
+        read.and(walked)
+    })?;
     w.skip_to(geometry.blocks())?;
     progress(geometry.size);
     Ok(DiskScan {
@@ -337,6 +346,114 @@ pub fn scan_disk(
         healed: w.healed,
         read_bytes,
     })
+}
+
+/// Steps read ahead of the walk.
+const READ_AHEAD: usize = 2;
+
+/// What the reader of a scan hands the walk, in block order.
+enum Step {
+    /// A read range starts at this block (the blocks before it are not read).
+    Range(u64),
+    /// Blocks `[from, to)` of a read range are known to be zeros.
+    Zeros(u64, u64),
+    /// Blocks from `idx` read into `buf`, with their leaves.
+    Read {
+        idx: u64,
+        buf: StepBuf,
+        leaves: Vec<Leaf>,
+    },
+}
+
+/// A read buffer aligned for O_DIRECT, holding `len` bytes.
+struct StepBuf {
+    backing: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl StepBuf {
+    fn new(capacity: usize) -> StepBuf {
+        let backing = vec![0u8; capacity + DIRECT_ALIGN];
+        let at = backing
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        StepBuf {
+            backing,
+            at,
+            len: 0,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.backing[self.at..self.at + self.len]
+    }
+}
+
+/// The reader stage of [`scan_disk`]: walks `plan` and reads its blocks step by step into
+/// buffers the walk hands back. Stops quietly when the walk stops listening.
+fn read_steps(
+    src: &mut (dyn BlockSource + Send),
+    geometry: DiskGeometry,
+    plan: &ScanPlan,
+    out: &std::sync::mpsc::SyncSender<Step>,
+    back: &std::sync::mpsc::Receiver<StepBuf>,
+) -> Result<(), ScanError> {
+    let bs = geometry.block_size.bytes();
+    let capacity = READ_BYTES.max(bs) as usize;
+    let mut made = 0;
+    let mut zero = plan.zero.iter().copied().peekable();
+    let send = |step: Step| out.send(step).is_ok();
+    for &(first, end) in &plan.read {
+        if !send(Step::Range(first)) {
+            return Ok(());
+        }
+        let mut idx = first;
+        while idx < end {
+            while zero.peek().is_some_and(|&(_, zb)| zb <= idx) {
+                zero.next();
+            }
+            let next_zero = zero.peek().copied();
+            if let Some((_, zb)) = next_zero.filter(|&(za, _)| za <= idx) {
+                if !send(Step::Zeros(idx, zb.min(end))) {
+                    return Ok(());
+                }
+                idx = zb.min(end);
+                continue;
+            }
+            let stop = next_zero.map_or(end, |(za, _)| za.min(end));
+            let count = (READ_BYTES / bs).max(1).min(stop - idx);
+            let offset = geometry.offset(idx);
+            let len = (count * bs).min(geometry.size - offset) as usize;
+            // READ_AHEAD steps queued, one being walked, one being read.
+            let mut buf = match back.try_recv() {
+                Ok(b) => b,
+                Err(_) if made < READ_AHEAD + 2 => {
+                    made += 1;
+                    StepBuf::new(capacity)
+                }
+                Err(_) => match back.recv() {
+                    Ok(b) => b,
+                    Err(_) => return Ok(()),
+                },
+            };
+            buf.len = len;
+            let mut leaves = Vec::with_capacity(count as usize);
+            let at = buf.at;
+            src.read_leaves(
+                &mut buf.backing[at..at + len],
+                offset,
+                bs as usize,
+                &mut leaves,
+            )?;
+            if !send(Step::Read { idx, buf, leaves }) {
+                return Ok(());
+            }
+            idx += count;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -18,9 +18,16 @@ pub enum DiskError {
     },
 }
 
+/// Alignment of buffers, offsets and lengths of O_DIRECT reads.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// An open raw disk.
 pub struct RawDisk {
     file: File,
+    /// A second handle opened with O_DIRECT, for reads that bypass the page cache.
+    direct: Option<File>,
+    /// A third handle, without read-ahead, that asks whether a range is in the page cache.
+    probe: Option<File>,
     path: PathBuf,
     size: u64,
 }
@@ -37,18 +44,55 @@ impl RawDisk {
         let size = file.seek(SeekFrom::End(0)).map_err(err)?;
         Ok(RawDisk {
             file,
+            direct: None,
+            probe: None,
             path: path.to_owned(),
             size,
         })
     }
 
-    /// A second handle on the same disk.
+    /// A second handle on the same disk (reading through the page cache).
     pub fn try_clone(&self) -> Result<RawDisk, DiskError> {
         Ok(RawDisk {
             file: self.file.try_clone().map_err(|e| self.io(e))?,
+            direct: None,
+            probe: None,
             path: self.path.clone(),
             size: self.size,
         })
+    }
+
+    /// Reads aligned ranges that are not in the page cache with O_DIRECT from now on, where
+    /// the file system allows it: a first full read of a disk whose image is not cached (a
+    /// running VM's, opened by QEMU with `cache=none`) otherwise spends more CPU filling the
+    /// cache than compressing (measured: 7 s of kernel time to read a 3 GB image) and evicts
+    /// the host's useful pages, while an image the cache holds reads faster through it.
+    pub fn read_direct(mut self) -> RawDisk {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&self.path)
+            .ok();
+        // No read-ahead on the probe: a miss then brings in only the page asked about.
+        self.probe = File::open(&self.path)
+            .ok()
+            .filter(|f| rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::Random).is_ok());
+        self
+    }
+
+    /// Whether the page at `offset` is in the page cache (a read that must not wait for the
+    /// device succeeds): taken as a sign for the range that starts there.
+    fn cached(&self, offset: u64) -> bool {
+        let Some(probe) = &self.probe else {
+            return true;
+        };
+        let mut page = [0u8; 1];
+        let mut bufs = [std::io::IoSliceMut::new(&mut page)];
+        matches!(
+            rustix::io::preadv2(probe, &mut bufs, offset, rustix::io::ReadWriteFlags::NOWAIT),
+            Ok(1)
+        )
     }
 
     pub fn size(&self) -> u64 {
@@ -95,6 +139,40 @@ impl RawDisk {
         self.file.read_exact_at(buf, offset).map_err(|e| self.io(e))
     }
 
+    /// Reads exactly `buf.len()` bytes at `offset` with O_DIRECT when reads were asked to
+    /// bypass the page cache, the range is not in it, and `buf` and `offset` are aligned (the
+    /// unaligned tail of a disk goes through the page cache). Returns false, having read
+    /// nothing, otherwise, or when the file system refuses O_DIRECT reads (then it is not
+    /// tried again).
+    pub fn read_at_direct(&mut self, buf: &mut [u8], offset: u64) -> Result<bool, DiskError> {
+        let Some(direct) = &self.direct else {
+            return Ok(false);
+        };
+        if self.cached(offset) {
+            return Ok(false);
+        }
+        let aligned_len = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if aligned_len == 0
+            || !(buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            || !offset.is_multiple_of(DIRECT_ALIGN as u64)
+        {
+            return Ok(false);
+        }
+        let (head, tail) = buf.split_at_mut(aligned_len);
+        match direct.read_exact_at(head, offset) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.direct = None;
+                return Ok(false);
+            }
+            Err(e) => return Err(self.io(e)),
+        }
+        if !tail.is_empty() {
+            self.read_at(tail, offset + aligned_len as u64)?;
+        }
+        Ok(true)
+    }
+
     fn io(&self, source: std::io::Error) -> DiskError {
         DiskError::Io {
             path: self.path.clone(),
@@ -126,5 +204,59 @@ mod tests {
         assert!(ext
             .iter()
             .any(|&(s, e)| s <= 8 << 20 && e >= (8 << 20) + 65536));
+    }
+
+    /// An aligned slice of `len` bytes inside `backing`.
+    fn aligned(backing: &mut Vec<u8>, len: usize) -> &mut [u8] {
+        backing.resize(len + DIRECT_ALIGN, 0);
+        let at = backing
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        &mut backing[at..at + len]
+    }
+
+    #[test]
+    fn reads_past_the_page_cache_only_what_it_does_not_hold() {
+        // Beside the build, not in /tmp: a tmpfs there would refuse O_DIRECT.
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target"))
+            .expect("tempdir");
+        let path = dir.path().join("d.raw");
+        // An unaligned tail: the last 1000 bytes go through the page cache.
+        let data: Vec<u8> = (0..(3 << 20) + 1000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut f = File::create(&path).expect("create");
+        f.write_all(&data).expect("write");
+        f.sync_all().expect("sync");
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("evict");
+
+        let mut d = RawDisk::open(&path).expect("open").read_direct();
+        let mut backing = Vec::new();
+        let buf = aligned(&mut backing, data.len() - 4096);
+        assert!(
+            d.read_at_direct(buf, 4096).expect("direct read"),
+            "an evicted range is read with O_DIRECT"
+        );
+        assert_eq!(buf, &data[4096..]);
+        // An unaligned place is read through the page cache.
+        let mut small = vec![0u8; 8192];
+        assert!(!d.read_at_direct(&mut small, 4096).expect("unaligned"));
+
+        // Once the range is cached, it is read through the cache.
+        let mut whole = vec![0u8; data.len()];
+        d.read_at(&mut whole, 0).expect("buffered read");
+        assert_eq!(whole, data);
+        let buf = aligned(&mut backing, 1 << 20);
+        assert!(
+            !d.read_at_direct(buf, 1 << 20).expect("probe"),
+            "a cached range is left to the page cache"
+        );
+
+        // A handle not asked to bypass the cache never does.
+        let mut plain = RawDisk::open(&path).expect("open");
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("evict");
+        let buf = aligned(&mut backing, 1 << 20);
+        assert!(!plain.read_at_direct(buf, 0).expect("plain"));
     }
 }
