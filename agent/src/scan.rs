@@ -16,6 +16,12 @@ const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Bytes one thread reads (and hashes) of a step when the source can read from several.
 const READ_PART: usize = 1024 * 1024;
 
+/// Sets `leaves` to the leaf of each `block`-byte piece of `buf` (the last may be shorter),
+/// hashed on all cores.
+fn leaves_of(buf: &[u8], block: usize, leaves: &mut Vec<Leaf>) {
+    buf.par_chunks(block).map(Leaf::of).collect_into_vec(leaves);
+}
+
 #[derive(Debug, Error)]
 pub enum ScanError {
     /// Reading the disk failed.
@@ -30,6 +36,9 @@ pub enum ScanError {
     /// The consumer of changes stopped (the upload failed).
     #[error("upload stopped")]
     Stopped,
+    /// The thread reading the disk ahead of the scan panicked.
+    #[error("the disk reader stopped unexpectedly")]
+    ReaderPanicked,
 }
 
 /// One block that differs from the base point: its new leaf and, unless it is all zeros, its
@@ -66,7 +75,7 @@ pub trait BlockSource {
         leaves: &mut Vec<Leaf>,
     ) -> Result<(), ScanError> {
         self.read_block_range(buf, offset)?;
-        buf.par_chunks(block).map(Leaf::of).collect_into_vec(leaves);
+        leaves_of(buf, block, leaves);
         Ok(())
     }
 
@@ -117,7 +126,7 @@ impl BlockSource for RawDisk {
     ) -> Result<(), ScanError> {
         if self.read_at_direct(buf, offset)? {
             // The device did the copying; hashing still uses every core.
-            buf.par_chunks(block).map(Leaf::of).collect_into_vec(leaves);
+            leaves_of(buf, block, leaves);
             return Ok(());
         }
         let disk = &*self;
@@ -334,7 +343,7 @@ pub fn scan_disk(
         // Stops the reader if the walk stopped first (waiting to send, or for a buffer).
         drop(rx);
         drop(back_tx);
-        let read = reader.join().unwrap_or_else(|_| Err(ScanError::Stopped));
+        let read = reader.join().unwrap_or(Err(ScanError::ReaderPanicked));
         // The reader's error explains a walk that ended early.
         read.and(walked)
     })?;

@@ -26,8 +26,11 @@ pub struct RawDisk {
     file: File,
     /// A second handle opened with O_DIRECT, for reads that bypass the page cache.
     direct: Option<File>,
-    /// A third handle, without read-ahead, that asks whether a range is in the page cache.
-    probe: Option<File>,
+    /// With `direct`: a handle without read-ahead, that asks whether a range is in the page
+    /// cache and reads what O_DIRECT does not, so nothing past what is asked enters the cache
+    /// (read-ahead would load the start of the next step, and the probe would then send it,
+    /// and every step after it, through the cache).
+    uncached: Option<File>,
     path: PathBuf,
     size: u64,
 }
@@ -45,7 +48,7 @@ impl RawDisk {
         Ok(RawDisk {
             file,
             direct: None,
-            probe: None,
+            uncached: None,
             path: path.to_owned(),
             size,
         })
@@ -56,7 +59,7 @@ impl RawDisk {
         Ok(RawDisk {
             file: self.file.try_clone().map_err(|e| self.io(e))?,
             direct: None,
-            probe: None,
+            uncached: None,
             path: self.path.clone(),
             size: self.size,
         })
@@ -68,23 +71,29 @@ impl RawDisk {
     /// cache than compressing (measured: 7 s of kernel time to read a 3 GB image) and evicts
     /// the host's useful pages, while an image the cache holds reads faster through it.
     pub fn read_direct(mut self) -> RawDisk {
+        use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
-        self.direct = std::fs::OpenOptions::new()
+        // The same file even if its path was replaced since it was opened.
+        let same = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+        let direct = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(&self.path)
+            .open(&same)
             .ok();
-        // No read-ahead on the probe: a miss then brings in only the page asked about.
-        self.probe = File::open(&self.path)
+        let uncached = File::open(&same)
             .ok()
             .filter(|f| rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::Random).is_ok());
+        if let (Some(direct), Some(uncached)) = (direct, uncached) {
+            self.direct = Some(direct);
+            self.uncached = Some(uncached);
+        }
         self
     }
 
-    /// Whether the page at `offset` is in the page cache (a read that must not wait for the
-    /// device succeeds): taken as a sign for the range that starts there.
+    /// Whether the page at `offset` is in the page cache (a read that may neither wait for
+    /// the device nor start a read succeeds): taken as a sign for the range that starts there.
     fn cached(&self, offset: u64) -> bool {
-        let Some(probe) = &self.probe else {
+        let Some(probe) = &self.uncached else {
             return true;
         };
         let mut page = [0u8; 1];
@@ -136,14 +145,18 @@ impl RawDisk {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        self.file.read_exact_at(buf, offset).map_err(|e| self.io(e))
+        self.uncached
+            .as_ref()
+            .unwrap_or(&self.file)
+            .read_exact_at(buf, offset)
+            .map_err(|e| self.io(e))
     }
 
     /// Reads exactly `buf.len()` bytes at `offset` with O_DIRECT when reads were asked to
     /// bypass the page cache, the range is not in it, and `buf` and `offset` are aligned (the
-    /// unaligned tail of a disk goes through the page cache). Returns false, having read
-    /// nothing, otherwise, or when the file system refuses O_DIRECT reads (then it is not
-    /// tried again).
+    /// unaligned tail of a disk goes through the page cache). Returns false otherwise, or when
+    /// the file system refuses O_DIRECT reads (then they are not tried again), and the caller
+    /// reads the range itself.
     pub fn read_at_direct(&mut self, buf: &mut [u8], offset: u64) -> Result<bool, DiskError> {
         let Some(direct) = &self.direct else {
             return Ok(false);

@@ -16,8 +16,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Blocks decompressed together: 4 MiB at 64 KiB blocks, enough to keep both cores busy.
-const BATCH_BLOCKS: usize = 64;
+/// Bytes decompressed together (at least one block): enough to keep both cores busy, and the
+/// size of each of the [`DECODED_BUFFERS`] buffers.
+const BATCH_BYTES: usize = 4 << 20;
 
 /// Threads writing decoded batches.
 const WRITERS: usize = 2;
@@ -212,8 +213,9 @@ pub fn restore_disk(
     };
     // Three stages: this thread walks the catalog in block order and finds each frame's pack
     // window; a worker reads, decompresses and verifies each batch of frames on all cores,
-    // straight into an aligned buffer; a writer writes the previous batch from it (contiguous
-    // blocks in one write).
+    // straight into an aligned buffer; writer threads write earlier batches from theirs
+    // (contiguous blocks in one write).
+    let batch_blocks = (BATCH_BYTES / geometry.block_size.bytes() as usize).max(1);
     let decode = |batch: Vec<(u64, Leaf, Frame)>, buf: Vec<u8>| -> Result<Decoded, StoreError> {
         let blocks = batch
             .iter()
@@ -255,7 +257,10 @@ pub fn restore_disk(
                 })
             })
             .collect();
+        // Only the writers hold these now: when they all stop, the decoder's send fails
+        // instead of waiting forever.
         drop(ftx);
+        drop(drx);
         let stopped = || StoreError::Io {
             path: tmp.clone(),
             source: std::io::Error::other("the restore writer stopped"),
@@ -275,7 +280,7 @@ pub fn restore_disk(
             }
             Ok(())
         });
-        let mut batch: Vec<(u64, Leaf, Frame)> = Vec::with_capacity(BATCH_BLOCKS);
+        let mut batch: Vec<(u64, Leaf, Frame)> = Vec::with_capacity(batch_blocks);
         let walked = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
             let Some(len) = geometry.block_len(idx) else {
                 return Ok(());
@@ -288,7 +293,7 @@ pub fn restore_disk(
             next = idx + 1;
             stats.blocks_written += 1;
             stats.bytes_written += len as u64;
-            if batch.len() == BATCH_BLOCKS {
+            if batch.len() == batch_blocks {
                 // A worker that stopped reports why below.
                 if tx.send(std::mem::take(&mut batch)).is_err() {
                     return Err(StoreError::Io {

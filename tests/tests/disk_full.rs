@@ -125,3 +125,44 @@ fn a_full_receiver_disk_fails_cleanly_and_recovers() {
     assert_eq!(disk::digest(&restored), want);
     drop(rx);
 }
+
+/// A restore onto a file system too small for the image fails with the file system's error,
+/// promptly (its writer threads stopping must stop the decoder, not leave it waiting), and
+/// leaves neither the image nor its partial file behind.
+#[test]
+fn a_restore_onto_a_full_disk_fails_cleanly() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("big.raw");
+    disk::create(&vda, 64 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, 1024, &mut rand::rng()); // 64 MiB, incompressible
+    let p = d.sync_ok(&rx, "host1", "big", &[("vda", &vda)])["point"]
+        .as_u64()
+        .unwrap();
+    let fs = SmallFs::new(&d.path("small.img"), &d.path("small"), 16);
+    let out = fs.0.join("restored.raw");
+    let mut child = Command::new(rewind_tests::bin("rewind-receiver"))
+        .args(["restore", "--vm", "big", "--disk", "vda", "--point"])
+        .arg(p.to_string())
+        .arg("--data")
+        .arg(d.data())
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let finished = wait_until(Duration::from_secs(60), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !finished {
+        child.kill().unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(finished, "the restore hung on a full disk");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!out.exists());
+    assert!(!fs.0.join(".restored.raw.rewind-partial").exists());
+}
