@@ -74,3 +74,15 @@ pub fn spawn_receiver(
         .to_owned();
     Ok((rx, addr))
 }
+
+/// `cp --sparse=always SRC DST`, followed by a sync of the copy when `durable`.
+pub fn sparse_copy(src: &Path, dst: &Path, durable: bool) -> Command {
+    let script = if durable {
+        "cp --sparse=always \"$0\" \"$1\" && sync \"$1\""
+    } else {
+        "exec cp --sparse=always \"$0\" \"$1\""
+    };
+    let mut c = Command::new("sh");
+    c.args(["-c", script]).arg(src).arg(dst);
+    c
+}

@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rewind_tests::benchkit::{agent_sync, cpu_secs, spawn_receiver};
+use rewind_tests::benchkit::{self, agent_sync, cpu_secs, spawn_receiver};
 use rewind_tests::disk;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -478,23 +478,12 @@ fn main() -> Result<()> {
             }
             let _ = std::fs::remove_file(&out);
         }
-        let m = measure(
-            Command::new("cp")
-                .arg("--sparse=always")
-                .arg(&image)
-                .arg(&out),
-        )?;
-        push("restore", "cp --sparse", &m, disk::allocated(&out) as f64);
-        let _ = std::fs::remove_file(&out);
-        // The durable reference: a restore returns once its image is on the device.
-        let m = measure(
-            Command::new("sh")
-                .args(["-c", "cp --sparse=always \"$0\" \"$1\" && sync \"$1\""])
-                .arg(&image)
-                .arg(&out),
-        )?;
-        push("restore", "cp + sync", &m, disk::allocated(&out) as f64);
-        let _ = std::fs::remove_file(&out);
+        // The durable reference too: a restore returns once its image is on the device.
+        for (tool, durable) in [("cp --sparse", false), ("cp + sync", true)] {
+            let m = measure(&mut benchkit::sparse_copy(&image, &out, durable))?;
+            push("restore", tool, &m, disk::allocated(&out) as f64);
+            let _ = std::fs::remove_file(&out);
+        }
     }
 
     println!(

@@ -257,43 +257,31 @@ fn main() -> Result<()> {
         note: "verified bit-exact".into(),
     });
     std::fs::remove_file(&out)?;
-    let cp = measure(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&image)
-            .arg(&out),
-    )?;
-    rows.push(Row {
-        phase: "cp --sparse",
-        secs: cp.secs,
-        mbps: mb(size as f64) / cp.secs,
-        agent_cpu: 0.0,
-        agent_mib: 0.0,
-        rx_cpu: cp.cpu,
-        rx_mib: cp.peak_mib,
-        moved_mb: mb(disk::allocated(&out) as f64),
-        note: "physical reference for restore".into(),
-    });
-    std::fs::remove_file(&out)?;
-    // A restore returns once its image is on the device; cp returns with it in the page cache.
-    let durable = measure(
-        Command::new("sh")
-            .args(["-c", "cp --sparse=always \"$0\" \"$1\" && sync \"$1\""])
-            .arg(&image)
-            .arg(&out),
-    )?;
-    rows.push(Row {
-        phase: "cp + sync",
-        secs: durable.secs,
-        mbps: mb(size as f64) / durable.secs,
-        agent_cpu: 0.0,
-        agent_mib: 0.0,
-        rx_cpu: durable.cpu,
-        rx_mib: durable.peak_mib,
-        moved_mb: mb(disk::allocated(&out) as f64),
-        note: "durable reference: the copy flushed to the device, as a restore is".into(),
-    });
-    std::fs::remove_file(&out)?;
+    // A restore returns once its image is on the device; cp returns with it in the page cache,
+    // so the copy followed by a sync of it is measured too.
+    let references = [
+        ("cp --sparse", false, "physical reference for restore"),
+        (
+            "cp + sync",
+            true,
+            "durable reference: the copy flushed to the device, as a restore is",
+        ),
+    ];
+    for (phase, durable, note) in references {
+        let cp = measure(&mut benchkit::sparse_copy(&image, &out, durable))?;
+        rows.push(Row {
+            phase,
+            secs: cp.secs,
+            mbps: mb(size as f64) / cp.secs,
+            agent_cpu: 0.0,
+            agent_mib: 0.0,
+            rx_cpu: cp.cpu,
+            rx_mib: cp.peak_mib,
+            moved_mb: mb(disk::allocated(&out) as f64),
+            note: note.into(),
+        });
+        std::fs::remove_file(&out)?;
+    }
 
     // Rollback after another 1% of the blocks changed, back to the newest point.
     let changed = disk::scatter_writes(&image, BLOCK, blocks, count, 8);
