@@ -25,7 +25,11 @@ use std::time::Instant;
 use tonic::transport::Channel;
 
 /// ReadChunks requests in flight during a rollback.
-const CHUNK_REQUESTS_IN_FLIGHT: usize = 8;
+const CHUNK_REQUESTS_IN_FLIGHT: usize = 16;
+
+/// Chunks asked for in one ReadChunks request: small enough that the first reply arrives
+/// (and its blocks are written) while the receiver still reads the others from its packs.
+const CHUNKS_PER_REQUEST: usize = 16;
 
 /// What to roll back.
 #[derive(Debug, Clone)]
@@ -352,6 +356,11 @@ fn open_disk(
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
     let socket = dir.join(format!("{}.sock", d.name));
     if let Some((size, bs)) = base_geometry.filter(|&(_, bs)| bs > 0) {
+        // The base point's leaves are read from the state while qemu-nbd starts.
+        let base = {
+            let (state_dir, vm, disk) = (state_dir.to_owned(), vm.to_owned(), d.name.clone());
+            std::thread::spawn(move || base_leaves(&state_dir, &vm, &disk, size.div_ceil(bs)))
+        };
         // A bitmap qemu-nbd will not export, or whose context it does not grant, only costs
         // the shortcut: the disk is then read whole.
         let with_bitmaps = NbdServer::start_writable(&d.path, &socket, &d.name, &ours)
@@ -379,7 +388,7 @@ fn open_disk(
                 let dirty = Dirty {
                     geometry: (size, bs),
                     blocks,
-                    base: base_leaves(state_dir, vm, &d.name, size.div_ceil(bs)),
+                    base: base.join().ok().flatten(),
                 };
                 return Ok((
                     Target::Nbd {
@@ -592,16 +601,17 @@ pub async fn rollback(
             }
             let hashes: Vec<Leaf> = by_hash.keys().copied().collect();
             // Several ReadChunks requests in flight; replies are handled in order.
-            let mut replies = futures::stream::iter(hashes.chunks(MAX_READ_CHUNKS))
-                .map(|group| {
-                    let mut c = client.clone();
-                    let req = pb::ReadChunksRequest {
-                        vm: cfg.vm.clone(),
-                        hashes: group.iter().map(|h| h.0.to_vec()).collect(),
-                    };
-                    async move { c.read_chunks(req).await }
-                })
-                .buffered(CHUNK_REQUESTS_IN_FLIGHT);
+            let mut replies =
+                futures::stream::iter(hashes.chunks(CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS)))
+                    .map(|group| {
+                        let mut c = client.clone();
+                        let req = pb::ReadChunksRequest {
+                            vm: cfg.vm.clone(),
+                            hashes: group.iter().map(|h| h.0.to_vec()).collect(),
+                        };
+                        async move { c.read_chunks(req).await }
+                    })
+                    .buffered(CHUNK_REQUESTS_IN_FLIGHT);
             // Replies are decompressed and written on a thread of their own while later ones
             // arrive.
             let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Vec<(Leaf, bytes::Bytes, Vec<u64>)>>(
