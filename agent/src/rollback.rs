@@ -711,7 +711,10 @@ pub async fn rollback(
             }
             report.verified = true;
         }
-        client
+        // The image is closed (qemu-nbd exits, writing its bitmaps) while the event is
+        // recorded; both are done before the rollback reports anything.
+        let closing = tokio::task::spawn_blocking(move || drop(target));
+        let recorded = client
             .record_rollback(pb::RollbackEvent {
                 vm: cfg.vm.clone(),
                 point: cfg.point as u64,
@@ -721,10 +724,13 @@ pub async fn rollback(
                 dry_run: cfg.dry_run,
             })
             .await
-            .map_err(SyncError::refused("RecordRollback"))?;
+            .map_err(SyncError::refused("RecordRollback"));
         tracing::debug!(at = ?started.elapsed(), "recorded");
-        drop(target);
+        closing
+            .await
+            .map_err(|e| SyncError::Worker(e.to_string()))?;
         tracing::debug!(at = ?started.elapsed(), "closed");
+        recorded?;
         reports.push(report);
     }
     Ok(RollbackReport {
