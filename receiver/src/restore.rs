@@ -235,6 +235,9 @@ pub fn restore_disk(
     let write = |d: Decoded| -> Result<Vec<u8>, StoreError> {
         output.write_batch(&geometry, d).map_err(io(&tmp))
     };
+    // Set by the first writer that fails: the others and the decoder stop at once instead of
+    // writing the rest of the disk first.
+    let failed = AtomicBool::new(false);
     let result = std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf, Frame)>>(2);
         // Decoded batches go to writer threads of their own, so both cores decode while they
@@ -245,14 +248,25 @@ pub fn restore_disk(
         let drx = std::sync::Arc::new(std::sync::Mutex::new(drx));
         let writers: Vec<_> = (0..WRITERS)
             .map(|_| {
-                let (drx, ftx, write) = (drx.clone(), ftx.clone(), &write);
+                let (drx, ftx, write, failed) = (drx.clone(), ftx.clone(), &write, &failed);
                 scope.spawn(move || -> Result<(), StoreError> {
                     loop {
                         let next = drx.lock().map(|rx| rx.recv());
                         let Ok(Ok(d)) = next else {
                             return Ok(());
                         };
-                        let _ = ftx.send(write(d)?);
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        match write(d) {
+                            Ok(buf) => {
+                                let _ = ftx.send(buf);
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
                     }
                 })
             })
@@ -265,9 +279,13 @@ pub fn restore_disk(
             path: tmp.clone(),
             source: std::io::Error::other("the restore writer stopped"),
         };
+        let failed = &failed;
         let worker = scope.spawn(move || -> Result<(), StoreError> {
             let mut made = 0;
             for batch in rx {
+                if failed.load(Ordering::Relaxed) {
+                    return Err(stopped());
+                }
                 let buf = match frx.try_recv() {
                     Ok(buf) => buf,
                     Err(_) if made < DECODED_BUFFERS => {
