@@ -107,6 +107,19 @@ impl Target {
         }
     }
 
+    /// A second reader of the same disk (another handle, or another NBD connection to the
+    /// same qemu-nbd, which serves several), for reading back while writing.
+    fn second_reader(&self, export: &str) -> Result<Box<dyn BlockSource + Send>, SyncError> {
+        Ok(match self {
+            Target::Raw { disk, .. } => Box::new(disk.try_clone()?),
+            Target::Nbd { _server, .. } => Box::new(NbdClient::connect_unix(
+                &_server.socket,
+                export,
+                &["base:allocation"],
+            )?),
+        })
+    }
+
     fn source(&mut self) -> &mut dyn BlockSource {
         match self {
             Target::Raw { disk, .. } => disk,
@@ -617,41 +630,67 @@ pub async fn rollback(
             let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Vec<(Leaf, bytes::Bytes, Vec<u64>)>>(
                 CHUNK_REQUESTS_IN_FLIGHT,
             );
+            // Written blocks are read back over a second handle on the disk, on a thread of
+            // its own, while the next reply is written.
+            let mut checker = target.second_reader(&d.name)?;
             let writer = tokio::task::spawn_blocking(move || {
                 let mut w = Written::default();
-                while let Some(reply) = wrx.blocking_recv() {
-                    // A reply's chunks decompressed and checked across the cores, then its
-                    // blocks written together (several writes in flight over NBD) and read
-                    // back to check they now hold the point's content.
-                    let opened: Vec<(u64, Leaf, Vec<u8>)> = reply
-                        .par_iter()
-                        .flat_map_iter(|(h, frame, blocks)| {
-                            blocks.iter().map(move |&i| {
-                                chunk::open(*h, frame, g.block_len(i).unwrap_or(0))
-                                    .map(|data| (i, *h, data))
+                let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf)>>(2);
+                let check = std::thread::spawn(move || {
+                    let mut c = Written::default();
+                    for blocks in crx {
+                        let ranges: Vec<(u64, usize)> = blocks
+                            .iter()
+                            .map(|&(i, _)| (g.offset(i), g.block_len(i).unwrap_or(0)))
+                            .collect();
+                        c.reread += ranges.iter().map(|r| r.1 as u64).sum::<u64>();
+                        checker.read_ranges(&ranges, &mut |k, bytes| {
+                            let (i, h) = blocks[k];
+                            let now = Leaf::of(bytes);
+                            if now != h && c.wrong.is_none_or(|(j, _)| i < j) {
+                                c.wrong = Some((i, now));
+                            }
+                        })?;
+                        c.checked.extend(blocks.iter().map(|b| b.0));
+                    }
+                    Ok::<_, SyncError>(c)
+                });
+                let wrote = (|| {
+                    while let Some(reply) = wrx.blocking_recv() {
+                        // A reply's chunks decompressed and checked across the cores, then its
+                        // blocks written together (several writes in flight over NBD).
+                        let opened: Vec<(u64, Leaf, Vec<u8>)> = reply
+                            .par_iter()
+                            .flat_map_iter(|(h, frame, blocks)| {
+                                blocks.iter().map(move |&i| {
+                                    chunk::open(*h, frame, g.block_len(i).unwrap_or(0))
+                                        .map(|data| (i, *h, data))
+                                })
                             })
-                        })
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| SyncError::Worker(e.to_string()))?;
-                    let (blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = opened
-                        .into_iter()
-                        .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
-                        .unzip();
-                    w.bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
-                    target.write_many(&pending)?;
-                    let ranges: Vec<(u64, usize)> =
-                        pending.iter().map(|(o, d)| (*o, d.len())).collect();
-                    drop(pending);
-                    w.reread += ranges.iter().map(|r| r.1 as u64).sum::<u64>();
-                    target.source().read_ranges(&ranges, &mut |k, bytes| {
-                        let (i, h) = blocks[k];
-                        let now = Leaf::of(bytes);
-                        if now != h && w.wrong.is_none_or(|(j, _)| i < j) {
-                            w.wrong = Some((i, now));
+                            .collect::<Result<_, _>>()
+                            .map_err(|e| SyncError::Worker(e.to_string()))?;
+                        let (blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = opened
+                            .into_iter()
+                            .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
+                            .unzip();
+                        w.bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
+                        target.write_many(&pending)?;
+                        // A checker that stopped reports why below.
+                        if ctx.send(blocks).is_err() {
+                            break;
                         }
-                    })?;
-                    w.checked.extend(blocks.iter().map(|b| b.0));
-                }
+                    }
+                    Ok::<_, SyncError>(())
+                })();
+                drop(ctx);
+                let checked = check
+                    .join()
+                    .unwrap_or_else(|_| Err(SyncError::Worker("the read-back panicked".into())));
+                wrote?;
+                let c = checked?;
+                w.reread = c.reread;
+                w.checked = c.checked;
+                w.wrong = c.wrong;
                 Ok::<_, SyncError>((target, w))
             });
             // On an error, the writer still finishes (and closes the image) before it is
