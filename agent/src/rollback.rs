@@ -284,23 +284,35 @@ fn verify(
     want: &BTreeMap<u64, Leaf>,
     written: &[u64],
 ) -> Result<(Leaf, u64), SyncError> {
-    let ranges: Vec<(u64, usize)> = written
+    let expected: Vec<(u64, Leaf)> = written
         .iter()
-        .map(|&i| (g.offset(i), g.block_len(i).unwrap_or(0)))
+        .map(|&i| (i, want.get(&i).copied().unwrap_or(Leaf::ZERO)))
+        .collect();
+    let (wrong, read) = read_back(target.source(), g, &expected)?;
+    Ok((wrong.map_or_else(|| root_of(g, want), |(_, now)| now), read))
+}
+
+/// Reads `blocks` (index, the leaf each must have) from `src`; returns the lowest block that
+/// does not hold its leaf, with the leaf it holds, and the bytes read.
+fn read_back(
+    src: &mut dyn BlockSource,
+    g: &DiskGeometry,
+    blocks: &[(u64, Leaf)],
+) -> Result<(Option<(u64, Leaf)>, u64), SyncError> {
+    let ranges: Vec<(u64, usize)> = blocks
+        .iter()
+        .map(|&(i, _)| (g.offset(i), g.block_len(i).unwrap_or(0)))
         .collect();
     let read = ranges.iter().map(|r| r.1 as u64).sum();
     let mut wrong: Option<(u64, Leaf)> = None;
-    target.source().read_ranges(&ranges, &mut |k, bytes| {
-        let i = written[k];
+    src.read_ranges(&ranges, &mut |k, bytes| {
+        let (i, h) = blocks[k];
         let now = Leaf::of(bytes);
-        if now != want.get(&i).copied().unwrap_or(Leaf::ZERO) && wrong.is_none_or(|(j, _)| i < j) {
+        if now != h && wrong.is_none_or(|(j, _)| i < j) {
             wrong = Some((i, now));
         }
     })?;
-    if let Some((_, now)) = wrong {
-        return Ok((now, read));
-    }
-    Ok((root_of(g, want), read))
+    Ok((wrong, read))
 }
 
 /// A block's bytes at their disk offset.
@@ -634,23 +646,18 @@ pub async fn rollback(
             // its own, while the next reply is written.
             let mut checker = target.second_reader(&d.name)?;
             let writer = tokio::task::spawn_blocking(move || {
-                let mut w = Written::default();
+                let mut bytes = 0u64;
                 let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf)>>(2);
                 let check = std::thread::spawn(move || {
                     let mut c = Written::default();
                     for blocks in crx {
-                        let ranges: Vec<(u64, usize)> = blocks
-                            .iter()
-                            .map(|&(i, _)| (g.offset(i), g.block_len(i).unwrap_or(0)))
-                            .collect();
-                        c.reread += ranges.iter().map(|r| r.1 as u64).sum::<u64>();
-                        checker.read_ranges(&ranges, &mut |k, bytes| {
-                            let (i, h) = blocks[k];
-                            let now = Leaf::of(bytes);
-                            if now != h && c.wrong.is_none_or(|(j, _)| i < j) {
+                        let (wrong, read) = read_back(checker.as_mut(), &g, &blocks)?;
+                        c.reread += read;
+                        if let Some((i, now)) = wrong {
+                            if c.wrong.is_none_or(|(j, _)| i < j) {
                                 c.wrong = Some((i, now));
                             }
-                        })?;
+                        }
                         c.checked.extend(blocks.iter().map(|b| b.0));
                     }
                     Ok::<_, SyncError>(c)
@@ -673,7 +680,7 @@ pub async fn rollback(
                             .into_iter()
                             .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
                             .unzip();
-                        w.bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
+                        bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
                         target.write_many(&pending)?;
                         // A checker that stopped reports why below.
                         if ctx.send(blocks).is_err() {
@@ -687,11 +694,8 @@ pub async fn rollback(
                     .join()
                     .unwrap_or_else(|_| Err(SyncError::Worker("the read-back panicked".into())));
                 wrote?;
-                let c = checked?;
-                w.reread = c.reread;
-                w.checked = c.checked;
-                w.wrong = c.wrong;
-                Ok::<_, SyncError>((target, w))
+                let written = Written { bytes, ..checked? };
+                Ok::<_, SyncError>((target, written))
             });
             // On an error, the writer still finishes (and closes the image) before it is
             // reported.
