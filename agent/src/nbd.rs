@@ -1,7 +1,7 @@
 //! A small synchronous NBD client: fixed-newstyle handshake, `NBD_OPT_STRUCTURED_REPLY`,
 //! `NBD_OPT_SET_META_CONTEXT`, `NBD_OPT_GO`, then `NBD_CMD_READ` and `NBD_CMD_BLOCK_STATUS`
-//! with structured replies. One request in flight at a time; every length the server sends is
-//! bounded before it is allocated.
+//! with structured replies. Reads and writes of many ranges keep several requests in flight;
+//! every length the server sends is bounded before it is allocated.
 //!
 //! ```text
 //!  server: "NBDMAGIC" "IHAVEOPT" flags(u16)      client: flags(u32)
@@ -14,7 +14,7 @@
 use rewind_proto::nbd::*;
 pub use rewind_proto::nbd::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use thiserror::Error;
@@ -27,6 +27,10 @@ pub const PIPELINE: usize = 16;
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
 /// Block status is asked for in pieces of at most 1 GiB (the length field is 32 bits).
 const STATUS_PIECE: u64 = 1 << 30;
+/// Replies are read through a buffer of this size: one receive then holds several headers
+/// (read a few bytes at a time), while read data larger than the buffer goes straight into
+/// its destination.
+const REPLY_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, Error)]
 pub enum NbdError {
@@ -76,7 +80,8 @@ pub struct Extent {
 
 /// An open NBD export.
 pub struct NbdClient<S: Read + Write = UnixStream> {
-    sock: S,
+    /// Replies are read through the buffer; requests are written to the stream under it.
+    sock: BufReader<S>,
     size: u64,
     contexts: HashMap<String, u32>,
     cookie: u64,
@@ -163,7 +168,7 @@ impl<S: Read + Write> NbdClient<S> {
         sock.write_all(&client_flags.to_be_bytes())?;
 
         let mut me = NbdClient {
-            sock,
+            sock: BufReader::with_capacity(REPLY_BUFFER, sock),
             size: 0,
             contexts: HashMap::new(),
             cookie: 0,
@@ -223,7 +228,7 @@ impl<S: Read + Write> NbdClient<S> {
     }
 
     fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<(), NbdError> {
-        self.sock.write_all(&option(opt, data))?;
+        self.sock.get_mut().write_all(&option(opt, data))?;
         Ok(())
     }
 
@@ -286,6 +291,7 @@ impl<S: Read + Write> NbdClient<S> {
         let cookie = self.next_cookie();
         let len = buf.len() as u32;
         self.sock
+            .get_mut()
             .write_all(&request(CMD_READ, 0, cookie, offset, len))?;
         let end = offset + u64::from(len);
         let mut covered = 0u64;
@@ -358,6 +364,7 @@ impl<S: Read + Write> NbdClient<S> {
             let len = (end - pos).min(STATUS_PIECE) as u32;
             let cookie = self.next_cookie();
             self.sock
+                .get_mut()
                 .write_all(&request(CMD_BLOCK_STATUS, 0, cookie, pos, len))?;
             let mut got = Vec::new();
             loop {
@@ -429,6 +436,10 @@ impl<S: Read + Write> NbdClient<S> {
     ) -> Result<(), NbdError> {
         // cookie -> (range index, buffer, bytes covered)
         let mut inflight: HashMap<u64, (usize, Vec<u8>, u64)> = HashMap::new();
+        // Buffers of delivered ranges, reused (cleared) for the next ones.
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        // New requests go out together, in one write.
+        let mut requests = Vec::new();
         let mut next = 0;
         while next < ranges.len() || !inflight.is_empty() {
             while next < ranges.len() && inflight.len() < PIPELINE {
@@ -437,10 +448,16 @@ impl<S: Read + Write> NbdClient<S> {
                     return proto(format!("read of {len} bytes is over the {MAX_READ} limit"));
                 }
                 let cookie = self.next_cookie();
-                self.sock
-                    .write_all(&request(CMD_READ, 0, cookie, offset, len as u32))?;
-                inflight.insert(cookie, (next, vec![0u8; len], 0));
+                requests.extend_from_slice(&request(CMD_READ, 0, cookie, offset, len as u32));
+                let mut buf = spare.pop().unwrap_or_default();
+                buf.clear();
+                buf.resize(len, 0);
+                inflight.insert(cookie, (next, buf, 0));
                 next += 1;
+            }
+            if !requests.is_empty() {
+                self.sock.get_mut().write_all(&requests)?;
+                requests.clear();
             }
             let (cookie, h) =
                 self.any_reply("read", |c| inflight.get(&c).map(|(i, _, _)| ranges[*i].0))?;
@@ -486,6 +503,7 @@ impl<S: Read + Write> NbdClient<S> {
                         return proto(format!("read reply covered {covered} of {len} bytes"));
                     }
                     deliver(i, &buf);
+                    spare.push(buf);
                 }
             }
         }
@@ -507,9 +525,14 @@ impl<S: Read + Write> NbdClient<S> {
                     ));
                 }
                 let cookie = self.next_cookie();
-                self.sock
-                    .write_all(&request(CMD_WRITE, 0, cookie, offset, data.len() as u32))?;
-                self.sock.write_all(data)?;
+                self.sock.get_mut().write_all(&request(
+                    CMD_WRITE,
+                    0,
+                    cookie,
+                    offset,
+                    data.len() as u32,
+                ))?;
+                self.sock.get_mut().write_all(data)?;
                 inflight.insert(cookie, offset);
                 next += 1;
             }
@@ -655,8 +678,9 @@ impl<S: Read + Write> NbdClient<S> {
             let cookie = self.next_cookie();
             let at = offset + done as u64;
             self.sock
+                .get_mut()
                 .write_all(&request(CMD_WRITE, 0, cookie, at, len as u32))?;
-            self.sock.write_all(&data[done..done + len])?;
+            self.sock.get_mut().write_all(&data[done..done + len])?;
             self.finish_simple(cookie, "write", at)?;
             done += len;
         }
@@ -667,6 +691,7 @@ impl<S: Read + Write> NbdClient<S> {
     pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), NbdError> {
         let cookie = self.next_cookie();
         self.sock
+            .get_mut()
             .write_all(&request(CMD_WRITE_ZEROES, 0, cookie, offset, len))?;
         self.finish_simple(cookie, "write zeroes", offset)
     }
@@ -674,7 +699,9 @@ impl<S: Read + Write> NbdClient<S> {
     /// Makes every completed write durable.
     pub fn flush(&mut self) -> Result<(), NbdError> {
         let cookie = self.next_cookie();
-        self.sock.write_all(&request(CMD_FLUSH, 0, cookie, 0, 0))?;
+        self.sock
+            .get_mut()
+            .write_all(&request(CMD_FLUSH, 0, cookie, 0, 0))?;
         self.finish_simple(cookie, "flush", 0)
     }
 
@@ -702,12 +729,15 @@ impl<S: Read + Write> NbdClient<S> {
     /// Says goodbye (NBD_CMD_DISC); errors are ignored since the connection ends anyway.
     pub fn disconnect(mut self) {
         let cookie = self.next_cookie();
-        let _ = self.sock.write_all(&request(CMD_DISC, 0, cookie, 0, 0));
+        let _ = self
+            .sock
+            .get_mut()
+            .write_all(&request(CMD_DISC, 0, cookie, 0, 0));
     }
 
     /// Aborts option haggling (for callers that only wanted to probe).
     pub fn abort(mut self) {
-        let _ = self.sock.write_all(&option(OPT_ABORT, &[]));
+        let _ = self.sock.get_mut().write_all(&option(OPT_ABORT, &[]));
     }
 }
 

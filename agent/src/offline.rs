@@ -238,7 +238,8 @@ impl NbdServer {
                     message: "did not start within 15 s".into(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // qemu-nbd needs about 10 ms to start: a coarser poll would add half of that.
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(NbdServer {
             child,
@@ -259,7 +260,7 @@ impl Drop for NbdServer {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -12,15 +12,15 @@ use crate::source::RawDisk;
 use crate::state::{self, OldLeaves};
 use crate::sync::{DiskKind, DiskSource};
 use futures::StreamExt;
-use rayon::prelude::*;
 use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{chunk, pb, Leaf};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use tonic::transport::Channel;
 
@@ -120,56 +120,28 @@ impl Target {
         })
     }
 
+    /// A handle for writing (see [`Writer`]).
+    fn writer(&self, export: &str) -> Result<Writer, SyncError> {
+        Ok(match self {
+            Target::Raw {
+                disk,
+                file,
+                is_device,
+            } => Writer::Raw {
+                file: file.try_clone().map_err(|e| io(disk.path(), e))?,
+                path: disk.path().to_owned(),
+                is_device: *is_device,
+            },
+            Target::Nbd { _server, .. } => {
+                Writer::Nbd(NbdClient::connect_unix(&_server.socket, export, &[])?)
+            }
+        })
+    }
+
     fn source(&mut self) -> &mut dyn BlockSource {
         match self {
             Target::Raw { disk, .. } => disk,
             Target::Nbd { client, .. } => client,
-        }
-    }
-
-    /// Writes (offset, bytes) pieces of at most a block each.
-    fn write_many(&mut self, pieces: &[(u64, Vec<u8>)]) -> Result<(), SyncError> {
-        match self {
-            Target::Raw { file, disk, .. } => {
-                for (offset, data) in pieces {
-                    file.write_all_at(data, *offset)
-                        .map_err(|e| io(disk.path(), e))?;
-                }
-                Ok(())
-            }
-            Target::Nbd { client, .. } => {
-                let refs: Vec<(u64, &[u8])> =
-                    pieces.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-                Ok(client.write_many(&refs)?)
-            }
-        }
-    }
-
-    fn zero(&mut self, offset: u64, len: usize) -> Result<(), SyncError> {
-        match self {
-            Target::Raw {
-                file,
-                disk,
-                is_device,
-            } => {
-                if !*is_device {
-                    let flags = rustix::fs::FallocateFlags::PUNCH_HOLE
-                        | rustix::fs::FallocateFlags::KEEP_SIZE;
-                    if rustix::fs::fallocate(&*file, flags, offset, len as u64).is_ok() {
-                        return Ok(());
-                    }
-                }
-                file.write_all_at(&vec![0u8; len], offset)
-                    .map_err(|e| io(disk.path(), e))
-            }
-            Target::Nbd { client, .. } => Ok(client.write_zeroes(offset, len as u32)?),
-        }
-    }
-
-    fn flush(&mut self) -> Result<(), SyncError> {
-        match self {
-            Target::Raw { file, disk, .. } => file.sync_all().map_err(|e| io(disk.path(), e)),
-            Target::Nbd { client, .. } => Ok(client.flush()?),
         }
     }
 }
@@ -213,11 +185,15 @@ fn ensure_not_in_use(d: &DiskSource) -> Result<(), SyncError> {
 
 /// Current leaves of the blocks that may hold data, compared with the point's; returns the
 /// blocks that differ and the bytes read.
+///
+/// Each differing block is also handed to `found` as soon as it is known; a full read stops
+/// early once `found` returns false (nobody wants the rest).
 fn differing(
     target: &mut Target,
     g: &DiskGeometry,
     want: &BTreeMap<u64, Leaf>,
     candidates: Option<&BTreeSet<u64>>,
+    found: &mut dyn FnMut(u64) -> bool,
 ) -> Result<(Vec<u64>, u64), SyncError> {
     if let Some(c) = candidates {
         // Only blocks that can differ are read (several in flight); the others equal the point
@@ -233,6 +209,7 @@ fn differing(
             let i = blocks[k];
             if Leaf::of(bytes) != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
                 out.push(i);
+                found(i);
             }
         })?;
         out.sort_unstable();
@@ -245,14 +222,19 @@ fn differing(
     let mut buf = vec![0u8; (4 << 20).max(bs as usize)];
     let mut leaves = Vec::new();
     let mut next = 0u64;
-    let outside = |from: u64, to: u64, out: &mut Vec<u64>| {
-        // Blocks not read are zero now: they differ where the point has data.
-        out.extend(want.range(from..to).map(|(&i, _)| i));
+    let mut differs = |i: u64| {
+        out.push(i);
+        found(i)
     };
-    for &(first, end) in &plan.read {
-        outside(next, first, &mut out);
+    // Blocks not read are zero now: they differ where the point has data.
+    let outside = |from: u64, to: u64, differs: &mut dyn FnMut(u64) -> bool| {
+        want.range(from..to).all(|(&i, _)| differs(i))
+    };
+    let mut wanted = true;
+    'read: for &(first, end) in &plan.read {
+        wanted = outside(next, first, &mut differs);
         let mut idx = first;
-        while idx < end {
+        while wanted && idx < end {
             let count = ((4u64 << 20) / bs).max(1).min(end - idx);
             let off = g.offset(idx);
             let len = (count * bs).min(g.size - off) as usize;
@@ -263,14 +245,19 @@ fn differing(
             for (k, leaf) in leaves.iter().enumerate() {
                 let i = idx + k as u64;
                 if *leaf != want.get(&i).copied().unwrap_or(Leaf::ZERO) {
-                    out.push(i);
+                    wanted &= differs(i);
                 }
             }
             idx += count;
         }
+        if !wanted {
+            break 'read;
+        }
         next = end;
     }
-    outside(next, g.blocks(), &mut out);
+    if wanted {
+        outside(next, g.blocks(), &mut differs);
+    }
     out.sort_unstable();
     Ok((out, read))
 }
@@ -315,8 +302,319 @@ fn read_back(
     Ok((wrong, read))
 }
 
+/// Blocks a compare found differing, as the fetch wants them: chunks to ask for, each with the
+/// blocks that need it, or blocks that must become zero.
+enum Found {
+    Chunks(Vec<(Leaf, Vec<u64>)>),
+    Zeros(Vec<u64>),
+}
+
+/// What the writer gets: fetched frames, each with the blocks that need it, or blocks to zero.
+enum Work {
+    Chunks(Vec<(Leaf, bytes::Bytes, Vec<u64>)>),
+    Zeros(Vec<u64>),
+}
+
+/// Blocks that must become zero sent to the writer together.
+const ZEROS_PER_BATCH: usize = 256;
+
+/// Gathers the blocks a compare finds differing into requests of at most
+/// [`CHUNKS_PER_REQUEST`] chunks (blocks with the same content share one) and batches of
+/// blocks to zero, and hands each on once full. Without a sender (a dry run) it
+/// only lets the compare go on.
+struct Requests<'a> {
+    want: &'a BTreeMap<u64, Leaf>,
+    tx: Option<tokio::sync::mpsc::Sender<Found>>,
+    chunks: Vec<(Leaf, Vec<u64>)>,
+    zeros: Vec<u64>,
+}
+
+impl<'a> Requests<'a> {
+    fn new(
+        want: &'a BTreeMap<u64, Leaf>,
+        tx: Option<tokio::sync::mpsc::Sender<Found>>,
+    ) -> Requests<'a> {
+        Requests {
+            want,
+            tx,
+            chunks: Vec::new(),
+            zeros: Vec::new(),
+        }
+    }
+
+    /// Takes differing block `i`; false once nobody takes requests any more.
+    fn push(&mut self, i: u64) -> bool {
+        if self.tx.is_none() {
+            return true;
+        }
+        match self.want.get(&i) {
+            None => {
+                self.zeros.push(i);
+                if self.zeros.len() >= ZEROS_PER_BATCH {
+                    let zeros = std::mem::take(&mut self.zeros);
+                    return self.send(Found::Zeros(zeros));
+                }
+            }
+            Some(leaf) => match self.chunks.iter_mut().find(|(h, _)| h == leaf) {
+                Some((_, blocks)) => blocks.push(i),
+                None => {
+                    // A full request goes once a chunk it cannot take comes (neighbouring
+                    // blocks with the same content then share one request).
+                    let sent = self.chunks.len() < CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS) || {
+                        let chunks = std::mem::take(&mut self.chunks);
+                        self.send(Found::Chunks(chunks))
+                    };
+                    self.chunks.push((*leaf, vec![i]));
+                    return sent;
+                }
+            },
+        }
+        true
+    }
+
+    /// Hands on what is left.
+    fn finish(mut self) {
+        if !self.chunks.is_empty() {
+            let chunks = std::mem::take(&mut self.chunks);
+            self.send(Found::Chunks(chunks));
+        }
+        if !self.zeros.is_empty() {
+            let zeros = std::mem::take(&mut self.zeros);
+            self.send(Found::Zeros(zeros));
+        }
+    }
+
+    fn send(&mut self, found: Found) -> bool {
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.blocking_send(found).is_ok());
+        if !sent {
+            self.tx = None;
+        }
+        sent
+    }
+}
+
+/// Fetches the chunks of one request and pairs each frame with the blocks that need it; every
+/// chunk asked for must come back, and nothing else. Returns the work and the bytes fetched.
+async fn fetch(
+    mut client: ReplicationClient<Channel>,
+    vm: String,
+    found: Found,
+) -> Result<(Work, u64), SyncError> {
+    let want = match found {
+        Found::Zeros(blocks) => return Ok((Work::Zeros(blocks), 0)),
+        Found::Chunks(chunks) => chunks,
+    };
+    let req = pb::ReadChunksRequest {
+        vm,
+        hashes: want.iter().map(|(h, _)| h.0.to_vec()).collect(),
+    };
+    let reply = client
+        .read_chunks(req)
+        .await
+        .map_err(SyncError::refused("ReadChunks"))?
+        .into_inner();
+    pair(want, reply.chunks)
+}
+
+/// Pairs the chunks of a reply with the blocks that asked for each (`want`); every chunk asked
+/// for must be there once, and nothing else. Returns the work and the bytes fetched.
+fn pair(mut want: Vec<(Leaf, Vec<u64>)>, chunks: Vec<pb::Chunk>) -> Result<(Work, u64), SyncError> {
+    let mut work = Vec::with_capacity(chunks.len());
+    let mut bytes = 0u64;
+    for c in chunks {
+        let h = Leaf::from_slice(&c.hash).map_err(|_| SyncError::Protocol("bad chunk hash"))?;
+        let Some(k) = want.iter().position(|(w, _)| *w == h) else {
+            return Err(SyncError::Protocol(
+                "the receiver sent a chunk we did not ask for",
+            ));
+        };
+        let (_, blocks) = want.swap_remove(k);
+        bytes += c.data.len() as u64;
+        work.push((h, c.data, blocks));
+    }
+    if !want.is_empty() {
+        return Err(SyncError::Protocol(
+            "the receiver left out a chunk we asked for",
+        ));
+    }
+    Ok((Work::Chunks(work), bytes))
+}
+
+/// Decompresses and checks fetched chunks on one thread, writes them (and zeroes blocks) with
+/// `w` on another, and reads written blocks back through `checker` on a third, each working on
+/// a later batch than the next. Returns the writer, to be flushed.
+fn write_blocks(
+    mut w: Writer,
+    mut checker: Box<dyn BlockSource + Send>,
+    g: DiskGeometry,
+    mut wrx: tokio::sync::mpsc::Receiver<Work>,
+) -> Result<(Writer, Written), SyncError> {
+    let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf)>>(2);
+    let check = std::thread::spawn(move || {
+        let mut c = Written::default();
+        for blocks in crx {
+            let (wrong, read) = read_back(checker.as_mut(), &g, &blocks)?;
+            c.reread += read;
+            if let Some((i, now)) = wrong {
+                if c.wrong.is_none_or(|(j, _)| i < j) {
+                    c.wrong = Some((i, now));
+                }
+            }
+            c.checked.extend(blocks.iter().map(|b| b.0));
+        }
+        Ok::<_, SyncError>(c)
+    });
+    // Decompressed into buffers the writer hands back.
+    let (dtx, drx) = std::sync::mpsc::sync_channel::<Result<Decoded, SyncError>>(1);
+    let (btx, brx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let decode = std::thread::spawn(move || {
+        while let Some(work) = wrx.blocking_recv() {
+            let decoded = match work {
+                Work::Zeros(blocks) => Ok(Decoded {
+                    opened: Vec::new(),
+                    zeros: blocks,
+                }),
+                Work::Chunks(chunks) => chunks
+                    .iter()
+                    .flat_map(|(h, frame, blocks)| blocks.iter().map(move |&i| (i, *h, frame)))
+                    .map(|(i, h, frame)| {
+                        let mut buf = brx.try_recv().unwrap_or_default();
+                        buf.resize(g.block_len(i).unwrap_or(0), 0);
+                        chunk::open_into(h, frame, &mut buf).map(|()| (i, h, buf))
+                    })
+                    .collect::<Result<Vec<Opened>, _>>()
+                    .map(|opened| Decoded {
+                        opened,
+                        zeros: Vec::new(),
+                    })
+                    .map_err(|e| SyncError::Worker(e.to_string())),
+            };
+            let failed = decoded.is_err();
+            if dtx.send(decoded).is_err() || failed {
+                break;
+            }
+        }
+    });
+    let mut bytes = 0u64;
+    let wrote = (|| {
+        // Whatever is decoded by the time the last write finished is written together
+        // (several writes in flight over NBD).
+        while let Ok(first) = drx.recv() {
+            let mut batch = first?;
+            while let Ok(more) = drx.try_recv() {
+                let more = more?;
+                batch.opened.extend(more.opened);
+                batch.zeros.extend(more.zeros);
+            }
+            for &i in &batch.zeros {
+                let len = g.block_len(i).unwrap_or(0);
+                w.zero(g.offset(i), len)?;
+                bytes += len as u64;
+            }
+            let (blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = batch
+                .opened
+                .into_iter()
+                .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
+                .unzip();
+            bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
+            w.write_many(&pending)?;
+            for (_, buf) in pending {
+                // The decoder may be gone already; the buffer is then dropped.
+                let _ = btx.send(buf);
+            }
+            // A checker that stopped reports why below.
+            if ctx.send(blocks).is_err() {
+                break;
+            }
+        }
+        Ok::<_, SyncError>(())
+    })();
+    // A decoder still sending, or still waiting for work, stops.
+    drop(drx);
+    drop(ctx);
+    let decoded = decode.join();
+    let checked = check
+        .join()
+        .unwrap_or_else(|_| Err(SyncError::Worker("the read-back panicked".into())));
+    if decoded.is_err() {
+        return Err(SyncError::Worker("the decompression panicked".into()));
+    }
+    wrote?;
+    Ok((w, Written { bytes, ..checked? }))
+}
+
+/// A batch for the writer: decompressed blocks, and blocks to zero.
+struct Decoded {
+    opened: Vec<Opened>,
+    zeros: Vec<u64>,
+}
+
+/// A second handle on a disk being rolled back, for writing while it is still compared: the
+/// image file, or another connection to the same qemu-nbd.
+enum Writer {
+    Raw {
+        file: std::fs::File,
+        path: PathBuf,
+        is_device: bool,
+    },
+    Nbd(NbdClient),
+}
+
+impl Writer {
+    /// Writes (offset, bytes) pieces of at most a block each.
+    fn write_many(&mut self, pieces: &[(u64, Vec<u8>)]) -> Result<(), SyncError> {
+        match self {
+            Writer::Raw { file, path, .. } => {
+                for (offset, data) in pieces {
+                    file.write_all_at(data, *offset).map_err(|e| io(path, e))?;
+                }
+                Ok(())
+            }
+            Writer::Nbd(client) => {
+                let refs: Vec<(u64, &[u8])> =
+                    pieces.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+                Ok(client.write_many(&refs)?)
+            }
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: usize) -> Result<(), SyncError> {
+        match self {
+            Writer::Raw {
+                file,
+                path,
+                is_device,
+            } => {
+                if !*is_device {
+                    let flags = rustix::fs::FallocateFlags::PUNCH_HOLE
+                        | rustix::fs::FallocateFlags::KEEP_SIZE;
+                    if rustix::fs::fallocate(&*file, flags, offset, len as u64).is_ok() {
+                        return Ok(());
+                    }
+                }
+                file.write_all_at(&vec![0u8; len], offset)
+                    .map_err(|e| io(path, e))
+            }
+            Writer::Nbd(client) => Ok(client.write_zeroes(offset, len as u32)?),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), SyncError> {
+        match self {
+            Writer::Raw { file, path, .. } => file.sync_all().map_err(|e| io(path, e)),
+            Writer::Nbd(client) => Ok(client.flush()?),
+        }
+    }
+}
+
 /// A block's bytes at their disk offset.
 type Piece = (u64, Vec<u8>);
+
+/// A block fetched for a rollback, decompressed and checked: its index, leaf and bytes.
+type Opened = (u64, Leaf, Vec<u8>);
 
 /// What the writer of a rollback did: bytes written, bytes read back, the blocks it checked,
 /// and the first of them that does not hold the point's content (with what it holds).
@@ -593,154 +891,102 @@ pub async fn rollback(
                 .0;
         }
         tracing::debug!(disk = %d.name, leaves = want.len(), candidates = ?candidates.as_ref().map(BTreeSet::len), at = ?started.elapsed(), "leaves and candidates known");
-        let (diff, read) =
-            tokio::task::block_in_place(|| differing(&mut target, &g, &want, candidates.as_ref()))?;
-        tracing::debug!(disk = %d.name, differing = diff.len(), at = ?started.elapsed(), "compared");
+        // The compare runs on a thread of its own and hands over the blocks that differ as it
+        // finds them, a request's worth at a time: their chunks are fetched and written while
+        // the rest is still compared. A compare that fails part way leaves the blocks already
+        // written rolled back, as a failed write does; the error is reported either way.
+        let want = Arc::new(want);
+        let compared_by = if candidates.is_some() {
+            "dirty bitmap + point chain"
+        } else {
+            "full read"
+        };
+        let (found_tx, found_rx) = tokio::sync::mpsc::channel::<Found>(CHUNK_REQUESTS_IN_FLIGHT);
+        let writing = if cfg.dry_run {
+            None
+        } else {
+            Some((target.writer(&d.name)?, target.second_reader(&d.name)?))
+        };
+        let compare = {
+            let want = want.clone();
+            let found_tx = writing.is_some().then_some(found_tx);
+            tokio::task::spawn_blocking(move || {
+                let mut requests = Requests::new(&want, found_tx);
+                let r = differing(&mut target, &g, &want, candidates.as_ref(), &mut |i| {
+                    requests.push(i)
+                });
+                requests.finish();
+                (target, r)
+            })
+        };
+        let mut fetched_bytes = 0u64;
+        let written = match writing {
+            None => None,
+            Some((w, checker)) => {
+                // Replies are decompressed, written and read back on threads of their own
+                // while later ones arrive.
+                let (wtx, wrx) = tokio::sync::mpsc::channel::<Work>(CHUNK_REQUESTS_IN_FLIGHT);
+                let writer = tokio::task::spawn_blocking(move || write_blocks(w, checker, g, wrx));
+                // Several ReadChunks requests in flight; replies are handed on in order.
+                let vm = cfg.vm.clone();
+                let mut replies = Box::pin(
+                    futures::stream::unfold(found_rx, |mut rx| async move {
+                        rx.recv().await.map(|f| (f, rx))
+                    })
+                    .map(|found| fetch(client.clone(), vm.clone(), found))
+                    .buffered(CHUNK_REQUESTS_IN_FLIGHT),
+                );
+                // On an error, the writer still finishes (and the compare stops) before it is
+                // reported.
+                let fetched = async {
+                    while let Some(reply) = replies.next().await {
+                        let (work, bytes) = reply?;
+                        fetched_bytes += bytes;
+                        if wtx.send(work).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok::<_, SyncError>(())
+                }
+                .await;
+                drop(replies);
+                drop(wtx);
+                let written = writer.await.map_err(|e| SyncError::Worker(e.to_string()))?;
+                Some((fetched, written))
+            }
+        };
+        let (back, compared) = compare
+            .await
+            .map_err(|e| SyncError::Worker(e.to_string()))?;
+        target = back;
+        let (diff, read) = compared?;
+        tracing::debug!(disk = %d.name, differing = diff.len(), at = ?started.elapsed(), "compared, fetched and written");
         let mut report = DiskRollback {
             name: d.name.clone(),
             size,
             root: root.to_hex(),
             blocks_differing: diff.len() as u64,
-            bytes_fetched: 0,
+            bytes_fetched: fetched_bytes,
             bytes_written: 0,
             bytes_read: read,
-            compared: if candidates.is_some() {
-                "dirty bitmap + point chain"
-            } else {
-                "full read"
-            },
+            compared: compared_by,
             verified: false,
         };
-        if !cfg.dry_run {
-            // Blocks that must become zero, and the chunks the others need.
-            let mut by_hash: HashMap<Leaf, Vec<u64>> = HashMap::new();
-            for &i in &diff {
-                match want.get(&i) {
-                    Some(l) => by_hash.entry(*l).or_default().push(i),
-                    None => {
-                        let len = g.block_len(i).unwrap_or(0);
-                        target.zero(g.offset(i), len)?;
-                        report.bytes_written += len as u64;
-                    }
-                }
-            }
-            let hashes: Vec<Leaf> = by_hash.keys().copied().collect();
-            // Several ReadChunks requests in flight; replies are handled in order.
-            let mut replies =
-                futures::stream::iter(hashes.chunks(CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS)))
-                    .map(|group| {
-                        let mut c = client.clone();
-                        let req = pb::ReadChunksRequest {
-                            vm: cfg.vm.clone(),
-                            hashes: group.iter().map(|h| h.0.to_vec()).collect(),
-                        };
-                        async move { c.read_chunks(req).await }
-                    })
-                    .buffered(CHUNK_REQUESTS_IN_FLIGHT);
-            // Replies are decompressed and written on a thread of their own while later ones
-            // arrive.
-            let (wtx, mut wrx) = tokio::sync::mpsc::channel::<Vec<(Leaf, bytes::Bytes, Vec<u64>)>>(
-                CHUNK_REQUESTS_IN_FLIGHT,
-            );
-            // Written blocks are read back over a second handle on the disk, on a thread of
-            // its own, while the next reply is written.
-            let mut checker = target.second_reader(&d.name)?;
-            let writer = tokio::task::spawn_blocking(move || {
-                let mut bytes = 0u64;
-                let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf)>>(2);
-                let check = std::thread::spawn(move || {
-                    let mut c = Written::default();
-                    for blocks in crx {
-                        let (wrong, read) = read_back(checker.as_mut(), &g, &blocks)?;
-                        c.reread += read;
-                        if let Some((i, now)) = wrong {
-                            if c.wrong.is_none_or(|(j, _)| i < j) {
-                                c.wrong = Some((i, now));
-                            }
-                        }
-                        c.checked.extend(blocks.iter().map(|b| b.0));
-                    }
-                    Ok::<_, SyncError>(c)
-                });
-                let wrote = (|| {
-                    while let Some(reply) = wrx.blocking_recv() {
-                        // A reply's chunks decompressed and checked across the cores, then its
-                        // blocks written together (several writes in flight over NBD).
-                        let opened: Vec<(u64, Leaf, Vec<u8>)> = reply
-                            .par_iter()
-                            .flat_map_iter(|(h, frame, blocks)| {
-                                blocks.iter().map(move |&i| {
-                                    chunk::open(*h, frame, g.block_len(i).unwrap_or(0))
-                                        .map(|data| (i, *h, data))
-                                })
-                            })
-                            .collect::<Result<_, _>>()
-                            .map_err(|e| SyncError::Worker(e.to_string()))?;
-                        let (blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = opened
-                            .into_iter()
-                            .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
-                            .unzip();
-                        bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
-                        target.write_many(&pending)?;
-                        // A checker that stopped reports why below.
-                        if ctx.send(blocks).is_err() {
-                            break;
-                        }
-                    }
-                    Ok::<_, SyncError>(())
-                })();
-                drop(ctx);
-                let checked = check
-                    .join()
-                    .unwrap_or_else(|_| Err(SyncError::Worker("the read-back panicked".into())));
-                wrote?;
-                let written = Written { bytes, ..checked? };
-                Ok::<_, SyncError>((target, written))
-            });
-            // On an error, the writer still finishes (and closes the image) before it is
-            // reported.
-            let fetched = async {
-                while let Some(reply) = replies.next().await {
-                    let reply = reply
-                        .map_err(SyncError::refused("ReadChunks"))?
-                        .into_inner();
-                    let mut work = Vec::with_capacity(reply.chunks.len());
-                    for c in reply.chunks {
-                        let h = Leaf::from_slice(&c.hash)
-                            .map_err(|_| SyncError::Protocol("bad chunk hash"))?;
-                        let Some(blocks) = by_hash.get(&h) else {
-                            return Err(SyncError::Protocol(
-                                "the receiver sent a chunk we did not ask for",
-                            ));
-                        };
-                        report.bytes_fetched += c.data.len() as u64;
-                        work.push((h, c.data, blocks.clone()));
-                    }
-                    if wtx.send(work).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(())
-            }
-            .await;
-            drop(replies);
-            drop(wtx);
-            let written = writer.await.map_err(|e| SyncError::Worker(e.to_string()))?;
+        if let Some((fetched, written)) = written {
             fetched?;
-            let (back, w) = written?;
-            target = back;
-            report.bytes_written += w.bytes;
-            report.bytes_read += w.reread;
-            tracing::debug!(disk = %d.name, at = ?started.elapsed(), "fetched and written");
-            target.flush()?;
+            let (mut w, written) = written?;
+            report.bytes_written += written.bytes;
+            report.bytes_read += written.reread;
+            w.flush()?;
+            drop(w);
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
             // The blocks written were read back as they were written; the zeroed ones now.
             let rest: Vec<u64> = diff
                 .iter()
                 .copied()
-                .filter(|i| !w.checked.contains(i))
+                .filter(|i| !written.checked.contains(i))
                 .collect();
-            let (now, reread) = match w.wrong {
+            let (now, reread) = match written.wrong {
                 Some((_, now)) => (now, 0),
                 None => tokio::task::block_in_place(|| verify(&mut target, &g, &want, &rest))?,
             };
@@ -799,4 +1045,119 @@ fn open_raw(d: &DiskSource) -> Result<Target, SyncError> {
         file,
         is_device,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(n: u8) -> Leaf {
+        Leaf::of(&[n; 64])
+    }
+
+    fn chunk(l: Leaf, data: &[u8]) -> pb::Chunk {
+        pb::Chunk {
+            hash: l.0.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
+        }
+    }
+
+    #[test]
+    fn a_reply_pairs_each_chunk_with_its_blocks_and_must_hold_exactly_what_was_asked() {
+        let want = || vec![(leaf(1), vec![3, 9]), (leaf(2), vec![4])];
+        let (work, bytes) =
+            pair(want(), vec![chunk(leaf(2), b"bb"), chunk(leaf(1), b"aaa")]).expect("paired");
+        assert_eq!(bytes, 5);
+        let Work::Chunks(got) = work else {
+            panic!("chunks expected");
+        };
+        let got: Vec<(Leaf, Vec<u64>)> = got.into_iter().map(|(h, _, b)| (h, b)).collect();
+        assert_eq!(got, vec![(leaf(2), vec![4]), (leaf(1), vec![3, 9])]);
+
+        let left_out = pair(want(), vec![chunk(leaf(1), b"aaa")]);
+        assert!(matches!(
+            left_out,
+            Err(SyncError::Protocol(
+                "the receiver left out a chunk we asked for"
+            ))
+        ));
+        let extra = pair(
+            want(),
+            vec![
+                chunk(leaf(1), b"a"),
+                chunk(leaf(2), b"b"),
+                chunk(leaf(3), b"c"),
+            ],
+        );
+        assert!(matches!(
+            extra,
+            Err(SyncError::Protocol(
+                "the receiver sent a chunk we did not ask for"
+            ))
+        ));
+        let twice = pair(want(), vec![chunk(leaf(1), b"a"), chunk(leaf(1), b"a")]);
+        assert!(matches!(
+            twice,
+            Err(SyncError::Protocol(
+                "the receiver sent a chunk we did not ask for"
+            ))
+        ));
+        let bad = pair(
+            want(),
+            vec![pb::Chunk {
+                hash: vec![1, 2, 3],
+                data: bytes::Bytes::new(),
+            }],
+        );
+        assert!(matches!(bad, Err(SyncError::Protocol("bad chunk hash"))));
+    }
+
+    #[test]
+    fn differing_blocks_are_handed_on_a_request_at_a_time() {
+        // Blocks 0..40 hold chunks 0..20 twice over (block i has chunk i / 2); 100..300 are zero
+        // in the point.
+        let want: BTreeMap<u64, Leaf> = (0..40u64).map(|i| (i, leaf((i / 2) as u8))).collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut r = Requests::new(&want, Some(tx));
+        for i in (0..40).chain(100..300) {
+            assert!(r.push(i));
+        }
+        r.finish();
+        let mut sent = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            sent.push(f);
+        }
+        let chunks: Vec<&Vec<(Leaf, Vec<u64>)>> = sent
+            .iter()
+            .filter_map(|f| match f {
+                Found::Chunks(c) => Some(c),
+                Found::Zeros(_) => None,
+            })
+            .collect();
+        let zeros: Vec<u64> = sent
+            .iter()
+            .filter_map(|f| match f {
+                Found::Zeros(z) => Some(z.clone()),
+                Found::Chunks(_) => None,
+            })
+            .flatten()
+            .collect();
+        // 20 distinct chunks: one full request of 16, then the 4 left at the end.
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![CHUNKS_PER_REQUEST, 20 - CHUNKS_PER_REQUEST]
+        );
+        assert_eq!(chunks[0][0], (leaf(0), vec![0, 1]));
+        assert_eq!(chunks[1][3], (leaf(19), vec![38, 39]));
+        assert_eq!(zeros, (100..300).collect::<Vec<u64>>());
+
+        // Nobody listening: the compare is told to stop.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        let mut r = Requests::new(&want, Some(tx));
+        assert!((0..40).map(|i| r.push(i)).any(|more| !more));
+        // A dry run sends nothing and never stops the compare.
+        let mut r = Requests::new(&want, None);
+        assert!((0..40).all(|i| r.push(i)));
+    }
 }

@@ -227,6 +227,14 @@ pub fn open_ro(data: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Opens the catalog for reading only, as one of several readers inside `serve`: with a small
+/// page cache of its own (the writer's connection keeps the large one).
+pub fn open_reader(data: &Path) -> rusqlite::Result<Connection> {
+    let conn = open_ro(data)?;
+    conn.pragma_update(None, "cache_size", -4096)?;
+    Ok(conn)
+}
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(30))?;
     // FULL: NORMAL can lose the last commit on power loss, and a commit acknowledged to an agent

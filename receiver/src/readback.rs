@@ -84,7 +84,8 @@ impl Store {
             });
         }
         let locs = {
-            let conn = self.conn();
+            // Lookups of concurrent requests run side by side, each on its own connection.
+            let conn = self.reader()?;
             owned_vm(&conn, vm, owner)?;
             let mut stmt = conn.prepare_cached(
                 "SELECT c.pack_id, c.offset, c.clen FROM chunk_owners o JOIN chunks c ON c.hash = o.hash

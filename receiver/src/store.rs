@@ -4,17 +4,23 @@ use crate::catalog;
 use crate::error::StoreError;
 use crate::packs;
 use rusqlite::Connection;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 /// The folder of pack files inside the data folder.
 pub const PACKS_DIR: &str = "packs";
 
+/// Read-only catalog connections kept between reads (more are opened while more reads run).
+const READERS_KEPT: usize = 8;
+
 /// An open data folder. All catalog writes go through one connection; callers run store work
 /// on blocking threads.
 pub struct Store {
     data: PathBuf,
     conn: Mutex<Connection>,
+    /// Idle read-only connections, for lookups that run side by side (see [`Store::reader`]).
+    readers: Mutex<Vec<Connection>>,
 }
 
 impl Store {
@@ -31,6 +37,7 @@ impl Store {
         Ok(Store {
             data: data.to_owned(),
             conn: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
         })
     }
 
@@ -46,5 +53,46 @@ impl Store {
     /// transactions do not already protect, so a poisoned lock is taken over.
     pub fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read-only catalog connection of its own, for lookups that need not wait for the
+    /// writer or for each other: in WAL mode readers run side by side, each on the last
+    /// commit. Lookups of chunks spread over a large catalog wait on the disk for most pages,
+    /// and several in flight are served about three times as fast as one after another.
+    pub fn reader(&self) -> Result<Reader<'_>, StoreError> {
+        let kept = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match kept {
+            Some(c) => c,
+            None => catalog::open_reader(&self.data)?,
+        };
+        Ok(Reader {
+            store: self,
+            conn: Some(conn),
+        })
+    }
+}
+
+/// A read-only catalog connection from [`Store::reader`], kept for the next reader when dropped.
+pub struct Reader<'a> {
+    store: &'a Store,
+    conn: Option<Connection>,
+}
+
+impl Deref for Reader<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+            .as_ref()
+            .expect("a reader holds its connection until dropped")
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        let mut idle = self.store.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < READERS_KEPT {
+            idle.extend(self.conn.take());
+        }
     }
 }
