@@ -514,11 +514,12 @@ fn write_blocks(
                 w.zero(g.offset(i), len)?;
                 bytes += len as u64;
             }
-            let (blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = batch
+            let (mut blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = batch
                 .opened
                 .into_iter()
                 .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
                 .unzip();
+            blocks.extend(batch.zeros.iter().map(|&i| (i, Leaf::ZERO)));
             bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
             w.write_many(&pending)?;
             for (_, buf) in pending {
@@ -980,7 +981,8 @@ pub async fn rollback(
             w.flush()?;
             drop(w);
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
-            // The blocks written were read back as they were written; the zeroed ones now.
+            // Every block written or zeroed was read back right after; any the read-back did
+            // not get (none when all went well) is read now.
             let rest: Vec<u64> = diff
                 .iter()
                 .copied()
