@@ -262,13 +262,15 @@ fn differing(
     Ok((out, read))
 }
 
-/// Re-reads `written` blocks and checks each now holds the point's content, and that the
-/// point's leaves give the point's root: every other block was already found (or, with a
-/// bitmap, known) equal to the point, or checked as it was written.
+/// Re-reads `written` blocks and checks each now holds the point's content; returns the root the
+/// disk now has (`leaves_root`, the root of the point's leaves, when they all do: every other
+/// block was already found, or with a bitmap known, equal to the point, or checked as it was
+/// written), and the bytes read.
 fn verify(
     target: &mut Target,
     g: &DiskGeometry,
     want: &BTreeMap<u64, Leaf>,
+    leaves_root: Leaf,
     written: &[u64],
 ) -> Result<(Leaf, u64), SyncError> {
     let expected: Vec<(u64, Leaf)> = written
@@ -276,7 +278,7 @@ fn verify(
         .map(|&i| (i, want.get(&i).copied().unwrap_or(Leaf::ZERO)))
         .collect();
     let (wrong, read) = read_back(target.source(), g, &expected)?;
-    Ok((wrong.map_or_else(|| root_of(g, want), |(_, now)| now), read))
+    Ok((wrong.map_or(leaves_root, |(_, now)| now), read))
 }
 
 /// Reads `blocks` (index, the leaf each must have) from `src`; returns the lowest block that
@@ -868,12 +870,19 @@ pub async fn rollback(
             });
         }
         let mut candidates = None;
-        if let Some(dirty) = dirty {
+        // The root the point's leaves give, once known (it must be the point's root).
+        let mut leaves_root = None;
+        if let Some(mut dirty) = dirty {
             if own_point && dirty.geometry == (g.size, g.block_size.bytes()) {
-                if let Some(base) = dirty.base.as_ref().filter(|b| root_of(&g, b) == root) {
-                    want = base.clone();
-                    next = 0;
-                    candidates = Some(dirty.blocks.clone());
+                if let Some(base) = dirty.base.take() {
+                    if root_of(&g, &base) == root {
+                        want = base;
+                        next = 0;
+                        leaves_root = Some(root);
+                        candidates = Some(std::mem::take(&mut dirty.blocks));
+                    } else {
+                        dirty.base = Some(base);
+                    }
                 }
             }
             // The rest of the point's leaves, a page at a time.
@@ -912,12 +921,17 @@ pub async fn rollback(
             let want = want.clone();
             let found_tx = writing.is_some().then_some(found_tx);
             tokio::task::spawn_blocking(move || {
+                let writing = found_tx.is_some();
                 let mut requests = Requests::new(&want, found_tx);
                 let r = differing(&mut target, &g, &want, candidates.as_ref(), &mut |i| {
                     requests.push(i)
                 });
                 requests.finish();
-                (target, r)
+                // While the last blocks are written, the root the point's leaves give (for the
+                // check after writing), unless already known.
+                let leaves_root =
+                    writing.then(|| leaves_root.unwrap_or_else(|| root_of(&g, &want)));
+                (target, r, leaves_root)
             })
         };
         let mut fetched_bytes = 0u64;
@@ -956,7 +970,7 @@ pub async fn rollback(
                 Some((fetched, written))
             }
         };
-        let (back, compared) = compare
+        let (back, compared, leaves_root) = compare
             .await
             .map_err(|e| SyncError::Worker(e.to_string()))?;
         target = back;
@@ -988,9 +1002,12 @@ pub async fn rollback(
                 .copied()
                 .filter(|i| !written.checked.contains(i))
                 .collect();
+            let leaves_root = leaves_root.unwrap_or_else(|| root_of(&g, &want));
             let (now, reread) = match written.wrong {
                 Some((_, now)) => (now, 0),
-                None => tokio::task::block_in_place(|| verify(&mut target, &g, &want, &rest))?,
+                None => tokio::task::block_in_place(|| {
+                    verify(&mut target, &g, &want, leaves_root, &rest)
+                })?,
             };
             report.bytes_read += reread;
             if now != root {
