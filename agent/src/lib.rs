@@ -16,6 +16,7 @@ pub mod health;
 pub mod live;
 pub mod nbd;
 pub mod offline;
+pub mod qcow2;
 pub mod qmp;
 pub mod rollback;
 pub mod scan;

@@ -217,21 +217,53 @@ impl NbdServer {
                 message: e.to_string(),
             })?;
         let deadline = Instant::now() + Duration::from_secs(15);
-        // The socket file appears at bind(), before listen(): wait until a connection succeeds.
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        let exited = |child: &mut Child, status: std::process::ExitStatus| {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            OfflineError::Tool {
+                tool: "qemu-nbd",
+                path: path.to_owned(),
+                message: format!("exited with {status}: {}", err.trim()),
+            }
+        };
+        // qemu-nbd listens before it opens the image, and greets a connection only once the
+        // image is open: it is ready when a connection gets the greeting. A connection that
+        // is dropped instead means it failed (e.g. on the lock a running QEMU holds).
+        loop {
+            if let Ok(mut probe) = std::os::unix::net::UnixStream::connect(socket) {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                let mut magic = [0u8; 8];
+                let greeted = probe
+                    .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+                    .and_then(|()| std::io::Read::read_exact(&mut probe, &mut magic))
+                    .is_ok_and(|()| &magic == b"NBDMAGIC");
+                if greeted {
+                    break;
                 }
+                // Not greeted: qemu-nbd is exiting (it says why), or hangs (killed below).
+                let gone = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < gone.min(deadline) {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(exited(&mut child, status));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err(OfflineError::Tool {
                     tool: "qemu-nbd",
                     path: path.to_owned(),
-                    message: format!("exited with {status}: {}", err.trim()),
+                    message: "did not greet a connection".into(),
                 });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(exited(&mut child, status));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
                 return Err(OfflineError::Tool {
                     tool: "qemu-nbd",
                     path: path.to_owned(),

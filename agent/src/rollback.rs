@@ -638,6 +638,17 @@ struct Dirty {
     base: Option<BTreeMap<u64, Leaf>>,
 }
 
+/// A qemu-img or qemu-nbd failure on the write lock a running QEMU holds is the disk being in
+/// use; anything else is reported as it is.
+fn in_use(d: &DiskSource, e: crate::offline::OfflineError) -> SyncError {
+    match &e {
+        crate::offline::OfflineError::Tool { message, .. } if message.contains("lock") => {
+            SyncError::InUse(d.name.clone(), d.path.clone())
+        }
+        _ => SyncError::from(e),
+    }
+}
+
 /// Opens a disk for rollback: refuses one a running QEMU holds, and for a qcow2 image starts
 /// one writable `qemu-nbd` that also exports our dirty bitmaps and reads which blocks they
 /// name (`None` when they cannot be trusted: missing, in use, or no committed base). Runs
@@ -651,22 +662,25 @@ fn open_disk(
         ensure_not_in_use(d)?;
         return Ok((open_raw(d)?, None));
     }
-    // `qemu-img info` without -U fails on the lock a running QEMU holds.
-    let info = crate::offline::inspect(&d.name, &d.path).map_err(|e| match &e {
-        crate::offline::OfflineError::Tool { message, .. } if message.contains("lock") => {
-            SyncError::InUse(d.name.clone(), d.path.clone())
+    // The image's bitmaps, from its header; an image the header reader does not take is asked
+    // about with `qemu-img info`, which (without -U) fails on the lock a running QEMU holds.
+    // Otherwise that lock is found when qemu-nbd starts.
+    let bitmaps = match crate::qcow2::bitmaps(&d.path) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(disk = %d.name, error = %e, "asking qemu-img for the bitmaps");
+            crate::offline::inspect(&d.name, &d.path)
+                .map_err(|e| in_use(d, e))?
+                .bitmaps
         }
-        _ => SyncError::from(e),
-    })?;
-    let ours: Vec<&str> = info
-        .bitmaps
+    };
+    let ours: Vec<&str> = bitmaps
         .iter()
         .filter(|b| b.name.starts_with(crate::live::PREFIX))
         .map(|b| b.name.as_str())
         .collect();
     let trusted = !ours.is_empty()
-        && !info
-            .bitmaps
+        && !bitmaps
             .iter()
             .any(|b| b.inconsistent && b.name.starts_with(crate::live::PREFIX));
     // The bitmaps cover writes since the last committed point only when no session is open.
@@ -690,7 +704,7 @@ fn open_disk(
         // A bitmap qemu-nbd will not export, or whose context it does not grant, only costs
         // the shortcut: the disk is then read whole.
         let with_bitmaps = NbdServer::start_writable(&d.path, &socket, &d.name, &ours)
-            .map_err(SyncError::from)
+            .map_err(|e| in_use(d, e))
             .and_then(|server| {
                 let contexts: Vec<String> = ours
                     .iter()
@@ -710,6 +724,7 @@ fn open_disk(
                 Ok((server, client, blocks))
             });
         match with_bitmaps {
+            Err(e @ SyncError::InUse(..)) => return Err(e),
             Ok((server, client, blocks)) => {
                 let dirty = Dirty {
                     geometry: (size, bs),
@@ -729,7 +744,8 @@ fn open_disk(
             }
         }
     }
-    let server = NbdServer::start_writable(&d.path, &socket, &d.name, &[])?;
+    let server =
+        NbdServer::start_writable(&d.path, &socket, &d.name, &[]).map_err(|e| in_use(d, e))?;
     let client = NbdClient::connect_unix(&server.socket, &d.name, &["base:allocation"])?;
     Ok((
         Target::Nbd {
