@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long qemu-nbd may take to open an image once it listens.
+const OPEN_LIMIT: Duration = Duration::from_secs(600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
     /// qemu-img or qemu-nbd failed (e.g. the image is in use by a running VM).
@@ -216,6 +219,7 @@ impl NbdServer {
                 path: path.to_owned(),
                 message: e.to_string(),
             })?;
+        // The socket must appear within 15 s; the image may then take up to OPEN_LIMIT to open.
         let deadline = Instant::now() + Duration::from_secs(15);
         let exited = |child: &mut Child, status: std::process::ExitStatus| {
             let mut err = String::new();
@@ -233,18 +237,23 @@ impl NbdServer {
         // is dropped instead means it failed (e.g. on the lock a running QEMU holds).
         loop {
             if let Ok(mut probe) = std::os::unix::net::UnixStream::connect(socket) {
-                let wait = deadline.saturating_duration_since(Instant::now());
+                // Opening may take long: an image left dirty by a crash is repaired first.
                 let mut magic = [0u8; 8];
-                let greeted = probe
-                    .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-                    .and_then(|()| std::io::Read::read_exact(&mut probe, &mut magic))
-                    .is_ok_and(|()| &magic == b"NBDMAGIC");
-                if greeted {
+                let greeting = probe
+                    .set_read_timeout(Some(OPEN_LIMIT))
+                    .and_then(|()| std::io::Read::read_exact(&mut probe, &mut magic));
+                if greeting.is_ok() && &magic == b"NBDMAGIC" {
                     break;
                 }
+                let timed_out = greeting.as_ref().is_err_and(|e| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                });
                 // Not greeted: qemu-nbd is exiting (it says why), or hangs (killed below).
                 let gone = Instant::now() + Duration::from_secs(1);
-                while Instant::now() < gone.min(deadline) {
+                while !timed_out && Instant::now() < gone {
                     if let Ok(Some(status)) = child.try_wait() {
                         return Err(exited(&mut child, status));
                     }
@@ -255,7 +264,11 @@ impl NbdServer {
                 return Err(OfflineError::Tool {
                     tool: "qemu-nbd",
                     path: path.to_owned(),
-                    message: "did not greet a connection".into(),
+                    message: if timed_out {
+                        format!("did not open the image within {} s", OPEN_LIMIT.as_secs())
+                    } else {
+                        "closed a connection without greeting it".into()
+                    },
                 });
             }
             if let Ok(Some(status)) = child.try_wait() {

@@ -328,18 +328,29 @@ struct Requests<'a> {
     want: &'a BTreeMap<u64, Leaf>,
     tx: Option<tokio::sync::mpsc::Sender<Found>>,
     chunks: Vec<(Leaf, Vec<u64>)>,
+    /// Blocks the chunks of the request being gathered go to, and the most it takes.
+    blocks: usize,
+    max_blocks: usize,
     zeros: Vec<u64>,
 }
+
+/// Bytes of blocks one request may fill: the writer holds a request's blocks decompressed at
+/// once, so many blocks of one content (a disk of one repeated pattern) must not make one
+/// request of gigabytes.
+const REQUEST_BLOCK_BYTES: u64 = 16 << 20;
 
 impl<'a> Requests<'a> {
     fn new(
         want: &'a BTreeMap<u64, Leaf>,
+        block_size: u64,
         tx: Option<tokio::sync::mpsc::Sender<Found>>,
     ) -> Requests<'a> {
         Requests {
             want,
             tx,
             chunks: Vec::new(),
+            blocks: 0,
+            max_blocks: (REQUEST_BLOCK_BYTES / block_size.max(1)).max(1) as usize,
             zeros: Vec::new(),
         }
     }
@@ -357,19 +368,26 @@ impl<'a> Requests<'a> {
                     return self.send(Found::Zeros(zeros));
                 }
             }
-            Some(leaf) => match self.chunks.iter_mut().find(|(h, _)| h == leaf) {
-                Some((_, blocks)) => blocks.push(i),
-                None => {
-                    // A full request goes once a chunk it cannot take comes (neighbouring
-                    // blocks with the same content then share one request).
-                    let sent = self.chunks.len() < CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS) || {
-                        let chunks = std::mem::take(&mut self.chunks);
-                        self.send(Found::Chunks(chunks))
-                    };
-                    self.chunks.push((*leaf, vec![i]));
-                    return sent;
+            Some(leaf) => {
+                // A full request goes once a chunk it cannot take comes (neighbouring blocks
+                // with the same content then share one request), or once it holds as many
+                // blocks as one request may.
+                let known = self.chunks.iter().position(|(h, _)| h == leaf);
+                let full = self.blocks >= self.max_blocks
+                    || (known.is_none()
+                        && self.chunks.len() >= CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS));
+                let sent = !full || {
+                    let chunks = std::mem::take(&mut self.chunks);
+                    self.blocks = 0;
+                    self.send(Found::Chunks(chunks))
+                };
+                match known.filter(|_| !full) {
+                    Some(k) => self.chunks[k].1.push(i),
+                    None => self.chunks.push((*leaf, vec![i])),
                 }
-            },
+                self.blocks += 1;
+                return sent;
+            }
         }
         true
     }
@@ -938,7 +956,7 @@ pub async fn rollback(
             let found_tx = writing.is_some().then_some(found_tx);
             tokio::task::spawn_blocking(move || {
                 let writing = found_tx.is_some();
-                let mut requests = Requests::new(&want, found_tx);
+                let mut requests = Requests::new(&want, g.block_size.bytes(), found_tx);
                 let r = differing(&mut target, &g, &want, candidates.as_ref(), &mut |i| {
                     requests.push(i)
                 });
@@ -1086,6 +1104,8 @@ fn open_raw(d: &DiskSource) -> Result<Target, SyncError> {
 mod tests {
     use super::*;
 
+    const BLOCK: u64 = 64 * 1024;
+
     fn leaf(n: u8) -> Leaf {
         Leaf::of(&[n; 64])
     }
@@ -1153,7 +1173,7 @@ mod tests {
         // in the point.
         let want: BTreeMap<u64, Leaf> = (0..40u64).map(|i| (i, leaf((i / 2) as u8))).collect();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let mut r = Requests::new(&want, Some(tx));
+        let mut r = Requests::new(&want, BLOCK, Some(tx));
         for i in (0..40).chain(100..300) {
             assert!(r.push(i));
         }
@@ -1189,10 +1209,25 @@ mod tests {
         // Nobody listening: the compare is told to stop.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         drop(rx);
-        let mut r = Requests::new(&want, Some(tx));
+        let mut r = Requests::new(&want, BLOCK, Some(tx));
         assert!((0..40).map(|i| r.push(i)).any(|more| !more));
         // A dry run sends nothing and never stops the compare.
-        let mut r = Requests::new(&want, None);
+        let mut r = Requests::new(&want, BLOCK, None);
         assert!((0..40).all(|i| r.push(i)));
+
+        // A disk of one repeated content: requests of at most 16 MiB of blocks each, the
+        // chunk asked for again in each.
+        let same: BTreeMap<u64, Leaf> = (0..600u64).map(|i| (i, leaf(7))).collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut r = Requests::new(&same, BLOCK, Some(tx));
+        assert!((0..600).all(|i| r.push(i)));
+        r.finish();
+        let mut sizes = Vec::new();
+        while let Ok(Found::Chunks(c)) = rx.try_recv() {
+            assert_eq!(c.len(), 1);
+            assert_eq!(c[0].0, leaf(7));
+            sizes.push(c[0].1.len());
+        }
+        assert_eq!(sizes, vec![256, 256, 88]);
     }
 }
