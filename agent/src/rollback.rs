@@ -80,7 +80,8 @@ enum Target {
     },
     Nbd {
         client: NbdClient,
-        _server: NbdServer,
+        /// Kept for the other handles it serves; stopped (bitmaps written) when dropped.
+        server: NbdServer,
     },
 }
 
@@ -112,8 +113,8 @@ impl Target {
     fn second_reader(&self, export: &str) -> Result<Box<dyn BlockSource + Send>, SyncError> {
         Ok(match self {
             Target::Raw { disk, .. } => Box::new(disk.try_clone()?),
-            Target::Nbd { _server, .. } => Box::new(NbdClient::connect_unix(
-                &_server.socket,
+            Target::Nbd { server, .. } => Box::new(NbdClient::connect_unix(
+                &server.socket,
                 export,
                 &["base:allocation"],
             )?),
@@ -132,8 +133,8 @@ impl Target {
                 path: disk.path().to_owned(),
                 is_device: *is_device,
             },
-            Target::Nbd { _server, .. } => {
-                Writer::Nbd(NbdClient::connect_unix(&_server.socket, export, &[])?)
+            Target::Nbd { server, .. } => {
+                Writer::Nbd(NbdClient::connect_unix(&server.socket, export, &[])?)
             }
         })
     }
@@ -199,10 +200,7 @@ fn differing(
         // Only blocks that can differ are read (several in flight); the others equal the point
         // already.
         let blocks: Vec<u64> = c.iter().copied().collect();
-        let ranges: Vec<(u64, usize)> = blocks
-            .iter()
-            .map(|&i| (g.offset(i), g.block_len(i).unwrap_or(0)))
-            .collect();
+        let ranges = ranges_of(g, blocks.iter().copied());
         let read = ranges.iter().map(|r| r.1 as u64).sum();
         let mut out = Vec::new();
         target.source().read_ranges(&ranges, &mut |k, bytes| {
@@ -231,7 +229,7 @@ fn differing(
         want.range(from..to).all(|(&i, _)| differs(i))
     };
     let mut wanted = true;
-    'read: for &(first, end) in &plan.read {
+    for &(first, end) in &plan.read {
         wanted = outside(next, first, &mut differs);
         let mut idx = first;
         while wanted && idx < end {
@@ -251,7 +249,7 @@ fn differing(
             idx += count;
         }
         if !wanted {
-            break 'read;
+            break;
         }
         next = end;
     }
@@ -262,23 +260,10 @@ fn differing(
     Ok((out, read))
 }
 
-/// Re-reads `written` blocks and checks each now holds the point's content; returns the root the
-/// disk now has (`leaves_root`, the root of the point's leaves, when they all do: every other
-/// block was already found, or with a bitmap known, equal to the point, or checked as it was
-/// written), and the bytes read.
-fn verify(
-    target: &mut Target,
-    g: &DiskGeometry,
-    want: &BTreeMap<u64, Leaf>,
-    leaves_root: Leaf,
-    written: &[u64],
-) -> Result<(Leaf, u64), SyncError> {
-    let expected: Vec<(u64, Leaf)> = written
-        .iter()
-        .map(|&i| (i, want.get(&i).copied().unwrap_or(Leaf::ZERO)))
-        .collect();
-    let (wrong, read) = read_back(target.source(), g, &expected)?;
-    Ok((wrong.map_or(leaves_root, |(_, now)| now), read))
+/// The disk ranges of blocks `idx`.
+fn ranges_of(g: &DiskGeometry, idx: impl Iterator<Item = u64>) -> Vec<(u64, usize)> {
+    idx.map(|i| (g.offset(i), g.block_len(i).unwrap_or(0)))
+        .collect()
 }
 
 /// Reads `blocks` (index, the leaf each must have) from `src`; returns the lowest block that
@@ -288,10 +273,7 @@ fn read_back(
     g: &DiskGeometry,
     blocks: &[(u64, Leaf)],
 ) -> Result<(Option<(u64, Leaf)>, u64), SyncError> {
-    let ranges: Vec<(u64, usize)> = blocks
-        .iter()
-        .map(|&(i, _)| (g.offset(i), g.block_len(i).unwrap_or(0)))
-        .collect();
+    let ranges = ranges_of(g, blocks.iter().map(|b| b.0));
     let read = ranges.iter().map(|r| r.1 as u64).sum();
     let mut wrong: Option<(u64, Leaf)> = None;
     src.read_ranges(&ranges, &mut |k, bytes| {
@@ -364,8 +346,7 @@ impl<'a> Requests<'a> {
             None => {
                 self.zeros.push(i);
                 if self.zeros.len() >= ZEROS_PER_BATCH {
-                    let zeros = std::mem::take(&mut self.zeros);
-                    return self.send(Found::Zeros(zeros));
+                    return self.send_zeros();
                 }
             }
             Some(leaf) => {
@@ -376,11 +357,7 @@ impl<'a> Requests<'a> {
                 let full = self.blocks >= self.max_blocks
                     || (known.is_none()
                         && self.chunks.len() >= CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS));
-                let sent = !full || {
-                    let chunks = std::mem::take(&mut self.chunks);
-                    self.blocks = 0;
-                    self.send(Found::Chunks(chunks))
-                };
+                let sent = !full || self.send_chunks();
                 match known.filter(|_| !full) {
                     Some(k) => self.chunks[k].1.push(i),
                     None => self.chunks.push((*leaf, vec![i])),
@@ -395,13 +372,22 @@ impl<'a> Requests<'a> {
     /// Hands on what is left.
     fn finish(mut self) {
         if !self.chunks.is_empty() {
-            let chunks = std::mem::take(&mut self.chunks);
-            self.send(Found::Chunks(chunks));
+            self.send_chunks();
         }
         if !self.zeros.is_empty() {
-            let zeros = std::mem::take(&mut self.zeros);
-            self.send(Found::Zeros(zeros));
+            self.send_zeros();
         }
+    }
+
+    fn send_chunks(&mut self) -> bool {
+        self.blocks = 0;
+        let chunks = std::mem::take(&mut self.chunks);
+        self.send(Found::Chunks(chunks))
+    }
+
+    fn send_zeros(&mut self) -> bool {
+        let zeros = std::mem::take(&mut self.zeros);
+        self.send(Found::Zeros(zeros))
     }
 
     fn send(&mut self, found: Found) -> bool {
@@ -483,7 +469,7 @@ fn write_blocks(
                     c.wrong = Some((i, now));
                 }
             }
-            c.checked.extend(blocks.iter().map(|b| b.0));
+            c.checked += blocks.len() as u64;
         }
         Ok::<_, SyncError>(c)
     });
@@ -637,13 +623,13 @@ type Piece = (u64, Vec<u8>);
 /// A block fetched for a rollback, decompressed and checked: its index, leaf and bytes.
 type Opened = (u64, Leaf, Vec<u8>);
 
-/// What the writer of a rollback did: bytes written, bytes read back, the blocks it checked,
-/// and the first of them that does not hold the point's content (with what it holds).
+/// What the writer of a rollback did: bytes written, bytes read back, how many blocks it
+/// checked, and the first of them that does not hold the point's content (with what it holds).
 #[derive(Default)]
 struct Written {
     bytes: u64,
     reread: u64,
-    checked: BTreeSet<u64>,
+    checked: u64,
     wrong: Option<(u64, Leaf)>,
 }
 
@@ -749,13 +735,7 @@ fn open_disk(
                     blocks,
                     base: base.join().ok().flatten(),
                 };
-                return Ok((
-                    Target::Nbd {
-                        client,
-                        _server: server,
-                    },
-                    Some(dirty),
-                ));
+                return Ok((Target::Nbd { client, server }, Some(dirty)));
             }
             Err(e) => {
                 tracing::warn!(disk = %d.name, error = %e, "dirty bitmaps unusable: comparing the whole disk");
@@ -765,13 +745,7 @@ fn open_disk(
     let server =
         NbdServer::start_writable(&d.path, &socket, &d.name, &[]).map_err(|e| in_use(d, e))?;
     let client = NbdClient::connect_unix(&server.socket, &d.name, &["base:allocation"])?;
-    Ok((
-        Target::Nbd {
-            client,
-            _server: server,
-        },
-        None,
-    ))
+    Ok((Target::Nbd { client, server }, None))
 }
 
 /// The leaves of the agent's last committed point of `disk` (`blocks` blocks), from its state.
@@ -1029,21 +1003,20 @@ pub async fn rollback(
             w.flush()?;
             drop(w);
             tracing::debug!(disk = %d.name, at = ?started.elapsed(), "flushed");
-            // Every block written or zeroed was read back right after; any the read-back did
-            // not get (none when all went well) is read now.
-            let rest: Vec<u64> = diff
-                .iter()
-                .copied()
-                .filter(|i| !written.checked.contains(i))
-                .collect();
-            let leaves_root = leaves_root.unwrap_or_else(|| root_of(&g, &want));
-            let (now, reread) = match written.wrong {
-                Some((_, now)) => (now, 0),
-                None => tokio::task::block_in_place(|| {
-                    verify(&mut target, &g, &want, leaves_root, &rest)
-                })?,
+            // Every differing block was read back right after it was written or zeroed; every
+            // other one was found (or, with a bitmap, known) equal to the point. So the disk's
+            // root is that of the point's leaves, unless a block read back was wrong.
+            if written.checked != diff.len() as u64 {
+                return Err(SyncError::Worker(format!(
+                    "{} of {} differing blocks were read back",
+                    written.checked,
+                    diff.len()
+                )));
+            }
+            let now = match written.wrong {
+                Some((_, now)) => now,
+                None => leaves_root.unwrap_or_else(|| root_of(&g, &want)),
             };
-            report.bytes_read += reread;
             if now != root {
                 return Err(SyncError::RollbackVerify {
                     disk: d.name.clone(),

@@ -245,17 +245,7 @@ fn main() -> Result<()> {
     if disk::digest(&out) != disk::digest(&image) {
         bail!("restored image differs from the source");
     }
-    rows.push(Row {
-        phase: "restore",
-        secs: m.secs,
-        mbps: mb(size as f64) / m.secs,
-        agent_cpu: 0.0,
-        agent_mib: 0.0,
-        rx_cpu: m.cpu,
-        rx_mib: m.peak_mib,
-        moved_mb: mb(disk::allocated(&out) as f64),
-        note: "verified bit-exact".into(),
-    });
+    rows.push(local_row("restore", size, &m, &out, "verified bit-exact"));
     std::fs::remove_file(&out)?;
     // A restore returns once its image is on the device; cp returns with it in the page cache,
     // so the copy followed by a sync of it is measured too.
@@ -269,17 +259,7 @@ fn main() -> Result<()> {
     ];
     for (phase, durable, note) in references {
         let cp = measure(&mut benchkit::sparse_copy(&image, &out, durable))?;
-        rows.push(Row {
-            phase,
-            secs: cp.secs,
-            mbps: mb(size as f64) / cp.secs,
-            agent_cpu: 0.0,
-            agent_mib: 0.0,
-            rx_cpu: cp.cpu,
-            rx_mib: cp.peak_mib,
-            moved_mb: mb(disk::allocated(&out) as f64),
-            note: note.into(),
-        });
+        rows.push(local_row(phase, size, &cp, &out, note));
         std::fs::remove_file(&out)?;
     }
 
@@ -385,6 +365,22 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
     }
     Ok(())
+}
+
+/// The row of a `size`-byte disk written to `out` on the receiver's side alone (a restore, or
+/// a copy as its reference): its time, CPU and memory, and the bytes `out` holds.
+fn local_row(phase: &'static str, size: u64, m: &Measured, out: &Path, note: &str) -> Row {
+    Row {
+        phase,
+        secs: m.secs,
+        mbps: size as f64 / 1e6 / m.secs,
+        agent_cpu: 0.0,
+        agent_mib: 0.0,
+        rx_cpu: m.cpu,
+        rx_mib: m.peak_mib,
+        moved_mb: disk::allocated(out) as f64 / 1e6,
+        note: note.into(),
+    }
 }
 
 /// The row of one measured sync of a `size`-byte disk.
