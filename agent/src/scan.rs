@@ -4,17 +4,19 @@
 
 use crate::source::{DiskError, RawDisk, DIRECT_ALIGN};
 use crate::state::OldLeaves;
+use bytes::Bytes;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::Leaf;
+use std::ops::Range;
 use thiserror::Error;
 
 /// Bytes read per step of a scan: large sequential reads, bounded memory.
-const READ_BYTES: u64 = 4 * 1024 * 1024;
+const READ_BYTES: u64 = 1024 * 1024;
 
 /// Bytes one thread reads (and hashes) of a step when the source can read from several.
-const READ_PART: usize = 1024 * 1024;
+const READ_PART: usize = 512 * 1024;
 
 /// Sets `leaves` to the leaf of each `block`-byte piece of `buf` (the last may be shorter),
 /// hashed on all cores.
@@ -42,12 +44,13 @@ pub enum ScanError {
 }
 
 /// One block that differs from the base point: its new leaf and, unless it is all zeros, its
-/// bytes.
+/// bytes (a view of the buffer the block was read into when most of that buffer is sent, a
+/// copy otherwise, so a few changed blocks never hold whole read buffers).
 #[derive(Debug)]
 pub struct Change {
     pub index: u64,
     pub leaf: Leaf,
-    pub data: Option<Vec<u8>>,
+    pub data: Option<Bytes>,
 }
 
 /// What a scan found.
@@ -221,6 +224,9 @@ struct Walker<'o, 'c, 'h, F> {
     builder: Builder,
     old: &'o mut OldLeaves<'c>,
     on_change: F,
+    /// Changes found in the step being walked, handed on by [`Walker::hand_on`] once it is
+    /// known how much of the step's buffer they send.
+    found: Vec<Found>,
     outside: Outside,
     heal: &'h std::collections::HashSet<Leaf>,
     changed: u64,
@@ -229,13 +235,53 @@ struct Walker<'o, 'c, 'h, F> {
 }
 
 impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
-    fn emit(&mut self, index: u64, leaf: Leaf, data: Option<&[u8]>) -> Result<(), ScanError> {
+    fn emit(&mut self, index: u64, leaf: Leaf, data: Option<Range<usize>>) {
         self.changed += 1;
-        (self.on_change)(Change {
-            index,
-            leaf,
-            data: data.map(<[u8]>::to_vec),
-        })
+        self.found.push(Found { index, leaf, data });
+    }
+
+    /// Hands on the changes found since the last call; their byte ranges lie in `step`'s
+    /// buffer, which goes back to `home` once nothing uses it.
+    fn hand_on(
+        &mut self,
+        step: Option<StepBuf>,
+        home: &std::sync::mpsc::Sender<StepBuf>,
+    ) -> Result<(), ScanError> {
+        let sent: usize = self
+            .found
+            .iter()
+            .filter_map(|f| f.data.as_ref())
+            .map(Range::len)
+            .sum();
+        let (shared, kept) = match step {
+            // Sharing saves copying the blocks out; most of the buffer must be sent, so the
+            // windows of changes bound the memory they hold.
+            Some(buf) if sent * 4 >= buf.len * 3 => (
+                Some(Bytes::from_owner(Lent {
+                    buf: Some(buf),
+                    home: home.clone(),
+                })),
+                None,
+            ),
+            other => (None, other),
+        };
+        for f in self.found.drain(..) {
+            let data = match (f.data, &shared, &kept) {
+                (Some(r), Some(s), _) => Some(s.slice(r)),
+                (Some(r), None, Some(k)) => Some(Bytes::copy_from_slice(&k.bytes()[r])),
+                _ => None,
+            };
+            (self.on_change)(Change {
+                index: f.index,
+                leaf: f.leaf,
+                data,
+            })?;
+        }
+        if let Some(k) = kept {
+            // A reader that stopped no longer needs it.
+            let _ = home.send(k);
+        }
+        Ok(())
     }
 
     /// Accounts for the blocks `[next, upto)` that are not read.
@@ -246,7 +292,7 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
             Outside::Zero => {
                 self.builder.push_zeros(upto - self.next);
                 for (j, _) in passed {
-                    self.emit(j, Leaf::ZERO, None)?;
+                    self.emit(j, Leaf::ZERO, None);
                 }
             }
             Outside::Unchanged => {
@@ -263,25 +309,54 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
         Ok(())
     }
 
-    /// Accounts for block `index` (the next one) with its new leaf.
-    fn block(&mut self, index: u64, leaf: Leaf, data: Option<&[u8]>) -> Result<(), ScanError> {
+    /// Accounts for block `index` (the next one) with its new leaf and, if it was read, the
+    /// range of its bytes in the step's buffer.
+    fn block(
+        &mut self,
+        index: u64,
+        leaf: Leaf,
+        data: Option<Range<usize>>,
+    ) -> Result<(), ScanError> {
         self.skip_to(index)?;
         let before = self.old.leaf_at(index, |_, _| {})?;
         self.builder.push(leaf);
         self.next = index + 1;
         if leaf != before {
-            self.emit(index, leaf, data.filter(|_| !leaf.is_zero()))?;
-        } else if !leaf.is_zero() && self.heal.contains(&leaf) {
-            if let Some(d) = data {
-                self.healed += 1;
-                (self.on_change)(Change {
-                    index,
-                    leaf,
-                    data: Some(d.to_vec()),
-                })?;
-            }
+            self.emit(index, leaf, data.filter(|_| !leaf.is_zero()));
+        } else if !leaf.is_zero() && self.heal.contains(&leaf) && data.is_some() {
+            self.healed += 1;
+            self.found.push(Found { index, leaf, data });
         }
         Ok(())
+    }
+}
+
+/// A change found in a step, its bytes not yet taken from the step's buffer.
+struct Found {
+    index: u64,
+    leaf: Leaf,
+    data: Option<Range<usize>>,
+}
+
+/// A step's buffer lent to the changes that view it; it goes back to the reader when the last
+/// of them is dropped.
+struct Lent {
+    buf: Option<StepBuf>,
+    home: std::sync::mpsc::Sender<StepBuf>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], StepBuf::bytes)
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            // A finished scan no longer needs it: it is freed.
+            let _ = self.home.send(buf);
+        }
     }
 }
 
@@ -302,6 +377,7 @@ pub fn scan_disk(
         builder: Builder::new(Shape::of(&geometry)),
         old,
         on_change,
+        found: Vec::new(),
         outside: plan.outside,
         heal,
         changed: 0,
@@ -318,36 +394,39 @@ pub fn scan_disk(
         let walked = (|| {
             for step in rx.iter() {
                 match step {
-                    Step::Range(first) => w.skip_to(first)?,
+                    Step::Range(first) => {
+                        w.skip_to(first)?;
+                        w.hand_on(None, &back_tx)?;
+                    }
                     Step::Zeros(from, to) => {
                         for i in from..to {
                             w.block(i, Leaf::ZERO, None)?;
                         }
+                        w.hand_on(None, &back_tx)?;
                     }
                     Step::Read { idx, buf, leaves } => {
-                        let data = buf.bytes();
-                        read_bytes += data.len() as u64;
+                        let len = buf.len;
+                        read_bytes += len as u64;
                         for (k, &leaf) in leaves.iter().enumerate() {
                             let start = k * bs as usize;
-                            let block = &data[start..(start + bs as usize).min(data.len())];
+                            let block = start..(start + bs as usize).min(len);
                             w.block(idx + k as u64, leaf, Some(block))?;
                         }
-                        progress(geometry.offset(idx) + data.len() as u64);
-                        // A reader that stopped no longer needs it.
-                        let _ = back_tx.send(buf);
+                        w.hand_on(Some(buf), &back_tx)?;
+                        progress(geometry.offset(idx) + len as u64);
                     }
                 }
             }
             Ok::<_, ScanError>(())
         })();
-        // Stops the reader if the walk stopped first (waiting to send, or for a buffer).
+        // Stops the reader if the walk stopped first (waiting to send).
         drop(rx);
-        drop(back_tx);
         let read = reader.join().unwrap_or(Err(ScanError::ReaderPanicked));
         // The reader's error explains a walk that ended early.
         read.and(walked)
     })?;
     w.skip_to(geometry.blocks())?;
+    w.hand_on(None, &back_tx)?;
     progress(geometry.size);
     Ok(DiskScan {
         root: tree::root(&geometry, w.builder.finish()),
@@ -411,7 +490,6 @@ fn read_steps(
 ) -> Result<(), ScanError> {
     let bs = geometry.block_size.bytes();
     let capacity = READ_BYTES.max(bs) as usize;
-    let mut made = 0;
     let mut zero = plan.zero.iter().copied().peekable();
     let send = |step: Step| out.send(step).is_ok();
     for &(first, end) in &plan.read {
@@ -435,18 +513,10 @@ fn read_steps(
             let count = (READ_BYTES / bs).max(1).min(stop - idx);
             let offset = geometry.offset(idx);
             let len = (count * bs).min(geometry.size - offset) as usize;
-            // READ_AHEAD steps queued, one being walked, one being read.
-            let mut buf = match back.try_recv() {
-                Ok(b) => b,
-                Err(_) if made < READ_AHEAD + 2 => {
-                    made += 1;
-                    StepBuf::new(capacity)
-                }
-                Err(_) => match back.recv() {
-                    Ok(b) => b,
-                    Err(_) => return Ok(()),
-                },
-            };
+            // A buffer comes back once the walk and the changes viewing it are done with it;
+            // how many are out is bounded by the steps read ahead and the windows of changes
+            // in flight.
+            let mut buf = back.try_recv().unwrap_or_else(|_| StepBuf::new(capacity));
             buf.len = len;
             let mut leaves = Vec::with_capacity(count as usize);
             let at = buf.at;
@@ -478,5 +548,84 @@ mod tests {
         );
         assert_eq!(block_ranges(&[(40960, 41060)], &g), vec![(10, 11)]);
         assert_eq!(block_ranges(&[(0, 1 << 30)], &g), vec![(0, 11)]);
+    }
+
+    /// A disk in memory.
+    struct Mem(Vec<u8>);
+
+    impl BlockSource for Mem {
+        fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
+            let at = offset as usize;
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_seed_hands_on_each_nonzero_block_with_its_bytes_viewing_full_steps() {
+        let bs = 64 * 1024;
+        let step_blocks = (READ_BYTES / bs as u64) as usize;
+        // Even steps all data, odd ones two data blocks among zeros, then a short last block;
+        // enough steps that read buffers come back and are read into again.
+        let steps = 8;
+        let size = steps * READ_BYTES as usize + 100;
+        let mut bytes = vec![0u8; size];
+        let mut x = 7u32;
+        let mut fill = |b: &mut [u8]| {
+            for v in b {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *v = (x >> 24) as u8;
+            }
+        };
+        let mut want = Vec::new();
+        for step in 0..steps {
+            let first = step * step_blocks;
+            let data: Vec<usize> = if step % 2 == 0 {
+                (first..first + step_blocks).collect()
+            } else {
+                vec![first + 3, first + 9]
+            };
+            for &b in &data {
+                fill(&mut bytes[b * bs..(b + 1) * bs]);
+            }
+            want.extend(data.iter().map(|&b| b as u64));
+        }
+        fill(&mut bytes[size - 100..]);
+        let g = DiskGeometry::new(size as u64, bs as u64).expect("geometry");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = crate::state::open(dir.path()).expect("state");
+        let mut old = OldLeaves::new(&conn, "vm", None);
+        let mut changes = Vec::new();
+        let scan = scan_disk(
+            &mut Mem(bytes.clone()),
+            g,
+            &ScanPlan::full(&[(0, size as u64)], &g),
+            &mut old,
+            &std::collections::HashSet::new(),
+            |c| {
+                changes.push(c);
+                Ok(())
+            },
+            &|_| {},
+        )
+        .expect("scan");
+
+        want.push(g.blocks() - 1);
+        let got: Vec<u64> = changes.iter().map(|c| c.index).collect();
+        assert_eq!(got, want);
+        assert_eq!(scan.changed, want.len() as u64);
+        for c in &changes {
+            let at = c.index as usize * bs;
+            let block = &bytes[at..(at + bs).min(size)];
+            let data = c.data.as_ref().expect("a data block carries its bytes");
+            assert_eq!(&data[..], block, "block {}", c.index);
+            assert_eq!(c.leaf, Leaf::of(block));
+        }
+        // A step sent whole: its blocks view one buffer, one after another.
+        for pair in changes[..step_blocks].windows(2) {
+            let (a, b) = (pair[0].data.as_ref(), pair[1].data.as_ref());
+            let (a, b) = (a.expect("data"), b.expect("data"));
+            assert_eq!(a.as_ptr() as usize + bs, b.as_ptr() as usize);
+        }
     }
 }

@@ -879,7 +879,7 @@ fn scan_all(
             heal,
             |change| {
                 pending.add(&d.name, change.index, &change.leaf)?;
-                window_bytes += change.data.as_ref().map_or(0, Vec::len);
+                window_bytes += change.data.as_ref().map_or(0, bytes::Bytes::len);
                 window.push(Item {
                     pos: pos as u32,
                     change,

@@ -1,6 +1,6 @@
 //! The benchmark's link, steady-state and scale cases.
 
-use super::{agent_sync, measure, peak_kib, sync_row, Args, Row, BLOCK};
+use super::{agent_sync, measure, median_row, peak_kib, sync_row, Args, Row, BLOCK};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
 use rewind_tests::benchkit::spawn_receiver;
@@ -89,56 +89,65 @@ pub fn qcow2_rollback_case(
         bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
     }
     let spec = vec!["--disk".to_owned(), format!("vda=qcow2:{}", qcow.display())];
-    let (_, v, _) = agent_sync(&bins.join("rewind-agent"), w, addr, rx_pid, "qrb", &spec)?;
-    let point = v["point"].to_string();
     let size = std::fs::metadata(image)?.len();
     let blocks = size / BLOCK;
     let count = ((blocks as f64) * a.change_percent / 100.0).round() as u64;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-    let mut picked = std::collections::BTreeSet::new();
-    while (picked.len() as u64) < count {
-        picked.insert(rng.random_range(0..blocks));
+    let mut runs = Vec::new();
+    for run in 0..a.runs.max(1) {
+        // Each run starts from a fresh point, whose bitmap then records only this run's writes.
+        let (_, v, _) = agent_sync(&bins.join("rewind-agent"), w, addr, rx_pid, "qrb", &spec)?;
+        let point = v["point"].to_string();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12 + run as u64);
+        let mut picked = std::collections::BTreeSet::new();
+        while (picked.len() as u64) < count {
+            picked.insert(rng.random_range(0..blocks));
+        }
+        let mut io = Command::new("qemu-io");
+        io.args(["-f", "qcow2"]);
+        for (n, b) in picked.iter().enumerate() {
+            io.arg("-c")
+                .arg(format!("write -P {} {} {BLOCK}", n % 250 + 1, b * BLOCK));
+        }
+        let out = io.arg(&qcow).output()?;
+        if !out.status.success() {
+            bail!("qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let m = measure(
+            benchkit::agent(bins, w, addr, "rollback")
+                .args(["--json", "--vm", "qrb", "--point", &point, "--disk"])
+                .arg(format!("vda=qcow2:{}", qcow.display())),
+        )?;
+        if !m.ok {
+            bail!("qcow2 rollback failed");
+        }
+        let v: Value = serde_json::from_str(&m.stdout)?;
+        let d = &v["disks"][0];
+        runs.push(Row {
+            phase: "rollback qcow2",
+            secs: m.secs,
+            mbps: size as f64 / 1e6 / m.secs,
+            agent_cpu: m.cpu,
+            agent_mib: m.peak_mib,
+            rx_cpu: 0.0,
+            rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
+            moved_mb: d["bytes_fetched"].as_f64().unwrap_or(0.0) / 1e6,
+            note: format!(
+                "{} blocks differed ({count} rewritten), {:.1} MB read ({}), verified {}",
+                d["blocks_differing"],
+                d["bytes_read"].as_f64().unwrap_or(0.0) / 1e6,
+                d["compared"].as_str().unwrap_or(""),
+                d["verified"],
+            ),
+        });
     }
-    let mut io = Command::new("qemu-io");
-    io.args(["-f", "qcow2"]);
-    for (n, b) in picked.iter().enumerate() {
-        io.arg("-c")
-            .arg(format!("write -P {} {} {BLOCK}", n % 250 + 1, b * BLOCK));
-    }
-    let out = io.arg(&qcow).output()?;
-    if !out.status.success() {
-        bail!("qemu-io: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let m = measure(
-        benchkit::agent(bins, w, addr, "rollback")
-            .args(["--json", "--vm", "qrb", "--point", &point, "--disk"])
-            .arg(format!("vda=qcow2:{}", qcow.display())),
-    )?;
-    if !m.ok {
-        bail!("qcow2 rollback failed");
-    }
-    let v: Value = serde_json::from_str(&m.stdout)?;
-    let d = &v["disks"][0];
-    let note = format!(
-        "{} blocks differed ({count} rewritten), {:.1} MB read ({}), verified {}; {:.3}x of restore time",
-        d["blocks_differing"],
-        d["bytes_read"].as_f64().unwrap_or(0.0) / 1e6,
-        d["compared"].as_str().unwrap_or(""),
-        d["verified"],
-        m.secs / restore_secs
-    );
     let _ = std::fs::remove_file(&qcow);
-    Ok(vec![Row {
-        phase: "rollback qcow2",
-        secs: m.secs,
-        mbps: size as f64 / 1e6 / m.secs,
-        agent_cpu: m.cpu,
-        agent_mib: m.peak_mib,
-        rx_cpu: 0.0,
-        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
-        moved_mb: d["bytes_fetched"].as_f64().unwrap_or(0.0) / 1e6,
-        note,
-    }])
+    let mut row = median_row(runs);
+    row.note = format!(
+        "{}; {:.3}x of restore time",
+        row.note,
+        row.secs / restore_secs
+    );
+    Ok(vec![row])
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
