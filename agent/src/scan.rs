@@ -69,7 +69,7 @@ pub trait BlockSource {
     fn read_block_range(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ScanError>;
 
     /// Reads `buf` at `offset` and sets `leaves` to the leaf of each `block`-byte piece of it
-    /// (the last may be shorter). Sources that can read from several threads do.
+    /// (the last may be shorter).
     fn read_leaves(
         &mut self,
         buf: &mut [u8],
@@ -77,9 +77,23 @@ pub trait BlockSource {
         block: usize,
         leaves: &mut Vec<Leaf>,
     ) -> Result<(), ScanError> {
-        self.read_block_range(buf, offset)?;
-        leaves_of(buf, block, leaves);
+        if !self.read_step(buf, offset, block, leaves)? {
+            leaves_of(buf, block, leaves);
+        }
         Ok(())
+    }
+
+    /// Reads `buf` at `offset`; returns true when it also set `leaves` (sources that spend CPU
+    /// on reading hash on the same threads), false when the caller still has to hash.
+    fn read_step(
+        &mut self,
+        buf: &mut [u8],
+        offset: u64,
+        _block: usize,
+        _leaves: &mut Vec<Leaf>,
+    ) -> Result<bool, ScanError> {
+        self.read_block_range(buf, offset)?;
+        Ok(false)
     }
 
     /// Reads many scattered ranges (each at most a block); `deliver(i, bytes)` gets range `i`,
@@ -118,19 +132,19 @@ impl BlockSource for RawDisk {
         Ok(self.read_at(buf, offset)?)
     }
 
-    /// Parts of the buffer are read and hashed on several threads: one thread copying from
-    /// the page cache and hashing reaches about half of what two do.
-    fn read_leaves(
+    /// A read the device does (O_DIRECT) leaves the hashing to the caller, so the next read
+    /// is not held up by it. Reads from the page cache are copies: parts of the buffer are
+    /// read and hashed on several threads (one thread copying and hashing reaches about half
+    /// of what two do).
+    fn read_step(
         &mut self,
         buf: &mut [u8],
         offset: u64,
         block: usize,
         leaves: &mut Vec<Leaf>,
-    ) -> Result<(), ScanError> {
+    ) -> Result<bool, ScanError> {
         if self.read_at_direct(buf, offset)? {
-            // The device did the copying; hashing still uses every core.
-            leaves_of(buf, block, leaves);
-            return Ok(());
+            return Ok(false);
         }
         let disk = &*self;
         let part = READ_PART.div_ceil(block).max(1) * block;
@@ -144,7 +158,7 @@ impl BlockSource for RawDisk {
             .collect::<Result<Vec<_>, DiskError>>()?;
         leaves.clear();
         leaves.extend(parts.into_iter().flatten());
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -404,7 +418,15 @@ pub fn scan_disk(
                         }
                         w.hand_on(None, &back_tx)?;
                     }
-                    Step::Read { idx, buf, leaves } => {
+                    Step::Read {
+                        idx,
+                        buf,
+                        mut leaves,
+                        hashed,
+                    } => {
+                        if !hashed {
+                            leaves_of(buf.bytes(), bs as usize, &mut leaves);
+                        }
                         let len = buf.len;
                         read_bytes += len as u64;
                         for (k, &leaf) in leaves.iter().enumerate() {
@@ -445,11 +467,13 @@ enum Step {
     Range(u64),
     /// Blocks `[from, to)` of a read range are known to be zeros.
     Zeros(u64, u64),
-    /// Blocks from `idx` read into `buf`, with their leaves.
+    /// Blocks from `idx` read into `buf`, with their leaves unless `hashed` is false (the
+    /// walk hashes them then, while the reader goes on reading).
     Read {
         idx: u64,
         buf: StepBuf,
         leaves: Vec<Leaf>,
+        hashed: bool,
     },
 }
 
@@ -520,13 +544,18 @@ fn read_steps(
             buf.len = len;
             let mut leaves = Vec::with_capacity(count as usize);
             let at = buf.at;
-            src.read_leaves(
+            let hashed = src.read_step(
                 &mut buf.backing[at..at + len],
                 offset,
                 bs as usize,
                 &mut leaves,
             )?;
-            if !send(Step::Read { idx, buf, leaves }) {
+            if !send(Step::Read {
+                idx,
+                buf,
+                leaves,
+                hashed,
+            }) {
                 return Ok(());
             }
             idx += count;

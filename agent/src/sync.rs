@@ -795,6 +795,12 @@ fn compress_all(
     mut limiter: RateLimiter,
 ) -> Result<(Vec<(u64, u64)>, bool), SyncError> {
     let mut sent = vec![(0u64, 0u64); disks];
+    // Threads of its own: on the shared pool the scan's hashing of its next step waited
+    // behind the compression of a whole window, starving this stage of windows in turn.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("compress-{i}"))
+        .build()
+        .map_err(|e| SyncError::Worker(format!("compression threads: {e}")))?;
     while let Some((window, missing)) = windows.blocking_recv() {
         let mut to_send: Vec<(u32, Leaf, &[u8])> = Vec::new();
         let mut queued: HashSet<Leaf> = HashSet::new();
@@ -805,10 +811,13 @@ fn compress_all(
                 }
             }
         }
-        let frames: Vec<(u32, Leaf, Vec<u8>)> = to_send
-            .par_iter()
-            .map(|(pos, leaf, data)| chunk::compress(data).map(|f| (*pos, *leaf, f)))
-            .collect::<std::io::Result<Vec<_>>>()
+        let frames: Vec<(u32, Leaf, Vec<u8>)> = pool
+            .install(|| {
+                to_send
+                    .par_iter()
+                    .map(|(pos, leaf, data)| chunk::compress(data).map(|f| (*pos, *leaf, f)))
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
             .map_err(|e| SyncError::Worker(format!("compression failed: {e}")))?;
         let mut bytes = 0u64;
         for (pos, _, f) in &frames {

@@ -218,13 +218,15 @@ pub fn owned_vm(conn: &Connection, vm: &str, caller: &str) -> Result<i64, StoreE
 }
 
 fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, String), StoreError> {
+    // Every batch loads its session: the statements are kept prepared.
     let row: Option<(i64, String, Option<i64>, String, String)> = conn
-        .query_row(
+        .prepare_cached(
             "SELECT s.vm_id, v.name, s.base_point, s.state, s.owner
              FROM sessions s JOIN vms v ON v.id = s.vm_id WHERE s.id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        )
+        )?
+        .query_row([id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
         .optional()?;
     let Some((vm_id, vm, base_point, state, session_owner)) = row else {
         return Err(StoreError::UnknownSession(id.to_owned()));
@@ -232,7 +234,7 @@ fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, St
     if session_owner != owner {
         return Err(StoreError::UnknownSession(id.to_owned()));
     }
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT name, size, block_size, base_disk FROM session_disks
          WHERE session_id = ?1 ORDER BY pos",
     )?;
