@@ -15,9 +15,9 @@ use rewind_proto::Leaf;
 /// Batches of one upload stream verified ahead of the one being written.
 const VERIFY_AHEAD: usize = 6;
 /// Most batches staged by one pack sync and one catalog transaction.
-const GROUP_MAX: usize = 16;
+const GROUP_MAX: usize = 8;
 /// Most chunk bytes staged by one group.
-const GROUP_BYTES: usize = 32 << 20;
+const GROUP_BYTES: usize = 16 << 20;
 /// Longest a group waits for more batches once it has one. Chunks are keyed by hash, so each
 /// batch dirties catalog pages all over its tables: a group of more batches writes a page
 /// they share once (a seed's catalog commits wrote 250 MB of WAL for 1.1 GB of chunks).

@@ -1,6 +1,6 @@
 //! The benchmark's link, steady-state and scale cases.
 
-use super::{agent_sync, measure, median_row, peak_kib, sync_row, Args, Row, BLOCK};
+use super::{agent_sync, measure, median_row, peak_kib, rollback_run, sync_row, Args, Row, BLOCK};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
 use rewind_tests::benchkit::spawn_receiver;
@@ -112,33 +112,22 @@ pub fn qcow2_rollback_case(
         if !out.status.success() {
             bail!("qemu-io: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let m = measure(
-            benchkit::agent(bins, w, addr, "rollback")
-                .args(["--json", "--vm", "qrb", "--point", &point, "--disk"])
-                .arg(format!("vda=qcow2:{}", qcow.display())),
+        let (mut row, v) = rollback_run(
+            bins,
+            (w, addr, rx_pid),
+            ("rollback qcow2", "qrb", &point),
+            &format!("vda=qcow2:{}", qcow.display()),
+            size,
         )?;
-        if !m.ok {
-            bail!("qcow2 rollback failed");
-        }
-        let v: Value = serde_json::from_str(&m.stdout)?;
         let d = &v["disks"][0];
-        runs.push(Row {
-            phase: "rollback qcow2",
-            secs: m.secs,
-            mbps: size as f64 / 1e6 / m.secs,
-            agent_cpu: m.cpu,
-            agent_mib: m.peak_mib,
-            rx_cpu: 0.0,
-            rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
-            moved_mb: d["bytes_fetched"].as_f64().unwrap_or(0.0) / 1e6,
-            note: format!(
-                "{} blocks differed ({count} rewritten), {:.1} MB read ({}), verified {}",
-                d["blocks_differing"],
-                d["bytes_read"].as_f64().unwrap_or(0.0) / 1e6,
-                d["compared"].as_str().unwrap_or(""),
-                d["verified"],
-            ),
-        });
+        row.note = format!(
+            "{} blocks differed ({count} rewritten), {:.1} MB read ({}), verified {}",
+            d["blocks_differing"],
+            d["bytes_read"].as_f64().unwrap_or(0.0) / 1e6,
+            d["compared"].as_str().unwrap_or(""),
+            d["verified"],
+        );
+        runs.push(row);
     }
     let _ = std::fs::remove_file(&qcow);
     let mut row = median_row(runs);

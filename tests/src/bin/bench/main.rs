@@ -276,31 +276,20 @@ fn main() -> Result<()> {
     let mut rollbacks = Vec::new();
     for run in 0..a.runs.max(1) {
         let changed = disk::scatter_writes(&image, BLOCK, blocks, count, 8 + run as u64);
-        let m = measure(
-            benchkit::agent(&bins, w, &addr, "rollback")
-                .args(["--json", "--vm", "bench", "--point", &point, "--disk"])
-                .arg(format!("vda={}", image.display())),
+        let (mut row, v) = rollback_run(
+            &bins,
+            (w, &addr, rx_pid),
+            ("rollback 1%", "bench", &point),
+            &format!("vda={}", image.display()),
+            size,
         )?;
-        if !m.ok {
-            bail!("rollback failed");
-        }
-        let v: Value = serde_json::from_str(&m.stdout)?;
-        rollbacks.push(Row {
-            phase: "rollback 1%",
-            secs: m.secs,
-            mbps: mb(size as f64) / m.secs,
-            agent_cpu: m.cpu,
-            agent_mib: m.peak_mib,
-            rx_cpu: 0.0,
-            rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
-            moved_mb: mb(v["disks"][0]["bytes_fetched"].as_f64().unwrap_or(0.0)),
-            note: format!(
-                "{} blocks differed ({} rewritten), verified {}",
-                v["disks"][0]["blocks_differing"],
-                changed.len(),
-                v["disks"][0]["verified"],
-            ),
-        });
+        row.note = format!(
+            "{} blocks differed ({} rewritten), verified {}",
+            v["disks"][0]["blocks_differing"],
+            changed.len(),
+            v["disks"][0]["verified"],
+        );
+        rollbacks.push(row);
     }
     let mut row = median_row(rollbacks);
     row.note = format!(
@@ -383,6 +372,37 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
     }
     Ok(())
+}
+
+/// One measured `rewind-agent rollback --json` of `vm`'s `disk` to `point`, through the
+/// receiver at `addr`: its row (the caller writes the note) and its JSON report.
+fn rollback_run(
+    bins: &Path,
+    (w, addr, rx_pid): (&Path, &str, u32),
+    (phase, vm, point): (&'static str, &str, &str),
+    disk: &str,
+    size: u64,
+) -> Result<(Row, Value)> {
+    let m = measure(
+        benchkit::agent(bins, w, addr, "rollback")
+            .args(["--json", "--vm", vm, "--point", point, "--disk", disk]),
+    )?;
+    if !m.ok {
+        bail!("{phase} failed");
+    }
+    let v: Value = serde_json::from_str(&m.stdout)?;
+    let row = Row {
+        phase,
+        secs: m.secs,
+        mbps: size as f64 / 1e6 / m.secs,
+        agent_cpu: m.cpu,
+        agent_mib: m.peak_mib,
+        rx_cpu: 0.0,
+        rx_mib: peak_kib(rx_pid) as f64 / 1024.0,
+        moved_mb: v["disks"][0]["bytes_fetched"].as_f64().unwrap_or(0.0) / 1e6,
+        note: String::new(),
+    };
+    Ok((row, v))
 }
 
 /// The run of median wall time among `runs` (at least one), its note telling how many runs
