@@ -268,9 +268,10 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
             .map(Range::len)
             .sum();
         let (shared, kept) = match step {
-            // Sharing saves copying the blocks out; most of the buffer must be sent, so the
-            // windows of changes bound the memory they hold.
-            Some(buf) if sent * 4 >= buf.len * 3 => (
+            // Sharing saves copying the blocks out; most of the buffer (as allocated: a short
+            // step, e.g. one dirty block, holds a whole one) must be sent, so the windows of
+            // changes bound the memory they hold.
+            Some(buf) if sent * 4 >= buf.backing.len() * 3 => (
                 Some(Bytes::from_owner(Lent {
                     buf: Some(buf),
                     home: home.clone(),
@@ -415,6 +416,10 @@ pub fn scan_disk(
                     Step::Zeros(from, to) => {
                         for i in from..to {
                             w.block(i, Leaf::ZERO, None)?;
+                            // A long run of zeroed blocks is handed on as it goes.
+                            if w.found.len() >= HAND_ON_ENTRIES {
+                                w.hand_on(None, &back_tx)?;
+                            }
                         }
                         w.hand_on(None, &back_tx)?;
                     }
@@ -457,6 +462,9 @@ pub fn scan_disk(
         read_bytes,
     })
 }
+
+/// Changes without bytes collected before they are handed on.
+const HAND_ON_ENTRIES: usize = 4096;
 
 /// Steps read ahead of the walk.
 const READ_AHEAD: usize = 2;
