@@ -227,8 +227,13 @@ impl<S: Read + Write> NbdClient<S> {
         Ok(me)
     }
 
+    /// Writes to the server (under the reply buffer).
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.sock.get_mut().write_all(bytes)
+    }
+
     fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<(), NbdError> {
-        self.sock.get_mut().write_all(&option(opt, data))?;
+        self.send(&option(opt, data))?;
         Ok(())
     }
 
@@ -290,9 +295,7 @@ impl<S: Read + Write> NbdClient<S> {
     fn read_one(&mut self, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
         let cookie = self.next_cookie();
         let len = buf.len() as u32;
-        self.sock
-            .get_mut()
-            .write_all(&request(CMD_READ, 0, cookie, offset, len))?;
+        self.send(&request(CMD_READ, 0, cookie, offset, len))?;
         let end = offset + u64::from(len);
         let mut covered = 0u64;
         loop {
@@ -363,9 +366,7 @@ impl<S: Read + Write> NbdClient<S> {
         while pos < end {
             let len = (end - pos).min(STATUS_PIECE) as u32;
             let cookie = self.next_cookie();
-            self.sock
-                .get_mut()
-                .write_all(&request(CMD_BLOCK_STATUS, 0, cookie, pos, len))?;
+            self.send(&request(CMD_BLOCK_STATUS, 0, cookie, pos, len))?;
             let mut got = Vec::new();
             loop {
                 let h = self.reply_header(cookie, "block status", pos)?;
@@ -456,7 +457,7 @@ impl<S: Read + Write> NbdClient<S> {
                 next += 1;
             }
             if !requests.is_empty() {
-                self.sock.get_mut().write_all(&requests)?;
+                self.send(&requests)?;
                 requests.clear();
             }
             let (cookie, h) =
@@ -525,14 +526,8 @@ impl<S: Read + Write> NbdClient<S> {
                     ));
                 }
                 let cookie = self.next_cookie();
-                self.sock.get_mut().write_all(&request(
-                    CMD_WRITE,
-                    0,
-                    cookie,
-                    offset,
-                    data.len() as u32,
-                ))?;
-                self.sock.get_mut().write_all(data)?;
+                self.send(&request(CMD_WRITE, 0, cookie, offset, data.len() as u32))?;
+                self.send(data)?;
                 inflight.insert(cookie, offset);
                 next += 1;
             }
@@ -677,10 +672,8 @@ impl<S: Read + Write> NbdClient<S> {
             let len = (data.len() - done).min(MAX_READ as usize);
             let cookie = self.next_cookie();
             let at = offset + done as u64;
-            self.sock
-                .get_mut()
-                .write_all(&request(CMD_WRITE, 0, cookie, at, len as u32))?;
-            self.sock.get_mut().write_all(&data[done..done + len])?;
+            self.send(&request(CMD_WRITE, 0, cookie, at, len as u32))?;
+            self.send(&data[done..done + len])?;
             self.finish_simple(cookie, "write", at)?;
             done += len;
         }
@@ -690,18 +683,14 @@ impl<S: Read + Write> NbdClient<S> {
     /// Writes zeros over `len` bytes at `offset`, letting the server punch holes.
     pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), NbdError> {
         let cookie = self.next_cookie();
-        self.sock
-            .get_mut()
-            .write_all(&request(CMD_WRITE_ZEROES, 0, cookie, offset, len))?;
+        self.send(&request(CMD_WRITE_ZEROES, 0, cookie, offset, len))?;
         self.finish_simple(cookie, "write zeroes", offset)
     }
 
     /// Makes every completed write durable.
     pub fn flush(&mut self) -> Result<(), NbdError> {
         let cookie = self.next_cookie();
-        self.sock
-            .get_mut()
-            .write_all(&request(CMD_FLUSH, 0, cookie, 0, 0))?;
+        self.send(&request(CMD_FLUSH, 0, cookie, 0, 0))?;
         self.finish_simple(cookie, "flush", 0)
     }
 
@@ -729,15 +718,12 @@ impl<S: Read + Write> NbdClient<S> {
     /// Says goodbye (NBD_CMD_DISC); errors are ignored since the connection ends anyway.
     pub fn disconnect(mut self) {
         let cookie = self.next_cookie();
-        let _ = self
-            .sock
-            .get_mut()
-            .write_all(&request(CMD_DISC, 0, cookie, 0, 0));
+        let _ = self.send(&request(CMD_DISC, 0, cookie, 0, 0));
     }
 
     /// Aborts option haggling (for callers that only wanted to probe).
     pub fn abort(mut self) {
-        let _ = self.sock.get_mut().write_all(&option(OPT_ABORT, &[]));
+        let _ = self.send(&option(OPT_ABORT, &[]));
     }
 }
 

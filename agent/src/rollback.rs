@@ -483,15 +483,7 @@ fn write_blocks(
                     opened: Vec::new(),
                     zeros: blocks,
                 }),
-                Work::Chunks(chunks) => chunks
-                    .iter()
-                    .flat_map(|(h, frame, blocks)| blocks.iter().map(move |&i| (i, *h, frame)))
-                    .map(|(i, h, frame)| {
-                        let mut buf = brx.try_recv().unwrap_or_default();
-                        buf.resize(g.block_len(i).unwrap_or(0), 0);
-                        chunk::open_into(h, frame, &mut buf).map(|()| (i, h, buf))
-                    })
-                    .collect::<Result<Vec<Opened>, _>>()
+                Work::Chunks(chunks) => open_all(&chunks, &g, &brx)
                     .map(|opened| Decoded {
                         opened,
                         zeros: Vec::new(),
@@ -551,6 +543,31 @@ fn write_blocks(
     }
     wrote?;
     Ok((w, Written { bytes, ..checked? }))
+}
+
+/// Decompresses and checks each fetched chunk once, into a buffer from `spare` for each block
+/// that needs it (the blocks of one chunk have its length; the others get a copy).
+fn open_all(
+    chunks: &[(Leaf, bytes::Bytes, Vec<u64>)],
+    g: &DiskGeometry,
+    spare: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<Vec<Opened>, chunk::ChunkError> {
+    let mut opened: Vec<Opened> = Vec::new();
+    for (h, frame, blocks) in chunks {
+        let first = opened.len();
+        for &i in blocks {
+            let mut buf = spare.try_recv().unwrap_or_default();
+            if first < opened.len() {
+                buf.clear();
+                buf.extend_from_slice(&opened[first].2);
+            } else {
+                buf.resize(g.block_len(i).unwrap_or(0), 0);
+                chunk::open_into(*h, frame, &mut buf)?;
+            }
+            opened.push((i, *h, buf));
+        }
+    }
+    Ok(opened)
 }
 
 /// A batch for the writer: decompressed blocks, and blocks to zero.

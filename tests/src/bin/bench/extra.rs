@@ -1,6 +1,9 @@
 //! The benchmark's link, steady-state and scale cases.
 
-use super::{agent_sync, measure, median_row, peak_kib, rollback_run, sync_row, Args, Row, BLOCK};
+use super::{
+    agent_sync, local_row, median_row, peak_kib, restore_checked, rollback_run, sync_row, Args,
+    Row, BLOCK,
+};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
 use rewind_tests::benchkit::spawn_receiver;
@@ -364,33 +367,20 @@ pub fn scale_case(a: &Args, w: &Path, bins: &Path) -> Result<Vec<Row>> {
         let _ = rx.kill();
         let _ = rx.wait();
         let out = dir.join("restored.raw");
-        let m = measure(
-            Command::new(bins.join("rewind-receiver"))
-                .args([
-                    "restore", "--vm", "scale", "--disk", "vda", "--point", &point, "--data",
-                ])
-                .arg(dir.join("data"))
-                .arg("--out")
-                .arg(&out),
+        let m = restore_checked(
+            &bins.join("rewind-receiver"),
+            ("scale", &point),
+            &dir.join("data"),
+            &out,
+            &disk::digest(&image),
         )?;
-        if !m.ok {
-            bail!("scale restore failed");
-        }
-        let same = disk::digest(&out) == disk::digest(&image);
-        if !same {
-            bail!("scale restore differs from the source");
-        }
-        rows.push(Row {
-            phase: "scale restore",
-            secs: m.secs,
-            mbps: size as f64 / 1e6 / m.secs,
-            agent_cpu: 0.0,
-            agent_mib: 0.0,
-            rx_cpu: m.cpu,
-            rx_mib: m.peak_mib,
-            moved_mb: disk::allocated(&out) as f64 / 1e6,
-            note: "verified bit-exact".into(),
-        });
+        rows.push(local_row(
+            "scale restore",
+            size,
+            &m,
+            &out,
+            "verified bit-exact",
+        ));
         Ok(())
     })();
     let _ = rx.kill();

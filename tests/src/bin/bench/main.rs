@@ -236,21 +236,13 @@ fn main() -> Result<()> {
     let image_digest = disk::digest(&image);
     let mut restores = Vec::new();
     for _ in 0..a.runs.max(1) {
-        let m = measure(
-            Command::new(&rx_bin)
-                .args([
-                    "restore", "--vm", "bench", "--disk", "vda", "--point", &point, "--data",
-                ])
-                .arg(w.join("data"))
-                .arg("--out")
-                .arg(&out),
+        let m = restore_checked(
+            &rx_bin,
+            ("bench", &point),
+            &w.join("data"),
+            &out,
+            &image_digest,
         )?;
-        if !m.ok {
-            bail!("restore failed");
-        }
-        if disk::digest(&out) != image_digest {
-            bail!("restored image differs from the source");
-        }
         restores.push(local_row("restore", size, &m, &out, "verified bit-exact"));
         std::fs::remove_file(&out)?;
     }
@@ -372,6 +364,33 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
     }
     Ok(())
+}
+
+/// Restores disk `vda` of `vm` at `point` from the store in `data` to `out`, measured, and
+/// checks that it holds the bytes of digest `want`.
+fn restore_checked(
+    rx_bin: &Path,
+    (vm, point): (&str, &str),
+    data: &Path,
+    out: &Path,
+    want: &disk::Digest,
+) -> Result<Measured> {
+    let m = measure(
+        Command::new(rx_bin)
+            .args([
+                "restore", "--vm", vm, "--disk", "vda", "--point", point, "--data",
+            ])
+            .arg(data)
+            .arg("--out")
+            .arg(out),
+    )?;
+    if !m.ok {
+        bail!("restore of {vm} failed");
+    }
+    if disk::digest(out) != *want {
+        bail!("the restore of {vm} differs from the source");
+    }
+    Ok(m)
 }
 
 /// One measured `rewind-agent rollback --json` of `vm`'s `disk` to `point`, through the
