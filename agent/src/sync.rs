@@ -33,6 +33,10 @@ const MAX_SEEN: usize = 1 << 20;
 const QUEUE_DEPTH: usize = 4;
 /// MissingChunks questions in flight at once (each covers one window of up to 4 MiB).
 const QUESTIONS_IN_FLIGHT: usize = 8;
+/// Longest an upload stream goes without a batch: the receiver ends streams idle for longer
+/// than its stream_idle_timeout (300 s by default), and a scan of a large unchanged disk may
+/// find nothing to send for minutes, so an empty batch says the stream is alive.
+const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// How a disk given on the command line is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -676,6 +680,31 @@ struct ScannedDisk {
 
 type ScanResults = Vec<ScannedDisk>;
 
+/// The batches of an upload stream, with an empty batch (a heartbeat) whenever none came for
+/// [`HEARTBEAT`].
+fn with_heartbeat(
+    session: String,
+    batches: mpsc::Receiver<pb::Batch>,
+) -> impl futures::Stream<Item = pb::Batch> {
+    futures::stream::unfold(batches, move |mut rx| {
+        let session = session.clone();
+        async move {
+            match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+                Ok(Some(b)) => Some((b, rx)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    pb::Batch {
+                        session,
+                        entries: Vec::new(),
+                        chunks: Vec::new(),
+                    },
+                    rx,
+                )),
+            }
+        }
+    })
+}
+
 /// Scans all disks on a blocking thread while uploading what they yield; returns each disk's
 /// scan and (bytes, chunks) sent for it.
 async fn transfer(
@@ -701,7 +730,8 @@ async fn transfer(
     let (btx, brx) = mpsc::channel::<pb::Batch>(QUEUE_DEPTH);
     let upload = {
         let mut c = client.clone();
-        tokio::spawn(async move { c.upload(ReceiverStream::new(brx)).await })
+        let session = session.to_owned();
+        tokio::spawn(async move { c.upload(with_heartbeat(session, brx)).await })
     };
     // Compression runs on its own thread (fanning out over the cores) so the next window's
     // MissingChunks round trip overlaps with this window's compression.

@@ -1,7 +1,7 @@
 //! The stored form of one block: a zstd frame of its bytes, addressed by the blake3 hash of the
 //! bytes. Decompression is bounded by the expected length, so a hostile frame cannot balloon.
 
-use crate::format::ZSTD_LEVEL;
+use crate::format::{max_frame_len, ZSTD_LEVEL};
 use crate::hash::Leaf;
 use thiserror::Error;
 
@@ -21,6 +21,11 @@ pub enum ChunkError {
     /// The data does not hash to the name it was sent under.
     #[error("chunk sent as {claimed} hashes to {actual}")]
     WrongHash { claimed: Leaf, actual: Leaf },
+    /// The frame is longer than any honest encoding of its block, or is not exactly one zstd
+    /// frame (padding, skippable frames or bytes after it): stored, it would make every read
+    /// of the block slower, or fail where readers enforce the bound.
+    #[error("chunk {hash}: a frame of {len} bytes is not one zstd frame of at most {max} bytes")]
+    NotCanonical { hash: Leaf, len: usize, max: usize },
     /// All-zero blocks are holes and never stored as chunks.
     #[error("an all-zero block was sent as a chunk")]
     ZeroChunk,
@@ -60,12 +65,14 @@ pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// Decompresses a stored chunk into `out` and checks that it fills `out` exactly and hashes to
-/// `hash`: [`open`] without a buffer per chunk.
+/// `hash`: [`open`] without a buffer per chunk. Ingest and every reader decode through here,
+/// so all of them refuse a frame that is not in the stored form ([`check_canonical`]).
 pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
     let expected = out.len();
     if hash.is_zero() {
         return Err(ChunkError::ZeroChunk);
     }
+    check_canonical(hash, frame, expected)?;
     let got = DECOMPRESSOR
         .with(|d| {
             let mut d = d.borrow_mut();
@@ -95,8 +102,31 @@ pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkEr
     Ok(())
 }
 
-/// Checks that a stored chunk decompresses to exactly `expected` bytes hashing to `hash`,
-/// decompressing into a buffer the thread keeps.
+/// Checks that `frame` is in the stored form of a block of `block_len` bytes: exactly one zstd
+/// frame, no longer than [`max_frame_len`]. (zstd decodes a frame followed by skippable frames
+/// to the same bytes, so decoding alone does not show this.)
+pub fn check_canonical(hash: Leaf, frame: &[u8], block_len: usize) -> Result<(), ChunkError> {
+    let max = max_frame_len(block_len);
+    let refused = || ChunkError::NotCanonical {
+        hash,
+        len: frame.len(),
+        max,
+    };
+    if frame.len() > max {
+        return Err(refused());
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(frame) {
+        Ok(n) if n == frame.len() => Ok(()),
+        Ok(_) => Err(refused()),
+        Err(_) => Err(ChunkError::Undecodable {
+            hash,
+            expected: block_len,
+        }),
+    }
+}
+
+/// Checks that a chunk as sent is in its stored form ([`check_canonical`]) and decompresses
+/// to exactly `expected` bytes hashing to `hash`, decompressing into a buffer the thread keeps.
 pub fn verify(hash: Leaf, frame: &[u8], expected: usize) -> Result<(), ChunkError> {
     SCRATCH.with(|scratch| {
         let mut buf = scratch.borrow_mut();
@@ -131,6 +161,55 @@ mod tests {
             prop_assert_eq!(&out, &data);
             prop_assert_eq!(verify(leaf, &frame, data.len()), Ok(()));
         }
+    }
+
+    #[test]
+    fn only_one_bounded_frame_is_canonical() {
+        let data: Vec<u8> = (0..65_536u32).map(|i| (i * 7 % 251) as u8).collect();
+        let leaf = Leaf::of(&data);
+        let frame = compress(&data).expect("compress");
+        assert_eq!(verify(leaf, &frame, data.len()), Ok(()));
+        // A skippable frame after it: decodes to the same bytes, refused.
+        let mut padded = frame.clone();
+        padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        padded.extend_from_slice(&16u32.to_le_bytes());
+        padded.extend_from_slice(&[0u8; 16]);
+        assert_eq!(
+            zstd::bulk::decompress(&padded, data.len()).expect("zstd decodes it"),
+            data
+        );
+        assert!(matches!(
+            verify(leaf, &padded, data.len()),
+            Err(ChunkError::NotCanonical { .. })
+        ));
+        assert!(matches!(
+            open(leaf, &padded, data.len()),
+            Err(ChunkError::NotCanonical { .. })
+        ));
+        // Trailing garbage, and a truncated frame.
+        let mut trailing = frame.clone();
+        trailing.push(0);
+        assert!(matches!(
+            verify(leaf, &trailing, data.len()),
+            Err(ChunkError::NotCanonical { .. })
+        ));
+        assert!(matches!(
+            verify(leaf, &frame[..frame.len() - 1], data.len()),
+            Err(ChunkError::Undecodable { .. })
+        ));
+        // A valid frame of the right content that is longer than the bound (a padded frame
+        // that hides its padding inside: many tiny raw blocks).
+        let long = vec![0u8; max_frame_len(data.len()) + 1];
+        assert!(matches!(
+            check_canonical(leaf, &long, data.len()),
+            Err(ChunkError::NotCanonical { .. })
+        ));
+        // Incompressible data compresses to within the bound.
+        let noise: Vec<u8> = (0..65_536u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+            .collect();
+        let f = compress(&noise).expect("compress");
+        assert_eq!(verify(Leaf::of(&noise), &f, noise.len()), Ok(()));
     }
 
     #[test]

@@ -22,6 +22,22 @@ pub const MAX_BATCH_ENTRIES: usize = 65_536;
 /// Largest encoded gRPC message either side accepts: a batch of compressed chunks may exceed its
 /// uncompressed target when data does not compress (zstd adds a few bytes per frame).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Longest stored frame of a block of `block_len` bytes: zstd's worst-case bound for that
+/// length (an incompressible block stored as raw zstd blocks plus frame and block headers). A
+/// frame of an honest agent never exceeds it; ingest refuses longer ones and every reader
+/// refuses catalog rows that claim more, so a frame padded with skippable frames or trailing
+/// bytes can neither be stored nor make a read slow.
+pub const fn max_frame_len(block_len: usize) -> usize {
+    // ZSTD_COMPRESSBOUND from zstd.h (1.5): srcSize + srcSize/256 + margin for small inputs.
+    let margin = if block_len < (128 << 10) {
+        ((128 << 10) - block_len) >> 11
+    } else {
+        0
+    };
+    block_len + (block_len >> 8) + margin
+}
+/// Longest frame of any block: [`max_frame_len`] of [`MAX_BLOCK_SIZE`].
+pub const MAX_FRAME_BYTES: usize = max_frame_len(MAX_BLOCK_SIZE as usize);
 /// Most hashes in one MissingChunks question.
 pub const MAX_QUERY_HASHES: usize = 65_536;
 /// Most chunks in one ReadChunks answer: 64 blocks of 64 KiB keep a reply near 4 MiB.
@@ -134,6 +150,17 @@ mod tests {
         assert_eq!(BlockSize::new(2048), Err(BadBlockSize(2048)));
         assert_eq!(BlockSize::new(65535), Err(BadBlockSize(65535)));
         assert_eq!(BlockSize::new(8 << 20), Err(BadBlockSize(8 << 20)));
+    }
+
+    #[test]
+    fn frame_bound_is_zstds_own() {
+        for len in [1usize, 4096, 65_536, 100_000, 128 << 10, 4 << 20] {
+            assert_eq!(
+                max_frame_len(len),
+                zstd::zstd_safe::compress_bound(len),
+                "{len}"
+            );
+        }
     }
 
     #[test]

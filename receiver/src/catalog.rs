@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 /// The catalog's file inside the data folder.
 pub const CATALOG_FILE: &str = "catalog.sqlite";
 /// Schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// From version 1 (the first release of the catalog) to 2: point metadata, events, locks, and
 /// the index prune needs to find a point's node rows without scanning the disk's.
@@ -63,7 +63,41 @@ CREATE TABLE IF NOT EXISTS vm_stats(
   bytes_stored INTEGER NOT NULL DEFAULT 0);
 ";
 
-/// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`].
+/// From version 3 to 4: chunks are stored per owner. Dedup spans the points, disks and VMs of
+/// one agent, never two: a frame one agent sent is never what another agent's points read,
+/// and whether a chunk is stored (and how fast an upload of it is) depends only on the asking
+/// agent's own data. Chunks several owners shared keep their one frame (it was verified at
+/// ingest), now named by one row per owner; gc copies such a frame once per row.
+const MIGRATE_3_4: &str = "
+CREATE TABLE owned_chunks(
+  owner TEXT NOT NULL,
+  hash BLOB NOT NULL,
+  pack_id INTEGER NOT NULL,
+  offset INTEGER NOT NULL,
+  clen INTEGER NOT NULL,
+  ulen INTEGER NOT NULL,
+  created_us INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY(owner, hash)) WITHOUT ROWID;
+INSERT INTO owned_chunks SELECT o.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen, c.created_us
+  FROM chunk_owners o JOIN chunks c ON c.hash = o.hash;
+DROP TABLE chunks;
+DROP TABLE chunk_owners;
+ALTER TABLE owned_chunks RENAME TO chunks;
+CREATE INDEX chunks_by_pack ON chunks(pack_id);
+CREATE TABLE owned_bad_chunks(
+  owner TEXT NOT NULL,
+  hash BLOB NOT NULL,
+  found_us INTEGER NOT NULL,
+  detail TEXT NOT NULL,
+  PRIMARY KEY(owner, hash)) WITHOUT ROWID;
+INSERT OR IGNORE INTO owned_bad_chunks SELECT v.owner, b.hash, b.found_us, b.detail
+  FROM bad_chunks b JOIN nodes n ON n.hash = b.hash AND n.level = 0
+  JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id;
+DROP TABLE bad_chunks;
+ALTER TABLE owned_bad_chunks RENAME TO bad_chunks;
+";
+
+/// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`] and [`MIGRATE_3_4`].
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
   id INTEGER PRIMARY KEY,
@@ -166,13 +200,17 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
     if version == 0 {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(MIGRATE_2_3)?;
+        conn.execute_batch(MIGRATE_3_4)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     } else if version < SCHEMA_VERSION {
         let tx = conn.unchecked_transaction()?;
         if version < 2 {
             tx.execute_batch(MIGRATE_1_2)?;
         }
-        tx.execute_batch(MIGRATE_2_3)?;
+        if version < 3 {
+            tx.execute_batch(MIGRATE_2_3)?;
+        }
+        tx.execute_batch(MIGRATE_3_4)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
     }
@@ -298,6 +336,50 @@ mod tests {
         drop(conn);
         // Opening again changes nothing.
         open_rw(dir.path()).expect("reopen");
+    }
+
+    #[test]
+    fn a_version_3_catalog_gives_each_owner_its_own_chunk_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = Connection::open(dir.path().join(CATALOG_FILE)).expect("open");
+            conn.execute_batch(SCHEMA).expect("v2 schema");
+            conn.execute_batch(MIGRATE_2_3).expect("v3 schema");
+            conn.pragma_update(None, "user_version", 3)
+                .expect("version");
+            conn.execute_batch(
+                "INSERT INTO chunks(hash, pack_id, offset, clen, ulen, created_us)
+                   VALUES (x'01', 1, 40, 10, 4096, 5), (x'02', 1, 90, 12, 4096, 6);
+                 INSERT INTO chunk_owners(owner, hash) VALUES ('a', x'01'), ('b', x'01'), ('b', x'02');
+                 INSERT INTO vms(id, name, owner, created_us) VALUES (1, 'vb', 'b', 1);
+                 INSERT INTO disks(id, vm_id, name, size, block_size) VALUES (1, 1, 'vda', 8192, 4096);
+                 INSERT INTO nodes(disk_id, level, idx, point, hash) VALUES (1, 0, 0, 1, x'02');
+                 INSERT INTO bad_chunks(hash, found_us, detail) VALUES (x'02', 1, 'torn');",
+            )
+            .expect("rows");
+        }
+        let conn = open_rw(dir.path()).expect("migrate");
+        let rows: Vec<(String, Vec<u8>, i64)> = conn
+            .prepare("SELECT owner, hash, offset FROM chunks ORDER BY owner, hash")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(
+            rows,
+            vec![
+                ("a".to_owned(), vec![1], 40),
+                ("b".to_owned(), vec![1], 40),
+                ("b".to_owned(), vec![2], 90)
+            ]
+        );
+        let bad: (String, Vec<u8>) = conn
+            .query_row("SELECT owner, hash FROM bad_chunks", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("bad chunk kept, with its owner");
+        assert_eq!(bad, ("b".to_owned(), vec![2]));
     }
 
     #[test]

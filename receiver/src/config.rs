@@ -24,6 +24,27 @@
 //! rpo = 300
 //! retention = { last = 48, hourly = 72 }
 //! drill = { every = 21600, boot = true }
+//!
+//! [limits]                       # what peers may take (defaults shown; restart to apply)
+//! handshake_timeout = 10         # seconds a TLS handshake may take
+//! idle_timeout = 300             # seconds a connection may sit with no request
+//! max_handshakes = 1024          # pending handshakes (the oldest is dropped past this)
+//! max_handshakes_per_address = 64
+//! max_connections = 4096         # verified connections in all
+//! max_connections_per_agent = 16
+//! max_partial_mib = 256          # bytes of request messages received but not yet whole
+//! max_partial_mib_per_agent = 64
+//! message_timeout = 60           # seconds a started message may take to arrive whole
+//! stream_idle_timeout = 300      # seconds an upload stream may go without a message
+//! max_uploads_per_agent = 16     # concurrent Upload streams of one agent
+//!
+//! [quota]                        # per-agent quotas (default: none)
+//! vms = 100                      # VMs an agent may own
+//! sessions = 16                  # open (uncommitted) sessions of an agent
+//! stored_gib = 2048              # compressed chunk bytes an agent may hold
+//!
+//! [agent.host1]                  # one agent's quotas instead of [quota]
+//! vms = 400
 //! ```
 
 use crate::retention::Policy;
@@ -31,6 +52,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -75,6 +97,83 @@ pub struct VmSettings {
     pub drill: Option<DrillSchedule>,
 }
 
+/// What peers may take of the receiver (see the module docs for the keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
+    pub max_connections: usize,
+    pub max_connections_per_agent: usize,
+    pub max_partial_bytes: usize,
+    pub max_partial_bytes_per_agent: usize,
+    pub message_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub max_uploads_per_agent: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        LimitsFile::default().limits()
+    }
+}
+
+/// The `[limits]` table: every key optional, defaults in [`LimitsFile::limits`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub handshake_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
+    pub max_handshakes: Option<usize>,
+    pub max_handshakes_per_address: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_agent: Option<usize>,
+    pub max_partial_mib: Option<usize>,
+    pub max_partial_mib_per_agent: Option<usize>,
+    pub message_timeout: Option<u64>,
+    pub stream_idle_timeout: Option<u64>,
+    pub max_uploads_per_agent: Option<usize>,
+}
+
+impl LimitsFile {
+    /// The limits with defaults for the keys not given. Each default leaves an honest agent
+    /// room (it uses a few connections, one stream per VM in sync, messages of about 4 MiB)
+    /// while bounding what a stranger or a hostile agent can hold.
+    pub fn limits(&self) -> Limits {
+        let secs = |v: Option<u64>, d: u64| Duration::from_secs(v.unwrap_or(d).max(1));
+        Limits {
+            // A handshake takes milliseconds on any link an agent syncs over.
+            handshake_timeout: secs(self.handshake_timeout, 10),
+            idle_timeout: secs(self.idle_timeout, 300),
+            max_handshakes: self.max_handshakes.unwrap_or(1024).max(1),
+            max_handshakes_per_address: self.max_handshakes_per_address.unwrap_or(64).max(1),
+            // Under the descriptors the shipped unit grants (LimitNOFILE=65536).
+            max_connections: self.max_connections.unwrap_or(4096).max(1),
+            max_connections_per_agent: self.max_connections_per_agent.unwrap_or(16).max(1),
+            // Partial messages: 256 MiB in all keeps the receiver's peak under 512 MiB.
+            max_partial_bytes: self.max_partial_mib.unwrap_or(256).max(16) << 20,
+            max_partial_bytes_per_agent: self.max_partial_mib_per_agent.unwrap_or(64).max(16) << 20,
+            message_timeout: secs(self.message_timeout, 60),
+            // The agent sends an empty batch on an upload stream every 60 s it has nothing.
+            stream_idle_timeout: secs(self.stream_idle_timeout, 300),
+            max_uploads_per_agent: self.max_uploads_per_agent.unwrap_or(16).max(1),
+        }
+    }
+}
+
+/// Per-agent quotas; a key not given is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// VMs the agent may own.
+    pub vms: Option<u64>,
+    /// Open (uncommitted) sessions of the agent.
+    pub sessions: Option<u64>,
+    /// Compressed chunk bytes the agent may hold, in GiB.
+    pub stored_gib: Option<u64>,
+}
+
 /// The file's contents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +188,12 @@ pub struct ReceiverFile {
     pub drill: Option<DrillSchedule>,
     #[serde(default)]
     pub vm: BTreeMap<String, VmSettings>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    pub quota: Option<Quota>,
+    /// Per-agent quotas instead of `quota`.
+    #[serde(default)]
+    pub agent: BTreeMap<String, Quota>,
 }
 
 impl ReceiverFile {
@@ -133,6 +238,15 @@ impl ReceiverFile {
             .get(vm)
             .and_then(|v| v.retention)
             .or(self.retention)
+            .unwrap_or_default()
+    }
+
+    /// The quotas of `agent`.
+    pub fn quota(&self, agent: &str) -> Quota {
+        self.agent
+            .get(agent)
+            .copied()
+            .or(self.quota)
             .unwrap_or_default()
     }
 

@@ -134,6 +134,9 @@ pub enum StoreError {
     /// A chunk the catalog names is missing from the catalog's chunk index.
     #[error("chunk {0} is referenced but not in the chunk index")]
     MissingChunk(Leaf),
+    /// A read of a chunk the caller does not hold (whoever else may hold it).
+    #[error("no chunk {0} among this agent's chunks")]
+    NotHeld(Leaf),
     /// Restored data does not reproduce the point's root.
     #[error("restored disk {disk} has root {got}, the point says {want}")]
     RestoredRoot { disk: String, got: Leaf, want: Leaf },

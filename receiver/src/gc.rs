@@ -112,22 +112,23 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
             "UPDATE sessions SET state = 'abandoned' WHERE state = 'open' AND updated_us < ?1",
             [expired],
         )? as u64;
+        // Chunks are stored per owner: a chunk lives while a block of its owner's uses it.
         tx.execute_batch(
-            "CREATE TEMP TABLE IF NOT EXISTS gc_live(hash BLOB PRIMARY KEY) WITHOUT ROWID;
-             DELETE FROM gc_live;
-             INSERT OR IGNORE INTO gc_live SELECT hash FROM nodes WHERE level = 0 AND hash IS NOT NULL;
-             INSERT OR IGNORE INTO gc_live SELECT b.hash FROM session_blocks b
+            "CREATE TEMP TABLE IF NOT EXISTS gc_owned_live(owner TEXT, hash BLOB,
+               PRIMARY KEY(owner, hash)) WITHOUT ROWID;
+             DELETE FROM gc_owned_live;
+             INSERT OR IGNORE INTO gc_owned_live SELECT v.owner, n.hash FROM nodes n
+               JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id
+               WHERE n.level = 0 AND n.hash IS NOT NULL;
+             INSERT OR IGNORE INTO gc_owned_live SELECT s.owner, b.hash FROM session_blocks b
                JOIN sessions s ON s.id = b.session_id WHERE s.state = 'open';",
         )?;
         let removed = tx.execute(
-            "DELETE FROM chunks WHERE created_us < ?1 AND hash NOT IN (SELECT hash FROM gc_live)",
+            "DELETE FROM chunks WHERE created_us < ?1 AND NOT EXISTS
+               (SELECT 1 FROM gc_owned_live g WHERE g.owner = chunks.owner AND g.hash = chunks.hash)",
             [cutoff],
         )?;
-        tx.execute(
-            "DELETE FROM chunk_owners WHERE hash NOT IN (SELECT hash FROM chunks)",
-            [],
-        )?;
-        tx.execute("DELETE FROM temp.gc_live", [])?;
+        tx.execute("DELETE FROM temp.gc_owned_live", [])?;
         tx.commit()?;
         report.chunks_removed = removed as u64;
     }
@@ -160,20 +161,25 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
             continue;
         }
         let size = meta.map_or(0, |m| m.len());
-        let live: Vec<(Vec<u8>, i64, i64)> = {
-            let mut stmt =
-                conn.prepare_cached("SELECT hash, offset, clen FROM chunks WHERE pack_id = ?1")?;
-            let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let live: Vec<(String, Vec<u8>, i64, i64)> = {
+            let mut stmt = conn.prepare_cached(
+                "SELECT owner, hash, offset, clen FROM chunks WHERE pack_id = ?1",
+            )?;
+            let rows =
+                stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        let live_bytes: u64 = live.iter().map(|(_, _, c)| *c as u64 + RECORD_HEADER).sum();
+        let live_bytes: u64 = live
+            .iter()
+            .map(|(_, _, _, c)| *c as u64 + RECORD_HEADER)
+            .sum();
         if !live.is_empty() && (size == 0 || live_bytes as f64 >= REWRITE_BELOW * size as f64) {
             continue;
         }
         if !live.is_empty() {
             // Copy the live chunks, make them durable, then repoint the catalog.
             let mut moved = Vec::new();
-            for (hash, off, clen) in &live {
+            for (owner, hash, off, clen) in &live {
                 let leaf = Leaf::from_slice(hash)?;
                 let frame = reader.read(id, *off as u64, *clen as u32, &leaf)?;
                 if writer.needs_pack() {
@@ -181,14 +187,15 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
                     writer.open_pack(id)?;
                 }
                 let (new_pack, new_off) = writer.append(&leaf, &frame)?;
-                moved.push((hash.clone(), new_pack, new_off));
+                moved.push((owner, hash, new_pack, new_off));
             }
             writer.sync()?;
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for (hash, pack, off) in &moved {
+            for (owner, hash, pack, off) in &moved {
                 tx.execute(
-                    "UPDATE chunks SET pack_id = ?2, offset = ?3 WHERE hash = ?1 AND pack_id = ?4",
-                    params![hash, pack, *off as i64, id],
+                    "UPDATE chunks SET pack_id = ?3, offset = ?4
+                     WHERE owner = ?1 AND hash = ?2 AND pack_id = ?5",
+                    params![owner, hash, pack, *off as i64, id],
                 )?;
             }
             for full in writer.take_retired() {

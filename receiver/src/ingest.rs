@@ -412,8 +412,8 @@ impl Store {
         })
     }
 
-    /// The hashes among `hashes` that `owner` does not hold (its answer never depends on other
-    /// agents' data).
+    /// The hashes among `hashes` that `owner` does not hold. Chunks are stored per owner, so the
+    /// answer never depends on other agents' data.
     pub fn missing(
         &self,
         owner: &str,
@@ -430,7 +430,7 @@ impl Store {
         let conn = self.conn();
         open_session(&conn, owner, session)?;
         let mut stmt =
-            conn.prepare_cached("SELECT 1 FROM chunk_owners WHERE owner = ?1 AND hash = ?2")?;
+            conn.prepare_cached("SELECT 1 FROM chunks WHERE owner = ?1 AND hash = ?2")?;
         let mut out = Vec::new();
         for h in hashes {
             if h.is_zero() {
@@ -551,7 +551,7 @@ impl Store {
         }
         let all: Vec<&(Leaf, bytes::Bytes, usize)> =
             batches.iter().flat_map(|b| &b.chunks).collect();
-        let (placed, bytes) = self.write_new_chunks(&all, writer)?;
+        let (placed, bytes) = self.write_new_chunks(owner, &all, writer)?;
         let stored = placed.len() as u64;
         // Chunks this group placed: indexed and owned once the transaction commits, with the
         // length they were verified at, so their blocks need no catalog lookup. (A re-sent
@@ -560,7 +560,7 @@ impl Store {
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        Self::index_chunks(&tx, &all, &placed)?;
+        Self::index_chunks(&tx, owner, &all, &placed)?;
         for full in writer.take_retired() {
             crate::catalog::seal_pack(&tx, full)?;
         }
@@ -572,16 +572,8 @@ impl Store {
             if n == 0 || batches[n - 1].session_id != batch.session_id {
                 open_session(&tx, owner, session_id)?;
             }
-            let mut own = tx.prepare_cached(
-                "INSERT OR IGNORE INTO chunk_owners(owner, hash) VALUES (?1, ?2)",
-            )?;
-            for (hash, _, _) in &batch.chunks {
-                own.execute(params![owner, &hash.0[..]])?;
-            }
-            let mut held = tx.prepare_cached(
-                "SELECT c.ulen FROM chunk_owners o JOIN chunks c ON c.hash = o.hash
-                 WHERE o.owner = ?1 AND o.hash = ?2",
-            )?;
+            let mut held =
+                tx.prepare_cached("SELECT ulen FROM chunks WHERE owner = ?1 AND hash = ?2")?;
             let mut stage = tx.prepare_cached(
                 "INSERT OR REPLACE INTO session_blocks(session_id, pos, idx, hash)
                  VALUES (?1, ?2, ?3, ?4)",
@@ -638,10 +630,12 @@ impl Store {
         })
     }
 
-    /// Appends the chunks the store does not have yet to a pack and syncs it; the caller indexes
-    /// them in the transaction that stages the blocks using them.
+    /// Appends the chunks `owner` does not hold yet to a pack and syncs it; the caller indexes
+    /// them in the transaction that stages the blocks using them. What other owners hold plays
+    /// no part: the work (and so the time) of an upload depends on the uploader's data alone.
     fn write_new_chunks(
         &self,
+        owner: &str,
         chunks: &[&(Leaf, bytes::Bytes, usize)],
         writer: &mut PackWriter,
     ) -> Result<(Vec<Placed>, u64), StoreError> {
@@ -650,11 +644,12 @@ impl Store {
         }
         let fresh: Vec<&(Leaf, bytes::Bytes, usize)> = {
             let conn = self.conn();
-            let mut stmt = conn.prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT 1 FROM chunks WHERE owner = ?1 AND hash = ?2")?;
             let mut fresh = Vec::new();
             let mut seen = HashSet::new();
             for &c in chunks {
-                if seen.insert(c.0) && !stmt.exists([&c.0 .0[..]])? {
+                if seen.insert(c.0) && !stmt.exists(params![owner, &c.0 .0[..]])? {
                     fresh.push(c);
                 }
             }
@@ -681,34 +676,39 @@ impl Store {
     /// unreferenced).
     fn index_chunks(
         tx: &Transaction<'_>,
+        owner: &str,
         sent: &[&(Leaf, bytes::Bytes, usize)],
         placed: &[Placed],
     ) -> Result<(), StoreError> {
         let now = now_us();
         // Chunks placed now are indexed with `now` below; only re-sent ones need renewing.
         let new: HashSet<Leaf> = placed.iter().map(|p| p.0).collect();
-        let mut touch = tx.prepare_cached("UPDATE chunks SET created_us = ?2 WHERE hash = ?1")?;
+        let mut touch =
+            tx.prepare_cached("UPDATE chunks SET created_us = ?3 WHERE owner = ?1 AND hash = ?2")?;
         for (hash, _, _) in sent {
             if !new.contains(hash) {
-                touch.execute(params![&hash.0[..], now])?;
+                touch.execute(params![owner, &hash.0[..], now])?;
             }
         }
         let mut ins = tx.prepare_cached(
-            "INSERT OR IGNORE INTO chunks(hash, pack_id, offset, clen, ulen, created_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO chunks(owner, hash, pack_id, offset, clen, ulen, created_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        let any_bad: bool =
-            tx.query_row("SELECT EXISTS(SELECT 1 FROM bad_chunks)", [], |r| r.get(0))?;
+        let any_bad: bool = tx
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM bad_chunks WHERE owner = ?1)")?
+            .query_row([owner], |r| r.get(0))?;
         if any_bad {
-            let mut healed = tx.prepare_cached("DELETE FROM bad_chunks WHERE hash = ?1")?;
+            let mut healed =
+                tx.prepare_cached("DELETE FROM bad_chunks WHERE owner = ?1 AND hash = ?2")?;
             for (hash, _, _, _, _) in placed {
-                if healed.execute([&hash.0[..]])? > 0 {
+                if healed.execute(params![owner, &hash.0[..]])? > 0 {
                     tracing::info!(chunk = %hash, "damaged chunk healed");
                 }
             }
         }
         for (hash, pack, offset, clen, ulen) in placed {
             ins.execute(params![
+                owner,
                 &hash.0[..],
                 pack,
                 *offset as i64,

@@ -8,8 +8,11 @@
 //! - [`points`]: listing and resolving points (the read path).
 //! - [`restore`]: writing a point's disk back as a raw image.
 //! - [`service`] and [`server`]: the gRPC face over mutual TLS.
+//! - [`admission`] and [`budget`]: what each peer may hold (connections, handshakes, memory).
 //! - [`cli`]: one module per subcommand.
 
+pub mod admission;
+pub mod budget;
 pub mod catalog;
 pub mod cli;
 pub mod config;

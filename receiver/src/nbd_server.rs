@@ -134,7 +134,8 @@ impl PointReader {
                    (SELECT idx, hash, MAX(point) FROM nodes
                     WHERE disk_id = ?1 AND level = 0 AND idx >= ?2 AND idx < ?3 AND point <= ?4
                     GROUP BY idx) n
-                 JOIN chunks c ON c.hash = n.hash
+                 JOIN chunks c ON c.hash = n.hash AND c.owner =
+                   (SELECT v.owner FROM disks d JOIN vms v ON v.id = d.vm_id WHERE d.id = ?1)
                  WHERE n.hash IS NOT NULL",
             )
             .map_err(io::Error::other)?;

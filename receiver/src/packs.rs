@@ -294,9 +294,8 @@ const WINDOW_BYTES: u64 = 8 << 20;
 const WINDOW_GAP: u64 = 256 << 10;
 /// Windows a reader keeps (one per pack, the least recently made dropped first).
 const WINDOWS_KEPT: usize = 4;
-/// Largest frame a catalog row may name: a block of the largest size that did not compress,
-/// with room to spare.
-const MAX_FRAME_BYTES: u32 = 2 * rewind_proto::format::MAX_BLOCK_SIZE;
+/// Largest frame a catalog row may name: the bound ingest enforces, for the largest block.
+const MAX_FRAME_BYTES: u32 = rewind_proto::format::MAX_FRAME_BYTES as u32;
 
 struct OpenPack {
     file: Arc<File>,

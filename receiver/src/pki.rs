@@ -20,6 +20,8 @@ pub const CA_KEY: &str = "ca.key";
 pub const RECEIVER_CERT: &str = "receiver.pem";
 /// The receiver's private key.
 pub const RECEIVER_KEY: &str = "receiver.key";
+/// The revocation list `pki revoke` keeps and `serve` loads at start and on SIGHUP.
+pub const CRL: &str = "crl.pem";
 
 /// How long issued certificates stay valid: ten years for the CA, five for leaves. Rotation is
 /// by issuing anew; a DR tool must not stop on an expired test certificate.
@@ -155,6 +157,8 @@ pub struct ServerPki {
     pub ca: Vec<u8>,
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+    /// The revocation list, if any agent was ever revoked.
+    pub crl: Option<Vec<u8>>,
 }
 
 /// Reads the CA and the receiver's pair from a PKI folder.
@@ -163,10 +167,22 @@ pub fn load_server(dir: &Path) -> Result<ServerPki, PkiError> {
         let p = dir.join(name);
         fs::read(&p).map_err(io(&p))
     };
+    let crl_path = dir.join(CRL);
+    let crl = match fs::read(&crl_path) {
+        Ok(c) => Some(c),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(PkiError::Io {
+                path: crl_path,
+                source,
+            })
+        }
+    };
     Ok(ServerPki {
         ca: read(CA_CERT)?,
         cert: read(RECEIVER_CERT)?,
         key: read(RECEIVER_KEY)?,
+        crl,
     })
 }
 

@@ -88,8 +88,7 @@ impl Store {
             let conn = self.reader()?;
             owned_vm(&conn, vm, owner)?;
             let mut stmt = conn.prepare_cached(
-                "SELECT c.pack_id, c.offset, c.clen FROM chunk_owners o JOIN chunks c ON c.hash = o.hash
-                 WHERE o.owner = ?1 AND o.hash = ?2",
+                "SELECT pack_id, offset, clen FROM chunks WHERE owner = ?1 AND hash = ?2",
             )?;
             let mut locs = Vec::new();
             for h in hashes {
@@ -98,7 +97,7 @@ impl Store {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     }),
                 )?;
-                let (pack, off, clen) = loc.ok_or(StoreError::MissingChunk(*h))?;
+                let (pack, off, clen) = loc.ok_or(StoreError::NotHeld(*h))?;
                 locs.push((*h, pack, off as u64, clen as u32));
             }
             locs

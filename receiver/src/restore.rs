@@ -147,7 +147,8 @@ pub fn for_each_block(
         "SELECT n.idx, n.hash, c.pack_id, c.offset, c.clen FROM
            (SELECT idx, hash, MAX(point) FROM nodes
             WHERE disk_id = ?1 AND level = 0 AND point <= ?2 GROUP BY idx) n
-         LEFT JOIN chunks c ON c.hash = n.hash
+         LEFT JOIN chunks c ON c.hash = n.hash AND c.owner =
+           (SELECT v.owner FROM disks d JOIN vms v ON v.id = d.vm_id WHERE d.id = ?1)
          WHERE n.hash IS NOT NULL ORDER BY n.idx",
     )?;
     let mut rows = stmt.query(params![disk_id, point])?;

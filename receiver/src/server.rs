@@ -1,54 +1,116 @@
 //! Serving the replication service over mutual TLS on a bound listener, until shutdown.
+//!
+//! The TLS handshake happens in [`crate::admission`] (deadlines, connection caps, revocation),
+//! every request passes [`crate::budget`] (bounded memory), then tonic serves the calls.
 
+use crate::admission::Admission;
+use crate::budget::{BudgetLayer, Budgets};
+use crate::config::Limits;
 use crate::pki::ServerPki;
 use crate::service::ReplicationService;
 use crate::store::Store;
 use rewind_proto::format::{H2_WINDOW_BYTES, MAX_MESSAGE_BYTES};
 use rewind_proto::pb::replication_server::ReplicationServer;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Server;
 
 /// Concurrent HTTP/2 streams per connection: an agent uses a handful; unlimited invites abuse.
-const MAX_STREAMS: u32 = 64;
+const MAX_STREAMS: u32 = 32;
+/// Largest header block a request may send (names and a few metadata entries need < 1 KiB).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Why serving could not start or stopped.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// A PEM file of the PKI folder does not hold what it should.
+    #[error("{what}: {source}")]
+    Pem {
+        what: &'static str,
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The certificates or the key were refused by rustls.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The CA or the revocation list could not make a client verifier.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The HTTP/2 server failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+type TlsPair = (Arc<ServerConfig>, Arc<dyn ClientCertVerifier>);
+
+/// The receiver's TLS configuration: its certificate, clients verified against the CA and the
+/// revocation list, HTTP/2 only.
+pub fn tls_config(pki: &ServerPki) -> Result<TlsPair, ServeError> {
+    let pem = |what| move |source| ServeError::Pem { what, source };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.ca) {
+        roots.add(c.map_err(pem("ca.pem"))?)?;
+    }
+    let crls = match &pki.crl {
+        Some(crl) => CertificateRevocationListDer::pem_slice_iter(crl)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem("crl.pem"))?,
+        None => Vec::new(),
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .build()?;
+    let certs = CertificateDer::pem_slice_iter(&pki.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem("receiver.pem"))?;
+    let key = PrivateKeyDer::from_pem_slice(&pki.key).map_err(pem("receiver.key"))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), verifier))
+}
+
+/// The accept side for `pki` under `limits`.
+pub fn admission(pki: &ServerPki, limits: Limits) -> Result<Arc<Admission>, ServeError> {
+    let (config, _) = tls_config(pki)?;
+    Ok(Admission::new(limits, config))
+}
 
 /// Serves until `shutdown` resolves. There is no plaintext mode: every client must present a
-/// certificate signed by the PKI's CA.
+/// certificate signed by the PKI's CA and not revoked.
 pub async fn run(
     listener: TcpListener,
-    pki: &ServerPki,
+    admission: Arc<Admission>,
     store: Arc<Store>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&pki.cert, &pki.key))
-        .client_ca_root(Certificate::from_pem(&pki.ca));
+) -> Result<(), ServeError> {
+    let budgets = Budgets::new(admission.limits().clone(), Some(admission.clone()));
     let service = ReplicationServer::new(ReplicationService::new(store))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    // Small replies (window updates, MissingChunks answers) must not wait for Nagle's algorithm
-    // and the peer's delayed ACK: that costs 40 ms per round trip. `tcp_nodelay` below only
-    // applies to listeners tonic binds itself, so set it on each accepted socket.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY");
-            }
-        })
-    });
+    let incoming = ReceiverStream::new(admission.incoming(listener));
     Server::builder()
-        .tls_config(tls)?
         .initial_stream_window_size(H2_WINDOW_BYTES)
         .initial_connection_window_size(H2_WINDOW_BYTES)
         .max_concurrent_streams(MAX_STREAMS)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_nodelay(true)
+        .layer(BudgetLayer(budgets))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await?;
+    Ok(())
 }

@@ -14,6 +14,10 @@ use rewind_proto::Leaf;
 
 /// Batches of one upload stream verified ahead of the one being written.
 const VERIFY_AHEAD: usize = 6;
+/// Bytes of decoded batches all upload streams together hold between decoding and staging
+/// (a stream holds up to VERIFY_AHEAD + GROUP_MAX batches; an honest one is ~4 MiB each, a
+/// hostile one up to 16 MiB). Streams wait in turn for room, so memory stays bounded.
+const PIPELINE_BYTES: usize = 128 << 20;
 /// Most batches staged by one pack sync and one catalog transaction.
 const GROUP_MAX: usize = 8;
 /// Most chunk bytes staged by one group.
@@ -29,11 +33,15 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Clone)]
 pub struct ReplicationService {
     store: Arc<Store>,
+    pipeline: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReplicationService {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            pipeline: Arc::new(tokio::sync::Semaphore::new(PIPELINE_BYTES)),
+        }
     }
 }
 
@@ -75,7 +83,8 @@ pub fn to_status(e: StoreError) -> Status {
         | UnknownSession(_)
         | UnknownPoint { .. }
         | NoPointAt { .. }
-        | UnknownDisk { .. } => Status::not_found(msg),
+        | UnknownDisk { .. }
+        | NotHeld(_) => Status::not_found(msg),
         SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
         BaseMoved { .. } => Status::aborted(msg),
         Cancelled => Status::cancelled(msg),
@@ -212,16 +221,23 @@ impl Replication for ReplicationService {
         let reader = {
             let store = self.store.clone();
             let owner = owner.clone();
+            let pipeline = self.pipeline.clone();
             tokio::spawn(async move {
                 while let Some(batch) = stream.message().await? {
                     let (session, entries, chunks) = decode_batch(batch)?;
                     let bytes: usize = chunks.iter().map(|c| c.frame.len()).sum();
+                    let held = (bytes + 48 * entries.len()).clamp(1, PIPELINE_BYTES);
+                    let permit = pipeline
+                        .clone()
+                        .acquire_many_owned(held as u32)
+                        .await
+                        .map_err(|_| Status::unavailable("the receiver is shutting down"))?;
                     let store = store.clone();
                     let owner = owner.clone();
                     let job = tokio::task::spawn_blocking(move || {
                         store.verify_batch(&owner, &session, entries, chunks)
                     });
-                    if verified_tx.send((job, bytes)).await.is_err() {
+                    if verified_tx.send((job, bytes, permit)).await.is_err() {
                         break;
                     }
                 }
@@ -231,14 +247,16 @@ impl Replication for ReplicationService {
         let mut writer = PackWriter::new(&self.store.packs_dir());
         let mut total = pb::UploadReply::default();
         let mut failure = None;
-        while let Some((first, mut bytes)) = verified_rx.recv().await {
+        while let Some((first, mut bytes, permit)) = verified_rx.recv().await {
             let mut jobs = vec![first];
+            let mut permits = vec![permit];
             // The end of the stream ends the wait early.
             let deadline = tokio::time::Instant::now() + GROUP_WAIT;
             while jobs.len() < GROUP_MAX && bytes < GROUP_BYTES {
                 match tokio::time::timeout_at(deadline, verified_rx.recv()).await {
-                    Ok(Some((job, b))) => {
+                    Ok(Some((job, b, p))) => {
                         jobs.push(job);
+                        permits.push(p);
                         bytes += b;
                     }
                     Ok(None) | Err(_) => break,
@@ -281,6 +299,7 @@ impl Replication for ReplicationService {
                     Err(e) => failure = Some(to_status(e)),
                 }
             }
+            drop(permits);
             if failure.is_some() {
                 break;
             }

@@ -35,18 +35,22 @@ pub struct VerifyReport {
     pub quarantined: Vec<BadChunk>,
 }
 
-/// Points (of any VM) whose content references `hash`.
-fn points_using(conn: &Connection, hash: &[u8]) -> Result<Vec<(String, i64)>, StoreError> {
+/// Points of `owner`'s VMs whose content references `hash`.
+fn points_using(
+    conn: &Connection,
+    owner: &str,
+    hash: &[u8],
+) -> Result<Vec<(String, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT v.name, pd.point_id FROM nodes n
          JOIN point_disks pd ON pd.disk_id = n.disk_id AND pd.point_id >= n.point
          JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
-         WHERE n.level = 0 AND n.hash = ?1
+         WHERE n.level = 0 AND n.hash = ?1 AND v.owner = ?2
            AND NOT EXISTS (SELECT 1 FROM nodes n2 WHERE n2.disk_id = n.disk_id AND n2.level = 0
                            AND n2.idx = n.idx AND n2.point > n.point AND n2.point <= pd.point_id)
          ORDER BY pd.point_id",
     )?;
-    let rows = stmt.query_map([hash], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = stmt.query_map(params![hash, owner], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -58,15 +62,17 @@ pub fn verify(
     scope: Option<(&str, Option<i64>)>,
     progress: &dyn Fn(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
-    let chunks: Vec<(Vec<u8>, i64, i64, i64, i64)> = {
+    let chunks: Vec<(String, Vec<u8>, i64, i64, i64, i64)> = {
         let (sql, vm, point) = match scope {
             None => (
-                "SELECT hash, pack_id, offset, clen, ulen FROM chunks ORDER BY pack_id, offset",
+                "SELECT owner, hash, pack_id, offset, clen, ulen FROM chunks
+                 ORDER BY pack_id, offset",
                 None,
                 None,
             ),
             Some((vm, point)) => (
-                "SELECT c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c WHERE c.hash IN
+                "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
+                 WHERE c.owner = (SELECT owner FROM vms WHERE name = ?1) AND c.hash IN
                    (SELECT n.hash FROM nodes n JOIN point_disks pd ON pd.disk_id = n.disk_id
                     JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
                     WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
@@ -79,22 +85,36 @@ pub fn verify(
         let mut stmt = conn.prepare(sql)?;
         let rows = if vm.is_some() {
             stmt.query_map(params![vm, point], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?
         } else {
             stmt.query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?
         };
         rows
     };
-    let total: u64 = chunks.iter().map(|c| c.4 as u64).sum();
+    let total: u64 = chunks.iter().map(|c| c.5 as u64).sum();
     let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
     let mut report = VerifyReport::default();
     let mut bad = Vec::new();
-    for (hash, pack, off, clen, ulen) in chunks {
+    for (owner, hash, pack, off, clen, ulen) in chunks {
         let leaf = Leaf::from_slice(&hash)?;
         let result = reader
             .read(pack, off as u64, clen as u32, &leaf)
@@ -103,19 +123,21 @@ pub fn verify(
         report.chunks_checked += 1;
         report.bytes_checked += ulen as u64;
         if let Err(error) = result {
-            bad.push((hash, error));
+            bad.push((owner, hash, error));
         }
         progress(report.bytes_checked, total);
     }
-    for (hash, error) in bad {
-        let points = points_using(conn, &hash)?;
+    for (owner, hash, error) in bad {
+        let points = points_using(conn, &owner, &hash)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT OR REPLACE INTO bad_chunks(hash, found_us, detail) VALUES (?1, ?2, ?3)",
-            params![hash, now_us(), error],
+            "INSERT OR REPLACE INTO bad_chunks(owner, hash, found_us, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![owner, hash, now_us(), error],
         )?;
-        tx.execute("DELETE FROM chunks WHERE hash = ?1", [&hash])?;
-        tx.execute("DELETE FROM chunk_owners WHERE hash = ?1", [&hash])?;
+        tx.execute(
+            "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2",
+            params![owner, hash],
+        )?;
         tx.commit()?;
         tracing::error!(chunk = %hex::encode(&hash), %error, points = points.len(), "bad chunk quarantined");
         report.bad.push(BadChunk {
@@ -124,17 +146,22 @@ pub fn verify(
             points,
         });
     }
-    let earlier: Vec<(Vec<u8>, String)> = {
-        let mut stmt = conn.prepare("SELECT hash, detail FROM bad_chunks ORDER BY found_us")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let earlier: Vec<(String, Vec<u8>, String)> = {
+        let mut stmt =
+            conn.prepare("SELECT owner, hash, detail FROM bad_chunks ORDER BY found_us")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
-    for (hash, error) in earlier {
+    for (owner, hash, error) in earlier {
         let hex_hash = hex::encode(&hash);
-        if report.bad.iter().any(|b| b.hash == hex_hash) {
+        let points = points_using(conn, &owner, &hash)?;
+        if report
+            .bad
+            .iter()
+            .any(|b| b.hash == hex_hash && b.points == points)
+        {
             continue;
         }
-        let points = points_using(conn, &hash)?;
         let in_scope = match scope {
             None => true,
             Some((vm, p)) => points
@@ -164,7 +191,8 @@ pub fn verify(
 pub fn heal_list(conn: &Connection, vm_id: i64) -> Result<Vec<Leaf>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT b.hash FROM bad_chunks b JOIN nodes n ON n.hash = b.hash AND n.level = 0
-         JOIN disks d ON d.id = n.disk_id WHERE d.vm_id = ?1",
+         JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id
+         WHERE d.vm_id = ?1 AND b.owner = v.owner",
     )?;
     let rows = stmt.query_map([vm_id], |r| r.get::<_, Vec<u8>>(0))?;
     let mut out = Vec::new();

@@ -258,6 +258,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
     let pki = crate::pki::load_server(&pki_dir).context("loading the receiver's certificates")?;
+    match crate::admission::raise_nofile() {
+        Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the descriptor limit"),
+    }
+    let admission = crate::server::admission(&pki, file.limits.limits())
+        .context("setting up TLS with the receiver's certificates")?;
     let store = Arc::new(
         Store::open(&data).with_context(|| format!("opening data folder {}", data.display()))?,
     );
@@ -284,9 +290,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let (files_tx, files_rx) = watch::channel(file.clone());
         tokio::spawn(retention_loop(data.clone(), files_rx.clone()));
         tokio::spawn(drill_loop(data.clone(), files_rx));
-        tokio::spawn(reload_on_hangup(a.clone(), files_tx, hup));
+        tokio::spawn(reload_on_hangup(
+            a.clone(),
+            files_tx,
+            hup,
+            pki_dir.clone(),
+            admission.clone(),
+        ));
         tracing::info!(%addr, data = %data.display(), "serving");
-        crate::server::run(listener, &pki, store, shutdown_signal(term, int))
+        crate::server::run(listener, admission, store, shutdown_signal(term, int))
             .await
             .context("serving")?;
         tracing::info!("stopped");
@@ -294,15 +306,31 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// SIGHUP: re-read the configuration; retention, RPO targets and drill schedules change at
-/// once, the listen address, data folder, PKI and metrics address at the next start.
+/// SIGHUP: re-read the configuration and the PKI folder's revocation list; retention, RPO
+/// targets, drill schedules and quotas change at once, and connections of newly revoked agents
+/// are closed; the listen address, data folder, PKI folder, metrics address and limits change
+/// at the next start.
 async fn reload_on_hangup(
     a: ServeArgs,
     files: watch::Sender<Arc<ReceiverFile>>,
     mut hup: tokio::signal::unix::Signal,
+    pki_dir: PathBuf,
+    admission: Arc<crate::admission::Admission>,
 ) {
     while hup.recv().await.is_some() {
         rewind_proto::systemd::notify("RELOADING=1");
+        match crate::pki::load_server(&pki_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| Ok(crate::server::tls_config(&p)?))
+        {
+            Ok((config, verifier)) => {
+                let closed = admission.reload(config, verifier);
+                tracing::info!(closed, "certificates and revocation list reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "PKI reload refused; keeping the running certificates")
+            }
+        }
         match load(&a) {
             Ok(f) => {
                 let old = files.borrow().clone();

@@ -48,7 +48,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     // Which VMs a quarantined chunk damages costs a scan of their leaves: only when any is.
     let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
     let damage = if quarantined > 0 {
-        "(SELECT COUNT(*) FROM bad_chunks b WHERE b.hash IN
+        "(SELECT COUNT(*) FROM bad_chunks b WHERE b.owner = v.owner AND b.hash IN
               (SELECT n.hash FROM nodes n JOIN disks k ON k.id = n.disk_id
                WHERE k.vm_id = v.id AND n.level = 0))"
     } else {
