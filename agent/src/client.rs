@@ -34,12 +34,34 @@ fn host_of(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_owned())
 }
 
+/// Warn this many days before the agent's certificate expires.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Days until the certificate in a PEM file expires (negative once it has), if it parses.
+pub fn cert_days_left(pem: &[u8]) -> Option<i64> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some((cert.validity().not_after.timestamp() - now).div_euclid(86_400))
+}
+
 /// Opens a channel to the receiver and returns a client for it.
 pub async fn connect(cfg: &ReceiverConfig) -> Result<ReplicationClient<Channel>, SyncError> {
+    let cert = read(&cfg.cert)?;
+    if let Some(days) = cert_days_left(&cert).filter(|d| *d < EXPIRY_WARNING_DAYS) {
+        tracing::warn!(
+            days,
+            cert = %cfg.cert.display(),
+            "the agent's certificate expires soon: renew it (rewind-receiver pki renew --agent NAME)"
+        );
+    }
     let host = host_of(&cfg.url).ok_or_else(|| SyncError::BadUrl(cfg.url.clone()))?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
-        .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?))
+        .identity(Identity::from_pem(cert, read(&cfg.key)?))
         .domain_name(host);
     let endpoint = Endpoint::from_shared(cfg.url.clone())
         .map_err(|_| SyncError::BadUrl(cfg.url.clone()))?

@@ -86,6 +86,8 @@ struct Registry {
     per_agent: HashMap<String, usize>,
     /// Refusals, for logs and tests.
     refused: u64,
+    /// When each agent's certificate (as last presented) expires, in seconds since the epoch.
+    expiry: BTreeMap<String, i64>,
 }
 
 /// Counts of what the registry holds.
@@ -129,6 +131,15 @@ impl Admission {
             connections: r.conns.len(),
             refused: r.refused,
         }
+    }
+
+    /// When the certificate each agent last presented expires (seconds since the epoch).
+    pub fn agent_expiry(&self) -> Vec<(String, i64)> {
+        self.registry()
+            .expiry
+            .iter()
+            .map(|(a, t)| (a.clone(), *t))
+            .collect()
     }
 
     /// The verified connection whose peer is `remote`.
@@ -205,7 +216,13 @@ impl Admission {
         agent: String,
         cert: CertificateDer<'static>,
     ) -> Option<Arc<ConnState>> {
+        let expires = x509_parser::parse_x509_certificate(cert.as_ref())
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp());
         let mut r = self.registry();
+        if let Some(t) = expires {
+            r.expiry.insert(agent.clone(), t);
+        }
         let of_agent = r.per_agent.get(&agent).copied().unwrap_or(0);
         if of_agent >= self.limits.max_connections_per_agent
             || r.conns.len() >= self.limits.max_connections

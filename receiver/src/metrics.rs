@@ -233,7 +233,42 @@ fn drill_metrics(conn: &Connection, out: &mut String) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Serves `/metrics` over plain HTTP (bind it to loopback or a monitoring network).
-pub async fn serve(listener: tokio::net::TcpListener, data: std::path::PathBuf) {
-    rewind_proto::scrape::serve(listener, move || render(&data).ok()).await;
+/// The days left on the receiver's certificate and on each agent's seen since `serve` started.
+pub fn render_certificates(receiver: Option<i64>, agents: &[(String, i64)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP rewind_certificate_days_left Days until a certificate expires (the receiver's; each agent's as last presented).\n# TYPE rewind_certificate_days_left gauge");
+    let now = now_us() / 1_000_000;
+    let days = |t: i64| (t - now) as f64 / 86_400.0;
+    if let Some(t) = receiver {
+        let _ = writeln!(
+            out,
+            "rewind_certificate_days_left{{subject=\"receiver\"}} {:.2}",
+            days(t)
+        );
+    }
+    for (agent, t) in agents {
+        let _ = writeln!(
+            out,
+            "rewind_certificate_days_left{{subject=\"agent\",agent=\"{agent}\"}} {:.2}",
+            days(*t)
+        );
+    }
+    out
+}
+
+/// Serves `/metrics` over plain HTTP (bind it to loopback or a monitoring network): the store's
+/// metrics and whatever `extra` renders (the live server's).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    data: std::path::PathBuf,
+    extra: impl Fn() -> String + Send + Sync + 'static,
+) {
+    let extra = std::sync::Arc::new(extra);
+    rewind_proto::scrape::serve(listener, move || {
+        render(&data).ok().map(|mut m| {
+            m.push_str(&extra());
+            m
+        })
+    })
+    .await;
 }

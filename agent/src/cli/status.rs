@@ -50,6 +50,17 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         }
     }
     all.sort_by(|x, y| x.vm.cmp(&y.vm));
+    if let Some(cert) = &file.receiver.cert {
+        let days = std::fs::read(cert)
+            .ok()
+            .and_then(|pem| crate::client::cert_days_left(&pem));
+        if let Some(days) = days.filter(|d| *d < crate::client::EXPIRY_WARNING_DAYS) {
+            eprintln!(
+                "warning: the agent's certificate {} expires in {days} days: renew it (rewind-receiver pki renew --agent NAME)",
+                cert.display()
+            );
+        }
+    }
     for s in &all {
         if a.json {
             println!("{}", serde_json::to_string(s)?);

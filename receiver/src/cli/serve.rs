@@ -264,6 +264,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     let admission = crate::server::admission(&pki, file.limits.limits())
         .context("setting up TLS with the receiver's certificates")?;
+    if let Some(t) = crate::pki::not_after(&pki.cert) {
+        let days = (t - crate::catalog::now_us() / 1_000_000) / 86_400;
+        if days < 30 {
+            tracing::warn!(
+                days,
+                "the receiver's certificate expires soon: rewind-receiver pki renew --receiver"
+            );
+        }
+    }
     let store = Arc::new(
         Store::open(&data).with_context(|| format!("opening data folder {}", data.display()))?,
     );
@@ -285,7 +294,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding the metrics address {m}"))?;
             tracing::info!(addr = %m, "metrics");
-            tokio::spawn(crate::metrics::serve(l, data.clone()));
+            let adm = admission.clone();
+            let receiver_expiry = crate::pki::not_after(&pki.cert);
+            tokio::spawn(crate::metrics::serve(l, data.clone(), move || {
+                crate::metrics::render_certificates(receiver_expiry, &adm.agent_expiry())
+            }));
         }
         let (files_tx, files_rx) = watch::channel(file.clone());
         tokio::spawn(retention_loop(data.clone(), files_rx.clone()));
