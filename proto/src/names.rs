@@ -3,12 +3,26 @@
 
 use thiserror::Error;
 
-/// A name that could escape a folder or confuse a shell.
+/// A name that could escape a folder or confuse a shell. Only a short prefix of it is kept
+/// (see [`shown`]): errors and logs never echo a hostile peer's 10 kB name.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("invalid {kind} name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -, not starting with . or -")]
+#[error("invalid {kind} name {name}: use 1-64 characters of A-Z a-z 0-9 . _ -, not starting with . or -")]
 pub struct BadName {
     pub kind: &'static str,
     pub name: String,
+}
+
+/// Longest prefix of peer-supplied text an error or log line shows.
+pub const SHOWN_CHARS: usize = 64;
+
+/// `text` quoted for an error or a log line: its first [`SHOWN_CHARS`] characters, with the
+/// length of the rest when cut.
+pub fn shown(text: &str) -> String {
+    let mut chars = text.char_indices();
+    match chars.nth(SHOWN_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes in all)", &text[..cut], text.len()),
+    }
 }
 
 fn check(kind: &'static str, name: &str) -> Result<(), BadName> {
@@ -24,7 +38,7 @@ fn check(kind: &'static str, name: &str) -> Result<(), BadName> {
     } else {
         Err(BadName {
             kind,
-            name: name.to_owned(),
+            name: shown(name),
         })
     }
 }
@@ -42,6 +56,20 @@ pub fn disk(name: &str) -> Result<(), BadName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_are_cut_in_errors() {
+        let long = "x".repeat(10_000);
+        let e = vm(&long).expect_err("too long").to_string();
+        assert!(e.len() < 300, "{e}");
+        assert!(e.contains("10000 bytes"), "{e}");
+        assert_eq!(shown("web1"), "\"web1\"");
+        let multi = "é".repeat(100);
+        assert_eq!(
+            shown(&multi),
+            format!("{:?}... (200 bytes in all)", "é".repeat(64))
+        );
+    }
 
     #[test]
     fn accepts_plain_names() {

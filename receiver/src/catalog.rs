@@ -95,6 +95,11 @@ INSERT OR IGNORE INTO owned_bad_chunks SELECT v.owner, b.hash, b.found_us, b.det
   JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id;
 DROP TABLE bad_chunks;
 ALTER TABLE owned_bad_chunks RENAME TO bad_chunks;
+CREATE TABLE owner_usage(
+  owner TEXT PRIMARY KEY,
+  chunks INTEGER NOT NULL,
+  bytes INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO owner_usage SELECT owner, COUNT(*), SUM(clen) FROM chunks GROUP BY owner;
 ";
 
 /// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`] and [`MIGRATE_3_4`].
@@ -190,6 +195,18 @@ CREATE TABLE IF NOT EXISTS session_blocks(
   hash BLOB NOT NULL,
   PRIMARY KEY(session_id, pos, idx)) WITHOUT ROWID;
 ";
+
+/// Adds `chunks` and `bytes` (negative to remove) to what `owner` holds, the figure its storage
+/// quota is checked against; every insert and delete of chunk rows goes with one.
+pub fn add_usage(conn: &Connection, owner: &str, chunks: i64, bytes: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO owner_usage(owner, chunks, bytes) VALUES (?1, ?2, ?3)
+         ON CONFLICT(owner) DO UPDATE SET chunks = chunks + excluded.chunks,
+           bytes = bytes + excluded.bytes",
+    )?
+    .execute(rusqlite::params![owner, chunks, bytes])
+    .map(|_| ())
+}
 
 /// Opens (and creates or migrates) the catalog for writing.
 pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {

@@ -37,11 +37,12 @@
 //! message_timeout = 60           # seconds a started message may take to arrive whole
 //! stream_idle_timeout = 300      # seconds an upload stream may go without a message
 //! max_uploads_per_agent = 16     # concurrent Upload streams of one agent
+//! vm_claim_timeout = 86400       # seconds a VM name with no point stays its first agent's
 //!
 //! [quota]                        # per-agent quotas (default: none)
 //! vms = 100                      # VMs an agent may own
 //! sessions = 16                  # open (uncommitted) sessions of an agent
-//! stored_gib = 2048              # compressed chunk bytes an agent may hold
+//! stored_mib = 2097152           # compressed chunk bytes an agent may hold, in MiB
 //!
 //! [agent.host1]                  # one agent's quotas instead of [quota]
 //! vms = 400
@@ -111,6 +112,7 @@ pub struct Limits {
     pub message_timeout: Duration,
     pub stream_idle_timeout: Duration,
     pub max_uploads_per_agent: usize,
+    pub vm_claim_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -134,6 +136,7 @@ pub struct LimitsFile {
     pub message_timeout: Option<u64>,
     pub stream_idle_timeout: Option<u64>,
     pub max_uploads_per_agent: Option<usize>,
+    pub vm_claim_timeout: Option<u64>,
 }
 
 impl LimitsFile {
@@ -158,6 +161,9 @@ impl LimitsFile {
             // The agent sends an empty batch on an upload stream every 60 s it has nothing.
             stream_idle_timeout: secs(self.stream_idle_timeout, 300),
             max_uploads_per_agent: self.max_uploads_per_agent.unwrap_or(16).max(1),
+            // A name is owned once a point commits; before that, a day without progress
+            // frees it for another agent (no squatting on names by Begin alone).
+            vm_claim_timeout: secs(self.vm_claim_timeout, 86_400),
         }
     }
 }
@@ -170,8 +176,8 @@ pub struct Quota {
     pub vms: Option<u64>,
     /// Open (uncommitted) sessions of the agent.
     pub sessions: Option<u64>,
-    /// Compressed chunk bytes the agent may hold, in GiB.
-    pub stored_gib: Option<u64>,
+    /// Compressed chunk bytes the agent may hold, in MiB.
+    pub stored_mib: Option<u64>,
 }
 
 /// The file's contents.

@@ -134,6 +134,14 @@ pub enum StoreError {
     /// A chunk the catalog names is missing from the catalog's chunk index.
     #[error("chunk {0} is referenced but not in the chunk index")]
     MissingChunk(Leaf),
+    /// An agent's quota does not allow what it asked for.
+    #[error("agent {agent} is at its quota: {what} (quota {key} = {limit})")]
+    Quota {
+        agent: String,
+        what: String,
+        key: &'static str,
+        limit: u64,
+    },
     /// A read of a chunk the caller does not hold (whoever else may hold it).
     #[error("no chunk {0} among this agent's chunks")]
     NotHeld(Leaf),

@@ -123,11 +123,19 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
              INSERT OR IGNORE INTO gc_owned_live SELECT s.owner, b.hash FROM session_blocks b
                JOIN sessions s ON s.id = b.session_id WHERE s.state = 'open';",
         )?;
-        let removed = tx.execute(
-            "DELETE FROM chunks WHERE created_us < ?1 AND NOT EXISTS
-               (SELECT 1 FROM gc_owned_live g WHERE g.owner = chunks.owner AND g.hash = chunks.hash)",
-            [cutoff],
-        )?;
+        const DEAD: &str = "created_us < ?1 AND NOT EXISTS
+               (SELECT 1 FROM gc_owned_live g WHERE g.owner = chunks.owner AND g.hash = chunks.hash)";
+        let dead: Vec<(String, i64, i64)> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT owner, COUNT(*), SUM(clen) FROM chunks WHERE {DEAD} GROUP BY owner"
+            ))?;
+            let rows = stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (owner, n, bytes) in &dead {
+            crate::catalog::add_usage(&tx, owner, -n, -bytes)?;
+        }
+        let removed = tx.execute(&format!("DELETE FROM chunks WHERE {DEAD}"), [cutoff])?;
         tx.execute("DELETE FROM temp.gc_owned_live", [])?;
         tx.commit()?;
         report.chunks_removed = removed as u64;

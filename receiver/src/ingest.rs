@@ -196,6 +196,64 @@ fn vm_row(conn: &Connection, vm: &str) -> rusqlite::Result<Option<(i64, String)>
     .optional()
 }
 
+/// Whether a VM with no point has seen no session progress for `timeout`: its name is then
+/// free for another agent.
+fn claim_expired(
+    conn: &Connection,
+    vm_id: i64,
+    timeout: std::time::Duration,
+) -> rusqlite::Result<bool> {
+    if latest_point(conn, vm_id)?.is_some() {
+        return Ok(false);
+    }
+    let last: i64 = conn.query_row(
+        "SELECT MAX(COALESCE((SELECT MAX(updated_us) FROM sessions WHERE vm_id = ?1), 0), created_us)
+         FROM vms WHERE id = ?1",
+        [vm_id],
+        |r| r.get(0),
+    )?;
+    Ok(now_us() - last >= timeout.as_micros() as i64)
+}
+
+/// Hands a VM with no point to `owner`, abandoning its former owner's sessions.
+fn release_claim(conn: &Connection, vm_id: i64, owner: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM session_blocks WHERE session_id IN
+           (SELECT id FROM sessions WHERE vm_id = ?1 AND state = 'open')",
+        [vm_id],
+    )?;
+    conn.execute(
+        "UPDATE sessions SET state = 'abandoned' WHERE vm_id = ?1 AND state = 'open'",
+        [vm_id],
+    )?;
+    conn.execute(
+        "UPDATE vms SET owner = ?2, created_us = ?3 WHERE id = ?1",
+        params![vm_id, owner, now_us()],
+    )?;
+    Ok(())
+}
+
+fn check_vm_quota(
+    conn: &Connection,
+    owner: &str,
+    quota: &crate::config::Quota,
+) -> Result<(), StoreError> {
+    if let Some(max) = quota.vms {
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM vms WHERE owner = ?1", [owner], |r| {
+            r.get(0)
+        })?;
+        if n as u64 >= max {
+            return Err(StoreError::Quota {
+                agent: owner.to_owned(),
+                what: format!("{n} VMs"),
+                key: "vms",
+                limit: max,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The newest point of a VM.
 pub fn latest_point(conn: &Connection, vm_id: i64) -> rusqlite::Result<Option<i64>> {
     conn.query_row(
@@ -205,15 +263,12 @@ pub fn latest_point(conn: &Connection, vm_id: i64) -> rusqlite::Result<Option<i6
     )
 }
 
-/// Checks that `caller` owns `vm` and returns its id.
+/// Checks that `caller` owns `vm` and returns its id. Another agent's VM is refused exactly as
+/// one that does not exist: reads tell an agent nothing about VMs it does not own.
 pub fn owned_vm(conn: &Connection, vm: &str, caller: &str) -> Result<i64, StoreError> {
     match vm_row(conn, vm)? {
-        None => Err(StoreError::UnknownVm(vm.to_owned())),
-        Some((_, owner)) if owner != caller => Err(StoreError::NotOwner {
-            vm: vm.to_owned(),
-            caller: caller.to_owned(),
-        }),
-        Some((id, _)) => Ok(id),
+        Some((id, owner)) if owner == caller => Ok(id),
+        _ => Err(StoreError::UnknownVm(names::shown(vm))),
     }
 }
 
@@ -229,10 +284,10 @@ fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, St
         })
         .optional()?;
     let Some((vm_id, vm, base_point, state, session_owner)) = row else {
-        return Err(StoreError::UnknownSession(id.to_owned()));
+        return Err(StoreError::UnknownSession(names::shown(id)));
     };
     if session_owner != owner {
-        return Err(StoreError::UnknownSession(id.to_owned()));
+        return Err(StoreError::UnknownSession(names::shown(id)));
     }
     let mut stmt = conn.prepare_cached(
         "SELECT name, size, block_size, base_disk FROM session_disks
@@ -276,7 +331,7 @@ fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, St
 fn open_session(conn: &Connection, owner: &str, id: &str) -> Result<Session, StoreError> {
     let (session, state) = load_session(conn, owner, id)?;
     if state != "open" {
-        return Err(StoreError::SessionClosed(id.to_owned()));
+        return Err(StoreError::SessionClosed(names::shown(id)));
     }
     Ok(session)
 }
@@ -286,10 +341,18 @@ impl Store {
     /// use), or resumes `spec.resume`. On error nothing is written.
     pub fn begin(&self, owner: &str, spec: &BeginSpec) -> Result<BeginPlan, StoreError> {
         validate_begin(spec)?;
+        let rules = self.rules();
+        let quota = rules.quota(owner);
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let vm_id = match vm_row(&tx, &spec.vm)? {
             Some((id, o)) if o == owner => id,
+            Some((id, _)) if claim_expired(&tx, id, rules.claim_timeout)? => {
+                check_vm_quota(&tx, owner, &quota)?;
+                release_claim(&tx, id, owner)?;
+                tracing::info!(vm = %spec.vm, agent = owner, "an unfinished claim on a VM name expired; the name passes to this agent");
+                id
+            }
             Some(_) => {
                 return Err(StoreError::NotOwner {
                     vm: spec.vm.clone(),
@@ -297,6 +360,7 @@ impl Store {
                 })
             }
             None => {
+                check_vm_quota(&tx, owner, &quota)?;
                 tx.execute(
                     "INSERT INTO vms(name, owner, created_us) VALUES (?1, ?2, ?3)",
                     params![spec.vm, owner, now_us()],
@@ -335,6 +399,37 @@ impl Store {
                     }
                 }
                 _ => {}
+            }
+        }
+
+        // A new session supersedes the agent's other open sessions of this VM: only one of them
+        // could ever commit, and a crashed agent must not fill its session quota with them.
+        let keep = session_id.as_deref().unwrap_or("");
+        tx.execute(
+            "DELETE FROM session_blocks WHERE session_id IN (SELECT id FROM sessions
+               WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3)",
+            params![vm_id, owner, keep],
+        )?;
+        tx.execute(
+            "UPDATE sessions SET state = 'abandoned'
+             WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3",
+            params![vm_id, owner, keep],
+        )?;
+        if session_id.is_none() {
+            if let Some(max) = quota.sessions {
+                let open: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM sessions WHERE owner = ?1 AND state = 'open'",
+                    [owner],
+                    |r| r.get(0),
+                )?;
+                if open as u64 >= max {
+                    return Err(StoreError::Quota {
+                        agent: owner.to_owned(),
+                        what: format!("{open} open sessions"),
+                        key: "sessions",
+                        limit: max,
+                    });
+                }
             }
         }
 
@@ -653,6 +748,26 @@ impl Store {
                     fresh.push(c);
                 }
             }
+            if let Some(mib) = self.rules().quota(owner).stored_mib {
+                let held: i64 = conn
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner = ?1",
+                    )?
+                    .query_row([owner], |r| r.get(0))?;
+                let adding: u64 = fresh.iter().map(|c| c.1.len() as u64).sum();
+                if held.max(0) as u64 + adding > mib << 20 {
+                    return Err(StoreError::Quota {
+                        agent: owner.to_owned(),
+                        what: format!(
+                            "{} MiB stored, {} MiB more sent",
+                            held >> 20,
+                            adding.div_ceil(1 << 20)
+                        ),
+                        key: "stored_mib",
+                        limit: mib,
+                    });
+                }
+            }
             fresh
         };
         let mut placed = Vec::with_capacity(fresh.len());
@@ -706,8 +821,11 @@ impl Store {
                 }
             }
         }
+        // What the owner now holds more, for its storage quota (a row a racing stream of the
+        // same owner inserted first is not counted twice).
+        let (mut added, mut bytes) = (0i64, 0i64);
         for (hash, pack, offset, clen, ulen) in placed {
-            ins.execute(params![
+            let n = ins.execute(params![
                 owner,
                 &hash.0[..],
                 pack,
@@ -716,6 +834,13 @@ impl Store {
                 *ulen as i64,
                 now
             ])?;
+            if n > 0 {
+                added += 1;
+                bytes += *clen as i64;
+            }
+        }
+        if added > 0 {
+            crate::catalog::add_usage(tx, owner, added, bytes)?;
         }
         Ok(())
     }

@@ -41,8 +41,16 @@ impl Store {
             .find(|d| d.name == disk)
             .ok_or_else(|| StoreError::UnknownDisk {
                 point,
-                disk: disk.to_owned(),
+                disk: rewind_proto::names::shown(disk),
             })?;
+        let blocks = d.size.div_ceil(d.block_size.max(1));
+        if start > blocks {
+            return Err(StoreError::BlockOutOfRange {
+                disk: disk.to_owned(),
+                index: start,
+                blocks,
+            });
+        }
         let limit = limit.clamp(1, MAX_POINT_BLOCKS_PAGE);
         let mut stmt = conn.prepare_cached(
             "SELECT idx, hash FROM

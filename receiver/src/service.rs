@@ -29,6 +29,9 @@ const GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Longest status message sent to a peer.
+const MAX_STATUS_CHARS: usize = 400;
+
 /// The replication service over one store.
 #[derive(Clone)]
 pub struct ReplicationService {
@@ -55,11 +58,25 @@ fn caller<T>(req: &Request<T>) -> Result<String, Status> {
 /// Maps a store error to the status an agent can act on.
 pub fn to_status(e: StoreError) -> Status {
     use StoreError::*;
+    if let Quota { .. } = e {
+        let msg = e.to_string();
+        tracing::warn!(message = %msg, "quota refused a request");
+        return Status::resource_exhausted(msg);
+    }
     if e.is_disk_full() {
         tracing::error!(error = %e, "receiver disk full");
         return Status::resource_exhausted(format!("receiver storage is full: {e}"));
     }
-    let msg = e.to_string();
+    // Peer-supplied names are cut where the errors are made; this bounds the rest.
+    let mut msg = e.to_string();
+    if msg.len() > MAX_STATUS_CHARS {
+        let cut = (0..=MAX_STATUS_CHARS)
+            .rev()
+            .find(|&i| msg.is_char_boundary(i))
+            .unwrap_or(0);
+        msg.truncate(cut);
+        msg.push_str("...");
+    }
     let status = match e {
         Name(_)
         | Geometry { .. }
@@ -89,6 +106,7 @@ pub fn to_status(e: StoreError) -> Status {
         BaseMoved { .. } => Status::aborted(msg),
         Cancelled => Status::cancelled(msg),
         RootMismatch { .. } => Status::data_loss(msg),
+        Quota { .. } => Status::resource_exhausted(msg),
         Sql(_) | Pack(_) | Io { .. } | MissingChunk(_) | RestoredRoot { .. } | OutputExists(_) => {
             Status::internal(msg)
         }

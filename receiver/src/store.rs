@@ -1,18 +1,55 @@
 //! The data folder: the catalog plus the pack files, opened once by `serve`.
 
 use crate::catalog;
+use crate::config::{Quota, ReceiverFile};
 use crate::error::StoreError;
 use crate::packs;
 use rusqlite::Connection;
+use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 
 /// The folder of pack files inside the data folder.
 pub const PACKS_DIR: &str = "packs";
 
 /// Read-only catalog connections kept between reads (more are opened while more reads run).
 const READERS_KEPT: usize = 8;
+
+/// What the configuration says about each agent's use of the store: quotas, and how long a VM
+/// name with no point stays claimed. `serve` sets them at start and on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub quota: Quota,
+    pub agents: BTreeMap<String, Quota>,
+    pub claim_timeout: Duration,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            quota: Quota::default(),
+            agents: BTreeMap::new(),
+            claim_timeout: crate::config::Limits::default().vm_claim_timeout,
+        }
+    }
+}
+
+impl Rules {
+    pub fn from_file(f: &ReceiverFile) -> Rules {
+        Rules {
+            quota: f.quota.unwrap_or_default(),
+            agents: f.agent.clone(),
+            claim_timeout: f.limits.limits().vm_claim_timeout,
+        }
+    }
+
+    /// The quotas of `agent`.
+    pub fn quota(&self, agent: &str) -> Quota {
+        self.agents.get(agent).copied().unwrap_or(self.quota)
+    }
+}
 
 /// An open data folder. All catalog writes go through one connection; callers run store work
 /// on blocking threads.
@@ -21,6 +58,7 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// Idle read-only connections, for lookups that run side by side (see [`Store::reader`]).
     readers: Mutex<Vec<Connection>>,
+    rules: RwLock<Arc<Rules>>,
 }
 
 impl Store {
@@ -38,7 +76,17 @@ impl Store {
             data: data.to_owned(),
             conn: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
+            rules: RwLock::new(Arc::new(Rules::default())),
         })
+    }
+
+    /// Puts new quotas and claim rules in force.
+    pub fn set_rules(&self, rules: Rules) {
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn data(&self) -> &Path {

@@ -123,21 +123,24 @@ pub fn verify(
         report.chunks_checked += 1;
         report.bytes_checked += ulen as u64;
         if let Err(error) = result {
-            bad.push((owner, hash, error));
+            bad.push((owner, hash, clen, error));
         }
         progress(report.bytes_checked, total);
     }
-    for (owner, hash, error) in bad {
+    for (owner, hash, clen, error) in bad {
         let points = points_using(conn, &owner, &hash)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT OR REPLACE INTO bad_chunks(owner, hash, found_us, detail) VALUES (?1, ?2, ?3, ?4)",
             params![owner, hash, now_us(), error],
         )?;
-        tx.execute(
+        let n = tx.execute(
             "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2",
             params![owner, hash],
         )?;
+        if n > 0 {
+            crate::catalog::add_usage(&tx, &owner, -1, -clen)?;
+        }
         tx.commit()?;
         tracing::error!(chunk = %hex::encode(&hash), %error, points = points.len(), "bad chunk quarantined");
         report.bad.push(BadChunk {

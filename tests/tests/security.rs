@@ -182,11 +182,24 @@ async fn an_agent_cannot_touch_another_agents_vm() {
         .await
         .expect_err("begin refused");
     assert_eq!(st.code(), Code::PermissionDenied);
+    // Reading is refused too, exactly as for a VM that does not exist: reads tell an agent
+    // nothing about other agents' VMs.
     let st = c2
         .list_points(pb::ListPointsRequest { vm: "web1".into() })
         .await
         .expect_err("reading is refused too");
-    assert_eq!(st.code(), Code::PermissionDenied);
+    assert_eq!(st.code(), Code::NotFound);
+    let none = c2
+        .list_points(pb::ListPointsRequest {
+            vm: "nosuch".into(),
+        })
+        .await
+        .expect_err("no such VM");
+    assert_eq!(none.code(), Code::NotFound);
+    assert_eq!(
+        st.message().replace("web1", "X"),
+        none.message().replace("nosuch", "X")
+    );
 
     // A session id of host1's is invisible to host2.
     let mut c1 = client(&d, &rx, "host1").await;

@@ -276,6 +276,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let store = Arc::new(
         Store::open(&data).with_context(|| format!("opening data folder {}", data.display()))?,
     );
+    store.set_rules(crate::store::Rules::from_file(&file));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -309,6 +310,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             hup,
             pki_dir.clone(),
             admission.clone(),
+            store.clone(),
         ));
         tracing::info!(%addr, data = %data.display(), "serving");
         crate::server::run(listener, admission, store, shutdown_signal(term, int))
@@ -329,6 +331,7 @@ async fn reload_on_hangup(
     mut hup: tokio::signal::unix::Signal,
     pki_dir: PathBuf,
     admission: Arc<crate::admission::Admission>,
+    store: Arc<Store>,
 ) {
     while hup.recv().await.is_some() {
         rewind_proto::systemd::notify("RELOADING=1");
@@ -354,6 +357,7 @@ async fn reload_on_hangup(
                         "data, listen, pki and metrics changes take effect at the next start"
                     );
                 }
+                store.set_rules(crate::store::Rules::from_file(&f));
                 tracing::info!(vms = f.vm.len(), "configuration reloaded");
                 let _ = files.send(Arc::new(f));
             }
