@@ -196,6 +196,27 @@ fn vm_row(conn: &Connection, vm: &str) -> rusqlite::Result<Option<(i64, String)>
     .optional()
 }
 
+/// Largest random step between two point ids of a VM.
+const POINT_ID_STEP: i64 = 1 << 16;
+/// First point ids of VMs are drawn below this: ids stay below 2^53, exact in any JSON reader.
+const FIRST_POINT_ID_MAX: i64 = 1 << 40;
+
+/// The id of a VM's next point, after its newest point `latest`. Ids only grow within a VM
+/// (versioned nodes need that), but by a random step, and a VM's first id is random: the ids
+/// an agent sees say nothing about how many points other agents committed meanwhile.
+fn new_point_id(conn: &Connection, latest: Option<i64>) -> rusqlite::Result<i64> {
+    let mut taken = conn.prepare_cached("SELECT 1 FROM points WHERE id = ?1")?;
+    loop {
+        let id = match latest {
+            Some(p) => p + rand::random_range(1..=POINT_ID_STEP),
+            None => rand::random_range(1..FIRST_POINT_ID_MAX),
+        };
+        if !taken.exists([id])? {
+            return Ok(id);
+        }
+    }
+}
+
 /// Whether a VM with no point has seen no session progress for `timeout`: its name is then
 /// free for another agent.
 fn claim_expired(
@@ -887,10 +908,12 @@ impl Store {
             [session_id],
             |r| r.get(0),
         )?;
+        let point = new_point_id(&tx, latest)?;
         tx.execute(
-            "INSERT INTO points(vm_id, parent, created_us, committed_us, session, consistency, config)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency, config)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
+                point,
                 session.vm_id,
                 session.base_point,
                 created,
@@ -900,7 +923,6 @@ impl Store {
                 config
             ],
         )?;
-        let point = tx.last_insert_rowid();
 
         for (pos, disk) in session.disks.iter().enumerate() {
             let agent_root = *agent_roots

@@ -75,7 +75,7 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, Store
         "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config,
                 p.locked_until_us
          FROM points p JOIN vms v ON v.id = p.vm_id
-         WHERE ?1 IS NULL OR v.name = ?1 ORDER BY p.id",
+         WHERE ?1 IS NULL OR v.name = ?1 ORDER BY p.committed_us, p.id",
     )?;
     let rows = stmt
         .query_map(params![vm], |r| {

@@ -119,7 +119,8 @@ impl Store {
             .collect()
     }
 
-    /// Records a rollback of `disk` to `point` as an event of the VM.
+    /// Records a rollback of `disk` to `point` as an event of the VM; returns its number among
+    /// the VM's events.
     pub fn record_rollback(
         &self,
         owner: &str,
@@ -134,6 +135,13 @@ impl Store {
             "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (?1, 'rollback', ?2, ?3, ?4)",
             params![vm_id, point, detail.to_string(), now_us()],
         )?;
-        Ok(conn.last_insert_rowid())
+        // The event's number among the VM's own: the global id would tell how many events
+        // other agents' VMs had.
+        let id = conn.last_insert_rowid();
+        Ok(conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE vm_id = ?1 AND id <= ?2",
+            params![vm_id, id],
+            |r| r.get(0),
+        )?)
     }
 }

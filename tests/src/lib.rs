@@ -6,6 +6,8 @@
 pub mod benchkit;
 pub mod disk;
 pub mod grpc;
+pub mod h2raw;
+pub mod procfs;
 pub mod qemu;
 pub mod wan;
 

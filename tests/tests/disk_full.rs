@@ -84,10 +84,11 @@ fn a_full_receiver_disk_fails_cleanly_and_recovers() {
         .arg(&data));
     let points: serde_json::Value = serde_json::from_slice(&points.stdout).unwrap();
     assert_eq!(points.as_array().unwrap().len(), 1);
+    let first = points[0]["id"].as_u64().unwrap().to_string();
     let restored = d.path("p1.raw");
     let o = run(Command::new(rewind_tests::bin("rewind-receiver"))
         .args([
-            "restore", "--vm", "full", "--disk", "vda", "--point", "1", "--data",
+            "restore", "--vm", "full", "--disk", "vda", "--point", &first, "--data",
         ])
         .arg(&data)
         .arg("--out")
@@ -115,8 +116,16 @@ fn a_full_receiver_disk_fails_cleanly_and_recovers() {
     );
     let want = disk::digest(&vda);
     let o = run(Command::new(rewind_tests::bin("rewind-receiver"))
+        .args(["points", "--json", "--data"])
+        .arg(&data));
+    let points: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let newest = points.as_array().unwrap().last().unwrap()["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let o = run(Command::new(rewind_tests::bin("rewind-receiver"))
         .args([
-            "restore", "--vm", "full", "--disk", "vda", "--point", "2", "--data",
+            "restore", "--vm", "full", "--disk", "vda", "--point", &newest, "--data",
         ])
         .arg(&data)
         .arg("--out")

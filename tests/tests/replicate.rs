@@ -155,7 +155,8 @@ fn restore_at_picks_newest_point_at_or_before_and_is_sparse() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no point created at or before"));
 
     // Refuses to overwrite without --force.
-    let o = d.restore("web1", "vda", &["--point", "1"], &out);
+    let first = d.points("web1")[0]["id"].as_u64().unwrap().to_string();
+    let o = d.restore("web1", "vda", &["--point", &first], &out);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));
 }

@@ -98,10 +98,11 @@ fn raw_disk_rolls_back_and_forward_moving_only_differences() {
         "rollback never deletes or adds points"
     );
 
-    // Refusals: another agent's VM, a point that does not exist.
+    // Refusals: another agent's VM (refused as if it did not exist), a point that does not
+    // exist.
     let o = rollback(&d, &rx, "host2", "rb", p2, &spec, &[]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("belongs to another agent"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no VM named \"rb\""));
     let o = rollback(&d, &rx, "host1", "rb", 99, &spec, &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no point 99"));
