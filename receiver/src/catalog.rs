@@ -100,6 +100,11 @@ CREATE TABLE owner_usage(
   chunks INTEGER NOT NULL,
   bytes INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO owner_usage SELECT owner, COUNT(*), SUM(clen) FROM chunks GROUP BY owner;
+CREATE TABLE pending_commits(
+  session_id TEXT PRIMARY KEY,
+  point INTEGER NOT NULL,
+  disks TEXT NOT NULL,
+  new_disks TEXT NOT NULL) WITHOUT ROWID;
 ";
 
 /// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`] and [`MIGRATE_3_4`].

@@ -236,13 +236,25 @@ fn claim_expired(
     Ok(now_us() - last >= timeout.as_micros() as i64)
 }
 
-/// Hands a VM with no point to `owner`, abandoning its former owner's sessions.
-fn release_claim(conn: &Connection, vm_id: i64, owner: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "DELETE FROM session_blocks WHERE session_id IN
-           (SELECT id FROM sessions WHERE vm_id = ?1 AND state = 'open')",
-        [vm_id],
+/// The open sessions of a VM (of one owner, if given) other than `keep`.
+fn open_sessions_of(
+    conn: &Connection,
+    vm_id: i64,
+    owner: Option<&str>,
+    keep: &str,
+) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM sessions WHERE vm_id = ?1 AND state = 'open' AND id <> ?3
+           AND (?2 IS NULL OR owner = ?2)",
     )?;
+    let rows = stmt.query_map(params![vm_id, owner, keep], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Hands a VM with no point to `owner`, abandoning its former owner's sessions (their staged
+/// rows are the caller's to drop, outside the transaction).
+fn release_claim(conn: &Connection, vm_id: i64, owner: &str) -> rusqlite::Result<Vec<String>> {
+    let abandoned = open_sessions_of(conn, vm_id, None, "")?;
     conn.execute(
         "UPDATE sessions SET state = 'abandoned' WHERE vm_id = ?1 AND state = 'open'",
         [vm_id],
@@ -251,7 +263,7 @@ fn release_claim(conn: &Connection, vm_id: i64, owner: &str) -> rusqlite::Result
         "UPDATE vms SET owner = ?2, created_us = ?3 WHERE id = ?1",
         params![vm_id, owner, now_us()],
     )?;
-    Ok(())
+    Ok(abandoned)
 }
 
 fn check_vm_quota(
@@ -364,13 +376,27 @@ impl Store {
         validate_begin(spec)?;
         let rules = self.rules();
         let quota = rules.quota(owner);
+        if let Some(resume) = &spec.resume {
+            // The rows a resumed session staged before are dropped (the agent re-sends its
+            // whole delta), in bounded steps before the begin's own transaction.
+            let mine: bool = self.conn().query_row(
+                "SELECT EXISTS(SELECT 1 FROM sessions s JOIN vms v ON v.id = s.vm_id
+                     WHERE s.id = ?1 AND s.owner = ?2 AND s.state = 'open' AND v.name = ?3)",
+                params![resume, owner, spec.vm],
+                |r| r.get(0),
+            )?;
+            if mine {
+                self.drop_staged(resume)?;
+            }
+        }
+        let mut dead: Vec<String> = Vec::new();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let vm_id = match vm_row(&tx, &spec.vm)? {
             Some((id, o)) if o == owner => id,
             Some((id, _)) if claim_expired(&tx, id, rules.claim_timeout)? => {
                 check_vm_quota(&tx, owner, &quota)?;
-                release_claim(&tx, id, owner)?;
+                dead.extend(release_claim(&tx, id, owner)?);
                 tracing::info!(vm = %spec.vm, agent = owner, "an unfinished claim on a VM name expired; the name passes to this agent");
                 id
             }
@@ -426,11 +452,7 @@ impl Store {
         // A new session supersedes the agent's other open sessions of this VM: only one of them
         // could ever commit, and a crashed agent must not fill its session quota with them.
         let keep = session_id.as_deref().unwrap_or("");
-        tx.execute(
-            "DELETE FROM session_blocks WHERE session_id IN (SELECT id FROM sessions
-               WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3)",
-            params![vm_id, owner, keep],
-        )?;
+        dead.extend(open_sessions_of(&tx, vm_id, Some(owner), keep)?);
         tx.execute(
             "UPDATE sessions SET state = 'abandoned'
              WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3",
@@ -519,6 +541,11 @@ impl Store {
         }
         let heal = crate::verify::heal_list(&tx, vm_id)?;
         tx.commit()?;
+        drop(conn);
+        // Superseded sessions' staged rows, in bounded steps now that the begin is done.
+        for id in dead {
+            self.drop_staged(&id)?;
+        }
         Ok(BeginPlan {
             session: id,
             base_point: latest,
@@ -877,6 +904,10 @@ impl Store {
 
     /// Makes the session a point if, for every disk, the root recomputed from the stored nodes
     /// equals the agent's. Either the whole point becomes visible, or nothing does.
+    ///
+    /// A session of up to [`WHOLE_COMMIT_MAX`] staged blocks commits in one transaction. A larger
+    /// one writes its nodes in transactions of bounded size first (see [`Store::commit_in_steps`]),
+    /// so one agent's huge commit never holds the catalog's writer for long.
     pub fn commit(
         &self,
         owner: &str,
@@ -885,111 +916,50 @@ impl Store {
         meta: &PointMeta,
     ) -> Result<Committed, StoreError> {
         let (config, consistency) = meta.validate()?;
+        let vm_id = open_session(&self.conn(), owner, session_id)?.vm_id;
+        // One commit of a VM at a time: a stepped commit's nodes exist before its point does,
+        // and no other point of the VM may commit over them.
+        let lock = self.vm_lock(vm_id);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let large: bool = self
+            .conn()
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM session_blocks WHERE session_id = ?1 LIMIT 1 OFFSET ?2)")?
+            .query_row(params![session_id, WHOLE_COMMIT_MAX as i64], |r| r.get(0))?;
+        let meta = (config, consistency);
+        if large {
+            self.commit_in_steps(owner, session_id, roots, meta)
+        } else {
+            self.commit_whole(owner, session_id, roots, meta)
+        }
+    }
+
+    fn commit_whole(
+        &self,
+        owner: &str,
+        session_id: &str,
+        roots: &[(String, Leaf)],
+        (config, consistency): (Option<&str>, &str),
+    ) -> Result<Committed, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let session = open_session(&tx, owner, session_id)?;
-        let latest = latest_point(&tx, session.vm_id)?;
-        if latest != session.base_point {
-            return Err(StoreError::BaseMoved {
-                vm: session.vm.clone(),
-                expected: session.base_point.unwrap_or(0),
-                actual: latest.unwrap_or(0),
-            });
-        }
-        let mut agent_roots: HashMap<&str, Leaf> = HashMap::new();
-        for (name, root) in roots {
-            if !session.disks.iter().any(|d| &d.name == name) {
-                return Err(StoreError::RootSet(name.clone()));
-            }
-            agent_roots.insert(name.as_str(), *root);
-        }
-        let created: i64 = tx.query_row(
-            "SELECT created_us FROM sessions WHERE id = ?1",
-            [session_id],
-            |r| r.get(0),
-        )?;
-        let point = new_point_id(&tx, latest)?;
-        tx.execute(
-            "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency, config)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                point,
-                session.vm_id,
-                session.base_point,
-                created,
-                now_us(),
-                session_id,
-                consistency,
-                config
-            ],
-        )?;
-
+        let (session, agent_roots, created) = commit_checks(&tx, owner, session_id, roots)?;
+        let point = new_point_id(&tx, session.base_point)?;
+        let mut tops = Vec::new();
         for (pos, disk) in session.disks.iter().enumerate() {
-            let agent_root = *agent_roots
-                .get(disk.name.as_str())
-                .ok_or_else(|| StoreError::RootSet(disk.name.clone()))?;
-            let disk_id = match disk.base_disk {
-                Some(id) => id,
-                None => {
-                    tx.execute(
-                        "INSERT INTO disks(vm_id, name, size, block_size) VALUES (?1, ?2, ?3, ?4)",
-                        params![
-                            session.vm_id,
-                            disk.name,
-                            disk.geometry.size as i64,
-                            disk.geometry.block_size.bytes() as i64
-                        ],
-                    )?;
-                    tx.last_insert_rowid()
-                }
-            };
-            let changed = tx.execute(
-                "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
-                 SELECT ?1, 0, idx, ?2, CASE WHEN hash = zeroblob(32) THEN NULL ELSE hash END
-                 FROM session_blocks WHERE session_id = ?3 AND pos = ?4",
-                params![disk_id, point, session_id, pos as i64],
-            )?;
-            let top = {
-                let mut idx_stmt = tx.prepare(
-                    "SELECT idx FROM session_blocks WHERE session_id = ?1 AND pos = ?2 ORDER BY idx",
-                )?;
-                let leaves = idx_stmt
-                    .query_map(params![session_id, pos as i64], |r| r.get::<_, i64>(0))?
-                    .map(|r| r.map(|i| i as u64))
-                    .collect::<rusqlite::Result<Vec<u64>>>()?;
-                let mut nodes = SqlNodes {
-                    tx: &tx,
-                    disk_id,
-                    point,
-                };
-                let shape = Shape::of(&disk.geometry);
-                tree::update(shape, leaves, &mut nodes)?
-            };
-            let root = tree::root(&disk.geometry, top);
-            if root != agent_root {
-                return Err(StoreError::RootMismatch {
-                    disk: disk.name.clone(),
-                    agent: agent_root,
-                    stored: root,
-                });
-            }
-            tx.execute(
-                "INSERT INTO point_disks(point_id, name, disk_id, size, block_size, root, changed_blocks)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    point,
-                    disk.name,
-                    disk_id,
-                    disk.geometry.size as i64,
-                    disk.geometry.block_size.bytes() as i64,
-                    &root.0[..],
-                    changed as i64
-                ],
-            )?;
+            let disk_id = disk_row(&tx, &session, disk)?;
+            let (changed, top, _) =
+                write_leaves(&tx, session_id, pos, disk, disk_id, point, -1, None)?;
+            tops.push((disk_id, top, changed));
         }
-        tx.execute(
-            "UPDATE sessions SET state = 'committed', point_id = ?2, updated_us = ?3 WHERE id = ?1",
-            params![session_id, point, now_us()],
+        record_point(
+            &tx,
+            &session,
+            session_id,
+            point,
+            created,
+            &agent_roots,
+            &tops,
+            (config, consistency),
         )?;
         tx.execute(
             "DELETE FROM session_blocks WHERE session_id = ?1",
@@ -1000,6 +970,147 @@ impl Store {
             point,
             created: rfc3339(created),
         })
+    }
+
+    /// A large commit in steps, none of which holds the catalog's writer for long:
+    /// 1. reserve the point's id and its new disk generations, recorded in `pending_commits`;
+    /// 2. write the leaves and the inner nodes above them at that id, a bounded group of
+    ///    leaves per transaction (nodes at an id no point has yet are read by nobody: every
+    ///    read is of a committed point, and ids only grow within a VM);
+    /// 3. one short transaction checks the roots and makes the point visible;
+    /// 4. the staged rows are dropped in bounded deletes.
+    ///
+    /// If step 3 refuses (wrong root, session superseded), or the receiver dies before it, the
+    /// nodes written in step 2 are removed (at once, or by [`Store::open`] from the pending
+    /// record) before any other point of the VM can commit over them.
+    fn commit_in_steps(
+        &self,
+        owner: &str,
+        session_id: &str,
+        roots: &[(String, Leaf)],
+        meta: (Option<&str>, &str),
+    ) -> Result<Committed, StoreError> {
+        let (session, point, disk_ids) = {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (session, _, _) = commit_checks(&tx, owner, session_id, roots)?;
+            let point = new_point_id(&tx, session.base_point)?;
+            let mut ids = Vec::new();
+            for disk in &session.disks {
+                ids.push(disk_row(&tx, &session, disk)?);
+            }
+            let new_generations: Vec<i64> = session
+                .disks
+                .iter()
+                .zip(&ids)
+                .filter(|(d, _)| d.base_disk.is_none())
+                .map(|(_, id)| *id)
+                .collect();
+            tx.execute(
+                "INSERT OR REPLACE INTO pending_commits(session_id, point, disks, new_disks)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    session_id,
+                    point,
+                    serde_json::to_string(&ids).unwrap_or_default(),
+                    serde_json::to_string(&new_generations).unwrap_or_default()
+                ],
+            )?;
+            tx.commit()?;
+            (session, point, ids)
+        };
+        let done = (|| {
+            let mut tops = Vec::new();
+            for (pos, disk) in session.disks.iter().enumerate() {
+                let disk_id = disk_ids[pos];
+                let (mut changed, mut after) = (0, -1i64);
+                let top = loop {
+                    let mut conn = self.conn();
+                    let tx =
+                        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let (n, top, last) = write_leaves(
+                        &tx,
+                        session_id,
+                        pos,
+                        disk,
+                        disk_id,
+                        point,
+                        after,
+                        Some(COMMIT_STEP_PARENTS),
+                    )?;
+                    tx.commit()?;
+                    // Another agent's write waiting for the writer goes next.
+                    parking_lot::MutexGuard::unlock_fair(conn);
+                    changed += n;
+                    match last {
+                        Some(l) => after = l as i64,
+                        None => break top,
+                    }
+                };
+                tops.push((disk_id, top, changed));
+            }
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (session, agent_roots, created) = commit_checks(&tx, owner, session_id, roots)?;
+            record_point(
+                &tx,
+                &session,
+                session_id,
+                point,
+                created,
+                &agent_roots,
+                &tops,
+                meta,
+            )?;
+            tx.execute(
+                "DELETE FROM pending_commits WHERE session_id = ?1",
+                [session_id],
+            )?;
+            tx.commit()?;
+            Ok(Committed {
+                point,
+                created: rfc3339(created),
+            })
+        })();
+        match done {
+            Ok(c) => {
+                self.drop_staged(session_id)?;
+                Ok(c)
+            }
+            Err(e) => {
+                if let Err(undo) = forget_pending(&self.conn(), session_id) {
+                    tracing::error!(error = %undo, "removing the nodes of a refused commit failed; they are removed at the next start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The lock that serialises the commits of one VM.
+    fn vm_lock(&self, vm_id: i64) -> std::sync::Arc<std::sync::Mutex<()>> {
+        self.commit_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vm_id)
+            .or_default()
+            .clone()
+    }
+
+    /// Drops a session's staged rows, a bounded delete per transaction.
+    pub fn drop_staged(&self, session_id: &str) -> Result<(), StoreError> {
+        loop {
+            let conn = self.conn();
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM session_blocks WHERE session_id = ?1 AND (pos, idx) IN
+                       (SELECT pos, idx FROM session_blocks WHERE session_id = ?1 LIMIT ?2)",
+                )?
+                .execute(params![session_id, STAGED_DELETE_STEP as i64])?;
+            parking_lot::MutexGuard::unlock_fair(conn);
+            if n < STAGED_DELETE_STEP {
+                return Ok(());
+            }
+        }
     }
 
     /// Where a session of `owner` stands.
@@ -1023,9 +1134,249 @@ impl Store {
     }
 }
 
+/// Most staged blocks committed in one transaction; larger sessions commit in steps.
+pub const WHOLE_COMMIT_MAX: usize = 65_536;
+/// Most level-1 nodes one step of a stepped commit recomputes (each reads up to 256 leaves):
+/// a step writes at most 16 Ki leaves, ~60 ms here, before other writers get a turn.
+const COMMIT_STEP_PARENTS: usize = 64;
+/// Staged rows dropped per transaction.
+const STAGED_DELETE_STEP: usize = 16_384;
+
+/// The checks every commit makes in its final transaction: the session is the caller's and
+/// open, its base is still the VM's newest point, and the roots name exactly its disks.
+/// Returns the session, the agent's roots by disk and when the session was created.
+fn commit_checks<'a>(
+    conn: &Connection,
+    owner: &str,
+    session_id: &str,
+    roots: &'a [(String, Leaf)],
+) -> Result<(Session, HashMap<&'a str, Leaf>, i64), StoreError> {
+    let session = open_session(conn, owner, session_id)?;
+    let latest = latest_point(conn, session.vm_id)?;
+    if latest != session.base_point {
+        return Err(StoreError::BaseMoved {
+            vm: session.vm.clone(),
+            expected: session.base_point.unwrap_or(0),
+            actual: latest.unwrap_or(0),
+        });
+    }
+    let mut agent_roots: HashMap<&str, Leaf> = HashMap::new();
+    for (name, root) in roots {
+        if !session.disks.iter().any(|d| &d.name == name) {
+            return Err(StoreError::RootSet(names::shown(name)));
+        }
+        agent_roots.insert(name.as_str(), *root);
+    }
+    for d in &session.disks {
+        if !agent_roots.contains_key(d.name.as_str()) {
+            return Err(StoreError::RootSet(d.name.clone()));
+        }
+    }
+    let created: i64 = conn.query_row(
+        "SELECT created_us FROM sessions WHERE id = ?1",
+        [session_id],
+        |r| r.get(0),
+    )?;
+    Ok((session, agent_roots, created))
+}
+
+/// The disk generation a session's disk writes to: its base's, or a new one.
+fn disk_row(conn: &Connection, session: &Session, disk: &SessionDisk) -> rusqlite::Result<i64> {
+    match disk.base_disk {
+        Some(id) => Ok(id),
+        None => {
+            conn.execute(
+                "INSERT INTO disks(vm_id, name, size, block_size) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    session.vm_id,
+                    disk.name,
+                    disk.geometry.size as i64,
+                    disk.geometry.block_size.bytes() as i64
+                ],
+            )?;
+            Ok(conn.last_insert_rowid())
+        }
+    }
+}
+
+/// Writes the staged leaves of disk `pos` after block `after` as nodes at `point`, and the
+/// inner nodes above them. With `max_parents`, stops before the leaves of the group would
+/// touch more than that many level-1 nodes. Returns the leaves written, the tree's top after
+/// them, and the last block written (None: no leaf was left).
+#[allow(clippy::too_many_arguments)]
+fn write_leaves(
+    conn: &Connection,
+    session_id: &str,
+    pos: usize,
+    disk: &SessionDisk,
+    disk_id: i64,
+    point: i64,
+    after: i64,
+    max_parents: Option<usize>,
+) -> Result<(usize, Leaf, Option<u64>), StoreError> {
+    let limit = max_parents.map_or(-1, |p| (p as i64) * tree_fanout());
+    let idxs: Vec<u64> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT idx FROM session_blocks WHERE session_id = ?1 AND pos = ?2 AND idx > ?3
+             ORDER BY idx LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![session_id, pos as i64, after, limit], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        rows.map(|r| r.map(|i| i as u64))
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut group = idxs;
+    if let Some(max) = max_parents {
+        let fanout = tree_fanout() as u64;
+        let mut parents = 0;
+        let mut last_parent = None;
+        let cut = group.iter().position(|&i| {
+            if last_parent != Some(i / fanout) {
+                last_parent = Some(i / fanout);
+                parents += 1;
+            }
+            parents > max
+        });
+        if let Some(c) = cut {
+            group.truncate(c);
+        }
+    }
+    let last = group.last().copied();
+    let changed = match last {
+        Some(l) => conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
+                 SELECT ?1, 0, idx, ?2, CASE WHEN hash = zeroblob(32) THEN NULL ELSE hash END
+                 FROM session_blocks WHERE session_id = ?3 AND pos = ?4 AND idx > ?5 AND idx <= ?6",
+            )?
+            .execute(params![
+                disk_id, point, session_id, pos as i64, after, l as i64
+            ])?,
+        None => 0,
+    };
+    let mut nodes = SqlNodes {
+        conn,
+        disk_id,
+        point,
+    };
+    let top = tree::update(Shape::of(&disk.geometry), group, &mut nodes)?;
+    Ok((changed, top, last))
+}
+
+fn tree_fanout() -> i64 {
+    rewind_proto::format::TREE_FANOUT as i64
+}
+
+/// Checks each disk's recomputed root against the agent's and makes the point visible: its
+/// row, its disks, and the session marked committed.
+#[allow(clippy::too_many_arguments)]
+fn record_point(
+    conn: &Connection,
+    session: &Session,
+    session_id: &str,
+    point: i64,
+    created: i64,
+    agent_roots: &HashMap<&str, Leaf>,
+    tops: &[(i64, Leaf, usize)],
+    (config, consistency): (Option<&str>, &str),
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency, config)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            point,
+            session.vm_id,
+            session.base_point,
+            created,
+            now_us(),
+            session_id,
+            consistency,
+            config
+        ],
+    )?;
+    for (disk, &(disk_id, top, changed)) in session.disks.iter().zip(tops) {
+        let root = tree::root(&disk.geometry, top);
+        let agent = agent_roots
+            .get(disk.name.as_str())
+            .copied()
+            .ok_or_else(|| StoreError::RootSet(disk.name.clone()))?;
+        if root != agent {
+            return Err(StoreError::RootMismatch {
+                disk: disk.name.clone(),
+                agent,
+                stored: root,
+            });
+        }
+        conn.execute(
+            "INSERT INTO point_disks(point_id, name, disk_id, size, block_size, root, changed_blocks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                point,
+                disk.name,
+                disk_id,
+                disk.geometry.size as i64,
+                disk.geometry.block_size.bytes() as i64,
+                &root.0[..],
+                changed as i64
+            ],
+        )?;
+    }
+    conn.execute(
+        "UPDATE sessions SET state = 'committed', point_id = ?2, updated_us = ?3 WHERE id = ?1",
+        params![session_id, point, now_us()],
+    )?;
+    Ok(())
+}
+
+/// Removes what a stepped commit of `session_id` wrote before its point existed: the nodes at
+/// its reserved id and the disk generations it created, then its pending record.
+pub fn forget_pending(conn: &Connection, session_id: &str) -> Result<(), StoreError> {
+    let row: Option<(i64, String, String)> = conn
+        .query_row(
+            "SELECT point, disks, new_disks FROM pending_commits WHERE session_id = ?1",
+            [session_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((point, disks, new_disks)) = row else {
+        return Ok(());
+    };
+    let disks: Vec<i64> = serde_json::from_str(&disks).unwrap_or_default();
+    let new_disks: Vec<i64> = serde_json::from_str(&new_disks).unwrap_or_default();
+    let tx = conn.unchecked_transaction()?;
+    // A point of that id would own the rows; none exists unless the commit went through.
+    let committed: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM points WHERE id = ?1)",
+        [point],
+        |r| r.get(0),
+    )?;
+    if !committed {
+        for d in &disks {
+            tx.execute(
+                "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2",
+                params![d, point],
+            )?;
+        }
+        for d in &new_disks {
+            tx.execute(
+                "DELETE FROM disks WHERE id = ?1 AND NOT EXISTS
+                   (SELECT 1 FROM point_disks WHERE disk_id = ?1)",
+                [d],
+            )?;
+        }
+    }
+    tx.execute(
+        "DELETE FROM pending_commits WHERE session_id = ?1",
+        [session_id],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// The versioned nodes of one disk at one point, as the tree update reads and writes them.
 struct SqlNodes<'a> {
-    tx: &'a Transaction<'a>,
+    conn: &'a Connection,
     disk_id: i64,
     point: i64,
 }
@@ -1039,7 +1390,7 @@ impl NodeStore for SqlNodes<'_> {
         first: u64,
         end: u64,
     ) -> Result<Vec<(u64, Leaf)>, StoreError> {
-        let mut stmt = self.tx.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT idx, hash, MAX(point) FROM nodes
              WHERE disk_id = ?1 AND level = ?2 AND idx >= ?3 AND idx < ?4 AND point <= ?5
              GROUP BY idx",
@@ -1060,7 +1411,7 @@ impl NodeStore for SqlNodes<'_> {
 
     fn put(&mut self, level: u32, index: u64, value: Leaf) -> Result<(), StoreError> {
         let hash = (!value.is_zero()).then_some(&value.0[..]);
-        self.tx
+        self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1145,6 +1496,155 @@ mod tests {
             .expect("stage");
         assert_eq!((stats.entries, stats.chunks_stored), (4, 2));
         assert_eq!(staged(&store, &session), 4);
+    }
+
+    /// Stages `leaves` (index -> leaf) for a session of a `blocks`-block disk of 4 KiB blocks,
+    /// in batches of at most MAX_BATCH_ENTRIES, sending the chunks with the first batch.
+    fn stage_all(store: &Store, session: &str, leaves: &[(u64, Leaf)], chunks: Vec<IncomingChunk>) {
+        let mut chunks = Some(chunks);
+        let mut w = PackWriter::new(&store.packs_dir());
+        for part in leaves.chunks(MAX_BATCH_ENTRIES) {
+            let entries = part.iter().map(|&(i, l)| entry(i, l)).collect();
+            let b = store
+                .verify_batch("agent", session, entries, chunks.take().unwrap_or_default())
+                .expect("verify");
+            store
+                .stage_batches("agent", vec![b], &mut w)
+                .expect("stage");
+        }
+        store.finish_upload(&mut w).expect("finish");
+    }
+
+    fn reference_root(geometry: &DiskGeometry, leaves: &[(u64, Leaf)]) -> Leaf {
+        let mut b = tree::Builder::new(Shape::of(geometry));
+        let mut next = 0;
+        for &(i, l) in leaves {
+            b.push_zeros(i - next);
+            b.push(l);
+            next = i + 1;
+        }
+        tree::root(geometry, b.finish())
+    }
+
+    fn nodes_at(store: &Store, point: i64) -> i64 {
+        store
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM nodes WHERE point = ?1",
+                [point],
+                |r| r.get(0),
+            )
+            .expect("count")
+    }
+
+    #[test]
+    fn a_large_session_commits_in_steps_to_the_same_point() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let blocks = 600_000u64;
+        let geometry = DiskGeometry::new(blocks * 4096, 4096).expect("geometry");
+        let spec = BeginSpec {
+            vm: "vm".into(),
+            disks: vec![DiskSpec {
+                name: "vda".into(),
+                geometry,
+            }],
+            base_point: None,
+            resume: None,
+        };
+        let (a, ca) = block(1);
+        let (b, cb) = block(2);
+        // A dense run, then scattered blocks (one per level-1 node: the costly shape).
+        let mut leaves: Vec<(u64, Leaf)> = (0..70_000)
+            .map(|i| (i, if i % 3 == 0 { b } else { a }))
+            .collect();
+        leaves.extend((300..2_000).map(|k| (k * 256 + 7, a)));
+        let root = reference_root(&geometry, &leaves);
+
+        // A wrong root: refused, and nothing of the steps stays behind.
+        let session = store.begin("agent", &spec).expect("begin").session;
+        stage_all(&store, &session, &leaves, vec![ca.clone(), cb.clone()]);
+        let before: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))
+            .expect("count");
+        let err = store
+            .commit(
+                "agent",
+                &session,
+                &[("vda".into(), Leaf([9; 32]))],
+                &PointMeta::default(),
+            )
+            .expect_err("wrong root");
+        assert!(matches!(err, StoreError::RootMismatch { .. }), "{err}");
+        let after: i64 = store
+            .conn()
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM nodes) + (SELECT COUNT(*) FROM pending_commits)
+                   + (SELECT COUNT(*) FROM disks) + (SELECT COUNT(*) FROM points)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(after, before, "a refused stepped commit leaves nothing");
+
+        // The right root commits, and the point holds exactly the staged leaves.
+        let done = store
+            .commit(
+                "agent",
+                &session,
+                &[("vda".into(), root)],
+                &PointMeta::default(),
+            )
+            .expect("commit in steps");
+        assert_eq!(staged(&store, &session), 0, "staged rows dropped");
+        let mut got = Vec::new();
+        let mut start = 0;
+        loop {
+            let page = store
+                .point_leaves("agent", "vm", done.point, "vda", start, 65_536)
+                .expect("leaves");
+            assert_eq!(page.root, root);
+            got.extend(page.leaves);
+            match page.next {
+                Some(n) => start = n,
+                None => break,
+            }
+        }
+        assert_eq!(got, leaves);
+        let pending: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM pending_commits", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(pending, 0);
+    }
+
+    #[test]
+    fn nodes_of_a_commit_cut_short_are_removed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, point) = {
+            let store = Store::open(dir.path()).expect("store");
+            let conn = store.conn();
+            conn.execute_batch(
+                "INSERT INTO vms(id, name, owner, created_us) VALUES (1, 'vm', 'agent', 1);
+                 INSERT INTO disks(id, vm_id, name, size, block_size) VALUES (7, 1, 'vda', 8192, 4096);
+                 INSERT INTO nodes(disk_id, level, idx, point, hash) VALUES (7, 0, 0, 42, x'01'), (7, 1, 0, 42, x'02');
+                 INSERT INTO pending_commits(session_id, point, disks, new_disks) VALUES ('s', 42, '[7]', '[7]');",
+            )
+            .expect("a commit cut short after its steps");
+            ((), 42)
+        };
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(nodes_at(&store, point), 0);
+        let left: i64 = store
+            .conn()
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM pending_commits) + (SELECT COUNT(*) FROM disks)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0);
     }
 
     #[test]

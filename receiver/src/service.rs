@@ -22,6 +22,9 @@ const PIPELINE_BYTES: usize = 128 << 20;
 const GROUP_MAX: usize = 8;
 /// Most chunk bytes staged by one group.
 const GROUP_BYTES: usize = 16 << 20;
+/// What one block entry counts for against GROUP_BYTES: 65,536 entries (a metadata-only batch
+/// of the most entries) fill a group, so no group's transaction stages more than that.
+const ENTRY_WEIGHT: usize = GROUP_BYTES / rewind_proto::format::MAX_BATCH_ENTRIES;
 /// Longest a group waits for more batches once it has one. Chunks are keyed by hash, so each
 /// batch dirties catalog pages all over its tables: a group of more batches writes a page
 /// they share once (a seed's catalog commits wrote 250 MB of WAL for 1.1 GB of chunks).
@@ -243,8 +246,11 @@ impl Replication for ReplicationService {
             tokio::spawn(async move {
                 while let Some(batch) = stream.message().await? {
                     let (session, entries, chunks) = decode_batch(batch)?;
-                    let bytes: usize = chunks.iter().map(|c| c.frame.len()).sum();
-                    let held = (bytes + 48 * entries.len()).clamp(1, PIPELINE_BYTES);
+                    let frames: usize = chunks.iter().map(|c| c.frame.len()).sum();
+                    let held = (frames + 48 * entries.len()).clamp(1, PIPELINE_BYTES);
+                    // A group's transaction also grows with its entries: weigh them so that
+                    // one group stages at most about one batch of the most entries.
+                    let bytes = frames + ENTRY_WEIGHT * entries.len();
                     let permit = pipeline
                         .clone()
                         .acquire_many_owned(held as u32)

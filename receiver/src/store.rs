@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// The folder of pack files inside the data folder.
@@ -55,10 +55,14 @@ impl Rules {
 /// on blocking threads.
 pub struct Store {
     data: PathBuf,
-    conn: Mutex<Connection>,
+    /// The writer. parking_lot's lock can be handed to a waiting thread (`unlock_fair`): a
+    /// stepped commit does that between its steps, so other agents' writes interleave.
+    conn: parking_lot::Mutex<Connection>,
     /// Idle read-only connections, for lookups that run side by side (see [`Store::reader`]).
     readers: Mutex<Vec<Connection>>,
     rules: RwLock<Arc<Rules>>,
+    /// One lock per VM that serialises its commits (see [`Store::commit`]).
+    pub(crate) commit_locks: Mutex<std::collections::HashMap<i64, Arc<Mutex<()>>>>,
 }
 
 impl Store {
@@ -72,11 +76,22 @@ impl Store {
         let conn = catalog::open_rw(data)?;
         // No upload of an earlier serve process can still be appending to its packs.
         catalog::seal_orphans(&conn, "serve")?;
+        // A stepped commit cut short by a crash left nodes at an id no point has: remove them
+        // before any point of its VM can commit over them.
+        let pending: Vec<String> = conn
+            .prepare("SELECT session_id FROM pending_commits")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for session in pending {
+            tracing::warn!(%session, "removing the nodes of a commit cut short");
+            crate::ingest::forget_pending(&conn, &session)?;
+        }
         Ok(Store {
             data: data.to_owned(),
-            conn: Mutex::new(conn),
+            conn: parking_lot::Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             rules: RwLock::new(Arc::new(Rules::default())),
+            commit_locks: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -97,10 +112,10 @@ impl Store {
         self.data.join(PACKS_DIR)
     }
 
-    /// The catalog connection. A panic while it was held poisons nothing that SQLite's own
-    /// transactions do not already protect, so a poisoned lock is taken over.
-    pub fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// The catalog connection. (A panic while it was held poisons nothing that SQLite's own
+    /// transactions do not already protect; parking_lot's lock has no poisoning.)
+    pub fn conn(&self) -> parking_lot::MutexGuard<'_, Connection> {
+        self.conn.lock()
     }
 
     /// A read-only catalog connection of its own, for lookups that need not wait for the

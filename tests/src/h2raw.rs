@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 /// Data frames are sent in pieces of this size, each within the flow-control window granted.
@@ -26,6 +27,46 @@ pub async fn connect(
     cert: &Path,
     key: &Path,
 ) -> anyhow::Result<SendRequest<Bytes>> {
+    let (send, conn) = open(addr, ca, cert, key).await?;
+    tokio::spawn(async move {
+        // Ends when the receiver closes the connection or every stream and handle is gone.
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// Like [`connect`], then waits up to `timeout` for the receiver to answer a PING. A receiver
+/// closes a connection it refuses (one past a per-agent cap) right after the TLS handshake,
+/// which the client's side of TLS 1.3 does not wait for: such a connection fails here instead
+/// of at its first stream.
+pub async fn connect_accepted(
+    addr: SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    timeout: Duration,
+) -> anyhow::Result<SendRequest<Bytes>> {
+    let (send, mut conn) = open(addr, ca, cert, key).await?;
+    let mut ping = conn
+        .ping_pong()
+        .ok_or_else(|| anyhow::anyhow!("the connection's pings were taken"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque()))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer to a PING within {timeout:?}"))??;
+    Ok(send)
+}
+
+type Connection = h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
+
+async fn open(
+    addr: SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<(SendRequest<Bytes>, Connection)> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&std::fs::read(ca)?) {
         roots.add(c?)?;
@@ -39,16 +80,11 @@ pub async fn connect(
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tcp = TcpStream::connect(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost")?, tcp)
         .await?;
-    let (send, conn) = h2::client::handshake(tls).await?;
-    tokio::spawn(async move {
-        // Ends when the receiver closes the connection or every stream and handle is gone.
-        let _ = conn.await;
-    });
-    Ok(send)
+    Ok(h2::client::handshake(tls).await?)
 }
 
 /// How a stream ended, as the client saw it.
@@ -128,17 +164,42 @@ impl Flood {
         key: &Path,
         attack: &Attack,
     ) -> anyhow::Result<Flood> {
+        let mut connections = Vec::new();
+        for _ in 0..attack.connections {
+            connections.push(connect(addr, ca, cert, key).await?);
+        }
+        let streams = attack.connections * attack.streams_per_connection;
+        Flood::over(
+            connections,
+            streams,
+            &attack.path,
+            attack.claimed,
+            attack.body,
+        )
+        .await
+    }
+
+    /// Opens `streams` streams on `connections`, each sending the prefix of a message to
+    /// `path` claiming `claimed` bytes and `body` bytes of it: the first connection takes an
+    /// even share (rounded up), then the next. Returns once all streams are open, while their
+    /// bytes are still being sent.
+    pub async fn over(
+        connections: Vec<SendRequest<Bytes>>,
+        streams: usize,
+        path: &str,
+        claimed: u32,
+        body: usize,
+    ) -> anyhow::Result<Flood> {
         let (tx, events) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
-        let mut handles = Vec::new();
+        let share = streams.div_ceil(connections.len().max(1));
         let mut id = 0;
-        for _ in 0..attack.connections {
-            let send = connect(addr, ca, cert, key).await?;
-            for _ in 0..attack.streams_per_connection {
+        for send in &connections {
+            for _ in 0..share.min(streams - id) {
                 let mut ready = send.clone().ready().await?;
                 let req = http::Request::builder()
                     .method("POST")
-                    .uri(format!("https://localhost{}", attack.path))
+                    .uri(format!("https://localhost{path}"))
                     .header("content-type", "application/grpc")
                     .header("te", "trailers")
                     .body(())?;
@@ -147,21 +208,27 @@ impl Flood {
                 tokio::spawn(send_message(
                     id,
                     stream,
-                    attack.claimed,
-                    attack.body,
+                    claimed,
+                    body,
                     tx.clone(),
                     stopped.clone(),
                 ));
                 id += 1;
             }
-            handles.push(send);
         }
         Ok(Flood {
             streams: vec![StreamState::default(); id],
             events,
             stop,
-            _handles: handles,
+            _handles: connections,
         })
+    }
+
+    /// Applies the events that arrived so far, without waiting for more.
+    pub fn catch_up(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            self.apply(event);
+        }
     }
 
     /// Applies events until `done` holds for the streams or `timeout` passes; returns `done`.

@@ -8,7 +8,7 @@
 use rand::Rng;
 use rewind_proto::pb::{self, replication_client::ReplicationClient};
 use rewind_proto::{chunk, Leaf};
-use rewind_tests::h2raw::{Attack, Ending, Flood};
+use rewind_tests::h2raw::{self, Attack, Ending, Flood};
 use rewind_tests::{bin, disk, grpc, procfs, run, Deployment, Receiver};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -714,5 +714,412 @@ async fn point_blocks_past_the_end_is_refused() {
     victim.assert_intact(&d);
     victim.write_some();
     victim.sync(&d, &rx);
+    victim.assert_intact(&d);
+}
+
+/// The receiver's default limits (`[limits]` in receiver/src/config.rs, and the HTTP/2 stream
+/// cap in receiver/src/server.rs) that the load test counts on.
+mod default_limits {
+    use std::time::Duration;
+
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const MAX_HANDSHAKES: usize = 1024;
+    pub const MAX_CONNECTIONS_PER_AGENT: usize = 16;
+    pub const MAX_PARTIAL_MIB_PER_AGENT: u64 = 64;
+    /// Concurrent HTTP/2 streams per connection.
+    pub const MAX_STREAMS: usize = 32;
+}
+
+/// What happened to a stranger's connection.
+enum StrangerEvent {
+    Connected,
+    NotConnected,
+    /// The receiver closed it after it was held this long.
+    Closed(Duration),
+}
+
+/// A stranger closed this long after connecting was closed at the receiver's handshake
+/// deadline; one closed sooner was refused (past its address's share) or evicted (from a full
+/// pool of pending handshakes).
+const AT_DEADLINE: Duration = Duration::from_secs(default_limits::HANDSHAKE_TIMEOUT.as_secs() - 1);
+
+/// Strangers holding idle TCP connections that never start a TLS handshake, one task each. A
+/// stranger closed at the handshake deadline connects again at once, so the receiver's pool
+/// stays full for as long as they run; one refused or evicted sooner stays away.
+struct Strangers {
+    events: tokio::sync::mpsc::UnboundedReceiver<StrangerEvent>,
+    _tasks: tokio::task::JoinSet<()>,
+    connected: usize,
+    not_connected: usize,
+    /// Closed before the handshake deadline.
+    closed_early: usize,
+    /// Closed at the handshake deadline.
+    closed_at_deadline: usize,
+    longest_held: Duration,
+}
+
+impl Strangers {
+    /// Connects `count` strangers to `to` one after another, from `addresses` source addresses
+    /// from 127.0.0.2 on, in turn.
+    async fn connect(to: SocketAddr, count: usize, addresses: usize) -> Strangers {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..count {
+            let from = std::net::IpAddr::from([127, 0, 0, 2 + (n % addresses) as u8]);
+            match stranger_connect(from, to).await {
+                Ok(s) => {
+                    let _ = tx.send(StrangerEvent::Connected);
+                    tasks.spawn(stranger_hold(s, from, to, tx.clone()));
+                }
+                Err(_) => {
+                    let _ = tx.send(StrangerEvent::NotConnected);
+                }
+            }
+        }
+        let mut s = Strangers {
+            events,
+            _tasks: tasks,
+            connected: 0,
+            not_connected: 0,
+            closed_early: 0,
+            closed_at_deadline: 0,
+            longest_held: Duration::ZERO,
+        };
+        s.catch_up();
+        s
+    }
+
+    fn apply(&mut self, event: StrangerEvent) {
+        match event {
+            StrangerEvent::Connected => self.connected += 1,
+            StrangerEvent::NotConnected => self.not_connected += 1,
+            StrangerEvent::Closed(held) => {
+                if held >= AT_DEADLINE {
+                    self.closed_at_deadline += 1;
+                } else {
+                    self.closed_early += 1;
+                }
+                self.longest_held = self.longest_held.max(held);
+            }
+        }
+    }
+
+    /// Applies the events that arrived so far.
+    fn catch_up(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            self.apply(event);
+        }
+    }
+
+    /// Applies events until `done` holds or `timeout` passes; returns `done`.
+    async fn wait(&mut self, timeout: Duration, done: impl Fn(&Strangers) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(self) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) => self.apply(event),
+                Ok(None) | Err(_) => return done(self),
+            }
+        }
+        true
+    }
+
+    /// Connections the receiver has not closed yet.
+    fn open(&mut self) -> usize {
+        self.catch_up();
+        self.connected - self.closed_early - self.closed_at_deadline
+    }
+}
+
+async fn stranger_connect(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    tokio::time::timeout(Duration::from_secs(3), socket.connect(to))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Holds `s` until the receiver closes it, and connects again if that was at the deadline.
+async fn stranger_hold(
+    mut s: tokio::net::TcpStream,
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    events: tokio::sync::mpsc::UnboundedSender<StrangerEvent>,
+) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let since = Instant::now();
+        // The receiver sends nothing before a ClientHello: this ends when it closes.
+        let _ = s.read(&mut [0u8; 1]).await;
+        let held = since.elapsed();
+        let _ = events.send(StrangerEvent::Closed(held));
+        if held < AT_DEADLINE {
+            return;
+        }
+        match stranger_connect(from, to).await {
+            Ok(again) => {
+                s = again;
+                let _ = events.send(StrangerEvent::Connected);
+            }
+            Err(_) => {
+                let _ = events.send(StrangerEvent::NotConnected);
+                return;
+            }
+        }
+    }
+}
+
+/// How one of host2's streams ended, by the limit that refused it.
+fn refusal_kind(ending: &Ending) -> &'static str {
+    match ending {
+        Ending::Status(8, m) if m.contains("max_uploads_per_agent") => "max_uploads_per_agent",
+        Ending::Status(8, m) if m.contains("max_partial_mib_per_agent") => {
+            "max_partial_mib_per_agent"
+        }
+        Ending::Status(8, m) if m.contains("max_partial_mib)") => "max_partial_mib",
+        Ending::Status(8, _) => "other RESOURCE_EXHAUSTED",
+        Ending::Status(..) => "other status",
+        Ending::Reset(_) => "reset",
+        Ending::Failed(_) => "failed",
+    }
+}
+
+/// One honest sync under load, as measured.
+struct HonestSync {
+    secs: f64,
+    sent_bytes: u64,
+    /// Strangers' connections open when it started and when it ended.
+    strangers_open: (usize, usize),
+    /// host2's streams still held when it ended.
+    streams_held: usize,
+    out: std::process::Output,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_of_strangers_and_unfinished_streams_leaves_room_for_honest_syncs() {
+    use default_limits::*;
+    const STRANGERS: usize = 2_000;
+    const ADDRESSES: usize = 20;
+    const STREAMS: usize = 300;
+    /// Half again host2's share of connections.
+    const CONNECTION_ATTEMPTS: usize = MAX_CONNECTIONS_PER_AGENT * 3 / 2;
+    const BODY: usize = 2 << 20;
+    /// Streams that can hold a claim at once: host2's budget for messages still arriving.
+    const HELD: usize = (MAX_PARTIAL_MIB_PER_AGENT * MIB / CLAIM as u64) as usize;
+    const SYNCS: usize = 3;
+    /// 4 MiB of changed data per honest sync.
+    const CHANGED_BLOCKS: u64 = 64;
+    const DISK: u64 = 64 * MIB;
+
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut lim = getrlimit(Resource::Nofile);
+        assert!(
+            lim.maximum.is_none_or(|m| m > 2 * STRANGERS as u64),
+            "RLIMIT_NOFILE's hard limit {:?} leaves no room for {STRANGERS} strangers",
+            lim.maximum
+        );
+        lim.current = lim.maximum;
+        setrlimit(Resource::Nofile, lim).unwrap();
+    }
+    let started = Instant::now();
+    let d = Deployment::new();
+    // No configuration file: the default limits.
+    let rx = d.serve();
+    let mut victim = Victim::seed(&d, &rx, DISK);
+    let pid = rx.pid();
+    let rss_before = procfs::status_bytes(pid, "VmRSS");
+    let fds_before = procfs::open_fds(pid);
+    let fds = FdWatch::start(pid);
+
+    // Strangers from 127.0.0.2-21. The receiver keeps at most its pool of pending handshakes
+    // and closes the others at once.
+    let connecting = Instant::now();
+    let mut strangers = Strangers::connect(rx.addr(), STRANGERS, ADDRESSES).await;
+    let connect_secs = connecting.elapsed().as_secs_f64();
+    let beyond_pool = STRANGERS - MAX_HANDSHAKES;
+    let beyond_pool_closed = strangers
+        .wait(Duration::from_secs(5), |s| s.closed_early >= beyond_pool)
+        .await;
+    let strangers_held = strangers.open();
+    let fds_strangers = procfs::open_fds(pid);
+
+    // host2 opens more connections than its share, then spreads its Upload streams over those
+    // the receiver accepted.
+    let pki = d.pki();
+    let (ca, cert, key) = (
+        pki.join("ca.pem"),
+        pki.join("host2.pem"),
+        pki.join("host2.key"),
+    );
+    let mut accepted = Vec::new();
+    let mut refused_connections = Vec::new();
+    for _ in 0..CONNECTION_ATTEMPTS {
+        match h2raw::connect_accepted(rx.addr(), &ca, &cert, &key, Duration::from_secs(10)).await {
+            Ok(c) => accepted.push(c),
+            Err(e) => refused_connections.push(e.to_string()),
+        }
+    }
+    let host2_connections = accepted.len();
+    assert!(
+        host2_connections <= MAX_CONNECTIONS_PER_AGENT,
+        "host2 holds {host2_connections} connections, past max_connections_per_agent"
+    );
+    assert!(
+        host2_connections * MAX_STREAMS >= STREAMS,
+        "{host2_connections} connections cannot carry {STREAMS} streams; refusals: \
+         {refused_connections:?}"
+    );
+    let flooding = Instant::now();
+    let mut flood = Flood::over(accepted, STREAMS, UPLOAD, CLAIM, BODY)
+        .await
+        .expect("host2 opens its streams");
+    // Every stream has sent all it could or was refused, and all but those host2's budget
+    // can hold have ended.
+    let flood_settled = flood
+        .wait(Duration::from_secs(20), |s| {
+            s.iter().all(|s| s.settled())
+                && s.iter().filter(|s| s.ended.is_some()).count() >= STREAMS - HELD
+        })
+        .await;
+    let settle_secs = flooding.elapsed().as_secs_f64();
+    let rss_flood = procfs::status_bytes(pid, "VmRSS");
+
+    // host1 syncs through the real agent while all of that holds.
+    let mut syncs = Vec::new();
+    for _ in 0..SYNCS {
+        let first = rand::rng().random_range(0..DISK / BLOCK as u64 - CHANGED_BLOCKS);
+        disk::random_blocks(
+            &victim.disk,
+            BLOCK as u64,
+            first,
+            CHANGED_BLOCKS,
+            &mut rand::rng(),
+        );
+        let strangers_at_start = strangers.open();
+        let sync_started = Instant::now();
+        let out = victim
+            .sync_cmd(&d, &rx)
+            .output()
+            .await
+            .expect("spawn the agent");
+        let secs = sync_started.elapsed().as_secs_f64();
+        let mut sent_bytes = 0;
+        if out.status.success() {
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            sent_bytes = report["sent_bytes"].as_u64().unwrap_or(0);
+            victim.record(&d, &report);
+        }
+        flood.catch_up();
+        syncs.push(HonestSync {
+            secs,
+            sent_bytes,
+            strangers_open: (strangers_at_start, strangers.open()),
+            streams_held: flood.streams.iter().filter(|s| s.ended.is_none()).count(),
+            out,
+        });
+    }
+
+    let peak = procfs::status_bytes(pid, "VmHWM");
+    let rss_after = procfs::status_bytes(pid, "VmRSS");
+    let fds_most = fds.most();
+    strangers.catch_up();
+    flood.catch_up();
+    let mut refusals = std::collections::BTreeMap::new();
+    for ending in flood.streams.iter().filter_map(|s| s.ended.as_ref()) {
+        *refusals.entry(refusal_kind(ending)).or_insert(0) += 1;
+    }
+    let refused_8 = flood
+        .streams
+        .iter()
+        .filter(|s| s.grpc_status() == Some(Code::ResourceExhausted as i32))
+        .count();
+    let held = flood.streams.iter().filter(|s| s.ended.is_none()).count();
+    let unexpected: Vec<&Ending> = flood
+        .streams
+        .iter()
+        .filter_map(|s| s.ended.as_ref())
+        .filter(|e| !matches!(e, Ending::Status(8, _)))
+        .take(5)
+        .collect();
+    let sent_mib = flood.streams.iter().map(|s| s.sent).sum::<u64>() >> 20;
+    eprintln!(
+        "strangers: {} connected ({} not) in {connect_secs:.2}s, {} closed early, {} at the \
+         handshake deadline (longest held {:.1}s), {strangers_held} held after the first \
+         wave (all beyond the pool closed: {beyond_pool_closed})",
+        strangers.connected,
+        strangers.not_connected,
+        strangers.closed_early,
+        strangers.closed_at_deadline,
+        strangers.longest_held.as_secs_f64(),
+    );
+    eprintln!(
+        "host2: {host2_connections} connections accepted, {} refused (e.g. {:?}); {STREAMS} \
+         Upload streams, {sent_mib} MiB sent, settled in {settle_secs:.2}s ({flood_settled}): \
+         {refused_8} refused with grpc-status 8, by kind {refusals:?}, {held} held, \
+         unexpected endings {unexpected:?}",
+        refused_connections.len(),
+        refused_connections.first(),
+    );
+    for (i, sync) in syncs.iter().enumerate() {
+        eprintln!(
+            "honest sync {}: {:.2}s, {}, {:.1} MiB sent ({} strangers open at its start, {} at \
+             its end; {} host2 streams held)",
+            i + 1,
+            sync.secs,
+            if sync.out.status.success() {
+                "ok"
+            } else {
+                "FAILED"
+            },
+            sync.sent_bytes as f64 / MIB as f64,
+            sync.strangers_open.0,
+            sync.strangers_open.1,
+            sync.streams_held,
+        );
+    }
+    eprintln!(
+        "receiver: RSS {} MiB before, {} MiB with the flood settled, {} MiB after; peak \
+         (VmHWM) {} MiB; fds {fds_before} before, {fds_strangers} with the strangers, \
+         {fds_most} at most; {:.1}s in all",
+        rss_before >> 20,
+        rss_flood >> 20,
+        rss_after >> 20,
+        peak >> 20,
+        started.elapsed().as_secs_f64(),
+    );
+
+    for (i, sync) in syncs.iter().enumerate() {
+        assert!(
+            sync.out.status.success(),
+            "honest sync {} failed under load after {:.2}s: {}",
+            i + 1,
+            sync.secs,
+            String::from_utf8_lossy(&sync.out.stderr)
+        );
+    }
+    assert!(peak < 512 * MIB, "receiver peak RSS {} MiB", peak >> 20);
+    // The pool of strangers and host2's share of connections, plus room for host1's
+    // connections, catalog readers, packs, and sockets accepted while those they evicted are
+    // still being closed; far below the 2,000 strangers and 24 connections offered.
+    let fd_bound = fds_before + MAX_HANDSHAKES + MAX_CONNECTIONS_PER_AGENT + 200;
+    assert!(
+        fds_most < fd_bound,
+        "the receiver held {fds_most} descriptors (bound {fd_bound})"
+    );
+    assert!(
+        refused_8 > 0,
+        "no host2 stream was refused with RESOURCE_EXHAUSTED"
+    );
+    assert!(
+        flood_settled,
+        "the flood did not settle: {held} streams held (host2's budget holds {HELD}), {} \
+         still sending",
+        flood.streams.iter().filter(|s| !s.settled()).count()
+    );
+    drop(flood);
+    drop(strangers);
     victim.assert_intact(&d);
 }
