@@ -7,7 +7,13 @@
 //! - staged blocks live only in `session_blocks` and become visible in one transaction, after
 //!   the recomputed roots equal the agent's; a crash at any instant leaves either no point or
 //!   the whole point;
-//! - a point builds only on its VM's newest point, so every disk generation is a linear chain.
+//! - a point builds only on its VM's newest point, so every disk generation is a linear chain;
+//! - a large session's nodes are written before its point exists (`commit_in_steps`), only at
+//!   an id above every point of its VM, while holding the VM's commit lock, and recorded in
+//!   `pending_commits` first: a refused or interrupted commit's nodes are removed (at once, or
+//!   by `Store::open`) before any other point of the VM can commit and read them;
+//! - chunks are stored per owner: a block is staged only against its own agent's chunk rows,
+//!   and what one agent sends never changes what another agent's points read.
 
 use crate::catalog::{now_us, rfc3339};
 use crate::error::StoreError;

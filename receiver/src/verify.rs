@@ -63,52 +63,28 @@ pub fn verify(
     progress: &dyn Fn(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
     let chunks: Vec<(String, Vec<u8>, i64, i64, i64, i64)> = {
-        let (sql, vm, point) = match scope {
-            None => (
-                "SELECT owner, hash, pack_id, offset, clen, ulen FROM chunks
-                 ORDER BY pack_id, offset",
-                None,
-                None,
-            ),
-            Some((vm, point)) => (
-                "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
-                 WHERE c.owner = (SELECT owner FROM vms WHERE name = ?1) AND c.hash IN
-                   (SELECT n.hash FROM nodes n JOIN point_disks pd ON pd.disk_id = n.disk_id
-                    JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
-                    WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
-                      AND n.point <= p.id AND n.hash IS NOT NULL)
-                 ORDER BY c.pack_id, c.offset",
-                Some(vm),
-                point,
-            ),
-        };
-        let mut stmt = conn.prepare(sql)?;
-        let rows = if vm.is_some() {
-            stmt.query_map(params![vm, point], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-        } else {
-            stmt.query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-        };
-        rows
+        let (vm, point) = scope.map_or((None, None), |(vm, p)| (Some(vm), p));
+        // Without a scope, every chunk; with one, the VM's owner's chunks its points use.
+        let mut stmt = conn.prepare(
+            "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
+             WHERE ?1 IS NULL OR (c.owner = (SELECT owner FROM vms WHERE name = ?1) AND c.hash IN
+               (SELECT n.hash FROM nodes n JOIN point_disks pd ON pd.disk_id = n.disk_id
+                JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
+                WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
+                  AND n.point <= p.id AND n.hash IS NOT NULL))
+             ORDER BY c.pack_id, c.offset",
+        )?;
+        let rows = stmt.query_map(params![vm, point], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
     };
     let total: u64 = chunks.iter().map(|c| c.5 as u64).sum();
     let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
