@@ -1,7 +1,7 @@
 //! A raw gRPC client for tests that must send what a correct agent never would (corrupt
 //! chunks, out-of-range blocks, foreign sessions) and check the exact refusal.
 
-use rewind_proto::pb::replication_client::ReplicationClient;
+use rewind_proto::pb::{self, replication_client::ReplicationClient};
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -27,4 +27,44 @@ pub async fn connect(
         .connect()
         .await?;
     Ok(ReplicationClient::new(channel).max_encoding_message_size(64 << 20))
+}
+
+/// Connects to `url` as agent `agent` of the PKI folder `pki` (its NAME.pem and NAME.key).
+pub async fn as_agent(
+    url: &str,
+    pki: &Path,
+    agent: &str,
+) -> Result<ReplicationClient<Channel>, tonic::transport::Error> {
+    connect(
+        url,
+        &pki.join("ca.pem"),
+        Some((
+            &pki.join(format!("{agent}.pem")),
+            &pki.join(format!("{agent}.key")),
+        )),
+    )
+    .await
+}
+
+/// Begins a session of `vm` with one disk `vda` of `size` bytes in blocks of `block_size`;
+/// returns the session id.
+pub async fn begin(
+    c: &mut ReplicationClient<Channel>,
+    vm: &str,
+    size: u64,
+    block_size: u32,
+) -> Result<String, tonic::Status> {
+    let r = c
+        .begin(pb::BeginRequest {
+            vm: vm.into(),
+            disks: vec![pb::DiskSpec {
+                name: "vda".into(),
+                size,
+                block_size,
+            }],
+            base_point: 0,
+            resume_session: String::new(),
+        })
+        .await?;
+    Ok(r.into_inner().session)
 }

@@ -24,14 +24,7 @@ async fn a_huge_commit_does_not_stall_other_agents() {
     d.sync_ok(&rx, "host1", "honest", &[("vda", &a)]);
 
     // host2 stages 2 M blocks, all of one content, then commits them.
-    let p = d.pki();
-    let mut c = grpc::connect(
-        &rx.url(),
-        &p.join("ca.pem"),
-        Some((&p.join("host2.pem"), &p.join("host2.key"))),
-    )
-    .await
-    .unwrap();
+    let mut c = grpc::as_agent(&rx.url(), &d.pki(), "host2").await.unwrap();
     let size = ENTRIES * BLOCK;
     let session = c
         .begin(pb::BeginRequest {
@@ -208,15 +201,7 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
     let p = d.pki();
     let connect = |url: String| {
         let p = p.clone();
-        async move {
-            grpc::connect(
-                &url,
-                &p.join("ca.pem"),
-                Some((&p.join("host2.pem"), &p.join("host2.key"))),
-            )
-            .await
-            .unwrap()
-        }
+        async move { grpc::as_agent(&url, &p, "host2").await.unwrap() }
     };
     let size = ENTRIES * BLOCK;
     let geometry = DiskGeometry::new(size, BLOCK).unwrap();

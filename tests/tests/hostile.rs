@@ -95,17 +95,9 @@ impl Victim {
 }
 
 async fn client(d: &Deployment, rx: &Receiver, agent: &str) -> ReplicationClient<Channel> {
-    let pki = d.pki();
-    grpc::connect(
-        &rx.url(),
-        &pki.join("ca.pem"),
-        Some((
-            &pki.join(format!("{agent}.pem")),
-            &pki.join(format!("{agent}.key")),
-        )),
-    )
-    .await
-    .expect("connect")
+    grpc::as_agent(&rx.url(), &d.pki(), agent)
+        .await
+        .expect("connect")
 }
 
 async fn begin(
@@ -113,19 +105,7 @@ async fn begin(
     vm: &str,
     size: u64,
 ) -> Result<String, tonic::Status> {
-    let r = c
-        .begin(pb::BeginRequest {
-            vm: vm.into(),
-            disks: vec![pb::DiskSpec {
-                name: "vda".into(),
-                size,
-                block_size: BLOCK as u32,
-            }],
-            base_point: 0,
-            resume_session: String::new(),
-        })
-        .await?;
-    Ok(r.into_inner().session)
+    grpc::begin(c, vm, size, BLOCK as u32).await
 }
 
 /// One batch: block `index` of disk 0 is `hash`, with `frame` sent as its chunk.

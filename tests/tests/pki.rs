@@ -36,17 +36,9 @@ fn days_left(metrics: &str, subject: &str) -> Option<f64> {
 }
 
 async fn list(d: &Deployment, rx: &Receiver, agent: &str, vm: &str) -> Result<usize, String> {
-    let p = d.pki();
-    let mut c = grpc::connect(
-        &rx.url(),
-        &p.join("ca.pem"),
-        Some((
-            &p.join(format!("{agent}.pem")),
-            &p.join(format!("{agent}.key")),
-        )),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let mut c = grpc::as_agent(&rx.url(), &d.pki(), agent)
+        .await
+        .map_err(|e| e.to_string())?;
     c.list_points(pb::ListPointsRequest { vm: vm.into() })
         .await
         .map(|r| r.into_inner().points.len())
@@ -68,14 +60,7 @@ async fn a_revoked_agent_is_refused_and_sighup_applies_the_new_list() {
     d.sync_ok(&rx, "host2", "vm2", &[("vda", &b)]);
 
     // host2 holds a connection open across the revocation.
-    let p = d.pki();
-    let mut held = grpc::connect(
-        &rx.url(),
-        &p.join("ca.pem"),
-        Some((&p.join("host2.pem"), &p.join("host2.key"))),
-    )
-    .await
-    .unwrap();
+    let mut held = grpc::as_agent(&rx.url(), &d.pki(), "host2").await.unwrap();
     let ask = pb::ListPointsRequest { vm: "vm2".into() };
     assert_eq!(
         held.list_points(ask.clone())

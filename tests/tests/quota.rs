@@ -10,17 +10,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 async fn client(d: &Deployment, rx: &Receiver, agent: &str) -> ReplicationClient<Channel> {
-    let p = d.pki();
-    grpc::connect(
-        &rx.url(),
-        &p.join("ca.pem"),
-        Some((
-            &p.join(format!("{agent}.pem")),
-            &p.join(format!("{agent}.key")),
-        )),
-    )
-    .await
-    .unwrap()
+    grpc::as_agent(&rx.url(), &d.pki(), agent).await.unwrap()
 }
 
 async fn begin(c: &mut ReplicationClient<Channel>, vm: &str) -> Result<String, tonic::Status> {

@@ -12,17 +12,9 @@ use tonic::Code;
 const BLOCK: usize = 64 * 1024;
 
 async fn client(d: &Deployment, rx: &Receiver, agent: &str) -> ReplicationClient<Channel> {
-    let pki = d.pki();
-    grpc::connect(
-        &rx.url(),
-        &pki.join("ca.pem"),
-        Some((
-            &pki.join(format!("{agent}.pem")),
-            &pki.join(format!("{agent}.key")),
-        )),
-    )
-    .await
-    .expect("connect")
+    grpc::as_agent(&rx.url(), &d.pki(), agent)
+        .await
+        .expect("connect")
 }
 
 fn all_points(d: &Deployment) -> Vec<serde_json::Value> {
@@ -44,19 +36,7 @@ async fn begin(
     vm: &str,
     size: u64,
 ) -> Result<String, tonic::Status> {
-    let r = c
-        .begin(pb::BeginRequest {
-            vm: vm.into(),
-            disks: vec![pb::DiskSpec {
-                name: "vda".into(),
-                size,
-                block_size: BLOCK as u32,
-            }],
-            base_point: 0,
-            resume_session: String::new(),
-        })
-        .await?;
-    Ok(r.into_inner().session)
+    grpc::begin(c, vm, size, BLOCK as u32).await
 }
 
 fn block(seed: u8) -> Vec<u8> {
