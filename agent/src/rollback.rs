@@ -313,6 +313,9 @@ struct Requests<'a> {
     /// Blocks the chunks of the request being gathered go to, and the most it takes.
     blocks: usize,
     max_blocks: usize,
+    /// Most chunks one request asks for: the receiver's reply must stay within
+    /// MAX_READ_REPLY_BYTES even if every frame is as long as its block's bound.
+    max_chunks: usize,
     zeros: Vec<u64>,
 }
 
@@ -333,6 +336,9 @@ impl<'a> Requests<'a> {
             chunks: Vec::new(),
             blocks: 0,
             max_blocks: (REQUEST_BLOCK_BYTES / block_size.max(1)).max(1) as usize,
+            max_chunks: (rewind_proto::format::MAX_READ_REPLY_BYTES
+                / rewind_proto::format::max_frame_len(block_size as usize).max(1))
+            .clamp(1, CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS)),
             zeros: Vec::new(),
         }
     }
@@ -355,8 +361,7 @@ impl<'a> Requests<'a> {
                 // blocks as one request may.
                 let known = self.chunks.iter().position(|(h, _)| h == leaf);
                 let full = self.blocks >= self.max_blocks
-                    || (known.is_none()
-                        && self.chunks.len() >= CHUNKS_PER_REQUEST.min(MAX_READ_CHUNKS));
+                    || (known.is_none() && self.chunks.len() >= self.max_chunks);
                 let sent = !full || self.send_chunks();
                 match known.filter(|_| !full) {
                     Some(k) => self.chunks[k].1.push(i),

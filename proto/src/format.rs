@@ -42,6 +42,11 @@ pub const MAX_FRAME_BYTES: usize = max_frame_len(MAX_BLOCK_SIZE as usize);
 pub const MAX_QUERY_HASHES: usize = 65_536;
 /// Most chunks in one ReadChunks answer: 64 blocks of 64 KiB keep a reply near 4 MiB.
 pub const MAX_READ_CHUNKS: usize = 64;
+/// Most frame bytes in one ReadChunks answer: well under [`MAX_MESSAGE_BYTES`] with room for
+/// the message's framing. An agent asks for at most this much by the worst-case frame length
+/// of its block size ([`max_frame_len`]); the receiver refuses a question whose frames exceed
+/// it before reading any of them.
+pub const MAX_READ_REPLY_BYTES: usize = 12 << 20;
 /// Most leaves in one PointBlocks page.
 pub const MAX_POINT_BLOCKS_PAGE: u32 = 65_536;
 /// Largest VM configuration kept with a point: a QEMU description of a big VM is a few KiB.

@@ -166,7 +166,8 @@ pub fn update<S: NodeStore>(
     }
     let top = shape.top_level();
     let mut dirty: Vec<u64> = Vec::new();
-    for i in changed {
+    // Leaves past the shape cannot be in the tree: ignored, as `Builder::push` does.
+    for i in changed.into_iter().filter(|&i| i < shape.leaves) {
         let p = i / shape.fanout;
         if dirty.last() != Some(&p) {
             dirty.push(p);

@@ -101,16 +101,22 @@ pub struct AdmissionStats {
 /// The accept side of the receiver: limits, TLS and the registry of connections.
 pub struct Admission {
     limits: Limits,
-    /// The TLS configuration in force (replaced when the revocation list is reloaded).
-    tls: RwLock<Arc<ServerConfig>>,
+    /// The TLS configuration in force and its client verifier (replaced when the revocation
+    /// list is reloaded).
+    tls: RwLock<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>)>,
     registry: Mutex<Registry>,
 }
 
 impl Admission {
-    pub fn new(limits: Limits, config: Arc<ServerConfig>) -> Arc<Admission> {
+    /// `config` must verify client certificates with `verifier`.
+    pub fn new(
+        limits: Limits,
+        config: Arc<ServerConfig>,
+        verifier: Arc<dyn ClientCertVerifier>,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             limits,
-            tls: RwLock::new(config),
+            tls: RwLock::new((config, verifier)),
             registry: Mutex::new(Registry::default()),
         })
     }
@@ -155,6 +161,9 @@ impl Admission {
         config: Arc<ServerConfig>,
         verifier: Arc<dyn ClientCertVerifier>,
     ) -> usize {
+        // In force first: a handshake that started under the old list is checked against the
+        // new one when it is admitted (see `admit_connection`).
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = (config, verifier.clone());
         let now = UnixTime::now();
         let conns: Vec<Arc<ConnState>> = self.registry().conns.values().cloned().collect();
         let mut closed = 0;
@@ -165,7 +174,6 @@ impl Admission {
                 closed += 1;
             }
         }
-        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = config;
         closed
     }
 
@@ -219,7 +227,18 @@ impl Admission {
         let expires = x509_parser::parse_x509_certificate(cert.as_ref())
             .ok()
             .map(|(_, c)| c.validity().not_after.timestamp());
+        // The list in force now, not the one the handshake began under.
+        let verifier = self.tls.read().unwrap_or_else(|p| p.into_inner()).1.clone();
+        if let Err(e) = verifier.verify_client_cert(&cert, &[], UnixTime::now()) {
+            tracing::warn!(agent = %agent, error = %e, "connection refused: certificate no longer accepted");
+            return None;
+        }
         let mut r = self.registry();
+        if r.conns.contains_key(&remote) {
+            // The earlier connection from this address and port has not ended yet.
+            r.refused += 1;
+            return None;
+        }
         if let Some(t) = expires {
             r.expiry.insert(agent.clone(), t);
         }
@@ -244,8 +263,11 @@ impl Admission {
         Some(state)
     }
 
-    fn end_connection(&self, remote: SocketAddr) {
+    fn end_connection(&self, remote: SocketAddr, state: &Arc<ConnState>) {
         let mut r = self.registry();
+        if !r.conns.get(&remote).is_some_and(|c| Arc::ptr_eq(c, state)) {
+            return;
+        }
         if let Some(c) = r.conns.remove(&remote) {
             if let Some(n) = r.per_agent.get_mut(&c.agent) {
                 *n -= 1;
@@ -303,7 +325,7 @@ impl Admission {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let config = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let config = self.tls.read().unwrap_or_else(|p| p.into_inner()).0.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let tls =
             match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -368,7 +390,7 @@ pub struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.admission.end_connection(self.peer);
+        self.admission.end_connection(self.peer, &self.state);
     }
 }
 

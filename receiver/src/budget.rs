@@ -5,10 +5,13 @@
 //! arrived until the rest does, so a peer could pin 16 MiB with 5 bytes, or hold unfinished
 //! messages for ever. Here a message's claimed length is taken from its agent's budget and the
 //! receiver's before tonic sees the prefix; past either the stream fails with
-//! RESOURCE_EXHAUSTED at once (waiting would leave the bytes in HTTP/2 buffers instead). A
-//! message must arrive whole within `message_timeout` of its first byte, and a stream may not
-//! go `stream_idle_timeout` without one. Upload streams are also capped per agent, and every
-//! request marks its connection busy (see [`crate::admission`]).
+//! RESOURCE_EXHAUSTED at once (waiting would leave the bytes in HTTP/2 buffers instead). The
+//! budget stays taken while tonic holds the decoded message: on a stream until the handler asks
+//! for the next one, on a unary call until the request ends (which must follow its one message
+//! within `message_timeout`). A message must arrive whole within `message_timeout` of its first
+//! byte, and a stream may not go `stream_idle_timeout` without one; time the handler spends
+//! before asking for more data does not count against the peer. Upload streams are also capped
+//! per agent, and every request marks its connection busy (see [`crate::admission`]).
 
 use crate::admission::{ActiveRequest, Admission};
 use crate::config::Limits;
@@ -131,9 +134,14 @@ where
         } else {
             None
         };
+        let unary = upload.is_none();
         let (parts, body) = req.into_parts();
         let body = Body::new(BudgetBody {
             inner: body,
+            unary,
+            finished: None,
+            messages: 0,
+            handed_at: None,
             agent: agent.partial,
             global: b.global.clone(),
             held: None,
@@ -158,6 +166,14 @@ where
 /// has arrived whole.
 struct BudgetBody {
     inner: Body,
+    /// A call of one request message (every method but Upload).
+    unary: bool,
+    /// The budget of the last whole message, held while tonic may still hold it.
+    finished: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// Whole messages so far.
+    messages: u64,
+    /// When the last frame was handed on: until the next poll, time is the handler's.
+    handed_at: Option<Instant>,
     agent: Arc<Semaphore>,
     global: Arc<Semaphore>,
     /// The budget of the message arriving now.
@@ -181,6 +197,11 @@ impl BudgetBody {
     /// Follows the message framing through `data`, taking and releasing budget.
     fn account(&mut self, mut data: &[u8]) -> Result<(), Status> {
         while !data.is_empty() {
+            if self.unary && self.messages > 0 {
+                return Err(Status::invalid_argument(
+                    "a unary call carries exactly one message",
+                ));
+            }
             if self.remaining == 0 {
                 if self.prefix_len == 0 {
                     let at = Instant::now() + self.limits.message_timeout;
@@ -241,14 +262,21 @@ impl BudgetBody {
     }
 
     fn message_done(&mut self) {
-        self.held = None;
-        let at = Instant::now() + self.limits.stream_idle_timeout;
-        self.deadline.as_mut().reset(at);
+        self.messages += 1;
+        self.finished = self.held.take();
+        // A unary call must end soon after its message; a stream may wait for the next one.
+        let wait = if self.unary {
+            self.limits.message_timeout
+        } else {
+            self.limits.stream_idle_timeout
+        };
+        self.deadline.as_mut().reset(Instant::now() + wait);
     }
 
     fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<bytes::Bytes>, Status>>> {
         self.failed = true;
         self.held = None;
+        self.finished = None;
         tracing::warn!(message = status.message(), "request stream cut");
         Poll::Ready(Some(Err(status)))
     }
@@ -264,6 +292,15 @@ impl http_body::Body for BudgetBody {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         if self.failed {
             return Poll::Ready(None);
+        }
+        if let Some(at) = self.handed_at.take() {
+            // The handler had the last frame until now: not the peer's time.
+            let later = self.deadline.deadline() + at.elapsed();
+            self.deadline.as_mut().reset(later);
+        }
+        if !self.unary {
+            // Asking for more data: the handler is done with the last whole message.
+            self.finished = None;
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
             let status = if self.in_message() {
@@ -287,6 +324,7 @@ impl http_body::Body for BudgetBody {
                         return self.fail(status);
                     }
                 }
+                self.handed_at = Some(Instant::now());
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
@@ -311,6 +349,10 @@ mod tests {
     fn body(limits: &Limits) -> BudgetBody {
         BudgetBody {
             inner: Body::empty(),
+            unary: false,
+            finished: None,
+            messages: 0,
+            handed_at: None,
             agent: Arc::new(Semaphore::new(limits.max_partial_bytes_per_agent)),
             global: Arc::new(Semaphore::new(limits.max_partial_bytes)),
             held: None,
@@ -350,8 +392,29 @@ mod tests {
         b.account(&frame).expect("boundary");
         assert_eq!(free(&b), full - 10);
         b.account(&[1u8; 10]).expect("end");
+        // Whole, but tonic holds the decoded message until the handler asks for more.
+        assert_eq!(free(&b), full - 10);
+        b.finished = None;
         assert_eq!(free(&b), full);
         assert_eq!(b.global.available_permits(), limits.max_partial_bytes);
+    }
+
+    #[tokio::test]
+    async fn a_unary_call_carries_one_message_and_keeps_its_budget() {
+        let limits = Limits::default();
+        let mut b = body(&limits);
+        b.unary = true;
+        let full = b.agent.available_permits();
+        let mut m = prefix(100);
+        m.extend([3u8; 100]);
+        b.account(&m).expect("one message");
+        assert_eq!(
+            b.agent.available_permits(),
+            full - 100,
+            "kept until the call ends"
+        );
+        let e = b.account(&prefix(0)).expect_err("a second message");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
     }
 
     #[tokio::test]

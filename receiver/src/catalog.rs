@@ -80,10 +80,19 @@ CREATE TABLE owned_chunks(
   PRIMARY KEY(owner, hash)) WITHOUT ROWID;
 INSERT INTO owned_chunks SELECT o.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen, c.created_us
   FROM chunk_owners o JOIN chunks c ON c.hash = o.hash;
+-- A heal in version 3 restored the ownership row of the healing agent only; the points of
+-- every owner that use a chunk keep it.
+INSERT OR IGNORE INTO owned_chunks SELECT v.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen, c.created_us
+  FROM nodes n JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id
+  JOIN chunks c ON c.hash = n.hash WHERE n.level = 0 AND n.hash IS NOT NULL;
+INSERT OR IGNORE INTO owned_chunks SELECT s.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen, c.created_us
+  FROM session_blocks b JOIN sessions s ON s.id = b.session_id
+  JOIN chunks c ON c.hash = b.hash WHERE s.state = 'open';
 DROP TABLE chunks;
 DROP TABLE chunk_owners;
 ALTER TABLE owned_chunks RENAME TO chunks;
 CREATE INDEX chunks_by_pack ON chunks(pack_id);
+CREATE INDEX IF NOT EXISTS events_by_vm ON events(vm_id, id);
 CREATE TABLE owned_bad_chunks(
   owner TEXT NOT NULL,
   hash BLOB NOT NULL,
@@ -102,6 +111,7 @@ CREATE TABLE owner_usage(
 INSERT INTO owner_usage SELECT owner, COUNT(*), SUM(clen) FROM chunks GROUP BY owner;
 CREATE TABLE pending_commits(
   session_id TEXT PRIMARY KEY,
+  vm_id INTEGER NOT NULL,
   point INTEGER NOT NULL,
   disks TEXT NOT NULL,
   new_disks TEXT NOT NULL) WITHOUT ROWID;

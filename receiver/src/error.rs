@@ -142,6 +142,12 @@ pub enum StoreError {
         key: &'static str,
         limit: u64,
     },
+    /// Another commit of the same VM is running (or this one's steps were undone).
+    #[error("a commit of this VM is in progress (session {0}): try again when it has finished")]
+    CommitRunning(String),
+    /// Another `serve` holds the data folder.
+    #[error("{0}: another serve process holds this data folder")]
+    InUse(std::path::PathBuf),
     /// A read of a chunk the caller does not hold (whoever else may hold it).
     #[error("no chunk {0} among this agent's chunks")]
     NotHeld(Leaf),

@@ -550,7 +550,9 @@ impl Store {
         drop(conn);
         // Superseded sessions' staged rows, in bounded steps now that the begin is done.
         for id in dead {
-            self.drop_staged(&id)?;
+            if let Err(e) = self.drop_staged(&id) {
+                tracing::warn!(error = %e, "dropping a superseded session's staged rows failed");
+            }
         }
         Ok(BeginPlan {
             session: id,
@@ -576,7 +578,8 @@ impl Store {
                 max: MAX_QUERY_HASHES,
             });
         }
-        let conn = self.conn();
+        // A reader connection: questions never wait for, or hold up, the writer.
+        let conn = self.reader()?;
         open_session(&conn, owner, session)?;
         let mut stmt =
             conn.prepare_cached("SELECT 1 FROM chunks WHERE owner = ?1 AND hash = ?2")?;
@@ -621,10 +624,8 @@ impl Store {
                 max: MAX_BATCH_ENTRIES,
             });
         }
-        let session = {
-            let conn = self.conn();
-            open_session(&conn, owner, session_id)?
-        };
+        // Staging checks the session again in its own transaction.
+        let session = open_session(&*self.reader()?, owner, session_id)?;
         // Expected length of each referenced chunk, from the blocks that use it.
         let mut expected: HashMap<Leaf, usize> = HashMap::new();
         for e in &entries {
@@ -717,9 +718,19 @@ impl Store {
         for (n, batch) in batches.iter().enumerate() {
             let session_id = batch.session_id.as_str();
             let session = &batch.session;
-            // The session may have been committed by a racing stream while we verified.
+            // The session may have been committed, or resumed with other disks, by a racing
+            // stream while we verified: the entries were checked against the disks of then.
             if n == 0 || batches[n - 1].session_id != batch.session_id {
-                open_session(&tx, owner, session_id)?;
+                let now = open_session(&tx, owner, session_id)?;
+                let same = now.disks.len() == session.disks.len()
+                    && now
+                        .disks
+                        .iter()
+                        .zip(&session.disks)
+                        .all(|(a, b)| a.name == b.name && a.geometry == b.geometry);
+                if !same {
+                    return Err(StoreError::SessionClosed(names::shown(session_id)));
+                }
             }
             let mut held =
                 tx.prepare_cached("SELECT ulen FROM chunks WHERE owner = ?1 AND hash = ?2")?;
@@ -924,13 +935,31 @@ impl Store {
         let (config, consistency) = meta.validate()?;
         let vm_id = open_session(&self.conn(), owner, session_id)?.vm_id;
         // One commit of a VM at a time: a stepped commit's nodes exist before its point does,
-        // and no other point of the VM may commit over them.
+        // and no other point of the VM may commit over them. A second commit of the VM is
+        // refused rather than parked on a thread.
         let lock = self.vm_lock(vm_id);
-        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _held = match lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(StoreError::CommitRunning(names::shown(session_id)))
+            }
+        };
+        // Whatever an earlier stepped commit of the VM left goes first: no commit starts while
+        // such nodes exist.
+        self.forget_pending(Some(vm_id))?;
+        // The cost of one transaction grows with the staged rows and with the level-1 nodes
+        // they touch (each reads its 256 children): past either bound, commit in steps.
         let large: bool = self
             .conn()
-            .prepare_cached("SELECT EXISTS(SELECT 1 FROM session_blocks WHERE session_id = ?1 LIMIT 1 OFFSET ?2)")?
-            .query_row(params![session_id, WHOLE_COMMIT_MAX as i64], |r| r.get(0))?;
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM session_blocks WHERE session_id = ?1 LIMIT 1 OFFSET ?2)
+                   OR (SELECT COUNT(DISTINCT idx / 256) FROM session_blocks WHERE session_id = ?1) > ?3",
+            )?
+            .query_row(
+                params![session_id, WHOLE_COMMIT_MAX as i64, WHOLE_COMMIT_PARENTS as i64],
+                |r| r.get(0),
+            )?;
         let meta = (config, consistency);
         if large {
             self.commit_in_steps(owner, session_id, roots, meta)
@@ -1013,10 +1042,11 @@ impl Store {
                 .map(|(_, id)| *id)
                 .collect();
             tx.execute(
-                "INSERT OR REPLACE INTO pending_commits(session_id, point, disks, new_disks)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO pending_commits(session_id, vm_id, point, disks, new_disks)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     session_id,
+                    session.vm_id,
                     point,
                     serde_json::to_string(&ids).unwrap_or_default(),
                     serde_json::to_string(&new_generations).unwrap_or_default()
@@ -1068,10 +1098,15 @@ impl Store {
                 &tops,
                 meta,
             )?;
-            tx.execute(
-                "DELETE FROM pending_commits WHERE session_id = ?1",
-                [session_id],
+            // The record of the steps must still be there: had anything removed it (and so
+            // the nodes written under it), the point would be missing blocks.
+            let n = tx.execute(
+                "DELETE FROM pending_commits WHERE session_id = ?1 AND point = ?2",
+                params![session_id, point],
             )?;
+            if n != 1 {
+                return Err(StoreError::CommitRunning(names::shown(session_id)));
+            }
             tx.commit()?;
             Ok(Committed {
                 point,
@@ -1080,14 +1115,33 @@ impl Store {
         })();
         match done {
             Ok(c) => {
-                self.drop_staged(session_id)?;
+                // The point is committed: a failure to drop the staged rows now only leaves
+                // them for the next start.
+                if let Err(e) = self.drop_staged(session_id) {
+                    tracing::warn!(error = %e, "dropping a committed session's staged rows failed");
+                }
                 Ok(c)
             }
             Err(e) => {
-                if let Err(undo) = forget_pending(&self.conn(), session_id) {
-                    tracing::error!(error = %undo, "removing the nodes of a refused commit failed; they are removed at the next start");
+                // Under the VM's lock: if this fails, the next commit of the VM retries it
+                // before it starts (and refuses to start while it fails).
+                if let Err(undo) = self.forget_pending(Some(session.vm_id)) {
+                    tracing::error!(error = %undo, "removing the nodes of a refused commit failed; the VM's next commit removes them first");
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Removes, in bounded steps, what stepped commits of `vm_id` (or of every VM) left before
+    /// their point existed.
+    pub fn forget_pending(&self, vm_id: Option<i64>) -> Result<(), StoreError> {
+        loop {
+            let mut conn = self.conn();
+            let more = forget_pending_step(&mut conn, vm_id)?;
+            parking_lot::MutexGuard::unlock_fair(conn);
+            if !more {
+                return Ok(());
             }
         }
     }
@@ -1121,7 +1175,7 @@ impl Store {
 
     /// Where a session of `owner` stands.
     pub fn session_state(&self, owner: &str, session_id: &str) -> Result<SessionState, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let row: Option<(String, String, Option<i64>)> = conn
             .query_row(
                 "SELECT owner, state, point_id FROM sessions WHERE id = ?1",
@@ -1142,9 +1196,12 @@ impl Store {
 
 /// Most staged blocks committed in one transaction; larger sessions commit in steps.
 pub const WHOLE_COMMIT_MAX: usize = 65_536;
+/// Most level-1 nodes one transaction's commit recomputes (each reads its 256 children); a
+/// session touching more commits in steps, however few its blocks.
+pub const WHOLE_COMMIT_PARENTS: usize = 1024;
 /// Most level-1 nodes one step of a stepped commit recomputes (each reads up to 256 leaves):
-/// a step writes at most 16 Ki leaves, ~60 ms here, before other writers get a turn.
-const COMMIT_STEP_PARENTS: usize = 64;
+/// a step writes at most 64 Ki leaves before other writers get a turn.
+const COMMIT_STEP_PARENTS: usize = 256;
 /// Staged rows dropped per transaction.
 const STAGED_DELETE_STEP: usize = 16_384;
 
@@ -1335,49 +1392,62 @@ fn record_point(
     Ok(())
 }
 
-/// Removes what a stepped commit of `session_id` wrote before its point existed: the nodes at
-/// its reserved id and the disk generations it created, then its pending record.
-pub fn forget_pending(conn: &Connection, session_id: &str) -> Result<(), StoreError> {
-    let row: Option<(i64, String, String)> = conn
+/// Node rows one cleanup step deletes.
+const CLEANUP_STEP: i64 = 16_384;
+
+/// One bounded step of removing what stepped commits (of VM `vm_id`, or of any VM) wrote before
+/// their point existed: nodes at the reserved id, then the disk generations they created, then
+/// the pending record. Returns whether any pending record is left. A record whose point was
+/// committed (same id and session) only loses the record.
+pub fn forget_pending_step(conn: &mut Connection, vm_id: Option<i64>) -> Result<bool, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let row: Option<(String, i64, String, String)> = tx
         .query_row(
-            "SELECT point, disks, new_disks FROM pending_commits WHERE session_id = ?1",
-            [session_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            "SELECT session_id, point, disks, new_disks FROM pending_commits
+             WHERE ?1 IS NULL OR vm_id = ?1 LIMIT 1",
+            [vm_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    let Some((point, disks, new_disks)) = row else {
-        return Ok(());
+    let Some((session, point, disks, new_disks)) = row else {
+        return Ok(false);
     };
     let disks: Vec<i64> = serde_json::from_str(&disks).unwrap_or_default();
     let new_disks: Vec<i64> = serde_json::from_str(&new_disks).unwrap_or_default();
-    let tx = conn.unchecked_transaction()?;
-    // A point of that id would own the rows; none exists unless the commit went through.
     let committed: bool = tx.query_row(
-        "SELECT EXISTS(SELECT 1 FROM points WHERE id = ?1)",
-        [point],
+        "SELECT EXISTS(SELECT 1 FROM points WHERE id = ?1 AND session = ?2)",
+        params![point, session],
         |r| r.get(0),
     )?;
+    let mut deleted = 0;
     if !committed {
         for d in &disks {
-            tx.execute(
-                "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2",
-                params![d, point],
-            )?;
-        }
-        for d in &new_disks {
-            tx.execute(
-                "DELETE FROM disks WHERE id = ?1 AND NOT EXISTS
-                   (SELECT 1 FROM point_disks WHERE disk_id = ?1)",
-                [d],
-            )?;
+            deleted += tx
+                .prepare_cached(
+                    "DELETE FROM nodes WHERE (disk_id, level, idx, point) IN
+                       (SELECT disk_id, level, idx, point FROM nodes
+                        WHERE disk_id = ?1 AND point = ?2 LIMIT ?3)",
+                )?
+                .execute(params![d, point, CLEANUP_STEP])?;
         }
     }
-    tx.execute(
-        "DELETE FROM pending_commits WHERE session_id = ?1",
-        [session_id],
-    )?;
+    if deleted == 0 {
+        if !committed {
+            for d in &new_disks {
+                tx.execute(
+                    "DELETE FROM disks WHERE id = ?1 AND NOT EXISTS
+                       (SELECT 1 FROM point_disks WHERE disk_id = ?1)",
+                    [d],
+                )?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM pending_commits WHERE session_id = ?1",
+            [&session],
+        )?;
+    }
     tx.commit()?;
-    Ok(())
+    Ok(true)
 }
 
 /// The versioned nodes of one disk at one point, as the tree update reads and writes them.
@@ -1626,6 +1696,79 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_first_removes_what_an_earlier_stepped_commit_of_its_vm_left() {
+        let (_dir, store, s1) = open();
+        let geometry = DiskGeometry::new(16 * 4096, 4096).expect("geometry");
+        let (a, ca) = block(1);
+        let first = vec![(0, a)];
+        stage_all(&store, &s1, &first, vec![ca]);
+        let p1 = store
+            .commit(
+                "agent",
+                &s1,
+                &[("vda".into(), reference_root(&geometry, &first))],
+                &PointMeta::default(),
+            )
+            .expect("first point")
+            .point;
+        // A stepped commit that failed and could not clean up: its nodes at the next id.
+        let (b, _) = block(2);
+        {
+            let conn = store.conn();
+            let disk: i64 = conn
+                .query_row(
+                    "SELECT disk_id FROM point_disks WHERE point_id = ?1",
+                    [p1],
+                    |r| r.get(0),
+                )
+                .expect("disk");
+            for idx in 0..16 {
+                conn.execute(
+                    "INSERT INTO nodes(disk_id, level, idx, point, hash) VALUES (?1, 0, ?2, ?3, ?4)",
+                    params![disk, idx, p1 + 1, &b.0[..]],
+                )
+                .expect("orphan");
+            }
+            conn.execute(
+                "INSERT INTO pending_commits(session_id, vm_id, point, disks, new_disks)
+                 VALUES ('gone', 1, ?1, ?2, '[]')",
+                params![p1 + 1, format!("[{disk}]")],
+            )
+            .expect("pending");
+        }
+        let spec = BeginSpec {
+            vm: "vm".into(),
+            disks: vec![DiskSpec {
+                name: "vda".into(),
+                geometry,
+            }],
+            base_point: Some(p1),
+            resume: None,
+        };
+        let s2 = store.begin("agent", &spec).expect("begin").session;
+        let second = vec![(1, a)];
+        stage_all(&store, &s2, &second, vec![]);
+        let both = vec![(0, a), (1, a)];
+        store
+            .commit(
+                "agent",
+                &s2,
+                &[("vda".into(), reference_root(&geometry, &both))],
+                &PointMeta::default(),
+            )
+            .expect("the orphans are gone before the commit reads its tree");
+        let orphans: i64 = store
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM nodes WHERE hash = ?1",
+                [&b.0[..]],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(orphans, 0);
+    }
+
+    #[test]
     fn nodes_of_a_commit_cut_short_are_removed_at_open() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_, point) = {
@@ -1635,7 +1778,7 @@ mod tests {
                 "INSERT INTO vms(id, name, owner, created_us) VALUES (1, 'vm', 'agent', 1);
                  INSERT INTO disks(id, vm_id, name, size, block_size) VALUES (7, 1, 'vda', 8192, 4096);
                  INSERT INTO nodes(disk_id, level, idx, point, hash) VALUES (7, 0, 0, 42, x'01'), (7, 1, 0, 42, x'02');
-                 INSERT INTO pending_commits(session_id, point, disks, new_disks) VALUES ('s', 42, '[7]', '[7]');",
+                 INSERT INTO pending_commits(session_id, vm_id, point, disks, new_disks) VALUES ('s', 1, 42, '[7]', '[7]');",
             )
             .expect("a commit cut short after its steps");
             ((), 42)

@@ -7,9 +7,12 @@ use crate::ingest::owned_vm;
 use crate::packs::PackReader;
 use crate::points::{self, PointSelector};
 use crate::store::Store;
-use rewind_proto::format::{MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
+use rewind_proto::format::{MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS, MAX_READ_REPLY_BYTES};
 use rewind_proto::Leaf;
 use rusqlite::params;
+
+/// Rollback events one VM may have recorded.
+const MAX_ROLLBACK_EVENTS: i64 = 100_000;
 
 /// One page of a disk's leaves at a point.
 pub struct LeafPage {
@@ -32,7 +35,7 @@ impl Store {
         start: u64,
         limit: u32,
     ) -> Result<LeafPage, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         owned_vm(&conn, vm, owner)?;
         let p = points::resolve(&conn, vm, &PointSelector::Id(point))?;
         let d = p
@@ -110,6 +113,14 @@ impl Store {
             }
             locs
         };
+        let bytes: usize = locs.iter().map(|l| l.3 as usize).sum();
+        if bytes > MAX_READ_REPLY_BYTES {
+            return Err(StoreError::TooLarge {
+                what: "frame bytes in one ReadChunks reply",
+                got: bytes,
+                max: MAX_READ_REPLY_BYTES,
+            });
+        }
         // In pack order: neighbouring records then come from the same pages.
         let mut locs = locs;
         locs.sort_by_key(|l| (l.1, l.2));
@@ -126,11 +137,31 @@ impl Store {
         owner: &str,
         vm: &str,
         point: i64,
+        disk: &str,
         detail: &serde_json::Value,
     ) -> Result<i64, StoreError> {
         let conn = self.conn();
         let vm_id = owned_vm(&conn, vm, owner)?;
-        points::resolve(&conn, vm, &PointSelector::Id(point))?;
+        let p = points::resolve(&conn, vm, &PointSelector::Id(point))?;
+        if !p.disks.iter().any(|d| d.name == disk) {
+            return Err(StoreError::UnknownDisk {
+                point,
+                disk: rewind_proto::names::shown(disk),
+            });
+        }
+        // Events are kept as long as the VM: an agent may not grow the catalog without bound.
+        let n: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE vm_id = ?1 AND kind = 'rollback'",
+            [vm_id],
+            |r| r.get(0),
+        )?;
+        if n >= MAX_ROLLBACK_EVENTS {
+            return Err(StoreError::TooLarge {
+                what: "rollback events kept for one VM",
+                got: n as usize,
+                max: MAX_ROLLBACK_EVENTS as usize,
+            });
+        }
         conn.execute(
             "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (?1, 'rollback', ?2, ?3, ?4)",
             params![vm_id, point, detail.to_string(), now_us()],

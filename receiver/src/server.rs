@@ -84,8 +84,8 @@ pub fn tls_config(pki: &ServerPki) -> Result<TlsPair, ServeError> {
 
 /// The accept side for `pki` under `limits`.
 pub fn admission(pki: &ServerPki, limits: Limits) -> Result<Arc<Admission>, ServeError> {
-    let (config, _) = tls_config(pki)?;
-    Ok(Admission::new(limits, config))
+    let (config, verifier) = tls_config(pki)?;
+    Ok(Admission::new(limits, config, verifier))
 }
 
 /// Serves until `shutdown` resolves. There is no plaintext mode: every client must present a

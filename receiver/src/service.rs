@@ -29,6 +29,7 @@ const ENTRY_WEIGHT: usize = GROUP_BYTES / rewind_proto::format::MAX_BATCH_ENTRIE
 /// batch dirties catalog pages all over its tables: a group of more batches writes a page
 /// they share once (a seed's catalog commits wrote 250 MB of WAL for 1.1 GB of chunks).
 const GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -40,14 +41,36 @@ const MAX_STATUS_CHARS: usize = 400;
 pub struct ReplicationService {
     store: Arc<Store>,
     pipeline: Arc<tokio::sync::Semaphore>,
+    /// Each agent's slots for store work on blocking threads.
+    agents: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
 }
+
+/// Store calls (other than an upload's own pipeline) one agent may have running or queued on
+/// blocking threads: work there cannot be cancelled, so a peer that resets its requests must
+/// not pile it up.
+const CALLS_PER_AGENT: usize = 8;
 
 impl ReplicationService {
     pub fn new(store: Arc<Store>) -> Self {
         Self {
             store,
             pipeline: Arc::new(tokio::sync::Semaphore::new(PIPELINE_BYTES)),
+            agents: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
+    }
+
+    /// One of `agent`'s call slots, waiting for one to be free.
+    async fn calls(&self, agent: &str) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let sem = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(agent.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(CALLS_PER_AGENT)))
+            .clone();
+        sem.acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the receiver is shutting down"))
     }
 }
 
@@ -106,13 +129,17 @@ pub fn to_status(e: StoreError) -> Status {
         | UnknownDisk { .. }
         | NotHeld(_) => Status::not_found(msg),
         SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
-        BaseMoved { .. } => Status::aborted(msg),
+        BaseMoved { .. } | CommitRunning(_) => Status::aborted(msg),
         Cancelled => Status::cancelled(msg),
         RootMismatch { .. } => Status::data_loss(msg),
         Quota { .. } => Status::resource_exhausted(msg),
-        Sql(_) | Pack(_) | Io { .. } | MissingChunk(_) | RestoredRoot { .. } | OutputExists(_) => {
-            Status::internal(msg)
-        }
+        Sql(_)
+        | Pack(_)
+        | Io { .. }
+        | MissingChunk(_)
+        | RestoredRoot { .. }
+        | OutputExists(_)
+        | InUse(_) => Status::internal(msg),
     };
     tracing::warn!(code = ?status.code(), message = status.message(), "request refused");
     status
@@ -126,13 +153,19 @@ fn leaves(hashes: &[Vec<u8>]) -> Result<Vec<Leaf>, Status> {
     hashes.iter().map(|h| leaf(h)).collect()
 }
 
+/// Runs store work on a blocking thread, holding one of its agent's call slots (see
+/// [`ReplicationService::calls`]) until the work ends, even if the caller has gone.
 async fn blocking<T: Send + 'static>(
+    slot: tokio::sync::OwnedSemaphorePermit,
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
-        .map_err(to_status)
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f()
+    })
+    .await
+    .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+    .map_err(to_status)
 }
 
 type DecodedBatch = (String, Vec<Entry>, Vec<IncomingChunk>);
@@ -194,7 +227,10 @@ impl Replication for ReplicationService {
             resume: (!r.resume_session.is_empty()).then_some(r.resume_session),
         };
         let store = self.store.clone();
-        let plan = blocking(move || store.begin(&owner, &spec)).await?;
+        let plan = blocking(self.calls(&owner).await?, move || {
+            store.begin(&owner, &spec)
+        })
+        .await?;
         tracing::info!(session = %plan.session, base = ?plan.base_point, "session begun");
         Ok(Response::new(pb::BeginReply {
             session: plan.session,
@@ -223,7 +259,10 @@ impl Replication for ReplicationService {
         let r = req.into_inner();
         let hashes = leaves(&r.hashes)?;
         let store = self.store.clone();
-        let missing = blocking(move || store.missing(&owner, &r.session, &hashes)).await?;
+        let missing = blocking(self.calls(&owner).await?, move || {
+            store.missing(&owner, &r.session, &hashes)
+        })
+        .await?;
         Ok(Response::new(pb::MissingChunksReply {
             missing: missing.into_iter().map(|h| h.0.to_vec()).collect(),
         }))
@@ -331,7 +370,10 @@ impl Replication for ReplicationService {
         drop(verified_rx);
         {
             let store = self.store.clone();
-            blocking(move || store.finish_upload(&mut writer)).await?;
+            blocking(self.calls(&owner).await?, move || {
+                store.finish_upload(&mut writer)
+            })
+            .await?;
         }
         let read = reader
             .await
@@ -360,7 +402,10 @@ impl Replication for ReplicationService {
             config: r.config,
             consistency: r.consistency,
         };
-        let done = blocking(move || store.commit(&owner, &session, &roots, &meta)).await?;
+        let done = blocking(self.calls(&owner).await?, move || {
+            store.commit(&owner, &session, &roots, &meta)
+        })
+        .await?;
         tracing::info!(session = %r.session, point = done.point, "point committed");
         Ok(Response::new(pb::CommitReply {
             point: done.point as u64,
@@ -375,7 +420,10 @@ impl Replication for ReplicationService {
         let owner = caller(&req)?;
         let r = req.into_inner();
         let store = self.store.clone();
-        let state = blocking(move || store.session_state(&owner, &r.session)).await?;
+        let state = blocking(self.calls(&owner).await?, move || {
+            store.session_state(&owner, &r.session)
+        })
+        .await?;
         let (state, point) = match state {
             SessionState::Unknown => (pb::SessionState::Unknown, 0),
             SessionState::Open => (pb::SessionState::Open, 0),
@@ -394,8 +442,8 @@ impl Replication for ReplicationService {
         let owner = caller(&req)?;
         let r = req.into_inner();
         let store = self.store.clone();
-        let list = blocking(move || {
-            let conn = store.conn();
+        let list = blocking(self.calls(&owner).await?, move || {
+            let conn = store.reader()?;
             crate::ingest::owned_vm(&conn, &r.vm, &owner)?;
             points::list(&conn, Some(&r.vm))
         })
@@ -430,7 +478,7 @@ impl Replication for ReplicationService {
         let owner = caller(&req)?;
         let r = req.into_inner();
         let store = self.store.clone();
-        let page = blocking(move || {
+        let page = blocking(self.calls(&owner).await?, move || {
             store.point_leaves(&owner, &r.vm, r.point as i64, &r.disk, r.start, r.limit)
         })
         .await?;
@@ -459,7 +507,10 @@ impl Replication for ReplicationService {
         let r = req.into_inner();
         let hashes = leaves(&r.hashes)?;
         let store = self.store.clone();
-        let chunks = blocking(move || store.read_chunks(&owner, &r.vm, &hashes)).await?;
+        let chunks = blocking(self.calls(&owner).await?, move || {
+            store.read_chunks(&owner, &r.vm, &hashes)
+        })
+        .await?;
         Ok(Response::new(pb::ReadChunksReply {
             chunks: chunks
                 .into_iter()
@@ -479,8 +530,10 @@ impl Replication for ReplicationService {
         let r = req.into_inner();
         let detail = serde_json::json!({"disk": r.disk, "blocks": r.blocks, "bytes": r.bytes, "dry_run": r.dry_run});
         let store = self.store.clone();
-        let id =
-            blocking(move || store.record_rollback(&owner, &r.vm, r.point as i64, &detail)).await?;
+        let id = blocking(self.calls(&owner).await?, move || {
+            store.record_rollback(&owner, &r.vm, r.point as i64, &r.disk, &detail)
+        })
+        .await?;
         tracing::info!(event = id, "rollback recorded");
         Ok(Response::new(pb::RollbackRecorded { event: id as u64 }))
     }

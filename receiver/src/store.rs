@@ -14,6 +14,9 @@ use std::time::Duration;
 /// The folder of pack files inside the data folder.
 pub const PACKS_DIR: &str = "packs";
 
+/// The lock file that keeps a second `serve` off a data folder.
+pub const SERVE_LOCK: &str = "serve.lock";
+
 /// Read-only catalog connections kept between reads (more are opened while more reads run).
 const READERS_KEPT: usize = 8;
 
@@ -63,6 +66,8 @@ pub struct Store {
     rules: RwLock<Arc<Rules>>,
     /// One lock per VM that serialises its commits (see [`Store::commit`]).
     pub(crate) commit_locks: Mutex<std::collections::HashMap<i64, Arc<Mutex<()>>>>,
+    /// The data folder's serve lock, held while the store is open.
+    _serve_lock: std::fs::File,
 }
 
 impl Store {
@@ -72,26 +77,47 @@ impl Store {
             path: data.to_owned(),
             source,
         })?;
+        // One serve per data folder: the cleanup below removes what a running serve's commit
+        // in progress has written. The lock ends with the process.
+        let lock_path = data.join(SERVE_LOCK);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| StoreError::InUse(data.to_owned()))?;
         packs::ensure_dir(&data.join(PACKS_DIR))?;
         let conn = catalog::open_rw(data)?;
         // No upload of an earlier serve process can still be appending to its packs.
         catalog::seal_orphans(&conn, "serve")?;
         // A stepped commit cut short by a crash left nodes at an id no point has: remove them
         // before any point of its VM can commit over them.
-        let pending: Vec<String> = conn
-            .prepare("SELECT session_id FROM pending_commits")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for session in pending {
-            tracing::warn!(%session, "removing the nodes of a commit cut short");
-            crate::ingest::forget_pending(&conn, &session)?;
+        let mut conn = conn;
+        let mut warned = false;
+        while crate::ingest::forget_pending_step(&mut conn, None)? {
+            if !warned {
+                tracing::warn!("removing the nodes of commits cut short");
+                warned = true;
+            }
         }
+        // Staged rows of sessions that can never commit (a crash came before they were dropped).
+        conn.execute(
+            "DELETE FROM session_blocks WHERE session_id IN
+               (SELECT id FROM sessions WHERE state <> 'open')",
+            [],
+        )?;
         Ok(Store {
             data: data.to_owned(),
             conn: parking_lot::Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             rules: RwLock::new(Arc::new(Rules::default())),
             commit_locks: Mutex::new(std::collections::HashMap::new()),
+            _serve_lock: lock,
         })
     }
 
