@@ -31,7 +31,7 @@
 //! max_handshakes = 1024          # pending handshakes (the oldest is dropped past this)
 //! max_handshakes_per_address = 64
 //! max_connections = 4096         # verified connections in all
-//! max_connections_per_agent = 16
+//! max_connections_per_agent = 12
 //! max_partial_mib = 256          # bytes of request messages received but not yet whole
 //! max_partial_mib_per_agent = 64
 //! message_timeout = 60           # seconds a started message may take to arrive whole
@@ -153,7 +153,9 @@ impl LimitsFile {
             max_handshakes_per_address: self.max_handshakes_per_address.unwrap_or(64).max(1),
             // Under the descriptors the shipped unit grants (LimitNOFILE=65536).
             max_connections: self.max_connections.unwrap_or(4096).max(1),
-            max_connections_per_agent: self.max_connections_per_agent.unwrap_or(16).max(1),
+            // An agent's `run` opens one connection per VM cycle in flight; each connection
+            // may hold a 16 MiB HTTP/2 window the receiver has not read yet.
+            max_connections_per_agent: self.max_connections_per_agent.unwrap_or(12).max(1),
             // Partial messages: 256 MiB in all keeps the receiver's peak under 512 MiB.
             max_partial_bytes: self.max_partial_mib.unwrap_or(256).max(16) << 20,
             max_partial_bytes_per_agent: self.max_partial_mib_per_agent.unwrap_or(64).max(16) << 20,

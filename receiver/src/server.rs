@@ -9,7 +9,7 @@ use crate::config::Limits;
 use crate::pki::ServerPki;
 use crate::service::ReplicationService;
 use crate::store::Store;
-use rewind_proto::format::{H2_WINDOW_BYTES, MAX_MESSAGE_BYTES};
+use rewind_proto::format::MAX_MESSAGE_BYTES;
 use rewind_proto::pb::replication_server::ReplicationServer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -26,6 +26,11 @@ use tonic::transport::Server;
 
 /// Concurrent HTTP/2 streams per connection: an agent uses a handful; unlimited invites abuse.
 const MAX_STREAMS: u32 = 32;
+/// HTTP/2 receive window of a stream and of a connection: what a peer may have in flight that
+/// the receiver holds before its handler reads it. 16 MiB still fills 1 Gbit/s at 50 ms RTT
+/// (6.25 MB in flight) with room for 2.5x more, while a hostile agent whose handlers stall can
+/// make the receiver buffer at most 16 MiB per connection (12 connections by default).
+const RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// Largest header block a request may send (names and a few metadata entries need < 1 KiB).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
@@ -102,8 +107,8 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = ReceiverStream::new(admission.incoming(listener));
     Server::builder()
-        .initial_stream_window_size(H2_WINDOW_BYTES)
-        .initial_connection_window_size(H2_WINDOW_BYTES)
+        .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
+        .initial_connection_window_size(RECEIVE_WINDOW_BYTES)
         .max_concurrent_streams(MAX_STREAMS)
         .http2_max_header_list_size(MAX_HEADER_LIST)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -704,7 +704,7 @@ mod default_limits {
 
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_HANDSHAKES: usize = 1024;
-    pub const MAX_CONNECTIONS_PER_AGENT: usize = 16;
+    pub const MAX_CONNECTIONS_PER_AGENT: usize = 12;
     pub const MAX_PARTIAL_MIB_PER_AGENT: u64 = 64;
     /// Concurrent HTTP/2 streams per connection.
     pub const MAX_STREAMS: usize = 32;
