@@ -47,8 +47,8 @@ pub struct ReplicationService {
 
 /// Store calls (other than an upload's own pipeline) one agent may have running or queued on
 /// blocking threads: work there cannot be cancelled, so a peer that resets its requests must
-/// not pile it up.
-const CALLS_PER_AGENT: usize = 8;
+/// not pile it up. A rollback keeps 16 ReadChunks requests in flight.
+const CALLS_PER_AGENT: usize = 16;
 
 impl ReplicationService {
     pub fn new(store: Arc<Store>) -> Self {

@@ -1103,3 +1103,61 @@ async fn a_load_of_strangers_and_unfinished_streams_leaves_room_for_honest_syncs
     drop(strangers);
     victim.assert_intact(&d);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_receiver_backs_off_and_recovers() {
+    const STRANGERS: usize = 300;
+    let d = Deployment::new();
+    let config = d.path("receiver.toml");
+    std::fs::write(&config, "[limits]\nhandshake_timeout = 2\n").unwrap();
+    // A receiver with 128 descriptors: strangers take them all, so `accept` fails (EMFILE).
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=128:128")
+        .arg("--")
+        .arg(bin("rewind-receiver"));
+    let rx = Receiver::start_via(
+        cmd,
+        &d.data(),
+        &d.pki(),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut victim = Victim::seed(&d, &rx, 4 * MIB);
+    let pid = rx.pid();
+    let mut held = Vec::new();
+    for n in 0..STRANGERS {
+        let from = SocketAddr::from(([127, 0, 1, 2 + (n % 6) as u8], 0));
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(from).unwrap();
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(3), socket.connect(rx.addr())).await
+        {
+            held.push(s);
+        }
+    }
+    // The receiver is out of descriptors (the rest wait in the listen backlog) ...
+    let full = rewind_tests::wait_until(Duration::from_secs(10), || procfs::open_fds(pid) >= 120);
+    assert!(full, "the strangers never took the receiver's descriptors");
+    // ... and does not spin on the failing accept.
+    let ticks = procfs::ticks_per_second();
+    let before = procfs::cpu_ticks(pid);
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu =
+        (procfs::cpu_ticks(pid) - before) as f64 / ticks as f64 / window.elapsed().as_secs_f64();
+    eprintln!(
+        "out of descriptors: {} strangers connected, receiver CPU {:.1}% of a core",
+        held.len(),
+        cpu * 100.0
+    );
+    assert!(
+        cpu < 0.5,
+        "the receiver spun at {:.0}% of a core",
+        cpu * 100.0
+    );
+    // Once the strangers are gone (or timed out), an honest agent gets through.
+    drop(held);
+    victim.write_some();
+    victim.sync(&d, &rx);
+    victim.assert_intact(&d);
+}

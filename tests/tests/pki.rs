@@ -139,6 +139,35 @@ async fn certificates_have_bounded_lives_and_renewal_keeps_revocation_whole() {
     d.sync_ok(&rx, "host3", "vm3", &[("vda", &a)]);
     let left = days_left(&metrics(&metrics_addr), "agent=\"host3\"").expect("host3 metric");
     assert!((9.0..=10.1).contains(&left), "{left}");
+    // The agent warns of the close expiry in its log and in `status`.
+    let out = d.sync(&rx, "host3", "vm3", &[("vda", &a)], &[]);
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("certificate expires soon"), "{log}");
+    let conf = d.path("agent.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "state = {:?}\n[receiver]\ncert = {:?}\n",
+            d.path("state-host3"),
+            d.pki().join("host3.pem")
+        ),
+    )
+    .unwrap();
+    let out = rewind_tests::run(
+        Command::new(rewind_tests::bin("rewind-agent"))
+            .args(["status", "--config"])
+            .arg(&conf),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("expires in 9 days") || err.contains("expires in 10 days"),
+        "{err}"
+    );
+    // A certificate of the default year draws no warning.
+    let out = d.sync(&rx, "host1", "vm1", &[("vda", &a)], &[]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("expires soon"));
 
     // Renewal: the old pair is kept aside; both old and new work until revoked.
     let old_cert = std::fs::read(d.pki().join("host3.pem")).unwrap();
@@ -167,7 +196,7 @@ async fn certificates_have_bounded_lives_and_renewal_keeps_revocation_whole() {
                 .map_err(|e| e.to_string())
         }
     };
-    assert_eq!(old().await, Ok(2));
+    assert_eq!(old().await, Ok(3));
 
     // Revoking the agent revokes both certificates, after a restart as after SIGHUP.
     assert!(pki(&d, &["revoke", "--agent", "host3"]).status.success());
