@@ -4,11 +4,18 @@ use crate::scan::ScanError;
 use crate::source::DiskError;
 use thiserror::Error;
 
+impl From<rusqlite::Error> for SyncError {
+    fn from(e: rusqlite::Error) -> Self {
+        SyncError::State(e)
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum SyncError {
-    /// The local state database failed.
+    /// The local state database failed. (Not a `source`: the message already carries
+    /// SQLite's, and error chains would print it twice.)
     #[error("agent state: {0}")]
-    State(#[from] rusqlite::Error),
+    State(rusqlite::Error),
     /// A disk could not be opened or read.
     #[error(transparent)]
     Disk(#[from] DiskError),
@@ -109,5 +116,23 @@ impl SyncError {
             SyncError::Refused { status, .. } => Some(status.code()),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_error_is_told_once() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        );
+        let e = anyhow::Error::from(SyncError::from(busy)).context("syncing VM vmA");
+        assert_eq!(
+            format!("{e:#}"),
+            "syncing VM vmA: agent state: database is locked"
+        );
     }
 }

@@ -4,6 +4,12 @@
 //! Ordering rule: the leaves of a new point replace the old ones only after the receiver
 //! acknowledged its commit (`apply_pending`); until then they wait in `pending`, so a crash at
 //! any instant leaves the state describing a point the receiver really has.
+//!
+//! Several VMs' cycles (threads of one `run`, or several processes) share the database. Every
+//! write transaction starts IMMEDIATE: it takes the write lock before reading, waiting on the
+//! busy timeout. A deferred one that read first and then wrote would fail at once with
+//! "database is locked" if another writer committed in between (SQLite cannot upgrade a read
+//! snapshot that is no longer the newest, and its busy handler does not help).
 
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::Leaf;
@@ -82,7 +88,7 @@ pub fn start_pending(
     session: &str,
     disks: &[(String, DiskGeometry, bool)],
 ) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO vms(vm, pending_session) VALUES (?1, ?2)
          ON CONFLICT(vm) DO UPDATE SET pending_session = excluded.pending_session",
@@ -113,43 +119,54 @@ pub fn disk_geometry(
     .optional()
 }
 
-/// Records changed leaves of the point in flight. Commits at every [`PendingWriter::checkpoint`]
-/// so that other VMs' cycles (which share this database) never wait on a long scan; rows of an
-/// unfinished scan are harmless: the next start of a session clears them.
+/// Records changed leaves of the point in flight. Its write transaction opens at the first leaf
+/// and commits at every [`PendingWriter::checkpoint`] and at the latest [`PENDING_HOLD`] after
+/// it opened, so other VMs' cycles (which share this database) never wait on a scan for long;
+/// rows of an unfinished scan are harmless: the next start of a session clears them.
 pub struct PendingWriter<'c> {
     conn: &'c Connection,
     vm: String,
-    open: bool,
+    /// When the open write transaction began.
+    open: Option<std::time::Instant>,
 }
+
+/// Longest a scan holds the state's write lock.
+const PENDING_HOLD: Duration = Duration::from_millis(200);
 
 impl<'c> PendingWriter<'c> {
     pub fn new(conn: &'c Connection, vm: &str) -> rusqlite::Result<Self> {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(Self {
             conn,
             vm: vm.to_owned(),
-            open: true,
+            open: None,
         })
     }
 
     pub fn add(&mut self, disk: &str, idx: u64, leaf: &Leaf) -> rusqlite::Result<()> {
-        if !self.open {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.open = true;
-        }
+        let since = match self.open {
+            Some(t) => t,
+            None => {
+                self.conn.execute_batch("BEGIN IMMEDIATE")?;
+                let now = std::time::Instant::now();
+                self.open = Some(now);
+                now
+            }
+        };
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO pending(vm, disk, idx, hash) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![self.vm, disk, idx as i64, &leaf.0[..]])?;
+        if since.elapsed() >= PENDING_HOLD {
+            self.checkpoint()?;
+        }
         Ok(())
     }
 
     /// Commits what was added so far (before the scan waits on anything).
     pub fn checkpoint(&mut self) -> rusqlite::Result<()> {
-        if self.open {
+        if self.open.take().is_some() {
             self.conn.execute_batch("COMMIT")?;
-            self.open = false;
         }
         Ok(())
     }
@@ -161,7 +178,7 @@ impl<'c> PendingWriter<'c> {
 
 impl Drop for PendingWriter<'_> {
     fn drop(&mut self) {
-        if self.open {
+        if self.open.is_some() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
@@ -169,7 +186,7 @@ impl Drop for PendingWriter<'_> {
 
 /// Makes the pending point the base: its leaves replace the old ones, in one transaction.
 pub fn apply_pending(conn: &mut Connection, vm: &str, point: i64) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let disks: Vec<(String, i64, i64, bool)> = {
         let mut stmt =
             tx.prepare("SELECT disk, size, block_size, full FROM pending_disks WHERE vm = ?1")?;
@@ -228,7 +245,7 @@ pub fn apply_pending(conn: &mut Connection, vm: &str, point: i64) -> rusqlite::R
 /// Forgets everything about a VM except the session in flight: the next point is a full
 /// (deduplicated) read. Used when the receiver's root disagrees with ours.
 pub fn forget(conn: &mut Connection, vm: &str) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for table in ["blocks", "disks", "pending", "pending_disks"] {
         tx.execute(&format!("DELETE FROM {table} WHERE vm = ?1"), [vm])?;
     }
