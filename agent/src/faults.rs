@@ -1,11 +1,3 @@
-//! Fault points for crash tests: `REWIND_FAULT=NAME` makes the agent kill itself with SIGKILL
-//! when it reaches the point called NAME, exactly as a crash or `kill -9` would at that step.
+//! Fault points for crash tests (see [`rewind_proto::faults`]).
 
-/// Kills the process with SIGKILL if `REWIND_FAULT` names this point.
-pub fn point(name: &str) {
-    if std::env::var("REWIND_FAULT").is_ok_and(|v| v == name) {
-        tracing::warn!(point = name, "fault injected: SIGKILL");
-        let _ =
-            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-    }
-}
+pub use rewind_proto::faults::point;

@@ -9,6 +9,7 @@
 //! - [`pb`]: the generated gRPC code.
 
 pub mod chunk;
+pub mod faults;
 pub mod format;
 pub mod hash;
 pub mod names;

@@ -198,6 +198,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
                 moved.push((owner, hash, new_pack, new_off));
             }
             writer.sync()?;
+            rewind_proto::faults::point("gc-after-copy");
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for (owner, hash, pack, off) in &moved {
                 tx.execute(
@@ -210,6 +211,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
                 crate::catalog::seal_pack(&tx, full)?;
             }
             tx.commit()?;
+            rewind_proto::faults::point("gc-after-repoint");
             report.packs_rewritten += 1;
         }
         // No row refers to the pack any more (a chunk written meanwhile would be in a pack of

@@ -768,6 +768,9 @@ impl Store {
                 stage.execute(params![session_id, e.pos, e.index as i64, &e.leaf.0[..]])?;
             }
             entries_total += batch.entries.len() as u64;
+            if n + 1 < batches.len() {
+                rewind_proto::faults::point("between-batches");
+            }
             tx.execute(
                 "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
                 params![session_id, now_us()],
@@ -848,6 +851,7 @@ impl Store {
         }
         // Durable before referenced.
         writer.sync()?;
+        rewind_proto::faults::point("after-pack-sync");
         Ok((placed, bytes))
     }
 
@@ -1077,6 +1081,7 @@ impl Store {
                     tx.commit()?;
                     // Another agent's write waiting for the writer goes next.
                     parking_lot::MutexGuard::unlock_fair(conn);
+                    rewind_proto::faults::point("commit-between-steps");
                     changed += n;
                     match last {
                         Some(l) => after = l as i64,

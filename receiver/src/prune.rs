@@ -90,6 +90,7 @@ pub fn prune(
             // that stays after it.
             for &p in removed.iter().rev() {
                 rows += remove_point(conn, p)?;
+                rewind_proto::faults::point("prune-between-points");
             }
         }
         out.push(VmPrune {

@@ -312,6 +312,9 @@ pub fn restore_disk(
             next = idx + 1;
             stats.blocks_written += 1;
             stats.bytes_written += len as u64;
+            if stats.blocks_written == 2 * batch_blocks as u64 {
+                rewind_proto::faults::point("restore-mid-write");
+            }
             if batch.len() == batch_blocks {
                 // A worker that stopped reports why below.
                 if tx.send(std::mem::take(&mut batch)).is_err() {
