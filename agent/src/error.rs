@@ -4,6 +4,18 @@ use crate::scan::ScanError;
 use crate::source::DiskError;
 use thiserror::Error;
 
+/// SQLite's words for a state error, with a hint where the cause is usually a full file system
+/// (SQLite reports a failed write as "disk I/O error").
+fn state_message(e: &rusqlite::Error) -> String {
+    use rusqlite::ffi::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull | ErrorCode::SystemIoFailure) => {
+            format!("{e} (is the state folder's file system full?)")
+        }
+        _ => e.to_string(),
+    }
+}
+
 impl From<rusqlite::Error> for SyncError {
     fn from(e: rusqlite::Error) -> Self {
         SyncError::State(e)
@@ -14,7 +26,7 @@ impl From<rusqlite::Error> for SyncError {
 pub enum SyncError {
     /// The local state database failed. (Not a `source`: the message already carries
     /// SQLite's, and error chains would print it twice.)
-    #[error("agent state: {0}")]
+    #[error("agent state: {}", state_message(.0))]
     State(rusqlite::Error),
     /// A disk could not be opened or read.
     #[error(transparent)]

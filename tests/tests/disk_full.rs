@@ -17,6 +17,11 @@ struct SmallFs(PathBuf);
 
 impl SmallFs {
     fn new(image: &Path, mount: &Path, mib: u64) -> SmallFs {
+        SmallFs::with_args(image, mount, mib, &[])
+    }
+
+    /// With extra `mkfs.ext4` arguments.
+    fn with_args(image: &Path, mount: &Path, mib: u64, args: &[&str]) -> SmallFs {
         disk::create(image, mib * MIB);
         let ok = |c: &mut Command| {
             let o = run(c);
@@ -28,6 +33,7 @@ impl SmallFs {
         };
         ok(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0"])
+            .args(args)
             .arg(image));
         std::fs::create_dir_all(mount).unwrap();
         ok(Command::new("mount")
@@ -174,4 +180,65 @@ fn a_restore_onto_a_full_disk_fails_cleanly() {
     assert!(err.contains("No space left on device"), "{err}");
     assert!(!out.exists());
     assert!(!fs.0.join(".restored.raw.rewind-partial").exists());
+}
+
+/// Fills a file system: a file of zeros written until the file system refuses more.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// The agent's state folder fills up: the cycle fails with a clear error, nothing committed is
+/// damaged, and once space is freed the next cycle is correct.
+#[test]
+fn a_full_agent_state_folder_fails_cleanly_and_recovers() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    // 4 KiB blocks, as on any real host: with blocks smaller than a memory page (mkfs's default
+    // for tiny file systems), SQLite's shared-memory file cannot be given its pages up front,
+    // and a write to it on a full file system kills the process with SIGBUS.
+    let fs = SmallFs::with_args(&d.path("state.img"), &d.path("statefs"), 8, &["-b", "4096"]);
+    let state = fs.0.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // The agent's state folder (state-host1) lives on the small file system.
+    std::os::unix::fs::symlink(&state, d.path("state-host1")).unwrap();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 256 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rand::rng());
+    let first = d.sync_ok(&rx, "host1", "st", &[("vda", &vda)]);
+    let first_digest = disk::digest(&vda);
+
+    fill(&fs.0.join("filler"));
+    // Many changed blocks: the scan's pending leaves need room the state no longer has.
+    disk::random_blocks(&vda, BLOCK, 1000, 3000, &mut rand::rng());
+    let out = d.sync(&rx, "host1", "st", &[("vda", &vda)], &[]);
+    assert!(
+        !out.status.success(),
+        "a sync with a full state folder succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agent state") && err.contains("full"),
+        "{:?} stdout {} stderr {err}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The first point is intact.
+    let p1 = first["point"].as_u64().unwrap();
+    assert_eq!(d.restored_digest("st", "vda", p1), first_digest);
+
+    std::fs::remove_file(fs.0.join("filler")).unwrap();
+    let next = d.sync_ok(&rx, "host1", "st", &[("vda", &vda)]);
+    let p = next["point"].as_u64().unwrap();
+    assert_eq!(d.restored_digest("st", "vda", p), disk::digest(&vda));
+    // And the one after it is a correct delta again.
+    disk::random_blocks(&vda, BLOCK, 10, 5, &mut rand::rng());
+    let last = d.sync_ok(&rx, "host1", "st", &[("vda", &vda)]);
+    assert_eq!(
+        d.restored_digest("st", "vda", last["point"].as_u64().unwrap()),
+        disk::digest(&vda)
+    );
 }
