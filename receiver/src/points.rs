@@ -69,13 +69,14 @@ fn disks_of(conn: &Connection, point: i64) -> Result<Vec<PointDisk>, StoreError>
     Ok(out)
 }
 
-/// Points of one VM (or all VMs), oldest first.
+/// Points of one VM (or all VMs, by VM name), oldest first: by id, which only grows within a
+/// VM whatever the clocks do.
 pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config,
                 p.locked_until_us
          FROM points p JOIN vms v ON v.id = p.vm_id
-         WHERE ?1 IS NULL OR v.name = ?1 ORDER BY p.committed_us, p.id",
+         WHERE ?1 IS NULL OR v.name = ?1 ORDER BY v.name, p.id",
     )?;
     let rows = stmt
         .query_map(params![vm], |r| {
