@@ -15,7 +15,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary, next to the test executable's `deps` folder.
@@ -320,6 +320,33 @@ impl Receiver {
 
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Waits up to `timeout` for the receiver to exit on its own (a fault point, a signal) and
+    /// returns how it ended, or `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().expect("poll receiver");
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// SIGTERM, as systemd stops the service: in-flight calls finish first. Returns how it
+    /// ended, or `None` if it still runs after `timeout` (then it is killed when dropped).
+    pub fn terminate(mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_ref().expect("a running receiver");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(child),
+            rustix::process::Signal::TERM,
+        )
+        .expect("SIGTERM");
+        self.wait_exit(timeout)
     }
 
     /// SIGKILL, as a crash or power cut would.
