@@ -408,6 +408,11 @@ impl<S: Read + Write> NbdClient<S> {
                 return proto("block status made no progress");
             }
             for e in got {
+                // A reply may run past the range asked for (the spec lets the last extent do
+                // so); what lies past it is not ours to report.
+                if e.offset >= end {
+                    break;
+                }
                 let length = e.length.min(end - e.offset);
                 if length == 0 {
                     continue;
