@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rewind_agent::nbd::NbdClient;
 use std::io::{Cursor, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
