@@ -55,16 +55,20 @@ fn packs_bytes(dir: &Path) -> u64 {
 /// The data folder's gc lock file (created if missing) and its path.
 fn lock_file(data: &Path) -> Result<(std::fs::File, std::path::PathBuf), StoreError> {
     let lock_path = data.join("gc.lock");
-    let lock = std::fs::OpenOptions::new()
+    Ok((open_lock_file(&lock_path)?, lock_path))
+}
+
+/// Opens (creating) a lock file of the data folder, for `flock`.
+pub(crate) fn open_lock_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&lock_path)
+        .open(path)
         .map_err(|source| StoreError::Io {
-            path: lock_path.clone(),
+            path: path.to_owned(),
             source,
-        })?;
-    Ok((lock, lock_path))
+        })
 }
 
 /// Holds the data folder's gc lock shared while alive: a reader that resolves chunk locations

@@ -79,16 +79,7 @@ impl Store {
         })?;
         // One serve per data folder: the cleanup below removes what a running serve's commit
         // in progress has written. The lock ends with the process.
-        let lock_path = data.join(SERVE_LOCK);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
+        let lock = crate::gc::open_lock_file(&data.join(SERVE_LOCK))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StoreError::InUse(data.to_owned()))?;
         packs::ensure_dir(&data.join(PACKS_DIR))?;
