@@ -3,32 +3,19 @@
 //! `qemu-nbd`, and the qcow2 header and bitmap-directory reader against mutations of an image
 //! `qemu-img` wrote. Every input must give a result or an error, never a panic or a hang.
 //!
-//! `REWIND_FUZZ_CASES` sets the mutations per target (default 5,000, the short run CI does);
+//! The driver is `rewind_proto::fuzz`: `REWIND_FUZZ_CASES` sets the mutations per target;
 //! `REWIND_FUZZ_SEED` replays one seed. Each target prints its executions.
 
 #![allow(clippy::unwrap_used)]
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rewind_agent::nbd::NbdClient;
+use rewind_proto::fuzz::mutate;
 use std::io::{Cursor, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn cases() -> usize {
-    std::env::var("REWIND_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000)
-}
-
-fn seed() -> u64 {
-    std::env::var("REWIND_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed)
-}
 
 fn sh(cmd: &mut Command) {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
@@ -157,41 +144,6 @@ impl Write for Replay {
     }
 }
 
-/// One random mutation of `input`: flipped bits, overwritten bytes (often with boundary
-/// values), a cut, an insertion or a duplicated run.
-fn mutate(input: &[u8], rng: &mut impl Rng) -> Vec<u8> {
-    let mut out = input.to_vec();
-    for _ in 0..rng.random_range(1..=4) {
-        if out.is_empty() {
-            out.push(rng.random());
-            continue;
-        }
-        let at = rng.random_range(0..out.len());
-        match rng.random_range(0..6) {
-            0 => out[at] ^= 1 << rng.random_range(0..8),
-            1 => out[at] = [0, 0xff, 0x7f, 0x80, 1][rng.random_range(0..5)],
-            2 => {
-                let n = rng.random_range(1..=8).min(out.len() - at);
-                for b in &mut out[at..at + n] {
-                    *b = 0xff;
-                }
-            }
-            3 => out.truncate(at),
-            4 => {
-                let mut extra = vec![0u8; rng.random_range(1..64)];
-                rng.fill_bytes(&mut extra);
-                out.splice(at..at, extra);
-            }
-            _ => {
-                let end = (at + rng.random_range(1..256)).min(out.len());
-                let run = out[at..end].to_vec();
-                out.splice(at..at, run);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn the_nbd_client_survives_mutated_server_transcripts() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,10 +151,10 @@ fn the_nbd_client_survives_mutated_server_transcripts() {
     let transcript = record(dir.path(), &img);
     // The unmutated transcript replays to success: the replay is faithful.
     session(Replay(Cursor::new(transcript.clone()))).expect("the recorded session replays");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rewind_proto::fuzz::seed());
     let mut errors = 0;
     let started = Instant::now();
-    let n = cases();
+    let n = rewind_proto::fuzz::cases();
     for _ in 0..n {
         let input = mutate(&transcript, &mut rng);
         if session(Replay(Cursor::new(input))).is_err() {
@@ -229,9 +181,9 @@ fn the_qcow2_reader_survives_mutated_images() {
     let bitmaps = rewind_agent::qcow2::bitmaps(&img).expect("the real image reads");
     assert_eq!(bitmaps.len(), 1);
     let head_len = original.len().min(1 << 20);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rewind_proto::fuzz::seed());
     let path = dir.path().join("m.qcow2");
-    let (mut errors, n) = (0, cases());
+    let (mut errors, n) = (0, rewind_proto::fuzz::cases());
     let started = Instant::now();
     for _ in 0..n {
         let mut head = mutate(&original[..head_len], &mut rng);
@@ -268,4 +220,29 @@ fn a_block_status_extent_past_the_range_is_clipped() {
     let first_len = at + 20 + 4;
     t[first_len..first_len + 4].copy_from_slice(&u32::MAX.to_be_bytes());
     session(Replay(Cursor::new(t))).expect("an over-long extent is clipped, not fatal");
+}
+
+#[test]
+fn the_agent_configuration_survives_mutation() {
+    let example =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/agent.toml.example"))
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.toml");
+    std::fs::write(&path, &example).unwrap();
+    rewind_agent::config::AgentFile::load(&path).expect("the example loads");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rewind_proto::fuzz::seed());
+    let (n, started) = (rewind_proto::fuzz::cases(), Instant::now());
+    let mut refused = 0;
+    for _ in 0..n {
+        std::fs::write(&path, mutate(&example, &mut rng)).unwrap();
+        if rewind_agent::config::AgentFile::load(&path).is_err() {
+            refused += 1;
+        }
+    }
+    eprintln!(
+        "agent.toml: {n} mutations in {:.1} s, {refused} refused, 0 panics",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(refused > 0);
 }

@@ -11,6 +11,7 @@
 pub mod chunk;
 pub mod faults;
 pub mod format;
+pub mod fuzz;
 pub mod hash;
 pub mod names;
 pub mod nbd;
