@@ -8,23 +8,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{serve, sh};
 use rand::SeedableRng;
 use rewind_agent::nbd::NbdClient;
 use rewind_proto::fuzz::mutate;
 use std::io::{Cursor, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn sh(cmd: &mut Command) {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use std::process::Command;
+use std::time::Instant;
 
 /// A qcow2 image with data, zeros and a persistent dirty bitmap.
 fn image(dir: &Path) -> std::path::PathBuf {
@@ -33,26 +27,13 @@ fn image(dir: &Path) -> std::path::PathBuf {
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&img)
         .arg("8M"));
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x11 0 256k"])
-        .arg(&img));
+    common::qemu_io(&img, "write -P 0x11 0 256k");
     sh(Command::new("qemu-img")
         .args(["bitmap", "--add"])
         .arg(&img)
         .arg("b0"));
-    sh(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x22 1M 128k"])
-        .arg(&img));
+    common::qemu_io(&img, "write -P 0x22 1M 128k");
     img
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// What the client does in one session; the same calls replay a transcript.
@@ -71,25 +52,7 @@ fn session<S: Read + Write>(sock: S) -> Result<(), rewind_agent::nbd::NbdError> 
 /// Records what qemu-nbd sends in one [`session`], through a proxy of our own.
 fn record(dir: &Path, img: &Path) -> Vec<u8> {
     let sock = dir.join("nbd.sock");
-    let server = Server(
-        Command::new("qemu-nbd")
-            .args([
-                "--read-only",
-                "--persistent",
-                "--format=qcow2",
-                "--export-name=disk",
-                "--bitmap=b0",
-            ])
-            .arg(format!("--socket={}", sock.display()))
-            .arg(img)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = serve(img, &sock, Some("b0"));
     let front = dir.join("proxy.sock");
     let listener = UnixListener::bind(&front).unwrap();
     let recorder = std::thread::spawn(move || {
