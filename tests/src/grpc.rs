@@ -2,6 +2,7 @@
 //! chunks, out-of-range blocks, foreign sessions) and check the exact refusal.
 
 use rewind_proto::pb::{self, replication_client::ReplicationClient};
+use rewind_proto::Leaf;
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -67,4 +68,37 @@ pub async fn begin(
         })
         .await?;
     Ok(r.into_inner().session)
+}
+
+/// A batch of `session` staging `entries` (block index, leaf) of disk 0 and carrying `chunks`
+/// (leaf, frame).
+pub fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -> pb::Batch {
+    pb::Batch {
+        session: session.into(),
+        entries: entries
+            .iter()
+            .map(|(i, h)| pb::BlockEntry {
+                disk: 0,
+                index: *i,
+                hash: h.0.to_vec(),
+            })
+            .collect(),
+        chunks: chunks
+            .into_iter()
+            .map(|(h, data)| pb::Chunk {
+                hash: h.0.to_vec(),
+                data: data.into(),
+            })
+            .collect(),
+    }
+}
+
+/// Uploads one batch in a stream of its own.
+pub async fn upload(
+    c: &mut ReplicationClient<Channel>,
+    b: pb::Batch,
+) -> Result<pb::UploadReply, tonic::Status> {
+    c.upload(tokio_stream::iter(vec![b]))
+        .await
+        .map(|r| r.into_inner())
 }

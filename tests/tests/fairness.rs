@@ -151,26 +151,7 @@ fn batches(session: &str, leaves: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) 
     let mut chunks = Some(chunks);
     leaves
         .chunks(MAX_BATCH_ENTRIES)
-        .map(|part| pb::Batch {
-            session: session.to_owned(),
-            entries: part
-                .iter()
-                .map(|(i, h)| pb::BlockEntry {
-                    disk: 0,
-                    index: *i,
-                    hash: h.0.to_vec(),
-                })
-                .collect(),
-            chunks: chunks
-                .take()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(h, f)| pb::Chunk {
-                    hash: h.0.to_vec(),
-                    data: f.into(),
-                })
-                .collect(),
-        })
+        .map(|part| grpc::batch(session, part, chunks.take().unwrap_or_default()))
         .collect()
 }
 

@@ -128,9 +128,7 @@ async fn upload(
     c: &mut ReplicationClient<Channel>,
     b: pb::Batch,
 ) -> Result<pb::UploadReply, tonic::Status> {
-    c.upload(tokio_stream::iter(vec![b]))
-        .await
-        .map(|r| r.into_inner())
+    grpc::upload(c, b).await
 }
 
 async fn missing(c: &mut ReplicationClient<Channel>, session: &str, hashes: &[Leaf]) -> Vec<Leaf> {

@@ -46,33 +46,14 @@ fn block(seed: u8) -> Vec<u8> {
 }
 
 fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -> pb::Batch {
-    pb::Batch {
-        session: session.into(),
-        entries: entries
-            .iter()
-            .map(|(i, h)| pb::BlockEntry {
-                disk: 0,
-                index: *i,
-                hash: h.0.to_vec(),
-            })
-            .collect(),
-        chunks: chunks
-            .into_iter()
-            .map(|(h, data)| pb::Chunk {
-                hash: h.0.to_vec(),
-                data: data.into(),
-            })
-            .collect(),
-    }
+    grpc::batch(session, entries, chunks)
 }
 
 async fn upload(
     c: &mut ReplicationClient<Channel>,
     b: pb::Batch,
 ) -> Result<pb::UploadReply, tonic::Status> {
-    c.upload(tokio_stream::iter(vec![b]))
-        .await
-        .map(|r| r.into_inner())
+    grpc::upload(c, b).await
 }
 
 async fn missing(c: &mut ReplicationClient<Channel>, session: &str, h: Leaf) -> bool {
