@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 pub const PREFIX: &str = "rewind-";
 /// Longest time file systems may stay frozen: writes in the guest block meanwhile.
 pub const MAX_FREEZE: Duration = Duration::from_secs(10);
+/// Longest a guest write waits for its old data to reach the fleecing image when the cycle
+/// uses its own copy-before-write filter ([`Fleecing::Filter`]). Past it, or on any error of
+/// that copy (a full fleecing folder), the point breaks and the guest write goes on.
+pub const CBW_TIMEOUT_SECS: u64 = 5;
 
 /// One disk of a running VM, as QEMU reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -32,7 +36,11 @@ pub struct LiveDisk {
     pub node: String,
     /// The drive (BlockBackend) id, for `qemu-io`.
     pub drive: String,
+    /// The QOM path of the guest device using the disk (empty if none).
+    pub qdev: String,
     pub size: u64,
+    /// Bytes the image takes on its host file system.
+    pub allocated: u64,
     pub format: String,
     pub file: String,
     #[serde(skip)]
@@ -81,7 +89,9 @@ pub fn parse_disks(query_block: &Value) -> Vec<LiveDisk> {
             name,
             node,
             drive,
+            qdev: qdev.to_owned(),
             size: ins["image"]["virtual-size"].as_u64().unwrap_or(0),
+            allocated: ins["image"]["actual-size"].as_u64().unwrap_or(0),
             format: ins["image"]["format"]
                 .as_str()
                 .unwrap_or_default()
@@ -103,6 +113,14 @@ pub fn rewind_bitmaps(d: &LiveDisk) -> Vec<&BitmapInfo> {
 
 fn fleece_node(disk: &str) -> String {
     format!("{PREFIX}fleece-{disk}")
+}
+
+fn cbw_node(disk: &str) -> String {
+    format!("{PREFIX}cbw-{disk}")
+}
+
+fn snap_node(disk: &str) -> String {
+    format!("{PREFIX}snap-{disk}")
 }
 
 fn job_id(disk: &str) -> String {
@@ -162,23 +180,21 @@ pub async fn cleanup(qmp: &mut Qmp, work: &Workdir) -> Result<Vec<String>, QmpEr
         }
     }
     wait_gone(qmp, "query-block-jobs", "device").await?;
-    let nodes = qmp
-        .execute("query-named-block-nodes", json!({"flat": true}))
+    // Parents before children: the snapshot reads through the filter; the device goes back to
+    // its disk (the filter unshares writes on the disk while a snapshot reads through it); the
+    // filter writes to the fleecing image. A device still on our filter is one whose agent died
+    // mid-cycle.
+    del_nodes(qmp, "snap-", &mut removed).await?;
+    for (qdev, node) in filtered_devices(qmp).await? {
+        qmp.execute(
+            "qom-set",
+            json!({"path": qdev, "property": "drive", "value": node}),
+        )
         .await?;
-    let mut fleece: Vec<String> = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|n| n.starts_with(&format!("{PREFIX}fleece-")))
-        .map(str::to_owned)
-        .collect();
-    fleece.sort();
-    fleece.dedup();
-    for n in fleece {
-        qmp.execute("blockdev-del", json!({"node-name": n})).await?;
-        removed.push(format!("node {n}"));
+        removed.push(format!("filter under {qdev}"));
     }
+    del_nodes(qmp, "cbw-", &mut removed).await?;
+    del_nodes(qmp, "fleece-", &mut removed).await?;
     if work.socket().exists() {
         match qmp.execute("nbd-server-stop", json!({})).await {
             Ok(_) => removed.push("nbd server".into()),
@@ -195,6 +211,29 @@ pub async fn cleanup(qmp: &mut Qmp, work: &Workdir) -> Result<Vec<String>, QmpEr
         }
     }
     Ok(removed)
+}
+
+/// Deletes every node named `rewind-KIND*`.
+async fn del_nodes(qmp: &mut Qmp, kind: &str, removed: &mut Vec<String>) -> Result<(), QmpError> {
+    let prefix = format!("{PREFIX}{kind}");
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await?;
+    let mut ours: Vec<String> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    ours.sort();
+    ours.dedup();
+    for n in ours {
+        qmp.execute("blockdev-del", json!({"node-name": n})).await?;
+        removed.push(format!("node {n}"));
+    }
+    Ok(())
 }
 
 async fn wait_gone(qmp: &mut Qmp, query: &str, key: &str) -> Result<(), QmpError> {
@@ -214,6 +253,105 @@ async fn wait_gone(qmp: &mut Qmp, query: &str, key: &str) -> Result<(), QmpError
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The devices whose drive is one of our copy-before-write filters, with the node each one
+/// wrote to before (the filter's `file` child).
+async fn filtered_devices(qmp: &mut Qmp) -> Result<Vec<(String, String)>, QmpError> {
+    let cbw = format!("{PREFIX}cbw-");
+    let blocks = qmp.execute("query-block", json!({})).await?;
+    let filtered: Vec<(String, String)> = blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| {
+            let node = b["inserted"]["node-name"].as_str()?;
+            let qdev = b["qdev"].as_str().filter(|q| !q.is_empty())?;
+            node.starts_with(&cbw)
+                .then(|| (qdev.to_owned(), node.to_owned()))
+        })
+        .collect();
+    if filtered.is_empty() {
+        return Ok(Vec::new());
+    }
+    let graph = qmp.execute("x-debug-query-block-graph", json!({})).await?;
+    let name_of = |id: &Value| {
+        graph["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| &n["id"] == id)
+            .and_then(|n| n["name"].as_str())
+    };
+    let mut out = Vec::new();
+    for (qdev, filter) in filtered {
+        let child = graph["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "file" && name_of(&e["parent"]) == Some(filter.as_str()))
+            .and_then(|e| name_of(&e["child"]));
+        match child {
+            Some(node) => out.push((qdev, node.to_owned())),
+            None => {
+                return Err(QmpError::Timeout(format!(
+                    "cannot find the disk under filter {filter}"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How a cycle holds its frozen view of the disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fleecing {
+    /// Our own copy-before-write filter on each disk, with `on-cbw-error=break-snapshot` and
+    /// [`CBW_TIMEOUT_SECS`]: a fleecing image that fills up or stalls breaks the point (its
+    /// reads fail), never a guest write. Each disk is captured when its filter goes in, so this
+    /// serves one disk, or several whose file systems the guest agent froze.
+    Filter,
+    /// One `transaction` of `blockdev-backup` jobs: every disk at one instant, but a copy that
+    /// fails would fail the guest's write, so it runs only when the fleecing folder has room
+    /// for everything the disks hold (see [`check_room`]).
+    Job,
+}
+
+impl Fleecing {
+    /// Filter when it keeps the point one instant across disks; Job otherwise.
+    pub fn choose(caps: &[DiskCapture], frozen: bool) -> Fleecing {
+        let devices = caps.iter().all(|c| !c.disk.qdev.is_empty());
+        if devices && (caps.len() == 1 || frozen) {
+            Fleecing::Filter
+        } else {
+            Fleecing::Job
+        }
+    }
+}
+
+/// The most a copy-before-write job can write to a disk's fleecing image: every allocated byte,
+/// plus qcow2 tables (8 bytes per 64 KiB cluster) and headers.
+fn fleece_bound(d: &LiveDisk) -> u64 {
+    d.allocated
+        .saturating_add(d.size / 8192)
+        .saturating_add(1 << 20)
+}
+
+/// Refuses a [`Fleecing::Job`] capture before it touches the guest when the fleecing folder
+/// could fill up during it.
+pub fn check_room(work: &Workdir, caps: &[DiskCapture]) -> Result<(), LiveError> {
+    let need: u64 = caps.iter().map(|c| fleece_bound(&c.disk)).sum();
+    let st = rustix::fs::statvfs(&work.dir)
+        .map_err(|e| LiveError::Tool(format!("statvfs {}: {e}", work.dir.display())))?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        return Err(LiveError::NoRoom {
+            dir: work.dir.clone(),
+            free,
+            need,
+        });
+    }
+    Ok(())
 }
 
 /// How one disk is read this cycle.
@@ -300,9 +438,25 @@ impl Freezer {
     }
 }
 
-/// Captures every disk at one instant: fleecing nodes first, then one transaction that adds the
-/// new bitmaps, disables (and merges) the old ones and starts the copy-before-write jobs.
-pub async fn capture(qmp: &mut Qmp, work: &Workdir, caps: &[DiskCapture]) -> Result<(), LiveError> {
+/// Captures every disk: fleecing images first, then (by `mode`) either one transaction that
+/// adds the new bitmaps, disables (and merges) the old ones and starts the copy-before-write
+/// jobs, or our own filters put in between two bitmap transactions:
+/// 1. add the new bitmaps (old and new both record from here on);
+/// 2. put each disk's filter in: the disk's view is held from that instant;
+/// 3. disable (and merge) the old bitmaps.
+///
+/// A write before step 2 is in the view and in the old bitmap (read now); a write between 2
+/// and 3 is in both bitmaps but not in the view (read now, unchanged, and again next cycle);
+/// a write after 3 is only in the new bitmap. So every point is exactly the view it read.
+pub async fn capture(
+    qmp: &mut Qmp,
+    work: &Workdir,
+    caps: &[DiskCapture],
+    mode: Fleecing,
+) -> Result<(), LiveError> {
+    if mode == Fleecing::Job {
+        check_room(work, caps)?;
+    }
     for c in caps {
         let file = work.fleece_file(&c.disk.name);
         let _ = std::fs::remove_file(&file);
@@ -320,45 +474,91 @@ pub async fn capture(qmp: &mut Qmp, work: &Workdir, caps: &[DiskCapture]) -> Res
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        qmp.execute(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": fleece_node(&c.disk.name),
-                   "file": {"driver": "file", "filename": file.display().to_string()},
-                   "backing": c.disk.node}),
-        )
-        .await?;
+        let mut fleece = json!({"driver": "qcow2", "node-name": fleece_node(&c.disk.name),
+               "file": {"driver": "file", "filename": file.display().to_string()}});
+        if mode == Fleecing::Job {
+            // The job's view is the fleecing image over the live disk.
+            fleece["backing"] = json!(c.disk.node);
+        }
+        qmp.execute("blockdev-add", fleece).await?;
     }
-    let mut actions = Vec::new();
+    let mut add = Vec::new();
+    let mut settle = Vec::new();
     for c in caps {
         let node = &c.disk.node;
-        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+        add.push(json!({"type": "block-dirty-bitmap-add", "data": {
             "node": node, "name": c.new_bitmap,
             "persistent": c.disk.format == "qcow2"}}));
         for b in rewind_bitmaps(&c.disk) {
             if b.recording && !b.inconsistent {
-                actions.push(json!({"type": "block-dirty-bitmap-disable",
+                settle.push(json!({"type": "block-dirty-bitmap-disable",
                     "data": {"node": node, "name": b.name}}));
             }
         }
         if let Some(target) = &c.read_bitmap {
             let others: Vec<&String> = c.old_bitmaps.iter().filter(|b| *b != target).collect();
             if !others.is_empty() {
-                actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+                settle.push(json!({"type": "block-dirty-bitmap-merge", "data": {
                     "node": node, "target": target, "bitmaps": others}}));
             }
         }
-        actions.push(json!({"type": "blockdev-backup", "data": {
-            "device": node, "target": fleece_node(&c.disk.name), "sync": "none",
-            "job-id": job_id(&c.disk.name),
-            "filter-node-name": format!("{PREFIX}cbw-{}", c.disk.name)}}));
     }
-    qmp.execute("transaction", json!({"actions": actions}))
-        .await?;
+    match mode {
+        Fleecing::Job => {
+            let mut actions = add;
+            actions.extend(settle);
+            for c in caps {
+                actions.push(json!({"type": "blockdev-backup", "data": {
+                    "device": c.disk.node, "target": fleece_node(&c.disk.name), "sync": "none",
+                    "job-id": job_id(&c.disk.name),
+                    "filter-node-name": format!("{PREFIX}job-filter-{}", c.disk.name)}}));
+            }
+            qmp.execute("transaction", json!({"actions": actions}))
+                .await?;
+        }
+        Fleecing::Filter => {
+            for c in caps {
+                qmp.execute(
+                    "blockdev-add",
+                    json!({"driver": "copy-before-write", "node-name": cbw_node(&c.disk.name),
+                           "file": c.disk.node, "target": fleece_node(&c.disk.name),
+                           "on-cbw-error": "break-snapshot", "cbw-timeout": CBW_TIMEOUT_SECS}),
+                )
+                .await?;
+            }
+            qmp.execute("transaction", json!({"actions": add})).await?;
+            for c in caps {
+                qmp.execute(
+                    "qom-set",
+                    json!({"path": c.disk.qdev, "property": "drive",
+                           "value": cbw_node(&c.disk.name)}),
+                )
+                .await?;
+            }
+            if !settle.is_empty() {
+                qmp.execute("transaction", json!({"actions": settle}))
+                    .await?;
+            }
+            for c in caps {
+                qmp.execute(
+                    "blockdev-add",
+                    json!({"driver": "snapshot-access", "node-name": snap_node(&c.disk.name),
+                           "file": cbw_node(&c.disk.name)}),
+                )
+                .await?;
+            }
+        }
+    }
     Ok(())
 }
 
 /// Starts our NBD server and exports each disk's frozen view (with its bitmap).
-pub async fn export(qmp: &mut Qmp, work: &Workdir, caps: &[DiskCapture]) -> Result<(), LiveError> {
+pub async fn export(
+    qmp: &mut Qmp,
+    work: &Workdir,
+    caps: &[DiskCapture],
+    mode: Fleecing,
+) -> Result<(), LiveError> {
     let sock = work.socket();
     let _ = std::fs::remove_file(&sock);
     qmp.execute(
@@ -371,8 +571,12 @@ pub async fn export(qmp: &mut Qmp, work: &Workdir, caps: &[DiskCapture]) -> Resu
         e => LiveError::Qmp(e),
     })?;
     for c in caps {
+        let view = match mode {
+            Fleecing::Filter => snap_node(&c.disk.name),
+            Fleecing::Job => fleece_node(&c.disk.name),
+        };
         let mut args = json!({"type": "nbd", "id": export_id(&c.disk.name),
-            "node-name": fleece_node(&c.disk.name), "name": c.disk.name});
+            "node-name": view, "name": c.disk.name});
         if let Some(b) = &c.read_bitmap {
             args["bitmaps"] = json!([{"node": c.disk.node, "name": b}]);
         }
@@ -469,6 +673,14 @@ pub enum LiveError {
     /// A helper program failed.
     #[error("{0}")]
     Tool(String),
+    /// The fleecing folder could fill up during a capture that would then fail guest writes.
+    #[error(
+        "the fleecing folder {} has {} MiB free, and capturing these disks at one instant \
+         may need {} MiB there: free space there, or give the VM a guest agent (frozen file \
+         systems let each disk be captured with a filter that cannot fail the guest)",
+        dir.display(), free >> 20, need >> 20
+    )]
+    NoRoom { dir: PathBuf, free: u64, need: u64 },
     /// Another tool's NBD server runs in this VM.
     #[error("an NBD server not started by Rewind is running in this VM; stop it or retry later")]
     NbdBusy,
@@ -503,7 +715,9 @@ mod tests {
             name: "vda".into(),
             node: "n".into(),
             drive: "d".into(),
+            qdev: String::new(),
             size: 1,
+            allocated: 0,
             format: "qcow2".into(),
             file: String::new(),
             bitmaps,

@@ -395,8 +395,8 @@ pub async fn sync_once(
             None => None,
         };
         let captured = capture_live(&mut qmp, &work, &caps, freezer).await;
-        let frozen = match captured {
-            Ok(frozen) => frozen,
+        let (frozen, mode) = match captured {
+            Ok(done) => done,
             Err(e) => {
                 let _ = live::finish(&mut qmp, &work, &caps, false).await;
                 return Err(e);
@@ -409,10 +409,12 @@ pub async fn sync_once(
         }
         .to_owned();
         crate::faults::point("after-transaction");
-        if let Err(e) = live::export(&mut qmp, &work, &caps).await {
+        tracing::debug!(vm = %cfg.vm, ?mode, "fleecing");
+        if let Err(e) = live::export(&mut qmp, &work, &caps, mode).await {
             let _ = live::finish(&mut qmp, &work, &caps, false).await;
             return Err(e.into());
         }
+        crate::faults::point("after-export");
         for (c, (name, g)) in caps.iter().zip(&specs) {
             tracing::info!(vm = %cfg.vm, disk = %name, path = c.full_reason.as_deref().unwrap_or("dirty bitmap"), "capture");
             opened.push(OpenDisk {
@@ -633,16 +635,17 @@ impl Drop for FreezeGuard {
 }
 
 /// Freezes (if a guest agent is given), captures, and always thaws. Returns whether the file
-/// systems were frozen during the capture.
+/// systems were frozen during the capture, and how the disks were fleeced.
 async fn capture_live(
     qmp: &mut Qmp,
     work: &Workdir,
     caps: &[DiskCapture],
     freezer: Option<live::Freezer>,
-) -> Result<bool, SyncError> {
+) -> Result<(bool, live::Fleecing), SyncError> {
     let Some(mut freezer) = freezer else {
-        live::capture(qmp, work, caps).await?;
-        return Ok(false);
+        let mode = live::Fleecing::choose(caps, false);
+        live::capture(qmp, work, caps, mode).await?;
+        return Ok((false, mode));
     };
     let _guard = FreezeGuard::new();
     let frozen = match freezer.freeze().await {
@@ -656,14 +659,16 @@ async fn capture_live(
             false
         }
     };
-    let captured = tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps)).await;
+    let mode = live::Fleecing::choose(caps, frozen);
+    let captured =
+        tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps, mode)).await;
     if frozen {
         if let Err(e) = freezer.thaw().await {
             tracing::error!(error = %e, "guest thaw failed");
         }
     }
     match captured {
-        Ok(r) => r.map(|()| frozen).map_err(SyncError::from),
+        Ok(r) => r.map(|()| (frozen, mode)).map_err(SyncError::from),
         Err(_) => Err(SyncError::Protocol(
             "the capture took longer than the freeze limit",
         )),
