@@ -155,7 +155,7 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
     let mut stmt = conn.prepare(
         "SELECT vm, rpo_s, first_seen_us, last_cycle_s, last_point, last_point_created_us,
                 last_error, last_error_kind, consecutive_failures, cycles_ok, cycles_failed,
-                bytes_read, bytes_sent
+                bytes_read, bytes_sent, last_ok_us
          FROM health ORDER BY vm",
     )?;
     let rows = stmt
@@ -176,15 +176,22 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
                     r.get::<_, i64>(11)?,
                     r.get::<_, i64>(12)?,
                 ),
+                r.get::<_, Option<i64>>(13)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut out = Vec::new();
-    for (vm, rpo, first_seen, cycle_s, point, created, err, kind, counts) in rows {
+    for (vm, rpo, first_seen, cycle_s, point, created, err, kind, counts, last_ok) in rows {
         let (fails, ok, failed, read, sent) = counts;
         let rpo = rpo.max(1) as u64;
         let limit = 2.0 * rpo as f64;
-        let age = created.map(|c| (now - c).max(0) as f64 / 1e6);
+        // The newest point's age by this host's clock alone (it was taken when its cycle
+        // started), so a receiver whose clock differs does not make it look old or young; a
+        // step of this clock shows until the next point, and never as a negative age.
+        let taken = last_ok.map(|ok| ok - (cycle_s.unwrap_or(0.0) * 1e6) as i64);
+        let age = point
+            .and(taken.or(created))
+            .map(|t| (now - t).max(0) as f64 / 1e6);
         let since_seen = (now - first_seen).max(0) as f64 / 1e6;
         let alert = match age {
             Some(a) => a > limit,

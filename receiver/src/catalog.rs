@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 /// The catalog's file inside the data folder.
 pub const CATALOG_FILE: &str = "catalog.sqlite";
 /// Schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// From version 1 (the first release of the catalog) to 2: point metadata, events, locks, and
 /// the index prune needs to find a point's node rows without scanning the disk's.
@@ -117,7 +117,15 @@ CREATE TABLE pending_commits(
   new_disks TEXT NOT NULL) WITHOUT ROWID;
 ";
 
-/// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`] and [`MIGRATE_3_4`].
+/// From version 4 to 5: the wall-clock steps `serve` saw (see [`crate::clock`]).
+const MIGRATE_4_5: &str = "
+CREATE TABLE clock_steps(
+  at_us INTEGER NOT NULL,
+  step_us INTEGER NOT NULL);
+";
+
+/// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`], [`MIGRATE_3_4`] and
+/// [`MIGRATE_4_5`].
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
   id INTEGER PRIMARY KEY,
@@ -233,6 +241,7 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(MIGRATE_2_3)?;
         conn.execute_batch(MIGRATE_3_4)?;
+        conn.execute_batch(MIGRATE_4_5)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     } else if version < SCHEMA_VERSION {
         let tx = conn.unchecked_transaction()?;
@@ -242,7 +251,10 @@ pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
         if version < 3 {
             tx.execute_batch(MIGRATE_2_3)?;
         }
-        tx.execute_batch(MIGRATE_3_4)?;
+        if version < 4 {
+            tx.execute_batch(MIGRATE_3_4)?;
+        }
+        tx.execute_batch(MIGRATE_4_5)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
     }

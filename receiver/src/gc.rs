@@ -94,7 +94,9 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         .map_err(|_| StoreError::GcRunning)?;
     // Packs a killed gc left open can be collected now.
     crate::catalog::seal_orphans(conn, "gc")?;
-    let cutoff = now_us() - (grace_secs as i64) * 1_000_000;
+    // A forward clock step must not shorten the grace period or a session's life.
+    let now = crate::clock::cautious_now(conn)?;
+    let cutoff = now - (grace_secs as i64) * 1_000_000;
     let mut report = GcReport {
         bytes_before: packs_bytes(&dir),
         ..Default::default()
@@ -106,7 +108,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         // Sessions nobody touched for a week are abandoned: their staged blocks stop holding
         // chunks and the points they built on stop being protected. An agent coming back
         // later simply starts a new session.
-        let expired = now_us() - SESSION_EXPIRY_SECS * 1_000_000;
+        let expired = now - SESSION_EXPIRY_SECS * 1_000_000;
         tx.execute(
             "DELETE FROM session_blocks WHERE session_id IN
                (SELECT id FROM sessions WHERE state = 'open' AND updated_us < ?1)",

@@ -239,7 +239,7 @@ fn claim_expired(
         [vm_id],
         |r| r.get(0),
     )?;
-    Ok(now_us() - last >= timeout.as_micros() as i64)
+    Ok(crate::clock::cautious_now(conn)? - last >= timeout.as_micros() as i64)
 }
 
 /// The open sessions of a VM (of one owner, if given) other than `keep`.
@@ -1350,6 +1350,25 @@ fn record_point(
     tops: &[(i64, Leaf, usize)],
     (config, consistency): (Option<&str>, &str),
 ) -> Result<(), StoreError> {
+    // Point times never go backwards within a VM, whatever the clock did since the last point
+    // (see crate::clock): listings, retention and `--at` keep the order points were taken in.
+    let previous: Option<i64> = conn.query_row(
+        "SELECT MAX(created_us) FROM points WHERE vm_id = ?1",
+        [session.vm_id],
+        |r| r.get(0),
+    )?;
+    let created = match previous {
+        Some(p) if created <= p => {
+            tracing::warn!(
+                vm = %session.vm,
+                behind_seconds = (p - created) as f64 / 1e6,
+                "the clock is behind the VM's newest point (stepped back?): the new point is \
+                 dated just after it"
+            );
+            p + 1
+        }
+        _ => created,
+    };
     conn.execute(
         "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency, config)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

@@ -15,6 +15,7 @@ pub mod admission;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod diff;

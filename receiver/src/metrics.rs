@@ -35,7 +35,20 @@ fn last_detail(conn: &Connection, kind: &str) -> Result<serde_json::Value, Store
 pub fn render(data: &Path) -> Result<String, StoreError> {
     let conn = catalog::open_ro(data)?;
     let mut out = String::new();
-    let now = now_us();
+    // A forward clock step must not age every point at once (nor a backward one make them
+    // younger than zero).
+    let now = crate::clock::cautious_now(&conn)?;
+    let (steps, last_step) = crate::clock::summary(&conn)?;
+    let _ = writeln!(
+        out,
+        "# HELP rewind_clock_steps_total Wall-clock steps serve has seen.\n# TYPE rewind_clock_steps_total counter\nrewind_clock_steps_total {steps}"
+    );
+    if let Some(s) = last_step {
+        let _ = writeln!(
+            out,
+            "# HELP rewind_clock_last_step_seconds The newest wall-clock step (negative: backwards).\n# TYPE rewind_clock_last_step_seconds gauge\nrewind_clock_last_step_seconds {s:.3}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP rewind_points Committed points per VM.\n# TYPE rewind_points gauge"
@@ -58,7 +71,7 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             let _ = writeln!(
                 out,
                 "rewind_last_point_age_seconds{{vm=\"{vm}\"}} {:.3}",
-                (now - last) as f64 / 1e6
+                (now - last).max(0) as f64 / 1e6
             );
         }
     }

@@ -42,7 +42,8 @@ fn vms(conn: &Connection, only: Option<&str>) -> Result<Vec<(i64, String)>, Stor
 }
 
 fn candidates(conn: &Connection, vm_id: i64) -> Result<Vec<Candidate>, StoreError> {
-    let now = now_us();
+    // A forward clock step must not end a lock early.
+    let now = crate::clock::cautious_now(conn)?;
     let mut stmt = conn.prepare(
         "SELECT p.id, p.created_us, COALESCE(p.locked_until_us, 0),
                 EXISTS(SELECT 1 FROM sessions s WHERE s.state = 'open' AND s.base_point = p.id)
@@ -125,7 +126,7 @@ fn remove_point(conn: &mut Connection, point: i64) -> Result<u64, StoreError> {
         [vm_id],
         |r| r.get(0),
     )?;
-    if locked_until > now_us() || in_use || newest == point {
+    if locked_until > crate::clock::cautious_now(&tx)? || in_use || newest == point {
         return Err(StoreError::Protected(point));
     }
     let disks: Vec<i64> = {

@@ -302,6 +302,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             }));
         }
         let (files_tx, files_rx) = watch::channel(file.clone());
+        tokio::spawn(crate::clock::watch(data.clone()));
         tokio::spawn(retention_loop(data.clone(), files_rx.clone()));
         tokio::spawn(drill_loop(data.clone(), files_rx));
         tokio::spawn(reload_on_hangup(

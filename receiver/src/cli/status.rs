@@ -3,7 +3,7 @@
 //! (older), failing (its last drill failed, or a point references a quarantined chunk). Exits
 //! non-zero when any VM is behind or failing.
 
-use crate::catalog::{self, now_us, rfc3339};
+use crate::catalog::{self, rfc3339};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
@@ -44,7 +44,8 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     // Read-write: a catalog from before drills existed is migrated, not refused.
     let conn = catalog::open_existing(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;
-    let now = now_us();
+    // A forward clock step must not make every VM look behind at once.
+    let now = crate::clock::cautious_now(&conn)?;
     // Which VMs a quarantined chunk damages costs a scan of their leaves: only when any is.
     let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
     let damage = if quarantined > 0 {
