@@ -154,6 +154,7 @@ fn drill(
         let v = verify_disk(conn, data, point.id, disk, &opts.cancel, &report_progress)
             .map_err(|e| format!("verifying {}: {e}", disk.name))?;
         before += disk.size;
+        rewind_proto::faults::point("drill-after-verify");
         report.blocks_verified += v.blocks;
         report.bytes_verified += v.bytes;
         report.damaged_blocks += v.damaged;
@@ -348,9 +349,35 @@ fn tail(bytes: &[u8]) -> String {
 
 /// Boots the point's disks (through overlays on our NBD export) until the console shows the
 /// marker, the timeout passes, QEMU exits or the drill is cancelled.
+/// Prefix of a drill's temporary folder: `rewind-drill.PID.` then random characters.
+const TEMP_PREFIX: &str = "rewind-drill.";
+
+/// Removes the temporary folders of drills that were killed (their process is gone), so a
+/// SIGKILLed drill leaves nothing behind once the next one runs.
+fn remove_stale_folders() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TEMP_PREFIX))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, String> {
+    remove_stale_folders();
     let dir = tempfile::Builder::new()
-        .prefix("rewind-drill.")
+        .prefix(&format!("{TEMP_PREFIX}{}.", std::process::id()))
         .tempdir()
         .map_err(|e| format!("creating the drill's folder: {e}"))?;
     let sock = dir.path().join("nbd.sock");
@@ -419,6 +446,7 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
     let serial = child.stdout.take().map(collect).unwrap_or_default();
     let stderr = child.stderr.take().map(collect).unwrap_or_default();
     let mut qemu = Qemu(child);
+    rewind_proto::faults::point("drill-mid-boot");
     let seen = |buf: &Arc<Mutex<Vec<u8>>>| buf.lock().map(|b| b.clone()).unwrap_or_default();
     let result = loop {
         let console = seen(&serial);

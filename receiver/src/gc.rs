@@ -14,14 +14,14 @@
 //!   committed.
 //!
 //! Crash-safe: every step is a transaction or an idempotent file operation; a kill at any instant
-//! leaves at worst an orphan pack, removed by the next run.
+//! leaves at worst an orphan pack (a file without its row), removed by the next run.
 
 use crate::catalog::now_us;
 use crate::error::StoreError;
 use crate::packs::{pack_path, PackReader, PackWriter, RECORD_HEADER};
 use crate::store::PACKS_DIR;
 use rewind_proto::Leaf;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::path::Path;
 
@@ -37,8 +37,53 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub packs_rewritten: u64,
     pub packs_deleted: u64,
+    /// Pack files a killed gc had forgotten in the catalog but not yet unlinked.
+    pub orphan_packs_removed: u64,
     pub bytes_before: u64,
     pub bytes_after: u64,
+}
+
+/// Removes pack files whose catalog row is gone (a gc killed between forgetting a pack and
+/// unlinking it). Pack ids are never reused (AUTOINCREMENT) and a pack's row is committed
+/// before its file is created, so a file with an id the catalog has handed out but holds no row
+/// for is unreachable; a file with a newer id may belong to a row not yet committed, and stays.
+fn remove_orphan_packs(conn: &Connection, dir: &Path) -> Result<u64, StoreError> {
+    let handed_out: i64 = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'packs'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".pack"))
+            .and_then(|h| i64::from_str_radix(h, 16).ok())
+        else {
+            continue;
+        };
+        if id > handed_out || pack_path(dir, id) != e.path() {
+            continue;
+        }
+        let known: bool = conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM packs WHERE id = ?1)",
+            [id],
+            |r| r.get(0),
+        )?;
+        if !known {
+            let path = e.path();
+            std::fs::remove_file(&path).map_err(|source| StoreError::Io { path, source })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn packs_bytes(dir: &Path) -> u64 {
@@ -99,6 +144,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     let cutoff = now - (grace_secs as i64) * 1_000_000;
     let mut report = GcReport {
         bytes_before: packs_bytes(&dir),
+        orphan_packs_removed: remove_orphan_packs(conn, &dir)?,
         ..Default::default()
     };
 
@@ -229,6 +275,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         )?;
         if still == 0 {
             conn.execute("DELETE FROM packs WHERE id = ?1", [id])?;
+            rewind_proto::faults::point("gc-before-unlink");
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

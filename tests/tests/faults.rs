@@ -479,6 +479,11 @@ fn gc_killed_after_copy_is_finished_by_the_next_gc() {
 }
 
 #[test]
+fn gc_killed_between_forgetting_and_unlinking_a_pack_is_finished_by_the_next_gc() {
+    gc_killed_at("gc-before-unlink");
+}
+
+#[test]
 fn gc_killed_after_repoint_is_finished_by_the_next_gc() {
     gc_killed_at("gc-after-repoint");
 }
@@ -576,4 +581,77 @@ fn restore_killed_mid_write_leaves_no_image_and_runs_again() {
          bytes; the second restore wrote the image bit-exact"
     );
     drop(rx);
+}
+
+fn drill_qemu_running(vm: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("rewind-drill-{vm}")])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A drill killed after verifying its point, or while its QEMU boots, leaves no QEMU running,
+/// no record, an untouched store and (once the next drill ran) no temporary folder; the next
+/// drill passes.
+#[test]
+fn drills_killed_after_verify_and_mid_boot_leave_nothing_behind() {
+    let d = Deployment::new();
+    let mut vm = Taken::new(&d, "drilled", 4 * MIB);
+    let rx = d.serve();
+    disk::write_at(&vm.disk, 0, &disk::boot_sector("REWIND-FAULT-DRILL"));
+    disk::random_blocks(&vm.disk, BLOCK, 8, 4, &mut rand::rng());
+    vm.sync(&d, &rx);
+    drop(rx);
+    let tmp = d.path("drill-tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let packs = pack_files_and_rows(&d);
+    let bytes = d.pack_bytes();
+    let drill = |fault: Option<&str>| {
+        let mut cmd = Command::new(bin("rewind-receiver"));
+        cmd.args([
+            "drill",
+            "--json",
+            "--vm",
+            vm.vm,
+            "--boot",
+            "--boot-timeout",
+            "120",
+            "--data",
+        ])
+        .arg(d.data())
+        .env("TMPDIR", &tmp);
+        if let Some(f) = fault {
+            cmd.env("REWIND_FAULT", f);
+        }
+        run(&mut cmd)
+    };
+    for point in ["drill-after-verify", "drill-mid-boot"] {
+        assert_killed_at(drill(Some(point)).status, point);
+        assert!(
+            wait_until(EXIT_WAIT, || !drill_qemu_running(vm.vm)),
+            "QEMU outlived the drill killed at {point}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_some(),
+        "the drill killed mid-boot left its folder"
+    );
+    let o = drill(None);
+    let v = json_ok(&o);
+    assert_eq!(v["result"], "passed", "{v}");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "the next drill removed the killed drill's folder"
+    );
+    let conn = catalog(&d);
+    let recorded: i64 = conn
+        .query_row("SELECT COUNT(*) FROM drills", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(recorded, 1, "killed drills leave no record");
+    assert_eq!(pack_files_and_rows(&d), packs);
+    assert_eq!(d.pack_bytes(), bytes, "a drill never writes to the store");
+    vm.assert_listed_restore(&d);
+    assert_verify_clean(&d);
 }
