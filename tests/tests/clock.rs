@@ -82,11 +82,13 @@ fn restore_at(d: &Deployment, at: &str) -> u64 {
     let out = d.path("at.raw");
     let _ = std::fs::remove_file(&out);
     let mut cmd = Command::new(bin("rewind-receiver"));
-    cmd.args(["restore", "--json", "--vm", "web1", "--disk", "vda", "--at", at])
-        .arg("--data")
-        .arg(d.data())
-        .arg("--out")
-        .arg(&out);
+    cmd.args([
+        "restore", "--json", "--vm", "web1", "--disk", "vda", "--at", at,
+    ])
+    .arg("--data")
+    .arg(d.data())
+    .arg("--out")
+    .arg(&out);
     let o = run(&mut cmd);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -104,7 +106,13 @@ fn the_receivers_clock_steps_back_an_hour_then_forward_a_day() {
     disk::create(&vda, 8 * MIB);
     let mut digests = Vec::new();
     let sync = |digests: &mut Vec<(u64, disk::Digest)>| {
-        disk::random_blocks(&vda, 64 * 1024, digests.len() as u64 * 4, 4, &mut rand::rng());
+        disk::random_blocks(
+            &vda,
+            64 * 1024,
+            digests.len() as u64 * 4,
+            4,
+            &mut rand::rng(),
+        );
         let r = d.sync_ok(&rx, "host1", "web1", &[("vda", &vda)]);
         digests.push((r["point"].as_u64().unwrap(), disk::digest(&vda)));
     };
@@ -122,7 +130,10 @@ fn the_receivers_clock_steps_back_an_hour_then_forward_a_day() {
     sync(&mut digests);
     sync(&mut digests);
     let points = d.points("web1");
-    assert_eq!(ids(&points), digests.iter().map(|x| x.0).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&points),
+        digests.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
     let times: Vec<String> = points.iter().map(created).collect();
     assert!(
         times.windows(2).all(|w| w[0] < w[1]),
@@ -258,14 +269,15 @@ fn the_agents_clock_steps_back_an_hour_then_forward_a_day() {
             .args(["status", "--json", "--state"])
             .arg(d.path("state-host1"));
         let out = run(&mut st);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let v: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         let age = v["last_point_age_seconds"].as_f64().unwrap();
-        assert!(
-            (0.0..30.0).contains(&age),
-            "after a jump of {offset}: {v}"
-        );
+        assert!((0.0..30.0).contains(&age), "after a jump of {offset}: {v}");
         assert_eq!(v["state"], "replicating", "{v}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
