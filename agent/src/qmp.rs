@@ -12,6 +12,12 @@ use tokio::net::UnixStream;
 const MAX_LINE: usize = 16 * 1024 * 1024;
 /// How long a guest agent may take to answer `guest-sync`.
 const GUEST_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long QEMU may take to greet: a monitor socket accepts connections (into its backlog)
+/// while another client holds the monitor, and then never greets.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the guest agent sends before its reply to `guest-sync-delimited` (a byte that is never
+/// part of JSON): a reply left over from an earlier client may start with it.
+const QGA_DELIMITER: u8 = 0xff;
 /// A command that takes longer than this is treated as a hung monitor.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -52,7 +58,11 @@ impl Qmp {
     /// Connects to a QMP socket and enters command mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let mut q = Qmp::open(path).await?;
-        let greeting = q.read_message().await?;
+        let greeting = tokio::time::timeout(GREETING_TIMEOUT, q.read_message())
+            .await
+            .map_err(|_| {
+                QmpError::Timeout("greeting (is another client connected to the monitor?)".into())
+            })??;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol {
                 path: q.path.clone(),
@@ -112,12 +122,14 @@ impl Qmp {
             })
     }
 
+    /// The next message, skipping blank lines. Lines are read as bytes: a guest agent's
+    /// delimiter byte is not UTF-8, and JSON parsing checks the text.
     async fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
+        let mut line = Vec::new();
         loop {
             line.clear();
             let n = tokio::io::AsyncReadExt::take(&mut self.reader, MAX_LINE as u64)
-                .read_line(&mut line)
+                .read_until(b'\n', &mut line)
                 .await
                 .map_err(|source| QmpError::Io {
                     path: self.path.clone(),
@@ -126,13 +138,16 @@ impl Qmp {
             if n == 0 {
                 return Err(QmpError::Closed(self.path.clone()));
             }
-            let t = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{ff}');
+            let skip = |b: &u8| b.is_ascii_whitespace() || *b == QGA_DELIMITER;
+            let start = line.iter().position(|b| !skip(b)).unwrap_or(line.len());
+            let end = line.iter().rposition(|b| !skip(b)).map_or(start, |i| i + 1);
+            let t = &line[start..end];
             if t.is_empty() {
                 continue;
             }
-            return serde_json::from_str(t).map_err(|_| QmpError::Protocol {
+            return serde_json::from_slice(t).map_err(|_| QmpError::Protocol {
                 path: self.path.clone(),
-                message: t.chars().take(200).collect(),
+                message: String::from_utf8_lossy(&t[..t.len().min(200)]).into_owned(),
             });
         }
     }

@@ -168,9 +168,12 @@ async fn blocking<T: Send + 'static>(
     .map_err(to_status)
 }
 
-type DecodedBatch = (String, Vec<Entry>, Vec<IncomingChunk>);
+/// A batch as the store takes it: session id, block entries and chunks.
+pub type DecodedBatch = (String, Vec<Entry>, Vec<IncomingChunk>);
 
-fn decode_batch(batch: pb::Batch) -> Result<DecodedBatch, Status> {
+/// Turns a batch as received into store values, refusing any hash that is not 32 bytes; the
+/// store checks the rest ([`Store::verify_batch`]). Public for the fuzz tests.
+pub fn decode_batch(batch: pb::Batch) -> Result<DecodedBatch, Status> {
     let entries = batch
         .entries
         .iter()
