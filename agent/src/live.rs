@@ -593,6 +593,20 @@ pub async fn finish(
     caps: &[DiskCapture],
     committed: bool,
 ) -> Result<(), LiveError> {
+    if !committed {
+        // Before the fleecing images go: a full folder is the usual reason a view broke.
+        if let Ok(st) = rustix::fs::statvfs(&work.dir) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            if free < 1 << 20 {
+                tracing::warn!(
+                    folder = %work.dir.display(),
+                    free,
+                    "the fleecing folder is full: this point's view of the disks broke (the \
+                     guest's writes went on unharmed); free space there"
+                );
+            }
+        }
+    }
     cleanup(qmp, work).await?;
     for c in caps {
         let old: Vec<&String> = c

@@ -129,6 +129,10 @@ fn a_full_fleecing_folder_breaks_the_point_never_the_guest() {
     let out = agent.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the broken point fails: {stderr}");
+    assert!(
+        stderr.contains("the fleecing folder is full"),
+        "the agent says why: {stderr}"
+    );
     eprintln!(
         "guest wrote 16 MiB in {:.0} ms over a full 1 MiB fleecing folder; agent: {}",
         write_time.as_secs_f64() * 1000.0,
