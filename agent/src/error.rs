@@ -53,7 +53,7 @@ pub enum SyncError {
     #[error("connecting to the receiver: {0}")]
     Connect(#[from] tonic::transport::Error),
     /// The receiver refused a request.
-    #[error("receiver refused {call}: {status}", status = .status.message())]
+    #[error("{}", describe_refusal(call, status))]
     Refused {
         call: &'static str,
         status: tonic::Status,
@@ -92,6 +92,35 @@ pub enum SyncError {
     /// A worker task died.
     #[error("internal worker failed: {0}")]
     Worker(String),
+}
+
+/// A refusal in words. A broken link (keepalive timeout, reset) reaches tonic as UNAVAILABLE
+/// or UNKNOWN with a bare message ("http2 error", "transport error") and the cause as its
+/// source: say that the connection was lost, and why.
+fn describe_refusal(call: &str, status: &tonic::Status) -> String {
+    let mut causes = Vec::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !causes.contains(&text) && text != status.message() {
+            causes.push(text);
+        }
+        next = e.source();
+    }
+    let link = matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) && !causes.is_empty();
+    let mut out = if link {
+        format!("lost the connection to the receiver during {call}: {}", status.message())
+    } else {
+        format!("receiver refused {call}: {}", status.message())
+    };
+    for c in causes {
+        out.push_str(": ");
+        out.push_str(&c);
+    }
+    out
 }
 
 impl SyncError {

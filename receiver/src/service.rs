@@ -51,6 +51,124 @@ pub struct ReplicationService {
 const CALLS_PER_AGENT: usize = 16;
 
 impl ReplicationService {
+    /// An upload stream's work: verifies its batches ahead, stages them in groups, and seals the
+    /// packs at the end, whether or not the stream ended cleanly.
+    async fn receive_upload(
+        &self,
+        owner: String,
+        mut stream: Streaming<pb::Batch>,
+    ) -> Result<pb::UploadReply, Status> {
+        // Two stages: later batches are verified (decompressed and hashed) on the spare cores
+        // while earlier ones are written and indexed. Batches are still staged in stream order;
+        // those verified while the last group was syncing are staged together (group commit).
+        let (verified_tx, mut verified_rx) = tokio::sync::mpsc::channel(VERIFY_AHEAD);
+        let reader = {
+            let store = self.store.clone();
+            let owner = owner.clone();
+            let pipeline = self.pipeline.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = stream.message().await? {
+                    let (session, entries, chunks) = decode_batch(batch)?;
+                    let frames: usize = chunks.iter().map(|c| c.frame.len()).sum();
+                    let held = (frames + 48 * entries.len()).clamp(1, PIPELINE_BYTES);
+                    // A group's transaction also grows with its entries: weigh them so that
+                    // one group stages at most about one batch of the most entries.
+                    let bytes = frames + ENTRY_WEIGHT * entries.len();
+                    let permit = pipeline
+                        .clone()
+                        .acquire_many_owned(held as u32)
+                        .await
+                        .map_err(|_| Status::unavailable("the receiver is shutting down"))?;
+                    let store = store.clone();
+                    let owner = owner.clone();
+                    let job = tokio::task::spawn_blocking(move || {
+                        store.verify_batch(&owner, &session, entries, chunks)
+                    });
+                    if verified_tx.send((job, bytes, permit)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), Status>(())
+            })
+        };
+        let mut writer = PackWriter::new(&self.store.packs_dir());
+        let mut total = pb::UploadReply::default();
+        let mut failure = None;
+        while let Some((first, mut bytes, permit)) = verified_rx.recv().await {
+            let mut jobs = vec![first];
+            let mut permits = vec![permit];
+            // The end of the stream ends the wait early.
+            let deadline = tokio::time::Instant::now() + GROUP_WAIT;
+            while jobs.len() < GROUP_MAX && bytes < GROUP_BYTES {
+                match tokio::time::timeout_at(deadline, verified_rx.recv()).await {
+                    Ok(Some((job, b, p))) => {
+                        jobs.push(job);
+                        permits.push(p);
+                        bytes += b;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut group = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                match job.await {
+                    Ok(Ok(v)) => group.push(v),
+                    Ok(Err(e)) => {
+                        failure = Some(to_status(e));
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(Status::internal(format!("worker failed: {e}")));
+                        break;
+                    }
+                }
+            }
+            // The batches verified before a refused one are still staged.
+            if !group.is_empty() {
+                let store = self.store.clone();
+                let owner = owner.clone();
+                let (w, staged) = tokio::task::spawn_blocking(move || {
+                    let mut w = writer;
+                    let r = store.stage_batches(&owner, group, &mut w);
+                    (w, r)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
+                writer = w;
+                match staged {
+                    Ok(stats) => {
+                        total.entries += stats.entries;
+                        total.chunks_stored += stats.chunks_stored;
+                        total.chunk_bytes += stats.chunk_bytes;
+                    }
+                    // The writer's packs are sealed even when the batch fails, so gc can
+                    // reclaim them. The earlier batches' error is the one to report.
+                    Err(e) => failure = Some(to_status(e)),
+                }
+            }
+            drop(permits);
+            if failure.is_some() {
+                break;
+            }
+        }
+        drop(verified_rx);
+        {
+            let store = self.store.clone();
+            blocking(self.calls(&owner).await?, move || {
+                store.finish_upload(&mut writer)
+            })
+            .await?;
+        }
+        let read = reader
+            .await
+            .map_err(|e| Status::internal(format!("reader failed: {e}")))?;
+        if let Some(status) = failure {
+            return Err(status);
+        }
+        read?;
+        Ok(total)
+    }
+
     pub fn new(store: Arc<Store>) -> Self {
         Self {
             store,
@@ -276,116 +394,15 @@ impl Replication for ReplicationService {
         req: Request<Streaming<pb::Batch>>,
     ) -> Result<Response<pb::UploadReply>, Status> {
         let owner = caller(&req)?;
-        let mut stream = req.into_inner();
-        // Two stages: later batches are verified (decompressed and hashed) on the spare cores
-        // while earlier ones are written and indexed. Batches are still staged in stream order;
-        // those verified while the last group was syncing are staged together (group commit).
-        let (verified_tx, mut verified_rx) = tokio::sync::mpsc::channel(VERIFY_AHEAD);
-        let reader = {
-            let store = self.store.clone();
-            let owner = owner.clone();
-            let pipeline = self.pipeline.clone();
-            tokio::spawn(async move {
-                while let Some(batch) = stream.message().await? {
-                    let (session, entries, chunks) = decode_batch(batch)?;
-                    let frames: usize = chunks.iter().map(|c| c.frame.len()).sum();
-                    let held = (frames + 48 * entries.len()).clamp(1, PIPELINE_BYTES);
-                    // A group's transaction also grows with its entries: weigh them so that
-                    // one group stages at most about one batch of the most entries.
-                    let bytes = frames + ENTRY_WEIGHT * entries.len();
-                    let permit = pipeline
-                        .clone()
-                        .acquire_many_owned(held as u32)
-                        .await
-                        .map_err(|_| Status::unavailable("the receiver is shutting down"))?;
-                    let store = store.clone();
-                    let owner = owner.clone();
-                    let job = tokio::task::spawn_blocking(move || {
-                        store.verify_batch(&owner, &session, entries, chunks)
-                    });
-                    if verified_tx.send((job, bytes, permit)).await.is_err() {
-                        break;
-                    }
-                }
-                Ok::<(), Status>(())
-            })
-        };
-        let mut writer = PackWriter::new(&self.store.packs_dir());
-        let mut total = pb::UploadReply::default();
-        let mut failure = None;
-        while let Some((first, mut bytes, permit)) = verified_rx.recv().await {
-            let mut jobs = vec![first];
-            let mut permits = vec![permit];
-            // The end of the stream ends the wait early.
-            let deadline = tokio::time::Instant::now() + GROUP_WAIT;
-            while jobs.len() < GROUP_MAX && bytes < GROUP_BYTES {
-                match tokio::time::timeout_at(deadline, verified_rx.recv()).await {
-                    Ok(Some((job, b, p))) => {
-                        jobs.push(job);
-                        permits.push(p);
-                        bytes += b;
-                    }
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            let mut group = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                match job.await {
-                    Ok(Ok(v)) => group.push(v),
-                    Ok(Err(e)) => {
-                        failure = Some(to_status(e));
-                        break;
-                    }
-                    Err(e) => {
-                        failure = Some(Status::internal(format!("worker failed: {e}")));
-                        break;
-                    }
-                }
-            }
-            // The batches verified before a refused one are still staged.
-            if !group.is_empty() {
-                let store = self.store.clone();
-                let owner = owner.clone();
-                let (w, staged) = tokio::task::spawn_blocking(move || {
-                    let mut w = writer;
-                    let r = store.stage_batches(&owner, group, &mut w);
-                    (w, r)
-                })
-                .await
-                .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
-                writer = w;
-                match staged {
-                    Ok(stats) => {
-                        total.entries += stats.entries;
-                        total.chunks_stored += stats.chunks_stored;
-                        total.chunk_bytes += stats.chunk_bytes;
-                    }
-                    // The writer's packs are sealed even when the batch fails, so gc can
-                    // reclaim them. The earlier batches' error is the one to report.
-                    Err(e) => failure = Some(to_status(e)),
-                }
-            }
-            drop(permits);
-            if failure.is_some() {
-                break;
-            }
-        }
-        drop(verified_rx);
-        {
-            let store = self.store.clone();
-            blocking(self.calls(&owner).await?, move || {
-                store.finish_upload(&mut writer)
-            })
-            .await?;
-        }
-        let read = reader
+        let stream = req.into_inner();
+        // The work runs in its own task: when the connection breaks, hyper drops this handler,
+        // and batches that arrived whole must still be staged (and the packs sealed) so that a
+        // resumed session does not send them again.
+        let svc = self.clone();
+        tokio::spawn(async move { svc.receive_upload(owner, stream).await })
             .await
-            .map_err(|e| Status::internal(format!("reader failed: {e}")))?;
-        if let Some(status) = failure {
-            return Err(status);
-        }
-        read?;
-        Ok(Response::new(total))
+            .map_err(|e| Status::internal(format!("upload worker failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn commit(

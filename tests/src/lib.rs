@@ -5,6 +5,7 @@
 
 pub mod benchkit;
 pub mod disk;
+pub mod faultlink;
 pub mod grpc;
 pub mod h2raw;
 pub mod procfs;
