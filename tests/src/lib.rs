@@ -7,6 +7,7 @@ pub mod benchkit;
 pub mod disk;
 pub mod faultlink;
 pub mod grpc;
+pub mod guest;
 pub mod h2raw;
 pub mod procfs;
 pub mod qemu;
