@@ -19,6 +19,7 @@
 //! boot = true
 //! boot_timeout = 120
 //! expect_serial = "login:"
+//! accel = "auto"                 # auto, kvm or tcg (nested KVM can be slower than TCG)
 //!
 //! [vm.web1]                      # per-VM overrides
 //! rpo = 300
@@ -83,6 +84,9 @@ pub struct DrillSchedule {
     #[serde(default = "default_boot_timeout")]
     pub boot_timeout: u64,
     pub expect_serial: Option<String>,
+    /// QEMU's accelerator for boot drills (`auto`, `kvm` or `tcg`).
+    #[serde(default)]
+    pub accel: crate::drill::Accel,
 }
 
 fn default_boot_timeout() -> u64 {
@@ -307,7 +311,7 @@ mod tests {
             [vm.web1]
             rpo = 300
             retention = { hourly = 24 }
-            drill = { every = 600, boot = true, expect_serial = "login:" }
+            drill = { every = 600, boot = true, expect_serial = "login:", accel = "tcg" }
             "#,
         )
         .expect("valid");
@@ -318,6 +322,14 @@ mod tests {
         assert_eq!(f.policy("web1").last, None);
         assert_eq!(f.policy("db1").last, Some(5));
         assert_eq!(f.drill("web1").map(|d| d.every), Some(600));
+        assert_eq!(
+            f.drill("web1").map(|d| d.accel),
+            Some(crate::drill::Accel::Tcg)
+        );
+        assert_eq!(
+            f.drill("db1").map(|d| d.accel),
+            Some(crate::drill::Accel::Auto)
+        );
         assert_eq!(
             f.drill("db1").map(|d| (d.every, d.boot, d.boot_timeout)),
             Some((86400, false, 120))

@@ -86,8 +86,11 @@ pub fn qemu_command(config: &serde_json::Value, disks: &[(String, String, String
     let mut lines = vec![
         "#!/bin/sh".to_owned(),
         "# Boots the restored disks with the VM's captured configuration.".to_owned(),
-        "# Network devices are left out: add yours before attaching this VM to a network."
+        "# Isolated like a drill: -nodefaults -nic none, so QEMU adds no network device (nor"
             .to_owned(),
+        "# its default e1000 on user networking). Add yours before attaching this VM to a"
+            .to_owned(),
+        "# network: a VM restored after a compromise must not reach one by default.".to_owned(),
         "cd \"$(dirname \"$0\")\"".to_owned(),
         "exec qemu-system-x86_64 \\".to_owned(),
     ];
@@ -101,7 +104,7 @@ pub fn qemu_command(config: &serde_json::Value, disks: &[(String, String, String
     if let Some(cpus) = config["cpus"].as_u64() {
         lines.push(format!("  -smp {cpus} \\"));
     }
-    lines.push("  -accel kvm -accel tcg \\".to_owned());
+    lines.push("  -accel kvm -accel tcg -nodefaults -nic none -vga std \\".to_owned());
     for (name, file, format) in disks {
         lines.push(format!(
             "  -drive file={file},format={format},if=none,id=drive-{name} -device virtio-blk-pci,drive=drive-{name},id={name} \\"

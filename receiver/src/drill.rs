@@ -38,6 +38,17 @@ const MAX_LISTED: usize = 100;
 const SERIAL_TAIL: usize = 2048;
 
 /// What a drill does.
+/// Which accelerator a boot drill's QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when /dev/kvm opens, else TCG; TCG again when QEMU fails to start under KVM.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
 #[derive(Clone)]
 pub struct DrillOptions {
     /// The point (default: the VM's newest).
@@ -51,6 +62,8 @@ pub struct DrillOptions {
     pub cancel: Arc<AtomicBool>,
     /// Memory for QEMU at most, in MiB (a drill should not starve the backup host).
     pub max_memory_mib: u64,
+    /// The accelerator (nested KVM can be present and far slower than TCG: choose `tcg`).
+    pub accel: Accel,
     /// Called with (bytes verified, bytes to verify) as verification goes.
     pub progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
 }
@@ -189,7 +202,23 @@ fn drill(
         report.rto_seconds = report.verified_seconds;
         return Ok(());
     }
-    let boot = boot(data, point, opts)?;
+    let boot = match opts.accel {
+        Accel::Kvm => boot(data, point, opts, "kvm")?,
+        Accel::Tcg => boot(data, point, opts, "tcg")?,
+        Accel::Auto if !kvm_usable() => boot(data, point, opts, "tcg")?,
+        Accel::Auto => {
+            let b = boot(data, point, opts, "kvm")?;
+            if b.started {
+                b
+            } else {
+                tracing::warn!(
+                    error = b.result.as_ref().err().map(String::as_str).unwrap_or(""),
+                    "QEMU did not start under KVM: drilling under TCG"
+                );
+                boot(data, point, opts, "tcg")?
+            }
+        }
+    };
     report.accel = Some(boot.accel.to_owned());
     report.serial_tail = Some(boot.serial_tail);
     report.booted = Some(boot.result.is_ok());
@@ -300,6 +329,8 @@ fn verify_disk(
 
 struct Boot {
     accel: &'static str,
+    /// QEMU ran: it did not exit before showing anything on the console.
+    started: bool,
     serial_tail: String,
     boot_seconds: f64,
     result: Result<(), String>,
@@ -374,7 +405,12 @@ fn remove_stale_folders() {
     }
 }
 
-fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, String> {
+fn boot(
+    data: &Path,
+    point: &PointInfo,
+    opts: &DrillOptions,
+    accel: &'static str,
+) -> Result<Boot, String> {
     remove_stale_folders();
     let dir = tempfile::Builder::new()
         .prefix(&format!("{TEMP_PREFIX}{}.", std::process::id()))
@@ -387,7 +423,6 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
     std::thread::spawn(move || nbd_server::serve_unix(listener, exports));
 
     let config = point.config.clone().unwrap_or(serde_json::Value::Null);
-    let accel = if kvm_usable() { "kvm" } else { "tcg" };
     let mem_mib = config["memory_bytes"]
         .as_u64()
         .map_or(256, |b| (b >> 20).max(64))
@@ -448,6 +483,7 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
     let mut qemu = Qemu(child);
     rewind_proto::faults::point("drill-mid-boot");
     let seen = |buf: &Arc<Mutex<Vec<u8>>>| buf.lock().map(|b| b.clone()).unwrap_or_default();
+    let mut exited_silent = false;
     let result = loop {
         let console = seen(&serial);
         let hit = match &opts.expect_serial {
@@ -458,6 +494,7 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
             break Ok(());
         }
         if let Ok(Some(status)) = qemu.0.try_wait() {
+            exited_silent = console.is_empty();
             break Err(format!(
                 "QEMU exited ({status}) before the boot marker: {}",
                 tail(&seen(&stderr)).trim()
@@ -483,6 +520,7 @@ fn boot(data: &Path, point: &PointInfo, opts: &DrillOptions) -> Result<Boot, Str
     drop(qemu);
     Ok(Boot {
         accel,
+        started: !exited_silent,
         serial_tail: tail(&seen(&serial)),
         boot_seconds,
         result,

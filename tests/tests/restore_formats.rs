@@ -119,6 +119,20 @@ fn restore_all_writes_every_disk_and_a_bootable_configuration() {
         .arg(format!("unix:{},server=on,wait=off", qmp.display())));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut m = Monitor::connect(&qmp);
+    // Isolated: no network device at all (QEMU's default is an e1000 on user networking).
+    let pci = m.execute("query-pci", serde_json::json!({})).unwrap();
+    let classes: Vec<u64> = pci
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|bus| bus["devices"].as_array().unwrap().clone())
+        .map(|dev| dev["class_info"]["class"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !classes.iter().any(|c| c >> 8 == 0x02),
+        "a network controller is attached: {classes:x?}"
+    );
+    assert!(script.contains("-nic none"), "{script}");
     let blocks = m.execute("query-block", serde_json::json!({})).unwrap();
     let files: Vec<String> = blocks
         .as_array()

@@ -34,6 +34,10 @@ pub struct DrillArgs {
     /// Memory for the drill's QEMU at most (the VM's captured memory when smaller), in MiB.
     #[arg(long, default_value_t = 4096)]
     pub max_memory_mib: u64,
+    /// QEMU's accelerator: auto (KVM when /dev/kvm opens, TCG when QEMU fails to start under
+    /// it), kvm, or tcg (choose tcg where nested KVM is present but slow).
+    #[arg(long, value_enum, default_value_t = drill::Accel::Auto)]
+    pub accel: drill::Accel,
     /// Print the drill's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +103,7 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         expect_serial,
         cancel,
         max_memory_mib: a.max_memory_mib.max(16),
+        accel: a.accel,
         progress: {
             let bar = bar.clone();
             Arc::new(move |done, total| {

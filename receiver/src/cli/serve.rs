@@ -221,6 +221,14 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             cmd.args(["drill", "--json", "--vm", &vm, "--data"])
                 .arg(&data)
                 .args(["--boot-timeout", &s.boot_timeout.to_string()])
+                .args([
+                    "--accel",
+                    match s.accel {
+                        crate::drill::Accel::Auto => "auto",
+                        crate::drill::Accel::Kvm => "kvm",
+                        crate::drill::Accel::Tcg => "tcg",
+                    },
+                ])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
