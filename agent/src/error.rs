@@ -112,7 +112,10 @@ fn describe_refusal(call: &str, status: &tonic::Status) -> String {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) && !causes.is_empty();
     let mut out = if link {
-        format!("lost the connection to the receiver during {call}: {}", status.message())
+        format!(
+            "lost the connection to the receiver during {call}: {}",
+            status.message()
+        )
     } else {
         format!("receiver refused {call}: {}", status.message())
     };

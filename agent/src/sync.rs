@@ -384,7 +384,7 @@ pub async fn sync_once(
             .await
             .map_err(LiveError::from)?;
         let freezer = match cfg.live.as_ref().and_then(|l| l.guest_agent.as_ref()) {
-            Some(path) => match live::Freezer::connect(path).await {
+            Some(path) => match live::Freezer::connect(path, live::freeze_marker(&work)).await {
                 Ok(f) => Some(f),
                 Err(e) => {
                     // A point without a freeze beats no point: it is marked crash-consistent.
@@ -608,7 +608,8 @@ fn freeze_in_flight() -> bool {
 }
 
 /// Lets a cycle being stopped run on while a guest freeze is in flight (dropped between freeze
-/// and thaw, it would leave the guest frozen); returns its result if it finished meanwhile.
+/// and thaw, it would leave the guest frozen), which is at most [`live::FREEZE_PHASE_MAX`];
+/// returns its result if it finished meanwhile.
 pub async fn finish_freeze<F: std::future::Future + Unpin>(cycle: &mut F) -> Option<F::Output> {
     while freeze_in_flight() {
         if let Ok(done) = tokio::time::timeout(Duration::from_millis(100), &mut *cycle).await {
@@ -634,8 +635,50 @@ impl Drop for FreezeGuard {
     }
 }
 
+/// Background thaws of this process still running (see [`live::keep_thawing`]).
+static THAWS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Keeps thawing the guest behind `path` in a task of its own, so the cycle goes on at once.
+fn spawn_thaw(path: std::path::PathBuf, marker: std::path::PathBuf) {
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            THAWS_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    THAWS_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let counted = Counted;
+    tokio::spawn(async move {
+        let _counted = counted;
+        live::keep_thawing(&path, &marker).await;
+    });
+}
+
+/// Waits, up to `limit`, for this process's background thaws to confirm the guests thawed;
+/// returns whether none is left. An agent about to exit calls it: its runtime's end would
+/// cancel them (the marker they leave makes the next run thaw instead).
+pub async fn wait_thaws(limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while THAWS_IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// Whether background thaws of this process are running.
+pub fn thaws_in_flight() -> bool {
+    THAWS_IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
 /// Freezes (if a guest agent is given), captures, and always thaws. Returns whether the file
 /// systems were frozen during the capture, and how the disks were fleeced.
+///
+/// The freeze phase is bounded by [`live::FREEZE_PHASE_MAX`]: a freeze that does not answer in
+/// [`live::MAX_FREEZE`] makes the point crash-consistent at once, and a thaw that does not
+/// answer in [`live::THAW_TIMEOUT`] goes on in the background until the guest says `thawed`.
 async fn capture_live(
     qmp: &mut Qmp,
     work: &Workdir,
@@ -648,25 +691,44 @@ async fn capture_live(
         return Ok((false, mode));
     };
     let _guard = FreezeGuard::new();
-    let frozen = match freezer.freeze().await {
-        Ok(n) => {
+    let outcome = match freezer.freeze().await {
+        Ok(o) => o,
+        Err(e) => live::FreezeOutcome::NotFrozen(format!("the guest agent did not answer: {e}")),
+    };
+    let freezer = match outcome {
+        live::FreezeOutcome::Frozen(n) => {
             tracing::info!(filesystems = n, "guest file systems frozen");
-            true
+            crate::faults::point("frozen");
+            Some(freezer)
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "guest freeze failed: the point is crash-consistent");
-            let _ = freezer.thaw().await;
-            false
+        live::FreezeOutcome::NotFrozen(why) => {
+            tracing::warn!(reason = %why, "guest not frozen: the point is crash-consistent");
+            None
+        }
+        live::FreezeOutcome::Unsure(why) => {
+            tracing::warn!(reason = %why, "guest freeze failed: the point is crash-consistent; thawing in the background");
+            let (path, marker) = (freezer.path().to_owned(), freezer.marker().to_owned());
+            // Its connection goes first: the guest agent serves one client at a time.
+            drop(freezer);
+            spawn_thaw(path, marker);
+            None
         }
     };
+    let frozen = freezer.is_some();
     let mode = live::Fleecing::choose(caps, frozen);
-    let captured =
-        tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps, mode)).await;
-    if frozen {
-        if let Err(e) = freezer.thaw().await {
-            tracing::error!(error = %e, "guest thaw failed");
+    let captured = match freezer {
+        None => Ok(live::capture(qmp, work, caps, mode).await),
+        Some(freezer) => {
+            let captured =
+                tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps, mode)).await;
+            let (path, marker) = (freezer.path().to_owned(), freezer.marker().to_owned());
+            if let Err(e) = freezer.thaw().await {
+                tracing::error!(error = %e, "guest thaw failed; thawing in the background");
+                spawn_thaw(path, marker);
+            }
+            captured
         }
-    }
+    };
     match captured {
         Ok(r) => r.map(|()| (frozen, mode)).map_err(SyncError::from),
         Err(_) => Err(SyncError::Protocol(

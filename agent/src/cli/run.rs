@@ -214,8 +214,8 @@ async fn protect(
                 match tokio::time::timeout(grace, &mut cycle).await {
                     Ok(r) => Some(r),
                     Err(_) => {
-                        // Never cut a cycle between a guest freeze and its thaw (the capture
-                        // under a freeze is itself bounded by live::MAX_FREEZE).
+                        // Never cut a cycle between a guest freeze and its thaw (that phase is
+                        // bounded by live::FREEZE_PHASE_MAX).
                         crate::sync::finish_freeze(&mut cycle).await
                     }
                 }
@@ -345,6 +345,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         for (_, t) in tasks {
             let _ = t.await;
+        }
+        // The runtime's end would cancel the thaws still going on in the background.
+        if crate::sync::thaws_in_flight() {
+            tracing::info!(limit = crate::live::KEEP_THAWING_MAX.as_secs(), "waiting for a guest thaw to be confirmed (signal again to skip)");
+            tokio::select! {
+                _ = crate::sync::wait_thaws(crate::live::KEEP_THAWING_MAX) => {}
+                _ = term.recv() => tracing::warn!("exiting before a guest thaw was confirmed: the next start thaws the guest"),
+                _ = int.recv() => tracing::warn!("exiting before a guest thaw was confirmed: the next start thaws the guest"),
+            }
         }
         tracing::info!("stopped");
         Ok(())

@@ -9,6 +9,7 @@ use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -74,13 +75,45 @@ fn print(report: &SyncReport, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves at SIGTERM when a handler is installed, never otherwise.
-async fn terminated(term: &mut Option<tokio::signal::unix::Signal>) {
-    match term {
-        Some(t) => {
-            t.recv().await;
+/// SIGTERM and SIGINT, in every mode: a cycle between a guest freeze and its thaw finishes its
+/// thaw before the agent exits (see [`crate::sync::finish_freeze`]).
+struct Stop {
+    term: Signal,
+    int: Signal,
+}
+
+impl Stop {
+    fn install() -> anyhow::Result<Stop> {
+        Ok(Stop {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Before the agent exits: waits for the guest thaws still going on in the background (at most
+/// [`crate::live::KEEP_THAWING_MAX`]), unless a further signal says not to wait.
+async fn drain_thaws(stop: &mut Stop) {
+    if !crate::sync::thaws_in_flight() {
+        return;
+    }
+    tracing::info!(
+        limit = crate::live::KEEP_THAWING_MAX.as_secs(),
+        "waiting for the guest thaw to be confirmed before exiting (signal again to skip)"
+    );
+    tokio::select! {
+        _ = crate::sync::wait_thaws(crate::live::KEEP_THAWING_MAX) => {}
+        _ = stop.recv() => tracing::warn!(
+            "exiting before the guest thaw was confirmed: the next run thaws the guest"
+        ),
     }
 }
 
@@ -126,83 +159,97 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        // Continuous mode stops cleanly on SIGTERM: between cycles at once; during one, the cycle
-        // is dropped (its session resumes on the next run) unless guest file systems are
-        // frozen, when the capture and thaw finish first. `--once` keeps the default action.
-        let mut term = if a.once {
-            None
-        } else {
-            Some(
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("SIGTERM handler")?,
+        // Every mode stops cleanly on SIGTERM or SIGINT: between cycles at once; during one,
+        // the cycle is dropped (its session resumes on the next run) unless guest file systems
+        // are frozen, when the capture and thaw finish first (live::FREEZE_PHASE_MAX at most).
+        // Thaws still going on in the background are waited for before exiting.
+        let mut stop = Stop::install()?;
+        let r = cycles(&a, &cfg, &receiver, &mut stop).await;
+        drain_thaws(&mut stop).await;
+        r
+    })
+}
+
+/// Runs the cycles: one with `--once`, else one every interval until stopped.
+async fn cycles(
+    a: &SyncArgs,
+    cfg: &SyncConfig,
+    receiver: &client::ReceiverConfig,
+    stop: &mut Stop,
+) -> anyhow::Result<()> {
+    if !a.once {
+        rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
+        rewind_proto::systemd::spawn_watchdog();
+    }
+    loop {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("sync {}", cfg.vm));
+        let progress: Progress = {
+            let bar = bar.clone();
+            Arc::new(move |pos, total| {
+                bar.set_length(total);
+                bar.set_position(pos);
+            })
         };
-        if !a.once {
-            rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
-            rewind_proto::systemd::spawn_watchdog();
+        let rpo = 2 * a.interval.max(1);
+        let started = std::time::Instant::now();
+        if let Ok(conn) = crate::state::open(&cfg.state_dir) {
+            let _ = crate::health::cycle_started(&conn, &cfg.vm, rpo);
         }
-        loop {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar.set_message(format!("sync {}", cfg.vm));
-            let progress: Progress = {
-                let bar = bar.clone();
-                Arc::new(move |pos, total| {
-                    bar.set_length(total);
-                    bar.set_position(pos);
-                })
-            };
-            let rpo = 2 * a.interval.max(1);
-            let started = std::time::Instant::now();
-            if let Ok(conn) = crate::state::open(&cfg.state_dir) {
-                let _ = crate::health::cycle_started(&conn, &cfg.vm, rpo);
-            }
-            let cycle = async {
-                let mut c = client::connect(&receiver).await?;
-                sync_once(&mut c, &cfg, progress).await
-            };
-            tokio::pin!(cycle);
-            let result = tokio::select! {
-                r = &mut cycle => r,
-                _ = terminated(&mut term) => {
+        let cycle = async {
+            let mut c = client::connect(receiver).await?;
+            sync_once(&mut c, cfg, progress).await
+        };
+        tokio::pin!(cycle);
+        let result = tokio::select! {
+            r = &mut cycle => r,
+            _ = stop.recv() => {
+                if !a.once {
                     rewind_proto::systemd::notify("STOPPING=1");
-                    let _ = crate::sync::finish_freeze(&mut cycle).await;
-                    bar.finish_and_clear();
-                    tracing::warn!(vm = %cfg.vm, "stopped: the point in flight resumes on the next run");
-                    return Ok(());
                 }
-            };
-            bar.finish_and_clear();
-            if let Ok(conn) = crate::state::open(&cfg.state_dir) {
-                let secs = started.elapsed().as_secs_f64();
-                if let Err(e) = crate::health::cycle_ended(&conn, &cfg.vm, rpo, secs, &result) {
-                    tracing::warn!(error = %e, "could not record the cycle");
+                let _ = crate::sync::finish_freeze(&mut cycle).await;
+                bar.finish_and_clear();
+                if a.once {
+                    bail!("stopped before the point of VM {} was committed: it resumes on the next run", cfg.vm);
                 }
-            }
-            match result {
-                Ok(report) => {
-                    crate::sync::log_committed(&report);
-                    print(&report, a.json)?
-                }
-                Err(e) if a.once => {
-                    return Err(anyhow::Error::new(e).context(format!("syncing VM {}", cfg.vm)))
-                }
-                Err(e) => tracing::error!(vm = %cfg.vm, error = %e, "cycle failed; retrying next interval"),
-            }
-            if a.once {
+                tracing::warn!(vm = %cfg.vm, "stopped: the point in flight resumes on the next run");
                 return Ok(());
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(a.interval.max(1))) => {}
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-                _ = terminated(&mut term) => {
-                    rewind_proto::systemd::notify("STOPPING=1");
-                    return Ok(());
-                }
+        };
+        bar.finish_and_clear();
+        if let Ok(conn) = crate::state::open(&cfg.state_dir) {
+            let secs = started.elapsed().as_secs_f64();
+            if let Err(e) = crate::health::cycle_ended(&conn, &cfg.vm, rpo, secs, &result) {
+                tracing::warn!(error = %e, "could not record the cycle");
             }
         }
-    })
+        match result {
+            Ok(report) => {
+                crate::sync::log_committed(&report);
+                print(&report, a.json)?
+            }
+            Err(e) if a.once => {
+                return Err(anyhow::Error::new(e).context(format!("syncing VM {}", cfg.vm)))
+            }
+            Err(e) => {
+                tracing::error!(vm = %cfg.vm, error = %e, "cycle failed; retrying next interval")
+            }
+        }
+        if a.once {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(a.interval.max(1))) => {}
+            _ = stop.recv() => {
+                rewind_proto::systemd::notify("STOPPING=1");
+                return Ok(());
+            }
+        }
+    }
 }
