@@ -153,6 +153,43 @@ impl Workdir {
     pub fn fleece_file(&self, disk: &str) -> PathBuf {
         self.dir.join(format!("fleece-{disk}.qcow2"))
     }
+
+    /// Present while a full read of `disk` has not committed.
+    fn full_marker(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("full-read-{disk}"))
+    }
+}
+
+/// A disk whose last full read did not commit is read in full again: the bitmap that cycle
+/// created records only the writes after its capture, not the ones before it that the full read
+/// was to carry (a VM restarted without its bitmap, then a cycle that failed or was killed).
+pub fn redo_failed_full_reads(work: &Workdir, caps: &mut [DiskCapture]) {
+    for c in caps.iter_mut() {
+        if c.read_bitmap.is_some() && work.full_marker(&c.disk.name).exists() {
+            c.read_bitmap = None;
+            c.full_reason = Some("the last full read did not commit".to_owned());
+        }
+    }
+}
+
+/// Before a capture: marks each disk read in full (durably) until its point commits.
+pub fn mark_full_reads(work: &Workdir, caps: &[DiskCapture]) -> std::io::Result<()> {
+    let mut any = false;
+    for c in caps.iter().filter(|c| c.read_bitmap.is_none()) {
+        std::fs::File::create(work.full_marker(&c.disk.name))?.sync_all()?;
+        any = true;
+    }
+    if any {
+        std::fs::File::open(&work.dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// After a commit: its full reads are done.
+pub fn clear_full_reads(work: &Workdir, caps: &[DiskCapture]) {
+    for c in caps {
+        let _ = std::fs::remove_file(work.full_marker(&c.disk.name));
+    }
 }
 
 /// The VM's disks, as QEMU sees them now.
@@ -822,6 +859,9 @@ pub async fn finish(
         }
     }
     cleanup(qmp, work).await?;
+    if committed {
+        clear_full_reads(work, caps);
+    }
     for c in caps {
         let old: Vec<&String> = c
             .old_bitmaps

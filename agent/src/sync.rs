@@ -167,6 +167,7 @@ enum Capture {
     Offline {
         caps: Vec<(PathBuf, DiskCapture)>,
         servers: Vec<NbdServer>,
+        work: Workdir,
     },
 }
 
@@ -180,10 +181,18 @@ impl Capture {
                 work,
                 caps,
             } => Ok(live::finish(&mut qmp, &work, &caps, committed).await?),
-            Capture::Offline { caps, servers } => {
+            Capture::Offline {
+                caps,
+                servers,
+                work,
+            } => {
                 drop(servers);
                 for (path, cap) in &caps {
                     offline::finish(path, cap, committed)?;
+                }
+                if committed {
+                    let caps: Vec<DiskCapture> = caps.into_iter().map(|(_, c)| c).collect();
+                    live::clear_full_reads(&work, &caps);
                 }
                 Ok(())
             }
@@ -380,6 +389,11 @@ pub async fn sync_once(
         live::drop_inconsistent(&mut qmp, &mut caps)
             .await
             .map_err(LiveError::from)?;
+        live::redo_failed_full_reads(&work, &mut caps);
+        live::mark_full_reads(&work, &caps).map_err(|e| SyncError::Credentials {
+            path: work.dir.clone(),
+            source: e,
+        })?;
         config = live::vm_config(&mut qmp, &disks)
             .await
             .map_err(LiveError::from)?;
@@ -452,14 +466,22 @@ pub async fn sync_once(
                 (None, Some(info)) => {
                     let mut cap =
                         live::plan(std::slice::from_ref(&info), &[!full[i]], stamp()).remove(0);
-                    let step = offline::capture(&d.path, &mut cap).and_then(|()| {
-                        NbdServer::start(
-                            &d.path,
-                            &work.dir.join(format!("qemu-nbd-{name}.sock")),
-                            name,
-                            cap.read_bitmap.as_deref(),
-                        )
-                    });
+                    live::redo_failed_full_reads(&work, std::slice::from_mut(&mut cap));
+                    let step = live::mark_full_reads(&work, std::slice::from_ref(&cap))
+                        .map_err(|e| offline::OfflineError::Tool {
+                            tool: "the agent's state folder",
+                            path: work.dir.clone(),
+                            message: e.to_string(),
+                        })
+                        .and_then(|()| offline::capture(&d.path, &mut cap))
+                        .and_then(|()| {
+                            NbdServer::start(
+                                &d.path,
+                                &work.dir.join(format!("qemu-nbd-{name}.sock")),
+                                name,
+                                cap.read_bitmap.as_deref(),
+                            )
+                        });
                     let source = cap
                         .full_reason
                         .as_ref()
@@ -498,7 +520,11 @@ pub async fn sync_once(
                 "as-read"
             }
             .to_owned();
-            let capture = Capture::Offline { caps, servers };
+            let capture = Capture::Offline {
+                caps,
+                servers,
+                work,
+            };
             if let Some(e) = failure {
                 let _ = capture.finish(false).await;
                 return Err(e.into());

@@ -440,3 +440,70 @@ fn offline_qcow2_keeps_its_incremental_chain() {
     assert_eq!(bitmaps.len(), 1);
     assert_eq!(bitmaps[0]["flags"], json!(["auto"]));
 }
+
+/// A VM restarted without its bitmap needs a full read; when that cycle fails after its capture
+/// (the agent killed, or the receiver dying under it), the bitmap it created records only the
+/// writes after the capture. The next cycle must read in full again, not trust that bitmap, or
+/// its point would miss the writes made before the failed capture (found by rewind-chaos).
+#[test]
+fn a_failed_full_read_is_read_in_full_again() {
+    for how in [
+        "agent killed after the capture",
+        "receiver killed mid-upload",
+    ] {
+        let d = Deployment::new();
+        let mut rx = d.serve();
+        let mut vm = Vm::create(d.dir.path(), &[16 * MIB]);
+        let mut a = Model::new(16 * MIB);
+        vm.monitor.write("drive0", 1, 0, BLOCK);
+        a.write(0, BLOCK, 1);
+        d.sync_live_ok(&rx, "fr", &vm.agent_qmp());
+        vm.monitor
+            .execute(
+                "human-monitor-command",
+                json!({"command-line": "qemu-io drive0 flush"}),
+            )
+            .unwrap();
+        let disks = vm.kill9();
+        let mut vm = Vm::start(d.dir.path(), disks);
+        vm.monitor.write("drive0", 2, MIB, BLOCK);
+        a.write(MIB, BLOCK, 2);
+        if how.starts_with("agent") {
+            let mut cmd = d.sync_cmd(&rx, "host1", "fr", &[], &[]);
+            cmd.arg("--qmp")
+                .arg(vm.agent_qmp())
+                .env("REWIND_FAULT", "after-transaction");
+            assert!(!rewind_tests::run(&mut cmd).status.success());
+        } else {
+            drop(rx);
+            rx = rewind_tests::Receiver::start_via(
+                {
+                    let mut c = std::process::Command::new(rewind_tests::bin("rewind-receiver"));
+                    c.env("REWIND_FAULT", "after-pack-sync");
+                    c
+                },
+                &d.data(),
+                &d.pki(),
+                "127.0.0.1:0",
+                &[],
+            );
+            let out = d.sync_live(&rx, "fr", &vm.agent_qmp(), &[]);
+            assert!(!out.status.success(), "{how}: the cycle fails");
+            assert!(
+                rx.wait_exit(std::time::Duration::from_secs(15)).is_some(),
+                "serve died at its fault point"
+            );
+            rx = d.serve();
+        }
+        let r = d.sync_live_ok(&rx, "fr", &vm.agent_qmp());
+        let source = disk_of(&r, "vda")["source"].as_str().unwrap().to_owned();
+        assert!(source.starts_with("full-read"), "{how}: {source}");
+        check_restores(&d, "fr", r["point"].as_u64().unwrap(), &[("vda", &a)]);
+        // Tracking resumes from the committed full read.
+        vm.monitor.write("drive0", 3, 2 * MIB, BLOCK);
+        a.write(2 * MIB, BLOCK, 3);
+        let r = d.sync_live_ok(&rx, "fr", &vm.agent_qmp());
+        assert_eq!(disk_of(&r, "vda")["source"], "dirty-bitmap", "{how}");
+        check_restores(&d, "fr", r["point"].as_u64().unwrap(), &[("vda", &a)]);
+    }
+}
