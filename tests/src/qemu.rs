@@ -110,6 +110,14 @@ impl Monitor {
     }
 }
 
+/// Whether a drill's QEMU for `vm` runs (it is named `rewind-drill-VM`).
+pub fn drill_running(vm: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("rewind-drill-{vm}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// One disk of a test VM: device id `vdX`, drive id `driveX`, a qcow2 file.
 #[derive(Debug, Clone)]
 pub struct VmDisk {

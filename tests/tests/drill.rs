@@ -60,12 +60,7 @@ fn pack_digest(d: &Deployment) -> Vec<(String, String)> {
 }
 
 fn qemu_running(vm: &str) -> bool {
-    Command::new("pgrep")
-        .args(["-f", &format!("rewind-drill-{vm}")])
-        .output()
-        .unwrap()
-        .status
-        .success()
+    rewind_tests::qemu::drill_running(vm)
 }
 
 fn empty_dir(p: &Path) -> bool {

@@ -583,15 +583,6 @@ fn restore_killed_mid_write_leaves_no_image_and_runs_again() {
     drop(rx);
 }
 
-fn drill_qemu_running(vm: &str) -> bool {
-    Command::new("pgrep")
-        .args(["-f", &format!("rewind-drill-{vm}")])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 /// A drill killed after verifying its point, or while its QEMU boots, leaves no QEMU running,
 /// no record, an untouched store and (once the next drill ran) no temporary folder; the next
 /// drill passes.
@@ -630,7 +621,7 @@ fn drills_killed_after_verify_and_mid_boot_leave_nothing_behind() {
     for point in ["drill-after-verify", "drill-mid-boot"] {
         assert_killed_at(drill(Some(point)).status, point);
         assert!(
-            wait_until(EXIT_WAIT, || !drill_qemu_running(vm.vm)),
+            wait_until(EXIT_WAIT, || !rewind_tests::qemu::drill_running(vm.vm)),
             "QEMU outlived the drill killed at {point}"
         );
     }

@@ -84,7 +84,7 @@ fn suite(package: &str, target: &str, env: &[(&str, String)]) -> Result<Suite> {
     let started = Instant::now();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace())
-        .args(["test", "-q", "-p", package, "--test", target, "--"])
+        .args(["test", "-p", package, "--test", target, "--"])
         .args(["--nocapture", "--test-threads", "2"])
         .stdin(Stdio::null());
     for (k, v) in env {
@@ -305,10 +305,11 @@ fn table(
     );
     let p = &chaos["points"];
     s += &format!(
-        "  points             committed {}, pruned {}, locked {}, checked bit-exact {}, LOST {}\n",
+        "  points             committed {}, pruned {}, locked {}, checked bit-exact {} ({} restores), LOST {}\n",
         n(&p["committed"]),
         n(&p["pruned"]),
         n(&p["locked"]),
+        n(&p["checked"]),
         n(&p["restores_bit_exact"]),
         n(&p["lost"])
     );
