@@ -6,7 +6,7 @@ use crate::error::SyncError;
 use crate::live::{self, DiskCapture, LiveError, Workdir};
 use crate::nbd::{self, NbdClient};
 use crate::offline::{self, NbdServer};
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QmpError};
 use crate::scan::{self, BlockSource, Change, DiskScan, Outside, ScanError, ScanPlan};
 use crate::source::RawDisk;
 use crate::state::{self, OldLeaves, PendingWriter};
@@ -643,6 +643,34 @@ pub async fn finish_freeze<F: std::future::Future + Unpin>(cycle: &mut F) -> Opt
         }
     }
     None
+}
+
+/// After a cycle was dropped by a stop signal: removes what it left in the VM (exports, our
+/// filters with the device put back on its disk, fleecing nodes and images, the NBD server),
+/// within 30 s. Bitmaps stay, so the next cycle loses no write.
+pub async fn release_vm(cfg: &SyncConfig) {
+    let Some(src) = &cfg.live else { return };
+    let released = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut qmp = Qmp::connect(&src.qmp).await?;
+        let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| QmpError::Io {
+            path: cfg.state_dir.display().to_string(),
+            source: e,
+        })?;
+        live::cleanup(&mut qmp, &work).await
+    })
+    .await;
+    match released {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(vm = %cfg.vm, ?removed, "stopped cycle's leftovers removed from the VM")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(vm = %cfg.vm, error = %e, "could not clean up the VM: the next run does")
+        }
+        Err(_) => {
+            tracing::warn!(vm = %cfg.vm, "cleaning up the VM took over 30 s: the next run does")
+        }
+    }
 }
 
 /// Counts a freeze in flight while alive.

@@ -220,7 +220,7 @@ fn a_slow_fsfreeze_hook_makes_a_bounded_crash_consistent_point_and_the_guest_end
 fn stopped_killed_and_foreign_freezes_end_thawed_or_untouched() {
     let d = Deployment::new();
     let rx = d.serve();
-    let g = boot(&d);
+    let mut g = boot(&d);
 
     // A freeze another tool holds: not thawed, and the point is crash-consistent.
     {
@@ -255,6 +255,11 @@ fn stopped_killed_and_foreign_freezes_end_thawed_or_untouched() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!out.status.success(), "a stopped --once reports no point");
+    assert!(
+        g.monitor.leftovers().is_empty(),
+        "the stopped cycle left {:?} in QEMU",
+        g.monitor.leftovers()
+    );
     guest_writes(&g, Duration::from_secs(5));
     assert_eq!(freeze_status(&g), "thawed");
     assert!(!marker(&d, "vm2").exists());

@@ -200,13 +200,17 @@ async fn protect(
             .await;
         }
         let cycle = async {
-            let cfg = cfg.map_err(|e| crate::error::SyncError::Worker(format!("{e:#}")))?;
+            let cfg = cfg
+                .as_ref()
+                .map_err(|e| crate::error::SyncError::Worker(format!("{e:#}")))?;
             let rcfg =
                 receiver_cfg.map_err(|e| crate::error::SyncError::Worker(format!("{e:#}")))?;
             let mut c = client::connect(&rcfg).await?;
-            sync_once(&mut c, &cfg, Arc::new(|_, _| {})).await
+            sync_once(&mut c, cfg, Arc::new(|_, _| {})).await
         };
-        tokio::pin!(cycle);
+        // Boxed so that a stopped cycle can be dropped (closing its QMP connection) before the
+        // VM is cleaned up.
+        let mut cycle = Box::pin(cycle);
         let outcome = tokio::select! {
             r = &mut cycle => Some(r),
             _ = stopped(&mut stop) => {
@@ -222,6 +226,10 @@ async fn protect(
             }
         };
         let Some(outcome) = outcome else {
+            drop(cycle);
+            if let Ok(cfg) = &cfg {
+                crate::sync::release_vm(cfg).await;
+            }
             tracing::warn!(vm = %name, "checkpointed: the point in flight resumes on the next start");
             return;
         };

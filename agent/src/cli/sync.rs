@@ -206,14 +206,19 @@ async fn cycles(
             let mut c = client::connect(receiver).await?;
             sync_once(&mut c, cfg, progress).await
         };
-        tokio::pin!(cycle);
+        // Boxed so that a stopped cycle can be dropped (closing its QMP connection) before the
+        // VM is cleaned up.
+        let mut cycle = Box::pin(cycle);
         let result = tokio::select! {
             r = &mut cycle => r,
             _ = stop.recv() => {
                 if !a.once {
                     rewind_proto::systemd::notify("STOPPING=1");
                 }
-                let _ = crate::sync::finish_freeze(&mut cycle).await;
+                if crate::sync::finish_freeze(&mut cycle).await.is_none() {
+                    drop(cycle);
+                    crate::sync::release_vm(cfg).await;
+                }
                 bar.finish_and_clear();
                 if a.once {
                     bail!("stopped before the point of VM {} was committed: it resumes on the next run", cfg.vm);
