@@ -29,8 +29,14 @@ use tonic::transport::Channel;
 const MAX_WINDOW_ENTRIES: usize = 16_384;
 /// Most chunk hashes remembered per session to skip repeated questions.
 const MAX_SEEN: usize = 1 << 20;
-/// Batches queued between the scanner and the network.
+/// Windows queued between the scanner and the compressor, and upload messages between the
+/// compressor and the network.
 const QUEUE_DEPTH: usize = 4;
+/// Most compressed chunk bytes in one upload message. The receiver keeps only whole messages,
+/// so a link that breaks or slows to a trickle mid-message loses what it carried: a quarter of
+/// a 4 MiB window loses a quarter as much. (Windows stay 4 MiB: one MissingChunks question
+/// each.)
+const MESSAGE_TARGET_BYTES: usize = 1024 * 1024;
 /// MissingChunks questions in flight at once (each covers one window of up to 4 MiB).
 const QUESTIONS_IN_FLIGHT: usize = 8;
 /// Longest an upload stream goes without a batch: the receiver ends streams idle for longer
@@ -970,36 +976,63 @@ fn compress_all(
                     .collect::<std::io::Result<Vec<_>>>()
             })
             .map_err(|e| SyncError::Worker(format!("compression failed: {e}")))?;
-        let mut bytes = 0u64;
         for (pos, _, f) in &frames {
             sent[*pos as usize].0 += f.len() as u64;
             sent[*pos as usize].1 += 1;
-            bytes += f.len() as u64;
         }
-        let batch = pb::Batch {
-            session: session.to_owned(),
-            entries: window
-                .iter()
-                .map(|it| pb::BlockEntry {
-                    disk: it.pos,
-                    index: it.change.index,
-                    hash: it.change.leaf.0.to_vec(),
-                })
-                .collect(),
-            chunks: frames
-                .into_iter()
-                .map(|(_, leaf, data)| pb::Chunk {
-                    hash: leaf.0.to_vec(),
-                    data: data.into(),
-                })
-                .collect(),
-        };
-        limiter.spend(bytes);
-        if out.blocking_send(batch).is_err() {
-            return Ok((sent, true));
+        for message in split_window(session, &window, frames) {
+            limiter.spend(message.chunks.iter().map(|c| c.data.len() as u64).sum());
+            if out.blocking_send(message).is_err() {
+                return Ok((sent, true));
+            }
         }
     }
     Ok((sent, false))
+}
+
+/// Splits one window's compressed chunks into upload messages of at most
+/// [`MESSAGE_TARGET_BYTES`] (one larger chunk goes alone), each with the entries of the blocks
+/// whose chunks it carries: the receiver refuses a chunk that no entry of its own message
+/// uses. Entries whose chunk the receiver already holds, or that an earlier message of the
+/// stream carried, or that are zero go in the first message, so every entry arrives with or
+/// after its chunk (one stream keeps its order). Always yields at least one message.
+fn split_window(
+    session: &str,
+    window: &[Item],
+    frames: Vec<(u32, Leaf, Vec<u8>)>,
+) -> Vec<pb::Batch> {
+    let message = || pb::Batch {
+        session: session.to_owned(),
+        entries: Vec::new(),
+        chunks: Vec::new(),
+    };
+    let mut messages = vec![message()];
+    let mut carried_in: std::collections::HashMap<Leaf, usize> =
+        std::collections::HashMap::with_capacity(frames.len());
+    let mut bytes = 0usize;
+    for (_, leaf, data) in frames {
+        if bytes > 0 && bytes + data.len() > MESSAGE_TARGET_BYTES {
+            messages.push(message());
+            bytes = 0;
+        }
+        bytes += data.len();
+        carried_in.insert(leaf, messages.len() - 1);
+        if let Some(m) = messages.last_mut() {
+            m.chunks.push(pb::Chunk {
+                hash: leaf.0.to_vec(),
+                data: data.into(),
+            });
+        }
+    }
+    for it in window {
+        let n = carried_in.get(&it.change.leaf).copied().unwrap_or(0);
+        messages[n].entries.push(pb::BlockEntry {
+            disk: it.pos,
+            index: it.change.index,
+            hash: it.change.leaf.0.to_vec(),
+        });
+    }
+    messages
 }
 
 /// The blocking half of [`transfer`]: scans disk after disk, records every change as pending
@@ -1202,5 +1235,71 @@ mod tests {
         l.spend(10_000_000);
         l.spend(10_000_000);
         assert!(t.elapsed() < Duration::from_millis(100));
+    }
+
+    fn item(pos: u32, index: u64, tag: u8, zero: bool) -> Item {
+        let leaf = if zero { Leaf::ZERO } else { Leaf([tag; 32]) };
+        Item {
+            pos,
+            change: Change {
+                index,
+                leaf,
+                data: (!zero).then(|| bytes::Bytes::from(vec![tag; 16])),
+            },
+        }
+    }
+
+    #[test]
+    fn a_window_splits_into_messages_that_carry_their_own_entries() {
+        // Six blocks: two share chunk 1, one is zero, one (tag 9) is held by the receiver.
+        let window = vec![
+            item(0, 0, 1, false),
+            item(0, 1, 2, false),
+            item(0, 2, 0, true),
+            item(1, 0, 1, false),
+            item(1, 1, 9, false),
+            item(1, 2, 3, false),
+        ];
+        let big = MESSAGE_TARGET_BYTES / 2 + 1;
+        let frames = vec![
+            (0, Leaf([1; 32]), vec![1; big]),
+            (0, Leaf([2; 32]), vec![2; big]),
+            (1, Leaf([3; 32]), vec![3; 10]),
+        ];
+        let messages = split_window("s", &window, frames);
+        // Per message: (disk, index) of its entries, and the first byte of its chunks.
+        type Shape = (Vec<(u32, u64)>, Vec<u8>);
+        let shape: Vec<Shape> = messages
+            .iter()
+            .map(|m| {
+                assert_eq!(m.session, "s");
+                (
+                    m.entries.iter().map(|e| (e.disk, e.index)).collect(),
+                    m.chunks.iter().map(|c| c.hash[0]).collect(),
+                )
+            })
+            .collect();
+        // Chunks 1 and 2 do not fit one message; 3 fits beside 2. Zero and held entries go
+        // first; each chunk's entries go with it.
+        assert_eq!(
+            shape,
+            vec![
+                (vec![(0, 0), (0, 2), (1, 0), (1, 1)], vec![1]),
+                (vec![(0, 1), (1, 2)], vec![2, 3]),
+            ]
+        );
+        for m in &messages {
+            let bytes: usize = m.chunks.iter().map(|c| c.data.len()).sum();
+            assert!(m.chunks.len() == 1 || bytes <= MESSAGE_TARGET_BYTES);
+        }
+    }
+
+    #[test]
+    fn a_window_with_nothing_to_send_is_one_message() {
+        let window = vec![item(0, 0, 0, true), item(0, 1, 9, false)];
+        let messages = split_window("s", &window, Vec::new());
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].entries.len(), 2);
+        assert!(messages[0].chunks.is_empty());
     }
 }

@@ -54,6 +54,24 @@ struct Counters {
     up: AtomicU64,
     down: AtomicU64,
     connections: AtomicU64,
+    /// Connections whose relay still runs.
+    open: AtomicU64,
+}
+
+/// Counts a relay as open for as long as it lives.
+struct OpenGuard(Arc<Counters>);
+
+impl OpenGuard {
+    fn new(counters: &Arc<Counters>) -> OpenGuard {
+        counters.open.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(counters.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The proxy: listens on `addr` and forwards to its upstream on a thread of its own until
@@ -127,6 +145,12 @@ impl FaultLink {
     pub fn connections(&self) -> u64 {
         self.counters.connections.load(Ordering::SeqCst)
     }
+
+    /// Connections still relayed: accepted and not yet ended on both sides (a closed client's
+    /// bytes still queued in the sockets keep its connection open until forwarded).
+    pub fn open_connections(&self) -> u64 {
+        self.counters.open.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for FaultLink {
@@ -160,7 +184,12 @@ async fn accept_loop(
                     reset(&client);
                     continue;
                 }
-                tokio::spawn(relay(client, upstream, control.clone(), counters.clone()));
+                let open = OpenGuard::new(&counters);
+                let relayed = relay(client, upstream, control.clone(), counters.clone());
+                tokio::spawn(async move {
+                    relayed.await;
+                    drop(open);
+                });
             }
         }
     }

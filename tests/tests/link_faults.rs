@@ -424,6 +424,7 @@ fn a_byte_a_second_is_detected_and_resumed() {
     let point_bytes = BLOCKS * BLOCK;
     let mut rig = Rig::new(160 * MIB, BLOCKS, &mut rng);
     let start_up = rig.link.bytes_up();
+    let start_stored = rig.settled_pack_bytes();
     let mut agent = rig.spawn(Some(24));
     let expected = Duration::from_secs_f64(point_bytes as f64 / 24e6);
     into_upload(
@@ -456,17 +457,33 @@ fn a_byte_a_second_is_detected_and_resumed() {
         trickled <= took.as_secs() + 2,
         "the link kept to 1 byte/s: {trickled} bytes in {took:?}"
     );
+    let first_up = rig.link.bytes_up() - start_up;
+    let first_stored = rig.settled_pack_bytes() - start_stored;
     rig.link.set(LinkMode::Pass);
+    // The dead attempt's bytes still queued in the sockets (up to about 10 MiB on loopback:
+    // the exited agent's send buffer and the proxy's receive buffer) now flow to the receiver,
+    // which stages the whole messages among them. A daemon retries at its next interval, long
+    // after that connection ended; a retry racing it would ask for chunks on their way.
+    assert!(
+        wait_until(DEAD_LINK_BOUND, || rig.link.open_connections() == 0),
+        "the dead attempt's connection never ended"
+    );
+    let flushed = rig.link.bytes_up() - start_up - first_up;
     let report = rig.sync_ok();
     assert_eq!(report["resumed"], true, "{report}");
     let total = rig.link.bytes_up() - start_up;
     let resent = total.saturating_sub(point_bytes);
     let share = resent as f64 / point_bytes as f64;
     println!(
-        "link-faults: trickle 1 B/s: point {:.1} MiB, {:.1} MiB up over 2 attempts, re-sent \
-         {:.2} MiB = {:.2}%",
+        "link-faults: trickle 1 B/s: point {:.1} MiB, {:.1} MiB up over 2 attempts (the first \
+         {:.2} MiB up, {:.2} MiB stored, {:.2} MiB flushed after the link came back; the last \
+         sent {:.2} MiB), re-sent {:.2} MiB = {:.2}%",
         mib(point_bytes),
         mib(total),
+        mib(first_up),
+        mib(first_stored),
+        mib(flushed),
+        mib(report["sent_bytes"].as_u64().unwrap_or(0)),
         mib(resent),
         100.0 * share
     );
