@@ -2,13 +2,22 @@
 //! cycle (`sync` and `run`), and read by `status` and the metrics endpoint, so both tell the
 //! truth after a restart.
 //!
-//! States: `seeding` (no point yet), `replicating` (newest point within 2x the RPO target),
-//! `behind` (no point within 2x the RPO target), `failing` (the last cycle failed). A VM is
-//! alert-worthy when it has no point within 2x its RPO target.
+//! States: `seeding` (no point yet), `replicating` (newest point within 2x the RPO target and
+//! the last point within the target), `behind` (no point within 2x the RPO target, or cycles
+//! stretched: the last point landed more than the RPO target after the one before),
+//! `failing` (the last cycle failed). A VM is alert-worthy when it has no point within 2x its
+//! RPO target.
+//!
+//! The achieved RPO of a point is the data a host loss would have cost just before it
+//! committed: the time from the previous point's capture to this point's commit. When the
+//! guest writes faster than the link carries, cycles stretch (they never overlap and never
+//! give up for being slow), the achieved RPO grows past the target and the VM shows `behind`;
+//! once the burst ends, the next short cycle brings it back to `replicating` by itself. The
+//! last [`RPO_WINDOW`] values give the p50 and p99 that `status` and the metrics show.
 
 use crate::error::SyncError;
 use crate::sync::SyncReport;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -30,10 +39,16 @@ CREATE TABLE IF NOT EXISTS health(
   cycles_failed INTEGER NOT NULL DEFAULT 0,
   bytes_read INTEGER NOT NULL DEFAULT 0,
   bytes_sent INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS health_rpo(
+  vm TEXT NOT NULL, at_us INTEGER NOT NULL, achieved_s REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS health_rpo_vm ON health_rpo(vm);
 CREATE TABLE IF NOT EXISTS health_failures(
   vm TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL,
   PRIMARY KEY(vm, kind)) WITHOUT ROWID;
 ";
+
+/// Achieved RPOs kept per VM for the percentiles.
+pub const RPO_WINDOW: usize = 100;
 
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> i64 {
@@ -76,18 +91,50 @@ pub fn cycle_started(conn: &Connection, vm: &str, rpo_s: u64) -> rusqlite::Resul
     Ok(())
 }
 
-/// Records how a cycle of `vm` ended.
+/// Records how a cycle of `vm` ended. `since_previous` is the time since the previous point's
+/// capture when this process took that point too, on its monotonic clock (immune to clock
+/// steps); otherwise the achieved RPO comes from the recorded wall-clock times.
 pub fn cycle_ended(
     conn: &Connection,
     vm: &str,
     rpo_s: u64,
     seconds: f64,
+    since_previous: Option<f64>,
     outcome: &Result<SyncReport, SyncError>,
 ) -> rusqlite::Result<()> {
     ensure(conn, vm, rpo_s)?;
     match outcome {
         Ok(r) => {
             let read: u64 = r.disks.iter().map(|d| d.read_bytes).sum();
+            let now = now_us();
+            let achieved = match since_previous {
+                Some(s) => Some(s),
+                None => {
+                    // The previous point was captured when its cycle started.
+                    let prev: Option<(Option<i64>, Option<f64>)> = conn
+                        .query_row(
+                            "SELECT last_ok_us, last_cycle_s FROM health
+                             WHERE vm = ?1 AND last_point IS NOT NULL",
+                            params![vm],
+                            |row| Ok((row.get(0)?, row.get(1)?)),
+                        )
+                        .optional()?;
+                    prev.and_then(|(ok, cycle)| ok.zip(cycle))
+                        .map(|(ok, cycle)| (now - ok) as f64 / 1e6 + cycle)
+                        .filter(|a| *a >= 0.0)
+                }
+            };
+            if let Some(a) = achieved {
+                conn.execute(
+                    "INSERT INTO health_rpo(vm, at_us, achieved_s) VALUES (?1, ?2, ?3)",
+                    params![vm, now, a],
+                )?;
+                conn.execute(
+                    "DELETE FROM health_rpo WHERE vm = ?1 AND rowid NOT IN
+                       (SELECT rowid FROM health_rpo WHERE vm = ?1 ORDER BY rowid DESC LIMIT ?2)",
+                    params![vm, RPO_WINDOW as i64],
+                )?;
+            }
             conn.execute(
                 "UPDATE health SET last_cycle_s = ?2, last_ok_us = ?3, last_point = ?4,
                    last_point_created_us = ?5, consecutive_failures = 0,
@@ -97,7 +144,7 @@ pub fn cycle_ended(
                 params![
                     vm,
                     seconds,
-                    now_us(),
+                    now,
                     r.point,
                     parse_us(&r.created).unwrap_or_else(now_us),
                     read as i64,
@@ -137,6 +184,11 @@ pub struct VmStatus {
     pub last_point_created: Option<String>,
     pub last_point_age_seconds: Option<f64>,
     pub last_cycle_seconds: Option<f64>,
+    /// The newest point's achieved RPO: from the previous point's capture to its commit.
+    pub achieved_rpo_seconds: Option<f64>,
+    /// Over the last [`RPO_WINDOW`] points.
+    pub achieved_rpo_p50_seconds: Option<f64>,
+    pub achieved_rpo_p99_seconds: Option<f64>,
     pub last_error: Option<String>,
     pub last_error_kind: Option<String>,
     pub consecutive_failures: u64,
@@ -197,6 +249,14 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
             Some(a) => a > limit,
             None => since_seen > limit,
         };
+        let achieved: Vec<f64> = {
+            let mut s = conn
+                .prepare_cached("SELECT achieved_s FROM health_rpo WHERE vm = ?1 ORDER BY rowid")?;
+            let rows = s.query_map([&vm], |r| r.get::<_, f64>(0))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let last_achieved = achieved.last().copied();
+        let (p50, p99) = (percentile(&achieved, 0.50), percentile(&achieved, 0.99));
         let (state, why) = if fails > 0 {
             (
                 "failing",
@@ -214,6 +274,15 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
                 format!(
                     "newest point is {:.0} s old, more than 2x the {rpo} s RPO target",
                     age.unwrap_or(0.0)
+                ),
+            )
+        } else if let Some(a) = last_achieved.filter(|a| *a > rpo as f64) {
+            (
+                "behind",
+                format!(
+                    "cycles take longer than the interval: the newest point landed {a:.0} s \
+                     after the one before, over the {rpo} s RPO target (it catches up by itself \
+                     when writes slow down)"
                 ),
             )
         } else {
@@ -243,6 +312,9 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
             last_point_created: created.map(text_us),
             last_point_age_seconds: age,
             last_cycle_seconds: cycle_s,
+            achieved_rpo_seconds: last_achieved,
+            achieved_rpo_p50_seconds: p50,
+            achieved_rpo_p99_seconds: p99,
             last_error: err,
             last_error_kind: kind,
             consecutive_failures: fails as u64,
@@ -256,11 +328,20 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
     Ok(out)
 }
 
+/// The `q` quantile of `values` (nearest rank), None when there are none.
+fn percentile(values: &[f64], q: f64) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied()
+}
+
 /// Forgets a VM no longer configured (its points stay on the receiver).
 pub fn forget(conn: &Connection, vm: &str) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     conn.execute("DELETE FROM health WHERE vm = ?1", [vm])?;
     conn.execute("DELETE FROM health_failures WHERE vm = ?1", [vm])?;
+    conn.execute("DELETE FROM health_rpo WHERE vm = ?1", [vm])?;
     Ok(())
 }
 
@@ -269,7 +350,7 @@ pub fn render(conn: &Connection) -> rusqlite::Result<String> {
     let all = status(conn)?;
     let mut out = String::new();
     type Get = fn(&VmStatus) -> Option<f64>;
-    let gauges: [(&str, &str, &str, Get); 9] = [
+    let gauges: [(&str, &str, &str, Get); 13] = [
         (
             "rewind_agent_last_point_age_seconds",
             "gauge",
@@ -293,6 +374,30 @@ pub fn render(conn: &Connection) -> rusqlite::Result<String> {
             "gauge",
             "1 when the VM has no point within 2x its RPO target.",
             |s| Some(f64::from(u8::from(s.alert))),
+        ),
+        (
+            "rewind_agent_behind",
+            "gauge",
+            "1 when the VM is behind its RPO target (no recent point, or cycles stretched).",
+            |s| Some(f64::from(u8::from(s.state == "behind"))),
+        ),
+        (
+            "rewind_agent_achieved_rpo_seconds",
+            "gauge",
+            "The newest point's achieved RPO: from the previous point's capture to its commit.",
+            |s| s.achieved_rpo_seconds,
+        ),
+        (
+            "rewind_agent_achieved_rpo_p50_seconds",
+            "gauge",
+            "Median achieved RPO over the VM's recent points.",
+            |s| s.achieved_rpo_p50_seconds,
+        ),
+        (
+            "rewind_agent_achieved_rpo_p99_seconds",
+            "gauge",
+            "99th percentile achieved RPO over the VM's recent points.",
+            |s| s.achieved_rpo_p99_seconds,
         ),
         (
             "rewind_agent_last_cycle_seconds",
@@ -344,4 +449,103 @@ pub fn render(conn: &Connection) -> rusqlite::Result<String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(n: i64) -> Result<SyncReport, SyncError> {
+        Ok(SyncReport {
+            vm: "vm1".into(),
+            point: n,
+            created: text_us(now_us()),
+            base_point: None,
+            session: String::new(),
+            resumed: false,
+            consistency: "crash-consistent".into(),
+            disks: Vec::new(),
+            sent_bytes: 0,
+            seconds: 0.1,
+        })
+    }
+
+    fn only(conn: &Connection) -> VmStatus {
+        let mut all = status(conn).unwrap();
+        assert_eq!(all.len(), 1);
+        all.remove(0)
+    }
+
+    #[test]
+    fn stretched_cycles_show_behind_with_the_achieved_rpo_and_recover() {
+        let conn = Connection::open_in_memory().unwrap();
+        // RPO target 10 s. The first point has no previous one: nothing achieved yet.
+        cycle_ended(&conn, "vm1", 10, 0.1, None, &point(1)).unwrap();
+        let s = only(&conn);
+        assert_eq!(
+            (s.state.as_str(), s.achieved_rpo_seconds),
+            ("replicating", None)
+        );
+        cycle_ended(&conn, "vm1", 10, 0.1, Some(5.5), &point(2)).unwrap();
+        assert_eq!(only(&conn).state, "replicating");
+        // A burst: cycles stretch to 30 s and 40 s, none fails.
+        cycle_ended(&conn, "vm1", 10, 30.0, Some(35.0), &point(3)).unwrap();
+        let s = only(&conn);
+        assert_eq!(s.state, "behind", "{s:?}");
+        // The point holds data captured 30 s ago, over 2x the target.
+        assert!(s.alert);
+        assert_eq!(s.achieved_rpo_seconds, Some(35.0));
+        // A 6 s cycle: the data is fresh, yet the point landed 15 s after the one before.
+        cycle_ended(&conn, "vm1", 10, 6.0, Some(15.0), &point(31)).unwrap();
+        let s = only(&conn);
+        assert_eq!(s.state, "behind", "{s:?}");
+        assert!(!s.alert, "fresh data: behind, but not alert-worthy");
+        assert!(s.why.contains("15 s"), "{}", s.why);
+        cycle_ended(&conn, "vm1", 10, 40.0, Some(45.0), &point(4)).unwrap();
+        // The burst ends: the next short cycle is within the target again.
+        cycle_ended(&conn, "vm1", 10, 0.2, Some(5.2), &point(5)).unwrap();
+        let s = only(&conn);
+        assert_eq!(s.state, "replicating", "{s:?}");
+        assert_eq!(s.achieved_rpo_seconds, Some(5.2));
+        // 5.5, 35, 15, 45, 5.2
+        assert_eq!(s.achieved_rpo_p50_seconds, Some(15.0));
+        assert_eq!(s.achieved_rpo_p99_seconds, Some(45.0));
+        assert_eq!((s.cycles_ok, s.cycles_failed), (6, 0));
+        let metrics = render(&conn).unwrap();
+        for line in [
+            "rewind_agent_behind{vm=\"vm1\"} 0",
+            "rewind_agent_achieved_rpo_seconds{vm=\"vm1\"} 5.2",
+            "rewind_agent_achieved_rpo_p99_seconds{vm=\"vm1\"} 45",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+    }
+
+    #[test]
+    fn without_a_monotonic_measure_the_achieved_rpo_comes_from_the_recorded_times() {
+        let conn = Connection::open_in_memory().unwrap();
+        cycle_ended(&conn, "vm1", 10, 2.0, None, &point(1)).unwrap();
+        // The previous point was captured 2 s before its commit, moments ago.
+        cycle_ended(&conn, "vm1", 10, 0.5, None, &point(2)).unwrap();
+        let a = only(&conn).achieved_rpo_seconds.unwrap();
+        assert!((2.0..5.0).contains(&a), "{a}");
+    }
+
+    #[test]
+    fn the_window_keeps_the_newest_values() {
+        let conn = Connection::open_in_memory().unwrap();
+        for i in 0..(RPO_WINDOW + 20) {
+            cycle_ended(&conn, "vm1", 10, 0.1, Some(i as f64), &point(i as i64)).unwrap();
+        }
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM health_rpo", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, RPO_WINDOW as i64);
+        assert_eq!(only(&conn).achieved_rpo_p50_seconds, Some(69.0));
+        forget(&conn, "vm1").unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM health_rpo", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
 }

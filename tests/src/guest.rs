@@ -41,6 +41,7 @@ const PACKAGES: &[&str] = &[
     "qemu-guest-agent",
     "sqlite3",
     "e2fsprogs",
+    "fio",
 ];
 /// No recommended packages and no documentation: a smaller tree is a quicker `mkfs -d`.
 const MMDEBSTRAP_OPTIONS: &[&str] = &[
@@ -107,6 +108,25 @@ ExecStart=/bin/sh -c 'echo REWIND-GUEST-READY > /dev/ttyS0'
 WantedBy=multi-user.target
 ",
     ),
+    ("usr/local/bin/rewind-app", APP_SCRIPT),
+    ("etc/qemu/fsfreeze-hook.d/rewind-app", APP_HOOK),
+    (
+        "etc/systemd/system/rewind-app.service",
+        "[Unit]
+Description=Rewind test application (SQLite and file writes under fsync)
+
+[Service]
+ExecStart=/usr/local/bin/rewind-app
+",
+    ),
+    // The guest agent runs the freeze hooks (Debian's runs none unless told to).
+    (
+        "etc/systemd/system/qemu-guest-agent.service.d/hook.conf",
+        "[Service]
+ExecStart=
+ExecStart=-/usr/sbin/qemu-ga --fsfreeze-hook=/etc/qemu/fsfreeze-hook
+",
+    ),
     // A root shell on the console for whoever debugs a guest by hand; tests never log in.
     (
         "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
@@ -115,6 +135,69 @@ ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 %I $TERM
 ",
     ),
+];
+/// The test application: numbered transactions, each durable (fsync) in an SQLite database and
+/// a log file before the next starts; it pauses between transactions while the freeze hook
+/// asks it to. Started by tests (`systemctl start rewind-app`), not at boot.
+pub const APP_DB: &str = "/var/lib/app/app.db";
+pub const APP_LOG: &str = "/var/lib/app/log.txt";
+/// One line per freeze (`freeze SECONDS last=ID quiet|busy`) and thaw (`thaw SECONDS`),
+/// written and synced by the hook before the guest agent freezes the file systems.
+pub const FREEZE_LOG: &str = "/var/lib/app/freeze.log";
+const APP_SCRIPT: &str = r#"#!/bin/sh
+# rewind-app: commits numbered transactions to an SQLite database and a log file, each made
+# durable before the next; pauses between transactions while /run/rewind-app.pause exists.
+set -eu
+dir=/var/lib/app
+db=$dir/app.db
+mkdir -p $dir
+sqlite3 $db "PRAGMA journal_mode=DELETE;
+  CREATE TABLE IF NOT EXISTS tx(id INTEGER PRIMARY KEY, payload BLOB NOT NULL, digest TEXT NOT NULL);" >/dev/null
+i=$(sqlite3 $db "SELECT coalesce(max(id), 0) FROM tx")
+while :; do
+  while [ -e /run/rewind-app.pause ]; do
+    : > /run/rewind-app.paused
+    sleep 0.02
+  done
+  rm -f /run/rewind-app.paused
+  i=$((i + 1))
+  sqlite3 $db "PRAGMA synchronous=FULL;
+    BEGIN; INSERT INTO tx VALUES($i, randomblob(16384), hex(randomblob(8))); COMMIT;"
+  echo $i >> $dir/log.txt
+  sync $dir/log.txt
+  echo $i > /run/rewind-app.last
+done
+"#;
+const APP_HOOK: &str = r#"#!/bin/sh
+# Quiesces rewind-app for a guest-agent freeze: asks it to pause, waits (5 s at most) until it
+# is between transactions, and records its last committed transaction, synced before the
+# file systems freeze. A hook must never hang a freeze: a busy app is recorded as such.
+dir=/var/lib/app
+log=$dir/freeze.log
+case "$1" in
+freeze)
+  systemctl -q is-active rewind-app.service || exit 0
+  rm -f /run/rewind-app.paused
+  : > /run/rewind-app.pause
+  n=0
+  while [ ! -e /run/rewind-app.paused ] && [ $n -lt 250 ]; do sleep 0.02; n=$((n + 1)); done
+  if [ -e /run/rewind-app.paused ]; then state=quiet; else state=busy; fi
+  last=$(sqlite3 $dir/app.db "SELECT coalesce(max(id), 0) FROM tx" 2>/dev/null || echo unknown)
+  echo "freeze $(date +%s.%N) last=$last $state" >> $log
+  sync $log
+  ;;
+thaw)
+  [ -e /run/rewind-app.pause ] || exit 0
+  rm -f /run/rewind-app.pause
+  echo "thaw $(date +%s.%N)" >> $log
+  ;;
+esac
+exit 0
+"#;
+/// Scripts in the root tree that must be executable.
+const EXECUTABLES: &[&str] = &[
+    "usr/local/bin/rewind-app",
+    "etc/qemu/fsfreeze-hook.d/rewind-app",
 ];
 /// Unit links made after `mmdebstrap` (link relative to the root, target).
 const LINKS: &[(&str, &str)] = &[(
@@ -200,7 +283,7 @@ fn recipe_key() -> String {
     let recipe = format!(
         "{RECIPE_VERSION}\n{SUITE}\n{MIRROR}\n{PACKAGES:?}\n{MMDEBSTRAP_OPTIONS:?}\n\
          {DISK_SIZE}\n{PART_START}\n{ROOT_LABEL}\n{READY_MARKER}\n{KERNEL_CMDLINE}\n\
-         {GRUB_MODULES:?}\n{GRUB_CONFIG}\n{FILES:?}\n{LINKS:?}\n{UNLINKS:?}"
+         {GRUB_MODULES:?}\n{GRUB_CONFIG}\n{FILES:?}\n{EXECUTABLES:?}\n{LINKS:?}\n{UNLINKS:?}"
     );
     blake3::hash(recipe.as_bytes()).to_hex()[..16].to_owned()
 }
@@ -356,6 +439,11 @@ fn configure(root: &Path, key: &str) -> anyhow::Result<()> {
             fs::create_dir_all(dir)?;
         }
         fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+    }
+    for rel in EXECUTABLES {
+        let path = root.join(rel);
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("chmod {}", path.display()))?;
     }
     for (rel, target) in LINKS {
         let path = root.join(rel);
@@ -693,9 +781,30 @@ impl Guest {
     /// `qga.sock`), the serial log (`serial.log`) and QEMU's own messages (`qemu.log`) go to
     /// `dir`.
     pub fn boot(dir: &Path, image: &Path, accel: Accel) -> anyhow::Result<Guest> {
+        Guest::boot_from(dir, image, "qcow2", accel)
+    }
+
+    /// [`Guest::boot`] over an image of the given format (`raw` for a restored disk).
+    pub fn boot_from(
+        dir: &Path,
+        image: &Path,
+        format: &str,
+        accel: Accel,
+    ) -> anyhow::Result<Guest> {
+        Guest::boot_with(dir, image, format, accel, &BootOptions::default())
+    }
+
+    /// [`Guest::boot_from`] with QEMU run as `opts` asks.
+    pub fn boot_with(
+        dir: &Path,
+        image: &Path,
+        format: &str,
+        accel: Accel,
+        opts: &BootOptions,
+    ) -> anyhow::Result<Guest> {
         let overlay = dir.join("vda.qcow2");
         let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
             .arg(image)
             .arg(&overlay)
             .output()
@@ -705,15 +814,28 @@ impl Guest {
             "qemu-img create: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for f in ["agent.qmp", "test.qmp", "qga.sock", "serial.log"] {
-            let _ = fs::remove_file(dir.join(f));
-        }
         let disk = VmDisk {
             id: "vda".into(),
             drive: "drive0".into(),
             path: overlay,
             size: DISK_SIZE,
         };
+        Guest::start(dir, disk, accel, opts)
+    }
+
+    /// Starts QEMU on an existing qcow2 disk (a guest shut down or killed before, a restored
+    /// image, or the same file as a migration source's: shared storage), with its sockets and
+    /// logs in `dir` as [`Guest::boot`] has them. Returns once the test's monitor answers; a
+    /// booting guest then needs [`Guest::wait_ready`].
+    pub fn start(
+        dir: &Path,
+        disk: VmDisk,
+        accel: Accel,
+        opts: &BootOptions,
+    ) -> anyhow::Result<Guest> {
+        for f in ["agent.qmp", "test.qmp", "qga.sock", "serial.log"] {
+            let _ = fs::remove_file(dir.join(f));
+        }
         let sock = |name: &str| format!("unix:{},server=on,wait=off", dir.join(name).display());
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-M", "pc", "-accel", accel.name(), "-m", GUEST_MEMORY])
@@ -737,15 +859,22 @@ impl Guest {
             ])
             .arg("-drive")
             .arg(format!(
-                "file={},format=qcow2,if=none,id={}",
+                "file={},format=qcow2,if=none,id={}{}",
                 disk.path.display(),
-                disk.drive
+                disk.drive,
+                if opts.discard { ",discard=unmap" } else { "" }
             ))
             .arg("-device")
             .arg(format!(
                 "virtio-blk-pci,drive={},id={}",
                 disk.drive, disk.id
             ));
+        if opts.paused {
+            cmd.arg("-S");
+        }
+        if let Some(uri) = &opts.incoming {
+            cmd.arg("-incoming").arg(uri);
+        }
         let log = File::create(dir.join("qemu.log"))?;
         let started = Instant::now();
         let mut qemu = Qemu(
@@ -785,6 +914,64 @@ impl Guest {
             started,
             serial_seen: 0,
         })
+    }
+
+    /// Migrates the running guest to `dest` (started with [`BootOptions::incoming`] set to
+    /// `uri`, on the same disk file: shared storage), with the `dirty-bitmaps` capability on
+    /// both sides so that QEMU carries the disks' dirty bitmaps along. Waits up to `timeout`
+    /// for the migration to complete and the destination to run; returns how long that took.
+    /// This QEMU stays behind, paused, with its images released.
+    pub fn migrate_to(
+        &mut self,
+        dest: &mut Guest,
+        uri: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let caps = json!({"capabilities": [{"capability": "dirty-bitmaps", "state": true}]});
+        for m in [&mut dest.monitor, &mut self.monitor] {
+            m.execute("migrate-set-capabilities", caps.clone())
+                .map_err(|e| anyhow::anyhow!("migrate-set-capabilities: {e}"))?;
+        }
+        let started = Instant::now();
+        self.monitor
+            .execute("migrate", json!({ "uri": uri }))
+            .map_err(|e| anyhow::anyhow!("migrate: {e}"))?;
+        let deadline = started + timeout;
+        loop {
+            let info = self
+                .monitor
+                .execute("query-migrate", json!({}))
+                .map_err(|e| anyhow::anyhow!("query-migrate: {e}"))?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => bail!("the migration ended {info}"),
+                _ => {}
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the migration did not complete in {timeout:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        loop {
+            let st = dest
+                .monitor
+                .execute("query-status", json!({}))
+                .map_err(|e| anyhow::anyhow!("query-status: {e}"))?;
+            if st["running"] == true {
+                return Ok(started.elapsed());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the destination does not run {timeout:?} after the migration began: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, as a host crash would; returns the disk for a later [`Guest::start`].
+    pub fn kill9(self) -> VmDisk {
+        self.disk.clone()
     }
 
     pub fn agent_qmp(&self) -> PathBuf {
@@ -848,6 +1035,12 @@ impl Guest {
         self.agent.as_mut().context("no guest agent")
     }
 
+    /// Closes the test's guest agent connection: the guest agent serves one client at a time,
+    /// and the agent under test (`--guest-agent`) needs it.
+    pub fn release_agent(&mut self) {
+        self.agent = None;
+    }
+
     /// Runs a command in the guest through the guest agent (up to 5 minutes).
     pub fn exec(&mut self, argv: &[&str]) -> anyhow::Result<ExecOutput> {
         self.agent()?.exec(argv, Duration::from_secs(300))
@@ -874,6 +1067,17 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// How [`Guest::start`] runs QEMU. The default is what [`Guest::boot`] gives.
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// `discard=unmap` on the drive: the guest's TRIM reaches the image.
+    pub discard: bool,
+    /// `-S`: the CPUs stay stopped, the guest never boots (QEMU serves its disk as a VM would).
+    pub paused: bool,
+    /// `-incoming URI`: a migration destination, which runs the guest once it arrived.
+    pub incoming: Option<String>,
 }
 
 /// The QEMU process, killed (SIGKILL) and reaped when dropped, even if the guest's setup fails

@@ -172,6 +172,8 @@ async fn protect(
     grace: Duration,
     json: bool,
 ) {
+    // When this loop took the newest point: the achieved RPO on the monotonic clock.
+    let mut last_capture: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -247,11 +249,17 @@ async fn protect(
                 tracing::error!(vm = %name, kind = e.kind(), error = %e, seconds = format!("{seconds:.2}"), "cycle failed; retrying next interval")
             }
         }
+        let since = last_capture
+            .filter(|_| outcome.is_ok())
+            .map(|t| t.elapsed().as_secs_f64());
+        if outcome.is_ok() {
+            last_capture = Some(started);
+        }
         let recorded = {
             let (state, name) = (state.clone(), name.clone());
             tokio::task::spawn_blocking(move || {
                 crate::state::open(&state)
-                    .and_then(|c| health::cycle_ended(&c, &name, rpo, seconds, &outcome))
+                    .and_then(|c| health::cycle_ended(&c, &name, rpo, seconds, since, &outcome))
             })
             .await
         };

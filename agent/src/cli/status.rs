@@ -65,8 +65,14 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         if a.json {
             println!("{}", serde_json::to_string(s)?);
         } else {
+            let achieved = match (s.achieved_rpo_p50_seconds, s.achieved_rpo_p99_seconds) {
+                (Some(p50), Some(p99)) => {
+                    format!("; achieved RPO p50 {p50:.0} s, p99 {p99:.0} s")
+                }
+                _ => String::new(),
+            };
             println!(
-                "{:<20} {:<12} {}{}",
+                "{:<20} {:<12} {}{achieved}{}",
                 s.vm,
                 s.state,
                 s.why,

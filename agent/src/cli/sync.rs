@@ -181,6 +181,8 @@ async fn cycles(
         rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
         rewind_proto::systemd::spawn_watchdog();
     }
+    // When this process took the newest point: the achieved RPO on the monotonic clock.
+    let mut last_capture: Option<std::time::Instant> = None;
     loop {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -230,9 +232,15 @@ async fn cycles(
         bar.finish_and_clear();
         if let Ok(conn) = crate::state::open(&cfg.state_dir) {
             let secs = started.elapsed().as_secs_f64();
-            if let Err(e) = crate::health::cycle_ended(&conn, &cfg.vm, rpo, secs, &result) {
+            let since = last_capture
+                .filter(|_| result.is_ok())
+                .map(|t| t.elapsed().as_secs_f64());
+            if let Err(e) = crate::health::cycle_ended(&conn, &cfg.vm, rpo, secs, since, &result) {
                 tracing::warn!(error = %e, "could not record the cycle");
             }
+        }
+        if result.is_ok() {
+            last_capture = Some(started);
         }
         match result {
             Ok(report) => {
