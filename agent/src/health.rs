@@ -464,6 +464,7 @@ mod tests {
             session: String::new(),
             resumed: false,
             consistency: "crash-consistent".into(),
+            freeze_ms: None,
             disks: Vec::new(),
             sent_bytes: 0,
             seconds: 0.1,

@@ -690,7 +690,32 @@ pub async fn keep_thawing(path: &Path, marker: &Path) -> bool {
     false
 }
 
-/// Captures every disk: fleecing images first, then (by `mode`) either one transaction that
+/// Creates each disk's empty fleecing image. Outside the capture (and before any guest
+/// freeze): spawning `qemu-img` is the slowest step, and nothing of it touches the VM.
+pub async fn create_fleece_files(work: &Workdir, caps: &[DiskCapture]) -> Result<(), LiveError> {
+    for c in caps {
+        let file = work.fleece_file(&c.disk.name);
+        let _ = std::fs::remove_file(&file);
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&file)
+            .arg(c.disk.size.to_string())
+            .output()
+            .await
+            .map_err(|e| LiveError::Tool(format!("qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(LiveError::Tool(format!(
+                "qemu-img create {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Captures every disk (their fleecing images made by [`create_fleece_files`]): the images
+/// join the graph, then (by `mode`) either one transaction that
 /// adds the new bitmaps, disables (and merges) the old ones and starts the copy-before-write
 /// jobs, or our own filters put in between two bitmap transactions:
 /// 1. add the new bitmaps (old and new both record from here on);
@@ -711,21 +736,6 @@ pub async fn capture(
     }
     for c in caps {
         let file = work.fleece_file(&c.disk.name);
-        let _ = std::fs::remove_file(&file);
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&file)
-            .arg(c.disk.size.to_string())
-            .output()
-            .await
-            .map_err(|e| LiveError::Tool(format!("qemu-img: {e}")))?;
-        if !out.status.success() {
-            return Err(LiveError::Tool(format!(
-                "qemu-img create {}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
         let mut fleece = json!({"driver": "qcow2", "node-name": fleece_node(&c.disk.name),
                "file": {"driver": "file", "filename": file.display().to_string()}});
         if mode == Fleecing::Job {
@@ -791,20 +801,15 @@ pub async fn capture(
                 qmp.execute("transaction", json!({"actions": settle}))
                     .await?;
             }
-            for c in caps {
-                qmp.execute(
-                    "blockdev-add",
-                    json!({"driver": "snapshot-access", "node-name": snap_node(&c.disk.name),
-                           "file": cbw_node(&c.disk.name)}),
-                )
-                .await?;
-            }
+            // The views to read (snapshot-access nodes) are added by [`export`], after any
+            // guest thaw: the held view is fixed already.
         }
     }
     Ok(())
 }
 
-/// Starts our NBD server and exports each disk's frozen view (with its bitmap).
+/// Starts our NBD server and exports each disk's held view (with its bitmap); with our
+/// filters, first adds the snapshot-access nodes that read those views.
 pub async fn export(
     qmp: &mut Qmp,
     work: &Workdir,
@@ -822,6 +827,16 @@ pub async fn export(
         QmpError::Command { desc, .. } if desc.contains("already running") => LiveError::NbdBusy,
         e => LiveError::Qmp(e),
     })?;
+    if mode == Fleecing::Filter {
+        for c in caps {
+            qmp.execute(
+                "blockdev-add",
+                json!({"driver": "snapshot-access", "node-name": snap_node(&c.disk.name),
+                       "file": cbw_node(&c.disk.name)}),
+            )
+            .await?;
+        }
+    }
     for c in caps {
         let view = match mode {
             Fleecing::Filter => snap_node(&c.disk.name),

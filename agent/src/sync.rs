@@ -131,6 +131,10 @@ pub struct SyncReport {
     pub session: String,
     pub resumed: bool,
     pub consistency: String,
+    /// How long the guest's file systems were frozen for this point, in milliseconds: from
+    /// the freeze request (its hooks included) to the thaw's answer, or its failure (then
+    /// the thaw goes on in the background). None: not frozen.
+    pub freeze_ms: Option<f64>,
     pub disks: Vec<DiskReport>,
     pub sent_bytes: u64,
     pub seconds: f64,
@@ -386,6 +390,7 @@ pub async fn sync_once(
 
     // Capture: one instant for all disks of a live VM; bitmaps and qemu-nbd for offline qcow2.
     let mut consistency = "as-read".to_owned();
+    let mut freeze_ms = None;
     let mut config = serde_json::json!({"source": "files", "disks": cfg.disks.iter().map(|d| serde_json::json!({
         "name": d.name, "path": d.path, "kind": match d.kind { DiskKind::Raw => "raw", DiskKind::Qcow2 => "qcow2" }})).collect::<Vec<_>>()});
     let mut opened = Vec::new();
@@ -415,14 +420,15 @@ pub async fn sync_once(
             None => None,
         };
         let captured = capture_live(&mut qmp, &work, &caps, freezer).await;
-        let (frozen, mode) = match captured {
+        let (frozen_for, mode) = match captured {
             Ok(done) => done,
             Err(e) => {
                 let _ = live::finish(&mut qmp, &work, &caps, false).await;
                 return Err(e);
             }
         };
-        consistency = if frozen {
+        freeze_ms = frozen_for.map(|d| d.as_secs_f64() * 1e3);
+        consistency = if frozen_for.is_some() {
             "application-consistent"
         } else {
             "crash-consistent"
@@ -624,6 +630,7 @@ pub async fn sync_once(
         session: plan.session,
         resumed,
         consistency,
+        freeze_ms,
         sent_bytes: disks.iter().map(|d| d.sent_bytes).sum(),
         disks,
         seconds: started.elapsed().as_secs_f64(),
@@ -744,13 +751,15 @@ async fn capture_live(
     work: &Workdir,
     caps: &[DiskCapture],
     freezer: Option<live::Freezer>,
-) -> Result<(bool, live::Fleecing), SyncError> {
+) -> Result<(Option<Duration>, live::Fleecing), SyncError> {
+    live::create_fleece_files(work, caps).await?;
     let Some(mut freezer) = freezer else {
         let mode = live::Fleecing::choose(caps, false);
         live::capture(qmp, work, caps, mode).await?;
-        return Ok((false, mode));
+        return Ok((None, mode));
     };
     let _guard = FreezeGuard::new();
+    let freezing = Instant::now();
     let outcome = match freezer.freeze().await {
         Ok(o) => o,
         Err(e) => live::FreezeOutcome::NotFrozen(format!("the guest agent did not answer: {e}")),
@@ -776,6 +785,7 @@ async fn capture_live(
     };
     let frozen = freezer.is_some();
     let mode = live::Fleecing::choose(caps, frozen);
+    let mut frozen_for = None;
     let captured = match freezer {
         None => Ok(live::capture(qmp, work, caps, mode).await),
         Some(freezer) => {
@@ -786,11 +796,14 @@ async fn capture_live(
                 tracing::error!(error = %e, "guest thaw failed; thawing in the background");
                 spawn_thaw(path, marker);
             }
+            frozen_for = Some(freezing.elapsed());
             captured
         }
     };
     match captured {
-        Ok(r) => r.map(|()| (frozen, mode)).map_err(SyncError::from),
+        Ok(r) => r
+            .map(|()| (frozen_for.filter(|_| frozen), mode))
+            .map_err(SyncError::from),
         Err(_) => Err(SyncError::Protocol(
             "the capture took longer than the freeze limit",
         )),

@@ -20,11 +20,16 @@
 //! boot_timeout = 120
 //! expect_serial = "login:"
 //! accel = "auto"                 # auto, kvm or tcg (nested KVM can be slower than TCG)
+//! checks = [                     # run in the booted guest through qemu-ga (need boot = true)
+//!   { name = "system", command = ["systemctl", "is-system-running"] },
+//! ]
 //!
 //! [vm.web1]                      # per-VM overrides
 //! rpo = 300
 //! retention = { last = 48, hourly = 72 }
-//! drill = { every = 21600, boot = true }
+//! drill = { every = 21600, boot = true, checks = [
+//!   { name = "database", command = ["sqlite3", "/var/lib/app/app.db", "PRAGMA integrity_check"], expect_output = "^ok$", timeout = 120 },
+//! ] }
 //!
 //! [limits]                       # what peers may take (defaults shown; restart to apply)
 //! handshake_timeout = 10         # seconds a TLS handshake may take
@@ -87,6 +92,9 @@ pub struct DrillSchedule {
     /// QEMU's accelerator for boot drills (`auto`, `kvm` or `tcg`).
     #[serde(default)]
     pub accel: crate::drill::Accel,
+    /// Application checks run in the booted guest, in order.
+    #[serde(default)]
+    pub checks: Vec<crate::drill::CheckSpec>,
 }
 
 fn default_boot_timeout() -> u64 {
@@ -283,6 +291,12 @@ fn check_drill(d: &DrillSchedule) -> Result<(), String> {
     if let Some(re) = &d.expect_serial {
         regex::Regex::new(re).map_err(|e| format!("expect_serial: {e}"))?;
     }
+    if !d.checks.is_empty() && !d.boot {
+        return Err("checks need boot = true".into());
+    }
+    for c in &d.checks {
+        crate::drill::Check::parse(c).map_err(|e| format!("checks: {e}"))?;
+    }
     Ok(())
 }
 
@@ -337,6 +351,57 @@ mod tests {
     }
 
     #[test]
+    fn the_module_docs_example_is_valid() {
+        let docs: String = include_str!("config.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        let example = docs
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block");
+        let f = parse(example).expect("the example parses");
+        let web1 = f.drill("web1").expect("web1 drill");
+        assert_eq!(web1.checks.len(), 1);
+        assert_eq!(web1.checks[0].expect_output.as_deref(), Some("^ok$"));
+        assert_eq!(web1.checks[0].timeout, Some(120));
+        assert_eq!(
+            f.drill("db1").map(|d| d.checks[0].command.clone()),
+            Some(vec!["systemctl".to_owned(), "is-system-running".to_owned()])
+        );
+    }
+
+    #[test]
+    fn drill_checks_parse_with_defaults() {
+        let f = parse(
+            r#"
+            [vm.web1]
+            drill = { every = 600, boot = true, checks = [
+              { name = "db", command = ["sqlite3", "/a.db", "PRAGMA integrity_check"], expect_output = "^ok$" },
+              { command = ["/bin/true"], expect_exit = 3, timeout = 5 },
+            ] }
+            "#,
+        )
+        .expect("valid");
+        let d = f.drill("web1").expect("drill");
+        let checks: Vec<crate::drill::Check> = d
+            .checks
+            .iter()
+            .map(crate::drill::Check::parse)
+            .collect::<Result<_, _>>()
+            .expect("checks");
+        assert_eq!(checks[0].name, "db");
+        assert_eq!(checks[0].expect_exit, 0);
+        assert_eq!(checks[0].timeout, None);
+        assert_eq!(checks[1].name, "/bin/true", "named for its command");
+        assert_eq!(checks[1].expect_exit, 3);
+        assert_eq!(checks[1].timeout, Some(Duration::from_secs(5)));
+        assert!(f.drill("other").is_none());
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let e = parse("dta = \"/x\"").expect_err("unknown key").to_string();
         assert!(e.contains("dta"), "{e}");
@@ -352,6 +417,29 @@ mod tests {
             .expect_err("regex")
             .to_string();
         assert!(e.contains("expect_serial"), "{e}");
+        let e = parse("[drill]\nevery = 5\nchecks = [ { command = [\"true\"] } ]")
+            .expect_err("checks without boot")
+            .to_string();
+        assert!(e.contains("checks need boot"), "{e}");
+        let e =
+            parse("[drill]\nevery = 5\nboot = true\nchecks = [ { name = \"x\", command = [] } ]")
+                .expect_err("empty command")
+                .to_string();
+        assert!(
+            e.contains("[drill]") && e.contains("\"x\": the command is empty"),
+            "{e}"
+        );
+        let e = parse(
+            "[vm.a]\ndrill = { every = 5, boot = true, checks = [ { command = [\"x\"], expect_output = \"(\" } ] }",
+        )
+        .expect_err("regex")
+        .to_string();
+        assert!(e.contains("[vm.a]") && e.contains("expect_output"), "{e}");
+        let e =
+            parse("[drill]\nevery = 5\nboot = true\nchecks = [ { command = [\"x\"], exit = 1 } ]")
+                .expect_err("unknown key")
+                .to_string();
+        assert!(e.contains("exit"), "{e}");
         let e = parse("[retention]\nlast = -1")
             .expect_err("negative")
             .to_string();

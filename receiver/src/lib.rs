@@ -7,6 +7,7 @@
 //! - [`ingest`]: sessions, batches and commits (the write path).
 //! - [`points`]: listing and resolving points (the read path).
 //! - [`restore`]: writing a point's disk back as a raw image.
+//! - [`drill`]: DR drills (verify, boot, application checks through [`guest_agent`]).
 //! - [`service`] and [`server`]: the gRPC face over mutual TLS.
 //! - [`admission`] and [`budget`]: what each peer may hold (connections, handshakes, memory).
 //! - [`cli`]: one module per subcommand.
@@ -22,6 +23,7 @@ pub mod diff;
 pub mod drill;
 pub mod error;
 pub mod gc;
+pub mod guest_agent;
 pub mod ingest;
 pub mod metrics;
 pub mod nbd_server;

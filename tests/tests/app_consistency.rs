@@ -211,9 +211,14 @@ fn application_consistent_points_hold_every_transaction_committed_before_the_fre
         let t = Instant::now();
         let p = report(&d.sync_live(&rx, "app1", &g.agent_qmp(), &["--guest-agent", &qga]));
         assert_eq!(p["consistency"], "application-consistent", "{p}");
+        let frozen = p["freeze_ms"]
+            .as_f64()
+            .expect("a frozen point says how long");
+        assert!(frozen > 0.0 && frozen < 45_000.0, "{p}");
         let after = app_last(&mut g);
         eprintln!(
-            "point {k}: {} ({} changed blocks, {:.1} s); the app was at {before} before, {after} after",
+            "point {k}: {} ({} changed blocks, {:.1} s, frozen {frozen:.0} ms); the app was at \
+             {before} before, {after} after",
             p["point"],
             disk_of(&p, "vda")["changed_blocks"],
             t.elapsed().as_secs_f64()
@@ -278,4 +283,75 @@ fn application_consistent_points_hold_every_transaction_committed_before_the_fre
         "the restored root file system was recovered at mount"
     );
     r.shutdown(Duration::from_secs(180)).unwrap();
+
+    // A drill that tests the application: the restored VM's guest agent (an isolated channel)
+    // runs the checks; the RTO runs to "application healthy".
+    let checks = d.path("checks.toml");
+    std::fs::write(
+        &checks,
+        format!(
+            r#"[[check]]
+name = "system"
+command = ["sh", "-c", "systemctl is-system-running --wait || true"]
+expect_output = "^(running|degraded)$"
+[[check]]
+name = "database"
+command = ["sqlite3", "{APP_DB}", "PRAGMA integrity_check; SELECT count(*) FROM tx;"]
+expect_output = '\Aok\n{previous}\n?\z'
+"#
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(rewind_tests::bin("rewind-receiver"))
+        .args([
+            "drill",
+            "--vm",
+            "app1",
+            "--boot",
+            "--json",
+            "--boot-timeout",
+            "400",
+        ])
+        .args(["--accel", Accel::from_env().name()])
+        .args(["--expect-serial", guest::READY_MARKER])
+        .arg("--checks")
+        .arg(&checks)
+        .args(["--check", &format!("test -s {APP_LOG}")])
+        .arg("--data")
+        .arg(d.data()));
+    let drill: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "drill printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!(
+        "drill: {} boot {} s, healthy {} s, rto {} s; checks {}",
+        drill["result"],
+        drill["boot_seconds"],
+        drill["healthy_seconds"],
+        drill["rto_seconds"],
+        drill["checks"]
+    );
+    assert!(out.status.success(), "{drill}");
+    assert_eq!(drill["result"], "passed", "{drill}");
+    let names: Vec<&str> = drill["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["passed"], true, "{c}");
+            c["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["system", "database", format!("test -s {APP_LOG}").as_str()]
+    );
+    let (boot, healthy) = (
+        drill["boot_seconds"].as_f64().unwrap(),
+        drill["healthy_seconds"].as_f64().unwrap(),
+    );
+    assert!(healthy > boot, "healthy after the boot marker: {drill}");
+    assert_eq!(drill["rto_seconds"].as_f64(), Some(healthy), "{drill}");
 }

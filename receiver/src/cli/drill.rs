@@ -1,5 +1,5 @@
-//! `rewind-receiver drill` (prove a point restores and boots; record RPO and RTO) and
-//! `rewind-receiver drills` (the record).
+//! `rewind-receiver drill` (prove a point restores, boots and runs its application; record RPO
+//! and RTO) and `rewind-receiver drills` (the record).
 
 use crate::catalog;
 use crate::drill::{self, DrillOptions, DrillReport};
@@ -38,6 +38,13 @@ pub struct DrillArgs {
     /// it), kvm, or tcg (choose tcg where nested KVM is present but slow).
     #[arg(long, value_enum, default_value_t = drill::Accel::Auto)]
     pub accel: drill::Accel,
+    /// TOML file of `[[check]]` tables: application checks run in the booted guest through an
+    /// isolated guest-agent channel (qemu-ga), in order, before the --check ones.
+    #[arg(long, value_name = "FILE", requires = "boot")]
+    pub checks: Option<PathBuf>,
+    /// A command run with `/bin/sh -c` in the booted guest; it must exit 0 (repeatable).
+    #[arg(long = "check", value_name = "CMD", requires = "boot")]
+    pub check: Vec<String>,
     /// Print the drill's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -58,8 +65,18 @@ pub struct DrillsArgs {
 
 fn line(r: &DrillReport) -> String {
     let secs = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.1}s"));
+    let checks = if r.checks.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " checks {}/{} healthy {}",
+            r.checks.iter().filter(|c| c.passed).count(),
+            r.checks.len(),
+            secs(r.healthy_seconds)
+        )
+    };
     format!(
-        "drill {} {} point {} {}: age {} verified {} ({} blocks) rto {}{}",
+        "drill {} {} point {} {}: age {} verified {} ({} blocks){checks} rto {}{}",
         r.id,
         r.vm,
         r.point.map_or("-".to_owned(), |p| p.to_string()),
@@ -81,6 +98,13 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         .map(regex::Regex::new)
         .transpose()
         .context("--expect-serial is not a valid regular expression")?;
+    let mut checks = match &a.checks {
+        Some(path) => drill::load_checks(path).context("--checks")?,
+        None => Vec::new(),
+    };
+    for c in &a.check {
+        checks.push(drill::Check::shell(c).context("--check")?);
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
@@ -104,6 +128,7 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         cancel,
         max_memory_mib: a.max_memory_mib.max(16),
         accel: a.accel,
+        checks,
         progress: {
             let bar = bar.clone();
             Arc::new(move |done, total| {
@@ -116,14 +141,15 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         },
     };
     if !a.json {
-        eprintln!(
-            "drill of {}: verifying every block{} ...",
-            a.vm,
-            if a.boot { ", then booting" } else { "" }
-        );
+        let then = match (a.boot, opts.checks.len()) {
+            (false, _) => String::new(),
+            (true, 0) => ", then booting".to_owned(),
+            (true, n) => format!(", then booting and running {n} check(s)"),
+        };
+        eprintln!("drill of {}: verifying every block{then} ...", a.vm);
     }
     let r = drill::run(&a.data, &a.vm, &opts)?;
-    tracing::info!(vm = %r.vm, point = ?r.point, result = %r.result, rto = ?r.rto_seconds, reason = ?r.reason, "drill");
+    tracing::info!(vm = %r.vm, point = ?r.point, result = %r.result, rto = ?r.rto_seconds, healthy = ?r.healthy_seconds, reason = ?r.reason, "drill");
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

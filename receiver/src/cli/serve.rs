@@ -216,6 +216,14 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
         };
         for (vm, s) in due {
             attempted.insert(vm.clone(), crate::catalog::now_us());
+            // The schedule's checks reach the child as a checks file that lives until it exits.
+            let checks = match checks_file(&s.checks) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(vm = %vm, error = %e, "scheduled drill not started: writing its checks file failed");
+                    continue;
+                }
+            };
             // /proc/self/exe still runs this binary after an upgrade replaced the file.
             let mut cmd = tokio::process::Command::new("/proc/self/exe");
             cmd.args(["drill", "--json", "--vm", &vm, "--data"])
@@ -239,7 +247,10 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             if let Some(re) = &s.expect_serial {
                 cmd.args(["--expect-serial", re]);
             }
-            tracing::info!(vm = %vm, boot = s.boot, "scheduled drill");
+            if let Some(f) = &checks {
+                cmd.arg("--checks").arg(f.path());
+            }
+            tracing::info!(vm = %vm, boot = s.boot, checks = s.checks.len(), "scheduled drill");
             match cmd.status().await {
                 Ok(st) if st.success() => tracing::info!(vm = %vm, "scheduled drill passed"),
                 Ok(_) => {
@@ -249,6 +260,24 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             }
         }
     }
+}
+
+/// A temporary checks file holding `checks`, or None when there are none.
+fn checks_file(
+    checks: &[crate::drill::CheckSpec],
+) -> anyhow::Result<Option<tempfile::NamedTempFile>> {
+    if checks.is_empty() {
+        return Ok(None);
+    }
+    let text = toml::to_string(&crate::drill::ChecksFile {
+        check: checks.to_vec(),
+    })?;
+    let mut f = tempfile::Builder::new()
+        .prefix("rewind-drill-checks.")
+        .suffix(".toml")
+        .tempfile()?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    Ok(Some(f))
 }
 
 fn file_has_boot_drills(f: &ReceiverFile) -> bool {
@@ -390,4 +419,46 @@ async fn shutdown_signal(
     }
     rewind_proto::systemd::notify("STOPPING=1");
     tracing::info!("stopping: finishing requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drill::CheckSpec;
+
+    #[test]
+    fn a_schedules_checks_reach_the_drill_as_a_checks_file() {
+        assert!(checks_file(&[]).expect("no checks").is_none());
+        let specs = [
+            CheckSpec {
+                name: "db".into(),
+                command: vec!["sqlite3".into(), "/a b.db".into(), "PRAGMA \"x\"".into()],
+                expect_exit: 2,
+                expect_output: Some("^ok$".into()),
+                timeout: Some(7),
+            },
+            CheckSpec {
+                name: String::new(),
+                command: vec!["true".into()],
+                expect_exit: 0,
+                expect_output: None,
+                timeout: None,
+            },
+        ];
+        let f = checks_file(&specs).expect("written").expect("a file");
+        let checks = crate::drill::load_checks(f.path()).expect("the drill reads it");
+        assert_eq!(checks.len(), 2);
+        assert_eq!(checks[0].name, "db");
+        assert_eq!(checks[0].command(), specs[0].command);
+        assert_eq!(checks[0].expect_exit, 2);
+        assert_eq!(
+            checks[0].expect_output.as_ref().map(regex::Regex::as_str),
+            Some("^ok$")
+        );
+        assert_eq!(checks[0].timeout, Some(Duration::from_secs(7)));
+        assert_eq!(checks[1].name, "true");
+        let path = f.path().to_owned();
+        drop(f);
+        assert!(!path.exists(), "removed once the drill is done");
+    }
 }
