@@ -10,7 +10,10 @@
 //! - so the union of all `rewind-*` bitmaps always covers every write since the last committed
 //!   point, and the next cycle reads that union (extra blocks cost a read, never a wrong point);
 //! - an inconsistent bitmap (QEMU killed) or none at all means one full read that sends only
-//!   chunks the receiver lacks.
+//!   chunks the receiver lacks;
+//! - the agent's state records the bitmap each capture made; a disk whose bitmaps do not include
+//!   it (an older copy of its image put back, a restore) is read in full too: its bitmaps,
+//!   however consistent, record writes since some other point.
 
 use crate::qmp::{Qmp, QmpError};
 use serde::Serialize;
@@ -410,21 +413,42 @@ pub struct DiskCapture {
 }
 
 /// Plans each disk: which bitmap to read and which to create. `want_delta[i]` says whether the
-/// receiver and our state allow a delta for disk `i`.
-pub fn plan(disks: &[LiveDisk], want_delta: &[bool], stamp: u128) -> Vec<DiskCapture> {
+/// receiver and our state allow a delta for disk `i`; `chain[i]` is the bitmap the last
+/// capture of disk `i` created (`state::chain_bitmap`).
+///
+/// The disk's bitmaps are trusted only when that bitmap is among them. A consistent `rewind-*`
+/// bitmap proves only that QEMU recorded writes since *some* capture of this chain: an older
+/// copy of the image (a file-level backup put back, a snapshot reverted) carries a bitmap
+/// recording writes since an older point, and a delta read with it against the last point
+/// would commit a wrong point whose roots still agree (found by the chain test's stale copy).
+pub fn plan(
+    disks: &[LiveDisk],
+    want_delta: &[bool],
+    chain: &[Option<String>],
+    stamp: u128,
+) -> Vec<DiskCapture> {
     disks
         .iter()
         .zip(want_delta)
-        .map(|(d, &delta)| {
+        .zip(chain)
+        .map(|((d, &delta), chain)| {
             let ours = rewind_bitmaps(d);
             let inconsistent = ours.iter().any(|b| b.inconsistent);
             let old: Vec<String> = ours.iter().map(|b| b.name.clone()).collect();
+            let continues = chain.as_ref().is_some_and(|c| old.contains(c));
             let full_reason = if !delta {
-                Some("no base point for this disk".to_owned())
+                Some("no base point for this disk at this size".to_owned())
             } else if inconsistent {
                 Some("bitmap inconsistent (QEMU stopped uncleanly)".to_owned())
             } else if ours.is_empty() {
                 Some("no dirty bitmap (first cycle, or VM restarted without it)".to_owned())
+            } else if !continues {
+                Some(format!(
+                    "the disk's dirty bitmaps do not continue the last point (it has {}, the \
+                     last capture made {}): the disk was replaced or restored",
+                    old.join(", "),
+                    chain.as_deref().unwrap_or("none that the agent recorded")
+                ))
             } else {
                 None
             };
@@ -1024,6 +1048,7 @@ mod tests {
                 mk(vec![b("rewind-1", false)]),
             ],
             &[true, true, true, false],
+            &[Some("rewind-2".into()), None, None, Some("rewind-1".into())],
             9,
         );
         assert_eq!(caps[0].read_bitmap.as_deref(), Some("rewind-1"));
@@ -1035,5 +1060,38 @@ mod tests {
             .is_some_and(|r| r.contains("inconsistent")));
         assert!(caps[2].full_reason.is_some());
         assert!(caps[3].full_reason.is_some() && caps[3].read_bitmap.is_none());
+    }
+
+    #[test]
+    fn a_bitmap_that_does_not_continue_the_last_capture_is_not_trusted() {
+        let disk = LiveDisk {
+            name: "vda".into(),
+            node: "n".into(),
+            drive: "d".into(),
+            qdev: String::new(),
+            size: 1,
+            allocated: 0,
+            format: "qcow2".into(),
+            file: String::new(),
+            bitmaps: vec![BitmapInfo {
+                name: "rewind-5".into(),
+                recording: true,
+                inconsistent: false,
+                persistent: true,
+            }],
+        };
+        let disks = [disk.clone(), disk.clone(), disk];
+        let chain = [Some("rewind-5".into()), Some("rewind-7".into()), None];
+        let caps = plan(&disks, &[true, true, true], &chain, 9);
+        assert_eq!(caps[0].read_bitmap.as_deref(), Some("rewind-5"));
+        for stale in &caps[1..] {
+            assert!(stale.read_bitmap.is_none());
+            assert!(stale
+                .full_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("do not continue")));
+            // The stale bitmap goes once the full read commits.
+            assert_eq!(stale.old_bitmaps, ["rewind-5"]);
+        }
     }
 }

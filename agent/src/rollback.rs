@@ -709,11 +709,18 @@ fn open_disk(
         && !bitmaps
             .iter()
             .any(|b| b.inconsistent && b.name.starts_with(crate::live::PREFIX));
-    // The bitmaps cover writes since the last committed point only when no session is open.
+    // The bitmaps cover writes since the last committed point only when no session is open,
+    // and only when they continue it: the bitmap its last capture made is among them (an older
+    // copy of the image carries a stale one, see `live::plan`).
     let base_geometry = trusted
         .then(|| {
             base_point(state_dir, vm)?;
             let conn = state::open(state_dir).ok()?;
+            let chain = state::chain_bitmap(&conn, vm, &d.name).ok()??;
+            if !ours.contains(&chain.as_str()) {
+                tracing::info!(disk = %d.name, bitmaps = ?ours, last = %chain, "the image's bitmaps do not continue the last point: comparing the whole disk");
+                return None;
+            }
             state::disk_geometry(&conn, vm, &d.name).ok()?
         })
         .flatten();

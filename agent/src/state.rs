@@ -1,5 +1,6 @@
 //! The agent's local state (SQLite under `--state`): for each VM, the last point the receiver
-//! committed, the leaves of every disk at that point, and the session in flight.
+//! committed, the leaves of every disk at that point, the dirty bitmap that continues it, and
+//! the session in flight.
 //!
 //! Ordering rule: the leaves of a new point replace the old ones only after the receiver
 //! acknowledged its commit (`apply_pending`); until then they wait in `pending`, so a crash at
@@ -39,6 +40,9 @@ CREATE TABLE IF NOT EXISTS pending_disks(
 CREATE TABLE IF NOT EXISTS pending(
   vm TEXT NOT NULL, disk TEXT NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
   PRIMARY KEY(vm, disk, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chain_bitmaps(
+  vm TEXT NOT NULL, disk TEXT NOT NULL, name TEXT NOT NULL,
+  PRIMARY KEY(vm, disk)) WITHOUT ROWID;
 ";
 
 /// Opens (creating) the state database in `dir`.
@@ -117,6 +121,39 @@ pub fn disk_geometry(
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )
     .optional()
+}
+
+/// The bitmap the last capture of `disk` created (see [`set_chain_bitmaps`]), if any.
+pub fn chain_bitmap(conn: &Connection, vm: &str, disk: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT name FROM chain_bitmaps WHERE vm = ?1 AND disk = ?2",
+        params![vm, disk],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Records, per disk, the bitmap a capture just created. From the capture on, that bitmap
+/// together with the disk's other `rewind-*` bitmaps records every write since the base point,
+/// whatever the cycle's outcome: after a commit it alone covers the writes since the new base;
+/// after a failure the older bitmaps are merged into it; after a crash they are all still
+/// there. A disk whose bitmaps do not include it was replaced or changed outside this chain
+/// (an older copy of the image, a restore): its bitmaps are not trusted (see `live::plan`).
+/// Written after the capture: an agent killed before this write leaves the older bitmap
+/// recorded, which is still on the disk.
+pub fn set_chain_bitmaps(
+    conn: &mut Connection,
+    vm: &str,
+    bitmaps: &[(&str, &str)],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for (disk, name) in bitmaps {
+        tx.execute(
+            "INSERT OR REPLACE INTO chain_bitmaps(vm, disk, name) VALUES (?1, ?2, ?3)",
+            params![vm, disk, name],
+        )?;
+    }
+    tx.commit()
 }
 
 /// Records changed leaves of the point in flight. Its write transaction opens at the first leaf
@@ -222,6 +259,10 @@ pub fn apply_pending(conn: &mut Connection, vm: &str, point: i64) -> rusqlite::R
             "DELETE FROM disks WHERE vm = ?1 AND disk = ?2",
             params![vm, d],
         )?;
+        tx.execute(
+            "DELETE FROM chain_bitmaps WHERE vm = ?1 AND disk = ?2",
+            params![vm, d],
+        )?;
     }
     tx.execute(
         "DELETE FROM blocks WHERE (vm, disk, idx) IN
@@ -246,7 +287,13 @@ pub fn apply_pending(conn: &mut Connection, vm: &str, point: i64) -> rusqlite::R
 /// (deduplicated) read. Used when the receiver's root disagrees with ours.
 pub fn forget(conn: &mut Connection, vm: &str) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    for table in ["blocks", "disks", "pending", "pending_disks"] {
+    for table in [
+        "blocks",
+        "disks",
+        "pending",
+        "pending_disks",
+        "chain_bitmaps",
+    ] {
         tx.execute(&format!("DELETE FROM {table} WHERE vm = ?1"), [vm])?;
     }
     tx.execute("UPDATE vms SET base_point = NULL WHERE vm = ?1", [vm])?;

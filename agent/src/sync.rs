@@ -223,6 +223,35 @@ fn stamp() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
+/// The bitmap the last capture of each disk created (see [`live::plan`]).
+fn chain_bitmaps<'a>(
+    state_dir: &std::path::Path,
+    vm: &str,
+    disks: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<Option<String>>, SyncError> {
+    let conn = state::open(state_dir)?;
+    let mut out = Vec::new();
+    for d in disks {
+        out.push(state::chain_bitmap(&conn, vm, d)?);
+    }
+    Ok(out)
+}
+
+/// After a capture: its new bitmaps continue the chain, whatever the cycle's outcome (see
+/// [`state::set_chain_bitmaps`]). Failing to record them costs the next cycle a full read of
+/// these disks (their recorded bitmap is gone once this cycle settles), never a wrong point.
+fn record_chain_bitmaps(state_dir: &std::path::Path, vm: &str, caps: &[DiskCapture]) {
+    let pairs: Vec<(&str, &str)> = caps
+        .iter()
+        .map(|c| (c.disk.name.as_str(), c.new_bitmap.as_str()))
+        .collect();
+    if let Err(e) =
+        state::open(state_dir).and_then(|mut conn| state::set_chain_bitmaps(&mut conn, vm, &pairs))
+    {
+        tracing::warn!(%vm, error = %e, "cannot record the new dirty bitmaps: the next cycle reads these disks in full");
+    }
+}
+
 /// The one log line of a committed cycle.
 pub fn log_committed(r: &SyncReport) {
     let changed: u64 = r.disks.iter().map(|d| d.changed_blocks).sum();
@@ -396,7 +425,8 @@ pub async fn sync_once(
     let mut opened = Vec::new();
     let capture = if let Some((mut qmp, work, disks)) = live_ctx {
         let want_delta: Vec<bool> = full.iter().map(|f| !f).collect();
-        let mut caps = live::plan(&disks, &want_delta, stamp());
+        let chain = chain_bitmaps(&cfg.state_dir, &cfg.vm, disks.iter().map(|d| &d.name))?;
+        let mut caps = live::plan(&disks, &want_delta, &chain, stamp());
         live::drop_inconsistent(&mut qmp, &mut caps)
             .await
             .map_err(LiveError::from)?;
@@ -427,6 +457,7 @@ pub async fn sync_once(
                 return Err(e);
             }
         };
+        record_chain_bitmaps(&cfg.state_dir, &cfg.vm, &caps);
         freeze_ms = frozen_for.map(|d| d.as_secs_f64() * 1e3);
         consistency = if frozen_for.is_some() {
             "application-consistent"
@@ -476,8 +507,10 @@ pub async fn sync_once(
                     source: "hash-scan".into(),
                 }),
                 (None, Some(info)) => {
+                    let chain = chain_bitmaps(&cfg.state_dir, &cfg.vm, [name])?;
                     let mut cap =
-                        live::plan(std::slice::from_ref(&info), &[!full[i]], stamp()).remove(0);
+                        live::plan(std::slice::from_ref(&info), &[!full[i]], &chain, stamp())
+                            .remove(0);
                     live::redo_failed_full_reads(&work, std::slice::from_mut(&mut cap));
                     let step = live::mark_full_reads(&work, std::slice::from_ref(&cap))
                         .map_err(|e| offline::OfflineError::Tool {
@@ -486,6 +519,13 @@ pub async fn sync_once(
                             message: e.to_string(),
                         })
                         .and_then(|()| offline::capture(&d.path, &mut cap))
+                        .map(|()| {
+                            record_chain_bitmaps(
+                                &cfg.state_dir,
+                                &cfg.vm,
+                                std::slice::from_ref(&cap),
+                            )
+                        })
                         .and_then(|()| {
                             NbdServer::start(
                                 &d.path,

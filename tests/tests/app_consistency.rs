@@ -13,7 +13,7 @@ use rewind_tests::guest::{self, Accel, Guest, APP_DB, APP_LOG, FREEZE_LOG};
 use rewind_tests::{disk_of, run, wait_until, Deployment};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Points taken while the application writes.
@@ -227,6 +227,7 @@ fn application_consistent_points_hold_every_transaction_committed_before_the_fre
     }
 
     let mut previous = 0;
+    let mut first_last = 0;
     for (k, &(point, before, after)) in points.iter().enumerate() {
         let raw = d.path(&format!("restored-{point}.raw"));
         let out = d.restore("app1", "vda", &["--point", &point.to_string()], &raw);
@@ -251,6 +252,9 @@ fn application_consistent_points_hold_every_transaction_committed_before_the_fre
         assert!(state.last > previous, "points go forward");
         assert_eq!(state.freezes, k + 1, "one freeze per point");
         previous = state.last;
+        if k == 0 {
+            first_last = state.last;
+        }
         if k + 1 < points.len() {
             std::fs::remove_file(&raw).unwrap();
         }
@@ -354,4 +358,54 @@ expect_output = '\Aok\n{previous}\n?\z'
     );
     assert!(healthy > boot, "healthy after the boot marker: {drill}");
     assert_eq!(drill["rto_seconds"].as_f64(), Some(healthy), "{drill}");
+
+    // An instant clone at a point: the first point served over NBD and booted through a
+    // throw-away overlay, nothing restored first; it runs with that point's transactions.
+    let (first, _, _) = points[0];
+    let sock = d.path("export.sock");
+    let mut export = Command::new(rewind_tests::bin("rewind-receiver"))
+        .args([
+            "export",
+            "--vm",
+            "app1",
+            "--point",
+            &first.to_string(),
+            "--data",
+        ])
+        .arg(d.data())
+        .arg("--unix")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || sock.exists()),
+        "the export never listened"
+    );
+    std::fs::create_dir_all(d.path("clone")).unwrap();
+    let uri = format!("nbd+unix:///vda?socket={}", sock.display());
+    let mut c =
+        Guest::boot_from(&d.path("clone"), Path::new(&uri), "raw", Accel::from_env()).unwrap();
+    let t = c.wait_ready(Duration::from_secs(400)).unwrap();
+    let q = c
+        .exec(&[
+            "sqlite3",
+            APP_DB,
+            "PRAGMA integrity_check; SELECT count(*) FROM tx;",
+        ])
+        .unwrap();
+    assert_eq!(
+        q.stdout.lines().collect::<Vec<_>>(),
+        ["ok", first_last.to_string().as_str()],
+        "{q:?}"
+    );
+    eprintln!(
+        "instant clone of point {first} up in {:.1} s with its {first_last} transactions",
+        t.as_secs_f64()
+    );
+    c.shutdown(Duration::from_secs(180)).unwrap();
+    let _ = export.kill();
+    let _ = export.wait();
 }
