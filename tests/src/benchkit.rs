@@ -6,6 +6,22 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// The folder holding the running binary, with the agent and receiver built next to it.
+pub fn bin_dir() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary folder")?.to_owned();
+    for b in ["rewind-agent", "rewind-receiver"] {
+        if !dir.join(b).exists() {
+            anyhow::bail!(
+                "{} is missing: cargo build --workspace --bins first (with --release for a \
+                 release run)",
+                dir.join(b).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
 

@@ -135,13 +135,19 @@ impl Deployment {
         disks: &[(&str, &Path)],
         interval: u32,
     ) -> Child {
-        let cmd = self.sync_cmd(
-            rx,
-            "host1",
-            vm,
-            disks,
-            &["--interval", &interval.to_string()],
-        );
+        self.spawn_continuous_with(rx, vm, disks, &["--interval", &interval.to_string()])
+    }
+
+    /// `rewind-agent sync` as `host1` in continuous mode with `extra` flags, in the background
+    /// with its output discarded; kill the child to stop it.
+    pub fn spawn_continuous_with(
+        &self,
+        rx: &Receiver,
+        vm: &str,
+        disks: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Child {
+        let cmd = self.sync_cmd(rx, "host1", vm, disks, extra);
         let args: Vec<_> = cmd
             .get_args()
             .filter(|a| *a != "--once")

@@ -6,7 +6,7 @@
 
 use rewind_tests::{bin, disk, run, wait_until, Deployment};
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,25 +33,12 @@ fn a_burst_faster_than_the_link_stretches_cycles_then_recovers() {
     let vda = d.path("vda.raw");
     disk::create(&vda, BLOCKS * BLOCK);
     // A point a second (RPO target 2 s) over a 1 MB/s link.
-    let cmd = d.sync_cmd(
+    let mut agent = d.spawn_continuous_with(
         &rx,
-        "host1",
         "web1",
         &[("vda", &vda)],
         &["--interval", "1", "--bwlimit", "1"],
     );
-    let args: Vec<_> = cmd
-        .get_args()
-        .filter(|a| *a != "--once")
-        .map(|a| a.to_owned())
-        .collect();
-    let mut agent = Command::new(cmd.get_program())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let count = |d: &Deployment| d.try_points("web1").map(|p| p.len()).unwrap_or(0);
     assert!(wait_until(Duration::from_secs(60), || count(&d) >= 2));
     assert!(

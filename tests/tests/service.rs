@@ -399,19 +399,7 @@ fn sigterm_stops_continuous_sync_and_the_next_run_resumes() {
     let big = d.path("big.raw");
     disk::create(&big, 64 << 20);
     disk::random_blocks(&big, BLOCK, 0, 1024, &mut rand::rng());
-    let cmd = d.sync_cmd(&rx, "host1", "cont", &[("vda", &big)], &["--bwlimit", "4"]);
-    let args: Vec<_> = cmd
-        .get_args()
-        .filter(|a| *a != "--once")
-        .map(|a| a.to_owned())
-        .collect();
-    let mut child = Command::new(cmd.get_program())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = d.spawn_continuous_with(&rx, "cont", &[("vda", &big)], &["--bwlimit", "4"]);
     std::thread::sleep(Duration::from_secs(3));
     let t = Instant::now();
     rustix::process::kill_process(

@@ -10,7 +10,7 @@
 //!
 //! Run it on release binaries: `cargo build --release --workspace && target/release/rewind-guest-bench`.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use rewind_tests::benchkit::{self, spawn_receiver};
 use rewind_tests::guest::{self, Accel, Guest};
@@ -124,23 +124,9 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[rank - 1]
 }
 
-fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("binary folder")?.to_owned();
-    for b in ["rewind-agent", "rewind-receiver"] {
-        if !dir.join(b).exists() {
-            bail!(
-                "{} is missing: build the workspace's binaries first",
-                dir.join(b).display()
-            );
-        }
-    }
-    Ok(dir)
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
-    let bins = bin_dir()?;
+    let bins = rewind_tests::benchkit::bin_dir()?;
     let work = tempfile::Builder::new()
         .prefix("rewind-guest-bench.")
         .tempdir_in(&a.dir)?;

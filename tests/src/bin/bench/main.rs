@@ -69,20 +69,6 @@ mod extra;
 
 const BLOCK: u64 = 64 * 1024;
 
-fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("binary folder")?.to_owned();
-    for b in ["rewind-agent", "rewind-receiver"] {
-        if !dir.join(b).exists() {
-            bail!(
-                "{} is missing: cargo build --release first",
-                dir.join(b).display()
-            );
-        }
-    }
-    Ok(dir)
-}
-
 fn peak_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -163,7 +149,7 @@ struct Row {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let bins = bin_dir()?;
+    let bins = rewind_tests::benchkit::bin_dir()?;
     let size = ((a.size_gib * (1u64 << 30) as f64) as u64) / BLOCK * BLOCK;
     let work = tempfile::Builder::new()
         .prefix("rewind-bench.")

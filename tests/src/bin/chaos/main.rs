@@ -24,7 +24,7 @@ mod machines;
 mod plan;
 mod round;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use figures::Figures;
 use machines::Machine;
@@ -164,22 +164,6 @@ fn qemu_available() -> bool {
     })
 }
 
-/// The folder holding this binary, with the agent and receiver built next to it.
-fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("binary folder")?.to_owned();
-    for b in ["rewind-agent", "rewind-receiver"] {
-        if !dir.join(b).exists() {
-            bail!(
-                "{} is missing: cargo build --workspace --bins first (with --release for a \
-                 release run)",
-                dir.join(b).display()
-            );
-        }
-    }
-    Ok(dir)
-}
-
 fn run(
     args: &Args,
     seed: u64,
@@ -187,7 +171,7 @@ fn run(
     at: &mut u64,
     kept: &mut Option<PathBuf>,
 ) -> Result<Figures> {
-    let bins = bin_dir()?;
+    let bins = rewind_tests::benchkit::bin_dir()?;
     let tmp;
     let work = match &args.work {
         Some(w) => {
