@@ -254,6 +254,7 @@ fn main() -> Result<()> {
                 "--boot-timeout",
                 "600",
             ])
+            .args(["--accel", accel.name()])
             .args(["--expect-serial", guest::READY_MARKER])
             .args(["--check", "systemctl is-system-running --wait"])
             .args(["--check", "test -s /var/tmp/fio.dat"])
