@@ -33,6 +33,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The JSON report of a `sync --once --json` that must have succeeded (panics otherwise).
+pub fn sync_report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "sync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("sync --json prints JSON")
+}
+
+/// A child process killed and reaped when dropped, so a panicking test or a failing command
+/// leaves no server behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs a command and returns its output (never panics on failure status).
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("spawn")
@@ -183,24 +204,12 @@ impl Deployment {
 
     /// Like [`Deployment::sync_live`], but panics unless it succeeded; returns the report.
     pub fn sync_live_ok(&self, rx: &Receiver, vm: &str, qmp: &Path) -> Value {
-        let out = self.sync_live(rx, vm, qmp, &[]);
-        assert!(
-            out.status.success(),
-            "live sync failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("sync --json prints JSON")
+        sync_report(&self.sync_live(rx, vm, qmp, &[]))
     }
 
     /// Like [`Deployment::sync`], but panics unless it succeeded, and returns its JSON report.
     pub fn sync_ok(&self, rx: &Receiver, agent: &str, vm: &str, disks: &[(&str, &Path)]) -> Value {
-        let out = self.sync(rx, agent, vm, disks, &[]);
-        assert!(
-            out.status.success(),
-            "sync failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("sync --json prints JSON")
+        sync_report(&self.sync(rx, agent, vm, disks, &[]))
     }
 
     /// `points --json` for a VM.

@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_tests::guest::{self, Accel, Guest, APP_DB, APP_LOG, FREEZE_LOG};
-use rewind_tests::{disk_of, run, wait_until, Deployment};
+use rewind_tests::{disk_of, run, sync_report, wait_until, Deployment, KillOnDrop};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -20,15 +20,6 @@ use std::time::{Duration, Instant};
 const POINTS: usize = 3;
 /// Start of the guest's root partition in its disk (the image's layout).
 const PART_OFFSET: u64 = 1 << 20;
-
-fn report(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "sync failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("sync --json prints JSON")
-}
 
 /// The application's last committed transaction, as it reports it (0 before the first).
 fn app_last(g: &mut Guest) -> u64 {
@@ -209,7 +200,7 @@ fn application_consistent_points_hold_every_transaction_committed_before_the_fre
         let before = app_commits(&mut g, 3);
         g.release_agent();
         let t = Instant::now();
-        let p = report(&d.sync_live(&rx, "app1", &g.agent_qmp(), &["--guest-agent", &qga]));
+        let p = sync_report(&d.sync_live(&rx, "app1", &g.agent_qmp(), &["--guest-agent", &qga]));
         assert_eq!(p["consistency"], "application-consistent", "{p}");
         let frozen = p["freeze_ms"]
             .as_f64()
@@ -363,7 +354,7 @@ expect_output = '\Aok\n{previous}\n?\z'
     // throw-away overlay, nothing restored first; it runs with that point's transactions.
     let (first, _, _) = points[0];
     let sock = d.path("export.sock");
-    let mut export = Command::new(rewind_tests::bin("rewind-receiver"))
+    let export = Command::new(rewind_tests::bin("rewind-receiver"))
         .args([
             "export",
             "--vm",
@@ -380,6 +371,7 @@ expect_output = '\Aok\n{previous}\n?\z'
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _export = KillOnDrop(export);
     assert!(
         wait_until(Duration::from_secs(60), || sock.exists()),
         "the export never listened"
@@ -406,6 +398,4 @@ expect_output = '\Aok\n{previous}\n?\z'
         t.as_secs_f64()
     );
     c.shutdown(Duration::from_secs(180)).unwrap();
-    let _ = export.kill();
-    let _ = export.wait();
 }

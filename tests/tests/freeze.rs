@@ -6,9 +6,9 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_tests::guest::{self, Accel, Guest, GuestAgent};
-use rewind_tests::Deployment;
+use rewind_tests::{sync_report, Deployment};
 use rustix::process::{kill_process, Pid, Signal};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -64,15 +64,6 @@ fn guest_writes(g: &Guest, limit: Duration) {
 
 fn qga_arg(g: &Guest) -> String {
     qga_path(g).display().to_string()
-}
-
-fn report(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "sync failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("sync --json prints JSON")
 }
 
 fn marker(d: &Deployment, vm: &str) -> PathBuf {
@@ -187,14 +178,15 @@ fn a_slow_fsfreeze_hook_makes_a_bounded_crash_consistent_point_and_the_guest_end
     let d = Deployment::new();
     let rx = d.serve();
     let g = boot(&d);
-    let p1 = report(&d.sync_live(&rx, "vm1", &g.agent_qmp(), &["--guest-agent", &qga_arg(&g)]));
+    let p1 =
+        sync_report(&d.sync_live(&rx, "vm1", &g.agent_qmp(), &["--guest-agent", &qga_arg(&g)]));
     assert_eq!(p1["consistency"], "application-consistent", "{p1}");
 
     install_slow_hook(&g, HOOK_SECS);
     let t = Instant::now();
     let out = d.sync_live(&rx, "vm1", &g.agent_qmp(), &["--guest-agent", &qga_arg(&g)]);
     let wall = t.elapsed();
-    let p2 = report(&out);
+    let p2 = sync_report(&out);
     let cycle = p2["seconds"].as_f64().unwrap();
     eprintln!(
         "slow hook: cycle {cycle:.1} s, process {:.1} s\n{}",
@@ -229,7 +221,7 @@ fn stopped_killed_and_foreign_freezes_end_thawed_or_untouched() {
         assert!(n.as_u64().unwrap() > 0, "{n}");
     }
     let out = d.sync_live(&rx, "vm2", &g.agent_qmp(), &["--guest-agent", &qga_arg(&g)]);
-    let p = report(&out);
+    let p = sync_report(&out);
     assert_eq!(p["consistency"], "crash-consistent", "{p}");
     assert_eq!(
         freeze_status(&g),
@@ -272,7 +264,7 @@ fn stopped_killed_and_foreign_freezes_end_thawed_or_untouched() {
     assert!(marker(&d, "vm2").exists());
     let out = d.sync_live(&rx, "vm2", &g.agent_qmp(), &["--guest-agent", &qga_arg(&g)]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let p = report(&out);
+    let p = sync_report(&out);
     assert!(stderr.contains("earlier run of the agent"), "{stderr}");
     assert_eq!(p["consistency"], "application-consistent", "{p}");
     assert_eq!(freeze_status(&g), "thawed");

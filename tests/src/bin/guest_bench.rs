@@ -142,12 +142,14 @@ fn main() -> Result<()> {
             .output()?;
         ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let (mut rx, addr) = spawn_receiver(
+    let (rx, addr) = spawn_receiver(
         Command::new(&rx_bin),
         &w.join("data"),
         &w.join("pki"),
         "127.0.0.1:0",
     )?;
+    // Stopped on every exit, errors included.
+    let _rx = rewind_tests::KillOnDrop(rx);
 
     let image = guest::image()?;
     std::fs::create_dir_all(w.join("guest"))?;
@@ -263,8 +265,6 @@ fn main() -> Result<()> {
             .output()?;
         drill = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     }
-    let _ = rx.kill();
-    let _ = rx.wait();
 
     let ratio = with.p99 / without.p99;
     let figures = json!({
