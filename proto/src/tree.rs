@@ -295,6 +295,37 @@ mod tests {
             let top1 = update(shape, changed, &mut store).expect("infallible");
             prop_assert_eq!(top1, reference_top(shape, &leaves));
         }
+
+        /// A disk that grows keeps its stored nodes; recomputing the old last leaf's path and
+        /// the written leaves' paths under the new shape gives the tree of the grown disk
+        /// (what the receiver's commit does for a disk resized online).
+        #[test]
+        fn update_after_growth_matches_rebuild(
+            fanout in 2u64..6,
+            initial in proptest::collection::vec(leaf_strategy(), 1..200),
+            grow in 1usize..300,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), leaf_strategy()), 0..20),
+        ) {
+            let old = Shape { leaves: initial.len() as u64, fanout };
+            let mut store = MemStore::default();
+            for (i, l) in initial.iter().enumerate() {
+                store.nodes.insert((0, i as u64), *l);
+            }
+            update(old, 0..old.leaves, &mut store).expect("infallible");
+
+            let mut leaves = initial.clone();
+            leaves.resize(initial.len() + grow, Leaf::ZERO);
+            let new = Shape { leaves: leaves.len() as u64, fanout };
+            let mut changed = vec![old.leaves - 1];
+            for (idx, l) in edits {
+                let i = idx.index(leaves.len());
+                leaves[i] = l;
+                store.nodes.insert((0, i as u64), l);
+                changed.push(i as u64);
+            }
+            let top = update(new, changed, &mut store).expect("infallible");
+            prop_assert_eq!(top, reference_top(new, &leaves));
+        }
     }
 
     #[test]

@@ -96,9 +96,11 @@ pub fn diff(conn: &Connection, vm: &str, from: i64, to: i64) -> Result<PointDiff
     for d in &b.disks {
         let other = a.disks.iter().find(|x| x.name == d.name);
         let (candidates, note, same_gen) = match other {
-            Some(o) if o.disk_id == d.disk_id => {
-                (touched(conn, d.disk_id, Some(lo.id), hi.id)?, None, true)
-            }
+            Some(o) if o.disk_id == d.disk_id => (
+                touched(conn, d.disk_id, Some(lo.id), hi.id)?,
+                (o.size != d.size).then(|| format!("resized from {} to {} bytes", o.size, d.size)),
+                true,
+            ),
             Some(o) => {
                 let mut all = touched(conn, d.disk_id, None, b.id)?;
                 all.extend(touched(conn, o.disk_id, None, a.id)?);

@@ -524,7 +524,7 @@ impl Store {
         let mut modes = Vec::new();
         for (pos, d) in spec.disks.iter().enumerate() {
             let base_disk = latest_disks.get(&d.name).and_then(|&(disk_id, size, bs)| {
-                (size == d.geometry.size && bs == d.geometry.block_size.bytes()).then_some(disk_id)
+                continues(size, bs, &d.geometry).then_some(disk_id)
             });
             tx.execute(
                 "INSERT INTO session_disks(session_id, pos, name, size, block_size, base_disk)
@@ -986,8 +986,9 @@ impl Store {
         let mut tops = Vec::new();
         for (pos, disk) in session.disks.iter().enumerate() {
             let disk_id = disk_row(&tx, &session, disk)?;
+            let edge = grown_edge(&tx, &session, disk)?;
             let (changed, top, _) =
-                write_leaves(&tx, session_id, pos, disk, disk_id, point, -1, None)?;
+                write_leaves(&tx, session_id, pos, disk, disk_id, point, -1, None, edge)?;
             tops.push((disk_id, top, changed));
         }
         record_point(
@@ -1063,6 +1064,7 @@ impl Store {
             let mut tops = Vec::new();
             for (pos, disk) in session.disks.iter().enumerate() {
                 let disk_id = disk_ids[pos];
+                let mut edge = grown_edge(&self.conn(), &session, disk)?;
                 let (mut changed, mut after) = (0, -1i64);
                 let top = loop {
                     let mut conn = self.conn();
@@ -1077,6 +1079,7 @@ impl Store {
                         point,
                         after,
                         Some(COMMIT_STEP_PARENTS),
+                        edge.take(),
                     )?;
                     tx.commit()?;
                     // Another agent's write waiting for the writer goes next.
@@ -1249,6 +1252,45 @@ fn commit_checks<'a>(
     Ok((session, agent_roots, created))
 }
 
+/// Whether a disk of `geometry` continues the base point's disk of `size` and `block_size` as
+/// a delta: the same geometry, or a disk grown online from a whole number of blocks (its old
+/// blocks keep their indexes and leaves; the new area is zeros until written, and the commit
+/// recomputes the old right edge of the tree, see [`grown_edge`]). Any other change (a
+/// shrink, a new block size, growth from a partial last block, whose leaf would change
+/// without a write) starts a new disk generation: a full read that sends only unknown chunks.
+fn continues(size: u64, block_size: u64, geometry: &DiskGeometry) -> bool {
+    let bs = geometry.block_size.bytes();
+    block_size == bs
+        && (size == geometry.size || (size < geometry.size && bs > 0 && size.is_multiple_of(bs)))
+}
+
+/// For a disk that grew since the session's base point, the old last leaf's index: its path to
+/// the top is where the tree's shape changed (right-edge nodes gained children, new levels
+/// above the old top), so the commit recomputes it even when no block there was written.
+fn grown_edge(
+    conn: &Connection,
+    session: &Session,
+    disk: &SessionDisk,
+) -> rusqlite::Result<Option<u64>> {
+    let (Some(base), Some(_)) = (session.base_point, disk.base_disk) else {
+        return Ok(None);
+    };
+    let old: Option<i64> = conn
+        .query_row(
+            "SELECT size FROM point_disks WHERE point_id = ?1 AND name = ?2",
+            params![base, disk.name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let bs = disk.geometry.block_size.bytes();
+    Ok(match old {
+        Some(old) if (old as u64) < disk.geometry.size && old > 0 => {
+            Some((old as u64).div_ceil(bs) - 1)
+        }
+        _ => None,
+    })
+}
+
 /// The disk generation a session's disk writes to: its base's, or a new one.
 fn disk_row(conn: &Connection, session: &Session, disk: &SessionDisk) -> rusqlite::Result<i64> {
     match disk.base_disk {
@@ -1271,7 +1313,8 @@ fn disk_row(conn: &Connection, session: &Session, disk: &SessionDisk) -> rusqlit
 /// Writes the staged leaves of disk `pos` after block `after` as nodes at `point`, and the
 /// inner nodes above them. With `max_parents`, stops before the leaves of the group would
 /// touch more than that many level-1 nodes. Returns the leaves written, the tree's top after
-/// them, and the last block written (None: no leaf was left).
+/// them, and the last block written (None: no leaf was left). `edge`, a leaf whose path to the
+/// top is recomputed although it was not written (see [`grown_edge`]).
 #[allow(clippy::too_many_arguments)]
 fn write_leaves(
     conn: &Connection,
@@ -1282,6 +1325,7 @@ fn write_leaves(
     point: i64,
     after: i64,
     max_parents: Option<usize>,
+    edge: Option<u64>,
 ) -> Result<(usize, Leaf, Option<u64>), StoreError> {
     let limit = max_parents.map_or(-1, |p| (p as i64) * tree_fanout());
     let idxs: Vec<u64> = {
@@ -1329,7 +1373,11 @@ fn write_leaves(
         disk_id,
         point,
     };
-    let top = tree::update(Shape::of(&disk.geometry), group, &mut nodes)?;
+    let top = tree::update(
+        Shape::of(&disk.geometry),
+        group.into_iter().chain(edge),
+        &mut nodes,
+    )?;
     Ok((changed, top, last))
 }
 
@@ -1718,6 +1766,81 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM pending_commits", [], |r| r.get(0))
             .expect("count");
         assert_eq!(pending, 0);
+    }
+
+    /// A disk that grew since its base continues the same generation; in one transaction or
+    /// in steps, the commit recomputes the old right edge and the root is the grown disk's.
+    #[test]
+    fn a_grown_disk_commits_as_a_delta_whole_and_in_steps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let spec = |blocks: u64, base: Option<i64>| BeginSpec {
+            vm: "vm".into(),
+            disks: vec![DiskSpec {
+                name: "vda".into(),
+                geometry: DiskGeometry::new(blocks * 4096, 4096).expect("geometry"),
+            }],
+            base_point: base,
+            resume: None,
+        };
+        let (a, ca) = block(1);
+        let (b, cb) = block(2);
+        let mut leaves: Vec<(u64, Leaf)> = (0..300).map(|i| (i, a)).collect();
+        let mut base = None;
+        for (blocks, new, chunks) in [
+            (300u64, leaves.clone(), vec![ca]),
+            // Grown, nothing written: only the edge changes the tree.
+            (1_000, Vec::new(), Vec::new()),
+            // Grown past a stepped commit's size, with writes old and new.
+            (
+                600_000,
+                (0..70_000u64)
+                    .map(|i| (i * 8 + 5, b))
+                    .chain([(17, b)])
+                    .collect(),
+                vec![cb],
+            ),
+        ] {
+            let plan = store.begin("agent", &spec(blocks, base)).expect("begin");
+            let want = if base.is_some() {
+                DiskMode::Delta
+            } else {
+                DiskMode::Full
+            };
+            assert_eq!(
+                plan.modes,
+                vec![("vda".to_owned(), want)],
+                "{blocks} blocks"
+            );
+            let mut staged_now = new.clone();
+            staged_now.sort_by_key(|&(i, _)| i);
+            stage_all(&store, &plan.session, &staged_now, chunks);
+            for (i, l) in new {
+                match leaves.binary_search_by_key(&i, |&(j, _)| j) {
+                    Ok(k) => leaves[k].1 = l,
+                    Err(k) => leaves.insert(k, (i, l)),
+                }
+            }
+            let geometry = spec(blocks, None).disks[0].geometry;
+            let root = reference_root(&geometry, &leaves);
+            let done = store
+                .commit(
+                    "agent",
+                    &plan.session,
+                    &[("vda".into(), root)],
+                    &PointMeta::default(),
+                )
+                .unwrap_or_else(|e| panic!("{blocks} blocks: {e}"));
+            base = Some(done.point);
+        }
+        let disks: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM disks", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(disks, 1, "one disk generation for the whole chain");
+        // A shrink starts a new generation.
+        let plan = store.begin("agent", &spec(500, base)).expect("begin");
+        assert_eq!(plan.modes, vec![("vda".to_owned(), DiskMode::Full)]);
     }
 
     #[test]

@@ -261,3 +261,125 @@ fn restores_of_odd_sizes_and_onto_tmpfs_are_exact() {
         assert!(same);
     }
 }
+
+/// A disk that grows (an online resize) continues its chain as a delta when its old size was a
+/// whole number of blocks: only what was written is read and sent, and every point before and
+/// after restores bit-exact, also after the smaller point is pruned. A disk that grows from a
+/// partial last block, or shrinks, starts again as a full point that sends only unknown chunks.
+#[test]
+fn a_disk_that_grows_continues_as_a_delta() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    const MIB: u64 = 1024 * 1024;
+    disk::create(&vda, 8 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 40, &mut rng);
+    let disks = [("vda", vda.as_path())];
+    let mut points = Vec::new();
+    let r = d.sync_ok(&rx, "host1", "grow", &disks);
+    points.push((r["point"].as_u64().unwrap(), disk::digest(&vda)));
+
+    // 8 MiB -> 12 MiB: one old block and one block in the new area written.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vda)
+        .unwrap()
+        .set_len(12 * MIB)
+        .unwrap();
+    disk::random_blocks(&vda, BLOCK, 3, 1, &mut rng);
+    disk::random_blocks(&vda, BLOCK, 150, 1, &mut rng);
+    let r = d.sync_ok(&rx, "host1", "grow", &disks);
+    let v = disk_of(&r, "vda");
+    assert_eq!(v["mode"], "delta", "{r}");
+    assert_eq!(v["size"], 12 * MIB);
+    assert_eq!(v["changed_blocks"], 2, "{r}");
+    let sent = v["sent_bytes"].as_u64().unwrap();
+    assert!((2 * BLOCK..3 * BLOCK).contains(&sent), "sent {sent}: {r}");
+    points.push((r["point"].as_u64().unwrap(), disk::digest(&vda)));
+
+    // Growth that adds only zeros: a delta with no changed block.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vda)
+        .unwrap()
+        .set_len(16 * MIB + 4096)
+        .unwrap();
+    let r = d.sync_ok(&rx, "host1", "grow", &disks);
+    let v = disk_of(&r, "vda");
+    assert_eq!(v["mode"], "delta", "{r}");
+    assert_eq!(v["changed_blocks"], 0, "{r}");
+    assert_eq!(r["sent_bytes"], 0, "{r}");
+    points.push((r["point"].as_u64().unwrap(), disk::digest(&vda)));
+
+    // From a partial last block: a new disk generation, only the new data sent.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vda)
+        .unwrap()
+        .set_len(20 * MIB)
+        .unwrap();
+    disk::random_blocks(&vda, BLOCK, 300, 1, &mut rng);
+    let r = d.sync_ok(&rx, "host1", "grow", &disks);
+    let v = disk_of(&r, "vda");
+    assert_eq!(v["mode"], "full", "{r}");
+    let sent = v["sent_bytes"].as_u64().unwrap();
+    assert!(
+        sent < 3 * BLOCK,
+        "only unknown chunks are sent: {sent}: {r}"
+    );
+    points.push((r["point"].as_u64().unwrap(), disk::digest(&vda)));
+
+    // A shrink: also a new generation.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vda)
+        .unwrap()
+        .set_len(6 * MIB)
+        .unwrap();
+    let r = d.sync_ok(&rx, "host1", "grow", &disks);
+    assert_eq!(disk_of(&r, "vda")["mode"], "full", "{r}");
+    assert_eq!(r["sent_bytes"], 0, "{r}");
+    points.push((r["point"].as_u64().unwrap(), disk::digest(&vda)));
+
+    for (p, want) in &points {
+        assert_eq!(&d.restored_digest("grow", "vda", *p), want, "point {p}");
+    }
+    let verify = rewind_tests::run(
+        std::process::Command::new(rewind_tests::bin("rewind-receiver"))
+            .args(["verify", "--json", "--data"])
+            .arg(d.data()),
+    );
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Pruning the smaller points moves their nodes to the grown ones: those stay exact.
+    let prune = rewind_tests::run(
+        std::process::Command::new(rewind_tests::bin("rewind-receiver"))
+            .args([
+                "prune",
+                "--json",
+                "--vm",
+                "grow",
+                "--keep-last",
+                "3",
+                "--data",
+            ])
+            .arg(d.data()),
+    );
+    assert!(
+        prune.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prune.stderr)
+    );
+    for (p, want) in &points[2..] {
+        assert_eq!(
+            &d.restored_digest("grow", "vda", *p),
+            want,
+            "point {p} after prune"
+        );
+    }
+}
