@@ -101,8 +101,10 @@ fn take_name(data: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8_lossy(name).into_owned(), &data[4 + len..]))
 }
 
-/// A block's leaf and where its chunk lives.
-type Located = (Leaf, i64, u64, u32);
+/// A block's leaf and where its chunk lives (pack, offset, compressed length); None when the
+/// catalog holds no chunk for the leaf (quarantined by verify, or lost): a read of the block
+/// then fails, it is never served as zeros.
+type Located = (Leaf, Option<(i64, u64, u32)>);
 
 /// Reads a point's blocks from the store for one connection.
 struct PointReader {
@@ -125,7 +127,7 @@ impl PointReader {
         })
     }
 
-    /// Non-zero blocks with index in `first..end`, at the point.
+    /// Non-zero blocks with index in `first..end`, at the point, with or without their chunk.
     fn blocks(&self, first: u64, end: u64) -> io::Result<HashMap<u64, Located>> {
         let mut stmt = self
             .conn
@@ -134,7 +136,7 @@ impl PointReader {
                    (SELECT idx, hash, MAX(point) FROM nodes
                     WHERE disk_id = ?1 AND level = 0 AND idx >= ?2 AND idx < ?3 AND point <= ?4
                     GROUP BY idx) n
-                 JOIN chunks c ON c.hash = n.hash AND c.owner =
+                 LEFT JOIN chunks c ON c.hash = n.hash AND c.owner =
                    (SELECT v.owner FROM disks d JOIN vms v ON v.id = d.vm_id WHERE d.id = ?1)
                  WHERE n.hash IS NOT NULL",
             )
@@ -151,9 +153,9 @@ impl PointReader {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
                     ))
                 },
             )
@@ -162,7 +164,11 @@ impl PointReader {
         for row in rows {
             let (idx, hash, pack, off, clen) = row.map_err(io::Error::other)?;
             let leaf = Leaf::from_slice(&hash).map_err(|e| io::Error::other(e.to_string()))?;
-            out.insert(idx as u64, (leaf, pack, off as u64, clen as u32));
+            let at = match (pack, off, clen) {
+                (Some(p), Some(o), Some(c)) => Some((p, o as u64, c as u32)),
+                _ => None,
+            };
+            out.insert(idx as u64, (leaf, at));
         }
         Ok(out)
     }
@@ -170,9 +176,15 @@ impl PointReader {
     /// Bytes of block `idx` (verified against its hash).
     fn block_bytes(&mut self, idx: u64, loc: &Located) -> io::Result<Vec<u8>> {
         let len = self.geometry.block_len(idx).unwrap_or(0);
+        let (pack, offset, clen) = loc.1.ok_or_else(|| {
+            io::Error::other(format!(
+                "chunk {} is missing from the store (quarantined by verify, or lost)",
+                loc.0
+            ))
+        })?;
         let frame = self
             .packs
-            .read(loc.1, loc.2, loc.3, &loc.0)
+            .read(pack, offset, clen, &loc.0)
             .map_err(|e| io::Error::other(e.to_string()))?;
         chunk::open(loc.0, &frame, len).map_err(|e| io::Error::other(e.to_string()))
     }

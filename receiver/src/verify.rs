@@ -12,7 +12,7 @@ use crate::error::StoreError;
 use crate::packs::PackReader;
 use crate::store::PACKS_DIR;
 use rewind_proto::{chunk, Leaf};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::path::Path;
 
@@ -33,6 +33,41 @@ pub struct VerifyReport {
     pub bad: Vec<BadChunk>,
     /// Chunks still quarantined from earlier runs (not yet healed).
     pub quarantined: Vec<BadChunk>,
+}
+
+/// Chunk rows read per page.
+const PAGE_ROWS: usize = 4096;
+
+/// The chunks a verify checks (`?1` a VM's name or NULL for every chunk, `?2` one point of it
+/// or NULL): without a scope every chunk; with one, the VM's owner's chunks its points use.
+const IN_SCOPE: &str =
+    "?1 IS NULL OR (c.owner = (SELECT owner FROM vms WHERE name = ?1) AND c.hash IN
+   (SELECT n.hash FROM nodes n JOIN point_disks pd ON pd.disk_id = n.disk_id
+    JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
+    WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
+      AND n.point <= p.id AND n.hash IS NOT NULL))";
+
+/// One chunk row: its owner, hash, location (pack, offset, compressed length) and length.
+struct Row {
+    owner: String,
+    hash: Vec<u8>,
+    at: (i64, i64, i64),
+    ulen: i64,
+}
+
+/// Reads a chunk at `at` and checks that it decompresses to `ulen` bytes hashing to `leaf`.
+fn check(
+    reader: &mut PackReader,
+    leaf: &Leaf,
+    at: (i64, i64, i64),
+    ulen: i64,
+) -> Result<(), String> {
+    let frame = reader
+        .read(at.0, at.1 as u64, at.2 as u32, leaf)
+        .map_err(|e| e.to_string())?;
+    chunk::open(*leaf, &frame, ulen as usize)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Points of `owner`'s VMs whose content references `hash`.
@@ -62,61 +97,90 @@ pub fn verify(
     scope: Option<(&str, Option<i64>)>,
     progress: &dyn Fn(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
-    let chunks: Vec<(String, Vec<u8>, i64, i64, i64, i64)> = {
-        let (vm, point) = scope.map_or((None, None), |(vm, p)| (Some(vm), p));
-        // Without a scope, every chunk; with one, the VM's owner's chunks its points use.
-        let mut stmt = conn.prepare(
-            "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
-             WHERE ?1 IS NULL OR (c.owner = (SELECT owner FROM vms WHERE name = ?1) AND c.hash IN
-               (SELECT n.hash FROM nodes n JOIN point_disks pd ON pd.disk_id = n.disk_id
-                JOIN points p ON p.id = pd.point_id JOIN vms v ON v.id = p.vm_id
-                WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
-                  AND n.point <= p.id AND n.hash IS NOT NULL))
-             ORDER BY c.pack_id, c.offset",
-        )?;
-        let rows = stmt.query_map(params![vm, point], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    let total: u64 = chunks.iter().map(|c| c.5 as u64).sum();
+    let (vm, point) = scope.map_or((None, None), |(vm, p)| (Some(vm), p));
+    let total: u64 = conn.query_row(
+        &format!("SELECT COALESCE(SUM(c.ulen), 0) FROM chunks c WHERE {IN_SCOPE}"),
+        params![vm, point],
+        |r| r.get::<_, i64>(0),
+    )? as u64;
     let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
     let mut report = VerifyReport::default();
     let mut bad = Vec::new();
-    for (owner, hash, pack, off, clen, ulen) in chunks {
-        let leaf = Leaf::from_slice(&hash)?;
-        let result = reader
-            .read(pack, off as u64, clen as u32, &leaf)
-            .map_err(|e| e.to_string())
-            .and_then(|frame| chunk::open(leaf, &frame, ulen as usize).map_err(|e| e.to_string()));
-        report.chunks_checked += 1;
-        report.bytes_checked += ulen as u64;
-        if let Err(error) = result {
-            bad.push((owner, hash, clen, error));
+    // Pages in pack order, so memory stays bounded whatever the store's size.
+    let mut after = (-1i64, -1i64);
+    loop {
+        let page: Vec<Row> = {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
+                 WHERE ({IN_SCOPE}) AND (c.pack_id, c.offset) > (?3, ?4)
+                 ORDER BY c.pack_id, c.offset LIMIT ?5"
+            ))?;
+            let rows = stmt.query_map(
+                params![vm, point, after.0, after.1, PAGE_ROWS as i64],
+                |r| {
+                    Ok(Row {
+                        owner: r.get(0)?,
+                        hash: r.get(1)?,
+                        at: (r.get(2)?, r.get(3)?, r.get(4)?),
+                        ulen: r.get(5)?,
+                    })
+                },
+            )?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(last) = page.last() else { break };
+        after = (last.at.0, last.at.1);
+        if report.chunks_checked == 0 {
+            rewind_proto::faults::point("verify-after-listing");
         }
-        progress(report.bytes_checked, total);
+        for row in page {
+            let leaf = Leaf::from_slice(&row.hash)?;
+            report.chunks_checked += 1;
+            report.bytes_checked += row.ulen as u64;
+            if let Err(error) = check(&mut reader, &leaf, row.at, row.ulen) {
+                bad.push((row, error));
+            }
+            progress(report.bytes_checked, total);
+        }
     }
-    for (owner, hash, clen, error) in bad {
+    for (row, error) in bad {
+        // Gc may have moved the chunk since it was listed (copy, repoint, unlink the old
+        // pack): what failed is then the old copy. Only the copy the catalog points at now
+        // can be bad, and only that one is quarantined.
+        let now: Option<((i64, i64, i64), i64)> = conn
+            .query_row(
+                "SELECT pack_id, offset, clen, ulen FROM chunks WHERE owner = ?1 AND hash = ?2",
+                params![row.owner, row.hash],
+                |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?)),
+            )
+            .optional()?;
+        let (at, error) = match now {
+            None => continue, // collected by gc meanwhile: no point needs it
+            Some((at, _)) if at == row.at => (at, error),
+            Some((at, ulen)) => {
+                let leaf = Leaf::from_slice(&row.hash)?;
+                match check(&mut reader, &leaf, at, ulen) {
+                    Ok(()) => continue,
+                    Err(e) => (at, e),
+                }
+            }
+        };
+        let (owner, hash, clen) = (row.owner, row.hash, at.2);
         let points = points_using(conn, &owner, &hash)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2 AND pack_id = ?3 AND offset = ?4",
+            params![owner, hash, at.0, at.1],
+        )?;
+        if n == 0 {
+            // Moved again while it was re-read: the next verify checks its new copy.
+            continue;
+        }
+        crate::catalog::add_usage(&tx, &owner, -1, -clen)?;
         tx.execute(
             "INSERT OR REPLACE INTO bad_chunks(owner, hash, found_us, detail) VALUES (?1, ?2, ?3, ?4)",
             params![owner, hash, now_us(), error],
         )?;
-        let n = tx.execute(
-            "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2",
-            params![owner, hash],
-        )?;
-        if n > 0 {
-            crate::catalog::add_usage(&tx, &owner, -1, -clen)?;
-        }
         tx.commit()?;
         tracing::error!(chunk = %hex::encode(&hash), %error, points = points.len(), "bad chunk quarantined");
         report.bad.push(BadChunk {

@@ -473,6 +473,64 @@ fn gc_killed_at(point: &str) {
     drop(rx);
 }
 
+/// Verify lists chunks, then reads them: a gc that moves chunks in between (copy, repoint,
+/// unlink the old pack) must not make verify quarantine the good, moved copies.
+#[test]
+fn verify_racing_gc_quarantines_nothing_good() {
+    const POINT: &str = "verify-after-listing";
+    let d = Deployment::new();
+    let mut vm = Taken::new(&d, "race", 8 * MIB);
+    let rx = d.serve();
+    disk::random_blocks(&vm.disk, BLOCK, 0, 32, &mut rand::rng());
+    vm.sync(&d, &rx);
+    disk::random_blocks(&vm.disk, BLOCK, 0, 24, &mut rand::rng());
+    vm.sync(&d, &rx);
+    let ids = vm.ids();
+    json_ok(&receiver(
+        &d,
+        None,
+        &["prune", "--vm", vm.vm, "--keep-last", "1", "--json"],
+    ));
+
+    let verify = Command::new(bin("rewind-receiver"))
+        .args(["verify", "--json", "--data"])
+        .arg(d.data())
+        .env("REWIND_PAUSE", POINT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stat = format!("/proc/{}/stat", verify.id());
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            std::fs::read_to_string(&stat).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('T'))
+            })
+        }),
+        "verify never reached {POINT}"
+    );
+    // The first point's pack held 32 chunks, 24 of them dead now: gc moves the 8 live ones.
+    let gc = json_ok(&receiver(&d, None, &["gc", "--grace", "0", "--json"]));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&verify),
+        rustix::process::Signal::CONT,
+    )
+    .unwrap();
+    let out = verify.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "verify after gc moved chunks under it: {report} {} (gc: {gc})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["bad"], serde_json::json!([]), "gc: {gc}");
+    assert_eq!(vm.assert_listed_restore(&d), ids[1..]);
+    assert_verify_clean(&d);
+    drop(rx);
+}
+
 #[test]
 fn gc_killed_after_copy_is_finished_by_the_next_gc() {
     gc_killed_at("gc-after-copy");

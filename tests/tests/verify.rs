@@ -85,6 +85,21 @@ fn a_bad_chunk_is_found_named_and_healed() {
     // Neither the image nor the partial file it was written under is left behind.
     assert!(!d.path("broken.raw").exists());
     assert!(!d.path(".broken.raw.rewind-partial").exists());
+    // Nor through the NBD export (qcow2 output): a block without its chunk is a read error,
+    // never zeros.
+    let o = d.restore(
+        "v",
+        "vda",
+        &["--point", &p1.to_string(), "--format", "qcow2"],
+        &d.path("broken.qcow2"),
+    );
+    assert!(
+        !o.status.success(),
+        "a damaged point does not convert silently: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!d.path("broken.qcow2").exists());
+    assert!(!d.path(".broken.qcow2.rewind-partial").exists());
     // Still reported until healed.
     let again = verify();
     assert!(!again.status.success());
