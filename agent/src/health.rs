@@ -465,6 +465,7 @@ mod tests {
             resumed: false,
             consistency: "crash-consistent".into(),
             freeze_ms: None,
+            frozen_ms: None,
             disks: Vec::new(),
             sent_bytes: 0,
             seconds: 0.1,

@@ -738,26 +738,15 @@ pub async fn create_fleece_files(work: &Workdir, caps: &[DiskCapture]) -> Result
     Ok(())
 }
 
-/// Captures every disk (their fleecing images made by [`create_fleece_files`]): the images
-/// join the graph, then (by `mode`) either one transaction that
-/// adds the new bitmaps, disables (and merges) the old ones and starts the copy-before-write
-/// jobs, or our own filters put in between two bitmap transactions:
-/// 1. add the new bitmaps (old and new both record from here on);
-/// 2. put each disk's filter in: the disk's view is held from that instant;
-/// 3. disable (and merge) the old bitmaps.
-///
-/// A write before step 2 is in the view and in the old bitmap (read now); a write between 2
-/// and 3 is in both bitmaps but not in the view (read now, unchanged, and again next cycle);
-/// a write after 3 is only in the new bitmap. So every point is exactly the view it read.
-pub async fn capture(
+/// Adds each disk's fleecing node (and, for [`Fleecing::Filter`], its copy-before-write filter,
+/// not yet in the guest's path) before any freeze: opening images is the slow part of a
+/// capture, and none of it fixes the point's instant. [`capture`] does.
+pub async fn add_views(
     qmp: &mut Qmp,
     work: &Workdir,
     caps: &[DiskCapture],
     mode: Fleecing,
 ) -> Result<(), LiveError> {
-    if mode == Fleecing::Job {
-        check_room(work, caps)?;
-    }
     for c in caps {
         let file = work.fleece_file(&c.disk.name);
         let mut fleece = json!({"driver": "qcow2", "node-name": fleece_node(&c.disk.name),
@@ -768,13 +757,117 @@ pub async fn capture(
         }
         qmp.execute("blockdev-add", fleece).await?;
     }
-    let mut add = Vec::new();
+    if mode == Fleecing::Filter {
+        // A filter outside the guest's path intercepts nothing yet: the view it holds starts
+        // when `capture` puts it in the path.
+        for c in caps {
+            qmp.execute(
+                "blockdev-add",
+                json!({"driver": "copy-before-write", "node-name": cbw_node(&c.disk.name),
+                       "file": c.disk.node, "target": fleece_node(&c.disk.name),
+                       "on-cbw-error": "break-snapshot", "cbw-timeout": CBW_TIMEOUT_SECS}),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes what [`add_views`] added (no view is held yet): when the mode changes after the
+/// freeze failed.
+pub async fn remove_views(
+    qmp: &mut Qmp,
+    caps: &[DiskCapture],
+    mode: Fleecing,
+) -> Result<(), LiveError> {
+    for c in caps {
+        if mode == Fleecing::Filter {
+            qmp.execute("blockdev-del", json!({"node-name": cbw_node(&c.disk.name)}))
+                .await?;
+        }
+        qmp.execute(
+            "blockdev-del",
+            json!({"node-name": fleece_node(&c.disk.name)}),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The point's instant, over the views [`add_views`] added (their fleecing images made by
+/// [`create_fleece_files`]). By `mode`, either one transaction that adds the new bitmaps,
+/// disables (and merges) the old ones and starts the copy-before-write jobs, or our own
+/// filters, in three steps:
+/// 1. add the new bitmaps (old and new both record from here on);
+/// 2. put each disk's filter in the guest's path: the disk's view is held from that instant;
+/// 3. disable (and merge) the old bitmaps: [`settle`], after any thaw.
+///
+/// A write before step 2 is in the view and in the old bitmap (read now); a write between 2
+/// and 3 is in both bitmaps but not in the view (read now, unchanged, and again next cycle);
+/// a write after 3 is only in the new bitmap. So every point is exactly the view it read. Only
+/// steps 1 and 2 run under a guest freeze.
+pub async fn capture(
+    qmp: &mut Qmp,
+    work: &Workdir,
+    caps: &[DiskCapture],
+    mode: Fleecing,
+) -> Result<(), LiveError> {
+    let add: Vec<_> = caps
+        .iter()
+        .map(|c| {
+            json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": c.disk.node, "name": c.new_bitmap,
+            "persistent": c.disk.format == "qcow2"}})
+        })
+        .collect();
+    match mode {
+        Fleecing::Job => {
+            check_room(work, caps)?;
+            let mut actions = add;
+            actions.extend(settle_actions(caps));
+            for c in caps {
+                actions.push(json!({"type": "blockdev-backup", "data": {
+                    "device": c.disk.node, "target": fleece_node(&c.disk.name), "sync": "none",
+                    "job-id": job_id(&c.disk.name),
+                    "filter-node-name": format!("{PREFIX}job-filter-{}", c.disk.name)}}));
+            }
+            qmp.execute("transaction", json!({"actions": actions}))
+                .await?;
+        }
+        Fleecing::Filter => {
+            qmp.execute("transaction", json!({"actions": add})).await?;
+            for c in caps {
+                qmp.execute(
+                    "qom-set",
+                    json!({"path": c.disk.qdev, "property": "drive",
+                           "value": cbw_node(&c.disk.name)}),
+                )
+                .await?;
+            }
+            // The views to read (snapshot-access nodes) are added by [`export`], after any
+            // guest thaw: the held view is fixed already.
+        }
+    }
+    Ok(())
+}
+
+/// With [`Fleecing::Filter`], after the instant (and any thaw): stops the old bitmaps and merges
+/// them into the one the cycle reads. Writes between the instant and this step are recorded
+/// by the old bitmaps too, so they are read once more (from the held view): never missed.
+pub async fn settle(qmp: &mut Qmp, caps: &[DiskCapture], mode: Fleecing) -> Result<(), LiveError> {
+    let actions = settle_actions(caps);
+    if mode == Fleecing::Filter && !actions.is_empty() {
+        qmp.execute("transaction", json!({"actions": actions}))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Disables our recording bitmaps of each disk and merges the others into the one it reads.
+fn settle_actions(caps: &[DiskCapture]) -> Vec<serde_json::Value> {
     let mut settle = Vec::new();
     for c in caps {
         let node = &c.disk.node;
-        add.push(json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": node, "name": c.new_bitmap,
-            "persistent": c.disk.format == "qcow2"}}));
         for b in rewind_bitmaps(&c.disk) {
             if b.recording && !b.inconsistent {
                 settle.push(json!({"type": "block-dirty-bitmap-disable",
@@ -789,47 +882,7 @@ pub async fn capture(
             }
         }
     }
-    match mode {
-        Fleecing::Job => {
-            let mut actions = add;
-            actions.extend(settle);
-            for c in caps {
-                actions.push(json!({"type": "blockdev-backup", "data": {
-                    "device": c.disk.node, "target": fleece_node(&c.disk.name), "sync": "none",
-                    "job-id": job_id(&c.disk.name),
-                    "filter-node-name": format!("{PREFIX}job-filter-{}", c.disk.name)}}));
-            }
-            qmp.execute("transaction", json!({"actions": actions}))
-                .await?;
-        }
-        Fleecing::Filter => {
-            for c in caps {
-                qmp.execute(
-                    "blockdev-add",
-                    json!({"driver": "copy-before-write", "node-name": cbw_node(&c.disk.name),
-                           "file": c.disk.node, "target": fleece_node(&c.disk.name),
-                           "on-cbw-error": "break-snapshot", "cbw-timeout": CBW_TIMEOUT_SECS}),
-                )
-                .await?;
-            }
-            qmp.execute("transaction", json!({"actions": add})).await?;
-            for c in caps {
-                qmp.execute(
-                    "qom-set",
-                    json!({"path": c.disk.qdev, "property": "drive",
-                           "value": cbw_node(&c.disk.name)}),
-                )
-                .await?;
-            }
-            if !settle.is_empty() {
-                qmp.execute("transaction", json!({"actions": settle}))
-                    .await?;
-            }
-            // The views to read (snapshot-access nodes) are added by [`export`], after any
-            // guest thaw: the held view is fixed already.
-        }
-    }
-    Ok(())
+    settle
 }
 
 /// Starts our NBD server and exports each disk's held view (with its bitmap); with our

@@ -135,6 +135,11 @@ pub struct SyncReport {
     /// the freeze request (its hooks included) to the thaw's answer, or its failure (then
     /// the thaw goes on in the background). None: not frozen.
     pub freeze_ms: Option<f64>,
+    /// The part of `freeze_ms` Rewind held the file systems frozen: from the guest agent's
+    /// answer that they froze to the thaw request (the capture of the point's instant). The
+    /// rest is the guest's own work (freeze and thaw hooks, flushing dirty pages), which the
+    /// application sees as its pause.
+    pub frozen_ms: Option<f64>,
     pub disks: Vec<DiskReport>,
     pub sent_bytes: u64,
     pub seconds: f64,
@@ -399,8 +404,9 @@ pub async fn sync_once(
     let heal: Arc<HashSet<Leaf>> = Arc::new(
         plan.heal
             .iter()
-            .filter_map(|h| Leaf::from_slice(h).ok())
-            .collect(),
+            .map(|h| Leaf::from_slice(h))
+            .collect::<Result<_, _>>()
+            .map_err(|_| SyncError::Protocol("a malformed hash in the heal list"))?,
     );
     if !heal.is_empty() {
         tracing::warn!(vm = %cfg.vm, chunks = heal.len(), "the receiver lost chunks this VM needs: sending them again where the disks still hold them");
@@ -419,7 +425,7 @@ pub async fn sync_once(
 
     // Capture: one instant for all disks of a live VM; bitmaps and qemu-nbd for offline qcow2.
     let mut consistency = "as-read".to_owned();
-    let mut freeze_ms = None;
+    let (mut freeze_ms, mut frozen_ms) = (None, None);
     let mut config = serde_json::json!({"source": "files", "disks": cfg.disks.iter().map(|d| serde_json::json!({
         "name": d.name, "path": d.path, "kind": match d.kind { DiskKind::Raw => "raw", DiskKind::Qcow2 => "qcow2" }})).collect::<Vec<_>>()});
     let mut opened = Vec::new();
@@ -458,7 +464,8 @@ pub async fn sync_once(
             }
         };
         record_chain_bitmaps(&cfg.state_dir, &cfg.vm, &caps);
-        freeze_ms = frozen_for.map(|d| d.as_secs_f64() * 1e3);
+        freeze_ms = frozen_for.map(|t| t.phase.as_secs_f64() * 1e3);
+        frozen_ms = frozen_for.map(|t| t.held.as_secs_f64() * 1e3);
         consistency = if frozen_for.is_some() {
             "application-consistent"
         } else {
@@ -671,6 +678,7 @@ pub async fn sync_once(
         resumed,
         consistency,
         freeze_ms,
+        frozen_ms,
         sent_bytes: disks.iter().map(|d| d.sent_bytes).sum(),
         disks,
         seconds: started.elapsed().as_secs_f64(),
@@ -791,11 +799,15 @@ async fn capture_live(
     work: &Workdir,
     caps: &[DiskCapture],
     freezer: Option<live::Freezer>,
-) -> Result<(Option<Duration>, live::Fleecing), SyncError> {
+) -> Result<(Option<FreezeTimes>, live::Fleecing), SyncError> {
     live::create_fleece_files(work, caps).await?;
+    // The views go in before any freeze (the mode a frozen guest gets); only the instant
+    // itself runs under it.
+    let mut mode = live::Fleecing::choose(caps, freezer.is_some());
+    live::add_views(qmp, work, caps, mode).await?;
     let Some(mut freezer) = freezer else {
-        let mode = live::Fleecing::choose(caps, false);
         live::capture(qmp, work, caps, mode).await?;
+        live::settle(qmp, caps, mode).await?;
         return Ok((None, mode));
     };
     let _guard = FreezeGuard::new();
@@ -804,6 +816,7 @@ async fn capture_live(
         Ok(o) => o,
         Err(e) => live::FreezeOutcome::NotFrozen(format!("the guest agent did not answer: {e}")),
     };
+    let frozen_at = Instant::now();
     let freezer = match outcome {
         live::FreezeOutcome::Frozen(n) => {
             tracing::info!(filesystems = n, "guest file systems frozen");
@@ -823,31 +836,67 @@ async fn capture_live(
             None
         }
     };
-    let frozen = freezer.is_some();
-    let mode = live::Fleecing::choose(caps, frozen);
-    let mut frozen_for = None;
-    let captured = match freezer {
-        None => Ok(live::capture(qmp, work, caps, mode).await),
-        Some(freezer) => {
-            let captured =
-                tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps, mode)).await;
-            let (path, marker) = (freezer.path().to_owned(), freezer.marker().to_owned());
-            if let Err(e) = freezer.thaw().await {
-                tracing::error!(error = %e, "guest thaw failed; thawing in the background");
-                spawn_thaw(path, marker);
-            }
-            frozen_for = Some(freezing.elapsed());
-            captured
+    let Some(freezer) = freezer else {
+        let unfrozen = live::Fleecing::choose(caps, false);
+        if unfrozen != mode {
+            live::remove_views(qmp, caps, mode).await?;
+            live::add_views(qmp, work, caps, unfrozen).await?;
+            mode = unfrozen;
         }
+        live::capture(qmp, work, caps, mode).await?;
+        live::settle(qmp, caps, mode).await?;
+        return Ok((None, mode));
+    };
+    let captured =
+        tokio::time::timeout(live::MAX_FREEZE, live::capture(qmp, work, caps, mode)).await;
+    let held = frozen_at.elapsed();
+    let (path, marker) = (freezer.path().to_owned(), freezer.marker().to_owned());
+    if let Err(e) = freezer.thaw().await {
+        tracing::error!(error = %e, "guest thaw failed; thawing in the background");
+        spawn_thaw(path, marker);
+    }
+    let times = FreezeTimes {
+        phase: freezing.elapsed(),
+        held,
     };
     match captured {
-        Ok(r) => r
-            .map(|()| (frozen_for.filter(|_| frozen), mode))
-            .map_err(SyncError::from),
-        Err(_) => Err(SyncError::Protocol(
-            "the capture took longer than the freeze limit",
-        )),
+        Ok(r) => r.map_err(SyncError::from)?,
+        Err(_) => {
+            return Err(SyncError::Protocol(
+                "the capture took longer than the freeze limit",
+            ))
+        }
     }
+    live::settle(qmp, caps, mode).await?;
+    Ok((Some(times), mode))
+}
+
+/// The receiver's MissingChunks answer for the hashes `asked`: refused whole if any hash is
+/// malformed or was not asked (a receiver that answers what it was not asked is broken or
+/// hostile, and guessing around it could drop a chunk the point needs).
+fn missing_answer(asked: &[Leaf], answer: &[Vec<u8>]) -> Result<HashSet<Leaf>, SyncError> {
+    let asked: HashSet<&Leaf> = asked.iter().collect();
+    answer
+        .iter()
+        .map(|h| match Leaf::from_slice(h) {
+            Ok(l) if asked.contains(&l) => Ok(l),
+            Ok(_) => Err(SyncError::Protocol(
+                "MissingChunks answered a hash that was not asked",
+            )),
+            Err(_) => Err(SyncError::Protocol(
+                "a malformed hash in the MissingChunks answer",
+            )),
+        })
+        .collect()
+}
+
+/// How long a point's freeze took: the whole phase (request, hooks, capture, thaw's answer
+/// after the thaw hooks) and the part Rewind held the file systems frozen (from the answer that
+/// they froze to the thaw request: the capture).
+#[derive(Debug, Clone, Copy)]
+struct FreezeTimes {
+    phase: Duration,
+    held: Duration,
 }
 
 /// One disk after its scan.
@@ -957,11 +1006,7 @@ async fn transfer(
                     .await
                     .map_err(SyncError::refused("MissingChunks"))?
                     .into_inner();
-                let missing: HashSet<Leaf> = reply
-                    .missing
-                    .iter()
-                    .filter_map(|h| Leaf::from_slice(h).ok())
-                    .collect();
+                let missing = missing_answer(&ask, &reply.missing)?;
                 Ok::<_, SyncError>((window, missing))
             }
         })
@@ -1256,6 +1301,20 @@ impl RateLimiter {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn a_missing_answer_with_a_malformed_or_unasked_hash_is_refused() {
+        let (a, b, c) = (Leaf([1; 32]), Leaf([2; 32]), Leaf([3; 32]));
+        let asked = [a, b];
+        let got = missing_answer(&asked, &[b.0.to_vec()]).expect("well-formed");
+        assert_eq!(got, HashSet::from([b]));
+        for bad in [vec![b.0.to_vec(), vec![7; 31]], vec![c.0.to_vec()]] {
+            assert!(matches!(
+                missing_answer(&asked, &bad),
+                Err(SyncError::Protocol(_))
+            ));
+        }
+    }
 
     #[test]
     fn the_rate_limit_in_force_applies_from_the_next_batch() {

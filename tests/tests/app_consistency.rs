@@ -206,9 +206,13 @@ fn application_consistent_points_hold_every_transaction_committed_before_the_fre
             .as_f64()
             .expect("a frozen point says how long");
         assert!(frozen > 0.0 && frozen < 45_000.0, "{p}");
+        let held = p["frozen_ms"]
+            .as_f64()
+            .expect("and how long the file systems were");
+        assert!(held > 0.0 && held <= frozen, "{p}");
         let after = app_last(&mut g);
         eprintln!(
-            "point {k}: {} ({} changed blocks, {:.1} s, frozen {frozen:.0} ms); the app was at \
+            "point {k}: {} ({} changed blocks, {:.1} s, freeze {frozen:.0} ms, file systems frozen {held:.0} ms); the app was at \
              {before} before, {after} after",
             p["point"],
             disk_of(&p, "vda")["changed_blocks"],

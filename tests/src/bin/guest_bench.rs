@@ -233,6 +233,10 @@ fn main() -> Result<()> {
         .iter()
         .filter_map(|r| r["freeze_ms"].as_f64())
         .collect();
+    let held: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r["frozen_ms"].as_f64())
+        .collect();
     let app_consistent = reports
         .iter()
         .filter(|r| r["consistency"] == "application-consistent")
@@ -278,6 +282,7 @@ fn main() -> Result<()> {
         "points": reports.len(),
         "application_consistent": app_consistent,
         "freeze_ms": {"p50": quantile(&freezes, 0.5), "p99": quantile(&freezes, 0.99), "max": quantile(&freezes, 1.0)},
+        "frozen_ms": {"p50": quantile(&held, 0.5), "p99": quantile(&held, 0.99), "max": quantile(&held, 1.0)},
         "achieved_rpo_s": {"p50": quantile(&achieved, 0.5), "p99": quantile(&achieved, 0.99), "max": quantile(&achieved, 1.0)},
         "guest_bytes_written": with.written,
         "bytes_sent": sent,
@@ -300,10 +305,16 @@ fn main() -> Result<()> {
         app_consistent
     );
     println!(
-        "  freeze per point                   p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms (target p99 under 100 ms)",
+        "  freeze per point, hooks included   p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
         quantile(&freezes, 0.5),
         quantile(&freezes, 0.99),
         quantile(&freezes, 1.0)
+    );
+    println!(
+        "  file systems frozen per point      p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms (target p99 under 100 ms)",
+        quantile(&held, 0.5),
+        quantile(&held, 0.99),
+        quantile(&held, 1.0)
     );
     println!(
         "  RPO achieved                       p50 {:.1} s  p99 {:.1} s  max {:.1} s",
