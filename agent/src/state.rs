@@ -340,7 +340,13 @@ impl<'c> OldLeaves<'c> {
         )?;
         for row in rows {
             let (idx, hash) = row?;
-            let leaf = Leaf::from_slice(&hash).unwrap_or(Leaf::ZERO);
+            let leaf = Leaf::from_slice(&hash).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Blob,
+                    Box::new(e),
+                )
+            })?;
             self.buf.push_back((idx, leaf));
         }
         match self.buf.back() {

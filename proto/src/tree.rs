@@ -1,14 +1,14 @@
 //! The Merkle tree over a disk's block leaves, and the disk's root.
 //!
 //! ```text
-//!  root = blake3_derive("rewind disk root v1", size_le64 || block_size_le32 || top)
+//!  root = blake3_derive("rewind 2026-11 disk root v1", size_le64 || block_size_le32 || top)
 //!                                       top (level L: one node)
 //!                     ...                                         ...
 //!  level 1:   node(1, leaf[0..F])   node(1, leaf[F..2F])   ...   node(1, leaf[kF..n])
 //!  level 0:   leaf[0] leaf[1] ... leaf[n-1]        (leaf = blake3(block), or 0^32 for zeros)
 //!
 //!  node(l, children) = 0^32 if every child is 0^32,
-//!                      else blake3_derive("rewind merkle node v1", l_u8 || children...)
+//!                      else blake3_derive("rewind 2026-11 merkle node v1", l_u8 || children...)
 //! ```
 //! F is [`TREE_FANOUT`]; the last node of a level may have fewer children. An all-zero subtree
 //! is 0^32 at every level, so absent nodes need no storage and a sparse disk costs nothing.
@@ -326,6 +326,53 @@ mod tests {
             let top = update(new, changed, &mut store).expect("infallible");
             prop_assert_eq!(top, reference_top(new, &leaves));
         }
+    }
+
+    /// The root of fixed leaves, computed from the definition in the module comment with
+    /// blake3 alone, and pinned as hex: the format both sides and every stored point rely on.
+    #[test]
+    fn golden_root() {
+        let derive = |context: &str, parts: &[&[u8]]| {
+            let mut h = blake3::Hasher::new_derive_key(context);
+            for p in parts {
+                h.update(p);
+            }
+            *h.finalize().as_bytes()
+        };
+        // 300 blocks of 4 KiB, the last one partial: two levels under F = 256.
+        let geometry = DiskGeometry::new(299 * 4096 + 100, 4096).expect("geometry");
+        let leaf = |i: u64| match i {
+            0 => *blake3::hash(b"first block").as_bytes(),
+            1..=255 => [0; 32],
+            299 => *blake3::hash(b"last block").as_bytes(),
+            _ => *blake3::hash(&i.to_le_bytes()).as_bytes(),
+        };
+        let node = |level: u8, kids: &[[u8; 32]]| {
+            let mut parts: Vec<&[u8]> = vec![std::slice::from_ref(&level)];
+            parts.extend(kids.iter().map(|k| &k[..]));
+            derive("rewind 2026-11 merkle node v1", &parts)
+        };
+        let first: Vec<[u8; 32]> = (0..256).map(leaf).collect();
+        let second: Vec<[u8; 32]> = (256..300).map(leaf).collect();
+        let top = node(2, &[node(1, &first), node(1, &second)]);
+        let want = derive(
+            "rewind 2026-11 disk root v1",
+            &[&geometry.size.to_le_bytes(), &4096u32.to_le_bytes(), &top],
+        );
+
+        let mut b = Builder::new(Shape::of(&geometry));
+        for i in 0..300 {
+            b.push(Leaf(leaf(i)));
+        }
+        let got = root(&geometry, b.finish());
+        assert_eq!(got.0, want);
+        assert_eq!(
+            hex::encode(got.0),
+            "c01d208b12e3d68c9a921103863343fe04f4b507faa63445e1951494cf142e30",
+            "the disk root format changed"
+        );
+        // An all-zero subtree is 0^32, not a hash of zeros.
+        assert_eq!(super::node(1, &[Leaf::ZERO; 2]), Leaf::ZERO);
     }
 
     #[test]

@@ -573,6 +573,28 @@ pub fn ensure_dir(dir: &Path) -> Result<(), PackError> {
 mod tests {
     use super::*;
 
+    /// The on-disk bytes of a pack, pinned: a change here is a format change (a new magic),
+    /// never an accident.
+    #[test]
+    fn golden_pack_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = PackWriter::new(dir.path());
+        w.open_pack(0x2a).expect("open");
+        let (_, offset) = w.append(&Leaf([0xab; 32]), b"frame").expect("append");
+        w.sync().expect("sync");
+        let bytes = std::fs::read(dir.path().join("000000000000002a.pack")).expect("read");
+        let mut want = b"RWPACK01RWCK".to_vec();
+        want.extend([0xab; 32]);
+        want.extend([5, 0, 0, 0]);
+        want.extend(b"frame");
+        assert_eq!(bytes, want);
+        assert_eq!(
+            offset,
+            8 + RECORD_HEADER,
+            "the catalog's offset is the frame's"
+        );
+    }
+
     #[test]
     fn append_then_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -233,8 +233,47 @@ mod tests {
         );
     }
 
+    /// The period of `t` for rule `rule` (hour, day, week, month, year), computed from the unix
+    /// time alone, independently of the code's bucket functions: whole hours and days since
+    /// the epoch, Monday-based weeks (1970-01-05 was a Monday), and the civil calendar's month
+    /// and year from the day number (Howard Hinnant's `civil_from_days`).
     fn period(t: OffsetDateTime, rule: usize) -> (i32, u32) {
-        [hour, day, week, month, year][rule](t)
+        let secs = t.unix_timestamp();
+        let days = secs.div_euclid(86_400);
+        let (y, m) = {
+            let z = days + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 };
+            (yoe + era * 400 + i64::from(m <= 2), m)
+        };
+        let key = match rule {
+            0 => secs.div_euclid(3600),
+            1 => days,
+            2 => (days - 4).div_euclid(7),
+            3 => y * 12 + m,
+            _ => y,
+        };
+        (0, key as u32)
+    }
+
+    #[test]
+    fn independent_periods_agree_on_known_dates() {
+        // 2024-12-30 is a Monday in ISO week 1 of 2025; 2024-12-29 a Sunday of week 52.
+        let mon = datetime!(2024-12-30 10:00 UTC);
+        let sun = datetime!(2024-12-29 23:00 UTC);
+        assert_ne!(period(mon, 2), period(sun, 2));
+        assert_eq!(period(mon, 2), period(datetime!(2025-01-05 23:59 UTC), 2));
+        assert_eq!(period(mon, 3), period(datetime!(2024-12-01 00:00 UTC), 3));
+        assert_ne!(period(mon, 3), period(datetime!(2025-01-01 00:00 UTC), 3));
+        assert_ne!(period(mon, 4), period(datetime!(2025-01-01 00:00 UTC), 4));
+        assert_eq!(
+            period(datetime!(2024-02-29 12:00 UTC), 3),
+            period(datetime!(2024-02-01 00:00 UTC), 3)
+        );
     }
 
     proptest! {

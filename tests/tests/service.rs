@@ -250,19 +250,30 @@ fn status_says_behind_and_failing_and_exits_non_zero() {
         );
     std::fs::write(&cfg, agent_config(&d, &rx, "", &vms)).unwrap();
     let agent = Agent::start(&cfg, &[]);
-    assert!(wait_until(Duration::from_secs(60), || !agent
-        .points("fine")
-        .is_empty()));
-    let (o, st) = status(&cfg);
-    let fine = st.iter().find(|s| s["vm"] == "fine").unwrap();
-    assert_eq!(fine["state"], "replicating", "{fine}");
+    let state_of = |vm: &str| {
+        let (o, st) = status(&cfg);
+        let s = st.iter().find(|s| s["vm"] == vm).cloned();
+        (o, st, s.map(|s| s["state"].clone()))
+    };
+    // The agent records its point after the receiver lists it: wait on the agent's status.
+    assert!(
+        wait_until(Duration::from_secs(60), || state_of("fine").2
+            == Some("replicating".into())),
+        "the agent's status never said replicating: {:?}",
+        state_of("fine").1
+    );
+    assert!(!agent.points("fine").is_empty());
     let (exit, _) = agent.stop();
     assert!(exit.success());
-    drop(o);
 
-    // 2x the 2 s RPO target passes without a new point.
-    std::thread::sleep(Duration::from_millis(4500));
-    let (o, st) = status(&cfg);
+    // Once 2x the 2 s RPO target passes without a new point, the status says behind.
+    assert!(
+        wait_until(Duration::from_secs(60), || state_of("fine").2
+            == Some("behind".into())),
+        "the status never said behind: {:?}",
+        state_of("fine").1
+    );
+    let (o, st, _) = state_of("fine");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("fine"), "{err}");
