@@ -44,12 +44,12 @@ pub const DEFAULT_INTERVAL: u64 = 60;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,

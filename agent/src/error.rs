@@ -32,7 +32,7 @@ pub enum SyncError {
     #[error(transparent)]
     Disk(#[from] DiskError),
     /// A disk's size or the block size is outside the limits.
-    #[error("disk {disk}: {source}")]
+    #[error("disk {disk}")]
     Geometry {
         disk: String,
         source: rewind_proto::format::BadGeometry,
@@ -41,7 +41,7 @@ pub enum SyncError {
     #[error(transparent)]
     Name(#[from] rewind_proto::names::BadName),
     /// Reading credentials failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Credentials {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -50,7 +50,7 @@ pub enum SyncError {
     #[error("receiver address {0:?} is not an https:// URL with a host")]
     BadUrl(String),
     /// Connecting to the receiver failed.
-    #[error("connecting to the receiver: {0}")]
+    #[error("connecting to the receiver")]
     Connect(#[from] tonic::transport::Error),
     /// The receiver refused a request.
     #[error("{}", describe_refusal(call, status))]
@@ -166,6 +166,120 @@ impl SyncError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rewind_proto::report::chain;
+    use std::path::PathBuf;
+
+    fn not_found() -> std::io::Error {
+        std::io::Error::from_raw_os_error(2)
+    }
+
+    fn sql_full() -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        )
+    }
+
+    /// The convention: a message never repeats its source, the chain adds it, once.
+    fn told_once(e: &(dyn std::error::Error + 'static), cause: &str) {
+        let message = e.to_string();
+        assert!(
+            !message.contains(cause),
+            "message {message:?} repeats {cause:?}"
+        );
+        let whole = chain(e);
+        assert_eq!(whole.matches(cause).count(), 1, "{whole:?} tells {cause:?}");
+    }
+
+    #[test]
+    fn every_error_with_a_source_leaves_it_to_the_chain() {
+        let os = not_found().to_string();
+        let sql = sql_full().to_string();
+        let geometry = rewind_proto::format::BadGeometry::TooLarge(1 << 50).to_string();
+        let toml_error = toml::from_str::<toml::Value>("x = ")
+            .map(|_| ())
+            .expect_err("not TOML");
+        let toml_text = toml_error.to_string();
+        let cases: Vec<(Box<dyn std::error::Error>, &str)> = vec![
+            (
+                Box::new(SyncError::Credentials {
+                    path: "/etc/rewind/agent.key".into(),
+                    source: not_found(),
+                }),
+                &os,
+            ),
+            (
+                Box::new(SyncError::Geometry {
+                    disk: "vda".into(),
+                    source: rewind_proto::format::BadGeometry::TooLarge(1 << 50),
+                }),
+                &geometry,
+            ),
+            (
+                Box::new(SyncError::from(DiskError::Io {
+                    path: "/dev/vdz".into(),
+                    source: not_found(),
+                })),
+                &os,
+            ),
+            (
+                Box::new(SyncError::from(ScanError::State(sql_full()))),
+                &sql,
+            ),
+            (
+                Box::new(SyncError::from(crate::live::LiveError::Qmp(
+                    crate::qmp::QmpError::Io {
+                        path: "/run/qmp.sock".into(),
+                        source: not_found(),
+                    },
+                ))),
+                &os,
+            ),
+            (
+                Box::new(SyncError::from(crate::nbd::NbdError::Io(not_found()))),
+                &os,
+            ),
+            (
+                Box::new(crate::qcow2::Qcow2Error::Io {
+                    path: PathBuf::from("/vm/a.qcow2"),
+                    source: not_found(),
+                }),
+                &os,
+            ),
+            (
+                Box::new(crate::config::ConfigError::Read {
+                    path: "/etc/rewind/agent.toml".into(),
+                    source: not_found(),
+                }),
+                &os,
+            ),
+            (
+                Box::new(crate::config::ConfigError::Parse {
+                    path: "/etc/rewind/agent.toml".into(),
+                    source: Box::new(toml_error),
+                }),
+                &toml_text,
+            ),
+        ];
+        for (e, cause) in &cases {
+            told_once(e.as_ref(), cause);
+        }
+    }
+
+    #[test]
+    fn a_chain_names_the_place_then_the_cause() {
+        let e = SyncError::Credentials {
+            path: "/etc/rewind/agent.key".into(),
+            source: not_found(),
+        };
+        assert_eq!(chain(&e), format!("/etc/rewind/agent.key: {}", not_found()));
+        let e = anyhow::Error::from(SyncError::from(ScanError::State(sql_full())))
+            .context("syncing VM vmA");
+        assert_eq!(
+            chain(&*e),
+            "syncing VM vmA: agent state: database or disk is full"
+        );
+    }
 
     #[test]
     fn a_state_error_is_told_once() {

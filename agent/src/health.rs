@@ -17,6 +17,7 @@
 
 use crate::error::SyncError;
 use crate::sync::SyncReport;
+use rewind_proto::report::chain;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -158,7 +159,7 @@ pub fn cycle_ended(
                    last_error_us = ?5, consecutive_failures = consecutive_failures + 1,
                    cycles_failed = cycles_failed + 1
                  WHERE vm = ?1",
-                params![vm, seconds, e.to_string(), e.kind(), now_us()],
+                params![vm, seconds, chain(e), e.kind(), now_us()],
             )?;
             conn.execute(
                 "INSERT INTO health_failures(vm, kind, count) VALUES (?1, ?2, 1)

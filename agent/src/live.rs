@@ -16,6 +16,7 @@
 //!   however consistent, record writes since some other point.
 
 use crate::qmp::{Qmp, QmpError};
+use rewind_proto::report::{chain, Chain};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -580,7 +581,8 @@ impl Freezer {
                 );
                 if let Err(e) = self.bounded("guest-fsfreeze-thaw", THAW_TIMEOUT).await {
                     return Ok(FreezeOutcome::Unsure(format!(
-                        "thawing the freeze an earlier run left: {e}"
+                        "thawing the freeze an earlier run left: {}",
+                        chain(&e)
                     )));
                 }
                 status = self.status().await?;
@@ -615,7 +617,8 @@ impl Freezer {
                             ))
                         }
                         Err(e) => Ok(FreezeOutcome::Unsure(format!(
-                            "froze no file system, then the thaw failed: {e}"
+                            "froze no file system, then the thaw failed: {}",
+                            chain(&e)
                         ))),
                     }
                 }
@@ -627,7 +630,10 @@ impl Freezer {
                 "the guest agent did not answer the freeze within {} s (slow fsfreeze hooks?)",
                 MAX_FREEZE.as_secs()
             ))),
-            Err(e) => Ok(FreezeOutcome::Unsure(format!("the freeze failed: {e}"))),
+            Err(e) => Ok(FreezeOutcome::Unsure(format!(
+                "the freeze failed: {}",
+                chain(&e)
+            ))),
         }
     }
 
@@ -678,7 +684,7 @@ pub async fn keep_thawing(path: &Path, marker: &Path) -> bool {
                 .map_err(|_| QmpError::Timeout("guest-fsfreeze-thaw".into()))?;
         // A thaw of nothing frozen fails in some guest agents: the status decides.
         if let Err(e) = thawed {
-            tracing::debug!(error = %e, "guest-fsfreeze-thaw");
+            tracing::debug!(error = %Chain(&e), "guest-fsfreeze-thaw");
         }
         status(&mut qga, path).await
     };
@@ -702,7 +708,7 @@ pub async fn keep_thawing(path: &Path, marker: &Path) -> bool {
                 )
             }
             Err(e) => {
-                tracing::warn!(attempt = i + 1, error = %e, "guest thaw not confirmed yet; retrying")
+                tracing::warn!(attempt = i + 1, error = %Chain(&e), "guest thaw not confirmed yet; retrying")
             }
         }
     }

@@ -9,13 +9,15 @@ use rewind_agent::cli::{self, Cli};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // The service manager's variables, read and removed before any thread or child exists.
+    rewind_proto::systemd::take_environment();
     // One crypto provider for the whole process, chosen before any TLS object exists.
     rewind_proto::tls::install_provider();
     rewind_proto::systemd::init_logging();
     match cli::run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", rewind_proto::report::Chain(&*e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -35,7 +35,7 @@ const REPLY_BUFFER: usize = 16 * 1024;
 #[derive(Debug, Error)]
 pub enum NbdError {
     /// The socket failed or the server went away (also mid-reply).
-    #[error("NBD connection: {0}")]
+    #[error("NBD connection")]
     Io(#[from] io::Error),
     /// The server does not speak fixed-newstyle NBD.
     #[error("NBD server sent bad magic: {0:#x}")]

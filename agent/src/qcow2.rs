@@ -24,7 +24,7 @@ const MAX_HEADER: u32 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

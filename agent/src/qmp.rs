@@ -24,7 +24,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Error)]
 pub enum QmpError {
     /// The socket failed.
-    #[error("QMP socket {path}: {source}")]
+    #[error("QMP socket {path}")]
     Io {
         path: String,
         source: std::io::Error,

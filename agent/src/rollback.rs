@@ -14,6 +14,7 @@ use crate::sync::{DiskKind, DiskSource};
 use futures::StreamExt;
 use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS};
 use rewind_proto::pb::replication_client::ReplicationClient;
+use rewind_proto::report::Chain;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{chunk, pb, Leaf};
 use serde::Serialize;
@@ -694,7 +695,7 @@ fn open_disk(
     let bitmaps = match crate::qcow2::bitmaps(&d.path) {
         Ok(b) => b,
         Err(e) => {
-            tracing::debug!(disk = %d.name, error = %e, "asking qemu-img for the bitmaps");
+            tracing::debug!(disk = %d.name, error = %Chain(&e), "asking qemu-img for the bitmaps");
             crate::offline::inspect(&d.name, &d.path)
                 .map_err(|e| in_use(d, e))?
                 .bitmaps
@@ -767,7 +768,7 @@ fn open_disk(
                 return Ok((Target::Nbd { client, server }, Some(dirty)));
             }
             Err(e) => {
-                tracing::warn!(disk = %d.name, error = %e, "dirty bitmaps unusable: comparing the whole disk");
+                tracing::warn!(disk = %d.name, error = %Chain(&e), "dirty bitmaps unusable: comparing the whole disk");
             }
         }
     }

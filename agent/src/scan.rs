@@ -30,7 +30,7 @@ pub enum ScanError {
     #[error(transparent)]
     Disk(#[from] DiskError),
     /// Reading the base point's leaves failed.
-    #[error("agent state: {0}")]
+    #[error("agent state")]
     State(#[from] rusqlite::Error),
     /// Reading through NBD failed.
     #[error(transparent)]

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use rayon::prelude::*;
 use rewind_proto::format::{BlockSize, DiskGeometry, BATCH_TARGET_BYTES};
 use rewind_proto::pb::replication_client::ReplicationClient;
+use rewind_proto::report::{self, Chain};
 use rewind_proto::{chunk, names, pb, Leaf};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -449,7 +450,7 @@ pub async fn sync_once(
                 Ok(f) => Some(f),
                 Err(e) => {
                     // A point without a freeze beats no point: it is marked crash-consistent.
-                    tracing::warn!(vm = %cfg.vm, error = %e, "guest agent unavailable: taking a crash-consistent point");
+                    tracing::warn!(vm = %cfg.vm, error = %Chain(&e), "guest agent unavailable: taking a crash-consistent point");
                     None
                 }
             },
@@ -627,9 +628,9 @@ pub async fn sync_once(
     if let Err(e) = capture.finish(landed).await {
         if landed {
             // The point is safe; leftovers are cleaned up by the next cycle.
-            tracing::error!(vm = %cfg.vm, error = %e, "teardown after commit failed");
+            tracing::error!(vm = %cfg.vm, error = %Chain(&e), "teardown after commit failed");
         } else {
-            tracing::error!(vm = %cfg.vm, error = %e, "teardown after a failed cycle failed");
+            tracing::error!(vm = %cfg.vm, error = %Chain(&e), "teardown after a failed cycle failed");
         }
     }
     let (scans, sent, committed) = outcome?;
@@ -726,7 +727,7 @@ pub async fn release_vm(cfg: &SyncConfig) {
         }
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            tracing::warn!(vm = %cfg.vm, error = %e, "could not clean up the VM: the next run does")
+            tracing::warn!(vm = %cfg.vm, error = %Chain(&e), "could not clean up the VM: the next run does")
         }
         Err(_) => {
             tracing::warn!(vm = %cfg.vm, "cleaning up the VM took over 30 s: the next run does")
@@ -814,7 +815,10 @@ async fn capture_live(
     let freezing = Instant::now();
     let outcome = match freezer.freeze().await {
         Ok(o) => o,
-        Err(e) => live::FreezeOutcome::NotFrozen(format!("the guest agent did not answer: {e}")),
+        Err(e) => live::FreezeOutcome::NotFrozen(format!(
+            "the guest agent did not answer: {}",
+            report::chain(&e)
+        )),
     };
     let frozen_at = Instant::now();
     let freezer = match outcome {
@@ -852,7 +856,7 @@ async fn capture_live(
     let held = frozen_at.elapsed();
     let (path, marker) = (freezer.path().to_owned(), freezer.marker().to_owned());
     if let Err(e) = freezer.thaw().await {
-        tracing::error!(error = %e, "guest thaw failed; thawing in the background");
+        tracing::error!(error = %Chain(&e), "guest thaw failed; thawing in the background");
         spawn_thaw(path, marker);
     }
     let times = FreezeTimes {

@@ -6,6 +6,7 @@
 //! - [`hash`]: [`hash::Leaf`], the 32-byte value of one block in the tree.
 //! - [`chunk`]: compressing and verifying the stored form of a block.
 //! - [`tree`]: the Merkle tree over a disk's leaves and its root.
+//! - [`report`]: an error and its causes as one line, each cause said once.
 //! - [`pb`]: the generated gRPC code.
 
 pub mod chunk;
@@ -15,6 +16,7 @@ pub mod fuzz;
 pub mod hash;
 pub mod names;
 pub mod nbd;
+pub mod report;
 pub mod scrape;
 pub mod systemd;
 pub mod tls;

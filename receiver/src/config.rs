@@ -64,12 +64,12 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
@@ -303,6 +303,7 @@ fn check_drill(d: &DrillSchedule) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rewind_proto::report::chain;
 
     fn parse(text: &str) -> Result<ReceiverFile, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -403,46 +404,42 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let e = parse("dta = \"/x\"").expect_err("unknown key").to_string();
+        let e = chain(&parse("dta = \"/x\"").expect_err("unknown key"));
         assert!(e.contains("dta"), "{e}");
-        let e = parse("[vm.\"bad name\"]\nrpo = 5")
-            .expect_err("bad vm")
-            .to_string();
+        let e = chain(&parse("[vm.\"bad name\"]\nrpo = 5").expect_err("bad vm"));
         assert!(e.contains("bad name"), "{e}");
-        let e = parse("prune_interval = 0").expect_err("zero").to_string();
+        let e = chain(&parse("prune_interval = 0").expect_err("zero"));
         assert!(e.contains("prune_interval"), "{e}");
-        let e = parse("[drill]\nevery = 0").expect_err("zero").to_string();
+        let e = chain(&parse("[drill]\nevery = 0").expect_err("zero"));
         assert!(e.contains("every"), "{e}");
-        let e = parse("[vm.a]\ndrill = { every = 5, expect_serial = \"(\" }")
-            .expect_err("regex")
-            .to_string();
+        let e = chain(
+            &parse("[vm.a]\ndrill = { every = 5, expect_serial = \"(\" }").expect_err("regex"),
+        );
         assert!(e.contains("expect_serial"), "{e}");
-        let e = parse("[drill]\nevery = 5\nchecks = [ { command = [\"true\"] } ]")
-            .expect_err("checks without boot")
-            .to_string();
+        let e = chain(
+            &parse("[drill]\nevery = 5\nchecks = [ { command = [\"true\"] } ]")
+                .expect_err("checks without boot"),
+        );
         assert!(e.contains("checks need boot"), "{e}");
-        let e =
-            parse("[drill]\nevery = 5\nboot = true\nchecks = [ { name = \"x\", command = [] } ]")
-                .expect_err("empty command")
-                .to_string();
+        let e = chain(
+            &parse("[drill]\nevery = 5\nboot = true\nchecks = [ { name = \"x\", command = [] } ]")
+                .expect_err("empty command"),
+        );
         assert!(
             e.contains("[drill]") && e.contains("\"x\": the command is empty"),
             "{e}"
         );
-        let e = parse(
+        let e = chain(&parse(
             "[vm.a]\ndrill = { every = 5, boot = true, checks = [ { command = [\"x\"], expect_output = \"(\" } ] }",
         )
-        .expect_err("regex")
-        .to_string();
+        .expect_err("regex"));
         assert!(e.contains("[vm.a]") && e.contains("expect_output"), "{e}");
-        let e =
-            parse("[drill]\nevery = 5\nboot = true\nchecks = [ { command = [\"x\"], exit = 1 } ]")
-                .expect_err("unknown key")
-                .to_string();
+        let e = chain(
+            &parse("[drill]\nevery = 5\nboot = true\nchecks = [ { command = [\"x\"], exit = 1 } ]")
+                .expect_err("unknown key"),
+        );
         assert!(e.contains("exit"), "{e}");
-        let e = parse("[retention]\nlast = -1")
-            .expect_err("negative")
-            .to_string();
+        let e = chain(&parse("[retention]\nlast = -1").expect_err("negative"));
         assert!(e.contains("last") || e.contains("invalid"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ pub enum ConvertError {
     #[error("unknown format {0:?}: use raw, qcow2, vmdk or vhdx")]
     Format(String),
     /// A file or socket operation failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// qemu-img failed.
     #[error("qemu-img convert failed: {0}")]

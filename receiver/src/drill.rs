@@ -24,6 +24,7 @@ use crate::restore::for_each_block;
 use crate::store::PACKS_DIR;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
+use rewind_proto::report::chain;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{chunk, Leaf};
 use rusqlite::{params, Connection};
@@ -416,7 +417,7 @@ fn drill(
     for disk in &point.disks {
         let report_progress = |done: u64| (opts.progress)(before + done, total);
         let v = verify_disk(conn, data, point.id, disk, &opts.cancel, &report_progress)
-            .map_err(|e| format!("verifying {}: {e}", disk.name))?;
+            .map_err(|e| format!("verifying {}: {}", disk.name, chain(&e)))?;
         before += disk.size;
         rewind_proto::faults::point("drill-after-verify");
         report.blocks_verified += v.blocks;
@@ -558,7 +559,7 @@ fn verify_disk(
             None => Err("its chunk is missing from the store".to_owned()),
             Some((pack, offset, clen)) => reader
                 .read(pack, offset, clen, &leaf)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| chain(&e)),
         };
         batch.push((idx, leaf, frame));
         out.blocks += 1;
@@ -884,7 +885,7 @@ fn run_check(
                 }
             }
             Err(e) => {
-                report.problem = Some(e.to_string());
+                report.problem = Some(chain(&e));
                 if e.is_final() {
                     return report;
                 }
@@ -1261,7 +1262,8 @@ mod tests {
         let (_reports, healthy) = run(&dir.path().join(QGA_SOCKET), &[c]);
         let reason = healthy.expect_err("no socket");
         assert!(
-            reason.contains("connecting to the guest agent's socket"),
+            reason.contains("connecting to the guest agent's socket")
+                && reason.contains("No such file"),
             "{reason}"
         );
     }

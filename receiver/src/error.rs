@@ -13,13 +13,13 @@ use crate::packs::PackError;
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The catalog database failed.
-    #[error("catalog: {0}")]
+    #[error("catalog")]
     Sql(#[from] rusqlite::Error),
     /// A pack file could not be read or written.
     #[error(transparent)]
     Pack(#[from] PackError),
     /// A file outside the packs could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -28,7 +28,7 @@ pub enum StoreError {
     #[error(transparent)]
     Name(#[from] BadName),
     /// A disk whose size or block size is outside the limits.
-    #[error("disk {disk}: {source}")]
+    #[error("disk {disk}")]
     Geometry { disk: String, source: BadGeometry },
     /// A point needs at least one disk and at most [`rewind_proto::format::MAX_DISKS`].
     #[error("a point needs 1 to {max} disks, got {got}")]
@@ -184,5 +184,149 @@ impl StoreError {
             _ => None,
         };
         io == Some(28)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rewind_proto::report::chain;
+    use std::error::Error;
+
+    fn not_found() -> std::io::Error {
+        std::io::Error::from_raw_os_error(2)
+    }
+
+    fn sql_locked() -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        )
+    }
+
+    /// The convention: a message never repeats its source, the chain adds it, once.
+    fn told_once(e: &(dyn Error + 'static), cause: &str) {
+        let message = e.to_string();
+        assert!(
+            !message.contains(cause),
+            "message {message:?} repeats {cause:?}"
+        );
+        let whole = chain(e);
+        assert_eq!(whole.matches(cause).count(), 1, "{whole:?} tells {cause:?}");
+    }
+
+    #[test]
+    fn every_error_with_a_source_leaves_it_to_the_chain() {
+        let os = not_found().to_string();
+        let geometry = BadGeometry::TooLarge(1 << 50).to_string();
+        let toml_error = toml::from_str::<toml::Value>("x = ")
+            .map(|_| ())
+            .expect_err("not TOML");
+        let toml_text = toml_error.to_string();
+        let tls = rustls::Error::General("no usable key".into());
+        let cases: Vec<(Box<dyn Error>, String)> = vec![
+            (
+                Box::new(StoreError::Sql(sql_locked())),
+                "database is locked".into(),
+            ),
+            (
+                Box::new(StoreError::Io {
+                    path: "/data/lock".into(),
+                    source: not_found(),
+                }),
+                os.clone(),
+            ),
+            (
+                Box::new(StoreError::Geometry {
+                    disk: "vda".into(),
+                    source: BadGeometry::TooLarge(1 << 50),
+                }),
+                geometry,
+            ),
+            (
+                Box::new(StoreError::from(PackError::Io {
+                    path: "/data/packs/00/1.pack".into(),
+                    source: not_found(),
+                })),
+                os.clone(),
+            ),
+            (
+                Box::new(crate::pki::PkiError::Io {
+                    path: "/etc/rewind/pki/ca.pem".into(),
+                    source: not_found(),
+                }),
+                os.clone(),
+            ),
+            (
+                Box::new(crate::pki::PkiError::Cert(
+                    rcgen::Error::CouldNotParseCertificate,
+                )),
+                rcgen::Error::CouldNotParseCertificate.to_string(),
+            ),
+            (
+                Box::new(crate::server::ServeError::Pem {
+                    what: "the receiver's key",
+                    source: rustls::pki_types::pem::Error::NoItemsFound,
+                }),
+                rustls::pki_types::pem::Error::NoItemsFound.to_string(),
+            ),
+            (
+                Box::new(crate::server::ServeError::Tls(tls.clone())),
+                tls.to_string(),
+            ),
+            (
+                Box::new(crate::server::ServeError::Verifier(
+                    rustls::server::VerifierBuilderError::NoRootAnchors,
+                )),
+                rustls::server::VerifierBuilderError::NoRootAnchors.to_string(),
+            ),
+            (
+                Box::new(crate::guest_agent::AgentError::Connect {
+                    path: "/run/qga.sock".into(),
+                    source: not_found(),
+                }),
+                os.clone(),
+            ),
+            (
+                Box::new(crate::guest_agent::AgentError::Io(not_found())),
+                os.clone(),
+            ),
+            (
+                Box::new(crate::config::ConfigError::Read {
+                    path: "/etc/rewind/receiver.toml".into(),
+                    source: not_found(),
+                }),
+                os.clone(),
+            ),
+            (
+                Box::new(crate::config::ConfigError::Parse {
+                    path: "/etc/rewind/receiver.toml".into(),
+                    source: Box::new(toml_error),
+                }),
+                toml_text,
+            ),
+        ];
+        for (e, cause) in &cases {
+            told_once(e.as_ref(), cause);
+        }
+    }
+
+    #[test]
+    fn a_catalog_error_reads_once_from_place_to_cause() {
+        assert_eq!(
+            chain(&StoreError::Sql(sql_locked())),
+            "catalog: database is locked"
+        );
+        let e = StoreError::Io {
+            path: "/data/lock".into(),
+            source: not_found(),
+        };
+        assert_eq!(chain(&e), format!("/data/lock: {}", not_found()));
+    }
+
+    #[test]
+    fn an_io_error_in_a_conversion_is_its_own_message() {
+        let e = crate::convert::ConvertError::Io(not_found());
+        assert_eq!(chain(&e), not_found().to_string());
     }
 }

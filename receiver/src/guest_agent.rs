@@ -49,7 +49,7 @@ const MAX_QUOTED: usize = 256;
 #[derive(Debug, Error)]
 pub enum AgentError {
     /// The socket of the guest-agent channel could not be opened.
-    #[error("connecting to the guest agent's socket {path}: {source}")]
+    #[error("connecting to the guest agent's socket {path}")]
     Connect {
         path: PathBuf,
         source: std::io::Error,
@@ -79,7 +79,7 @@ pub enum AgentError {
     #[error("the guest agent's channel closed")]
     Closed,
     /// Reading or writing the channel failed.
-    #[error("the guest agent's channel: {0}")]
+    #[error("the guest agent's channel")]
     Io(#[source] std::io::Error),
     /// The drill was cancelled.
     #[error("cancelled (signal)")]

@@ -23,6 +23,7 @@ use rewind_proto::chunk;
 use rewind_proto::format::{
     DiskGeometry, MAX_BATCH_ENTRIES, MAX_CONFIG_BYTES, MAX_DISKS, MAX_QUERY_HASHES,
 };
+use rewind_proto::report::Chain;
 use rewind_proto::tree::{self, NodeStore, Shape};
 use rewind_proto::{names, Leaf};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -551,7 +552,7 @@ impl Store {
         // Superseded sessions' staged rows, in bounded steps now that the begin is done.
         for id in dead {
             if let Err(e) = self.drop_staged(&id) {
-                tracing::warn!(error = %e, "dropping a superseded session's staged rows failed");
+                tracing::warn!(error = %Chain(&e), "dropping a superseded session's staged rows failed");
             }
         }
         Ok(BeginPlan {
@@ -1126,7 +1127,7 @@ impl Store {
                 // The point is committed: a failure to drop the staged rows now only leaves
                 // them for the next start.
                 if let Err(e) = self.drop_staged(session_id) {
-                    tracing::warn!(error = %e, "dropping a committed session's staged rows failed");
+                    tracing::warn!(error = %Chain(&e), "dropping a committed session's staged rows failed");
                 }
                 Ok(c)
             }
@@ -1134,7 +1135,7 @@ impl Store {
                 // Under the VM's lock: if this fails, the next commit of the VM retries it
                 // before it starts (and refuses to start while it fails).
                 if let Err(undo) = self.forget_pending(Some(session.vm_id)) {
-                    tracing::error!(error = %undo, "removing the nodes of a refused commit failed; the VM's next commit removes them first");
+                    tracing::error!(error = %Chain(&undo), "removing the nodes of a refused commit failed; the VM's next commit removes them first");
                 }
                 Err(e)
             }

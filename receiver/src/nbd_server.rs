@@ -10,6 +10,7 @@ use crate::points::PointDisk;
 use crate::store::PACKS_DIR;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::nbd::*;
+use rewind_proto::report::{chain, Chain};
 use rewind_proto::{chunk, Leaf};
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -185,7 +186,7 @@ impl PointReader {
         let frame = self
             .packs
             .read(pack, offset, clen, &loc.0)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(|e| io::Error::other(chain(&e)))?;
         chunk::open(loc.0, &frame, len).map_err(|e| io::Error::other(e.to_string()))
     }
 }
@@ -382,7 +383,7 @@ pub fn serve_client<S: Read + Write>(sock: S, exports: &Exports) -> io::Result<(
                     let data = match reader.block_bytes(idx, loc) {
                         Ok(d) => d,
                         Err(e) => {
-                            tracing::error!(export = %export.name, block = idx, error = %e, "chunk unreadable");
+                            tracing::error!(export = %export.name, block = idx, error = %Chain(&e), "chunk unreadable");
                             failed = true;
                             break;
                         }
@@ -530,7 +531,7 @@ pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Exports) 
                 let ex = exports.clone();
                 std::thread::spawn(move || {
                     if let Err(e) = serve_client(s, &ex) {
-                        tracing::debug!(error = %e, "NBD client ended");
+                        tracing::debug!(error = %Chain(&e), "NBD client ended");
                     }
                 });
             }
@@ -548,7 +549,7 @@ pub fn serve_tcp(listener: std::net::TcpListener, exports: Exports) {
                 let ex = exports.clone();
                 std::thread::spawn(move || {
                     if let Err(e) = serve_client(s, &ex) {
-                        tracing::debug!(error = %e, "NBD client ended");
+                        tracing::debug!(error = %Chain(&e), "NBD client ended");
                     }
                 });
             }

@@ -37,7 +37,7 @@ pub const PACK_TARGET_BYTES: u64 = 64 * 1024 * 1024;
 #[derive(Debug, Error)]
 pub enum PackError {
     /// Reading or writing a pack failed (disk full shows up here as ENOSPC).
-    #[error("pack {path}: {source}")]
+    #[error("pack {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

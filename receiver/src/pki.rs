@@ -40,13 +40,13 @@ const ISSUED_DIR: &str = "issued";
 #[derive(Debug, Error)]
 pub enum PkiError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
     /// Certificate generation or parsing failed.
-    #[error("certificate error: {0}")]
+    #[error("certificate error")]
     Cert(#[from] rcgen::Error),
     /// `pki init` would overwrite an existing CA.
     #[error("{0} already exists: refusing to replace an existing CA")]

@@ -38,16 +38,16 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 #[derive(Debug, Error)]
 pub enum ServeError {
     /// A PEM file of the PKI folder does not hold what it should.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Pem {
         what: &'static str,
         source: rustls::pki_types::pem::Error,
     },
     /// The certificates or the key were refused by rustls.
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Tls(#[from] rustls::Error),
     /// The CA or the revocation list could not make a client verifier.
-    #[error("client certificate verifier: {0}")]
+    #[error("client certificate verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     /// The HTTP/2 server failed.
     #[error(transparent)]

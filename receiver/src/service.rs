@@ -10,6 +10,7 @@ use crate::store::Store;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::pb;
 use rewind_proto::pb::replication_server::Replication;
+use rewind_proto::report::chain;
 use rewind_proto::Leaf;
 
 /// Batches of one upload stream verified ahead of the one being written.
@@ -199,20 +200,22 @@ fn caller<T>(req: &Request<T>) -> Result<String, Status> {
         .ok_or_else(|| Status::unauthenticated("a client certificate naming the agent is required"))
 }
 
-/// Maps a store error to the status an agent can act on.
+/// Maps a store error to the status an agent can act on; its message is the error's whole
+/// chain, so the cause reaches the agent.
 pub fn to_status(e: StoreError) -> Status {
     use StoreError::*;
     if let Quota { .. } = e {
-        let msg = e.to_string();
+        let msg = chain(&e);
         tracing::warn!(message = %msg, "quota refused a request");
         return Status::resource_exhausted(msg);
     }
     if e.is_disk_full() {
-        tracing::error!(error = %e, "receiver disk full");
-        return Status::resource_exhausted(format!("receiver storage is full: {e}"));
+        let msg = chain(&e);
+        tracing::error!(error = %msg, "receiver disk full");
+        return Status::resource_exhausted(format!("receiver storage is full: {msg}"));
     }
     // Peer-supplied names are cut where the errors are made; this bounds the rest.
-    let mut msg = e.to_string();
+    let mut msg = chain(&e);
     if msg.len() > MAX_STATUS_CHARS {
         let cut = (0..=MAX_STATUS_CHARS)
             .rev()

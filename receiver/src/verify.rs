@@ -11,6 +11,7 @@ use crate::catalog::now_us;
 use crate::error::StoreError;
 use crate::packs::PackReader;
 use crate::store::PACKS_DIR;
+use rewind_proto::report::chain;
 use rewind_proto::{chunk, Leaf};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -64,7 +65,7 @@ fn check(
 ) -> Result<(), String> {
     let frame = reader
         .read(at.0, at.1 as u64, at.2 as u32, leaf)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     chunk::open(*leaf, &frame, ulen as usize)
         .map(|_| ())
         .map_err(|e| e.to_string())

@@ -11,6 +11,7 @@ use crate::sync::{sync_once, LiveSource, SyncConfig};
 use anyhow::{bail, Context};
 use clap::Args;
 use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
+use rewind_proto::report::{self, Chain};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -204,9 +205,9 @@ async fn protect(
         let cycle = async {
             let cfg = cfg
                 .as_ref()
-                .map_err(|e| crate::error::SyncError::Worker(format!("{e:#}")))?;
+                .map_err(|e| crate::error::SyncError::Worker(report::chain(&**e)))?;
             let rcfg =
-                receiver_cfg.map_err(|e| crate::error::SyncError::Worker(format!("{e:#}")))?;
+                receiver_cfg.map_err(|e| crate::error::SyncError::Worker(report::chain(&*e)))?;
             let mut c = client::connect(&rcfg).await?;
             sync_once(&mut c, cfg, Arc::new(|_, _| {})).await
         };
@@ -246,7 +247,7 @@ async fn protect(
                 }
             }
             Err(e) => {
-                tracing::error!(vm = %name, kind = e.kind(), error = %e, seconds = format!("{seconds:.2}"), "cycle failed; retrying next interval")
+                tracing::error!(vm = %name, kind = e.kind(), error = %Chain(e), seconds = format!("{seconds:.2}"), "cycle failed; retrying next interval")
             }
         }
         let since = last_capture
@@ -348,7 +349,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                             let _ = files_tx.send(f.clone());
                             spawn_new(&f, &mut tasks);
                         }
-                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running configuration"),
+                        Err(e) => tracing::error!(error = %Chain(&*e), "reload refused; keeping the running configuration"),
                     }
                     rewind_proto::systemd::notify("READY=1");
                 }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
+use rewind_proto::report::Chain;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,7 +252,7 @@ async fn cycles(
                 return Err(anyhow::Error::new(e).context(format!("syncing VM {}", cfg.vm)))
             }
             Err(e) => {
-                tracing::error!(vm = %cfg.vm, error = %e, "cycle failed; retrying next interval")
+                tracing::error!(vm = %cfg.vm, error = %Chain(&e), "cycle failed; retrying next interval")
             }
         }
         if a.once {

@@ -4,6 +4,7 @@ use crate::config::ReceiverFile;
 use crate::store::Store;
 use anyhow::Context;
 use clap::Args;
+use rewind_proto::report::Chain;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -159,7 +160,7 @@ async fn retention_loop(data: PathBuf, mut files: watch::Receiver<Arc<ReceiverFi
         .await;
         match r {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "scheduled retention failed"),
+            Ok(Err(e)) => tracing::error!(error = %Chain(&e), "scheduled retention failed"),
             Err(e) => tracing::error!(error = %e, "scheduled retention crashed"),
         }
     }
@@ -209,7 +210,7 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
         let due = match due {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "drill schedule: reading the catalog failed");
+                tracing::warn!(error = %Chain(&e), "drill schedule: reading the catalog failed");
                 continue;
             }
             Err(_) => continue,
@@ -220,7 +221,7 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             let checks = match checks_file(&s.checks) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::error!(vm = %vm, error = %e, "scheduled drill not started: writing its checks file failed");
+                    tracing::error!(vm = %vm, error = %Chain(&*e), "scheduled drill not started: writing its checks file failed");
                     continue;
                 }
             };
@@ -382,7 +383,7 @@ async fn reload_on_hangup(
                 tracing::info!(closed, "certificates and revocation list reloaded");
             }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "PKI reload refused; keeping the running certificates")
+                tracing::error!(error = %Chain(&*e), "PKI reload refused; keeping the running certificates")
             }
         }
         match load(&a) {
@@ -400,7 +401,7 @@ async fn reload_on_hangup(
                 let _ = files.send(Arc::new(f));
             }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running configuration")
+                tracing::error!(error = %Chain(&*e), "reload refused; keeping the running configuration")
             }
         }
         rewind_proto::systemd::notify("READY=1");
