@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod cycle;
 pub mod error;
 pub mod faults;
 pub mod health;

@@ -6,6 +6,7 @@
 
 use crate::client::{self, ReceiverConfig};
 use crate::config::{parse_disk, AgentFile, VmEntry};
+use crate::cycle::VmLoop;
 use crate::health;
 use crate::sync::{sync_once, LiveSource, SyncConfig};
 use anyhow::{bail, Context};
@@ -173,8 +174,7 @@ async fn protect(
     grace: Duration,
     json: bool,
 ) {
-    // When this loop took the newest point: the achieved RPO on the monotonic clock.
-    let mut last_capture: Option<Instant> = None;
+    let mut vm_loop = VmLoop::new(&name);
     loop {
         if *stop.borrow() {
             return;
@@ -195,13 +195,6 @@ async fn protect(
         let cfg = plan(&file, entry);
         let state = file.state.clone().unwrap_or_default();
         let receiver_cfg = receiver(&file);
-        {
-            let (state, name) = (state.clone(), name.clone());
-            let _ = tokio::task::spawn_blocking(move || {
-                crate::state::open(&state).and_then(|c| health::cycle_started(&c, &name, rpo))
-            })
-            .await;
-        }
         let cycle = async {
             let cfg = cfg
                 .as_ref()
@@ -211,28 +204,11 @@ async fn protect(
             let mut c = client::connect(&rcfg).await?;
             sync_once(&mut c, cfg, Arc::new(|_, _| {})).await
         };
-        // Boxed so that a stopped cycle can be dropped (closing its QMP connection) before the
-        // VM is cleaned up.
-        let mut cycle = Box::pin(cycle);
-        let outcome = tokio::select! {
-            r = &mut cycle => Some(r),
-            _ = stopped(&mut stop) => {
-                tracing::info!(vm = %name, grace = grace.as_secs(), "stopping: letting the point in flight finish");
-                match tokio::time::timeout(grace, &mut cycle).await {
-                    Ok(r) => Some(r),
-                    Err(_) => {
-                        // Never cut a cycle between a guest freeze and its thaw (that phase is
-                        // bounded by live::FREEZE_PHASE_MAX).
-                        crate::sync::finish_freeze(&mut cycle).await
-                    }
-                }
-            }
-        };
-        let Some(outcome) = outcome else {
-            drop(cycle);
-            if let Ok(cfg) = &cfg {
-                crate::sync::release_vm(cfg).await;
-            }
+        let release = cfg.as_ref().ok();
+        let ended = vm_loop
+            .cycle(&state, rpo, cycle, release, stopped(&mut stop), grace)
+            .await;
+        let Some(outcome) = ended.outcome else {
             tracing::warn!(vm = %name, "checkpointed: the point in flight resumes on the next start");
             return;
         };
@@ -249,23 +225,6 @@ async fn protect(
             Err(e) => {
                 tracing::error!(vm = %name, kind = e.kind(), error = %Chain(e), seconds = format!("{seconds:.2}"), "cycle failed; retrying next interval")
             }
-        }
-        let since = last_capture
-            .filter(|_| outcome.is_ok())
-            .map(|t| t.elapsed().as_secs_f64());
-        if outcome.is_ok() {
-            last_capture = Some(started);
-        }
-        let recorded = {
-            let (state, name) = (state.clone(), name.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::state::open(&state)
-                    .and_then(|c| health::cycle_ended(&c, &name, rpo, seconds, since, &outcome))
-            })
-            .await
-        };
-        if let Ok(Err(e)) = recorded {
-            tracing::warn!(vm = %name, error = %e, "could not record the cycle");
         }
         // Next cycle one interval after this one started (at once when it ran longer); a
         // reload re-reads the interval.

@@ -182,8 +182,7 @@ async fn cycles(
         rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
         rewind_proto::systemd::spawn_watchdog();
     }
-    // When this process took the newest point: the achieved RPO on the monotonic clock.
-    let mut last_capture: Option<std::time::Instant> = None;
+    let mut vm_loop = crate::cycle::VmLoop::new(&cfg.vm);
     loop {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -201,48 +200,33 @@ async fn cycles(
             })
         };
         let rpo = 2 * a.interval.max(1);
-        let started = std::time::Instant::now();
-        if let Ok(conn) = crate::state::open(&cfg.state_dir) {
-            let _ = crate::health::cycle_started(&conn, &cfg.vm, rpo);
-        }
         let cycle = async {
             let mut c = client::connect(receiver).await?;
             sync_once(&mut c, cfg, progress).await
         };
-        // Boxed so that a stopped cycle can be dropped (closing its QMP connection) before the
-        // VM is cleaned up.
-        let mut cycle = Box::pin(cycle);
-        let result = tokio::select! {
-            r = &mut cycle => r,
-            _ = stop.recv() => {
-                if !a.once {
-                    rewind_proto::systemd::notify("STOPPING=1");
-                }
-                if crate::sync::finish_freeze(&mut cycle).await.is_none() {
-                    drop(cycle);
-                    crate::sync::release_vm(cfg).await;
-                }
-                bar.finish_and_clear();
+        // No grace: a stopped cycle checkpoints at once (but never inside a guest freeze).
+        let ended = vm_loop
+            .cycle(
+                &cfg.state_dir,
+                rpo,
+                cycle,
+                Some(cfg),
+                stop.recv(),
+                Duration::ZERO,
+            )
+            .await;
+        bar.finish_and_clear();
+        let result = match ended.outcome {
+            Some(r) if !ended.stopping => r,
+            _ => {
                 if a.once {
                     bail!("stopped before the point of VM {} was committed: it resumes on the next run", cfg.vm);
                 }
+                rewind_proto::systemd::notify("STOPPING=1");
                 tracing::warn!(vm = %cfg.vm, "stopped: the point in flight resumes on the next run");
                 return Ok(());
             }
         };
-        bar.finish_and_clear();
-        if let Ok(conn) = crate::state::open(&cfg.state_dir) {
-            let secs = started.elapsed().as_secs_f64();
-            let since = last_capture
-                .filter(|_| result.is_ok())
-                .map(|t| t.elapsed().as_secs_f64());
-            if let Err(e) = crate::health::cycle_ended(&conn, &cfg.vm, rpo, secs, since, &result) {
-                tracing::warn!(error = %e, "could not record the cycle");
-            }
-        }
-        if result.is_ok() {
-            last_capture = Some(started);
-        }
         match result {
             Ok(report) => {
                 crate::sync::log_committed(&report);
