@@ -191,27 +191,49 @@ impl PointReader {
     }
 }
 
-/// Serves one client until it disconnects.
+/// Serves one client until it disconnects: the handshake and options, then its requests.
 pub fn serve_client<S: Read + Write>(sock: S, exports: &Exports) -> io::Result<()> {
     let (r, w) = split(sock);
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
+    match negotiate(&mut r, &mut w, exports)? {
+        Some(session) => transmit(&mut r, &mut w, exports, session),
+        None => Ok(()),
+    }
+}
+
+/// What the option haggling settled: the export, and how replies are made.
+struct Session {
+    export: Export,
+    /// Structured replies (and so block status) were agreed.
+    structured: bool,
+    /// `base:allocation` was chosen as the meta context.
+    allocation: bool,
+}
+
+/// The handshake (fixed newstyle) and the options, until the client picks an export (None:
+/// it aborted).
+fn negotiate(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    exports: &Exports,
+) -> io::Result<Option<Session>> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&3u16.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
     w.flush()?;
-    let client_flags = rd_u32(&mut r)?;
+    let client_flags = rd_u32(r)?;
     let no_zeroes = client_flags & 2 != 0;
     let mut structured = false;
     let mut allocation = false;
     let flags =
         FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_SEND_DF | FLAG_CAN_MULTI_CONN;
     let export = loop {
-        if rd_u64(&mut r)? != IHAVEOPT {
+        if rd_u64(r)? != IHAVEOPT {
             return Err(bad("bad option magic"));
         }
-        let opt = rd_u32(&mut r)?;
-        let len = rd_u32(&mut r)?;
+        let opt = rd_u32(r)?;
+        let len = rd_u32(r)?;
         if len > MAX_OPTION {
             return Err(bad("option too long"));
         }
@@ -226,64 +248,29 @@ pub fn serve_client<S: Read + Write>(sock: S, exports: &Exports) -> io::Result<(
         match opt {
             OPT_STRUCTURED_REPLY => {
                 structured = true;
-                option_reply(&mut w, opt, REP_ACK, &[])?;
+                option_reply(w, opt, REP_ACK, &[])?;
             }
             OPT_LIST => {
                 for e in &exports.list {
                     let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(e.name.as_bytes());
-                    option_reply(&mut w, opt, REP_SERVER, &d)?;
+                    option_reply(w, opt, REP_SERVER, &d)?;
                 }
-                option_reply(&mut w, opt, REP_ACK, &[])?;
+                option_reply(w, opt, REP_ACK, &[])?;
             }
             OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
-                let Some((name, rest)) = take_name(&data) else {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"malformed")?;
-                    continue;
-                };
-                if !structured || find(&name).is_none() {
-                    option_reply(
-                        &mut w,
-                        opt,
-                        REP_ERR_INVALID,
-                        b"structured replies and a known export first",
-                    )?;
-                    continue;
+                if meta_context(w, opt, &data, structured, |n| find(n).is_some())? {
+                    allocation = true;
                 }
-                let count = rest
-                    .get(..4)
-                    .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                let mut q = &rest[4.min(rest.len())..];
-                let mut want = count == 0 && opt == OPT_LIST_META_CONTEXT;
-                for _ in 0..count {
-                    let Some((query, tail)) = take_name(q) else {
-                        break;
-                    };
-                    q = tail;
-                    if query == "base:allocation"
-                        || (opt == OPT_LIST_META_CONTEXT && query == "base:")
-                    {
-                        want = true;
-                    }
-                }
-                if want {
-                    let mut d = ALLOCATION_ID.to_be_bytes().to_vec();
-                    d.extend_from_slice(b"base:allocation");
-                    option_reply(&mut w, opt, REP_META_CONTEXT, &d)?;
-                    if opt == OPT_SET_META_CONTEXT {
-                        allocation = true;
-                    }
-                }
-                option_reply(&mut w, opt, REP_ACK, &[])?;
             }
             OPT_GO | OPT_INFO => {
                 let Some((name, _)) = take_name(&data) else {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"malformed")?;
+                    option_reply(w, opt, REP_ERR_INVALID, b"malformed")?;
                     continue;
                 };
                 let Some(e) = find(&name) else {
                     option_reply(
-                        &mut w,
+                        w,
                         opt,
                         REP_ERR_UNKNOWN,
                         format!("no export {name:?}").as_bytes(),
@@ -293,13 +280,13 @@ pub fn serve_client<S: Read + Write>(sock: S, exports: &Exports) -> io::Result<(
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&e.disk.size.to_be_bytes());
                 info.extend_from_slice(&flags.to_be_bytes());
-                option_reply(&mut w, opt, REP_INFO, &info)?;
+                option_reply(w, opt, REP_INFO, &info)?;
                 let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                 bs.extend_from_slice(&1u32.to_be_bytes());
                 bs.extend_from_slice(&4096u32.to_be_bytes());
                 bs.extend_from_slice(&MAX_REQUEST.to_be_bytes());
-                option_reply(&mut w, opt, REP_INFO, &bs)?;
-                option_reply(&mut w, opt, REP_ACK, &[])?;
+                option_reply(w, opt, REP_INFO, &bs)?;
+                option_reply(w, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
                     break e.clone();
                 }
@@ -318,18 +305,89 @@ pub fn serve_client<S: Read + Write>(sock: S, exports: &Exports) -> io::Result<(
                 break e.clone();
             }
             OPT_ABORT => {
-                let _ = option_reply(&mut w, opt, REP_ACK, &[]);
-                return Ok(());
+                let _ = option_reply(w, opt, REP_ACK, &[]);
+                return Ok(None);
             }
-            _ => option_reply(&mut w, opt, REP_ERR_UNSUP, b"unsupported option")?,
+            _ => option_reply(w, opt, REP_ERR_UNSUP, b"unsupported option")?,
         }
     };
+    Ok(Some(Session {
+        export,
+        structured,
+        allocation,
+    }))
+}
 
+/// Answers a `SET_META_CONTEXT` or `LIST_META_CONTEXT` option (only `base:allocation` is
+/// offered); returns whether `base:allocation` was chosen.
+fn meta_context(
+    w: &mut impl Write,
+    opt: u32,
+    data: &[u8],
+    structured: bool,
+    known: impl Fn(&str) -> bool,
+) -> io::Result<bool> {
+    let Some((name, rest)) = take_name(data) else {
+        option_reply(w, opt, REP_ERR_INVALID, b"malformed")?;
+        return Ok(false);
+    };
+    if !structured || !known(&name) {
+        option_reply(
+            w,
+            opt,
+            REP_ERR_INVALID,
+            b"structured replies and a known export first",
+        )?;
+        return Ok(false);
+    }
+    let count = rest
+        .get(..4)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let mut q = &rest[4.min(rest.len())..];
+    let mut want = count == 0 && opt == OPT_LIST_META_CONTEXT;
+    for _ in 0..count {
+        let Some((query, tail)) = take_name(q) else {
+            break;
+        };
+        q = tail;
+        if query == "base:allocation" || (opt == OPT_LIST_META_CONTEXT && query == "base:") {
+            want = true;
+        }
+    }
+    if want {
+        let mut d = ALLOCATION_ID.to_be_bytes().to_vec();
+        d.extend_from_slice(b"base:allocation");
+        option_reply(w, opt, REP_META_CONTEXT, &d)?;
+    }
+    option_reply(w, opt, REP_ACK, &[])?;
+    Ok(want && opt == OPT_SET_META_CONTEXT)
+}
+
+/// One request's header.
+struct Request {
+    cflags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// The transmission phase: requests until the client disconnects.
+fn transmit<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    exports: &Exports,
+    session: Session,
+) -> io::Result<()> {
+    let Session {
+        export,
+        structured,
+        allocation,
+    } = session;
     let mut reader = PointReader::open(&exports.data, &export)?;
     let size = export.disk.size;
-    let bs = reader.geometry.block_size.bytes();
     loop {
-        let magic = match rd_u32(&mut r) {
+        let magic = match rd_u32(r) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -337,141 +395,190 @@ pub fn serve_client<S: Read + Write>(sock: S, exports: &Exports) -> io::Result<(
         if magic != REQUEST_MAGIC {
             return Err(bad("bad request magic"));
         }
-        let cflags = rd_u16(&mut r)?;
-        let kind = rd_u16(&mut r)?;
-        let cookie = rd_u64(&mut r)?;
-        let offset = rd_u64(&mut r)?;
-        let len = rd_u32(&mut r)?;
-        if kind == CMD_WRITE {
-            // Drain the payload before refusing, so the stream stays in sync.
-            io::copy(&mut (&mut r).take(u64::from(len)), &mut io::sink())?;
-        }
-        let end = offset.checked_add(u64::from(len));
-        let in_range = end.is_some_and(|e| e <= size);
-        let reply_err = |w: &mut BufWriter<_>, errno: u32| -> io::Result<()> {
-            if structured {
-                let msg = b"";
-                w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-                w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
-                w.write_all(&REPLY_TYPE_ERROR.to_be_bytes())?;
-                w.write_all(&cookie.to_be_bytes())?;
-                w.write_all(&(6u32 + msg.len() as u32).to_be_bytes())?;
-                w.write_all(&errno.to_be_bytes())?;
-                w.write_all(&(msg.len() as u16).to_be_bytes())?;
-                w.write_all(msg)?;
-            } else {
-                w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
-                w.write_all(&errno.to_be_bytes())?;
-                w.write_all(&cookie.to_be_bytes())?;
-            }
-            w.flush()
+        let req = Request {
+            cflags: rd_u16(r)?,
+            kind: rd_u16(r)?,
+            cookie: rd_u64(r)?,
+            offset: rd_u64(r)?,
+            len: rd_u32(r)?,
         };
-        match kind {
+        if req.kind == CMD_WRITE {
+            // Drain the payload before refusing, so the stream stays in sync.
+            io::copy(&mut r.by_ref().take(u64::from(req.len)), &mut io::sink())?;
+        }
+        let end = req.offset.checked_add(u64::from(req.len));
+        let in_range = end.is_some_and(|e| e <= size);
+        let cookie = req.cookie;
+        match req.kind {
             CMD_DISC => return Ok(()),
-            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => reply_err(&mut w, EPERM)?,
-            CMD_FLUSH | CMD_CACHE => simple_ok(&mut w, structured, cookie)?,
-            CMD_READ if !in_range || len > MAX_REQUEST => {
-                reply_err(&mut w, if len > MAX_REQUEST { EOVERFLOW } else { EINVAL })?
-            }
-            CMD_READ => {
-                let first = offset / bs;
-                let last = (offset + u64::from(len)).div_ceil(bs);
-                let blocks = reader.blocks(first, last)?;
-                let mut buf = vec![0u8; len as usize];
-                let mut failed = false;
-                for (&idx, loc) in blocks.iter() {
-                    let data = match reader.block_bytes(idx, loc) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::error!(export = %export.name, block = idx, error = %Chain(&e), "chunk unreadable");
-                            failed = true;
-                            break;
-                        }
-                    };
-                    let bstart = idx * bs;
-                    let s = bstart.max(offset);
-                    let e = (bstart + data.len() as u64).min(offset + u64::from(len));
-                    if s < e {
-                        buf[(s - offset) as usize..(e - offset) as usize]
-                            .copy_from_slice(&data[(s - bstart) as usize..(e - bstart) as usize]);
-                    }
-                }
-                if failed {
-                    reply_err(&mut w, EIO)?;
-                    continue;
-                }
-                exports.served.fetch_add(u64::from(len), Ordering::Relaxed);
-                if structured && cflags & 0x4 == 0 && blocks.is_empty() && len > 0 {
-                    // One hole chunk for an all-zero range.
-                    w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-                    w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
-                    w.write_all(&REPLY_TYPE_OFFSET_HOLE.to_be_bytes())?;
-                    w.write_all(&cookie.to_be_bytes())?;
-                    w.write_all(&12u32.to_be_bytes())?;
-                    w.write_all(&offset.to_be_bytes())?;
-                    w.write_all(&len.to_be_bytes())?;
-                } else if structured {
-                    w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-                    w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
-                    w.write_all(&REPLY_TYPE_OFFSET_DATA.to_be_bytes())?;
-                    w.write_all(&cookie.to_be_bytes())?;
-                    w.write_all(&(8 + len).to_be_bytes())?;
-                    w.write_all(&offset.to_be_bytes())?;
-                    w.write_all(&buf)?;
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => reply_err(w, structured, cookie, EPERM)?,
+            CMD_FLUSH | CMD_CACHE => simple_ok(w, structured, cookie)?,
+            CMD_READ if !in_range || req.len > MAX_REQUEST => {
+                let errno = if req.len > MAX_REQUEST {
+                    EOVERFLOW
                 } else {
-                    w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
-                    w.write_all(&0u32.to_be_bytes())?;
-                    w.write_all(&cookie.to_be_bytes())?;
-                    w.write_all(&buf)?;
-                }
-                w.flush()?;
+                    EINVAL
+                };
+                reply_err(w, structured, cookie, errno)?
             }
-            CMD_BLOCK_STATUS if !allocation || !structured => reply_err(&mut w, EINVAL)?,
-            CMD_BLOCK_STATUS if !in_range || len == 0 => reply_err(&mut w, EINVAL)?,
-            CMD_BLOCK_STATUS => {
-                let first = offset / bs;
-                // Look at most 1 GiB ahead, so a reply stays small.
-                let last = (offset + u64::from(len))
-                    .div_ceil(bs)
-                    .min(first + (1 << 30) / bs);
-                let blocks = reader.blocks(first, last)?;
-                let mut descs: Vec<(u32, u32)> = Vec::new();
-                let mut pos = offset;
-                let stop = (last * bs).min(offset + u64::from(len)).min(size);
-                while pos < stop {
-                    let idx = pos / bs;
-                    let flag = if blocks.contains_key(&idx) {
-                        0
-                    } else {
-                        STATE_HOLE | STATE_ZERO
-                    };
-                    let next = ((idx + 1) * bs).min(stop);
-                    let n = (next - pos) as u32;
-                    match descs.last_mut() {
-                        Some(d) if d.1 == flag => d.0 += n,
-                        _ => descs.push((n, flag)),
-                    }
-                    pos = next;
-                    if cflags & CMD_FLAG_REQ_ONE != 0 && descs.len() > 1 {
-                        descs.truncate(1);
-                        break;
-                    }
-                }
-                w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-                w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
-                w.write_all(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes())?;
-                w.write_all(&cookie.to_be_bytes())?;
-                w.write_all(&(4 + 8 * descs.len() as u32).to_be_bytes())?;
-                w.write_all(&ALLOCATION_ID.to_be_bytes())?;
-                for (n, f) in descs {
-                    w.write_all(&n.to_be_bytes())?;
-                    w.write_all(&f.to_be_bytes())?;
-                }
-                w.flush()?;
+            CMD_READ => read(w, &mut reader, exports, &export, structured, &req)?,
+            CMD_BLOCK_STATUS if !allocation || !structured => {
+                reply_err(w, structured, cookie, EINVAL)?
             }
-            _ => reply_err(&mut w, EINVAL)?,
+            CMD_BLOCK_STATUS if !in_range || req.len == 0 => {
+                reply_err(w, structured, cookie, EINVAL)?
+            }
+            CMD_BLOCK_STATUS => block_status(w, &reader, size, &req)?,
+            _ => reply_err(w, structured, cookie, EINVAL)?,
         }
     }
+}
+
+/// An error reply.
+fn reply_err(w: &mut impl Write, structured: bool, cookie: u64, errno: u32) -> io::Result<()> {
+    if structured {
+        let msg = b"";
+        w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
+        w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
+        w.write_all(&REPLY_TYPE_ERROR.to_be_bytes())?;
+        w.write_all(&cookie.to_be_bytes())?;
+        w.write_all(&(6u32 + msg.len() as u32).to_be_bytes())?;
+        w.write_all(&errno.to_be_bytes())?;
+        w.write_all(&(msg.len() as u16).to_be_bytes())?;
+        w.write_all(msg)?;
+    } else {
+        w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+        w.write_all(&errno.to_be_bytes())?;
+        w.write_all(&cookie.to_be_bytes())?;
+    }
+    w.flush()
+}
+
+/// A read: the blocks' chunks, checked against their hashes; a block whose chunk cannot be
+/// read fails the whole request with EIO (never zeros in its place).
+fn read(
+    w: &mut impl Write,
+    reader: &mut PointReader,
+    exports: &Exports,
+    export: &Export,
+    structured: bool,
+    req: &Request,
+) -> io::Result<()> {
+    let Request {
+        cflags,
+        cookie,
+        offset,
+        len,
+        ..
+    } = *req;
+    let bs = reader.geometry.block_size.bytes();
+    let first = offset / bs;
+    let last = (offset + u64::from(len)).div_ceil(bs);
+    let blocks = reader.blocks(first, last)?;
+    let mut buf = vec![0u8; len as usize];
+    let mut failed = false;
+    for (&idx, loc) in blocks.iter() {
+        let data = match reader.block_bytes(idx, loc) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(export = %export.name, block = idx, error = %Chain(&e), "chunk unreadable");
+                failed = true;
+                break;
+            }
+        };
+        let bstart = idx * bs;
+        let s = bstart.max(offset);
+        let e = (bstart + data.len() as u64).min(offset + u64::from(len));
+        if s < e {
+            buf[(s - offset) as usize..(e - offset) as usize]
+                .copy_from_slice(&data[(s - bstart) as usize..(e - bstart) as usize]);
+        }
+    }
+    if failed {
+        return reply_err(w, structured, req.cookie, EIO);
+    }
+    exports.served.fetch_add(u64::from(len), Ordering::Relaxed);
+    if structured && cflags & 0x4 == 0 && blocks.is_empty() && len > 0 {
+        // One hole chunk for an all-zero range.
+        w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
+        w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
+        w.write_all(&REPLY_TYPE_OFFSET_HOLE.to_be_bytes())?;
+        w.write_all(&cookie.to_be_bytes())?;
+        w.write_all(&12u32.to_be_bytes())?;
+        w.write_all(&offset.to_be_bytes())?;
+        w.write_all(&len.to_be_bytes())?;
+    } else if structured {
+        w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
+        w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
+        w.write_all(&REPLY_TYPE_OFFSET_DATA.to_be_bytes())?;
+        w.write_all(&cookie.to_be_bytes())?;
+        w.write_all(&(8 + len).to_be_bytes())?;
+        w.write_all(&offset.to_be_bytes())?;
+        w.write_all(&buf)?;
+    } else {
+        w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+        w.write_all(&0u32.to_be_bytes())?;
+        w.write_all(&cookie.to_be_bytes())?;
+        w.write_all(&buf)?;
+    }
+    w.flush()
+}
+
+/// A block status reply for `base:allocation`: data where the point has a block, a zero
+/// hole elsewhere, looking at most 1 GiB ahead.
+fn block_status(
+    w: &mut impl Write,
+    reader: &PointReader,
+    size: u64,
+    req: &Request,
+) -> io::Result<()> {
+    let Request {
+        cflags,
+        cookie,
+        offset,
+        len,
+        ..
+    } = *req;
+    let bs = reader.geometry.block_size.bytes();
+    let first = offset / bs;
+    // Look at most 1 GiB ahead, so a reply stays small.
+    let last = (offset + u64::from(len))
+        .div_ceil(bs)
+        .min(first + (1 << 30) / bs);
+    let blocks = reader.blocks(first, last)?;
+    let mut descs: Vec<(u32, u32)> = Vec::new();
+    let mut pos = offset;
+    let stop = (last * bs).min(offset + u64::from(len)).min(size);
+    while pos < stop {
+        let idx = pos / bs;
+        let flag = if blocks.contains_key(&idx) {
+            0
+        } else {
+            STATE_HOLE | STATE_ZERO
+        };
+        let next = ((idx + 1) * bs).min(stop);
+        let n = (next - pos) as u32;
+        match descs.last_mut() {
+            Some(d) if d.1 == flag => d.0 += n,
+            _ => descs.push((n, flag)),
+        }
+        pos = next;
+        if cflags & CMD_FLAG_REQ_ONE != 0 && descs.len() > 1 {
+            descs.truncate(1);
+            break;
+        }
+    }
+    w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
+    w.write_all(&REPLY_TYPE_BLOCK_STATUS.to_be_bytes())?;
+    w.write_all(&cookie.to_be_bytes())?;
+    w.write_all(&(4 + 8 * descs.len() as u32).to_be_bytes())?;
+    w.write_all(&ALLOCATION_ID.to_be_bytes())?;
+    for (n, f) in descs {
+        w.write_all(&n.to_be_bytes())?;
+        w.write_all(&f.to_be_bytes())?;
+    }
+    w.flush()
 }
 
 fn simple_ok(w: &mut impl Write, structured: bool, cookie: u64) -> io::Result<()> {

@@ -110,25 +110,7 @@ pub fn verify(
     // Pages in pack order, so memory stays bounded whatever the store's size.
     let mut after = (-1i64, -1i64);
     loop {
-        let page: Vec<Row> = {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
-                 WHERE ({IN_SCOPE}) AND (c.pack_id, c.offset) > (?3, ?4)
-                 ORDER BY c.pack_id, c.offset LIMIT ?5"
-            ))?;
-            let rows = stmt.query_map(
-                params![vm, point, after.0, after.1, PAGE_ROWS as i64],
-                |r| {
-                    Ok(Row {
-                        owner: r.get(0)?,
-                        hash: r.get(1)?,
-                        at: (r.get(2)?, r.get(3)?, r.get(4)?),
-                        ulen: r.get(5)?,
-                    })
-                },
-            )?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+        let page = page(conn, (vm, point), after)?;
         let Some(last) = page.last() else { break };
         after = (last.at.0, last.at.1);
         if report.chunks_checked == 0 {
@@ -145,51 +127,111 @@ pub fn verify(
         }
     }
     for (row, error) in bad {
-        // Gc may have moved the chunk since it was listed (copy, repoint, unlink the old
-        // pack): what failed is then the old copy. Only the copy the catalog points at now
-        // can be bad, and only that one is quarantined.
-        let now: Option<((i64, i64, i64), i64)> = conn
-            .query_row(
-                "SELECT pack_id, offset, clen, ulen FROM chunks WHERE owner = ?1 AND hash = ?2",
-                params![row.owner, row.hash],
-                |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?)),
-            )
-            .optional()?;
-        let (at, error) = match now {
-            None => continue, // collected by gc meanwhile: no point needs it
-            Some((at, _)) if at == row.at => (at, error),
-            Some((at, ulen)) => {
-                let leaf = Leaf::from_slice(&row.hash)?;
-                match check(&mut reader, &leaf, at, ulen) {
-                    Ok(()) => continue,
-                    Err(e) => (at, e),
-                }
-            }
-        };
-        let (owner, hash, clen) = (row.owner, row.hash, at.2);
-        let points = points_using(conn, &owner, &hash)?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let n = tx.execute(
-            "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2 AND pack_id = ?3 AND offset = ?4",
-            params![owner, hash, at.0, at.1],
-        )?;
-        if n == 0 {
-            // Moved again while it was re-read: the next verify checks its new copy.
-            continue;
+        if let Some(b) = quarantine(conn, &mut reader, row, error)? {
+            report.bad.push(b);
         }
-        crate::catalog::add_usage(&tx, &owner, -1, -clen)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO bad_chunks(owner, hash, found_us, detail) VALUES (?1, ?2, ?3, ?4)",
-            params![owner, hash, now_us(), error],
-        )?;
-        tx.commit()?;
-        tracing::error!(chunk = %hex::encode(&hash), %error, points = points.len(), "bad chunk quarantined");
-        report.bad.push(BadChunk {
-            hash: hex::encode(&hash),
-            error,
-            points,
-        });
     }
+    report.quarantined = still_quarantined(conn, scope, &report.bad)?;
+    conn.execute(
+        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'verify', NULL, ?1, ?2)",
+        params![
+            serde_json::json!({"chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
+                "bad": report.bad.len(), "quarantined": report.quarantined.len()}).to_string(),
+            now_us()
+        ],
+    )?;
+    Ok(report)
+}
+
+/// The chunk rows in scope (a VM's name and one point of it, or every chunk) after the
+/// location `after`, in pack order, a page at a time.
+fn page(
+    conn: &Connection,
+    (vm, point): (Option<&str>, Option<i64>),
+    after: (i64, i64),
+) -> Result<Vec<Row>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT c.owner, c.hash, c.pack_id, c.offset, c.clen, c.ulen FROM chunks c
+             WHERE ({IN_SCOPE}) AND (c.pack_id, c.offset) > (?3, ?4)
+             ORDER BY c.pack_id, c.offset LIMIT ?5"
+    ))?;
+    let rows = stmt.query_map(
+        params![vm, point, after.0, after.1, PAGE_ROWS as i64],
+        |r| {
+            Ok(Row {
+                owner: r.get(0)?,
+                hash: r.get(1)?,
+                at: (r.get(2)?, r.get(3)?, r.get(4)?),
+                ulen: r.get(5)?,
+            })
+        },
+    )?;
+    let page = rows.collect::<rusqlite::Result<_>>()?;
+    Ok(page)
+}
+
+/// Quarantines the chunk of `row` that failed with `error`, unless gc moved it meanwhile
+/// and its new copy is good; returns what it quarantined.
+fn quarantine(
+    conn: &mut Connection,
+    reader: &mut PackReader,
+    row: Row,
+    error: String,
+) -> Result<Option<BadChunk>, StoreError> {
+    // Gc may have moved the chunk since it was listed (copy, repoint, unlink the old
+    // pack): what failed is then the old copy. Only the copy the catalog points at now
+    // can be bad, and only that one is quarantined.
+    let now: Option<((i64, i64, i64), i64)> = conn
+        .query_row(
+            "SELECT pack_id, offset, clen, ulen FROM chunks WHERE owner = ?1 AND hash = ?2",
+            params![row.owner, row.hash],
+            |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?)),
+        )
+        .optional()?;
+    let (at, error) = match now {
+        None => return Ok(None), // collected by gc meanwhile: no point needs it
+        Some((at, _)) if at == row.at => (at, error),
+        Some((at, ulen)) => {
+            let leaf = Leaf::from_slice(&row.hash)?;
+            match check(reader, &leaf, at, ulen) {
+                Ok(()) => return Ok(None),
+                Err(e) => (at, e),
+            }
+        }
+    };
+    let (owner, hash, clen) = (row.owner, row.hash, at.2);
+    let points = points_using(conn, &owner, &hash)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2 AND pack_id = ?3 AND offset = ?4",
+        params![owner, hash, at.0, at.1],
+    )?;
+    if n == 0 {
+        // Moved again while it was re-read: the next verify checks its new copy.
+        return Ok(None);
+    }
+    crate::catalog::add_usage(&tx, &owner, -1, -clen)?;
+    tx.execute(
+        "INSERT OR REPLACE INTO bad_chunks(owner, hash, found_us, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![owner, hash, now_us(), error],
+    )?;
+    tx.commit()?;
+    tracing::error!(chunk = %hex::encode(&hash), %error, points = points.len(), "bad chunk quarantined");
+    Ok(Some(BadChunk {
+        hash: hex::encode(&hash),
+        error,
+        points,
+    }))
+}
+
+/// Chunks quarantined by earlier runs and not healed yet, in `scope`, except those `found`
+/// again by this run.
+fn still_quarantined(
+    conn: &Connection,
+    scope: Option<(&str, Option<i64>)>,
+    found: &[BadChunk],
+) -> Result<Vec<BadChunk>, StoreError> {
+    let mut out = Vec::new();
     let earlier: Vec<(String, Vec<u8>, String)> = {
         let mut stmt =
             conn.prepare("SELECT owner, hash, detail FROM bad_chunks ORDER BY found_us")?;
@@ -199,8 +241,7 @@ pub fn verify(
     for (owner, hash, error) in earlier {
         let hex_hash = hex::encode(&hash);
         let points = points_using(conn, &owner, &hash)?;
-        if report
-            .bad
+        if found
             .iter()
             .any(|b| b.hash == hex_hash && b.points == points)
         {
@@ -213,22 +254,14 @@ pub fn verify(
                 .any(|(v, id)| v == vm && p.is_none_or(|p| p == *id)),
         };
         if in_scope {
-            report.quarantined.push(BadChunk {
+            out.push(BadChunk {
                 hash: hex_hash,
                 error,
                 points,
             });
         }
     }
-    conn.execute(
-        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'verify', NULL, ?1, ?2)",
-        params![
-            serde_json::json!({"chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
-                "bad": report.bad.len(), "quarantined": report.quarantined.len()}).to_string(),
-            now_us()
-        ],
-    )?;
-    Ok(report)
+    Ok(out)
 }
 
 /// Quarantined chunks a VM's points need: the agent should send them again.
