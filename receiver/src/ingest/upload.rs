@@ -1,0 +1,352 @@
+//! Uploads: verify a batch ahead of staging (bounds, hashes, lengths), write its new chunks
+//! to the stream's pack and make them durable, then index them and stage the blocks in one
+//! transaction.
+
+use super::*;
+
+impl Store {
+    /// Verifies one batch and stages it: see [`Store::verify_batch`] and [`Store::stage_batch`].
+    pub fn ingest(
+        &self,
+        owner: &str,
+        session_id: &str,
+        entries: Vec<Entry>,
+        chunks: Vec<IncomingChunk>,
+        writer: &mut PackWriter,
+    ) -> Result<BatchStats, StoreError> {
+        let batch = self.verify_batch(owner, session_id, entries, chunks)?;
+        self.stage_batch(owner, batch, writer)
+    }
+
+    /// Checks every entry against its disk and decompresses and hashes every chunk. Writes
+    /// nothing, so batches of one stream can be verified while the previous one is written.
+    pub fn verify_batch(
+        &self,
+        owner: &str,
+        session_id: &str,
+        entries: Vec<Entry>,
+        chunks: Vec<IncomingChunk>,
+    ) -> Result<VerifiedBatch, StoreError> {
+        if entries.len() > MAX_BATCH_ENTRIES {
+            return Err(StoreError::TooLarge {
+                what: "block entries in one batch",
+                got: entries.len(),
+                max: MAX_BATCH_ENTRIES,
+            });
+        }
+        // Staging checks the session again in its own transaction.
+        let session = open_session(&*self.reader()?, owner, session_id)?;
+        // Expected length of each referenced chunk, from the blocks that use it.
+        let mut expected: HashMap<Leaf, usize> = HashMap::new();
+        for e in &entries {
+            let disk = session
+                .disks
+                .get(e.pos as usize)
+                .ok_or(StoreError::NoSuchDisk {
+                    pos: e.pos,
+                    disks: session.disks.len(),
+                })?;
+            let len =
+                disk.geometry
+                    .block_len(e.index)
+                    .ok_or_else(|| StoreError::BlockOutOfRange {
+                        disk: disk.name.clone(),
+                        index: e.index,
+                        blocks: disk.geometry.blocks(),
+                    })?;
+            if !e.leaf.is_zero() {
+                expected.entry(e.leaf).or_insert(len);
+            }
+        }
+        let mut verified = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let len = *expected
+                .get(&c.hash)
+                .ok_or(StoreError::UnreferencedChunk(c.hash))?;
+            chunk::verify(c.hash, &c.frame, len)?;
+            verified.push((c.hash, c.frame, len));
+        }
+        Ok(VerifiedBatch {
+            session_id: session_id.to_owned(),
+            session,
+            entries,
+            chunks: verified,
+        })
+    }
+
+    /// Makes a verified batch's new chunks durable, then stages its entries in one
+    /// transaction. A refused batch changes nothing visible.
+    pub fn stage_batch(
+        &self,
+        owner: &str,
+        batch: VerifiedBatch,
+        writer: &mut PackWriter,
+    ) -> Result<BatchStats, StoreError> {
+        self.stage_batches(owner, vec![batch], writer)
+    }
+
+    /// Group commit: makes the new chunks of several verified batches durable with one pack
+    /// sync, then stages all their entries in one transaction (one catalog sync). A receiver
+    /// that falls behind its stream thus pays two syncs per group, not per batch. A refused
+    /// batch refuses the group and changes nothing visible.
+    pub fn stage_batches(
+        &self,
+        owner: &str,
+        batches: Vec<VerifiedBatch>,
+        writer: &mut PackWriter,
+    ) -> Result<BatchStats, StoreError> {
+        // What the store adds is counted per VM: a group spans one session.
+        if batches
+            .windows(2)
+            .any(|w| w[0].session_id != w[1].session_id)
+        {
+            let mut total = BatchStats::default();
+            for batch in batches {
+                let s = self.stage_batches(owner, vec![batch], writer)?;
+                total.entries += s.entries;
+                total.chunks_stored += s.chunks_stored;
+                total.chunk_bytes += s.chunk_bytes;
+            }
+            return Ok(total);
+        }
+        let all: Vec<&(Leaf, bytes::Bytes, usize)> =
+            batches.iter().flat_map(|b| &b.chunks).collect();
+        let (placed, bytes) = self.write_new_chunks(owner, &all, writer)?;
+        let stored = placed.len() as u64;
+        // Chunks this group placed: indexed and owned once the transaction commits, with the
+        // length they were verified at, so their blocks need no catalog lookup. (A re-sent
+        // chunk the store already had is looked up: gc may have removed it meanwhile.)
+        let sent: HashMap<Leaf, usize> = placed.iter().map(|p| (p.0, p.4)).collect();
+
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        Self::index_chunks(&tx, owner, &all, &placed)?;
+        for full in writer.take_retired() {
+            crate::catalog::seal_pack(&tx, full)?;
+        }
+        let mut entries_total = 0u64;
+        for (n, batch) in batches.iter().enumerate() {
+            let session_id = batch.session_id.as_str();
+            let session = &batch.session;
+            // The session may have been committed, or resumed with other disks, by a racing
+            // stream while we verified: the entries were checked against the disks of then.
+            if n == 0 || batches[n - 1].session_id != batch.session_id {
+                let now = open_session(&tx, owner, session_id)?;
+                let same = now.disks.len() == session.disks.len()
+                    && now
+                        .disks
+                        .iter()
+                        .zip(&session.disks)
+                        .all(|(a, b)| a.name == b.name && a.geometry == b.geometry);
+                if !same {
+                    return Err(StoreError::SessionClosed(names::shown(session_id)));
+                }
+            }
+            let mut held =
+                tx.prepare_cached("SELECT ulen FROM chunks WHERE owner = ?1 AND hash = ?2")?;
+            let mut stage = tx.prepare_cached(
+                "INSERT OR REPLACE INTO session_blocks(session_id, pos, idx, hash)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in &batch.entries {
+                let disk = &session.disks[e.pos as usize];
+                if !e.leaf.is_zero() {
+                    let ulen = match sent.get(&e.leaf) {
+                        Some(&ulen) => Some(ulen as i64),
+                        None => held
+                            .query_row(params![owner, &e.leaf.0[..]], |r| r.get(0))
+                            .optional()?,
+                    };
+                    let Some(ulen) = ulen else {
+                        return Err(StoreError::ChunkNotHeld {
+                            disk: disk.name.clone(),
+                            index: e.index,
+                            hash: e.leaf,
+                        });
+                    };
+                    let want = disk.geometry.block_len(e.index).unwrap_or(0);
+                    if ulen as usize != want {
+                        return Err(StoreError::ChunkLength {
+                            disk: disk.name.clone(),
+                            index: e.index,
+                            hash: e.leaf,
+                            expected: want,
+                            stored: ulen as usize,
+                        });
+                    }
+                }
+                stage.execute(params![session_id, e.pos, e.index as i64, &e.leaf.0[..]])?;
+            }
+            entries_total += batch.entries.len() as u64;
+            if n + 1 < batches.len() {
+                rewind_proto::faults::point("between-batches");
+            }
+            tx.execute(
+                "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
+                params![session_id, now_us()],
+            )?;
+        }
+        // What this VM's uploads added to the store, for metrics.
+        if let Some(first) = batches.first() {
+            tx.execute(
+                "INSERT INTO vm_stats(vm_id, chunks_stored, bytes_stored) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(vm_id) DO UPDATE SET chunks_stored = chunks_stored + excluded.chunks_stored,
+                   bytes_stored = bytes_stored + excluded.bytes_stored",
+                params![first.session.vm_id, stored as i64, bytes as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(BatchStats {
+            entries: entries_total,
+            chunks_stored: stored,
+            chunk_bytes: bytes,
+        })
+    }
+
+    /// Appends the chunks `owner` does not hold yet to a pack and syncs it; the caller indexes
+    /// them in the transaction that stages the blocks using them. What other owners hold plays
+    /// no part: the work (and so the time) of an upload depends on the uploader's data alone.
+    fn write_new_chunks(
+        &self,
+        owner: &str,
+        chunks: &[&(Leaf, bytes::Bytes, usize)],
+        writer: &mut PackWriter,
+    ) -> Result<(Vec<Placed>, u64), StoreError> {
+        if chunks.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let fresh: Vec<&(Leaf, bytes::Bytes, usize)> = {
+            let conn = self.conn();
+            let mut stmt =
+                conn.prepare_cached("SELECT 1 FROM chunks WHERE owner = ?1 AND hash = ?2")?;
+            let mut fresh = Vec::new();
+            let mut seen = HashSet::new();
+            for &c in chunks {
+                if seen.insert(c.0) && !stmt.exists(params![owner, &c.0 .0[..]])? {
+                    fresh.push(c);
+                }
+            }
+            if let Some(mib) = self.rules().quota(owner).stored_mib {
+                let held: i64 = conn
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner = ?1",
+                    )?
+                    .query_row([owner], |r| r.get(0))?;
+                let adding: u64 = fresh.iter().map(|c| c.1.len() as u64).sum();
+                if held.max(0) as u64 + adding > mib << 20 {
+                    return Err(StoreError::Quota {
+                        agent: owner.to_owned(),
+                        what: format!(
+                            "{} MiB stored, {} MiB more sent",
+                            held >> 20,
+                            adding.div_ceil(1 << 20)
+                        ),
+                        key: "stored_mib",
+                        limit: mib,
+                    });
+                }
+            }
+            fresh
+        };
+        let mut placed = Vec::with_capacity(fresh.len());
+        let mut bytes = 0u64;
+        for (hash, frame, ulen) in fresh {
+            if writer.needs_pack() {
+                let id = crate::catalog::new_pack(&self.conn(), "serve")?;
+                writer.open_pack(id)?;
+            }
+            let (pack, offset) = writer.append(hash, frame)?;
+            bytes += frame.len() as u64;
+            placed.push((*hash, pack, offset, frame.len(), *ulen));
+        }
+        // Durable before referenced.
+        writer.sync()?;
+        rewind_proto::faults::point("after-pack-sync");
+        Ok((placed, bytes))
+    }
+
+    /// Indexes placed chunks and renews the gc grace of re-sent ones, inside the caller's
+    /// transaction (the one that also stages the blocks using them, so gc never sees them
+    /// unreferenced).
+    fn index_chunks(
+        tx: &Transaction<'_>,
+        owner: &str,
+        sent: &[&(Leaf, bytes::Bytes, usize)],
+        placed: &[Placed],
+    ) -> Result<(), StoreError> {
+        let now = now_us();
+        // Chunks placed now are indexed with `now` below; only re-sent ones need renewing.
+        let new: HashSet<Leaf> = placed.iter().map(|p| p.0).collect();
+        let mut touch =
+            tx.prepare_cached("UPDATE chunks SET created_us = ?3 WHERE owner = ?1 AND hash = ?2")?;
+        for (hash, _, _) in sent {
+            if !new.contains(hash) {
+                touch.execute(params![owner, &hash.0[..], now])?;
+            }
+        }
+        let mut ins = tx.prepare_cached(
+            "INSERT OR IGNORE INTO chunks(owner, hash, pack_id, offset, clen, ulen, created_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let any_bad: bool = tx
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM bad_chunks WHERE owner = ?1)")?
+            .query_row([owner], |r| r.get(0))?;
+        if any_bad {
+            let mut healed =
+                tx.prepare_cached("DELETE FROM bad_chunks WHERE owner = ?1 AND hash = ?2")?;
+            for (hash, _, _, _, _) in placed {
+                if healed.execute(params![owner, &hash.0[..]])? > 0 {
+                    tracing::info!(chunk = %hash, "damaged chunk healed");
+                }
+            }
+        }
+        // What the owner now holds more, for its storage quota (a row a racing stream of the
+        // same owner inserted first is not counted twice).
+        let (mut added, mut bytes) = (0i64, 0i64);
+        for (hash, pack, offset, clen, ulen) in placed {
+            let n = ins.execute(params![
+                owner,
+                &hash.0[..],
+                pack,
+                *offset as i64,
+                *clen as i64,
+                *ulen as i64,
+                now
+            ])?;
+            if n > 0 {
+                added += 1;
+                bytes += *clen as i64;
+            }
+        }
+        if added > 0 {
+            crate::catalog::add_usage(tx, owner, added, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the pack an upload stream was writing, once the stream ended.
+    pub fn finish_upload(&self, writer: &mut PackWriter) -> Result<(), StoreError> {
+        let conn = self.conn();
+        for id in writer.take_retired().into_iter().chain(writer.current()) {
+            crate::catalog::seal_pack(&conn, id)?;
+        }
+        Ok(())
+    }
+
+    /// Drops a session's staged rows, a bounded delete per transaction.
+    pub fn drop_staged(&self, session_id: &str) -> Result<(), StoreError> {
+        loop {
+            let conn = self.conn();
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM session_blocks WHERE session_id = ?1 AND (pos, idx) IN
+                       (SELECT pos, idx FROM session_blocks WHERE session_id = ?1 LIMIT ?2)",
+                )?
+                .execute(params![session_id, STAGED_DELETE_STEP as i64])?;
+            parking_lot::MutexGuard::unlock_fair(conn);
+            if n < STAGED_DELETE_STEP {
+                return Ok(());
+            }
+        }
+    }
+}
