@@ -151,153 +151,29 @@ impl Store {
         let mut dead: Vec<String> = Vec::new();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let vm_id = match vm_row(&tx, &spec.vm)? {
-            Some((id, o)) if o == owner => id,
-            Some((id, _)) if claim_expired(&tx, id, rules.claim_timeout)? => {
-                check_vm_quota(&tx, owner, &quota)?;
-                dead.extend(release_claim(&tx, id, owner)?);
-                tracing::info!(vm = %spec.vm, agent = owner, "an unfinished claim on a VM name expired; the name passes to this agent");
-                id
-            }
-            Some(_) => {
-                return Err(StoreError::NotOwner {
-                    vm: spec.vm.clone(),
-                    caller: owner.to_owned(),
+        let vm_id = claim_vm(&tx, spec, owner, rules.claim_timeout, &quota, &mut dead)?;
+        let latest = latest_point(&tx, vm_id)?;
+        let session_id = match resumable(&tx, spec, owner, vm_id)? {
+            Resumable::Committed(point) => {
+                return Ok(BeginPlan {
+                    session: spec.resume.clone().unwrap_or_default(),
+                    base_point: latest,
+                    modes: vec![],
+                    committed_point: point,
+                    heal: Vec::new(),
                 })
             }
-            None => {
-                check_vm_quota(&tx, owner, &quota)?;
-                tx.execute(
-                    "INSERT INTO vms(name, owner, created_us) VALUES (?1, ?2, ?3)",
-                    params![spec.vm, owner, now_us()],
-                )?;
-                tx.last_insert_rowid()
-            }
+            Resumable::Open(id) => Some(id),
+            Resumable::No => None,
         };
-        let latest = latest_point(&tx, vm_id)?;
-
-        let mut session_id = None;
-        if let Some(resume) = &spec.resume {
-            let found: Option<(String, String, i64, Option<i64>)> = tx
-                .query_row(
-                    "SELECT owner, state, vm_id, point_id FROM sessions WHERE id = ?1",
-                    [resume],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?;
-            match found {
-                Some((o, state, v, point)) if o == owner && v == vm_id => {
-                    if state == "committed" {
-                        return Ok(BeginPlan {
-                            session: resume.clone(),
-                            base_point: latest,
-                            modes: vec![],
-                            committed_point: point,
-                            heal: Vec::new(),
-                        });
-                    }
-                    if state == "open" {
-                        // Staged entries are dropped: the agent re-sends its whole delta (the
-                        // disk may have changed since), but chunks already stored stay held.
-                        tx.execute("DELETE FROM session_blocks WHERE session_id = ?1", [resume])?;
-                        tx.execute("DELETE FROM session_disks WHERE session_id = ?1", [resume])?;
-                        session_id = Some(resume.clone());
-                    }
-                }
-                _ => {}
-            }
-        }
-
-        // A new session supersedes the agent's other open sessions of this VM: only one of them
-        // could ever commit, and a crashed agent must not fill its session quota with them.
-        let keep = session_id.as_deref().unwrap_or("");
-        dead.extend(open_sessions_of(&tx, vm_id, Some(owner), keep)?);
-        tx.execute(
-            "UPDATE sessions SET state = 'abandoned'
-             WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3",
-            params![vm_id, owner, keep],
-        )?;
-        if session_id.is_none() {
-            if let Some(max) = quota.sessions {
-                let open: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM sessions WHERE owner = ?1 AND state = 'open'",
-                    [owner],
-                    |r| r.get(0),
-                )?;
-                if open as u64 >= max {
-                    return Err(StoreError::Quota {
-                        agent: owner.to_owned(),
-                        what: format!("{open} open sessions"),
-                        key: "sessions",
-                        limit: max,
-                    });
-                }
-            }
-        }
-
-        let latest_disks: HashMap<String, (i64, u64, u64)> = match latest {
-            Some(p) if spec.base_point == Some(p) => {
-                let mut stmt = tx.prepare(
-                    "SELECT name, disk_id, size, block_size FROM point_disks WHERE point_id = ?1",
-                )?;
-                let rows = stmt.query_map([p], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        (
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)? as u64,
-                            r.get::<_, i64>(3)? as u64,
-                        ),
-                    ))
-                })?;
-                rows.collect::<rusqlite::Result<_>>()?
-            }
-            _ => HashMap::new(),
+        supersede(&tx, vm_id, owner, session_id.as_deref(), &quota, &mut dead)?;
+        let id = open_session_row(&tx, session_id, vm_id, owner, latest)?;
+        let base = if spec.base_point == latest {
+            latest
+        } else {
+            None
         };
-
-        let now = now_us();
-        let id = match session_id {
-            Some(id) => {
-                tx.execute(
-                    "UPDATE sessions SET base_point = ?2, created_us = ?3, updated_us = ?3 WHERE id = ?1",
-                    params![id, latest, now],
-                )?;
-                id
-            }
-            None => {
-                let id = new_session_id();
-                tx.execute(
-                    "INSERT INTO sessions(id, vm_id, owner, base_point, state, created_us, updated_us)
-                     VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?5)",
-                    params![id, vm_id, owner, latest, now],
-                )?;
-                id
-            }
-        };
-        let mut modes = Vec::new();
-        for (pos, d) in spec.disks.iter().enumerate() {
-            let base_disk = latest_disks.get(&d.name).and_then(|&(disk_id, size, bs)| {
-                continues(size, bs, &d.geometry).then_some(disk_id)
-            });
-            tx.execute(
-                "INSERT INTO session_disks(session_id, pos, name, size, block_size, base_disk)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    id,
-                    pos as i64,
-                    d.name,
-                    d.geometry.size as i64,
-                    d.geometry.block_size.bytes() as i64,
-                    base_disk
-                ],
-            )?;
-            let mode = if base_disk.is_some() {
-                DiskMode::Delta
-            } else {
-                DiskMode::Full
-            };
-            modes.push((d.name.clone(), mode));
-        }
+        let modes = plan_disks(&tx, &id, spec, base)?;
         let heal = crate::verify::heal_list(&tx, vm_id)?;
         tx.commit()?;
         drop(conn);
@@ -367,4 +243,203 @@ impl Store {
             _ => SessionState::Unknown,
         })
     }
+}
+
+/// The VM's id for `owner`: its own VM, a new one, or a name whose first agent's claim
+/// expired (its sessions are added to `dead`). Another agent's VM is refused.
+fn claim_vm(
+    tx: &Connection,
+    spec: &BeginSpec,
+    owner: &str,
+    claim_timeout: std::time::Duration,
+    quota: &crate::config::Quota,
+    dead: &mut Vec<String>,
+) -> Result<i64, StoreError> {
+    Ok(match vm_row(tx, &spec.vm)? {
+        Some((id, o)) if o == owner => id,
+        Some((id, _)) if claim_expired(tx, id, claim_timeout)? => {
+            check_vm_quota(tx, owner, quota)?;
+            dead.extend(release_claim(tx, id, owner)?);
+            tracing::info!(vm = %spec.vm, agent = owner, "an unfinished claim on a VM name expired; the name passes to this agent");
+            id
+        }
+        Some(_) => {
+            return Err(StoreError::NotOwner {
+                vm: spec.vm.clone(),
+                caller: owner.to_owned(),
+            })
+        }
+        None => {
+            check_vm_quota(tx, owner, quota)?;
+            tx.execute(
+                "INSERT INTO vms(name, owner, created_us) VALUES (?1, ?2, ?3)",
+                params![spec.vm, owner, now_us()],
+            )?;
+            tx.last_insert_rowid()
+        }
+    })
+}
+
+/// What `spec.resume` names.
+enum Resumable {
+    /// A session of this agent and VM that committed (at this point): the agent adopts it.
+    Committed(Option<i64>),
+    /// A session of this agent and VM still open: it goes on, its staged entries dropped.
+    Open(String),
+    /// Nothing to resume.
+    No,
+}
+
+fn resumable(
+    tx: &Connection,
+    spec: &BeginSpec,
+    owner: &str,
+    vm_id: i64,
+) -> Result<Resumable, StoreError> {
+    let Some(resume) = &spec.resume else {
+        return Ok(Resumable::No);
+    };
+    let found: Option<(String, String, i64, Option<i64>)> = tx
+        .query_row(
+            "SELECT owner, state, vm_id, point_id FROM sessions WHERE id = ?1",
+            [resume],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    Ok(match found {
+        Some((o, state, v, point)) if o == owner && v == vm_id => match state.as_str() {
+            "committed" => Resumable::Committed(point),
+            "open" => {
+                // Staged entries are dropped: the agent re-sends its whole delta (the disk may
+                // have changed since), but chunks already stored stay held.
+                tx.execute("DELETE FROM session_blocks WHERE session_id = ?1", [resume])?;
+                tx.execute("DELETE FROM session_disks WHERE session_id = ?1", [resume])?;
+                Resumable::Open(resume.clone())
+            }
+            _ => Resumable::No,
+        },
+        _ => Resumable::No,
+    })
+}
+
+/// A new session supersedes the agent's other open sessions of this VM (added to `dead`):
+/// only one of them could ever commit, and a crashed agent must not fill its session quota
+/// with them. A new session (not `resumed`) must fit the agent's session quota.
+fn supersede(
+    tx: &Connection,
+    vm_id: i64,
+    owner: &str,
+    resumed: Option<&str>,
+    quota: &crate::config::Quota,
+    dead: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let keep = resumed.unwrap_or("");
+    dead.extend(open_sessions_of(tx, vm_id, Some(owner), keep)?);
+    tx.execute(
+        "UPDATE sessions SET state = 'abandoned'
+         WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3",
+        params![vm_id, owner, keep],
+    )?;
+    if resumed.is_none() {
+        if let Some(max) = quota.sessions {
+            let open: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ?1 AND state = 'open'",
+                [owner],
+                |r| r.get(0),
+            )?;
+            if open as u64 >= max {
+                return Err(StoreError::Quota {
+                    agent: owner.to_owned(),
+                    what: format!("{open} open sessions"),
+                    key: "sessions",
+                    limit: max,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The session's row: the resumed one re-dated on the VM's newest point, or a new one.
+fn open_session_row(
+    tx: &Connection,
+    resumed: Option<String>,
+    vm_id: i64,
+    owner: &str,
+    latest: Option<i64>,
+) -> Result<String, StoreError> {
+    let now = now_us();
+    Ok(match resumed {
+        Some(id) => {
+            tx.execute(
+                "UPDATE sessions SET base_point = ?2, created_us = ?3, updated_us = ?3 WHERE id = ?1",
+                params![id, latest, now],
+            )?;
+            id
+        }
+        None => {
+            let id = new_session_id();
+            tx.execute(
+                "INSERT INTO sessions(id, vm_id, owner, base_point, state, created_us, updated_us)
+                 VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?5)",
+                params![id, vm_id, owner, latest, now],
+            )?;
+            id
+        }
+    })
+}
+
+/// Records the session's disks, each continuing its disk at `base` (the VM's newest point,
+/// when the agent builds on it) where the geometry allows ([`continues`]): a delta; any other
+/// disk is a full point of a new generation.
+fn plan_disks(
+    tx: &Connection,
+    session: &str,
+    spec: &BeginSpec,
+    base: Option<i64>,
+) -> Result<Vec<(String, DiskMode)>, StoreError> {
+    let base_disks: HashMap<String, (i64, u64, u64)> = match base {
+        Some(p) => {
+            let mut stmt = tx.prepare(
+                "SELECT name, disk_id, size, block_size FROM point_disks WHERE point_id = ?1",
+            )?;
+            let rows = stmt.query_map([p], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    (
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)? as u64,
+                        r.get::<_, i64>(3)? as u64,
+                    ),
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        }
+        None => HashMap::new(),
+    };
+    let mut modes = Vec::new();
+    for (pos, d) in spec.disks.iter().enumerate() {
+        let base_disk = base_disks
+            .get(&d.name)
+            .and_then(|&(disk_id, size, bs)| continues(size, bs, &d.geometry).then_some(disk_id));
+        tx.execute(
+            "INSERT INTO session_disks(session_id, pos, name, size, block_size, base_disk)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                session,
+                pos as i64,
+                d.name,
+                d.geometry.size as i64,
+                d.geometry.block_size.bytes() as i64,
+                base_disk
+            ],
+        )?;
+        let mode = if base_disk.is_some() {
+            DiskMode::Delta
+        } else {
+            DiskMode::Full
+        };
+        modes.push((d.name.clone(), mode));
+    }
+    Ok(modes)
 }
