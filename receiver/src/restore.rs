@@ -169,6 +169,82 @@ pub fn for_each_block(
     Ok(())
 }
 
+/// A decoded batch of blocks, in the aligned buffer it was decoded into.
+type Batch = Vec<(u64, Leaf, Frame)>;
+
+/// One restore writer: writes decoded batches until there are none (or another writer
+/// failed), handing each buffer back for reuse; the first failure stops the others.
+fn write_loop(
+    decoded: &std::sync::Mutex<std::sync::mpsc::Receiver<Decoded>>,
+    buffers: &std::sync::mpsc::Sender<Vec<u8>>,
+    write: &(dyn Fn(Decoded) -> Result<Vec<u8>, StoreError> + Sync),
+    failed: &AtomicBool,
+) -> Result<(), StoreError> {
+    loop {
+        let next = decoded.lock().map(|rx| rx.recv());
+        let Ok(Ok(d)) = next else {
+            return Ok(());
+        };
+        if failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match write(d) {
+            Ok(buf) => {
+                let _ = buffers.send(buf);
+            }
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// The restore decoder: decodes each batch (on all cores) into a free buffer, at most
+/// [`DECODED_BUFFERS`] of them, and hands it to the writers.
+fn decode_loop(
+    batches: std::sync::mpsc::Receiver<Batch>,
+    buffers: &std::sync::mpsc::Receiver<Vec<u8>>,
+    decoded: &std::sync::mpsc::SyncSender<Decoded>,
+    decode: &dyn Fn(Batch, Vec<u8>) -> Result<Decoded, StoreError>,
+    failed: &AtomicBool,
+    stopped: impl Fn() -> StoreError,
+) -> Result<(), StoreError> {
+    let mut made = 0;
+    for batch in batches {
+        if failed.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        let buf = match buffers.try_recv() {
+            Ok(buf) => buf,
+            Err(_) if made < DECODED_BUFFERS => {
+                made += 1;
+                Vec::new()
+            }
+            Err(_) => buffers.recv().map_err(|_| stopped())?,
+        };
+        decoded.send(decode(batch, buf)?).map_err(|_| stopped())?;
+    }
+    Ok(())
+}
+
+/// Makes a checked restore visible: the image is synced, renamed from its temporary name to
+/// `out`, and the folder synced, so a crash leaves the old file or the whole new one.
+fn publish(file: &File, tmp: &Path, out: &Path) -> Result<(), StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    file.sync_all().map_err(io(tmp))?;
+    std::fs::rename(tmp, out).map_err(io(out))?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(parent))?;
+    }
+    Ok(())
+}
+
 /// Writes disk `disk` of point `point` to `out` as a sparse raw image.
 pub fn restore_disk(
     conn: &Connection,
@@ -250,26 +326,7 @@ pub fn restore_disk(
         let writers: Vec<_> = (0..WRITERS)
             .map(|_| {
                 let (drx, ftx, write, failed) = (drx.clone(), ftx.clone(), &write, &failed);
-                scope.spawn(move || -> Result<(), StoreError> {
-                    loop {
-                        let next = drx.lock().map(|rx| rx.recv());
-                        let Ok(Ok(d)) = next else {
-                            return Ok(());
-                        };
-                        if failed.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        match write(d) {
-                            Ok(buf) => {
-                                let _ = ftx.send(buf);
-                            }
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
-                    }
-                })
+                scope.spawn(move || write_loop(&drx, &ftx, write, failed))
             })
             .collect();
         // Only the writers hold these now: when they all stop, the decoder's send fails
@@ -281,24 +338,7 @@ pub fn restore_disk(
             source: std::io::Error::other("the restore writer stopped"),
         };
         let failed = &failed;
-        let worker = scope.spawn(move || -> Result<(), StoreError> {
-            let mut made = 0;
-            for batch in rx {
-                if failed.load(Ordering::Relaxed) {
-                    return Err(stopped());
-                }
-                let buf = match frx.try_recv() {
-                    Ok(buf) => buf,
-                    Err(_) if made < DECODED_BUFFERS => {
-                        made += 1;
-                        Vec::new()
-                    }
-                    Err(_) => frx.recv().map_err(|_| stopped())?,
-                };
-                dtx.send(decode(batch, buf)?).map_err(|_| stopped())?;
-            }
-            Ok(())
-        });
+        let worker = scope.spawn(move || decode_loop(rx, &frx, &dtx, &decode, failed, stopped));
         let mut batch: Vec<(u64, Leaf, Frame)> = Vec::with_capacity(batch_blocks);
         let walked = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
             let Some(len) = geometry.block_len(idx) else {
@@ -355,14 +395,7 @@ pub fn restore_disk(
                 want: disk.root_leaf,
             });
         }
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, out).map_err(io(out))?;
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(io(parent))?;
-        }
-        Ok(())
+        publish(&file, &tmp, out)
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
