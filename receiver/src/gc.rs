@@ -147,52 +147,8 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         orphan_packs_removed: remove_orphan_packs(conn, &dir)?,
         ..Default::default()
     };
-
     // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
-    {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Sessions nobody touched for a week are abandoned: their staged blocks stop holding
-        // chunks and the points they built on stop being protected. An agent coming back
-        // later simply starts a new session.
-        let expired = now - SESSION_EXPIRY_SECS * 1_000_000;
-        tx.execute(
-            "DELETE FROM session_blocks WHERE session_id IN
-               (SELECT id FROM sessions WHERE state = 'open' AND updated_us < ?1)",
-            [expired],
-        )?;
-        report.sessions_expired = tx.execute(
-            "UPDATE sessions SET state = 'abandoned' WHERE state = 'open' AND updated_us < ?1",
-            [expired],
-        )? as u64;
-        // Chunks are stored per owner: a chunk lives while a block of its owner's uses it.
-        tx.execute_batch(
-            "CREATE TEMP TABLE IF NOT EXISTS gc_owned_live(owner TEXT, hash BLOB,
-               PRIMARY KEY(owner, hash)) WITHOUT ROWID;
-             DELETE FROM gc_owned_live;
-             INSERT OR IGNORE INTO gc_owned_live SELECT v.owner, n.hash FROM nodes n
-               JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id
-               WHERE n.level = 0 AND n.hash IS NOT NULL;
-             INSERT OR IGNORE INTO gc_owned_live SELECT s.owner, b.hash FROM session_blocks b
-               JOIN sessions s ON s.id = b.session_id WHERE s.state = 'open';",
-        )?;
-        const DEAD: &str = "created_us < ?1 AND NOT EXISTS
-               (SELECT 1 FROM gc_owned_live g WHERE g.owner = chunks.owner AND g.hash = chunks.hash)";
-        let dead: Vec<(String, i64, i64)> = {
-            let mut stmt = tx.prepare(&format!(
-                "SELECT owner, COUNT(*), SUM(clen) FROM chunks WHERE {DEAD} GROUP BY owner"
-            ))?;
-            let rows = stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        for (owner, n, bytes) in &dead {
-            crate::catalog::add_usage(&tx, owner, -n, -bytes)?;
-        }
-        let removed = tx.execute(&format!("DELETE FROM chunks WHERE {DEAD}"), [cutoff])?;
-        tx.execute("DELETE FROM temp.gc_owned_live", [])?;
-        tx.commit()?;
-        report.chunks_removed = removed as u64;
-    }
-
+    report.chunks_removed = forget_dead_chunks(conn, now, cutoff, &mut report)?;
     // 2. Packs: delete dead ones, rewrite mostly dead ones.
     let packs: Vec<(i64, i64)> = {
         // Only sealed packs: one a writer still appends to may not have all its rows yet.
@@ -204,85 +160,12 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     let mut writer = PackWriter::new(&dir);
     let mut reader = PackReader::sequential(&dir);
     for (id, created) in packs {
-        if created >= cutoff {
-            continue;
-        }
-        let path = pack_path(&dir, id);
-        let meta = std::fs::metadata(&path).ok();
-        // A pack still being appended to (a long upload) is never touched.
-        let recent = meta
-            .as_ref()
-            .and_then(|m| m.modified().ok())
-            .is_some_and(|t| {
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map_or(true, |d| (d.as_micros() as i64) >= cutoff)
-            });
-        if recent {
-            continue;
-        }
-        let size = meta.map_or(0, |m| m.len());
-        let live: Vec<(String, Vec<u8>, i64, i64)> = {
-            let mut stmt = conn.prepare_cached(
-                "SELECT owner, hash, offset, clen FROM chunks WHERE pack_id = ?1",
-            )?;
-            let rows =
-                stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
+        let mut io = Packs {
+            dir: &dir,
+            reader: &mut reader,
+            writer: &mut writer,
         };
-        let live_bytes: u64 = live
-            .iter()
-            .map(|(_, _, _, c)| *c as u64 + RECORD_HEADER)
-            .sum();
-        if !live.is_empty() && (size == 0 || live_bytes as f64 >= REWRITE_BELOW * size as f64) {
-            continue;
-        }
-        if !live.is_empty() {
-            // Copy the live chunks, make them durable, then repoint the catalog.
-            let mut moved = Vec::new();
-            for (owner, hash, off, clen) in &live {
-                let leaf = Leaf::from_slice(hash)?;
-                let frame = reader.read(id, *off as u64, *clen as u32, &leaf)?;
-                if writer.needs_pack() {
-                    let id = crate::catalog::new_pack(conn, "gc")?;
-                    writer.open_pack(id)?;
-                }
-                let (new_pack, new_off) = writer.append(&leaf, &frame)?;
-                moved.push((owner, hash, new_pack, new_off));
-            }
-            writer.sync()?;
-            rewind_proto::faults::point("gc-after-copy");
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for (owner, hash, pack, off) in &moved {
-                tx.execute(
-                    "UPDATE chunks SET pack_id = ?3, offset = ?4
-                     WHERE owner = ?1 AND hash = ?2 AND pack_id = ?5",
-                    params![owner, hash, pack, *off as i64, id],
-                )?;
-            }
-            for full in writer.take_retired() {
-                crate::catalog::seal_pack(&tx, full)?;
-            }
-            tx.commit()?;
-            rewind_proto::faults::point("gc-after-repoint");
-            report.packs_rewritten += 1;
-        }
-        // No row refers to the pack any more (a chunk written meanwhile would be in a pack of
-        // serve's own, never in this old one).
-        let still: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM chunks WHERE pack_id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
-        if still == 0 {
-            conn.execute("DELETE FROM packs WHERE id = ?1", [id])?;
-            rewind_proto::faults::point("gc-before-unlink");
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StoreError::Io { path, source }),
-            }
-            report.packs_deleted += 1;
-        }
+        collect_pack(conn, &mut io, (id, created), cutoff, &mut report)?;
     }
     writer.sync()?;
     if let Some(id) = writer.current() {
@@ -297,4 +180,154 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         params![serde_json::to_string(&report).unwrap_or_default(), now_us()],
     )?;
     Ok(report)
+}
+
+/// Step 1: expires sessions idle for [`SESSION_EXPIRY_SECS`] and forgets every chunk older
+/// than `cutoff` that no block of its owner uses (a point's or an open session's), in one
+/// transaction. Returns how many chunks it forgot.
+fn forget_dead_chunks(
+    conn: &mut Connection,
+    now: i64,
+    cutoff: i64,
+    report: &mut GcReport,
+) -> Result<u64, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Sessions nobody touched for a week are abandoned: their staged blocks stop holding
+    // chunks and the points they built on stop being protected. An agent coming back
+    // later simply starts a new session.
+    let expired = now - SESSION_EXPIRY_SECS * 1_000_000;
+    tx.execute(
+        "DELETE FROM session_blocks WHERE session_id IN
+           (SELECT id FROM sessions WHERE state = 'open' AND updated_us < ?1)",
+        [expired],
+    )?;
+    report.sessions_expired = tx.execute(
+        "UPDATE sessions SET state = 'abandoned' WHERE state = 'open' AND updated_us < ?1",
+        [expired],
+    )? as u64;
+    // Chunks are stored per owner: a chunk lives while a block of its owner's uses it.
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS gc_owned_live(owner TEXT, hash BLOB,
+           PRIMARY KEY(owner, hash)) WITHOUT ROWID;
+         DELETE FROM gc_owned_live;
+         INSERT OR IGNORE INTO gc_owned_live SELECT v.owner, n.hash FROM nodes n
+           JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id
+           WHERE n.level = 0 AND n.hash IS NOT NULL;
+         INSERT OR IGNORE INTO gc_owned_live SELECT s.owner, b.hash FROM session_blocks b
+           JOIN sessions s ON s.id = b.session_id WHERE s.state = 'open';",
+    )?;
+    const DEAD: &str = "created_us < ?1 AND NOT EXISTS
+           (SELECT 1 FROM gc_owned_live g WHERE g.owner = chunks.owner AND g.hash = chunks.hash)";
+    let dead: Vec<(String, i64, i64)> = {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT owner, COUNT(*), SUM(clen) FROM chunks WHERE {DEAD} GROUP BY owner"
+        ))?;
+        let rows = stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (owner, n, bytes) in &dead {
+        crate::catalog::add_usage(&tx, owner, -n, -bytes)?;
+    }
+    let removed = tx.execute(&format!("DELETE FROM chunks WHERE {DEAD}"), [cutoff])?;
+    tx.execute("DELETE FROM temp.gc_owned_live", [])?;
+    tx.commit()?;
+    Ok(removed as u64)
+}
+
+/// The pack folder, and the reader and writer gc moves live chunks with.
+struct Packs<'a> {
+    dir: &'a Path,
+    reader: &'a mut PackReader,
+    writer: &'a mut PackWriter,
+}
+
+/// Step 2, for one sealed pack older than `cutoff`: a pack mostly dead has its live chunks
+/// copied, made durable and repointed; a pack no row refers to any more is forgotten, then
+/// unlinked.
+fn collect_pack(
+    conn: &mut Connection,
+    io: &mut Packs<'_>,
+    (id, created): (i64, i64),
+    cutoff: i64,
+    report: &mut GcReport,
+) -> Result<(), StoreError> {
+    let (dir, reader, writer) = (io.dir, &mut *io.reader, &mut *io.writer);
+    if created >= cutoff {
+        return Ok(());
+    }
+    let path = pack_path(dir, id);
+    let meta = std::fs::metadata(&path).ok();
+    // A pack still being appended to (a long upload) is never touched.
+    let recent = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .is_some_and(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(true, |d| (d.as_micros() as i64) >= cutoff)
+        });
+    if recent {
+        return Ok(());
+    }
+    let size = meta.map_or(0, |m| m.len());
+    let live: Vec<(String, Vec<u8>, i64, i64)> = {
+        let mut stmt =
+            conn.prepare_cached("SELECT owner, hash, offset, clen FROM chunks WHERE pack_id = ?1")?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let live_bytes: u64 = live
+        .iter()
+        .map(|(_, _, _, c)| *c as u64 + RECORD_HEADER)
+        .sum();
+    if !live.is_empty() && (size == 0 || live_bytes as f64 >= REWRITE_BELOW * size as f64) {
+        return Ok(());
+    }
+    if !live.is_empty() {
+        // Copy the live chunks, make them durable, then repoint the catalog.
+        let mut moved = Vec::new();
+        for (owner, hash, off, clen) in &live {
+            let leaf = Leaf::from_slice(hash)?;
+            let frame = reader.read(id, *off as u64, *clen as u32, &leaf)?;
+            if writer.needs_pack() {
+                let id = crate::catalog::new_pack(conn, "gc")?;
+                writer.open_pack(id)?;
+            }
+            let (new_pack, new_off) = writer.append(&leaf, &frame)?;
+            moved.push((owner, hash, new_pack, new_off));
+        }
+        writer.sync()?;
+        rewind_proto::faults::point("gc-after-copy");
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (owner, hash, pack, off) in &moved {
+            tx.execute(
+                "UPDATE chunks SET pack_id = ?3, offset = ?4
+                 WHERE owner = ?1 AND hash = ?2 AND pack_id = ?5",
+                params![owner, hash, pack, *off as i64, id],
+            )?;
+        }
+        for full in writer.take_retired() {
+            crate::catalog::seal_pack(&tx, full)?;
+        }
+        tx.commit()?;
+        rewind_proto::faults::point("gc-after-repoint");
+        report.packs_rewritten += 1;
+    }
+    // No row refers to the pack any more (a chunk written meanwhile would be in a pack of
+    // serve's own, never in this old one).
+    let still: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM chunks WHERE pack_id = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    if still == 0 {
+        conn.execute("DELETE FROM packs WHERE id = ?1", [id])?;
+        rewind_proto::faults::point("gc-before-unlink");
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { path, source }),
+        }
+        report.packs_deleted += 1;
+    }
+    Ok(())
 }
