@@ -201,6 +201,79 @@ pub struct VmStatus {
     pub failures_by_kind: Vec<(String, u64)>,
 }
 
+/// The failures of a VM's latest cycles, for its state.
+struct Failures<'a> {
+    /// Consecutive failed cycles.
+    count: i64,
+    kind: Option<&'a str>,
+    error: Option<&'a str>,
+}
+
+/// A VM's state and why, from what its health record says: failing (its latest cycles
+/// failed), seeding (no point yet), behind (the newest point is `overdue`, i.e. older than 2x
+/// the RPO target, or the last point landed later than the target after the one before), or
+/// replicating.
+fn state_of(
+    failures: Failures<'_>,
+    has_point: bool,
+    overdue: Option<f64>,
+    age: Option<f64>,
+    rpo: u64,
+    last_achieved: Option<f64>,
+) -> (&'static str, String) {
+    if failures.count > 0 {
+        (
+            "failing",
+            format!(
+                "the last {} cycle(s) failed ({}): {}",
+                failures.count,
+                failures.kind.unwrap_or("unknown"),
+                failures.error.unwrap_or("")
+            ),
+        )
+    } else if !has_point {
+        ("seeding", "no point committed yet".to_owned())
+    } else if let Some(old) = overdue {
+        (
+            "behind",
+            format!("newest point is {old:.0} s old, more than 2x the {rpo} s RPO target"),
+        )
+    } else if let Some(a) = last_achieved.filter(|a| *a > rpo as f64) {
+        (
+            "behind",
+            format!(
+                "cycles take longer than the interval: the newest point landed {a:.0} s \
+                 after the one before, over the {rpo} s RPO target (it catches up by itself \
+                 when writes slow down)"
+            ),
+        )
+    } else {
+        (
+            "replicating",
+            format!(
+                "newest point is {:.0} s old (RPO target {rpo} s)",
+                age.unwrap_or(0.0)
+            ),
+        )
+    }
+}
+
+/// The achieved RPOs of a VM's recent points, oldest first.
+fn achieved_rpos(conn: &Connection, vm: &str) -> rusqlite::Result<Vec<f64>> {
+    let mut s =
+        conn.prepare_cached("SELECT achieved_s FROM health_rpo WHERE vm = ?1 ORDER BY rowid")?;
+    let rows = s.query_map([vm], |r| r.get::<_, f64>(0))?;
+    rows.collect()
+}
+
+/// How many cycles of a VM failed, by kind.
+fn failures_by_kind(conn: &Connection, vm: &str) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut s =
+        conn.prepare_cached("SELECT kind, count FROM health_failures WHERE vm = ?1 ORDER BY kind")?;
+    let rows = s.query_map([vm], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    rows.map(|r| r.map(|(k, n)| (k, n as u64))).collect()
+}
+
 /// The status of every VM this agent has run a cycle for.
 pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
     conn.execute_batch(SCHEMA)?;
@@ -250,59 +323,22 @@ pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
             Some(a) => a > limit,
             None => since_seen > limit,
         };
-        let achieved: Vec<f64> = {
-            let mut s = conn
-                .prepare_cached("SELECT achieved_s FROM health_rpo WHERE vm = ?1 ORDER BY rowid")?;
-            let rows = s.query_map([&vm], |r| r.get::<_, f64>(0))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
+        let achieved = achieved_rpos(conn, &vm)?;
         let last_achieved = achieved.last().copied();
         let (p50, p99) = (percentile(&achieved, 0.50), percentile(&achieved, 0.99));
-        let (state, why) = if fails > 0 {
-            (
-                "failing",
-                format!(
-                    "the last {fails} cycle(s) failed ({}): {}",
-                    kind.as_deref().unwrap_or("unknown"),
-                    err.as_deref().unwrap_or("")
-                ),
-            )
-        } else if point.is_none() {
-            ("seeding", "no point committed yet".to_owned())
-        } else if alert {
-            (
-                "behind",
-                format!(
-                    "newest point is {:.0} s old, more than 2x the {rpo} s RPO target",
-                    age.unwrap_or(0.0)
-                ),
-            )
-        } else if let Some(a) = last_achieved.filter(|a| *a > rpo as f64) {
-            (
-                "behind",
-                format!(
-                    "cycles take longer than the interval: the newest point landed {a:.0} s \
-                     after the one before, over the {rpo} s RPO target (it catches up by itself \
-                     when writes slow down)"
-                ),
-            )
-        } else {
-            (
-                "replicating",
-                format!(
-                    "newest point is {:.0} s old (RPO target {rpo} s)",
-                    age.unwrap_or(0.0)
-                ),
-            )
-        };
-        let failures_by_kind = {
-            let mut s = conn.prepare_cached(
-                "SELECT kind, count FROM health_failures WHERE vm = ?1 ORDER BY kind",
-            )?;
-            let rows = s.query_map([&vm], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            rows.map(|r| r.map(|(k, n)| (k, n as u64)))
-                .collect::<rusqlite::Result<Vec<_>>>()?
-        };
+        let (state, why) = state_of(
+            Failures {
+                count: fails,
+                kind: kind.as_deref(),
+                error: err.as_deref(),
+            },
+            point.is_some(),
+            alert.then_some(age.unwrap_or(0.0)),
+            age,
+            rpo,
+            last_achieved,
+        );
+        let failures_by_kind = failures_by_kind(conn, &vm)?;
         out.push(VmStatus {
             vm,
             state: state.to_owned(),
@@ -455,6 +491,40 @@ pub fn render(conn: &Connection) -> rusqlite::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_is_decided_from_the_record_alone() {
+        let none = || Failures {
+            count: 0,
+            kind: None,
+            error: None,
+        };
+        let failing = Failures {
+            count: 2,
+            kind: Some("disk"),
+            error: Some("gone"),
+        };
+        let s =
+            |f, point, overdue, achieved| state_of(f, point, overdue, Some(3.0), 10, achieved).0;
+        assert_eq!(s(failing, true, None, None), "failing");
+        assert_eq!(s(none(), false, None, None), "seeding");
+        assert_eq!(s(none(), true, Some(25.0), None), "behind");
+        assert_eq!(s(none(), true, None, Some(12.0)), "behind");
+        assert_eq!(s(none(), true, None, Some(9.0)), "replicating");
+        let (_, why) = state_of(
+            Failures {
+                count: 2,
+                kind: Some("disk"),
+                error: Some("gone"),
+            },
+            true,
+            None,
+            None,
+            10,
+            None,
+        );
+        assert_eq!(why, "the last 2 cycle(s) failed (disk): gone");
+    }
 
     fn point(n: i64) -> Result<SyncReport, SyncError> {
         Ok(SyncReport {
