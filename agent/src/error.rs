@@ -40,6 +40,12 @@ pub enum SyncError {
     /// A VM or disk name is invalid.
     #[error(transparent)]
     Name(#[from] rewind_proto::names::BadName),
+    /// The agent's working folder under its state could not be made or written.
+    #[error("agent state folder {path}")]
+    StateFolder {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// Reading credentials failed.
     #[error("{path}")]
     Credentials {
@@ -76,19 +82,6 @@ pub enum SyncError {
     /// A disk asked for on the command line is not in the VM.
     #[error("the VM has no disk named {0}")]
     NoSuchDisk(String),
-    /// The disk is held by a running VM.
-    #[error("disk {0} ({1}) is in use by a running VM (QEMU holds its lock): stop the VM first")]
-    InUse(String, std::path::PathBuf),
-    /// The disk's size differs from the point's.
-    #[error("disk {disk} is {have} bytes, the point's is {want}: restore it instead")]
-    SizeMismatch { disk: String, have: u64, want: u64 },
-    /// After a rollback the disk does not match the point.
-    #[error("disk {disk} after rollback has root {got}, the point has {want}")]
-    RollbackVerify {
-        disk: String,
-        got: String,
-        want: String,
-    },
     /// A worker task died.
     #[error("internal worker failed: {0}")]
     Worker(String),
@@ -134,11 +127,9 @@ impl SyncError {
     /// A short, stable name of the failure's kind (for metrics and status).
     pub fn kind(&self) -> &'static str {
         match self {
-            SyncError::State(_) => "state",
+            SyncError::State(_) | SyncError::StateFolder { .. } => "state",
             SyncError::Disk(_) | SyncError::Scan(_) | SyncError::NoSuchDisk(_) => "disk",
-            SyncError::Geometry { .. } | SyncError::Name(_) | SyncError::SizeMismatch { .. } => {
-                "config"
-            }
+            SyncError::Geometry { .. } | SyncError::Name(_) => "config",
             SyncError::Credentials { .. } | SyncError::BadUrl(_) => "config",
             SyncError::Connect(_) => "connect",
             SyncError::Refused { status, .. } if status.code() == tonic::Code::Unavailable => {
@@ -147,9 +138,8 @@ impl SyncError {
             SyncError::Refused { .. } => "refused",
             SyncError::Protocol(_) => "protocol",
             SyncError::Live(_) => "qemu",
-            SyncError::Offline(_) | SyncError::InUse(..) => "qcow2",
+            SyncError::Offline(_) => "qcow2",
             SyncError::Nbd(_) => "nbd",
-            SyncError::RollbackVerify { .. } => "verify",
             SyncError::Worker(_) => "internal",
         }
     }
@@ -200,7 +190,28 @@ mod tests {
             .map(|_| ())
             .expect_err("not TOML");
         let toml_text = toml_error.to_string();
+        let zero_chunk = rewind_proto::chunk::ChunkError::ZeroChunk.to_string();
         let cases: Vec<(Box<dyn std::error::Error>, &str)> = vec![
+            (
+                Box::new(SyncError::StateFolder {
+                    path: "/var/lib/rewind".into(),
+                    source: not_found(),
+                }),
+                &os,
+            ),
+            (
+                Box::new(crate::rollback::RollbackError::DiskIo {
+                    path: "/dev/vdb".into(),
+                    source: not_found(),
+                }),
+                &os,
+            ),
+            (
+                Box::new(crate::rollback::RollbackError::Corrupt(
+                    rewind_proto::chunk::ChunkError::ZeroChunk,
+                )),
+                &zero_chunk,
+            ),
             (
                 Box::new(SyncError::Credentials {
                     path: "/etc/rewind/agent.key".into(),

@@ -356,6 +356,14 @@ impl<'c> OldLeaves<'c> {
         Ok(())
     }
 
+    /// The next old non-zero leaves below `end`, in order, at most a page; empty once none
+    /// are left.
+    pub fn next_page(&mut self, end: u64) -> rusqlite::Result<Vec<(u64, Leaf)>> {
+        self.fill()?;
+        let n = self.buf.iter().take_while(|(i, _)| *i < end).count();
+        Ok(self.buf.drain(..n).collect())
+    }
+
     /// Passes every old non-zero leaf below `end` (in order) to `f` and forgets it.
     pub fn drain_below(&mut self, end: u64, mut f: impl FnMut(u64, Leaf)) -> rusqlite::Result<()> {
         loop {

@@ -2,7 +2,7 @@
 
 use super::sync::parse_disk;
 use crate::client;
-use crate::rollback::{rollback, RollbackConfig};
+use crate::rollback::{rollback, RollbackConfig, RollbackError};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::path::PathBuf;
@@ -55,7 +55,19 @@ pub fn run(a: RollbackArgs) -> anyhow::Result<()> {
             let mut c = client::connect(&receiver).await?;
             rollback(&mut c, &cfg).await
         })
-        .with_context(|| format!("rolling {} back to point {}", a.vm, a.point))?;
+        .map_err(|e| {
+            let hint = match &e {
+                RollbackError::InUse(..) => " (stop the VM first)",
+                RollbackError::SizeMismatch { .. } => {
+                    " (a disk of another size is restored, not rolled back: rewind-receiver restore)"
+                }
+                _ => "",
+            };
+            anyhow::Error::new(e).context(format!(
+                "rolling {} back to point {}{hint}",
+                a.vm, a.point
+            ))
+        })?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

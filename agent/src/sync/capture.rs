@@ -145,7 +145,7 @@ async fn capture_vm(
         .await
         .map_err(LiveError::from)?;
     live::redo_failed_full_reads(&work, &mut caps);
-    live::mark_full_reads(&work, &caps).map_err(|e| SyncError::Credentials {
+    live::mark_full_reads(&work, &caps).map_err(|e| SyncError::StateFolder {
         path: work.dir.clone(),
         source: e,
     })?;
@@ -225,7 +225,7 @@ async fn capture_files(
     let mut opened = Vec::new();
     let mut caps = Vec::new();
     let mut servers = Vec::new();
-    let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::Credentials {
+    let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::StateFolder {
         path: cfg.state_dir.clone(),
         source: e,
     })?;

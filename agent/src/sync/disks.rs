@@ -69,7 +69,7 @@ pub(super) async fn find(cfg: &SyncConfig) -> Result<Found, SyncError> {
         return Ok(Found { disks, live: None });
     };
     let mut qmp = Qmp::connect(&src.qmp).await.map_err(LiveError::from)?;
-    let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::Credentials {
+    let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::StateFolder {
         path: cfg.state_dir.clone(),
         source: e,
     })?;

@@ -1,0 +1,371 @@
+//! Rolling a disk on this host back (or forward) to a point: compare the disk's current block
+//! leaves with the point's, fetch only the chunks of blocks that differ over the same mutual-TLS
+//! channel, write them (raw files and devices directly, qcow2 images through a writable
+//! `qemu-nbd`), then re-read the disk and check its root equals the point's before reporting
+//! success. A disk a running QEMU holds (its image lock) is refused. Later points stay.
+//!
+//! The steps, one module each: [`target`] opens the disk (and reads which blocks its dirty
+//! bitmaps name), [`leaves`] streams the point's leaves (from the receiver, or from the agent's
+//! own state when the point is its last one), [`compare`] merges them with the disk's current
+//! leaves in block order, [`fetch`] asks the receiver for the chunks of differing blocks, and
+//! [`apply`] writes them and reads every written block back. The point's leaves are never held
+//! whole: memory stays bounded whatever the disk size.
+
+mod apply;
+mod compare;
+mod fetch;
+mod leaves;
+mod target;
+
+use crate::error::SyncError;
+use crate::sync::{DiskKind, DiskSource};
+use compare::{Compared, Scope};
+use fetch::{fetch, Found, Work};
+use futures::StreamExt;
+use leaves::LeafStream;
+use rewind_proto::chunk::ChunkError;
+use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE};
+use rewind_proto::pb::replication_client::ReplicationClient;
+use rewind_proto::{pb, Leaf};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+use thiserror::Error;
+use tonic::transport::Channel;
+
+/// ReadChunks requests in flight during a rollback.
+const CHUNK_REQUESTS_IN_FLIGHT: usize = 16;
+
+/// What to roll back.
+#[derive(Debug, Clone)]
+pub struct RollbackConfig {
+    pub vm: String,
+    pub point: i64,
+    pub disks: Vec<DiskSource>,
+    pub state_dir: PathBuf,
+    pub dry_run: bool,
+}
+
+/// One disk's rollback.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskRollback {
+    pub name: String,
+    pub size: u64,
+    pub root: String,
+    /// Blocks whose content differed from the point.
+    pub blocks_differing: u64,
+    /// Compressed chunk bytes fetched from the receiver.
+    pub bytes_fetched: u64,
+    /// Bytes written to the disk (zeroed blocks included).
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    /// How the current content was compared: every allocated block read, or only the blocks
+    /// a dirty bitmap and the point chain say can differ.
+    pub compared: &'static str,
+    /// The disk's root was re-read and equals the point's.
+    pub verified: bool,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackReport {
+    pub vm: String,
+    pub point: i64,
+    pub dry_run: bool,
+    pub disks: Vec<DiskRollback>,
+    pub seconds: f64,
+}
+
+/// Why a rollback failed.
+#[derive(Debug, Error)]
+pub enum RollbackError {
+    /// A step it shares with replication (connecting, asking the receiver, NBD, qemu-nbd,
+    /// the agent's state) failed.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// Opening, writing or flushing the disk failed.
+    #[error("disk {path}")]
+    DiskIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A chunk the receiver sent does not hold the content its id names: the receiver's copy
+    /// is damaged (run `verify` there). Nothing of it was written.
+    #[error("a chunk from the receiver is damaged")]
+    Corrupt(#[source] ChunkError),
+    /// The disk is held by a running VM.
+    #[error("disk {0} ({1}) is in use by a running VM (QEMU holds its lock)")]
+    InUse(String, PathBuf),
+    /// The disk's size differs from the point's.
+    #[error("disk {disk} is {have} bytes, the point's is {want}")]
+    SizeMismatch { disk: String, have: u64, want: u64 },
+    /// After a rollback the disk does not match the point.
+    #[error("disk {disk} after rollback has root {got}, the point has {want}")]
+    Verify {
+        disk: String,
+        got: String,
+        want: String,
+    },
+    /// A worker thread or task died.
+    #[error("internal worker failed: {0}")]
+    Worker(String),
+}
+
+impl RollbackError {
+    /// A short, stable name of the failure's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RollbackError::Sync(e) => e.kind(),
+            RollbackError::DiskIo { .. } => "disk",
+            RollbackError::Corrupt(_) => "data-loss",
+            RollbackError::InUse(..) => "in-use",
+            RollbackError::SizeMismatch { .. } => "config",
+            RollbackError::Verify { .. } => "verify",
+            RollbackError::Worker(_) => "internal",
+        }
+    }
+
+    fn protocol(what: &'static str) -> RollbackError {
+        RollbackError::Sync(SyncError::Protocol(what))
+    }
+
+    fn refused(call: &'static str) -> impl FnOnce(tonic::Status) -> RollbackError {
+        move |status| RollbackError::Sync(SyncError::Refused { call, status })
+    }
+
+    fn joined(e: tokio::task::JoinError) -> RollbackError {
+        RollbackError::Worker(e.to_string())
+    }
+}
+
+/// The shared steps' errors convert through [`SyncError`].
+macro_rules! via_sync {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RollbackError {
+            fn from(e: $t) -> Self {
+                RollbackError::Sync(SyncError::from(e))
+            }
+        }
+    )*};
+}
+via_sync!(
+    crate::nbd::NbdError,
+    crate::offline::OfflineError,
+    crate::source::DiskError,
+    crate::scan::ScanError,
+    rusqlite::Error
+);
+
+/// Rolls every disk of `cfg` back to the point.
+pub async fn rollback(
+    client: &mut ReplicationClient<Channel>,
+    cfg: &RollbackConfig,
+) -> Result<RollbackReport, RollbackError> {
+    let started = Instant::now();
+    let mut disks = Vec::new();
+    for d in &cfg.disks {
+        disks.push(rollback_disk(client, cfg, d, started).await?);
+    }
+    Ok(RollbackReport {
+        vm: cfg.vm.clone(),
+        point: cfg.point,
+        dry_run: cfg.dry_run,
+        disks,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// One disk: open it and learn the point, choose what to compare, compare while fetching and
+/// writing, check the result, record the event.
+async fn rollback_disk(
+    client: &mut ReplicationClient<Channel>,
+    cfg: &RollbackConfig,
+    d: &DiskSource,
+    started: Instant,
+) -> Result<DiskRollback, RollbackError> {
+    let opening = {
+        let (d, state_dir, vm) = (d.clone(), cfg.state_dir.clone(), cfg.vm.clone());
+        tokio::task::spawn_blocking(move || target::open_disk(&d, &state_dir, &vm))
+    };
+    // Rolling back to the agent's own last point (the usual case) with trusted bitmaps: the
+    // agent's state already holds the point's leaves, so only its geometry and root are asked
+    // for, and the state is used once its root matches the receiver's.
+    let own_point = target::base_point(&cfg.state_dir, &cfg.vm) == Some(cfg.point);
+    let first_limit = if own_point && d.kind == DiskKind::Qcow2 {
+        1
+    } else {
+        MAX_POINT_BLOCKS_PAGE
+    };
+    let first = leaves::point_page(client, &cfg.vm, cfg.point, &d.name, 0, first_limit).await?;
+    let g = DiskGeometry::new(first.size, u64::from(first.block_size)).map_err(|source| {
+        SyncError::Geometry {
+            disk: d.name.clone(),
+            source,
+        }
+    })?;
+    let root = first.root;
+    let (target, dirty) = opening.await.map_err(RollbackError::joined)??;
+    if target.size() != g.size {
+        return Err(RollbackError::SizeMismatch {
+            disk: d.name.clone(),
+            have: target.size(),
+            want: g.size,
+        });
+    }
+    let (want, scope) = leaves::choose(client, cfg, &d.name, &g, first, dirty).await?;
+    tracing::debug!(disk = %d.name, scope = scope.describe(), at = ?started.elapsed(), "compare chosen");
+    let compared_by = scope.describe();
+    let (target, compared, written) =
+        compare_and_write(client, cfg, &d.name, &g, target, want, scope).await?;
+    tracing::debug!(disk = %d.name, differing = compared.differing, at = ?started.elapsed(), "compared, fetched and written");
+    let mut report = DiskRollback {
+        name: d.name.clone(),
+        size: g.size,
+        root: root.to_hex(),
+        blocks_differing: compared.differing,
+        bytes_fetched: written.as_ref().map_or(0, |w| w.fetched),
+        bytes_written: 0,
+        bytes_read: compared.read,
+        compared: compared_by,
+        verified: false,
+    };
+    if let Some(w) = written {
+        report.bytes_written = w.bytes;
+        report.bytes_read += w.reread;
+        check(&d.name, &compared, &w, root)?;
+        report.verified = true;
+    }
+    // The image is closed (qemu-nbd exits, writing its bitmaps) while the event is recorded;
+    // both are done before the rollback reports anything.
+    let closing = tokio::task::spawn_blocking(move || drop(target));
+    let recorded = client
+        .record_rollback(pb::RollbackEvent {
+            vm: cfg.vm.clone(),
+            point: cfg.point as u64,
+            disk: d.name.clone(),
+            blocks: report.blocks_differing,
+            bytes: report.bytes_fetched,
+            dry_run: cfg.dry_run,
+        })
+        .await
+        .map_err(RollbackError::refused("RecordRollback"));
+    closing.await.map_err(RollbackError::joined)?;
+    tracing::debug!(at = ?started.elapsed(), "recorded and closed");
+    recorded?;
+    Ok(report)
+}
+
+/// Every differing block was read back right after it was written or zeroed; every other one
+/// was found (or, with a bitmap, known) equal to the point. So the disk's root is that of the
+/// point's leaves, unless a block read back was wrong.
+fn check(
+    disk: &str,
+    compared: &Compared,
+    w: &apply::Written,
+    root: Leaf,
+) -> Result<(), RollbackError> {
+    if w.checked != compared.differing {
+        return Err(RollbackError::Worker(format!(
+            "{} of {} differing blocks were read back",
+            w.checked, compared.differing
+        )));
+    }
+    let now = match (w.wrong, compared.root) {
+        (Some((_, now)), _) => now,
+        (None, Some(r)) => r,
+        (None, None) => return Err(RollbackError::Worker("the compare stopped early".into())),
+    };
+    if now != root {
+        return Err(RollbackError::Verify {
+            disk: disk.to_owned(),
+            got: now.to_hex(),
+            want: root.to_hex(),
+        });
+    }
+    Ok(())
+}
+
+/// The compare runs on a thread of its own and hands over the blocks that differ as it finds
+/// them, a request's worth at a time: their chunks are fetched and written while the rest is
+/// still compared. A compare that fails part way leaves the blocks already written rolled back,
+/// as a failed write does; the error is reported either way. Returns the disk, what the compare
+/// found and (unless a dry run) what was written.
+async fn compare_and_write(
+    client: &mut ReplicationClient<Channel>,
+    cfg: &RollbackConfig,
+    disk: &str,
+    g: &DiskGeometry,
+    mut target: target::Target,
+    want: LeafStream,
+    scope: Scope,
+) -> Result<(target::Target, Compared, Option<apply::Written>), RollbackError> {
+    let g = *g;
+    let (found_tx, found_rx) = tokio::sync::mpsc::channel::<Found>(CHUNK_REQUESTS_IN_FLIGHT);
+    let writing = if cfg.dry_run {
+        None
+    } else {
+        Some((target.writer(disk)?, target.second_reader(disk)?))
+    };
+    let compare = {
+        let found_tx = writing.is_some().then_some(found_tx);
+        tokio::task::spawn_blocking(move || {
+            let mut requests = fetch::Requests::new(g.block_size.bytes(), found_tx);
+            let r = compare::compare(&mut target, &g, want, scope, &mut |i, leaf| {
+                requests.push(i, leaf)
+            });
+            requests.finish();
+            (target, r)
+        })
+    };
+    let written = match writing {
+        None => None,
+        Some((w, checker)) => Some(fetch_and_write(client, &cfg.vm, g, w, checker, found_rx).await),
+    };
+    let (target, compared) = compare.await.map_err(RollbackError::joined)?;
+    let compared = compared?;
+    let written = written.transpose()?;
+    Ok((target, compared, written))
+}
+
+/// Fetches the chunks of the requests the compare sends (several in flight, replies handed on
+/// in order) and has them decompressed, written and read back on threads of their own while
+/// later ones arrive. On an error the writer still finishes (and the compare stops) before it
+/// is reported. The disk is flushed before this returns.
+async fn fetch_and_write(
+    client: &mut ReplicationClient<Channel>,
+    vm: &str,
+    g: DiskGeometry,
+    w: apply::Writer,
+    checker: Box<dyn crate::scan::BlockSource + Send>,
+    found_rx: tokio::sync::mpsc::Receiver<Found>,
+) -> Result<apply::Written, RollbackError> {
+    let (wtx, wrx) = tokio::sync::mpsc::channel::<Work>(CHUNK_REQUESTS_IN_FLIGHT);
+    let writer = tokio::task::spawn_blocking(move || apply::write_blocks(w, checker, g, wrx));
+    let mut replies = Box::pin(
+        futures::stream::unfold(found_rx, |mut rx| async move {
+            rx.recv().await.map(|f| (f, rx))
+        })
+        .map(|found| fetch(client.clone(), vm.to_owned(), found))
+        .buffered(CHUNK_REQUESTS_IN_FLIGHT),
+    );
+    let mut fetched_bytes = 0u64;
+    let fetched = async {
+        while let Some(reply) = replies.next().await {
+            let (work, bytes) = reply?;
+            fetched_bytes += bytes;
+            if wtx.send(work).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, RollbackError>(())
+    }
+    .await;
+    drop(replies);
+    drop(wtx);
+    let written = writer.await.map_err(RollbackError::joined)?;
+    fetched?;
+    let (mut w, mut written) = written?;
+    w.flush()?;
+    written.fetched = fetched_bytes;
+    Ok(written)
+}
