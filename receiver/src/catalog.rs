@@ -7,6 +7,7 @@
 //! A disk generation (`disks` row) is a linear chain: a point may only build on its VM's newest
 //! point, and a disk whose size or block size changes starts a new generation.
 
+use crate::chunks::PackId;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 use std::time::Duration;
@@ -278,16 +279,16 @@ pub fn open_existing(data: &Path) -> rusqlite::Result<Connection> {
 
 /// Allocates a pack id for `writer` ("serve" or "gc"). Ids are never reused (AUTOINCREMENT),
 /// so a deleted pack's name never comes back.
-pub fn new_pack(conn: &Connection, writer: &str) -> rusqlite::Result<i64> {
+pub fn new_pack(conn: &Connection, writer: &str) -> rusqlite::Result<PackId> {
     conn.execute(
         "INSERT INTO packs(created_us, writer, sealed) VALUES (?1, ?2, 0)",
         rusqlite::params![now_us(), writer],
     )?;
-    Ok(conn.last_insert_rowid())
+    Ok(PackId(conn.last_insert_rowid()))
 }
 
 /// Marks a pack complete: no writer appends to it any more, so gc may rewrite or delete it.
-pub fn seal_pack(conn: &Connection, id: i64) -> rusqlite::Result<()> {
+pub fn seal_pack(conn: &Connection, id: PackId) -> rusqlite::Result<()> {
     conn.execute("UPDATE packs SET sealed = 1 WHERE id = ?1", [id])
         .map(|_| ())
 }

@@ -15,13 +15,12 @@
 //! the RPO at that moment: how old the newest data was when the drill began.
 
 use crate::catalog::{self, now_us, rfc3339};
+use crate::chunks::{self, ReadOrder};
 use crate::error::StoreError;
 use crate::guest_agent::{AgentError, Exited, GuestAgent};
 use crate::nbd_server::{self, Exports};
-use crate::packs::PackReader;
 use crate::points::{self, PointDisk, PointInfo, PointSelector};
 use crate::restore::for_each_block;
-use crate::store::PACKS_DIR;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::report::chain;
@@ -514,7 +513,7 @@ fn verify_disk(
             disk: disk.name.clone(),
             source,
         })?;
-    let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
+    let mut reader = chunks::open(data).reader(ReadOrder::Sequential);
     let mut builder = Builder::new(Shape::of(&geometry));
     let mut next = 0u64;
     let mut out = Verified {
@@ -557,9 +556,7 @@ fn verify_disk(
         next = idx + 1;
         let frame = match loc {
             None => Err("its chunk is missing from the store".to_owned()),
-            Some((pack, offset, clen)) => reader
-                .read(pack, offset, clen, &leaf)
-                .map_err(|e| chain(&e)),
+            Some(at) => reader.read(at, &leaf).map_err(|e| chain(&e)),
         };
         batch.push((idx, leaf, frame));
         out.blocks += 1;

@@ -8,16 +8,16 @@ use rewind_proto::names::BadName;
 use rewind_proto::Leaf;
 use thiserror::Error;
 
-use crate::packs::PackError;
+use crate::chunks::ChunkStoreError;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The catalog database failed.
     #[error("catalog")]
     Sql(#[from] rusqlite::Error),
-    /// A pack file could not be read or written.
+    /// The chunk store could not read or write a pack.
     #[error(transparent)]
-    Pack(#[from] PackError),
+    Pack(#[from] ChunkStoreError),
     /// A file outside the packs could not be read or written.
     #[error("{path}")]
     Io {
@@ -175,9 +175,8 @@ impl StoreError {
     /// True when the error is the disk being full (so the agent should retry later).
     pub fn is_disk_full(&self) -> bool {
         let io = match self {
-            StoreError::Pack(PackError::Io { source, .. }) | StoreError::Io { source, .. } => {
-                source.raw_os_error()
-            }
+            StoreError::Pack(ChunkStoreError::Io { source, .. })
+            | StoreError::Io { source, .. } => source.raw_os_error(),
             StoreError::Sql(rusqlite::Error::SqliteFailure(e, _)) => {
                 return e.code == rusqlite::ErrorCode::DiskFull
             }
@@ -244,7 +243,7 @@ mod tests {
                 geometry,
             ),
             (
-                Box::new(StoreError::from(PackError::Io {
+                Box::new(StoreError::from(ChunkStoreError::Io {
                     path: "/data/packs/00/1.pack".into(),
                     source: not_found(),
                 })),

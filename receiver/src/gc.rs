@@ -17,9 +17,9 @@
 //! leaves at worst an orphan pack (a file without its row), removed by the next run.
 
 use crate::catalog::now_us;
+use crate::chunks::format::RECORD_HEADER;
+use crate::chunks::{self, ChunkLocation, ChunkReader, ChunkStore, ChunkWriter, PackId, ReadOrder};
 use crate::error::StoreError;
-use crate::packs::{pack_path, PackReader, PackWriter, RECORD_HEADER};
-use crate::store::PACKS_DIR;
 use rewind_proto::Leaf;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -43,11 +43,11 @@ pub struct GcReport {
     pub bytes_after: u64,
 }
 
-/// Removes pack files whose catalog row is gone (a gc killed between forgetting a pack and
-/// unlinking it). Pack ids are never reused (AUTOINCREMENT) and a pack's row is committed
-/// before its file is created, so a file with an id the catalog has handed out but holds no row
-/// for is unreachable; a file with a newer id may belong to a row not yet committed, and stays.
-fn remove_orphan_packs(conn: &Connection, dir: &Path) -> Result<u64, StoreError> {
+/// Removes packs whose catalog row is gone (a gc killed between forgetting a pack and
+/// removing it). Pack ids are never reused (AUTOINCREMENT) and a pack's row is committed
+/// before its file is created, so a pack with an id the catalog has handed out but holds no row
+/// for is unreachable; a pack with a newer id may belong to a row not yet committed, and stays.
+fn remove_orphan_packs(conn: &Connection, store: &dyn ChunkStore) -> Result<u64, StoreError> {
     let handed_out: i64 = conn
         .query_row(
             "SELECT seq FROM sqlite_sequence WHERE name = 'packs'",
@@ -56,20 +56,9 @@ fn remove_orphan_packs(conn: &Connection, dir: &Path) -> Result<u64, StoreError>
         )
         .optional()?
         .unwrap_or(0);
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Ok(0);
-    };
     let mut removed = 0;
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".pack"))
-            .and_then(|h| i64::from_str_radix(h, 16).ok())
-        else {
-            continue;
-        };
-        if id > handed_out || pack_path(dir, id) != e.path() {
+    for id in store.stored_packs()? {
+        if id.0 > handed_out {
             continue;
         }
         let known: bool = conn.query_row(
@@ -78,23 +67,11 @@ fn remove_orphan_packs(conn: &Connection, dir: &Path) -> Result<u64, StoreError>
             |r| r.get(0),
         )?;
         if !known {
-            let path = e.path();
-            std::fs::remove_file(&path).map_err(|source| StoreError::Io { path, source })?;
+            store.remove_pack(id)?;
             removed += 1;
         }
     }
     Ok(removed)
-}
-
-fn packs_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The data folder's gc lock file (created if missing) and its path.
@@ -132,7 +109,7 @@ pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
 
 /// Runs one collection over the data folder.
 pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcReport, StoreError> {
-    let dir = data.join(PACKS_DIR);
+    let store = chunks::open(data);
     // One gc at a time; the lock ends with the process, so a killed gc does not block the next.
     let (lock, _) = lock_file(data)?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
@@ -143,27 +120,27 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     let now = crate::clock::cautious_now(conn)?;
     let cutoff = now - (grace_secs as i64) * 1_000_000;
     let mut report = GcReport {
-        bytes_before: packs_bytes(&dir),
-        orphan_packs_removed: remove_orphan_packs(conn, &dir)?,
+        bytes_before: store.stored_bytes(),
+        orphan_packs_removed: remove_orphan_packs(conn, &*store)?,
         ..Default::default()
     };
     // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
     report.chunks_removed = forget_dead_chunks(conn, now, cutoff, &mut report)?;
     // 2. Packs: delete dead ones, rewrite mostly dead ones.
-    let packs: Vec<(i64, i64)> = {
+    let packs: Vec<(PackId, i64)> = {
         // Only sealed packs: one a writer still appends to may not have all its rows yet.
         let mut stmt =
             conn.prepare("SELECT id, created_us FROM packs WHERE sealed = 1 ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map([], |r| Ok((PackId(r.get(0)?), r.get(1)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
-    let mut writer = PackWriter::new(&dir);
-    let mut reader = PackReader::sequential(&dir);
+    let mut writer = store.writer();
+    let mut reader = store.reader(ReadOrder::Sequential);
     for (id, created) in packs {
         let mut io = Packs {
-            dir: &dir,
-            reader: &mut reader,
-            writer: &mut writer,
+            store: &*store,
+            reader: &mut *reader,
+            writer: &mut *writer,
         };
         collect_pack(conn, &mut io, (id, created), cutoff, &mut report)?;
     }
@@ -171,10 +148,8 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     if let Some(id) = writer.current() {
         crate::catalog::seal_pack(conn, id)?;
     }
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    report.bytes_after = packs_bytes(&dir);
+    store.sync_removals();
+    report.bytes_after = store.stored_bytes();
     conn.execute(
         "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'gc', NULL, ?1, ?2)",
         params![serde_json::to_string(&report).unwrap_or_default(), now_us()],
@@ -234,41 +209,36 @@ fn forget_dead_chunks(
     Ok(removed as u64)
 }
 
-/// The pack folder, and the reader and writer gc moves live chunks with.
+/// The chunk store, and the reader and writer gc moves live chunks with.
 struct Packs<'a> {
-    dir: &'a Path,
-    reader: &'a mut PackReader,
-    writer: &'a mut PackWriter,
+    store: &'a dyn ChunkStore,
+    reader: &'a mut dyn ChunkReader,
+    writer: &'a mut dyn ChunkWriter,
 }
 
 /// Step 2, for one sealed pack older than `cutoff`: a pack mostly dead has its live chunks
 /// copied, made durable and repointed; a pack no row refers to any more is forgotten, then
-/// unlinked.
+/// removed from the store.
 fn collect_pack(
     conn: &mut Connection,
     io: &mut Packs<'_>,
-    (id, created): (i64, i64),
+    (id, created): (PackId, i64),
     cutoff: i64,
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
-    let (dir, reader, writer) = (io.dir, &mut *io.reader, &mut *io.writer);
+    let (store, reader, writer) = (io.store, &mut *io.reader, &mut *io.writer);
     if created >= cutoff {
         return Ok(());
     }
-    let path = pack_path(dir, id);
-    let meta = std::fs::metadata(&path).ok();
+    let stat = store.pack_stat(id);
     // A pack still being appended to (a long upload) is never touched.
-    let recent = meta
-        .as_ref()
-        .and_then(|m| m.modified().ok())
-        .is_some_and(|t| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map_or(true, |d| (d.as_micros() as i64) >= cutoff)
-        });
+    let recent = stat
+        .and_then(|s| s.modified_us)
+        .is_some_and(|t| t >= cutoff);
     if recent {
         return Ok(());
     }
-    let size = meta.map_or(0, |m| m.len());
+    let size = stat.map_or(0, |s| s.size);
     let live: Vec<(String, Vec<u8>, i64, i64)> = {
         let mut stmt =
             conn.prepare_cached("SELECT owner, hash, offset, clen FROM chunks WHERE pack_id = ?1")?;
@@ -287,22 +257,22 @@ fn collect_pack(
         let mut moved = Vec::new();
         for (owner, hash, off, clen) in &live {
             let leaf = Leaf::from_slice(hash)?;
-            let frame = reader.read(id, *off as u64, *clen as u32, &leaf)?;
+            let frame = reader.read(ChunkLocation::from_columns(id.0, *off, *clen), &leaf)?;
             if writer.needs_pack() {
                 let id = crate::catalog::new_pack(conn, "gc")?;
                 writer.open_pack(id)?;
             }
-            let (new_pack, new_off) = writer.append(&leaf, &frame)?;
-            moved.push((owner, hash, new_pack, new_off));
+            let at = writer.append(&leaf, &frame)?;
+            moved.push((owner, hash, at));
         }
         writer.sync()?;
         rewind_proto::faults::point("gc-after-copy");
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for (owner, hash, pack, off) in &moved {
+        for (owner, hash, at) in &moved {
             tx.execute(
                 "UPDATE chunks SET pack_id = ?3, offset = ?4
                  WHERE owner = ?1 AND hash = ?2 AND pack_id = ?5",
-                params![owner, hash, pack, *off as i64, id],
+                params![owner, hash, at.pack, at.offset as i64, id],
             )?;
         }
         for full in writer.take_retired() {
@@ -322,11 +292,7 @@ fn collect_pack(
     if still == 0 {
         conn.execute("DELETE FROM packs WHERE id = ?1", [id])?;
         rewind_proto::faults::point("gc-before-unlink");
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StoreError::Io { path, source }),
-        }
+        store.remove_pack(id)?;
         report.packs_deleted += 1;
     }
     Ok(())

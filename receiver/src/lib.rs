@@ -2,7 +2,7 @@
 //!
 //! - [`pki`]: the deployment's CA, server and agent certificates.
 //! - [`catalog`]: the SQLite schema and time helpers.
-//! - [`packs`]: append-only pack files holding chunk data.
+//! - [`chunks`]: the chunk store (today local pack files) holding chunk data.
 //! - [`store`]: the open data folder.
 //! - [`ingest`]: sessions, batches and commits (the write path).
 //! - [`points`]: listing and resolving points (the read path).
@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod budget;
 pub mod catalog;
+pub mod chunks;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -27,7 +28,6 @@ pub mod guest_agent;
 pub mod ingest;
 pub mod metrics;
 pub mod nbd_server;
-pub mod packs;
 pub mod pki;
 pub mod points;
 pub mod prune;

@@ -5,7 +5,6 @@
 
 use crate::catalog::{self, now_us};
 use crate::error::StoreError;
-use crate::store::PACKS_DIR;
 use rusqlite::Connection;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -85,14 +84,7 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
         let _ = writeln!(out, "rewind_vm_stored_bytes_total{{vm=\"{vm}\"}} {b}");
     }
     drill_metrics(&conn, &mut out)?;
-    let store_bytes: u64 = std::fs::read_dir(data.join(PACKS_DIR))
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let store_bytes = crate::chunks::open(data).stored_bytes();
     let (chunks, logical): (i64, Option<i64>) =
         conn.query_row("SELECT COUNT(*), SUM(ulen) FROM chunks", [], |r| {
             Ok((r.get(0)?, r.get(1)?))

@@ -5,9 +5,8 @@
 //! with its own read-only catalog connection: many clients at once, and `serve` keeps writing.
 
 use crate::catalog;
-use crate::packs::PackReader;
+use crate::chunks::{self, ChunkLocation, ChunkReader, ReadOrder};
 use crate::points::PointDisk;
-use crate::store::PACKS_DIR;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::nbd::*;
 use rewind_proto::report::{chain, Chain};
@@ -102,15 +101,15 @@ fn take_name(data: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8_lossy(name).into_owned(), &data[4 + len..]))
 }
 
-/// A block's leaf and where its chunk lives (pack, offset, compressed length); None when the
-/// catalog holds no chunk for the leaf (quarantined by verify, or lost): a read of the block
-/// then fails, it is never served as zeros.
-type Located = (Leaf, Option<(i64, u64, u32)>);
+/// A block's leaf and where its chunk lives; None when the catalog holds no chunk for the
+/// leaf (quarantined by verify, or lost): a read of the block then fails, it is never served
+/// as zeros.
+type Located = (Leaf, Option<ChunkLocation>);
 
 /// Reads a point's blocks from the store for one connection.
 struct PointReader {
     conn: Connection,
-    packs: PackReader,
+    packs: Box<dyn ChunkReader>,
     export: Export,
     geometry: DiskGeometry,
 }
@@ -122,7 +121,7 @@ impl PointReader {
             .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(PointReader {
             conn,
-            packs: PackReader::new(&data.join(PACKS_DIR)),
+            packs: chunks::open(data).reader(ReadOrder::Random),
             export: export.clone(),
             geometry,
         })
@@ -166,7 +165,7 @@ impl PointReader {
             let (idx, hash, pack, off, clen) = row.map_err(io::Error::other)?;
             let leaf = Leaf::from_slice(&hash).map_err(|e| io::Error::other(e.to_string()))?;
             let at = match (pack, off, clen) {
-                (Some(p), Some(o), Some(c)) => Some((p, o as u64, c as u32)),
+                (Some(p), Some(o), Some(c)) => Some(ChunkLocation::from_columns(p, o, c)),
                 _ => None,
             };
             out.insert(idx as u64, (leaf, at));
@@ -177,7 +176,7 @@ impl PointReader {
     /// Bytes of block `idx` (verified against its hash).
     fn block_bytes(&mut self, idx: u64, loc: &Located) -> io::Result<Vec<u8>> {
         let len = self.geometry.block_len(idx).unwrap_or(0);
-        let (pack, offset, clen) = loc.1.ok_or_else(|| {
+        let at = loc.1.ok_or_else(|| {
             io::Error::other(format!(
                 "chunk {} is missing from the store (quarantined by verify, or lost)",
                 loc.0
@@ -185,7 +184,7 @@ impl PointReader {
         })?;
         let frame = self
             .packs
-            .read(pack, offset, clen, &loc.0)
+            .read(at, &loc.0)
             .map_err(|e| io::Error::other(chain(&e)))?;
         chunk::open(loc.0, &frame, len).map_err(|e| io::Error::other(e.to_string()))
     }

@@ -2,9 +2,9 @@
 //! page at a time, and chunk data the agent owns. Also records rollbacks as events.
 
 use crate::catalog::now_us;
+use crate::chunks::{ChunkLocation, ReadOrder};
 use crate::error::StoreError;
 use crate::ingest::owned_vm;
-use crate::packs::PackReader;
 use crate::points::{self, PointSelector};
 use crate::store::Store;
 use rewind_proto::format::{MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS, MAX_READ_REPLY_BYTES};
@@ -109,11 +109,11 @@ impl Store {
                     }),
                 )?;
                 let (pack, off, clen) = loc.ok_or(StoreError::NotHeld(*h))?;
-                locs.push((*h, pack, off as u64, clen as u32));
+                locs.push((*h, ChunkLocation::from_columns(pack, off, clen)));
             }
             locs
         };
-        let bytes: usize = locs.iter().map(|l| l.3 as usize).sum();
+        let bytes: usize = locs.iter().map(|l| l.1.len as usize).sum();
         if bytes > MAX_READ_REPLY_BYTES {
             return Err(StoreError::TooLarge {
                 what: "frame bytes in one ReadChunks reply",
@@ -123,10 +123,10 @@ impl Store {
         }
         // In pack order: neighbouring records then come from the same pages.
         let mut locs = locs;
-        locs.sort_by_key(|l| (l.1, l.2));
-        let mut reader = PackReader::new(&self.packs_dir());
+        locs.sort_by_key(|l| (l.1.pack, l.1.offset));
+        let mut reader = self.chunks().reader(ReadOrder::Random);
         locs.into_iter()
-            .map(|(h, pack, off, clen)| Ok((h, reader.read(pack, off, clen, &h)?)))
+            .map(|(h, at)| Ok((h, reader.read(at, &h)?)))
             .collect()
     }
 

@@ -2,10 +2,9 @@
 //! pack, verified against its hash, and written at its offset; zero blocks stay holes. The
 //! image is written under a temporary name and renamed only once its root equals the point's.
 
+use crate::chunks::{self, ChunkLocation, Prepared, ReadOrder};
 use crate::error::StoreError;
-use crate::packs::{read_prepared, PackReader, Prepared, DIRECT_ALIGN};
 use crate::points::PointDisk;
-use crate::store::PACKS_DIR;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
@@ -27,8 +26,8 @@ const WRITERS: usize = 2;
 /// writer.
 const DECODED_BUFFERS: usize = 2 + WRITERS;
 
-/// Where a chunk's frame lies: where the pack reader found it, pack id, offset, length.
-type Frame = (Prepared, i64, u64, u32);
+/// Alignment O_DIRECT needs of the output image's offsets, lengths and memory.
+const DIRECT_ALIGN: usize = 4096;
 
 /// The output image. Written with O_DIRECT where the file system allows it: no copy into the
 /// page cache (the dominant cost of a restore on a fresh machine), nothing useful evicted, and
@@ -141,7 +140,7 @@ pub fn for_each_block(
     conn: &Connection,
     disk_id: i64,
     point: i64,
-    mut f: impl FnMut(u64, Leaf, Option<(i64, u64, u32)>) -> Result<(), StoreError>,
+    mut f: impl FnMut(u64, Leaf, Option<ChunkLocation>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut stmt = conn.prepare(
         "SELECT n.idx, n.hash, c.pack_id, c.offset, c.clen FROM
@@ -161,7 +160,7 @@ pub fn for_each_block(
             r.get::<_, Option<i64>>(3)?,
             r.get::<_, Option<i64>>(4)?,
         ) {
-            (Some(p), Some(o), Some(l)) => Some((p, o as u64, l as u32)),
+            (Some(p), Some(o), Some(l)) => Some(ChunkLocation::from_columns(p, o, l)),
             _ => None,
         };
         f(idx as u64, leaf, loc)?;
@@ -170,7 +169,7 @@ pub fn for_each_block(
 }
 
 /// A decoded batch of blocks, in the aligned buffer it was decoded into.
-type Batch = Vec<(u64, Leaf, Frame)>;
+type Batch = Vec<(u64, Leaf, Prepared)>;
 
 /// One restore writer: writes decoded batches until there are none (or another writer
 /// failed), handing each buffer back for reuse; the first failure stops the others.
@@ -280,8 +279,7 @@ pub fn restore_disk(
         .map_err(io(&tmp))?;
     file.set_len(geometry.size).map_err(io(&tmp))?;
 
-    let packs_dir = data.join(PACKS_DIR);
-    let mut reader = PackReader::sequential(&packs_dir);
+    let mut reader = chunks::open(data).reader(ReadOrder::Sequential);
     let mut builder = Builder::new(Shape::of(&geometry));
     let mut next = 0u64;
     let mut stats = RestoreStats {
@@ -293,15 +291,15 @@ pub fn restore_disk(
     // straight into an aligned buffer; writer threads write earlier batches from theirs
     // (contiguous blocks in one write).
     let batch_blocks = (BATCH_BYTES / geometry.block_size.bytes() as usize).max(1);
-    let decode = |batch: Vec<(u64, Leaf, Frame)>, buf: Vec<u8>| -> Result<Decoded, StoreError> {
+    let decode = |batch: Batch, buf: Vec<u8>| -> Result<Decoded, StoreError> {
         let blocks = batch
             .iter()
             .map(|(idx, _, _)| (*idx, geometry.block_len(*idx).unwrap_or(0)))
             .collect();
         let mut decoded = Decoded::layout(buf, blocks);
         batch.into_par_iter().zip(decoded.slices()).try_for_each(
-            |((_, leaf, (file, pack, offset, clen)), out)| {
-                let frame = read_prepared(&file, &packs_dir, pack, offset, clen, &leaf)?;
+            |((_, leaf, prepared), out)| {
+                let frame = prepared.frame()?;
                 chunk::open_into(leaf, &frame, out)?;
                 Ok::<_, StoreError>(())
             },
@@ -316,7 +314,7 @@ pub fn restore_disk(
     // writing the rest of the disk first.
     let failed = AtomicBool::new(false);
     let result = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf, Frame)>>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
         // Decoded batches go to writer threads of their own, so both cores decode while they
         // wait on the device (two writes in flight: this VM's disk writes ~1.5x faster at
         // queue depth 2 than 1); their buffers come back for the next batches.
@@ -339,15 +337,14 @@ pub fn restore_disk(
         };
         let failed = &failed;
         let worker = scope.spawn(move || decode_loop(rx, &frx, &dtx, &decode, failed, stopped));
-        let mut batch: Vec<(u64, Leaf, Frame)> = Vec::with_capacity(batch_blocks);
+        let mut batch: Batch = Vec::with_capacity(batch_blocks);
         let walked = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
             let Some(len) = geometry.block_len(idx) else {
                 return Ok(());
             };
             builder.push_zeros(idx - next);
-            let (pack, offset, clen) = loc.ok_or(StoreError::MissingChunk(leaf))?;
-            let file = reader.prepare(pack, offset, clen, &leaf)?;
-            batch.push((idx, leaf, (file, pack, offset, clen)));
+            let at = loc.ok_or(StoreError::MissingChunk(leaf))?;
+            batch.push((idx, leaf, reader.prepare(at, &leaf)?));
             builder.push(leaf);
             next = idx + 1;
             stats.blocks_written += 1;

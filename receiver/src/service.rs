@@ -3,7 +3,6 @@
 
 use crate::error::StoreError;
 use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, SessionState};
-use crate::packs::PackWriter;
 use crate::pki::identity_of;
 use crate::points;
 use crate::store::Store;
@@ -92,7 +91,7 @@ impl ReplicationService {
                 Ok::<(), Status>(())
             })
         };
-        let mut writer = PackWriter::new(&self.store.packs_dir());
+        let mut writer = self.store.chunk_writer();
         let mut total = pb::UploadReply::default();
         let mut failure = None;
         while let Some((first, mut bytes, permit)) = verified_rx.recv().await {
@@ -130,7 +129,7 @@ impl ReplicationService {
                 let owner = owner.clone();
                 let (w, staged) = tokio::task::spawn_blocking(move || {
                     let mut w = writer;
-                    let r = store.stage_batches(&owner, group, &mut w);
+                    let r = store.stage_batches(&owner, group, &mut *w);
                     (w, r)
                 })
                 .await
@@ -156,7 +155,7 @@ impl ReplicationService {
         {
             let store = self.store.clone();
             blocking(self.calls(&owner).await?, move || {
-                store.finish_upload(&mut writer)
+                store.finish_upload(&mut *writer)
             })
             .await?;
         }

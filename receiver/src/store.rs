@@ -1,18 +1,15 @@
-//! The data folder: the catalog plus the pack files, opened once by `serve`.
+//! The data folder: the catalog plus the chunk store, opened once by `serve`.
 
 use crate::catalog;
+use crate::chunks::{self, ChunkStore, ChunkWriter};
 use crate::config::{Quota, ReceiverFile};
 use crate::error::StoreError;
-use crate::packs;
 use rusqlite::Connection;
 use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-
-/// The folder of pack files inside the data folder.
-pub const PACKS_DIR: &str = "packs";
 
 /// The lock file that keeps a second `serve` off a data folder.
 pub const SERVE_LOCK: &str = "serve.lock";
@@ -58,6 +55,8 @@ impl Rules {
 /// on blocking threads.
 pub struct Store {
     data: PathBuf,
+    /// Where chunk frames are stored.
+    chunks: Arc<dyn ChunkStore>,
     /// The writer. parking_lot's lock can be handed to a waiting thread (`unlock_fair`): a
     /// stepped commit does that between its steps, so other agents' writes interleave.
     conn: parking_lot::Mutex<Connection>,
@@ -82,7 +81,7 @@ impl Store {
         let lock = crate::gc::open_lock_file(&data.join(SERVE_LOCK))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StoreError::InUse(data.to_owned()))?;
-        packs::ensure_dir(&data.join(PACKS_DIR))?;
+        let chunks = chunks::create(data)?;
         let conn = catalog::open_rw(data)?;
         // No upload of an earlier serve process can still be appending to its packs.
         catalog::seal_orphans(&conn, "serve")?;
@@ -104,6 +103,7 @@ impl Store {
         )?;
         Ok(Store {
             data: data.to_owned(),
+            chunks,
             conn: parking_lot::Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             rules: RwLock::new(Arc::new(Rules::default())),
@@ -125,8 +125,14 @@ impl Store {
         &self.data
     }
 
-    pub fn packs_dir(&self) -> PathBuf {
-        self.data.join(PACKS_DIR)
+    /// The chunk store, for readers of chunk frames.
+    pub fn chunks(&self) -> &dyn ChunkStore {
+        &*self.chunks
+    }
+
+    /// A chunk writer of its own, for one upload stream.
+    pub fn chunk_writer(&self) -> Box<dyn ChunkWriter> {
+        self.chunks.writer()
     }
 
     /// The catalog connection. (A panic while it was held poisons nothing that SQLite's own

@@ -8,9 +8,8 @@
 //! quarantine entry is dropped.
 
 use crate::catalog::now_us;
+use crate::chunks::{self, ChunkLocation, ChunkReader, ReadOrder};
 use crate::error::StoreError;
-use crate::packs::PackReader;
-use crate::store::PACKS_DIR;
 use rewind_proto::report::chain;
 use rewind_proto::{chunk, Leaf};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -48,24 +47,22 @@ const IN_SCOPE: &str =
     WHERE v.name = ?1 AND (?2 IS NULL OR p.id = ?2) AND n.level = 0
       AND n.point <= p.id AND n.hash IS NOT NULL))";
 
-/// One chunk row: its owner, hash, location (pack, offset, compressed length) and length.
+/// One chunk row: its owner, hash, location and length.
 struct Row {
     owner: String,
     hash: Vec<u8>,
-    at: (i64, i64, i64),
+    at: ChunkLocation,
     ulen: i64,
 }
 
 /// Reads a chunk at `at` and checks that it decompresses to `ulen` bytes hashing to `leaf`.
 fn check(
-    reader: &mut PackReader,
+    reader: &mut dyn ChunkReader,
     leaf: &Leaf,
-    at: (i64, i64, i64),
+    at: ChunkLocation,
     ulen: i64,
 ) -> Result<(), String> {
-    let frame = reader
-        .read(at.0, at.1 as u64, at.2 as u32, leaf)
-        .map_err(|e| chain(&e))?;
+    let frame = reader.read(at, leaf).map_err(|e| chain(&e))?;
     chunk::open(*leaf, &frame, ulen as usize)
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -104,7 +101,7 @@ pub fn verify(
         params![vm, point],
         |r| r.get::<_, i64>(0),
     )? as u64;
-    let mut reader = PackReader::sequential(&data.join(PACKS_DIR));
+    let mut reader = chunks::open(data).reader(ReadOrder::Sequential);
     let mut report = VerifyReport::default();
     let mut bad = Vec::new();
     // Pages in pack order, so memory stays bounded whatever the store's size.
@@ -112,7 +109,7 @@ pub fn verify(
     loop {
         let page = page(conn, (vm, point), after)?;
         let Some(last) = page.last() else { break };
-        after = (last.at.0, last.at.1);
+        after = (last.at.pack.0, last.at.offset as i64);
         if report.chunks_checked == 0 {
             rewind_proto::faults::point("verify-after-listing");
         }
@@ -120,14 +117,14 @@ pub fn verify(
             let leaf = Leaf::from_slice(&row.hash)?;
             report.chunks_checked += 1;
             report.bytes_checked += row.ulen as u64;
-            if let Err(error) = check(&mut reader, &leaf, row.at, row.ulen) {
+            if let Err(error) = check(&mut *reader, &leaf, row.at, row.ulen) {
                 bad.push((row, error));
             }
             progress(report.bytes_checked, total);
         }
     }
     for (row, error) in bad {
-        if let Some(b) = quarantine(conn, &mut reader, row, error)? {
+        if let Some(b) = quarantine(conn, &mut *reader, row, error)? {
             report.bad.push(b);
         }
     }
@@ -161,7 +158,7 @@ fn page(
             Ok(Row {
                 owner: r.get(0)?,
                 hash: r.get(1)?,
-                at: (r.get(2)?, r.get(3)?, r.get(4)?),
+                at: ChunkLocation::from_columns(r.get(2)?, r.get(3)?, r.get(4)?),
                 ulen: r.get(5)?,
             })
         },
@@ -174,37 +171,41 @@ fn page(
 /// and its new copy is good; returns what it quarantined.
 fn quarantine(
     conn: &mut Connection,
-    reader: &mut PackReader,
+    reader: &mut dyn ChunkReader,
     row: Row,
     error: String,
 ) -> Result<Option<BadChunk>, StoreError> {
     // Gc may have moved the chunk since it was listed (copy, repoint, unlink the old
     // pack): what failed is then the old copy. Only the copy the catalog points at now
     // can be bad, and only that one is quarantined.
-    let now: Option<((i64, i64, i64), i64)> = conn
+    let now: Option<(ChunkLocation, i64, i64)> = conn
         .query_row(
             "SELECT pack_id, offset, clen, ulen FROM chunks WHERE owner = ?1 AND hash = ?2",
             params![row.owner, row.hash],
-            |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get(3)?)),
+            |r| {
+                let clen = r.get(2)?;
+                let at = ChunkLocation::from_columns(r.get(0)?, r.get(1)?, clen);
+                Ok((at, clen, r.get(3)?))
+            },
         )
         .optional()?;
-    let (at, error) = match now {
+    let (at, clen, error) = match now {
         None => return Ok(None), // collected by gc meanwhile: no point needs it
-        Some((at, _)) if at == row.at => (at, error),
-        Some((at, ulen)) => {
+        Some((at, clen, _)) if at == row.at => (at, clen, error),
+        Some((at, clen, ulen)) => {
             let leaf = Leaf::from_slice(&row.hash)?;
             match check(reader, &leaf, at, ulen) {
                 Ok(()) => return Ok(None),
-                Err(e) => (at, e),
+                Err(e) => (at, clen, e),
             }
         }
     };
-    let (owner, hash, clen) = (row.owner, row.hash, at.2);
+    let (owner, hash) = (row.owner, row.hash);
     let points = points_using(conn, &owner, &hash)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let n = tx.execute(
         "DELETE FROM chunks WHERE owner = ?1 AND hash = ?2 AND pack_id = ?3 AND offset = ?4",
-        params![owner, hash, at.0, at.1],
+        params![owner, hash, at.pack, at.offset as i64],
     )?;
     if n == 0 {
         // Moved again while it was re-read: the next verify checks its new copy.

@@ -13,9 +13,10 @@ use rewind_proto::fuzz::{cases, mutate, seed};
 use rewind_proto::nbd::*;
 use rewind_proto::tree::{self, Shape};
 use rewind_proto::{chunk, pb, Leaf};
+use rewind_receiver::chunks::local::LocalPacks;
+use rewind_receiver::chunks::{ChunkLocation, ChunkStore, PackId, ReadOrder};
 use rewind_receiver::ingest::{BeginSpec, DiskSpec, Entry, IncomingChunk, PointMeta};
 use rewind_receiver::nbd_server::{serve_client, Exports};
-use rewind_receiver::packs::{pack_path, PackReader, PackWriter};
 use rewind_receiver::points::{self, PointInfo};
 use rewind_receiver::service::decode_batch;
 use rewind_receiver::store::Store;
@@ -138,12 +139,12 @@ fn store_with_point(dir: &Path) -> (Store, PointInfo, Vec<u8>) {
             frame: chunk::compress(&data).unwrap().into(),
         });
     }
-    let mut writer = PackWriter::new(&store.packs_dir());
+    let mut writer = store.chunk_writer();
     let chunks = chunks.into_values().collect();
     store
-        .ingest("agent", &session, entries.clone(), chunks, &mut writer)
+        .ingest("agent", &session, entries.clone(), chunks, &mut *writer)
         .unwrap();
-    store.finish_upload(&mut writer).unwrap();
+    store.finish_upload(&mut *writer).unwrap();
     let roots = [("vda".to_owned(), root_of(&geometry, &entries))];
     store
         .commit("agent", &session, &roots, &PointMeta::default())
@@ -578,11 +579,11 @@ fn upload_batches_survive_mutation() {
     let session = store.begin("agent", &spec).unwrap().session;
     let kit = batch_kit(&session);
     let encoded = kit.batch.encode_to_vec();
-    let mut writer = PackWriter::new(&store.packs_dir());
+    let mut writer = store.chunk_writer();
     // The honest batch passes and is staged: the chunks every later case may refer to.
     let (s, entries, chunks) = decode_batch(pb::Batch::decode(&encoded[..]).unwrap()).unwrap();
     let v = store.verify_batch("agent", &s, entries, chunks).unwrap();
-    store.stage_batch("agent", v, &mut writer).unwrap();
+    store.stage_batch("agent", v, &mut *writer).unwrap();
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let (n, started) = (cases(), Instant::now());
@@ -618,7 +619,7 @@ fn upload_batches_survive_mutation() {
         if let Err(e) = verified_batch_is_sound(&kit, &sent_entries, &sent_chunks) {
             panic!("case {i}: the store verified an unsound batch: {e}");
         }
-        match store.stage_batch("agent", v, &mut writer) {
+        match store.stage_batch("agent", v, &mut *writer) {
             Err(_) => unstaged += 1,
             Ok(_) => {
                 // Staged blocks only refer to chunks held at their block's length.
@@ -631,7 +632,7 @@ fn upload_batches_survive_mutation() {
             }
         }
     }
-    store.finish_upload(&mut writer).unwrap();
+    store.finish_upload(&mut *writer).unwrap();
     eprintln!(
         "upload batches: {n} mutations in {:.1} s, {undecodable} undecodable, {refused} refused, \
          {unstaged} refused at staging, {staged} staged, 0 panics",
@@ -651,14 +652,15 @@ struct Record {
 #[test]
 fn pack_records_read_back_intact_or_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = PackWriter::new(dir.path());
-    w.open_pack(1).unwrap();
+    let packs = LocalPacks::create(dir.path()).unwrap();
+    let mut w = packs.writer();
+    w.open_pack(PackId(1)).unwrap();
     let mut records = Vec::new();
     for n in 0..12u8 {
         let data = pattern(n, 512 + usize::from(n) * 700);
         let hash = Leaf::of(&data);
         let frame = chunk::compress(&data).unwrap();
-        let (_, offset) = w.append(&hash, &frame).unwrap();
+        let offset = w.append(&hash, &frame).unwrap().offset;
         records.push(Record {
             hash,
             offset,
@@ -668,10 +670,10 @@ fn pack_records_read_back_intact_or_refused() {
     }
     w.sync().unwrap();
     let known: HashMap<Leaf, &[u8]> = records.iter().map(|r| (r.hash, &r.data[..])).collect();
-    let original = std::fs::read(pack_path(dir.path(), 1)).unwrap();
+    let original = std::fs::read(packs.pack_path(PackId(1))).unwrap();
     // Rewritten in place: a file cut to nothing and written again is flushed when closed
     // (ext4's auto_da_alloc), which would cost more than the reads.
-    let mutated = std::fs::File::create(pack_path(dir.path(), 2)).unwrap();
+    let mutated = std::fs::File::create(packs.pack_path(PackId(2))).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let (n, started) = (cases(), Instant::now());
     let (mut by_reader, mut by_chunk, mut intact) = (0, 0, 0);
@@ -681,11 +683,11 @@ fn pack_records_read_back_intact_or_refused() {
         mutated.set_len(m.len() as u64).unwrap();
         // Both kinds of reader: record by record, and (less often: each case reads a window of
         // 8 MiB with O_DIRECT) a sequential one.
-        let mut reader = if i % 16 != 0 {
-            PackReader::new(dir.path())
+        let mut reader = packs.reader(if i % 16 != 0 {
+            ReadOrder::Random
         } else {
-            PackReader::sequential(dir.path())
-        };
+            ReadOrder::Sequential
+        });
         for r in &records {
             // Sometimes the catalog row is off too: another place, length or hash.
             let (mut offset, mut len, mut hash) = (r.offset, r.len, r.hash);
@@ -699,7 +701,12 @@ fn pack_records_read_back_intact_or_refused() {
                     _ => hash = records[rng.random_range(0..records.len())].hash,
                 }
             }
-            match reader.read(2, offset, len, &hash) {
+            let at = ChunkLocation {
+                pack: PackId(2),
+                offset,
+                len,
+            };
+            match reader.read(at, &hash) {
                 Err(_) => by_reader += 1,
                 Ok(frame) => match chunk::open(hash, &frame, r.data.len()) {
                     Err(_) => by_chunk += 1,

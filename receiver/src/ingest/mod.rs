@@ -16,8 +16,8 @@
 //!   and what one agent sends never changes what another agent's points read.
 
 use crate::catalog::{now_us, rfc3339};
+use crate::chunks::{ChunkLocation, ChunkWriter};
 use crate::error::StoreError;
-use crate::packs::PackWriter;
 use crate::store::Store;
 use rewind_proto::chunk;
 use rewind_proto::format::{
@@ -91,8 +91,8 @@ pub struct IncomingChunk {
     pub frame: bytes::Bytes,
 }
 
-/// A chunk appended to a pack: hash, pack, offset of its frame, frame length, data length.
-type Placed = (Leaf, i64, u64, usize, usize);
+/// A chunk appended to a pack: hash, where its frame is, data length.
+type Placed = (Leaf, ChunkLocation, usize);
 
 /// A batch whose entries and chunks passed every check, ready to be written.
 pub struct VerifiedBatch {
@@ -332,9 +332,9 @@ mod tests {
         let second = store
             .verify_batch("agent", &session, vec![entry(2, a), entry(3, b)], vec![])
             .expect("verify second");
-        let mut w = PackWriter::new(&store.packs_dir());
+        let mut w = store.chunk_writer();
         let stats = store
-            .stage_batches("agent", vec![first, second], &mut w)
+            .stage_batches("agent", vec![first, second], &mut *w)
             .expect("stage");
         assert_eq!((stats.entries, stats.chunks_stored), (4, 2));
         assert_eq!(staged(&store, &session), 4);
@@ -344,17 +344,17 @@ mod tests {
     /// in batches of at most MAX_BATCH_ENTRIES, sending the chunks with the first batch.
     fn stage_all(store: &Store, session: &str, leaves: &[(u64, Leaf)], chunks: Vec<IncomingChunk>) {
         let mut chunks = Some(chunks);
-        let mut w = PackWriter::new(&store.packs_dir());
+        let mut w = store.chunk_writer();
         for part in leaves.chunks(MAX_BATCH_ENTRIES) {
             let entries = part.iter().map(|&(i, l)| entry(i, l)).collect();
             let b = store
                 .verify_batch("agent", session, entries, chunks.take().unwrap_or_default())
                 .expect("verify");
             store
-                .stage_batches("agent", vec![b], &mut w)
+                .stage_batches("agent", vec![b], &mut *w)
                 .expect("stage");
         }
-        store.finish_upload(&mut w).expect("finish");
+        store.finish_upload(&mut *w).expect("finish");
     }
 
     fn reference_root(geometry: &DiskGeometry, leaves: &[(u64, Leaf)]) -> Leaf {
@@ -648,9 +648,9 @@ mod tests {
         let second = store
             .verify_batch("agent", &session, vec![entry(1, never_sent)], vec![])
             .expect("verify second");
-        let mut w = PackWriter::new(&store.packs_dir());
+        let mut w = store.chunk_writer();
         let err = store
-            .stage_batches("agent", vec![first, second], &mut w)
+            .stage_batches("agent", vec![first, second], &mut *w)
             .expect_err("a block whose chunk nobody sent");
         assert!(
             matches!(err, StoreError::ChunkNotHeld { index: 1, hash, .. } if hash == never_sent),

@@ -12,7 +12,7 @@ impl Store {
         session_id: &str,
         entries: Vec<Entry>,
         chunks: Vec<IncomingChunk>,
-        writer: &mut PackWriter,
+        writer: &mut dyn ChunkWriter,
     ) -> Result<BatchStats, StoreError> {
         let batch = self.verify_batch(owner, session_id, entries, chunks)?;
         self.stage_batch(owner, batch, writer)
@@ -80,7 +80,7 @@ impl Store {
         &self,
         owner: &str,
         batch: VerifiedBatch,
-        writer: &mut PackWriter,
+        writer: &mut dyn ChunkWriter,
     ) -> Result<BatchStats, StoreError> {
         self.stage_batches(owner, vec![batch], writer)
     }
@@ -93,7 +93,7 @@ impl Store {
         &self,
         owner: &str,
         batches: Vec<VerifiedBatch>,
-        writer: &mut PackWriter,
+        writer: &mut dyn ChunkWriter,
     ) -> Result<BatchStats, StoreError> {
         // What the store adds is counted per VM: a group spans one session.
         if batches
@@ -116,7 +116,7 @@ impl Store {
         // Chunks this group placed: indexed and owned once the transaction commits, with the
         // length they were verified at, so their blocks need no catalog lookup. (A re-sent
         // chunk the store already had is looked up: gc may have removed it meanwhile.)
-        let sent: HashMap<Leaf, usize> = placed.iter().map(|p| (p.0, p.4)).collect();
+        let sent: HashMap<Leaf, usize> = placed.iter().map(|p| (p.0, p.2)).collect();
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -210,7 +210,7 @@ impl Store {
         &self,
         owner: &str,
         chunks: &[&(Leaf, bytes::Bytes, usize)],
-        writer: &mut PackWriter,
+        writer: &mut dyn ChunkWriter,
     ) -> Result<(Vec<Placed>, u64), StoreError> {
         if chunks.is_empty() {
             return Ok((Vec::new(), 0));
@@ -255,9 +255,9 @@ impl Store {
                 let id = crate::catalog::new_pack(&self.conn(), "serve")?;
                 writer.open_pack(id)?;
             }
-            let (pack, offset) = writer.append(hash, frame)?;
+            let at = writer.append(hash, frame)?;
             bytes += frame.len() as u64;
-            placed.push((*hash, pack, offset, frame.len(), *ulen));
+            placed.push((*hash, at, *ulen));
         }
         // Durable before referenced.
         writer.sync()?;
@@ -294,7 +294,7 @@ impl Store {
         if any_bad {
             let mut healed =
                 tx.prepare_cached("DELETE FROM bad_chunks WHERE owner = ?1 AND hash = ?2")?;
-            for (hash, _, _, _, _) in placed {
+            for (hash, _, _) in placed {
                 if healed.execute(params![owner, &hash.0[..]])? > 0 {
                     tracing::info!(chunk = %hash, "damaged chunk healed");
                 }
@@ -303,19 +303,19 @@ impl Store {
         // What the owner now holds more, for its storage quota (a row a racing stream of the
         // same owner inserted first is not counted twice).
         let (mut added, mut bytes) = (0i64, 0i64);
-        for (hash, pack, offset, clen, ulen) in placed {
+        for (hash, at, ulen) in placed {
             let n = ins.execute(params![
                 owner,
                 &hash.0[..],
-                pack,
-                *offset as i64,
-                *clen as i64,
+                at.pack,
+                at.offset as i64,
+                i64::from(at.len),
                 *ulen as i64,
                 now
             ])?;
             if n > 0 {
                 added += 1;
-                bytes += *clen as i64;
+                bytes += i64::from(at.len);
             }
         }
         if added > 0 {
@@ -325,7 +325,7 @@ impl Store {
     }
 
     /// Seals the pack an upload stream was writing, once the stream ended.
-    pub fn finish_upload(&self, writer: &mut PackWriter) -> Result<(), StoreError> {
+    pub fn finish_upload(&self, writer: &mut dyn ChunkWriter) -> Result<(), StoreError> {
         let conn = self.conn();
         for id in writer.take_retired().into_iter().chain(writer.current()) {
             crate::catalog::seal_pack(&conn, id)?;

@@ -1,0 +1,202 @@
+//! The chunk store: the one boundary through which the receiver writes and reads chunk bytes.
+//!
+//! Everything above this module (ingest, restore, verify, drill, the NBD export, rollback
+//! reads, gc) sees chunk frames only as a [`ChunkLocation`] in a pack named by a [`PackId`],
+//! and reaches them through three traits:
+//! - [`ChunkStore`]: the stored packs as a whole: hands out writers and readers, and lists,
+//!   measures and removes packs for gc;
+//! - [`ChunkWriter`]: appends frames to one pack at a time and makes them durable;
+//! - [`ChunkReader`]: reads frames at catalogued locations, one at a time or prepared on one
+//!   thread and fetched on others ([`Prepared`]).
+//!
+//! Today there is one implementation, [`local::LocalPacks`]: append-only pack files in the data
+//! folder's `packs/`. A second one (pack objects on object storage) is a module beside
+//! [`local`] and a branch in [`open`]/[`create`]; callers do not change. The pack and record
+//! layout is in [`format`], shared by every implementation.
+//!
+//! The catalog (pack ids, chunk rows, sealing) is not part of the store: callers allocate a
+//! pack id in the catalog before [`ChunkWriter::open_pack`] (a pack's row is committed before
+//! its bytes exist) and seal the packs [`ChunkWriter::take_retired`] hands back.
+//!
+//! Ordering rule the store enforces: a frame is durable once [`ChunkWriter::sync`] returns, and
+//! callers refer to it in the catalog only after that.
+
+pub mod format;
+pub mod local;
+
+use rewind_proto::Leaf;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// A pack's id, handed out by the catalog (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PackId(pub i64);
+
+impl std::fmt::Display for PackId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl rusqlite::ToSql for PackId {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        self.0.to_sql()
+    }
+}
+
+/// Where a chunk's frame lies: its pack, the offset of the frame (after the record header)
+/// and the frame's length, as the catalog records them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub pack: PackId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl ChunkLocation {
+    /// A location from the catalog's columns (`pack_id`, `offset`, `clen`). Values out of
+    /// range are kept as they convert: the reader refuses a place no record can be at.
+    pub fn from_columns(pack: i64, offset: i64, len: i64) -> ChunkLocation {
+        ChunkLocation {
+            pack: PackId(pack),
+            offset: offset as u64,
+            len: len as u32,
+        }
+    }
+}
+
+/// How a reader will be used, so the store can choose how to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOrder {
+    /// Records asked for in no particular order (chunks an agent asks for, a booted VM's
+    /// reads): each is read on its own.
+    Random,
+    /// A walk that reads records mostly in pack order (a restore, a drill, a verify, gc).
+    Sequential,
+}
+
+/// What gc needs to know of one stored pack.
+#[derive(Debug, Clone, Copy)]
+pub struct PackStat {
+    /// Bytes stored.
+    pub size: u64,
+    /// Last change, in microseconds since the Unix epoch (None when the store cannot tell).
+    pub modified_us: Option<i64>,
+}
+
+#[derive(Debug, Error)]
+pub enum ChunkStoreError {
+    /// Reading or writing a pack failed (disk full shows up here as ENOSPC).
+    #[error("pack {path}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The bytes at a catalogued place are not the record the catalog says.
+    #[error("pack {path} offset {offset}: record header does not match chunk {hash}")]
+    BadRecord {
+        path: PathBuf,
+        offset: u64,
+        hash: Leaf,
+    },
+}
+
+/// The stored packs of one data folder. Shared by every thread of a process; each writer and
+/// reader it hands out is used by one thread at a time.
+pub trait ChunkStore: Send + Sync {
+    /// A writer that appends to packs of its own.
+    fn writer(&self) -> Box<dyn ChunkWriter>;
+
+    /// A reader for records asked for in `order`.
+    fn reader(&self, order: ReadOrder) -> Box<dyn ChunkReader>;
+
+    /// Ids of the packs the store holds, whatever the catalog says (gc's orphan sweep).
+    fn stored_packs(&self) -> Result<Vec<PackId>, ChunkStoreError>;
+
+    /// Size and age of pack `id`; None when it is not there or cannot be looked at.
+    fn pack_stat(&self, id: PackId) -> Option<PackStat>;
+
+    /// Removes pack `id`. A pack already gone is not an error. Call only after the
+    /// transaction that took the pack's last chunk rows away committed.
+    fn remove_pack(&self, id: PackId) -> Result<(), ChunkStoreError>;
+
+    /// Makes earlier removals durable, as far as the store can (best effort: a removal that
+    /// is lost in a crash leaves an orphan, which the next gc removes).
+    fn sync_removals(&self);
+
+    /// Bytes the store holds, packs and anything else in it.
+    fn stored_bytes(&self) -> u64;
+}
+
+/// Appends chunk records to one pack at a time.
+pub trait ChunkWriter: Send {
+    /// Whether the next record needs a new pack (none open, or the open one is full). The
+    /// caller then allocates an id in the catalog and calls [`ChunkWriter::open_pack`].
+    fn needs_pack(&self) -> bool;
+
+    /// Starts pack `id` (allocated by the catalog, row committed): syncs what was appended
+    /// so far, retires the pack being written, and makes the new pack's name durable before
+    /// any record refers to it.
+    fn open_pack(&mut self, id: PackId) -> Result<(), ChunkStoreError>;
+
+    /// Appends one record and returns where its frame is. Not durable until
+    /// [`ChunkWriter::sync`]. Call [`ChunkWriter::needs_pack`] first.
+    fn append(&mut self, hash: &Leaf, frame: &[u8]) -> Result<ChunkLocation, ChunkStoreError>;
+
+    /// Makes every appended record durable. Only then may the catalog refer to them.
+    fn sync(&mut self) -> Result<(), ChunkStoreError>;
+
+    /// The pack being appended to, if any.
+    fn current(&self) -> Option<PackId>;
+
+    /// Packs finished since the last call: seal them in the transaction that indexes their
+    /// last chunks (sealing earlier would let gc see a pack without all its rows).
+    fn take_retired(&mut self) -> Vec<PackId>;
+}
+
+/// Reads frames at catalogued locations, checking the record around each.
+pub trait ChunkReader: Send {
+    /// The frame of `hash` at `at`.
+    fn read(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Vec<u8>, ChunkStoreError>;
+
+    /// Finds the record of `hash` at `at` (reading ahead as the reader's order allows) so
+    /// that [`Prepared::frame`] can read it later on any thread.
+    fn prepare(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Prepared, ChunkStoreError>;
+}
+
+/// Where a store found a record: read by [`Prepared::frame`].
+pub trait Fetch: Send + Sync {
+    /// The frame of `hash` at `at`, checking the record around it; lent when it is already
+    /// in memory.
+    fn fetch(&self, at: ChunkLocation, hash: &Leaf) -> Result<Cow<'_, [u8]>, ChunkStoreError>;
+}
+
+/// A record found by [`ChunkReader::prepare`], to be read on any thread.
+pub struct Prepared {
+    at: ChunkLocation,
+    hash: Leaf,
+    source: Box<dyn Fetch>,
+}
+
+impl Prepared {
+    pub fn new(at: ChunkLocation, hash: Leaf, source: Box<dyn Fetch>) -> Prepared {
+        Prepared { at, hash, source }
+    }
+
+    /// The record's frame, checked against its header.
+    pub fn frame(&self) -> Result<Cow<'_, [u8]>, ChunkStoreError> {
+        self.source.fetch(self.at, &self.hash)
+    }
+}
+
+/// The chunk store of data folder `data`, for reading or for a gc: nothing is created.
+pub fn open(data: &Path) -> Arc<dyn ChunkStore> {
+    Arc::new(local::LocalPacks::new(data))
+}
+
+/// The chunk store of data folder `data`, created if it is not there yet (serve).
+pub fn create(data: &Path) -> Result<Arc<dyn ChunkStore>, ChunkStoreError> {
+    Ok(Arc::new(local::LocalPacks::create(data)?))
+}
