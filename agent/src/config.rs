@@ -32,10 +32,13 @@
 //! interval = 30
 //! ```
 
-use crate::sync::{DiskKind, DiskSource};
+use crate::client::ReceiverConfig;
+use crate::sync::{Bandwidth, DiskKind, DiskSource, LiveSource, SyncConfig};
+use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 use time::{OffsetDateTime, UtcOffset};
 
@@ -238,6 +241,70 @@ impl AgentFile {
             }
         }
         Ok(())
+    }
+
+    /// The receiver and this agent's credentials, all four given.
+    pub fn receiver_config(&self) -> Result<ReceiverConfig, ConfigError> {
+        let r = &self.receiver;
+        match (&r.url, &r.ca, &r.cert, &r.key) {
+            (Some(url), Some(ca), Some(cert), Some(key)) => Ok(ReceiverConfig {
+                url: url.clone(),
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => Err(ConfigError::Invalid(
+                "the receiver needs url, ca, cert and key ([receiver] or \
+                 --receiver/--ca/--cert/--key)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The state folder.
+    pub fn state_dir(&self) -> Result<PathBuf, ConfigError> {
+        self.state.clone().ok_or_else(|| {
+            ConfigError::Invalid("the state folder is not set (state = ... or --state)".into())
+        })
+    }
+
+    /// The cycle of `vm` as the file describes it now.
+    pub fn cycle(&self, vm: &VmEntry) -> Result<SyncConfig, ConfigError> {
+        let (disks, live) = match &vm.qmp {
+            Some(qmp) => (
+                Vec::new(),
+                Some(LiveSource {
+                    qmp: qmp.clone(),
+                    guest_agent: vm.guest_agent.clone(),
+                    only: vm.disks.clone(),
+                }),
+            ),
+            None => (
+                vm.disks
+                    .iter()
+                    .map(|d| parse_disk(d))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None,
+            ),
+        };
+        let block_size = vm
+            .block_size
+            .or(self.block_size)
+            .unwrap_or(DEFAULT_BLOCK_SIZE as u64);
+        Ok(SyncConfig {
+            vm: vm.name.clone(),
+            disks,
+            live,
+            block_size: BlockSize::new(block_size)
+                .map_err(|e| ConfigError::Invalid(format!("vm {}: {e}", vm.name)))?,
+            state_dir: self.state_dir()?,
+            bwlimit: {
+                let (f, vm) = (self.clone(), vm.clone());
+                Bandwidth(Arc::new(move || {
+                    f.bwlimit_at(&vm, OffsetDateTime::now_utc())
+                }))
+            },
+        })
     }
 
     /// Interval and RPO target of `vm` in seconds: each defaults from the other (the interval

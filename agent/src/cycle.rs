@@ -8,6 +8,7 @@ use crate::health;
 use crate::sync::{SyncConfig, SyncReport};
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a cycle ended.
@@ -86,24 +87,28 @@ impl VmLoop {
         if outcome.is_ok() {
             self.last_capture = Some(started);
         }
-        let (outcome, recorded) = {
-            let (state, vm) = (state.to_owned(), self.vm.clone());
+        // The record is written off the runtime; the outcome is shared with that task, so even
+        // a task that panicked leaves the cycle's own result to report.
+        let shared = Arc::new(outcome);
+        let recorded = {
+            let (state, vm, o) = (state.to_owned(), self.vm.clone(), shared.clone());
             tokio::task::spawn_blocking(move || {
-                let r = crate::state::open(&state)
-                    .and_then(|c| health::cycle_ended(&c, &vm, rpo, seconds, since, &outcome));
-                (outcome, r)
+                crate::state::open(&state)
+                    .and_then(|c| health::cycle_ended(&c, &vm, rpo, seconds, since, &o))
             })
             .await
-            .unwrap_or_else(|e| {
-                (
-                    Err(SyncError::Worker(format!("recording the cycle: {e}"))),
-                    Ok(()),
-                )
-            })
         };
-        if let Err(e) = recorded {
-            tracing::warn!(vm = %self.vm, error = %e, "could not record the cycle");
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %self.vm, error = %e, "could not record the cycle"),
+            Err(e) => tracing::warn!(vm = %self.vm, error = %e, "recording the cycle failed"),
         }
+        // The task has ended (joined), so ours is the only reference left.
+        let outcome = Arc::try_unwrap(shared).unwrap_or_else(|_| {
+            Err(SyncError::Worker(
+                "the cycle's result is still shared".into(),
+            ))
+        });
         Ended {
             outcome: Some(outcome),
             stopping,

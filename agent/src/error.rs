@@ -46,6 +46,9 @@ pub enum SyncError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// The configuration does not describe a cycle (the whole chain of why, in words).
+    #[error("configuration: {0}")]
+    Config(String),
     /// Reading credentials failed.
     #[error("{path}")]
     Credentials {
@@ -130,7 +133,7 @@ impl SyncError {
             SyncError::State(_) | SyncError::StateFolder { .. } => "state",
             SyncError::Disk(_) | SyncError::Scan(_) | SyncError::NoSuchDisk(_) => "disk",
             SyncError::Geometry { .. } | SyncError::Name(_) => "config",
-            SyncError::Credentials { .. } | SyncError::BadUrl(_) => "config",
+            SyncError::Credentials { .. } | SyncError::BadUrl(_) | SyncError::Config(_) => "config",
             SyncError::Connect(_) => "connect",
             SyncError::Refused { status, .. } if status.code() == tonic::Code::Unavailable => {
                 "connect"

@@ -21,6 +21,7 @@ pub mod qcow2;
 pub mod qmp;
 pub mod rollback;
 pub mod scan;
+pub mod service;
 pub mod source;
 pub mod state;
 pub mod sync;

@@ -4,21 +4,15 @@
 //! `--stop-grace` seconds, then checkpoints them (their sessions resume on the next start) and
 //! exits cleanly.
 
-use crate::client::{self, ReceiverConfig};
-use crate::config::{parse_disk, AgentFile, VmEntry};
-use crate::cycle::VmLoop;
-use crate::health;
-use crate::sync::{sync_once, LiveSource, SyncConfig};
+use crate::config::AgentFile;
+use crate::service::{serve_metrics, Service};
 use anyhow::{bail, Context};
 use clap::Args;
-use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
-use rewind_proto::report::{self, Chain};
-use std::collections::HashMap;
+use rewind_proto::report::Chain;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use std::time::Duration;
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -92,170 +86,9 @@ pub fn load(a: &RunArgs) -> anyhow::Result<AgentFile> {
     if f.vm.is_empty() {
         bail!("no VMs to protect: list them as [[vm]] entries in the configuration file");
     }
-    receiver(&f)?;
-    state_dir(&f)?;
+    f.receiver_config()?;
+    f.state_dir()?;
     Ok(f)
-}
-
-fn receiver(f: &AgentFile) -> anyhow::Result<ReceiverConfig> {
-    let r = &f.receiver;
-    match (&r.url, &r.ca, &r.cert, &r.key) {
-        (Some(url), Some(ca), Some(cert), Some(key)) => Ok(ReceiverConfig {
-            url: url.clone(),
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
-        _ => bail!(
-            "the receiver needs url, ca, cert and key ([receiver] or --receiver/--ca/--cert/--key)"
-        ),
-    }
-}
-
-fn state_dir(f: &AgentFile) -> anyhow::Result<PathBuf> {
-    f.state
-        .clone()
-        .context("the state folder is not set (state = ... or --state)")
-}
-
-/// The cycle of `vm` as the file describes it now.
-fn plan(f: &AgentFile, vm: &VmEntry) -> anyhow::Result<SyncConfig> {
-    let (disks, live) = match &vm.qmp {
-        Some(qmp) => (
-            Vec::new(),
-            Some(LiveSource {
-                qmp: qmp.clone(),
-                guest_agent: vm.guest_agent.clone(),
-                only: vm.disks.clone(),
-            }),
-        ),
-        None => (
-            vm.disks
-                .iter()
-                .map(|d| parse_disk(d))
-                .collect::<Result<Vec<_>, _>>()?,
-            None,
-        ),
-    };
-    Ok(SyncConfig {
-        vm: vm.name.clone(),
-        disks,
-        live,
-        block_size: BlockSize::new(
-            vm.block_size
-                .or(f.block_size)
-                .unwrap_or(DEFAULT_BLOCK_SIZE as u64),
-        )?,
-        state_dir: state_dir(f)?,
-        bwlimit: {
-            let (f, vm) = (f.clone(), vm.clone());
-            crate::sync::Bandwidth(Arc::new(move || {
-                f.bwlimit_at(&vm, time::OffsetDateTime::now_utc())
-            }))
-        },
-    })
-}
-
-/// Resolves when the stop flag is raised.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    while !*stop.borrow_and_update() {
-        if stop.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// One VM's loop: a cycle every interval until the VM leaves the configuration or the agent
-/// stops.
-async fn protect(
-    name: String,
-    mut files: watch::Receiver<Arc<AgentFile>>,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
-    json: bool,
-) {
-    let mut vm_loop = VmLoop::new(&name);
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let file = files.borrow_and_update().clone();
-        let Some(entry) = file.vm.iter().find(|v| v.name == name) else {
-            tracing::info!(vm = %name, "no longer in the configuration: stopped protecting it");
-            // Its points stay on the receiver; `status` no longer reports it.
-            if let Some(state) = &file.state {
-                if let Ok(conn) = crate::state::open(state) {
-                    let _ = health::forget(&conn, &name);
-                }
-            }
-            return;
-        };
-        let (interval, rpo) = file.timing(entry);
-        let started = Instant::now();
-        let cfg = plan(&file, entry);
-        let state = file.state.clone().unwrap_or_default();
-        let receiver_cfg = receiver(&file);
-        let cycle = async {
-            let cfg = cfg
-                .as_ref()
-                .map_err(|e| crate::error::SyncError::Worker(report::chain(&**e)))?;
-            let rcfg =
-                receiver_cfg.map_err(|e| crate::error::SyncError::Worker(report::chain(&*e)))?;
-            let mut c = client::connect(&rcfg).await?;
-            sync_once(&mut c, cfg, Arc::new(|_, _| {})).await
-        };
-        let release = cfg.as_ref().ok();
-        let ended = vm_loop
-            .cycle(&state, rpo, cycle, release, stopped(&mut stop), grace)
-            .await;
-        let Some(outcome) = ended.outcome else {
-            tracing::warn!(vm = %name, "checkpointed: the point in flight resumes on the next start");
-            return;
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        match &outcome {
-            Ok(r) => {
-                crate::sync::log_committed(r);
-                if json {
-                    if let Ok(line) = serde_json::to_string(r) {
-                        println!("{line}");
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(vm = %name, kind = e.kind(), error = %Chain(e), seconds = format!("{seconds:.2}"), "cycle failed; retrying next interval")
-            }
-        }
-        // Next cycle one interval after this one started (at once when it ran longer); a
-        // reload re-reads the interval.
-        let mut due = started + Duration::from_secs(interval.max(1));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => break,
-                _ = stopped(&mut stop) => return,
-                changed = files.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let f = files.borrow().clone();
-                    match f.vm.iter().find(|v| v.name == name) {
-                        None => break,
-                        Some(e) => due = started + Duration::from_secs(f.timing(e).0.max(1)),
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Serves the agent's metrics from its state database.
-async fn serve_metrics(listener: tokio::net::TcpListener, state: PathBuf) {
-    rewind_proto::scrape::serve(listener, move || {
-        crate::state::open(&state)
-            .and_then(|c| health::render(&c))
-            .ok()
-    })
-    .await;
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -273,26 +106,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             let addr = l.local_addr()?;
             tracing::info!(%addr, "metrics");
             println!("rewind-agent metrics on http://{addr}/metrics");
-            tokio::spawn(serve_metrics(l, state_dir(&file)?));
+            tokio::spawn(serve_metrics(l, file.state_dir()?));
         }
-        let (files_tx, files_rx) = watch::channel(file.clone());
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let grace = Duration::from_secs(a.stop_grace);
-        let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-        let spawn_new = |f: &AgentFile, tasks: &mut HashMap<String, tokio::task::JoinHandle<()>>| {
-            tasks.retain(|_, t| !t.is_finished());
-            for v in &f.vm {
-                if !tasks.contains_key(&v.name) {
-                    let (i, r) = f.timing(v);
-                    tracing::info!(vm = %v.name, interval = i, rpo = r, "protecting");
-                    tasks.insert(
-                        v.name.clone(),
-                        tokio::spawn(protect(v.name.clone(), files_rx.clone(), stop_rx.clone(), grace, a.json)),
-                    );
-                }
-            }
-        };
-        spawn_new(&file, &mut tasks);
+        let mut service = Service::start(file.clone(), Duration::from_secs(a.stop_grace), a.json);
         let names: Vec<&str> = file.vm.iter().map(|v| v.name.as_str()).collect();
         rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", names.join(", ")));
         rewind_proto::systemd::spawn_watchdog();
@@ -302,11 +118,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                     rewind_proto::systemd::notify("RELOADING=1");
                     match load(&a) {
                         Ok(f) => {
-                            let f = Arc::new(f);
                             tracing::info!(vms = f.vm.len(), "configuration reloaded");
-                            // The new file first: a task started for a new VM must find it.
-                            let _ = files_tx.send(f.clone());
-                            spawn_new(&f, &mut tasks);
+                            service.reload(Arc::new(f));
                         }
                         Err(e) => tracing::error!(error = %Chain(&*e), "reload refused; keeping the running configuration"),
                     }
@@ -318,10 +131,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         rewind_proto::systemd::notify("STOPPING=1");
         tracing::info!("stopping");
-        let _ = stop_tx.send(true);
-        for (_, t) in tasks {
-            let _ = t.await;
-        }
+        service.stop().await;
         // The runtime's end would cancel the thaws still going on in the background.
         if crate::sync::thaws_in_flight() {
             tracing::info!(limit = crate::live::KEEP_THAWING_MAX.as_secs(), "waiting for a guest thaw to be confirmed (signal again to skip)");
