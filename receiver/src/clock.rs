@@ -11,8 +11,8 @@
 //! - point times never go backwards within a VM (see `ingest::record_point`), so listings,
 //!   retention and `--at` keep the order the points were taken in.
 
-use crate::catalog::now_us;
-use rusqlite::{params, Connection};
+use crate::catalog::{self, events, now_us};
+use rusqlite::Connection;
 use std::time::{Duration, Instant};
 
 /// A change of wall-minus-monotonic offset above this is a step, not drift.
@@ -59,44 +59,30 @@ impl Watch {
 /// Records a step seen now.
 pub fn record(conn: &Connection, step_us: i64) -> rusqlite::Result<()> {
     let now = now_us();
-    conn.execute(
-        "INSERT INTO clock_steps(at_us, step_us) VALUES (?1, ?2)",
-        params![now, step_us],
-    )?;
-    conn.execute(
-        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'clock-step', NULL, ?1, ?2)",
-        params![
-            serde_json::json!({"step_seconds": step_us as f64 / 1e6}).to_string(),
-            now
-        ],
-    )?;
-    Ok(())
+    catalog::clock::record_step(conn, now, step_us)?;
+    let detail = serde_json::json!({"step_seconds": step_us as f64 / 1e6}).to_string();
+    let event = events::NewEvent {
+        vm: None,
+        kind: "clock-step",
+        point: None,
+        detail: &detail,
+        at_us: now,
+    };
+    events::record(conn, &event).map(|_| ())
 }
 
 /// The wall clock minus the forward steps recorded in the last [`STEP_MEMORY_DAYS`] days: what
 /// "now" is for anything that expires by time.
 pub fn cautious_now(conn: &Connection) -> rusqlite::Result<i64> {
     let now = now_us();
-    let forward: i64 = conn.query_row(
-        "SELECT COALESCE(SUM(step_us), 0) FROM clock_steps WHERE step_us > 0 AND at_us > ?1",
-        [now - STEP_MEMORY_DAYS * 86_400 * 1_000_000],
-        |r| r.get(0),
-    )?;
+    let forward = catalog::clock::forward_since(conn, now - STEP_MEMORY_DAYS * 86_400 * 1_000_000)?;
     Ok(now - forward)
 }
 
 /// Steps recorded so far and the newest one (seconds), for the metrics.
 pub fn summary(conn: &Connection) -> rusqlite::Result<(i64, Option<f64>)> {
-    conn.query_row(
-        "SELECT COUNT(*), (SELECT step_us FROM clock_steps ORDER BY rowid DESC LIMIT 1) FROM clock_steps",
-        [],
-        |r| {
-            Ok((
-                r.get(0)?,
-                r.get::<_, Option<i64>>(1)?.map(|s| s as f64 / 1e6),
-            ))
-        },
-    )
+    let (count, last) = catalog::clock::summary(conn)?;
+    Ok((count, last.map(|s| s as f64 / 1e6)))
 }
 
 /// `serve`'s watcher: compares the clocks every [`CHECK_EVERY`] and records each step.

@@ -2,9 +2,11 @@
 //! only blocks with a version between the two points can differ, so the cost grows with the
 //! changes between them, not with the disk size.
 
+use crate::catalog::leaves::{self, touched_between};
+use crate::catalog::PointId;
 use crate::error::StoreError;
 use crate::points::{self, PointDisk, PointSelector};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 use std::collections::BTreeSet;
 
@@ -38,40 +40,6 @@ pub struct PointDiff {
     pub disks: Vec<DiskDiff>,
 }
 
-fn leaf_at(
-    conn: &Connection,
-    disk_id: i64,
-    idx: u64,
-    point: i64,
-) -> rusqlite::Result<Option<Vec<u8>>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT hash FROM nodes WHERE disk_id = ?1 AND level = 0 AND idx = ?2 AND point <= ?3
-             ORDER BY point DESC LIMIT 1",
-        )?
-        .query_row(params![disk_id, idx as i64, point], |r| {
-            r.get::<_, Option<Vec<u8>>>(0)
-        })
-        .optional()?
-        .flatten())
-}
-
-/// Indexes of blocks with a version in `(lo, hi]` (any point when `lo` is `None`).
-fn touched(
-    conn: &Connection,
-    disk_id: i64,
-    lo: Option<i64>,
-    hi: i64,
-) -> rusqlite::Result<BTreeSet<u64>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT idx FROM nodes WHERE disk_id = ?1 AND level = 0 AND point > ?2 AND point <= ?3",
-    )?;
-    let rows = stmt.query_map(params![disk_id, lo.unwrap_or(-1), hi], |r| {
-        r.get::<_, i64>(0)
-    })?;
-    rows.map(|r| r.map(|i| i as u64)).collect()
-}
-
 fn extents(blocks: &BTreeSet<u64>, d: &PointDisk) -> (Vec<Extent>, u64) {
     let mut out: Vec<Extent> = Vec::new();
     let mut bytes = 0;
@@ -97,13 +65,13 @@ pub fn diff(conn: &Connection, vm: &str, from: i64, to: i64) -> Result<PointDiff
         let other = a.disks.iter().find(|x| x.name == d.name);
         let (candidates, note, same_gen) = match other {
             Some(o) if o.disk_id == d.disk_id => (
-                touched(conn, d.disk_id, Some(lo.id), hi.id)?,
+                touched_between(conn, d.disk_id, Some(PointId(lo.id)), PointId(hi.id))?,
                 (o.size != d.size).then(|| format!("resized from {} to {} bytes", o.size, d.size)),
                 true,
             ),
             Some(o) => {
-                let mut all = touched(conn, d.disk_id, None, b.id)?;
-                all.extend(touched(conn, o.disk_id, None, a.id)?);
+                let mut all = touched_between(conn, d.disk_id, None, PointId(b.id))?;
+                all.extend(touched_between(conn, o.disk_id, None, PointId(a.id))?);
                 (
                     all,
                     Some("replaced: size or block size changed".to_owned()),
@@ -111,17 +79,17 @@ pub fn diff(conn: &Connection, vm: &str, from: i64, to: i64) -> Result<PointDiff
                 )
             }
             None => (
-                touched(conn, d.disk_id, None, b.id)?,
+                touched_between(conn, d.disk_id, None, PointId(b.id))?,
                 Some("added".to_owned()),
                 false,
             ),
         };
         let mut changed = BTreeSet::new();
         for idx in candidates {
-            let new = leaf_at(conn, d.disk_id, idx, b.id)?;
+            let new = leaves::one(conn, d.disk_id, PointId(b.id), idx)?;
             let old = match other {
                 Some(o) if same_gen || idx * o.block_size < o.size => {
-                    leaf_at(conn, o.disk_id, idx, a.id)?
+                    leaves::one(conn, o.disk_id, PointId(a.id), idx)?
                 }
                 _ => None,
             };

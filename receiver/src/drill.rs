@@ -14,21 +14,22 @@
 //! the boot marker seen); `boot_seconds` is QEMU's start to the marker. `point_age_seconds` is
 //! the RPO at that moment: how old the newest data was when the drill began.
 
-use crate::catalog::{self, now_us, rfc3339};
+use crate::catalog::leaves::{self, Columns};
+use crate::catalog::{self, drills, now_us, rfc3339, PointId};
 use crate::chunks::{self, ReadOrder};
 use crate::error::StoreError;
 use crate::guest_agent::{AgentError, Exited, GuestAgent};
 use crate::nbd_server::{self, Exports};
 use crate::points::{self, PointDisk, PointInfo, PointSelector};
-use crate::restore::for_each_block;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::report::chain;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{chunk, Leaf};
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -547,9 +548,11 @@ fn verify_disk(
             }
         }
     };
-    for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
+    let span = leaves::Span::all_leaves(disk.disk_id, PointId(point));
+    leaves::at_point(conn, &span, Columns::Located, |node| {
+        let (idx, leaf, loc) = (node.idx, node.hash, node.at);
         let Some(len) = geometry.block_len(idx) else {
-            return Ok(());
+            return Ok(ControlFlow::Continue(()));
         };
         builder.push_zeros(idx - next);
         builder.push(leaf);
@@ -568,7 +571,7 @@ fn verify_disk(
                 return Err(StoreError::Cancelled);
             }
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     })?;
     check(batch, &mut out);
     progress(geometry.size);
@@ -923,37 +926,25 @@ fn attempt(
 fn record(data: &Path, r: &DrillReport) -> Result<i64, StoreError> {
     let conn = catalog::open_rw(data)?;
     let detail = serde_json::to_string(r).unwrap_or_default();
-    conn.execute(
-        "INSERT INTO drills(vm, point, started_us, point_age_s, verified_s, boot_s, rto_s,
-                            result, reason, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        params![
-            r.vm,
-            r.point,
-            catalog::parse_rfc3339(&r.started).unwrap_or_else(|_| now_us()),
-            r.point_age_seconds,
-            r.verified_seconds,
-            r.boot_seconds,
-            r.rto_seconds,
-            r.result,
-            r.reason,
-            detail
-        ],
-    )?;
-    Ok(conn.last_insert_rowid())
+    let row = drills::NewDrill {
+        vm: &r.vm,
+        point: r.point,
+        started_us: catalog::parse_rfc3339(&r.started).unwrap_or_else(|_| now_us()),
+        point_age_s: r.point_age_seconds,
+        verified_s: r.verified_seconds,
+        boot_s: r.boot_seconds,
+        rto_s: r.rto_seconds,
+        result: &r.result,
+        reason: r.reason.as_deref(),
+        detail: &detail,
+    };
+    Ok(drills::record(&conn, &row)?)
 }
 
 /// Recorded drills, oldest first (of one VM, or all).
 pub fn history(conn: &Connection, vm: Option<&str>) -> Result<Vec<DrillReport>, StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT id, detail FROM drills WHERE ?1 IS NULL OR vm = ?1 ORDER BY id")?;
-    let rows = stmt
-        .query_map(params![vm], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut out = Vec::new();
-    for (id, detail) in rows {
+    for (id, detail) in drills::history(conn, vm)? {
         if let Ok(mut r) = serde_json::from_str::<DrillReport>(&detail) {
             r.id = id;
             out.push(r);

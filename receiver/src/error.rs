@@ -132,6 +132,12 @@ pub enum StoreError {
     #[error("cancelled")]
     Cancelled,
     /// A chunk the catalog names is missing from the catalog's chunk index.
+    /// A record the catalog keeps for itself does not parse: the catalog is damaged there.
+    #[error("catalog record {what} is damaged")]
+    CorruptRecord {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     #[error("chunk {0} is referenced but not in the chunk index")]
     MissingChunk(Leaf),
     /// An agent's quota does not allow what it asked for.
@@ -169,6 +175,15 @@ pub enum StoreError {
     /// The output exists and would be overwritten.
     #[error("{0} exists: refusing to overwrite (use --force)")]
     OutputExists(std::path::PathBuf),
+}
+
+impl From<crate::catalog::CatalogError> for StoreError {
+    fn from(e: crate::catalog::CatalogError) -> StoreError {
+        match e {
+            crate::catalog::CatalogError::Sql(e) => StoreError::Sql(e),
+            crate::catalog::CatalogError::HashLength(e) => StoreError::HashLength(e),
+        }
+    }
 }
 
 impl StoreError {
@@ -223,10 +238,18 @@ mod tests {
             .expect_err("not TOML");
         let toml_text = toml_error.to_string();
         let tls = rustls::Error::General("no usable key".into());
+        let json = || serde_json::from_str::<Vec<i64>>("[1,").expect_err("not JSON");
         let cases: Vec<(Box<dyn Error>, String)> = vec![
             (
                 Box::new(StoreError::Sql(sql_locked())),
                 "database is locked".into(),
+            ),
+            (
+                Box::new(StoreError::CorruptRecord {
+                    what: "pending_commits.disks",
+                    source: json(),
+                }),
+                json().to_string(),
             ),
             (
                 Box::new(StoreError::Io {

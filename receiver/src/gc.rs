@@ -16,12 +16,13 @@
 //! Crash-safe: every step is a transaction or an idempotent file operation; a kill at any instant
 //! leaves at worst an orphan pack (a file without its row), removed by the next run.
 
-use crate::catalog::now_us;
+use crate::catalog::chunks as rows;
+use crate::catalog::{events, now_us, packs, sessions};
 use crate::chunks::format::RECORD_HEADER;
-use crate::chunks::{self, ChunkLocation, ChunkReader, ChunkStore, ChunkWriter, PackId, ReadOrder};
+use crate::chunks::{self, ChunkReader, ChunkStore, ChunkWriter, PackId, ReadOrder};
 use crate::error::StoreError;
 use rewind_proto::Leaf;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 use std::path::Path;
 
@@ -48,25 +49,13 @@ pub struct GcReport {
 /// before its file is created, so a pack with an id the catalog has handed out but holds no row
 /// for is unreachable; a pack with a newer id may belong to a row not yet committed, and stays.
 fn remove_orphan_packs(conn: &Connection, store: &dyn ChunkStore) -> Result<u64, StoreError> {
-    let handed_out: i64 = conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'packs'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0);
+    let handed_out = packs::handed_out(conn)?;
     let mut removed = 0;
     for id in store.stored_packs()? {
         if id.0 > handed_out {
             continue;
         }
-        let known: bool = conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM packs WHERE id = ?1)",
-            [id],
-            |r| r.get(0),
-        )?;
-        if !known {
+        if !packs::exists(conn, id)? {
             store.remove_pack(id)?;
             removed += 1;
         }
@@ -127,16 +116,11 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
     report.chunks_removed = forget_dead_chunks(conn, now, cutoff, &mut report)?;
     // 2. Packs: delete dead ones, rewrite mostly dead ones.
-    let packs: Vec<(PackId, i64)> = {
-        // Only sealed packs: one a writer still appends to may not have all its rows yet.
-        let mut stmt =
-            conn.prepare("SELECT id, created_us FROM packs WHERE sealed = 1 ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((PackId(r.get(0)?), r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    // Only sealed packs: one a writer still appends to may not have all its rows yet.
+    let sealed = packs::sealed(conn)?;
     let mut writer = store.writer();
     let mut reader = store.reader(ReadOrder::Sequential);
-    for (id, created) in packs {
+    for (id, created) in sealed {
         let mut io = Packs {
             store: &*store,
             reader: &mut *reader,
@@ -150,10 +134,15 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     }
     store.sync_removals();
     report.bytes_after = store.stored_bytes();
-    conn.execute(
-        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (NULL, 'gc', NULL, ?1, ?2)",
-        params![serde_json::to_string(&report).unwrap_or_default(), now_us()],
-    )?;
+    let detail = serde_json::to_string(&report).unwrap_or_default();
+    let event = events::NewEvent {
+        vm: None,
+        kind: "gc",
+        point: None,
+        detail: &detail,
+        at_us: now_us(),
+    };
+    events::record(conn, &event)?;
     Ok(report)
 }
 
@@ -171,42 +160,15 @@ fn forget_dead_chunks(
     // chunks and the points they built on stop being protected. An agent coming back
     // later simply starts a new session.
     let expired = now - SESSION_EXPIRY_SECS * 1_000_000;
-    tx.execute(
-        "DELETE FROM session_blocks WHERE session_id IN
-           (SELECT id FROM sessions WHERE state = 'open' AND updated_us < ?1)",
-        [expired],
-    )?;
-    report.sessions_expired = tx.execute(
-        "UPDATE sessions SET state = 'abandoned' WHERE state = 'open' AND updated_us < ?1",
-        [expired],
-    )? as u64;
+    report.sessions_expired = sessions::expire(&tx, expired)?;
     // Chunks are stored per owner: a chunk lives while a block of its owner's uses it.
-    tx.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS gc_owned_live(owner TEXT, hash BLOB,
-           PRIMARY KEY(owner, hash)) WITHOUT ROWID;
-         DELETE FROM gc_owned_live;
-         INSERT OR IGNORE INTO gc_owned_live SELECT v.owner, n.hash FROM nodes n
-           JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id
-           WHERE n.level = 0 AND n.hash IS NOT NULL;
-         INSERT OR IGNORE INTO gc_owned_live SELECT s.owner, b.hash FROM session_blocks b
-           JOIN sessions s ON s.id = b.session_id WHERE s.state = 'open';",
-    )?;
-    const DEAD: &str = "created_us < ?1 AND NOT EXISTS
-           (SELECT 1 FROM gc_owned_live g WHERE g.owner = chunks.owner AND g.hash = chunks.hash)";
-    let dead: Vec<(String, i64, i64)> = {
-        let mut stmt = tx.prepare(&format!(
-            "SELECT owner, COUNT(*), SUM(clen) FROM chunks WHERE {DEAD} GROUP BY owner"
-        ))?;
-        let rows = stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    for (owner, n, bytes) in &dead {
-        crate::catalog::add_usage(&tx, owner, -n, -bytes)?;
+    rows::mark_live(&tx)?;
+    for dead in rows::dead_by_owner(&tx, cutoff)? {
+        crate::catalog::add_usage(&tx, &dead.owner, -dead.chunks, -dead.bytes)?;
     }
-    let removed = tx.execute(&format!("DELETE FROM chunks WHERE {DEAD}"), [cutoff])?;
-    tx.execute("DELETE FROM temp.gc_owned_live", [])?;
+    let removed = rows::forget_dead(&tx, cutoff)?;
     tx.commit()?;
-    Ok(removed as u64)
+    Ok(removed)
 }
 
 /// The chunk store, and the reader and writer gc moves live chunks with.
@@ -239,15 +201,10 @@ fn collect_pack(
         return Ok(());
     }
     let size = stat.map_or(0, |s| s.size);
-    let live: Vec<(String, Vec<u8>, i64, i64)> = {
-        let mut stmt =
-            conn.prepare_cached("SELECT owner, hash, offset, clen FROM chunks WHERE pack_id = ?1")?;
-        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    let live = rows::in_pack(conn, id)?;
     let live_bytes: u64 = live
         .iter()
-        .map(|(_, _, _, c)| *c as u64 + RECORD_HEADER)
+        .map(|c| u64::from(c.at.len) + RECORD_HEADER)
         .sum();
     if !live.is_empty() && (size == 0 || live_bytes as f64 >= REWRITE_BELOW * size as f64) {
         return Ok(());
@@ -255,9 +212,10 @@ fn collect_pack(
     if !live.is_empty() {
         // Copy the live chunks, make them durable, then repoint the catalog.
         let mut moved = Vec::new();
-        for (owner, hash, off, clen) in &live {
+        for c in &live {
+            let (owner, hash) = (&c.owner, &c.hash);
             let leaf = Leaf::from_slice(hash)?;
-            let frame = reader.read(ChunkLocation::from_columns(id.0, *off, *clen), &leaf)?;
+            let frame = reader.read(c.at, &leaf)?;
             if writer.needs_pack() {
                 let id = crate::catalog::new_pack(conn, "gc")?;
                 writer.open_pack(id)?;
@@ -269,11 +227,7 @@ fn collect_pack(
         rewind_proto::faults::point("gc-after-copy");
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for (owner, hash, at) in &moved {
-            tx.execute(
-                "UPDATE chunks SET pack_id = ?3, offset = ?4
-                 WHERE owner = ?1 AND hash = ?2 AND pack_id = ?5",
-                params![owner, hash, at.pack, at.offset as i64, id],
-            )?;
+            rows::repoint(&tx, owner, hash, id, *at)?;
         }
         for full in writer.take_retired() {
             crate::catalog::seal_pack(&tx, full)?;
@@ -284,13 +238,8 @@ fn collect_pack(
     }
     // No row refers to the pack any more (a chunk written meanwhile would be in a pack of
     // serve's own, never in this old one).
-    let still: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM chunks WHERE pack_id = ?1",
-        [id],
-        |r| r.get(0),
-    )?;
-    if still == 0 {
-        conn.execute("DELETE FROM packs WHERE id = ?1", [id])?;
+    if rows::count_in_pack(conn, id)? == 0 {
+        packs::forget(conn, id)?;
         rewind_proto::faults::point("gc-before-unlink");
         store.remove_pack(id)?;
         report.packs_deleted += 1;

@@ -1,7 +1,7 @@
 //! Rewind's receiver: verifies and stores the points agents send, and restores them.
 //!
 //! - [`pki`]: the deployment's CA, server and agent certificates.
-//! - [`catalog`]: the SQLite schema and time helpers.
+//! - [`catalog`]: the SQLite catalog, owner of every SQL statement (schema, queries, time helpers).
 //! - [`chunks`]: the chunk store (today local pack files) holding chunk data.
 //! - [`store`]: the open data folder.
 //! - [`ingest`]: sessions, batches and commits (the write path).

@@ -3,29 +3,23 @@
 //! stores: points and last point age per VM, store size, quarantined chunks, and the totals and
 //! last results of prune, gc and verify.
 
-use crate::catalog::{self, now_us};
+use crate::catalog::{self, drills, events, now_us, status};
 use crate::error::StoreError;
 use rusqlite::Connection;
 use std::fmt::Write as _;
 use std::path::Path;
 
 fn sum_detail(conn: &Connection, kind: &str, field: &str) -> Result<f64, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT detail FROM events WHERE kind = ?1")?;
-    let rows = stmt.query_map([kind], |r| r.get::<_, String>(0))?;
     let mut total = 0.0;
-    for r in rows {
-        let v: serde_json::Value = serde_json::from_str(&r?).unwrap_or_default();
+    for d in events::details(conn, kind)? {
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
         total += v[field].as_f64().unwrap_or(0.0);
     }
     Ok(total)
 }
 
 fn last_detail(conn: &Connection, kind: &str) -> Result<serde_json::Value, StoreError> {
-    let d: Option<String> = rusqlite::OptionalExtension::optional(conn.query_row(
-        "SELECT detail FROM events WHERE kind = ?1 ORDER BY id DESC LIMIT 1",
-        [kind],
-        |r| r.get(0),
-    ))?;
+    let d = events::last_detail(conn, kind)?;
     Ok(d.and_then(|d| serde_json::from_str(&d).ok())
         .unwrap_or_default())
 }
@@ -53,20 +47,10 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
         "# HELP rewind_points Committed points per VM.\n# TYPE rewind_points gauge"
     );
     let _ = writeln!(out, "# HELP rewind_last_point_age_seconds Age of the newest point per VM.\n# TYPE rewind_last_point_age_seconds gauge");
-    let mut stmt = conn.prepare(
-        "SELECT v.name, COUNT(p.id), MAX(p.created_us) FROM vms v LEFT JOIN points p ON p.vm_id = v.id GROUP BY v.id ORDER BY v.name",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, Option<i64>>(2)?,
-        ))
-    })?;
-    for r in rows {
-        let (vm, n, last) = r?;
-        let _ = writeln!(out, "rewind_points{{vm=\"{vm}\"}} {n}");
-        if let Some(last) = last {
+    for r in status::points_per_vm(&conn)? {
+        let vm = r.vm;
+        let _ = writeln!(out, "rewind_points{{vm=\"{vm}\"}} {}", r.points);
+        if let Some(last) = r.newest_created_us {
             let _ = writeln!(
                 out,
                 "rewind_last_point_age_seconds{{vm=\"{vm}\"}} {:.3}",
@@ -75,33 +59,17 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
         }
     }
     let _ = writeln!(out, "# HELP rewind_vm_stored_bytes_total Compressed bytes of new chunks each VM's uploads added to the packs.\n# TYPE rewind_vm_stored_bytes_total counter");
-    let mut stmt = conn.prepare(
-        "SELECT v.name, s.bytes_stored FROM vm_stats s JOIN vms v ON v.id = s.vm_id ORDER BY v.name",
-    )?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for r in rows {
-        let (vm, b) = r?;
+    for (vm, b) in status::stored_bytes_per_vm(&conn)? {
         let _ = writeln!(out, "rewind_vm_stored_bytes_total{{vm=\"{vm}\"}} {b}");
     }
     drill_metrics(&conn, &mut out)?;
     let store_bytes = crate::chunks::open(data).stored_bytes();
-    let (chunks, logical): (i64, Option<i64>) =
-        conn.query_row("SELECT COUNT(*), SUM(ulen) FROM chunks", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
+    let (chunks, logical) = status::chunk_totals(&conn)?;
+    let quarantined = status::quarantined(&conn)?;
     // Every committed block change at full size: what the points would take without dedup
     // and compression.
-    let changed_logical: f64 = conn.query_row(
-        "SELECT COALESCE(SUM(changed_blocks * block_size), 0) FROM point_disks",
-        [],
-        |r| r.get::<_, i64>(0),
-    )? as f64;
-    let pruned: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM events WHERE kind = 'prune'",
-        [],
-        |r| r.get(0),
-    )?;
+    let changed_logical = status::changed_logical_bytes(&conn)? as f64;
+    let pruned = events::count(&conn, "prune")?;
     let gc_last = last_detail(&conn, "gc")?;
     let verify_last = last_detail(&conn, "verify")?;
     let gauges = [
@@ -183,38 +151,14 @@ fn drill_metrics(conn: &Connection, out: &mut String) -> Result<(), StoreError> 
         out,
         "# HELP rewind_drills_total DR drills run, by result.\n# TYPE rewind_drills_total counter"
     );
-    let mut stmt = conn.prepare(
-        "SELECT vm, result, COUNT(*) FROM drills GROUP BY vm, result ORDER BY vm, result",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    for r in rows {
-        let (vm, result, n) = r?;
+    for c in drills::counts(conn)? {
         let _ = writeln!(
             out,
-            "rewind_drills_total{{vm=\"{vm}\",result=\"{result}\"}} {n}"
+            "rewind_drills_total{{vm=\"{}\",result=\"{}\"}} {}",
+            c.vm, c.result, c.count
         );
     }
-    let mut stmt = conn.prepare(
-        "SELECT d.vm, d.result, d.rto_s, d.point_age_s, d.started_us FROM drills d
-         WHERE d.id = (SELECT MAX(id) FROM drills e WHERE e.vm = d.vm) ORDER BY d.vm",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<f64>>(2)?,
-                r.get::<_, Option<f64>>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = drills::last_per_vm(conn)?;
     let series: [(&str, &str); 4] = [
         ("rewind_drill_last_passed", "1 when the VM's last drill passed, 0 when it failed."),
         ("rewind_drill_last_rto_seconds", "Time from the last passing drill's start to its boot marker (or verified data without --boot)."),
@@ -223,15 +167,15 @@ fn drill_metrics(conn: &Connection, out: &mut String) -> Result<(), StoreError> 
     ];
     for (i, (name, help)) in series.iter().enumerate() {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (vm, result, rto, age, started) in &rows {
+        for d in &rows {
             let v = match i {
-                0 => Some(f64::from(u8::from(result == "passed"))),
-                1 => *rto,
-                2 => *age,
-                _ => Some(*started as f64 / 1e6),
+                0 => Some(f64::from(u8::from(d.result == "passed"))),
+                1 => d.rto_s,
+                2 => d.point_age_s,
+                _ => Some(d.started_us as f64 / 1e6),
             };
             if let Some(v) = v {
-                let _ = writeln!(out, "{name}{{vm=\"{vm}\"}} {v}");
+                let _ = writeln!(out, "{name}{{vm=\"{}\"}} {v}", d.vm);
             }
         }
     }

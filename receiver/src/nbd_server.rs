@@ -4,16 +4,18 @@
 //! context so clients such as `qemu-img` and `nbdcopy` skip holes. One thread per client, each
 //! with its own read-only catalog connection: many clients at once, and `serve` keeps writing.
 
-use crate::catalog;
+use crate::catalog::leaves::{self, Columns, Span};
+use crate::catalog::{self, CatalogError, PointId};
 use crate::chunks::{self, ChunkLocation, ChunkReader, ReadOrder};
 use crate::points::PointDisk;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::nbd::*;
 use rewind_proto::report::{chain, Chain};
 use rewind_proto::{chunk, Leaf};
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -129,47 +131,20 @@ impl PointReader {
 
     /// Non-zero blocks with index in `first..end`, at the point, with or without their chunk.
     fn blocks(&self, first: u64, end: u64) -> io::Result<HashMap<u64, Located>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT n.idx, n.hash, c.pack_id, c.offset, c.clen FROM
-                   (SELECT idx, hash, MAX(point) FROM nodes
-                    WHERE disk_id = ?1 AND level = 0 AND idx >= ?2 AND idx < ?3 AND point <= ?4
-                    GROUP BY idx) n
-                 LEFT JOIN chunks c ON c.hash = n.hash AND c.owner =
-                   (SELECT v.owner FROM disks d JOIN vms v ON v.id = d.vm_id WHERE d.id = ?1)
-                 WHERE n.hash IS NOT NULL",
-            )
-            .map_err(io::Error::other)?;
-        let rows = stmt
-            .query_map(
-                params![
-                    self.export.disk.disk_id,
-                    first as i64,
-                    end as i64,
-                    self.export.point
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Option<i64>>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                        r.get::<_, Option<i64>>(4)?,
-                    ))
-                },
-            )
-            .map_err(io::Error::other)?;
+        let span = Span::leaves(
+            self.export.disk.disk_id,
+            PointId(self.export.point),
+            first..end,
+        );
         let mut out = HashMap::new();
-        for row in rows {
-            let (idx, hash, pack, off, clen) = row.map_err(io::Error::other)?;
-            let leaf = Leaf::from_slice(&hash).map_err(|e| io::Error::other(e.to_string()))?;
-            let at = match (pack, off, clen) {
-                (Some(p), Some(o), Some(c)) => Some(ChunkLocation::from_columns(p, o, c)),
-                _ => None,
-            };
-            out.insert(idx as u64, (leaf, at));
-        }
+        leaves::at_point(&self.conn, &span, Columns::Located, |n| {
+            out.insert(n.idx, (n.hash, n.at));
+            Ok::<_, CatalogError>(ControlFlow::Continue(()))
+        })
+        .map_err(|e| match e {
+            CatalogError::Sql(e) => io::Error::other(e),
+            CatalogError::HashLength(e) => io::Error::other(e.to_string()),
+        })?;
         Ok(out)
     }
 

@@ -1,9 +1,10 @@
 //! Reading committed points from the catalog: listings and resolving `--point` / `--at`.
 
-use crate::catalog::{parse_rfc3339, rfc3339};
+use crate::catalog::points as rows;
+use crate::catalog::{parse_rfc3339, rfc3339, DiskId, PointId};
 use crate::error::StoreError;
 use rewind_proto::Leaf;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 
 /// One disk of a point.
@@ -15,7 +16,7 @@ pub struct PointDisk {
     pub root: String,
     pub changed_blocks: u64,
     #[serde(skip)]
-    pub disk_id: i64,
+    pub disk_id: DiskId,
     #[serde(skip)]
     pub root_leaf: Leaf,
 }
@@ -38,87 +39,45 @@ pub struct PointInfo {
 }
 
 fn disks_of(conn: &Connection, point: i64) -> Result<Vec<PointDisk>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT name, size, block_size, root, changed_blocks, disk_id FROM point_disks
-         WHERE point_id = ?1 ORDER BY name",
-    )?;
-    let rows = stmt.query_map([point], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, Vec<u8>>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, i64>(5)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (name, size, bs, root, changed, disk_id) = row?;
-        let root_leaf = Leaf::from_slice(&root)?;
-        out.push(PointDisk {
-            name,
-            size: size as u64,
-            block_size: bs as u64,
-            root: root_leaf.to_hex(),
-            changed_blocks: changed as u64,
-            disk_id,
-            root_leaf,
-        });
-    }
-    Ok(out)
+    Ok(rows::disks_of(conn, PointId(point))?
+        .into_iter()
+        .map(|d| PointDisk {
+            name: d.name,
+            size: d.size as u64,
+            block_size: d.block_size as u64,
+            root: d.root.to_hex(),
+            changed_blocks: d.changed_blocks as u64,
+            disk_id: d.disk_id,
+            root_leaf: d.root,
+        })
+        .collect())
+}
+
+/// The point a row describes, with its disks.
+fn info(conn: &Connection, p: rows::PointRow) -> Result<PointInfo, StoreError> {
+    Ok(PointInfo {
+        id: p.id.0,
+        vm: p.vm,
+        created: rfc3339(p.created_us),
+        committed: rfc3339(p.committed_us),
+        parent: p.parent,
+        consistency: p.consistency,
+        config: p.config.and_then(|c| serde_json::from_str(&c).ok()),
+        locked_until: p.locked_until_us.map(rfc3339),
+        disks: disks_of(conn, p.id.0)?,
+    })
 }
 
 /// Points of one VM (or all VMs, by VM name), oldest first: by id, which only grows within a
 /// VM whatever the clocks do.
 pub fn list(conn: &Connection, vm: Option<&str>) -> Result<Vec<PointInfo>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config,
-                p.locked_until_us
-         FROM points p JOIN vms v ON v.id = p.vm_id
-         WHERE ?1 IS NULL OR v.name = ?1 ORDER BY v.name, p.id",
-    )?;
-    let rows = stmt
-        .query_map(params![vm], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let points = rows::list(conn, vm)?;
     if let Some(vm) = vm {
-        if rows.is_empty() && !vm_exists(conn, vm)? {
+        if points.is_empty() && !rows::vm_exists(conn, vm)? {
             return Err(StoreError::UnknownVm(vm.to_owned()));
         }
     }
-    rows.into_iter()
-        .map(
-            |(id, vm, created, committed, parent, consistency, config, locked)| {
-                Ok(PointInfo {
-                    id,
-                    vm,
-                    created: rfc3339(created),
-                    committed: rfc3339(committed),
-                    parent,
-                    consistency,
-                    config: config.and_then(|c| serde_json::from_str(&c).ok()),
-                    locked_until: locked.map(rfc3339),
-                    disks: disks_of(conn, id)?,
-                })
-            },
-        )
-        .collect()
-}
-
-fn vm_exists(conn: &Connection, vm: &str) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM vms WHERE name = ?1")?
-        .exists([vm])
+    points.into_iter().map(|p| info(conn, p)).collect()
 }
 
 /// Which point to use.
@@ -136,35 +95,16 @@ pub fn resolve(
     vm: &str,
     which: &PointSelector,
 ) -> Result<PointInfo, StoreError> {
-    let vm_id: i64 = conn
-        .query_row("SELECT id FROM vms WHERE name = ?1", [vm], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| StoreError::UnknownVm(vm.to_owned()))?;
-    let id: Option<i64> = match which {
-        PointSelector::Id(id) => conn
-            .query_row(
-                "SELECT id FROM points WHERE id = ?1 AND vm_id = ?2",
-                params![id, vm_id],
-                |r| r.get(0),
-            )
-            .optional()?,
-        PointSelector::Newest => conn.query_row(
-            "SELECT MAX(id) FROM points WHERE vm_id = ?1",
-            [vm_id],
-            |r| r.get(0),
-        )?,
+    let vm_id = rows::vm_id(conn, vm)?.ok_or_else(|| StoreError::UnknownVm(vm.to_owned()))?;
+    let id = match which {
+        PointSelector::Id(id) => rows::of_vm(conn, vm_id, *id)?,
+        PointSelector::Newest => rows::newest(conn, vm_id)?,
         PointSelector::At(text) => {
             let at = parse_rfc3339(text).map_err(|_| StoreError::NoPointAt {
                 vm: vm.to_owned(),
                 at: format!("{text} (not an RFC 3339 time)"),
             })?;
-            conn.query_row(
-                "SELECT id FROM points WHERE vm_id = ?1 AND created_us <= ?2
-                 ORDER BY created_us DESC, id DESC LIMIT 1",
-                params![vm_id, at],
-                |r| r.get(0),
-            )
-            .optional()?
+            rows::created_by(conn, vm_id, at)?
         }
     };
     let Some(id) = id else {
@@ -183,38 +123,5 @@ pub fn resolve(
             },
         });
     };
-    #[allow(clippy::type_complexity)]
-    let (created, committed, parent, consistency, config, locked): (
-        i64,
-        i64,
-        Option<i64>,
-        String,
-        Option<String>,
-        Option<i64>,
-    ) = conn.query_row(
-        "SELECT created_us, committed_us, parent, consistency, config, locked_until_us
-         FROM points WHERE id = ?1",
-        [id],
-        |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        },
-    )?;
-    Ok(PointInfo {
-        id,
-        vm: vm.to_owned(),
-        created: rfc3339(created),
-        committed: rfc3339(committed),
-        parent,
-        consistency,
-        config: config.and_then(|c| serde_json::from_str(&c).ok()),
-        locked_until: locked.map(rfc3339),
-        disks: disks_of(conn, id)?,
-    })
+    info(conn, rows::get(conn, id, vm)?)
 }

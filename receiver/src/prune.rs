@@ -10,10 +10,11 @@
 //! Ordering rule: prune removes references before gc removes chunks; chunks are never touched
 //! here.
 
-use crate::catalog::{now_us, parse_rfc3339, rfc3339};
+use crate::catalog::points::{self as rows, VmId};
+use crate::catalog::{events, leaves, now_us, parse_rfc3339, rfc3339, PointId};
 use crate::error::StoreError;
 use crate::retention::{self, Candidate, Policy, Verdict};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -27,12 +28,8 @@ pub struct VmPrune {
     pub rows_touched: u64,
 }
 
-fn vms(conn: &Connection, only: Option<&str>) -> Result<Vec<(i64, String)>, StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT id, name FROM vms WHERE ?1 IS NULL OR name = ?1 ORDER BY name")?;
-    let rows = stmt
-        .query_map(params![only], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<Vec<(i64, String)>>>()?;
+fn vms(conn: &Connection, only: Option<&str>) -> Result<Vec<(VmId, String)>, StoreError> {
+    let rows = rows::vms(conn, only)?;
     if let Some(vm) = only {
         if rows.is_empty() {
             return Err(StoreError::UnknownVm(vm.to_owned()));
@@ -41,34 +38,19 @@ fn vms(conn: &Connection, only: Option<&str>) -> Result<Vec<(i64, String)>, Stor
     Ok(rows)
 }
 
-fn candidates(conn: &Connection, vm_id: i64) -> Result<Vec<Candidate>, StoreError> {
+fn candidates(conn: &Connection, vm: VmId) -> Result<Vec<Candidate>, StoreError> {
     // A forward clock step must not end a lock early.
     let now = crate::clock::cautious_now(conn)?;
-    let mut stmt = conn.prepare(
-        "SELECT p.id, p.created_us, COALESCE(p.locked_until_us, 0),
-                EXISTS(SELECT 1 FROM sessions s WHERE s.state = 'open' AND s.base_point = p.id)
-         FROM points p WHERE p.vm_id = ?1 ORDER BY p.id",
-    )?;
-    let rows = stmt.query_map([vm_id], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, bool>(3)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, created, locked_until, in_use) = row?;
-        out.push(Candidate {
-            id,
-            created: OffsetDateTime::from_unix_timestamp_nanos(i128::from(created) * 1000)
+    Ok(rows::keep_rows(conn, vm)?
+        .into_iter()
+        .map(|k| Candidate {
+            id: k.id.0,
+            created: OffsetDateTime::from_unix_timestamp_nanos(i128::from(k.created_us) * 1000)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-            locked: locked_until > now,
-            in_use,
-        });
-    }
-    Ok(out)
+            locked: k.locked_until_us > now,
+            in_use: k.in_use,
+        })
+        .collect())
 }
 
 /// Applies `policy` to every VM (or one); with `dry_run` only reports.
@@ -109,69 +91,35 @@ pub fn prune(
 /// and not the base of an open session (serve may have changed that since the decision).
 fn remove_point(conn: &mut Connection, point: i64) -> Result<u64, StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let row: Option<(i64, i64, bool)> = tx
-        .query_row(
-            "SELECT vm_id, COALESCE(locked_until_us, 0),
-                    EXISTS(SELECT 1 FROM sessions s WHERE s.state = 'open' AND s.base_point = ?1)
-             FROM points WHERE id = ?1",
-            [point],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    let Some((vm_id, locked_until, in_use)) = row else {
+    let id = PointId(point);
+    let Some((vm_id, keep)) = rows::protection(&tx, id)? else {
         return Ok(0);
     };
-    let newest: i64 = tx.query_row(
-        "SELECT MAX(id) FROM points WHERE vm_id = ?1",
-        [vm_id],
-        |r| r.get(0),
-    )?;
-    if locked_until > crate::clock::cautious_now(&tx)? || in_use || newest == point {
+    let newest = rows::newest(&tx, vm_id)?;
+    if keep.locked_until_us > crate::clock::cautious_now(&tx)? || keep.in_use || newest == Some(id)
+    {
         return Err(StoreError::Protected(point));
     }
-    let disks: Vec<i64> = {
-        let mut stmt = tx.prepare("SELECT disk_id FROM point_disks WHERE point_id = ?1")?;
-        let rows = stmt.query_map([point], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
     let mut touched = 0u64;
-    for disk in disks {
+    for disk in rows::disk_ids(&tx, id)? {
         // The very next point of this disk, even one this prune will remove too: folding past
         // it would hide this point's versions from it, and a prune killed before removing it
         // would leave it damaged. Its own removal folds them further.
-        let next: Option<i64> = tx
-            .prepare_cached(
-                "SELECT MIN(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id > ?2",
-            )?
-            .query_row(params![disk, point], |r| r.get(0))?;
-        match next {
-            Some(n) => {
-                touched += tx.execute(
-                    "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2 AND EXISTS
-                       (SELECT 1 FROM nodes n2 WHERE n2.disk_id = ?1 AND n2.level = nodes.level
-                        AND n2.idx = nodes.idx AND n2.point > ?2 AND n2.point <= ?3)",
-                    params![disk, point, n],
-                )? as u64;
-                touched += tx.execute(
-                    "UPDATE nodes SET point = ?3 WHERE disk_id = ?1 AND point = ?2",
-                    params![disk, point, n],
-                )? as u64;
-            }
-            None => {
-                touched += tx.execute(
-                    "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2",
-                    params![disk, point],
-                )? as u64;
-            }
-        }
+        touched += match rows::next_with_disk(&tx, disk, id)? {
+            Some(next) => leaves::fold_into(&tx, disk, id, next)?,
+            None => leaves::drop_point(&tx, disk, id)?,
+        };
     }
-    tx.execute("DELETE FROM point_disks WHERE point_id = ?1", [point])?;
-    tx.execute("UPDATE points SET parent = NULL WHERE parent = ?1", [point])?;
-    tx.execute("DELETE FROM points WHERE id = ?1", [point])?;
-    tx.execute(
-        "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (?1, 'prune', ?2, ?3, ?4)",
-        params![vm_id, point, format!("{{\"rows\": {touched}}}"), now_us()],
-    )?;
+    rows::delete(&tx, id)?;
+    let detail = format!("{{\"rows\": {touched}}}");
+    let event = events::NewEvent {
+        vm: Some(vm_id),
+        kind: "prune",
+        point: Some(point),
+        detail: &detail,
+        at_us: now_us(),
+    };
+    events::record(&tx, &event)?;
     tx.commit()?;
     Ok(touched)
 }
@@ -180,21 +128,13 @@ fn remove_point(conn: &mut Connection, point: i64) -> Result<u64, StoreError> {
 pub fn lock(conn: &Connection, vm: &str, point: i64, until: &str) -> Result<String, StoreError> {
     let until_us = parse_rfc3339(until).map_err(|_| StoreError::BadTime(until.to_owned()))?;
     let p = crate::points::resolve(conn, vm, &crate::points::PointSelector::Id(point))?;
-    conn.execute(
-        "UPDATE points SET locked_until_us = MAX(COALESCE(locked_until_us, 0), ?2) WHERE id = ?1",
-        params![p.id, until_us],
-    )?;
-    let now: i64 = conn.query_row(
-        "SELECT locked_until_us FROM points WHERE id = ?1",
-        [p.id],
-        |r| r.get(0),
-    )?;
-    Ok(rfc3339(now))
+    Ok(rfc3339(rows::extend_lock(conn, PointId(p.id), until_us)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
     use std::collections::BTreeMap;
 
     /// Leaves (level 0) of disk 1 as point `p` sees them.

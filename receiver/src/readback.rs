@@ -1,15 +1,15 @@
 //! Reading a VM's points back for its own agent (rollback): the leaves of a disk at a point, a
 //! page at a time, and chunk data the agent owns. Also records rollbacks as events.
 
-use crate::catalog::now_us;
-use crate::chunks::{ChunkLocation, ReadOrder};
+use crate::catalog::leaves::{self, Columns, Span};
+use crate::catalog::{self, events, now_us, PointId};
+use crate::chunks::ReadOrder;
 use crate::error::StoreError;
 use crate::ingest::owned_vm;
 use crate::points::{self, PointSelector};
 use crate::store::Store;
 use rewind_proto::format::{MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS, MAX_READ_REPLY_BYTES};
 use rewind_proto::Leaf;
-use rusqlite::params;
 
 /// Rollback events one VM may have recorded.
 const MAX_ROLLBACK_EVENTS: i64 = 100_000;
@@ -55,20 +55,11 @@ impl Store {
             });
         }
         let limit = limit.clamp(1, MAX_POINT_BLOCKS_PAGE);
-        let mut stmt = conn.prepare_cached(
-            "SELECT idx, hash FROM
-               (SELECT idx, hash, MAX(point) FROM nodes
-                WHERE disk_id = ?1 AND level = 0 AND idx >= ?2 AND point <= ?3 GROUP BY idx)
-             WHERE hash IS NOT NULL ORDER BY idx LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![d.disk_id, start as i64, point, limit], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut leaves = Vec::new();
-        for row in rows {
-            let (idx, hash) = row?;
-            leaves.push((idx as u64, Leaf::from_slice(&hash)?));
-        }
+        let span = Span::leaves(d.disk_id, PointId(point), start..u64::MAX);
+        let leaves: Vec<(u64, Leaf)> = leaves::page(&conn, &span, Columns::Hashes, limit as usize)?
+            .into_iter()
+            .map(|n| (n.idx, n.hash))
+            .collect();
         let next =
             (leaves.len() == limit as usize).then(|| leaves.last().map_or(start, |l| l.0 + 1));
         Ok(LeafPage {
@@ -98,18 +89,10 @@ impl Store {
             // Lookups of concurrent requests run side by side, each on its own connection.
             let conn = self.reader()?;
             owned_vm(&conn, vm, owner)?;
-            let mut stmt = conn.prepare_cached(
-                "SELECT pack_id, offset, clen FROM chunks WHERE owner = ?1 AND hash = ?2",
-            )?;
             let mut locs = Vec::new();
             for h in hashes {
-                let loc: Option<(i64, i64, i64)> = rusqlite::OptionalExtension::optional(
-                    stmt.query_row(params![owner, &h.0[..]], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    }),
-                )?;
-                let (pack, off, clen) = loc.ok_or(StoreError::NotHeld(*h))?;
-                locs.push((*h, ChunkLocation::from_columns(pack, off, clen)));
+                let at = catalog::chunks::location(&conn, owner, &h.0[..])?;
+                locs.push((*h, at.ok_or(StoreError::NotHeld(*h))?));
             }
             locs
         };
@@ -150,11 +133,7 @@ impl Store {
             });
         }
         // Events are kept as long as the VM: an agent may not grow the catalog without bound.
-        let n: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE vm_id = ?1 AND kind = 'rollback'",
-            [vm_id],
-            |r| r.get(0),
-        )?;
+        let n = events::count_of_vm(&conn, vm_id, "rollback")?;
         if n >= MAX_ROLLBACK_EVENTS {
             return Err(StoreError::TooLarge {
                 what: "rollback events kept for one VM",
@@ -162,17 +141,17 @@ impl Store {
                 max: MAX_ROLLBACK_EVENTS as usize,
             });
         }
-        conn.execute(
-            "INSERT INTO events(vm_id, kind, point, detail, created_us) VALUES (?1, 'rollback', ?2, ?3, ?4)",
-            params![vm_id, point, detail.to_string(), now_us()],
-        )?;
+        let detail = detail.to_string();
+        let event = events::NewEvent {
+            vm: Some(vm_id),
+            kind: "rollback",
+            point: Some(point),
+            detail: &detail,
+            at_us: now_us(),
+        };
+        let id = events::record(&conn, &event)?;
         // The event's number among the VM's own: the global id would tell how many events
         // other agents' VMs had.
-        let id = conn.last_insert_rowid();
-        Ok(conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE vm_id = ?1 AND id <= ?2",
-            params![vm_id, id],
-            |r| r.get(0),
-        )?)
+        Ok(events::number_in_vm(&conn, vm_id, id)?)
     }
 }

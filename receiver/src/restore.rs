@@ -2,15 +2,18 @@
 //! pack, verified against its hash, and written at its offset; zero blocks stay holes. The
 //! image is written under a temporary name and renamed only once its root equals the point's.
 
-use crate::chunks::{self, ChunkLocation, Prepared, ReadOrder};
+use crate::catalog::leaves::{self, Columns};
+use crate::catalog::PointId;
+use crate::chunks::{self, Prepared, ReadOrder};
 use crate::error::StoreError;
 use crate::points::PointDisk;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{chunk, Leaf};
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use std::fs::{File, OpenOptions};
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,39 +136,6 @@ pub struct RestoreStats {
     pub size: u64,
     pub blocks_written: u64,
     pub bytes_written: u64,
-}
-
-/// Streams the leaves of `disk` at `point`, in block order, with where each chunk lives.
-pub fn for_each_block(
-    conn: &Connection,
-    disk_id: i64,
-    point: i64,
-    mut f: impl FnMut(u64, Leaf, Option<ChunkLocation>) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT n.idx, n.hash, c.pack_id, c.offset, c.clen FROM
-           (SELECT idx, hash, MAX(point) FROM nodes
-            WHERE disk_id = ?1 AND level = 0 AND point <= ?2 GROUP BY idx) n
-         LEFT JOIN chunks c ON c.hash = n.hash AND c.owner =
-           (SELECT v.owner FROM disks d JOIN vms v ON v.id = d.vm_id WHERE d.id = ?1)
-         WHERE n.hash IS NOT NULL ORDER BY n.idx",
-    )?;
-    let mut rows = stmt.query(params![disk_id, point])?;
-    while let Some(r) = rows.next()? {
-        let idx: i64 = r.get(0)?;
-        let hash: Vec<u8> = r.get(1)?;
-        let leaf = Leaf::from_slice(&hash)?;
-        let loc = match (
-            r.get::<_, Option<i64>>(2)?,
-            r.get::<_, Option<i64>>(3)?,
-            r.get::<_, Option<i64>>(4)?,
-        ) {
-            (Some(p), Some(o), Some(l)) => Some(ChunkLocation::from_columns(p, o, l)),
-            _ => None,
-        };
-        f(idx as u64, leaf, loc)?;
-    }
-    Ok(())
 }
 
 /// A decoded batch of blocks, in the aligned buffer it was decoded into.
@@ -338,9 +308,11 @@ pub fn restore_disk(
         let failed = &failed;
         let worker = scope.spawn(move || decode_loop(rx, &frx, &dtx, &decode, failed, stopped));
         let mut batch: Batch = Vec::with_capacity(batch_blocks);
-        let walked = for_each_block(conn, disk.disk_id, point, |idx, leaf, loc| {
+        let span = leaves::Span::all_leaves(disk.disk_id, PointId(point));
+        let walked = leaves::at_point(conn, &span, Columns::Located, |node| {
+            let (idx, leaf, loc) = (node.idx, node.hash, node.at);
             let Some(len) = geometry.block_len(idx) else {
-                return Ok(());
+                return Ok(ControlFlow::Continue(()));
             };
             builder.push_zeros(idx - next);
             let at = loc.ok_or(StoreError::MissingChunk(leaf))?;
@@ -362,7 +334,7 @@ pub fn restore_disk(
                 }
                 progress(geometry.offset(idx) + len as u64);
             }
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         });
         if walked.is_ok() && !batch.is_empty() {
             let _ = tx.send(batch);

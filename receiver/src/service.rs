@@ -1,6 +1,7 @@
 //! The gRPC face of the store: translates messages to store calls and store errors to statuses.
 //! Every call is attributed to the agent named by its client certificate.
 
+use crate::chunks::ChunkStoreError;
 use crate::error::StoreError;
 use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, SessionState};
 use crate::pki::identity_of;
@@ -251,15 +252,17 @@ pub fn to_status(e: StoreError) -> Status {
         SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
         BaseMoved { .. } | CommitRunning(_) => Status::aborted(msg),
         Cancelled => Status::cancelled(msg),
-        RootMismatch { .. } => Status::data_loss(msg),
-        Quota { .. } => Status::resource_exhausted(msg),
-        Sql(_)
-        | Pack(_)
-        | Io { .. }
+        // Damaged stored data keeps its kind: the caller learns it is data loss, not a fault
+        // of its request or a passing failure.
+        RootMismatch { .. }
         | MissingChunk(_)
         | RestoredRoot { .. }
-        | OutputExists(_)
-        | InUse(_) => Status::internal(msg),
+        | CorruptRecord { .. }
+        | Pack(ChunkStoreError::BadRecord { .. }) => Status::data_loss(msg),
+        Quota { .. } => Status::resource_exhausted(msg),
+        Sql(_) | Pack(ChunkStoreError::Io { .. }) | Io { .. } | OutputExists(_) | InUse(_) => {
+            Status::internal(msg)
+        }
     };
     tracing::warn!(code = ?status.code(), message = status.message(), "request refused");
     status

@@ -64,7 +64,7 @@ pub struct Store {
     readers: Mutex<Vec<Connection>>,
     rules: RwLock<Arc<Rules>>,
     /// One lock per VM that serialises its commits (see [`Store::commit`]).
-    pub(crate) commit_locks: Mutex<std::collections::HashMap<i64, Arc<Mutex<()>>>>,
+    pub(crate) commit_locks: Mutex<std::collections::HashMap<crate::catalog::VmId, Arc<Mutex<()>>>>,
     /// The data folder's serve lock, held while the store is open.
     _serve_lock: std::fs::File,
 }
@@ -96,11 +96,7 @@ impl Store {
             }
         }
         // Staged rows of sessions that can never commit (a crash came before they were dropped).
-        conn.execute(
-            "DELETE FROM session_blocks WHERE session_id IN
-               (SELECT id FROM sessions WHERE state <> 'open')",
-            [],
-        )?;
+        crate::catalog::sessions::drop_closed_staged(&conn)?;
         Ok(Store {
             data: data.to_owned(),
             chunks,

@@ -191,11 +191,7 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
                 crate::points::list(&conn, None)?.into_iter().map(|p| p.vm).collect();
             for vm in vms {
                 let Some(s) = file.drill(&vm) else { continue };
-                let last: Option<i64> = conn.query_row(
-                    "SELECT MAX(started_us) FROM drills WHERE vm = ?1",
-                    [&vm],
-                    |r| r.get(0),
-                )?;
+                let last = crate::catalog::drills::last_started(&conn, &vm)?;
                 // Never drilled: the first one is one period after serve started.
                 let since = last
                     .unwrap_or(started)

@@ -46,41 +46,18 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening the catalog in {}", data.display()))?;
     // A forward clock step must not make every VM look behind at once.
     let now = crate::clock::cautious_now(&conn)?;
-    // Which VMs a quarantined chunk damages costs a scan of their leaves: only when any is.
-    let quarantined: i64 = conn.query_row("SELECT COUNT(*) FROM bad_chunks", [], |r| r.get(0))?;
-    let damage = if quarantined > 0 {
-        "(SELECT COUNT(*) FROM bad_chunks b WHERE b.owner = v.owner AND b.hash IN
-              (SELECT n.hash FROM nodes n JOIN disks k ON k.id = n.disk_id
-               WHERE k.vm_id = v.id AND n.level = 0))"
-    } else {
-        "0"
-    };
-    let mut stmt = conn.prepare(&format!(
-        "SELECT v.name,
-           (SELECT COUNT(*) FROM points p WHERE p.vm_id = v.id),
-           (SELECT MAX(id) FROM points p WHERE p.vm_id = v.id),
-           (SELECT MAX(created_us) FROM points p WHERE p.vm_id = v.id),
-           (SELECT COUNT(*) FROM sessions s WHERE s.vm_id = v.id AND s.state = 'open'),
-           (SELECT result || COALESCE(': ' || reason, '') FROM drills d WHERE d.vm = v.name
-              ORDER BY d.id DESC LIMIT 1),
-           {damage}
-         FROM vms v ORDER BY v.name"
-    ))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, i64>(6)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = catalog::status::vms(&conn)?;
     let mut alerts = Vec::new();
-    for (vm, points, newest, created, open, drill, bad) in rows {
+    for row in rows {
+        let catalog::status::VmStatus {
+            vm,
+            points,
+            newest_point: newest,
+            newest_created_us: created,
+            open_sessions: open,
+            last_drill: drill,
+            damaging_chunks: bad,
+        } = row;
         let rpo = file.rpo(&vm).unwrap_or(a.rpo).max(1);
         let age = created.map(|c| (now - c).max(0) as f64 / 1e6);
         let (state, why) = if bad > 0 {

@@ -3,6 +3,9 @@
 //! against the agent's, and make the point visible in one transaction.
 
 use super::*;
+use crate::catalog::leaves::{self, Columns, Node, Span};
+use crate::catalog::{commits, points, DiskId, PointId};
+use std::ops::ControlFlow;
 
 impl Store {
     /// Makes the session a point if, for every disk, the root recomputed from the stored nodes
@@ -36,16 +39,12 @@ impl Store {
         self.forget_pending(Some(vm_id))?;
         // The cost of one transaction grows with the staged rows and with the level-1 nodes
         // they touch (each reads its 256 children): past either bound, commit in steps.
-        let large: bool = self
-            .conn()
-            .prepare_cached(
-                "SELECT EXISTS(SELECT 1 FROM session_blocks WHERE session_id = ?1 LIMIT 1 OFFSET ?2)
-                   OR (SELECT COUNT(DISTINCT idx / 256) FROM session_blocks WHERE session_id = ?1) > ?3",
-            )?
-            .query_row(
-                params![session_id, WHOLE_COMMIT_MAX as i64, WHOLE_COMMIT_PARENTS as i64],
-                |r| r.get(0),
-            )?;
+        let large = sessions::is_large(
+            &self.conn(),
+            session_id,
+            WHOLE_COMMIT_MAX,
+            WHOLE_COMMIT_PARENTS,
+        )?;
         let meta = (config, consistency);
         if large {
             self.commit_in_steps(owner, session_id, roots, meta)
@@ -83,10 +82,7 @@ impl Store {
             &tops,
             (config, consistency),
         )?;
-        tx.execute(
-            "DELETE FROM session_blocks WHERE session_id = ?1",
-            [session_id],
-        )?;
+        sessions::drop_staged(&tx, session_id)?;
         tx.commit()?;
         Ok(Committed {
             point,
@@ -128,17 +124,14 @@ impl Store {
                 .filter(|(d, _)| d.base_disk.is_none())
                 .map(|(_, id)| *id)
                 .collect();
-            tx.execute(
-                "INSERT INTO pending_commits(session_id, vm_id, point, disks, new_disks)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    session_id,
-                    session.vm_id,
-                    point,
-                    serde_json::to_string(&ids).unwrap_or_default(),
-                    serde_json::to_string(&new_generations).unwrap_or_default()
-                ],
-            )?;
+            let pending = commits::Pending {
+                session_id: session_id.to_owned(),
+                vm_id: session.vm_id,
+                point,
+                disks: serde_json::to_string(&ids).unwrap_or_default(),
+                new_disks: serde_json::to_string(&new_generations).unwrap_or_default(),
+            };
+            commits::record(&tx, &pending)?;
             tx.commit()?;
             (session, point, ids)
         };
@@ -190,10 +183,7 @@ impl Store {
             )?;
             // The record of the steps must still be there: had anything removed it (and so
             // the nodes written under it), the point would be missing blocks.
-            let n = tx.execute(
-                "DELETE FROM pending_commits WHERE session_id = ?1 AND point = ?2",
-                params![session_id, point],
-            )?;
+            let n = commits::finish(&tx, session_id, point)?;
             if n != 1 {
                 return Err(StoreError::CommitRunning(names::shown(session_id)));
             }
@@ -225,7 +215,7 @@ impl Store {
 
     /// Removes, in bounded steps, what stepped commits of `vm_id` (or of every VM) left before
     /// their point existed.
-    pub fn forget_pending(&self, vm_id: Option<i64>) -> Result<(), StoreError> {
+    pub fn forget_pending(&self, vm_id: Option<VmId>) -> Result<(), StoreError> {
         loop {
             let mut conn = self.conn();
             let more = forget_pending_step(&mut conn, vm_id)?;
@@ -237,7 +227,7 @@ impl Store {
     }
 
     /// The lock that serialises the commits of one VM.
-    fn vm_lock(&self, vm_id: i64) -> std::sync::Arc<std::sync::Mutex<()>> {
+    fn vm_lock(&self, vm_id: VmId) -> std::sync::Arc<std::sync::Mutex<()>> {
         self.commit_locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -289,11 +279,7 @@ pub(super) fn commit_checks<'a>(
             return Err(StoreError::RootSet(d.name.clone()));
         }
     }
-    let created: i64 = conn.query_row(
-        "SELECT created_us FROM sessions WHERE id = ?1",
-        [session_id],
-        |r| r.get(0),
-    )?;
+    let created = sessions::created_us(conn, session_id)?;
     Ok((session, agent_roots, created))
 }
 
@@ -320,13 +306,7 @@ pub(super) fn grown_edge(
     let (Some(base), Some(_)) = (session.base_point, disk.base_disk) else {
         return Ok(None);
     };
-    let old: Option<i64> = conn
-        .query_row(
-            "SELECT size FROM point_disks WHERE point_id = ?1 AND name = ?2",
-            params![base, disk.name],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let old = points::disk_size_at(conn, base, &disk.name)?;
     let bs = disk.geometry.block_size.bytes();
     Ok(match old {
         Some(old) if (old as u64) < disk.geometry.size && old > 0 => {
@@ -345,16 +325,8 @@ pub(super) fn disk_row(
     match disk.base_disk {
         Some(id) => Ok(id),
         None => {
-            conn.execute(
-                "INSERT INTO disks(vm_id, name, size, block_size) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    session.vm_id,
-                    disk.name,
-                    disk.geometry.size as i64,
-                    disk.geometry.block_size.bytes() as i64
-                ],
-            )?;
-            Ok(conn.last_insert_rowid())
+            let (size, bs) = (disk.geometry.size, disk.geometry.block_size.bytes());
+            points::new_disk(conn, session.vm_id, &disk.name, size as i64, bs as i64)
         }
     }
 }
@@ -377,18 +349,7 @@ pub(super) fn write_leaves(
     edge: Option<u64>,
 ) -> Result<(usize, Leaf, Option<u64>), StoreError> {
     let limit = max_parents.map_or(-1, |p| (p as i64) * tree_fanout());
-    let idxs: Vec<u64> = {
-        let mut stmt = conn.prepare_cached(
-            "SELECT idx FROM session_blocks WHERE session_id = ?1 AND pos = ?2 AND idx > ?3
-             ORDER BY idx LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![session_id, pos as i64, after, limit], |r| {
-            r.get::<_, i64>(0)
-        })?;
-        rows.map(|r| r.map(|i| i as u64))
-            .collect::<rusqlite::Result<_>>()?
-    };
-    let mut group = idxs;
+    let mut group = sessions::staged_after(conn, session_id, pos, after, limit)?;
     if let Some(max) = max_parents {
         let fanout = tree_fanout() as u64;
         let mut parents = 0;
@@ -406,15 +367,14 @@ pub(super) fn write_leaves(
     }
     let last = group.last().copied();
     let changed = match last {
-        Some(l) => conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
-                 SELECT ?1, 0, idx, ?2, CASE WHEN hash = zeroblob(32) THEN NULL ELSE hash END
-                 FROM session_blocks WHERE session_id = ?3 AND pos = ?4 AND idx > ?5 AND idx <= ?6",
-            )?
-            .execute(params![
-                disk_id, point, session_id, pos as i64, after, l as i64
-            ])?,
+        Some(l) => leaves::put_staged(
+            conn,
+            DiskId(disk_id),
+            PointId(point),
+            (session_id, pos),
+            after,
+            l,
+        )?,
         None => 0,
     };
     let mut nodes = SqlNodes {
@@ -449,11 +409,7 @@ pub(super) fn record_point(
 ) -> Result<(), StoreError> {
     // Point times never go backwards within a VM, whatever the clock did since the last point
     // (see crate::clock): listings, retention and `--at` keep the order points were taken in.
-    let previous: Option<i64> = conn.query_row(
-        "SELECT MAX(created_us) FROM points WHERE vm_id = ?1",
-        [session.vm_id],
-        |r| r.get(0),
-    )?;
+    let previous = points::newest_created(conn, session.vm_id)?;
     let created = match previous {
         Some(p) if created <= p => {
             tracing::warn!(
@@ -466,20 +422,17 @@ pub(super) fn record_point(
         }
         _ => created,
     };
-    conn.execute(
-        "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency, config)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            point,
-            session.vm_id,
-            session.base_point,
-            created,
-            now_us(),
-            session_id,
-            consistency,
-            config
-        ],
-    )?;
+    let row = points::NewPoint {
+        id: point,
+        vm_id: session.vm_id,
+        parent: session.base_point,
+        created_us: created,
+        committed_us: now_us(),
+        session: session_id,
+        consistency,
+        config,
+    };
+    points::insert(conn, &row)?;
     for (disk, &(disk_id, top, changed)) in session.disks.iter().zip(tops) {
         let root = tree::root(&disk.geometry, top);
         let agent = agent_roots
@@ -493,24 +446,17 @@ pub(super) fn record_point(
                 stored: root,
             });
         }
-        conn.execute(
-            "INSERT INTO point_disks(point_id, name, disk_id, size, block_size, root, changed_blocks)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                point,
-                disk.name,
-                disk_id,
-                disk.geometry.size as i64,
-                disk.geometry.block_size.bytes() as i64,
-                &root.0[..],
-                changed as i64
-            ],
-        )?;
+        let row = points::PointDiskRow {
+            name: disk.name.clone(),
+            size: disk.geometry.size as i64,
+            block_size: disk.geometry.block_size.bytes() as i64,
+            root,
+            changed_blocks: changed as i64,
+            disk_id: DiskId(disk_id),
+        };
+        points::add_disk(conn, point, &row)?;
     }
-    conn.execute(
-        "UPDATE sessions SET state = 'committed', point_id = ?2, updated_us = ?3 WHERE id = ?1",
-        params![session_id, point, now_us()],
-    )?;
+    sessions::mark_committed(conn, session_id, point, now_us())?;
     Ok(())
 }
 
@@ -521,52 +467,35 @@ pub(super) const CLEANUP_STEP: i64 = 16_384;
 /// their point existed: nodes at the reserved id, then the disk generations they created, then
 /// the pending record. Returns whether any pending record is left. A record whose point was
 /// committed (same id and session) only loses the record.
-pub fn forget_pending_step(conn: &mut Connection, vm_id: Option<i64>) -> Result<bool, StoreError> {
+pub fn forget_pending_step(conn: &mut Connection, vm_id: Option<VmId>) -> Result<bool, StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let row: Option<(String, i64, String, String)> = tx
-        .query_row(
-            "SELECT session_id, point, disks, new_disks FROM pending_commits
-             WHERE ?1 IS NULL OR vm_id = ?1 LIMIT 1",
-            [vm_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .optional()?;
-    let Some((session, point, disks, new_disks)) = row else {
+    let Some(pending) = commits::next(&tx, vm_id)? else {
         return Ok(false);
     };
-    let disks: Vec<i64> = serde_json::from_str(&disks).unwrap_or_default();
-    let new_disks: Vec<i64> = serde_json::from_str(&new_disks).unwrap_or_default();
-    let committed: bool = tx.query_row(
-        "SELECT EXISTS(SELECT 1 FROM points WHERE id = ?1 AND session = ?2)",
-        params![point, session],
-        |r| r.get(0),
-    )?;
+    let (session, point) = (pending.session_id, pending.point);
+    let (disks, new_disks) = (pending.disks, pending.new_disks);
+    // A damaged record is an error, never an empty list: forgetting the record would leave
+    // the nodes it names behind for good.
+    let corrupt = |source| StoreError::CorruptRecord {
+        what: "pending_commits.disks",
+        source,
+    };
+    let disks: Vec<i64> = serde_json::from_str(&disks).map_err(corrupt)?;
+    let new_disks: Vec<i64> = serde_json::from_str(&new_disks).map_err(corrupt)?;
+    let committed = points::committed_by(&tx, point, &session)?;
     let mut deleted = 0;
     if !committed {
         for d in &disks {
-            deleted += tx
-                .prepare_cached(
-                    "DELETE FROM nodes WHERE (disk_id, level, idx, point) IN
-                       (SELECT disk_id, level, idx, point FROM nodes
-                        WHERE disk_id = ?1 AND point = ?2 LIMIT ?3)",
-                )?
-                .execute(params![d, point, CLEANUP_STEP])?;
+            deleted += leaves::drop_point_step(&tx, DiskId(*d), PointId(point), CLEANUP_STEP)?;
         }
     }
     if deleted == 0 {
         if !committed {
             for d in &new_disks {
-                tx.execute(
-                    "DELETE FROM disks WHERE id = ?1 AND NOT EXISTS
-                       (SELECT 1 FROM point_disks WHERE disk_id = ?1)",
-                    [d],
-                )?;
+                points::drop_unused_disk(&tx, *d)?;
             }
         }
-        tx.execute(
-            "DELETE FROM pending_commits WHERE session_id = ?1",
-            [&session],
-        )?;
+        commits::forget(&tx, &session)?;
     }
     tx.commit()?;
     Ok(true)
@@ -588,33 +517,33 @@ impl NodeStore for SqlNodes<'_> {
         first: u64,
         end: u64,
     ) -> Result<Vec<(u64, Leaf)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT idx, hash, MAX(point) FROM nodes
-             WHERE disk_id = ?1 AND level = ?2 AND idx >= ?3 AND idx < ?4 AND point <= ?5
-             GROUP BY idx",
-        )?;
-        let rows = stmt.query_map(
-            params![self.disk_id, level, first as i64, end as i64, self.point],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?)),
-        )?;
+        let span = Span {
+            disk: DiskId(self.disk_id),
+            point: PointId(self.point),
+            level,
+            blocks: first..end,
+        };
         let mut out = Vec::new();
-        for row in rows {
-            let (idx, hash) = row?;
-            if let Some(h) = hash {
-                out.push((idx as u64, Leaf::from_slice(&h)?));
-            }
-        }
+        leaves::at_point(self.conn, &span, Columns::Hashes, |n| {
+            out.push((n.idx, n.hash));
+            Ok::<_, StoreError>(ControlFlow::Continue(()))
+        })?;
         Ok(out)
     }
 
     fn put(&mut self, level: u32, index: u64, value: Leaf) -> Result<(), StoreError> {
-        let hash = (!value.is_zero()).then_some(&value.0[..]);
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO nodes(disk_id, level, idx, point, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![self.disk_id, level, index as i64, self.point, hash])?;
+        let node = Node {
+            idx: index,
+            hash: value,
+            at: None,
+        };
+        leaves::put(
+            self.conn,
+            DiskId(self.disk_id),
+            PointId(self.point),
+            level,
+            &node,
+        )?;
         Ok(())
     }
 }

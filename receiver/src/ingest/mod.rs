@@ -15,7 +15,8 @@
 //! - chunks are stored per owner: a block is staged only against its own agent's chunk rows,
 //!   and what one agent sends never changes what another agent's points read.
 
-use crate::catalog::{now_us, rfc3339};
+use crate::catalog::points::VmId;
+use crate::catalog::{now_us, rfc3339, sessions};
 use crate::chunks::{ChunkLocation, ChunkWriter};
 use crate::error::StoreError;
 use crate::store::Store;
@@ -26,7 +27,7 @@ use rewind_proto::format::{
 use rewind_proto::report::Chain;
 use rewind_proto::tree::{self, NodeStore, Shape};
 use rewind_proto::{names, Leaf};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{Connection, Transaction};
 use std::collections::{HashMap, HashSet};
 
 mod commit;
@@ -175,24 +176,20 @@ struct SessionDisk {
 }
 
 struct Session {
-    vm_id: i64,
+    vm_id: VmId,
     vm: String,
     base_point: Option<i64>,
     disks: Vec<SessionDisk>,
 }
 
 /// The newest point of a VM.
-pub fn latest_point(conn: &Connection, vm_id: i64) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT MAX(id) FROM points WHERE vm_id = ?1",
-        [vm_id],
-        |r| r.get(0),
-    )
+pub fn latest_point(conn: &Connection, vm_id: VmId) -> rusqlite::Result<Option<i64>> {
+    Ok(crate::catalog::points::newest(conn, vm_id)?.map(|p| p.0))
 }
 
 /// Checks that `caller` owns `vm` and returns its id. Another agent's VM is refused exactly as
 /// one that does not exist: reads tell an agent nothing about VMs it does not own.
-pub fn owned_vm(conn: &Connection, vm: &str, caller: &str) -> Result<i64, StoreError> {
+pub fn owned_vm(conn: &Connection, vm: &str, caller: &str) -> Result<VmId, StoreError> {
     match vm_row(conn, vm)? {
         Some((id, owner)) if owner == caller => Ok(id),
         _ => Err(StoreError::UnknownVm(names::shown(vm))),
@@ -200,50 +197,30 @@ pub fn owned_vm(conn: &Connection, vm: &str, caller: &str) -> Result<i64, StoreE
 }
 
 fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, String), StoreError> {
-    // Every batch loads its session: the statements are kept prepared.
-    let row: Option<(i64, String, Option<i64>, String, String)> = conn
-        .prepare_cached(
-            "SELECT s.vm_id, v.name, s.base_point, s.state, s.owner
-             FROM sessions s JOIN vms v ON v.id = s.vm_id WHERE s.id = ?1",
-        )?
-        .query_row([id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .optional()?;
-    let Some((vm_id, vm, base_point, state, session_owner)) = row else {
+    let Some(row) = sessions::get(conn, id)? else {
         return Err(StoreError::UnknownSession(names::shown(id)));
     };
-    if session_owner != owner {
+    if row.owner != owner {
         return Err(StoreError::UnknownSession(names::shown(id)));
     }
-    let mut stmt = conn.prepare_cached(
-        "SELECT name, size, block_size, base_disk FROM session_disks
-         WHERE session_id = ?1 ORDER BY pos",
-    )?;
-    let disks = stmt
-        .query_map([id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-            ))
-        })?
-        .map(|row| {
-            let (name, size, bs, base_disk) = row?;
-            let geometry = DiskGeometry::new(size as u64, bs as u64).map_err(|source| {
-                StoreError::Geometry {
-                    disk: name.clone(),
-                    source,
-                }
-            })?;
+    let disks = sessions::disks(conn, id)?
+        .into_iter()
+        .map(|d| {
+            let geometry =
+                DiskGeometry::new(d.size as u64, d.block_size as u64).map_err(|source| {
+                    StoreError::Geometry {
+                        disk: d.name.clone(),
+                        source,
+                    }
+                })?;
             Ok(SessionDisk {
-                name,
+                name: d.name,
                 geometry,
-                base_disk,
+                base_disk: d.base_disk,
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+    let (vm_id, vm, base_point, state) = (row.vm_id, row.vm, row.base_point, row.state);
     Ok((
         Session {
             vm_id,
@@ -266,6 +243,7 @@ fn open_session(conn: &Connection, owner: &str, id: &str) -> Result<Session, Sto
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     fn block(byte: u8) -> (Leaf, IncomingChunk) {
         let data = vec![byte; 4096];
@@ -635,6 +613,44 @@ mod tests {
             )
             .expect("count");
         assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn a_damaged_pending_record_is_an_error_and_keeps_its_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("store");
+            store
+                .conn()
+                .execute_batch(
+                    "INSERT INTO vms(id, name, owner, created_us) VALUES (1, 'vm', 'agent', 1);
+                     INSERT INTO disks(id, vm_id, name, size, block_size) VALUES (7, 1, 'vda', 8192, 4096);
+                     INSERT INTO nodes(disk_id, level, idx, point, hash) VALUES (7, 0, 0, 42, x'01');
+                     INSERT INTO pending_commits(session_id, vm_id, point, disks, new_disks) VALUES ('s', 1, 42, '[7', '[7]');",
+                )
+                .expect("a damaged record");
+        }
+        // Opening the store cleans pending commits up: this one is refused, not forgotten.
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                StoreError::CorruptRecord {
+                    what: "pending_commits.disks",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let conn = rusqlite::Connection::open(dir.path().join("catalog.sqlite")).expect("open");
+        let left: i64 = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM pending_commits) + (SELECT COUNT(*) FROM nodes)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 2);
     }
 
     #[test]

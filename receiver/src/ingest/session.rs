@@ -2,6 +2,7 @@
 //! answer which chunks an agent's own store lacks.
 
 use super::*;
+use crate::catalog::points;
 
 pub(super) fn new_session_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -26,11 +27,8 @@ pub(super) fn validate_begin(spec: &BeginSpec) -> Result<(), StoreError> {
 }
 
 /// The VM's id and owner, if it exists.
-pub(super) fn vm_row(conn: &Connection, vm: &str) -> rusqlite::Result<Option<(i64, String)>> {
-    conn.query_row("SELECT id, owner FROM vms WHERE name = ?1", [vm], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
-    .optional()
+pub(super) fn vm_row(conn: &Connection, vm: &str) -> rusqlite::Result<Option<(VmId, String)>> {
+    points::vm_owner(conn, vm)
 }
 
 /// Largest random step between two point ids of a VM.
@@ -42,13 +40,12 @@ pub(super) const FIRST_POINT_ID_MAX: i64 = 1 << 40;
 /// (versioned nodes need that), but by a random step, and a VM's first id is random: the ids
 /// an agent sees say nothing about how many points other agents committed meanwhile.
 pub(super) fn new_point_id(conn: &Connection, latest: Option<i64>) -> rusqlite::Result<i64> {
-    let mut taken = conn.prepare_cached("SELECT 1 FROM points WHERE id = ?1")?;
     loop {
         let id = match latest {
             Some(p) => p + rand::random_range(1..=POINT_ID_STEP),
             None => rand::random_range(1..FIRST_POINT_ID_MAX),
         };
-        if !taken.exists([id])? {
+        if !points::taken(conn, id)? {
             return Ok(id);
         }
     }
@@ -58,52 +55,36 @@ pub(super) fn new_point_id(conn: &Connection, latest: Option<i64>) -> rusqlite::
 /// free for another agent.
 pub(super) fn claim_expired(
     conn: &Connection,
-    vm_id: i64,
+    vm_id: VmId,
     timeout: std::time::Duration,
 ) -> rusqlite::Result<bool> {
     if latest_point(conn, vm_id)?.is_some() {
         return Ok(false);
     }
-    let last: i64 = conn.query_row(
-        "SELECT MAX(COALESCE((SELECT MAX(updated_us) FROM sessions WHERE vm_id = ?1), 0), created_us)
-         FROM vms WHERE id = ?1",
-        [vm_id],
-        |r| r.get(0),
-    )?;
+    let last = points::last_activity(conn, vm_id)?;
     Ok(crate::clock::cautious_now(conn)? - last >= timeout.as_micros() as i64)
 }
 
 /// The open sessions of a VM (of one owner, if given) other than `keep`.
 pub(super) fn open_sessions_of(
     conn: &Connection,
-    vm_id: i64,
+    vm_id: VmId,
     owner: Option<&str>,
     keep: &str,
 ) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id FROM sessions WHERE vm_id = ?1 AND state = 'open' AND id <> ?3
-           AND (?2 IS NULL OR owner = ?2)",
-    )?;
-    let rows = stmt.query_map(params![vm_id, owner, keep], |r| r.get(0))?;
-    rows.collect()
+    sessions::open_of_vm(conn, vm_id, owner, keep)
 }
 
 /// Hands a VM with no point to `owner`, abandoning its former owner's sessions (their staged
 /// rows are the caller's to drop, outside the transaction).
 pub(super) fn release_claim(
     conn: &Connection,
-    vm_id: i64,
+    vm_id: VmId,
     owner: &str,
 ) -> rusqlite::Result<Vec<String>> {
     let abandoned = open_sessions_of(conn, vm_id, None, "")?;
-    conn.execute(
-        "UPDATE sessions SET state = 'abandoned' WHERE vm_id = ?1 AND state = 'open'",
-        [vm_id],
-    )?;
-    conn.execute(
-        "UPDATE vms SET owner = ?2, created_us = ?3 WHERE id = ?1",
-        params![vm_id, owner, now_us()],
-    )?;
+    sessions::abandon_all_of_vm(conn, vm_id)?;
+    points::hand_over(conn, vm_id, owner, now_us())?;
     Ok(abandoned)
 }
 
@@ -113,9 +94,7 @@ pub(super) fn check_vm_quota(
     quota: &crate::config::Quota,
 ) -> Result<(), StoreError> {
     if let Some(max) = quota.vms {
-        let n: i64 = conn.query_row("SELECT COUNT(*) FROM vms WHERE owner = ?1", [owner], |r| {
-            r.get(0)
-        })?;
+        let n = points::vms_of(conn, owner)?;
         if n as u64 >= max {
             return Err(StoreError::Quota {
                 agent: owner.to_owned(),
@@ -138,12 +117,7 @@ impl Store {
         if let Some(resume) = &spec.resume {
             // The rows a resumed session staged before are dropped (the agent re-sends its
             // whole delta), in bounded steps before the begin's own transaction.
-            let mine: bool = self.conn().query_row(
-                "SELECT EXISTS(SELECT 1 FROM sessions s JOIN vms v ON v.id = s.vm_id
-                     WHERE s.id = ?1 AND s.owner = ?2 AND s.state = 'open' AND v.name = ?3)",
-                params![resume, owner, spec.vm],
-                |r| r.get(0),
-            )?;
+            let mine = sessions::is_open_of(&self.conn(), resume, owner, &spec.vm)?;
             if mine {
                 self.drop_staged(resume)?;
             }
@@ -210,32 +184,15 @@ impl Store {
         // A reader connection: questions never wait for, or hold up, the writer.
         let conn = self.reader()?;
         open_session(&conn, owner, session)?;
-        let mut stmt =
-            conn.prepare_cached("SELECT 1 FROM chunks WHERE owner = ?1 AND hash = ?2")?;
-        let mut out = Vec::new();
-        for h in hashes {
-            if h.is_zero() {
-                continue;
-            }
-            if !stmt.exists(params![owner, &h.0[..]])? {
-                out.push(*h);
-            }
-        }
-        Ok(out)
+        Ok(crate::catalog::chunks::missing(&conn, owner, hashes)?)
     }
 
     /// Where a session of `owner` stands.
     pub fn session_state(&self, owner: &str, session_id: &str) -> Result<SessionState, StoreError> {
         let conn = self.reader()?;
-        let row: Option<(String, String, Option<i64>)> = conn
-            .query_row(
-                "SELECT owner, state, point_id FROM sessions WHERE id = ?1",
-                [session_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
+        let row = sessions::outcome(&conn, session_id)?;
         Ok(match row {
-            Some((o, state, point)) if o == owner => match (state.as_str(), point) {
+            Some(o) if o.owner == owner => match (o.state.as_str(), o.point_id) {
                 ("committed", Some(p)) => SessionState::Committed(p),
                 ("open", _) => SessionState::Open,
                 _ => SessionState::Unknown,
@@ -254,7 +211,7 @@ fn claim_vm(
     claim_timeout: std::time::Duration,
     quota: &crate::config::Quota,
     dead: &mut Vec<String>,
-) -> Result<i64, StoreError> {
+) -> Result<VmId, StoreError> {
     Ok(match vm_row(tx, &spec.vm)? {
         Some((id, o)) if o == owner => id,
         Some((id, _)) if claim_expired(tx, id, claim_timeout)? => {
@@ -271,11 +228,7 @@ fn claim_vm(
         }
         None => {
             check_vm_quota(tx, owner, quota)?;
-            tx.execute(
-                "INSERT INTO vms(name, owner, created_us) VALUES (?1, ?2, ?3)",
-                params![spec.vm, owner, now_us()],
-            )?;
-            tx.last_insert_rowid()
+            points::new_vm(tx, &spec.vm, owner, now_us())?
         }
     })
 }
@@ -294,26 +247,19 @@ fn resumable(
     tx: &Connection,
     spec: &BeginSpec,
     owner: &str,
-    vm_id: i64,
+    vm_id: VmId,
 ) -> Result<Resumable, StoreError> {
     let Some(resume) = &spec.resume else {
         return Ok(Resumable::No);
     };
-    let found: Option<(String, String, i64, Option<i64>)> = tx
-        .query_row(
-            "SELECT owner, state, vm_id, point_id FROM sessions WHERE id = ?1",
-            [resume],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .optional()?;
+    let found = sessions::outcome(tx, resume)?;
     Ok(match found {
-        Some((o, state, v, point)) if o == owner && v == vm_id => match state.as_str() {
-            "committed" => Resumable::Committed(point),
+        Some(o) if o.owner == owner && o.vm_id == vm_id => match o.state.as_str() {
+            "committed" => Resumable::Committed(o.point_id),
             "open" => {
                 // Staged entries are dropped: the agent re-sends its whole delta (the disk may
                 // have changed since), but chunks already stored stay held.
-                tx.execute("DELETE FROM session_blocks WHERE session_id = ?1", [resume])?;
-                tx.execute("DELETE FROM session_disks WHERE session_id = ?1", [resume])?;
+                sessions::restart(tx, resume)?;
                 Resumable::Open(resume.clone())
             }
             _ => Resumable::No,
@@ -327,7 +273,7 @@ fn resumable(
 /// with them. A new session (not `resumed`) must fit the agent's session quota.
 fn supersede(
     tx: &Connection,
-    vm_id: i64,
+    vm_id: VmId,
     owner: &str,
     resumed: Option<&str>,
     quota: &crate::config::Quota,
@@ -335,18 +281,10 @@ fn supersede(
 ) -> Result<(), StoreError> {
     let keep = resumed.unwrap_or("");
     dead.extend(open_sessions_of(tx, vm_id, Some(owner), keep)?);
-    tx.execute(
-        "UPDATE sessions SET state = 'abandoned'
-         WHERE vm_id = ?1 AND owner = ?2 AND state = 'open' AND id <> ?3",
-        params![vm_id, owner, keep],
-    )?;
+    sessions::abandon_others(tx, vm_id, owner, keep)?;
     if resumed.is_none() {
         if let Some(max) = quota.sessions {
-            let open: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM sessions WHERE owner = ?1 AND state = 'open'",
-                [owner],
-                |r| r.get(0),
-            )?;
+            let open = sessions::open_count(tx, owner)?;
             if open as u64 >= max {
                 return Err(StoreError::Quota {
                     agent: owner.to_owned(),
@@ -364,26 +302,26 @@ fn supersede(
 fn open_session_row(
     tx: &Connection,
     resumed: Option<String>,
-    vm_id: i64,
+    vm_id: VmId,
     owner: &str,
     latest: Option<i64>,
 ) -> Result<String, StoreError> {
     let now = now_us();
     Ok(match resumed {
         Some(id) => {
-            tx.execute(
-                "UPDATE sessions SET base_point = ?2, created_us = ?3, updated_us = ?3 WHERE id = ?1",
-                params![id, latest, now],
-            )?;
+            sessions::redate(tx, &id, latest, now)?;
             id
         }
         None => {
             let id = new_session_id();
-            tx.execute(
-                "INSERT INTO sessions(id, vm_id, owner, base_point, state, created_us, updated_us)
-                 VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?5)",
-                params![id, vm_id, owner, latest, now],
-            )?;
+            let row = sessions::NewSession {
+                id: &id,
+                vm_id,
+                owner,
+                base_point: latest,
+                now_us: now,
+            };
+            sessions::insert(tx, &row)?;
             id
         }
     })
@@ -399,22 +337,10 @@ fn plan_disks(
     base: Option<i64>,
 ) -> Result<Vec<(String, DiskMode)>, StoreError> {
     let base_disks: HashMap<String, (i64, u64, u64)> = match base {
-        Some(p) => {
-            let mut stmt = tx.prepare(
-                "SELECT name, disk_id, size, block_size FROM point_disks WHERE point_id = ?1",
-            )?;
-            let rows = stmt.query_map([p], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    (
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)? as u64,
-                        r.get::<_, i64>(3)? as u64,
-                    ),
-                ))
-            })?;
-            rows.collect::<rusqlite::Result<_>>()?
-        }
+        Some(p) => points::base_disks(tx, p)?
+            .into_iter()
+            .map(|d| (d.name, (d.disk_id, d.size, d.block_size)))
+            .collect(),
         None => HashMap::new(),
     };
     let mut modes = Vec::new();
@@ -422,18 +348,13 @@ fn plan_disks(
         let base_disk = base_disks
             .get(&d.name)
             .and_then(|&(disk_id, size, bs)| continues(size, bs, &d.geometry).then_some(disk_id));
-        tx.execute(
-            "INSERT INTO session_disks(session_id, pos, name, size, block_size, base_disk)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                session,
-                pos as i64,
-                d.name,
-                d.geometry.size as i64,
-                d.geometry.block_size.bytes() as i64,
-                base_disk
-            ],
-        )?;
+        let row = sessions::SessionDiskRow {
+            name: d.name.clone(),
+            size: d.geometry.size as i64,
+            block_size: d.geometry.block_size.bytes() as i64,
+            base_disk,
+        };
+        sessions::add_disk(tx, session, pos, &row)?;
         let mode = if base_disk.is_some() {
             DiskMode::Delta
         } else {

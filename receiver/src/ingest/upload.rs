@@ -3,6 +3,7 @@
 //! transaction.
 
 use super::*;
+use crate::catalog::usage;
 
 impl Store {
     /// Verifies one batch and stages it: see [`Store::verify_batch`] and [`Store::stage_batch`].
@@ -142,20 +143,14 @@ impl Store {
                     return Err(StoreError::SessionClosed(names::shown(session_id)));
                 }
             }
-            let mut held =
-                tx.prepare_cached("SELECT ulen FROM chunks WHERE owner = ?1 AND hash = ?2")?;
-            let mut stage = tx.prepare_cached(
-                "INSERT OR REPLACE INTO session_blocks(session_id, pos, idx, hash)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut held = crate::catalog::chunks::Lengths::new(&tx)?;
+            let mut stage = sessions::Stager::new(&tx)?;
             for e in &batch.entries {
                 let disk = &session.disks[e.pos as usize];
                 if !e.leaf.is_zero() {
                     let ulen = match sent.get(&e.leaf) {
                         Some(&ulen) => Some(ulen as i64),
-                        None => held
-                            .query_row(params![owner, &e.leaf.0[..]], |r| r.get(0))
-                            .optional()?,
+                        None => held.of(owner, &e.leaf)?,
                     };
                     let Some(ulen) = ulen else {
                         return Err(StoreError::ChunkNotHeld {
@@ -175,25 +170,17 @@ impl Store {
                         });
                     }
                 }
-                stage.execute(params![session_id, e.pos, e.index as i64, &e.leaf.0[..]])?;
+                stage.stage(session_id, e.pos, e.index, &e.leaf)?;
             }
             entries_total += batch.entries.len() as u64;
             if n + 1 < batches.len() {
                 rewind_proto::faults::point("between-batches");
             }
-            tx.execute(
-                "UPDATE sessions SET updated_us = ?2 WHERE id = ?1",
-                params![session_id, now_us()],
-            )?;
+            sessions::touch(&tx, session_id, now_us())?;
         }
         // What this VM's uploads added to the store, for metrics.
         if let Some(first) = batches.first() {
-            tx.execute(
-                "INSERT INTO vm_stats(vm_id, chunks_stored, bytes_stored) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(vm_id) DO UPDATE SET chunks_stored = chunks_stored + excluded.chunks_stored,
-                   bytes_stored = bytes_stored + excluded.bytes_stored",
-                params![first.session.vm_id, stored as i64, bytes as i64],
-            )?;
+            usage::add_vm_stored(&tx, first.session.vm_id, stored as i64, bytes as i64)?;
         }
         tx.commit()?;
         Ok(BatchStats {
@@ -217,21 +204,16 @@ impl Store {
         }
         let fresh: Vec<&(Leaf, bytes::Bytes, usize)> = {
             let conn = self.conn();
-            let mut stmt =
-                conn.prepare_cached("SELECT 1 FROM chunks WHERE owner = ?1 AND hash = ?2")?;
+            let mut held = crate::catalog::chunks::Held::new(&conn)?;
             let mut fresh = Vec::new();
             let mut seen = HashSet::new();
             for &c in chunks {
-                if seen.insert(c.0) && !stmt.exists(params![owner, &c.0 .0[..]])? {
+                if seen.insert(c.0) && !held.holds(owner, &c.0)? {
                     fresh.push(c);
                 }
             }
             if let Some(mib) = self.rules().quota(owner).stored_mib {
-                let held: i64 = conn
-                    .prepare_cached(
-                        "SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner = ?1",
-                    )?
-                    .query_row([owner], |r| r.get(0))?;
+                let held = usage::held_bytes(&conn, owner)?;
                 let adding: u64 = fresh.iter().map(|c| c.1.len() as u64).sum();
                 if held.max(0) as u64 + adding > mib << 20 {
                     return Err(StoreError::Quota {
@@ -277,47 +259,17 @@ impl Store {
         let now = now_us();
         // Chunks placed now are indexed with `now` below; only re-sent ones need renewing.
         let new: HashSet<Leaf> = placed.iter().map(|p| p.0).collect();
-        let mut touch =
-            tx.prepare_cached("UPDATE chunks SET created_us = ?3 WHERE owner = ?1 AND hash = ?2")?;
-        for (hash, _, _) in sent {
-            if !new.contains(hash) {
-                touch.execute(params![owner, &hash.0[..], now])?;
-            }
-        }
-        let mut ins = tx.prepare_cached(
-            "INSERT OR IGNORE INTO chunks(owner, hash, pack_id, offset, clen, ulen, created_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        let any_bad: bool = tx
-            .prepare_cached("SELECT EXISTS(SELECT 1 FROM bad_chunks WHERE owner = ?1)")?
-            .query_row([owner], |r| r.get(0))?;
-        if any_bad {
-            let mut healed =
-                tx.prepare_cached("DELETE FROM bad_chunks WHERE owner = ?1 AND hash = ?2")?;
-            for (hash, _, _) in placed {
-                if healed.execute(params![owner, &hash.0[..]])? > 0 {
-                    tracing::info!(chunk = %hash, "damaged chunk healed");
-                }
+        let resent = sent.iter().map(|c| &c.0).filter(|h| !new.contains(h));
+        crate::catalog::chunks::renew(tx, owner, resent, now)?;
+        if crate::catalog::chunks::any_quarantined(tx, owner)? {
+            let placed_hashes = placed.iter().map(|p| &p.0);
+            for hash in crate::catalog::chunks::heal(tx, owner, placed_hashes)? {
+                tracing::info!(chunk = %hash, "damaged chunk healed");
             }
         }
         // What the owner now holds more, for its storage quota (a row a racing stream of the
         // same owner inserted first is not counted twice).
-        let (mut added, mut bytes) = (0i64, 0i64);
-        for (hash, at, ulen) in placed {
-            let n = ins.execute(params![
-                owner,
-                &hash.0[..],
-                at.pack,
-                at.offset as i64,
-                i64::from(at.len),
-                *ulen as i64,
-                now
-            ])?;
-            if n > 0 {
-                added += 1;
-                bytes += i64::from(at.len);
-            }
-        }
+        let (added, bytes) = crate::catalog::chunks::index(tx, owner, placed, now)?;
         if added > 0 {
             crate::catalog::add_usage(tx, owner, added, bytes)?;
         }
@@ -337,12 +289,7 @@ impl Store {
     pub fn drop_staged(&self, session_id: &str) -> Result<(), StoreError> {
         loop {
             let conn = self.conn();
-            let n = conn
-                .prepare_cached(
-                    "DELETE FROM session_blocks WHERE session_id = ?1 AND (pos, idx) IN
-                       (SELECT pos, idx FROM session_blocks WHERE session_id = ?1 LIMIT ?2)",
-                )?
-                .execute(params![session_id, STAGED_DELETE_STEP as i64])?;
+            let n = sessions::drop_staged_step(&conn, session_id, STAGED_DELETE_STEP)?;
             parking_lot::MutexGuard::unlock_fair(conn);
             if n < STAGED_DELETE_STEP {
                 return Ok(());

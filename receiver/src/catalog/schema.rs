@@ -1,23 +1,14 @@
-//! The receiver's catalog: one SQLite database (WAL, synchronous=FULL) naming VMs, disks,
-//! points, sessions, chunks and the versioned Merkle nodes of every disk.
-//!
-//! Versioned nodes: the value of node (level, idx) of a disk at point P is the row with the
-//! greatest `point` not after P; no row, or a NULL hash, means the all-zero subtree. A point
-//! therefore writes rows only for the blocks it changed and the inner nodes above them.
-//! A disk generation (`disks` row) is a linear chain: a point may only build on its VM's newest
-//! point, and a disk whose size or block size changes starts a new generation.
+//! The catalog's schema as an ordered chain of migrations: a new catalog gets the base schema
+//! (version 2) and every later step; an older one gets the steps above its `user_version`, in
+//! one transaction. The on-disk format is exactly what these steps produce, in this order.
 
-use crate::chunks::PackId;
-use rusqlite::{Connection, OpenFlags};
-use std::path::Path;
-use std::time::Duration;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use rusqlite::Connection;
 
-/// The catalog's file inside the data folder.
-pub const CATALOG_FILE: &str = "catalog.sqlite";
-/// Schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 5;
+/// Schema version, kept in `PRAGMA user_version`: the last step's.
+pub const VERSION: i64 = 5;
+
+/// The version [`SCHEMA`] creates.
+const BASE_VERSION: i64 = 2;
 
 /// From version 1 (the first release of the catalog) to 2: point metadata, events, locks, and
 /// the index prune needs to find a point's node rows without scanning the disk's.
@@ -125,9 +116,8 @@ CREATE TABLE clock_steps(
   step_us INTEGER NOT NULL);
 ";
 
-/// Version 2's schema; a new catalog also gets [`MIGRATE_2_3`], [`MIGRATE_3_4`] and
-/// [`MIGRATE_4_5`].
-const SCHEMA: &str = "
+/// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
+pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
   id INTEGER PRIMARY KEY,
   name TEXT NOT NULL UNIQUE,
@@ -220,136 +210,40 @@ CREATE TABLE IF NOT EXISTS session_blocks(
   PRIMARY KEY(session_id, pos, idx)) WITHOUT ROWID;
 ";
 
-/// Adds `chunks` and `bytes` (negative to remove) to what `owner` holds, the figure its storage
-/// quota is checked against; every insert and delete of chunk rows goes with one.
-pub fn add_usage(conn: &Connection, owner: &str, chunks: i64, bytes: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO owner_usage(owner, chunks, bytes) VALUES (?1, ?2, ?3)
-         ON CONFLICT(owner) DO UPDATE SET chunks = chunks + excluded.chunks,
-           bytes = bytes + excluded.bytes",
-    )?
-    .execute(rusqlite::params![owner, chunks, bytes])
-    .map(|_| ())
-}
+/// The migration chain: each step takes the catalog from the version before it to its version.
+const STEPS: &[(i64, &str)] = &[
+    (2, MIGRATE_1_2),
+    (3, MIGRATE_2_3),
+    (4, MIGRATE_3_4),
+    (5, MIGRATE_4_5),
+];
 
-/// Opens (and creates or migrates) the catalog for writing.
-pub fn open_rw(data: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(data.join(CATALOG_FILE))?;
-    configure(&conn)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+/// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps
+/// after it; an older one the steps above its version, and its new version, in one
+/// transaction. A catalog at or above [`VERSION`] is left as it is.
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version == 0 {
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(MIGRATE_2_3)?;
-        conn.execute_batch(MIGRATE_3_4)?;
-        conn.execute_batch(MIGRATE_4_5)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    } else if version < SCHEMA_VERSION {
+        for (_, sql) in STEPS.iter().filter(|(to, _)| *to > BASE_VERSION) {
+            conn.execute_batch(sql)?;
+        }
+        conn.pragma_update(None, "user_version", VERSION)?;
+    } else if version < VERSION {
         let tx = conn.unchecked_transaction()?;
-        if version < 2 {
-            tx.execute_batch(MIGRATE_1_2)?;
+        for (_, sql) in STEPS.iter().filter(|(to, _)| *to > version) {
+            tx.execute_batch(sql)?;
         }
-        if version < 3 {
-            tx.execute_batch(MIGRATE_2_3)?;
-        }
-        if version < 4 {
-            tx.execute_batch(MIGRATE_3_4)?;
-        }
-        tx.execute_batch(MIGRATE_4_5)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.pragma_update(None, "user_version", VERSION)?;
         tx.commit()?;
     }
-    Ok(conn)
-}
-
-/// Opens an existing catalog for writing (migrating it). A folder without one is an error, so a
-/// mistyped `--data` never creates an empty store.
-pub fn open_existing(data: &Path) -> rusqlite::Result<Connection> {
-    if !data.join(CATALOG_FILE).is_file() {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-            Some(format!(
-                "{} holds no Rewind catalog ({CATALOG_FILE})",
-                data.display()
-            )),
-        ));
-    }
-    open_rw(data)
-}
-
-/// Allocates a pack id for `writer` ("serve" or "gc"). Ids are never reused (AUTOINCREMENT),
-/// so a deleted pack's name never comes back.
-pub fn new_pack(conn: &Connection, writer: &str) -> rusqlite::Result<PackId> {
-    conn.execute(
-        "INSERT INTO packs(created_us, writer, sealed) VALUES (?1, ?2, 0)",
-        rusqlite::params![now_us(), writer],
-    )?;
-    Ok(PackId(conn.last_insert_rowid()))
-}
-
-/// Marks a pack complete: no writer appends to it any more, so gc may rewrite or delete it.
-pub fn seal_pack(conn: &Connection, id: PackId) -> rusqlite::Result<()> {
-    conn.execute("UPDATE packs SET sealed = 1 WHERE id = ?1", [id])
-        .map(|_| ())
-}
-
-/// Seals every pack of `writer`: called when no process of that kind can still be writing
-/// (serve at start; gc at start, holding the gc lock).
-pub fn seal_orphans(conn: &Connection, writer: &str) -> rusqlite::Result<()> {
-    conn.execute("UPDATE packs SET sealed = 1 WHERE writer = ?1", [writer])
-        .map(|_| ())
-}
-
-/// Opens the catalog for reading only, safe while `serve` writes to it.
-pub fn open_ro(data: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        data.join(CATALOG_FILE),
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    configure(&conn)?;
-    Ok(conn)
-}
-
-/// Opens the catalog for reading only, as one of several readers inside `serve`: with a small
-/// page cache of its own (the writer's connection keeps the large one).
-pub fn open_reader(data: &Path) -> rusqlite::Result<Connection> {
-    let conn = open_ro(data)?;
-    conn.pragma_update(None, "cache_size", -4096)?;
-    Ok(conn)
-}
-
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(Duration::from_secs(30))?;
-    // FULL: NORMAL can lose the last commit on power loss, and a commit acknowledged to an agent
-    // must survive.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.pragma_update(None, "cache_size", -65536)?;
     Ok(())
-}
-
-/// Now, in microseconds since the Unix epoch.
-pub fn now_us() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
-}
-
-/// RFC 3339 UTC text of a microsecond timestamp.
-pub fn rfc3339(us: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| us.to_string())
-}
-
-/// Parses RFC 3339 text into microseconds since the epoch.
-pub fn parse_rfc3339(text: &str) -> Result<i64, time::error::Parse> {
-    let t = OffsetDateTime::parse(text, &Rfc3339)?;
-    Ok((t.unix_timestamp_nanos() / 1000) as i64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{open_rw, CATALOG_FILE};
 
     #[test]
     fn a_version_2_catalog_is_migrated_to_3() {
@@ -369,7 +263,7 @@ mod tests {
         let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
-        assert_eq!(v, SCHEMA_VERSION);
+        assert_eq!(v, VERSION);
         let n: i64 = conn
             .query_row("SELECT COUNT(*) FROM drills", [], |r| r.get(0))
             .expect("drills table");
@@ -425,12 +319,5 @@ mod tests {
             })
             .expect("bad chunk kept, with its owner");
         assert_eq!(bad, ("b".to_owned(), vec![2]));
-    }
-
-    #[test]
-    fn time_roundtrip() {
-        let us = 1_795_000_000_123_456;
-        assert_eq!(parse_rfc3339(&rfc3339(us)).expect("parse"), us);
-        assert!(parse_rfc3339("yesterday").is_err());
     }
 }
