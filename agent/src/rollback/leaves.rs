@@ -95,39 +95,35 @@ pub(super) async fn choose(
         return Ok((from_receiver(first), Scope::Full));
     };
     let state = (cfg.state_dir.clone(), cfg.vm.clone(), disk.to_owned());
-    let base_root = {
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            LeafStream::new(&g, state_pages(state, g.blocks())).root()
-        })
-    };
-    match base_root.await.map_err(RollbackError::joined)? {
-        Err(e) => {
-            tracing::warn!(disk, error = %Chain(&e), "the state's leaves are unreadable: comparing the whole disk");
-            Ok((from_receiver(first), Scope::Full))
-        }
-        Ok(root)
-            if root == first.root
-                && target::base_point(&cfg.state_dir, &cfg.vm) == Some(cfg.point) =>
-        {
-            let want = LeafStream::new(&g, state_pages(state, g.blocks()));
-            Ok((
-                want,
-                Scope::Candidates {
+    let base = move |state| LeafStream::new(&g, state_pages(state, g.blocks()));
+    // Only a rollback to the agent's own last point reads the state's leaves once before the
+    // compare (their root decides whether they can stand in for the receiver's); any other
+    // reads them once, merged into the compare.
+    if target::base_point(&cfg.state_dir, &cfg.vm) == Some(cfg.point) {
+        let root = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || base(state).root())
+        };
+        match root.await.map_err(RollbackError::joined)? {
+            Err(e) => {
+                tracing::warn!(disk, error = %Chain(&e), "the state's leaves are unreadable: comparing the whole disk");
+                return Ok((from_receiver(first), Scope::Full));
+            }
+            Ok(root) if root == first.root => {
+                let scope = Scope::Candidates {
                     dirty: dirty.blocks,
                     base: None,
-                },
-            ))
-        }
-        Ok(_) => {
-            let base = LeafStream::new(&g, state_pages(state, g.blocks()));
-            let scope = Scope::Candidates {
-                dirty: dirty.blocks,
-                base: Some(base),
-            };
-            Ok((from_receiver(first), scope))
+                };
+                return Ok((base(state), scope));
+            }
+            Ok(_) => {}
         }
     }
+    let scope = Scope::Candidates {
+        dirty: dirty.blocks,
+        base: Some(base(state)),
+    };
+    Ok((from_receiver(first), scope))
 }
 
 /// The receiver's pages of the point's leaves, `first` and those after it, fetched ahead of
