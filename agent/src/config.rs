@@ -300,9 +300,7 @@ impl AgentFile {
             state_dir: self.state_dir()?,
             bwlimit: {
                 let (f, vm) = (self.clone(), vm.clone());
-                Bandwidth(Arc::new(move || {
-                    f.bwlimit_at(&vm, OffsetDateTime::now_utc())
-                }))
+                Bandwidth(Arc::new(move |now| f.bwlimit_at(&vm, now)))
             },
         })
     }

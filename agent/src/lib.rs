@@ -5,10 +5,12 @@
 //! - [`state`]: the agent's local SQLite state.
 //! - [`client`]: the mutual-TLS connection to the receiver.
 //! - [`sync`]: one replication cycle, end to end.
+//! - [`clock`]: the time source of timing decisions (RPO, upload pace), manual in tests.
 //! - [`cli`]: one module per subcommand.
 
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod cycle;
 pub mod error;

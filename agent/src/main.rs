@@ -10,10 +10,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     // The service manager's variables, read and removed before any thread or child exists.
-    rewind_proto::systemd::take_environment();
+    rewind_daemon::systemd::take_environment();
     // One crypto provider for the whole process, chosen before any TLS object exists.
-    rewind_proto::tls::install_provider();
-    rewind_proto::systemd::init_logging();
+    rewind_daemon::tls::install_provider();
+    rewind_daemon::logging::init();
     match cli::run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

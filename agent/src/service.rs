@@ -5,7 +5,7 @@
 
 use crate::client;
 use crate::config::AgentFile;
-use crate::cycle::VmLoop;
+use crate::cycle::{next_due, VmLoop};
 use crate::error::SyncError;
 use crate::health;
 use crate::sync::sync_once;
@@ -13,7 +13,7 @@ use rewind_proto::report::{self, Chain};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -115,7 +115,8 @@ async fn protect(
             return;
         };
         let (interval, rpo) = file.timing(entry);
-        let started = Instant::now();
+        // On the runtime's clock, which the loop's waits use (and tests can pause).
+        let started = tokio::time::Instant::now();
         // A configuration the file no longer allows (a reload changed it) fails this cycle as
         // a configuration error; the loop goes on and takes the next reload.
         let cfg = file
@@ -160,15 +161,15 @@ async fn protect(
 /// longer); a reload re-reads the interval. False when the agent stops.
 async fn wait_next(
     name: &str,
-    started: Instant,
+    started: tokio::time::Instant,
     interval: u64,
     files: &mut watch::Receiver<Arc<AgentFile>>,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
-    let mut due = started + Duration::from_secs(interval.max(1));
+    let mut due = next_due(started, interval);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep_until(due.into()) => return true,
+            _ = tokio::time::sleep_until(due) => return true,
             _ = stopped(stop) => return false,
             changed = files.changed() => {
                 if changed.is_err() {
@@ -177,7 +178,7 @@ async fn wait_next(
                 let f = files.borrow().clone();
                 match f.vm.iter().find(|v| v.name == name) {
                     None => return true,
-                    Some(e) => due = started + Duration::from_secs(f.timing(e).0.max(1)),
+                    Some(e) => due = next_due(started, f.timing(e).0),
                 }
             }
         }
@@ -186,10 +187,88 @@ async fn wait_next(
 
 /// Serves the agent's metrics from its state database.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, state: PathBuf) {
-    rewind_proto::scrape::serve(listener, move || {
+    rewind_daemon::metrics::serve(listener, move || {
         crate::state::open(&state)
-            .and_then(|c| health::render(&c))
+            .and_then(|c| health::render(&c, health::now_us()))
             .ok()
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use tokio::time::{sleep, Instant};
+
+    /// A file protecting VM `a` every `interval` seconds, or only VM `b` when None.
+    fn file(interval: Option<u64>) -> Arc<AgentFile> {
+        let text = match interval {
+            Some(i) => format!("[[vm]]\nname = \"a\"\nqmp = \"/q\"\ninterval = {i}\n"),
+            None => "[[vm]]\nname = \"b\"\nqmp = \"/q\"\n".to_owned(),
+        };
+        Arc::new(toml::from_str(&text).unwrap())
+    }
+
+    /// How `wait_next` for VM `a` (interval 30 s, its cycle started now) ends when `meanwhile`
+    /// runs beside it with the file and stop senders, and how long it waited on the runtime's
+    /// paused clock.
+    async fn wait_with<M, F>(meanwhile: M) -> (bool, Duration)
+    where
+        M: FnOnce(watch::Sender<Arc<AgentFile>>, watch::Sender<bool>) -> F,
+        F: Future<Output = ()>,
+    {
+        let (files, mut files_rx) = watch::channel(file(Some(30)));
+        let (stop, mut stop_rx) = watch::channel(false);
+        files_rx.borrow_and_update();
+        let started = Instant::now();
+        let waited = async {
+            let next = wait_next("a", started, 30, &mut files_rx, &mut stop_rx).await;
+            (next, started.elapsed())
+        };
+        tokio::join!(waited, meanwhile(files, stop)).0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_cycle_waits_an_interval_from_the_start_and_a_reload_rereads_it() {
+        let s = Duration::from_secs;
+        // Nothing happens: due 30 s after the start.
+        let quiet = wait_with(|files, stop| async move {
+            sleep(s(100)).await;
+            drop((files, stop));
+        });
+        assert_eq!(quiet.await, (true, s(30)));
+        // At 5 s a reload sets 10 s: due at 10 s, counted from the same start.
+        let shorter = wait_with(|files, stop| async move {
+            sleep(s(5)).await;
+            files.send_replace(file(Some(10)));
+            sleep(s(100)).await;
+            drop(stop);
+        });
+        assert_eq!(shorter.await, (true, s(10)));
+        // At 5 s a reload sets 3 s: already due.
+        let past = wait_with(|files, stop| async move {
+            sleep(s(5)).await;
+            files.send_replace(file(Some(3)));
+            sleep(s(100)).await;
+            drop(stop);
+        });
+        assert_eq!(past.await, (true, s(5)));
+        // At 7 s the VM leaves the file: the loop looks at once (and stops protecting it).
+        let removed = wait_with(|files, stop| async move {
+            sleep(s(7)).await;
+            files.send_replace(file(None));
+            sleep(s(100)).await;
+            drop(stop);
+        });
+        assert_eq!(removed.await, (true, s(7)));
+        // At 4 s the agent stops: no next cycle.
+        let stopped = wait_with(|files, stop| async move {
+            sleep(s(4)).await;
+            stop.send_replace(true);
+            sleep(s(100)).await;
+            drop(files);
+        });
+        assert_eq!(stopped.await, (false, s(4)));
+    }
 }

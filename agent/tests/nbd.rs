@@ -10,6 +10,8 @@ use common::{qemu_io, serve, sh, Server};
 use rewind_agent::nbd::{NbdClient, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn image(dir: &Path, size: &str) -> PathBuf {
@@ -113,16 +115,24 @@ fn server_killed_mid_reply_is_an_error_not_a_hang() {
     let sock = dir.path().join("nbd.sock");
     let mut server = serve(&img, &sock, None);
     let mut c = NbdClient::connect_unix(&sock, "disk", &["base:allocation"]).unwrap();
+    let reads = Arc::new(AtomicU64::new(0));
+    let done = reads.clone();
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 32 << 20];
         for round in 0..1000u64 {
             if let Err(e) = c.read_at(&mut buf, (round % 8) * (32 << 20)) {
                 return Some(e);
             }
+            done.fetch_add(1, Ordering::SeqCst);
         }
         None
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Killed once the reads are flowing, so it goes in the middle of one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reads.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no read completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     server.0.kill().unwrap();
     server.0.wait().unwrap();
     let err = reader

@@ -7,7 +7,13 @@
 //! - [`chunk`]: compressing and verifying the stored form of a block.
 //! - [`tree`]: the Merkle tree over a disk's leaves and its root.
 //! - [`report`]: an error and its causes as one line, each cause said once.
+//! - [`nbd`]: NBD wire constants. [`faults`]: the `REWIND_FAULT`/`REWIND_PAUSE` crash points.
+//!   [`fuzz`]: the mutation driver.
 //! - [`pb`]: the generated gRPC code.
+//!
+//! What the daemons need from their host (systemd notification, logging, the `/metrics`
+//! endpoint, the TLS crypto provider) is not part of the contract: it is `rewind-daemon`, in
+//! `proto/daemon/`.
 
 pub mod chunk;
 pub mod faults;
@@ -17,9 +23,6 @@ pub mod hash;
 pub mod names;
 pub mod nbd;
 pub mod report;
-pub mod scrape;
-pub mod systemd;
-pub mod tls;
 pub mod tree;
 
 /// Generated from `proto/rewind.proto`.

@@ -8,6 +8,7 @@
 //! - [`points`]: listing and resolving points (the read path).
 //! - [`restore`]: writing a point's disk back as a raw image.
 //! - [`drill`]: DR drills (verify, boot, application checks through [`guest_agent`]).
+//! - [`schedule`]: when `serve`'s scheduled retention and drills are due (pure functions).
 //! - [`service`] and [`server`]: the gRPC face over mutual TLS.
 //! - [`admission`] and [`budget`]: what each peer may hold (connections, handshakes, memory).
 //! - [`cli`]: one module per subcommand.
@@ -34,6 +35,7 @@ pub mod prune;
 pub mod readback;
 pub mod restore;
 pub mod retention;
+pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -31,7 +31,18 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
     // A forward clock step must not age every point at once (nor a backward one make them
     // younger than zero).
     let now = crate::clock::cautious_now(&conn)?;
-    let (steps, last_step) = crate::clock::summary(&conn)?;
+    clock_metrics(&conn, &mut out)?;
+    point_metrics(&conn, now, &mut out)?;
+    drill_metrics(&conn, &mut out)?;
+    for (name, help, v) in store_gauges(&conn, data)? {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    Ok(out)
+}
+
+/// The wall-clock steps serve has seen, and the newest.
+fn clock_metrics(conn: &Connection, out: &mut String) -> Result<(), StoreError> {
+    let (steps, last_step) = crate::clock::summary(conn)?;
     let _ = writeln!(
         out,
         "# HELP rewind_clock_steps_total Wall-clock steps serve has seen.\n# TYPE rewind_clock_steps_total counter\nrewind_clock_steps_total {steps}"
@@ -42,12 +53,18 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             "# HELP rewind_clock_last_step_seconds The newest wall-clock step (negative: backwards).\n# TYPE rewind_clock_last_step_seconds gauge\nrewind_clock_last_step_seconds {s:.3}"
         );
     }
+    Ok(())
+}
+
+/// Per VM: points, the newest point's age at `now` (Unix microseconds), and the bytes its
+/// uploads added to the packs.
+fn point_metrics(conn: &Connection, now: i64, out: &mut String) -> Result<(), StoreError> {
     let _ = writeln!(
         out,
         "# HELP rewind_points Committed points per VM.\n# TYPE rewind_points gauge"
     );
     let _ = writeln!(out, "# HELP rewind_last_point_age_seconds Age of the newest point per VM.\n# TYPE rewind_last_point_age_seconds gauge");
-    for r in status::points_per_vm(&conn)? {
+    for r in status::points_per_vm(conn)? {
         let vm = r.vm;
         let _ = writeln!(out, "rewind_points{{vm=\"{vm}\"}} {}", r.points);
         if let Some(last) = r.newest_created_us {
@@ -59,20 +76,28 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
         }
     }
     let _ = writeln!(out, "# HELP rewind_vm_stored_bytes_total Compressed bytes of new chunks each VM's uploads added to the packs.\n# TYPE rewind_vm_stored_bytes_total counter");
-    for (vm, b) in status::stored_bytes_per_vm(&conn)? {
+    for (vm, b) in status::stored_bytes_per_vm(conn)? {
         let _ = writeln!(out, "rewind_vm_stored_bytes_total{{vm=\"{vm}\"}} {b}");
     }
-    drill_metrics(&conn, &mut out)?;
+    Ok(())
+}
+
+/// One gauge: its name, its help text and its value.
+type Gauge = (&'static str, &'static str, f64);
+
+/// The store's gauges: its size and chunks, what dedup and compression save, quarantined
+/// chunks, and the totals and last results of prune, gc and verify.
+fn store_gauges(conn: &Connection, data: &Path) -> Result<[Gauge; 12], StoreError> {
     let store_bytes = crate::chunks::open(data).stored_bytes();
-    let (chunks, logical) = status::chunk_totals(&conn)?;
-    let quarantined = status::quarantined(&conn)?;
+    let (chunks, logical) = status::chunk_totals(conn)?;
+    let quarantined = status::quarantined(conn)?;
     // Every committed block change at full size: what the points would take without dedup
     // and compression.
-    let changed_logical = status::changed_logical_bytes(&conn)? as f64;
-    let pruned = events::count(&conn, "prune")?;
-    let gc_last = last_detail(&conn, "gc")?;
-    let verify_last = last_detail(&conn, "verify")?;
-    let gauges = [
+    let changed_logical = status::changed_logical_bytes(conn)? as f64;
+    let pruned = events::count(conn, "prune")?;
+    let gc_last = last_detail(conn, "gc")?;
+    let verify_last = last_detail(conn, "verify")?;
+    Ok([
         (
             "rewind_store_bytes",
             "Bytes in pack files.",
@@ -120,7 +145,7 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
         (
             "rewind_gc_chunks_removed_total",
             "Chunks removed by gc.",
-            sum_detail(&conn, "gc", "chunks_removed")?,
+            sum_detail(conn, "gc", "chunks_removed")?,
         ),
         (
             "rewind_gc_bytes_freed_last",
@@ -138,11 +163,7 @@ pub fn render(data: &Path) -> Result<String, StoreError> {
             "Bad chunks the last verify found.",
             verify_last["bad"].as_f64().unwrap_or(0.0),
         ),
-    ];
-    for (name, help, v) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    }
-    Ok(out)
+    ])
 }
 
 /// Per VM: drills by result, and the last drill's result, RTO, RPO and time.
@@ -213,7 +234,7 @@ pub async fn serve(
     extra: impl Fn() -> String + Send + Sync + 'static,
 ) {
     let extra = std::sync::Arc::new(extra);
-    rewind_proto::scrape::serve(listener, move || {
+    rewind_daemon::metrics::serve(listener, move || {
         render(&data).ok().map(|mut m| {
             m.push_str(&extra());
             m

@@ -15,7 +15,7 @@ use rusqlite::Connection;
 use std::fs::{File, OpenOptions};
 use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bytes decompressed together (at least one block): enough to keep both cores busy, and the
@@ -200,16 +200,12 @@ fn decode_loop(
 /// Makes a checked restore visible: the image is synced, renamed from its temporary name to
 /// `out`, and the folder synced, so a crash leaves the old file or the whole new one.
 fn publish(file: &File, tmp: &Path, out: &Path) -> Result<(), StoreError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io { path, source }
-    };
-    file.sync_all().map_err(io(tmp))?;
-    std::fs::rename(tmp, out).map_err(io(out))?;
+    file.sync_all().map_err(io_error(tmp))?;
+    std::fs::rename(tmp, out).map_err(io_error(out))?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         File::open(parent)
             .and_then(|d| d.sync_all())
-            .map_err(io(parent))?;
+            .map_err(io_error(parent))?;
     }
     Ok(())
 }
@@ -224,10 +220,6 @@ pub fn restore_disk(
     force: bool,
     progress: &dyn Fn(u64),
 ) -> Result<RestoreStats, StoreError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io { path, source }
-    };
     if out.exists() && !force {
         return Err(StoreError::OutputExists(out.to_owned()));
     }
@@ -236,6 +228,43 @@ pub fn restore_disk(
             disk: disk.name.clone(),
             source,
         })?;
+    let (tmp, file) = create_partial(out, &geometry)?;
+    let source = Source {
+        conn,
+        data,
+        span: leaves::Span::all_leaves(disk.disk_id, PointId(point)),
+        geometry: &geometry,
+    };
+    let result = write_image(&source, &tmp, &file, progress).and_then(|walked| {
+        let got = tree::root(&geometry, walked.builder.finish());
+        if got != disk.root_leaf {
+            return Err(StoreError::RestoredRoot {
+                disk: disk.name.clone(),
+                got,
+                want: disk.root_leaf,
+            });
+        }
+        publish(&file, &tmp, out)?;
+        Ok(walked.stats)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    if result.is_ok() {
+        progress(geometry.size);
+    }
+    result
+}
+
+/// Maps an I/O error on `path` to the store's error.
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { path, source }
+}
+
+/// Creates the image's temporary file beside `out` (`.NAME.rewind-partial`), empty and of the
+/// disk's size (a hole until written).
+fn create_partial(out: &Path, geometry: &DiskGeometry) -> Result<(PathBuf, File), StoreError> {
     let file_name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -246,44 +275,63 @@ pub fn restore_disk(
         .write(true)
         .truncate(true)
         .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.set_len(geometry.size).map_err(io(&tmp))?;
+        .map_err(io_error(&tmp))?;
+    file.set_len(geometry.size).map_err(io_error(&tmp))?;
+    Ok((tmp, file))
+}
 
-    let mut reader = chunks::open(data).reader(ReadOrder::Sequential);
-    let mut builder = Builder::new(Shape::of(&geometry));
-    let mut next = 0u64;
-    let mut stats = RestoreStats {
-        size: geometry.size,
-        ..Default::default()
-    };
-    // Three stages: this thread walks the catalog in block order and finds each frame's pack
-    // window; a worker reads, decompresses and verifies each batch of frames on all cores,
-    // straight into an aligned buffer; writer threads write earlier batches from theirs
-    // (contiguous blocks in one write).
-    let batch_blocks = (BATCH_BYTES / geometry.block_size.bytes() as usize).max(1);
-    let decode = |batch: Batch, buf: Vec<u8>| -> Result<Decoded, StoreError> {
-        let blocks = batch
-            .iter()
-            .map(|(idx, _, _)| (*idx, geometry.block_len(*idx).unwrap_or(0)))
-            .collect();
-        let mut decoded = Decoded::layout(buf, blocks);
-        batch.into_par_iter().zip(decoded.slices()).try_for_each(
-            |((_, leaf, prepared), out)| {
-                let frame = prepared.frame()?;
-                chunk::open_into(leaf, &frame, out)?;
-                Ok::<_, StoreError>(())
-            },
-        )?;
-        Ok(decoded)
-    };
-    let output = Output::open(&tmp, file.try_clone().map_err(io(&tmp))?);
+/// Where a restore reads: one disk of a point in the catalog and the chunk store.
+struct Source<'a> {
+    conn: &'a Connection,
+    data: &'a Path,
+    span: leaves::Span,
+    geometry: &'a DiskGeometry,
+}
+
+/// What the catalog walk passed: the point's leaves as a tree, and what was written.
+struct Walked {
+    builder: Builder,
+    stats: RestoreStats,
+}
+
+/// Decompresses and verifies a batch of frames on all cores, straight into `buf`.
+fn decode(geometry: &DiskGeometry, batch: Batch, buf: Vec<u8>) -> Result<Decoded, StoreError> {
+    let blocks = batch
+        .iter()
+        .map(|(idx, _, _)| (*idx, geometry.block_len(*idx).unwrap_or(0)))
+        .collect();
+    let mut decoded = Decoded::layout(buf, blocks);
+    batch
+        .into_par_iter()
+        .zip(decoded.slices())
+        .try_for_each(|((_, leaf, prepared), out)| {
+            let frame = prepared.frame()?;
+            chunk::open_into(leaf, &frame, out)?;
+            Ok::<_, StoreError>(())
+        })?;
+    Ok(decoded)
+}
+
+/// Writes every block of `source` into `file` (at `tmp`), in three stages: this thread walks
+/// the catalog in block order and finds each frame's pack window; a worker reads, decompresses
+/// and verifies each batch of frames on all cores, straight into an aligned buffer; writer
+/// threads write earlier batches from theirs (contiguous blocks in one write).
+fn write_image(
+    source: &Source,
+    tmp: &Path,
+    file: &File,
+    progress: &dyn Fn(u64),
+) -> Result<Walked, StoreError> {
+    let geometry = source.geometry;
+    let decode = |batch: Batch, buf: Vec<u8>| decode(geometry, batch, buf);
+    let output = Output::open(tmp, file.try_clone().map_err(io_error(tmp))?);
     let write = |d: Decoded| -> Result<Vec<u8>, StoreError> {
-        output.write_batch(&geometry, d).map_err(io(&tmp))
+        output.write_batch(geometry, d).map_err(io_error(tmp))
     };
     // Set by the first writer that fails: the others and the decoder stop at once instead of
     // writing the rest of the disk first.
     let failed = AtomicBool::new(false);
-    let result = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
         // Decoded batches go to writer threads of their own, so both cores decode while they
         // wait on the device (two writes in flight: this VM's disk writes ~1.5x faster at
@@ -302,47 +350,15 @@ pub fn restore_disk(
         drop(ftx);
         drop(drx);
         let stopped = || StoreError::Io {
-            path: tmp.clone(),
+            path: tmp.to_owned(),
             source: std::io::Error::other("the restore writer stopped"),
         };
         let failed = &failed;
         let worker = scope.spawn(move || decode_loop(rx, &frx, &dtx, &decode, failed, stopped));
-        let mut batch: Batch = Vec::with_capacity(batch_blocks);
-        let span = leaves::Span::all_leaves(disk.disk_id, PointId(point));
-        let walked = leaves::at_point(conn, &span, Columns::Located, |node| {
-            let (idx, leaf, loc) = (node.idx, node.hash, node.at);
-            let Some(len) = geometry.block_len(idx) else {
-                return Ok(ControlFlow::Continue(()));
-            };
-            builder.push_zeros(idx - next);
-            let at = loc.ok_or(StoreError::MissingChunk(leaf))?;
-            batch.push((idx, leaf, reader.prepare(at, &leaf)?));
-            builder.push(leaf);
-            next = idx + 1;
-            stats.blocks_written += 1;
-            stats.bytes_written += len as u64;
-            if stats.blocks_written == 2 * batch_blocks as u64 {
-                rewind_proto::faults::point("restore-mid-write");
-            }
-            if batch.len() == batch_blocks {
-                // A worker that stopped reports why below.
-                if tx.send(std::mem::take(&mut batch)).is_err() {
-                    return Err(StoreError::Io {
-                        path: tmp.clone(),
-                        source: std::io::Error::other("the restore worker stopped"),
-                    });
-                }
-                progress(geometry.offset(idx) + len as u64);
-            }
-            Ok(ControlFlow::Continue(()))
-        });
-        if walked.is_ok() && !batch.is_empty() {
-            let _ = tx.send(batch);
-        }
-        drop(tx);
+        let walked = walk(source, tx, tmp, progress);
         let panicked = || {
             Err(StoreError::Io {
-                path: tmp.clone(),
+                path: tmp.to_owned(),
                 source: std::io::Error::other("a restore worker panicked"),
             })
         };
@@ -355,22 +371,56 @@ pub fn restore_disk(
         // better than "stopped".
         written.and(decoded).and(walked)
     })
-    .and_then(|()| {
-        let got = tree::root(&geometry, builder.finish());
-        if got != disk.root_leaf {
-            return Err(StoreError::RestoredRoot {
-                disk: disk.name.clone(),
-                got,
-                want: disk.root_leaf,
-            });
+}
+
+/// The first stage: walks the point's leaves in block order, building their tree, and sends
+/// each block's prepared frame to the decoder in batches of about [`BATCH_BYTES`]. A block
+/// whose chunk is not in the index fails the restore.
+fn walk(
+    source: &Source,
+    tx: std::sync::mpsc::SyncSender<Batch>,
+    tmp: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<Walked, StoreError> {
+    let geometry = source.geometry;
+    let batch_blocks = (BATCH_BYTES / geometry.block_size.bytes() as usize).max(1);
+    let mut reader = chunks::open(source.data).reader(ReadOrder::Sequential);
+    let mut builder = Builder::new(Shape::of(geometry));
+    let mut next = 0u64;
+    let mut stats = RestoreStats {
+        size: geometry.size,
+        ..Default::default()
+    };
+    let mut batch: Batch = Vec::with_capacity(batch_blocks);
+    leaves::at_point(source.conn, &source.span, Columns::Located, |node| {
+        let (idx, leaf, loc) = (node.idx, node.hash, node.at);
+        let Some(len) = geometry.block_len(idx) else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        builder.push_zeros(idx - next);
+        let at = loc.ok_or(StoreError::MissingChunk(leaf))?;
+        batch.push((idx, leaf, reader.prepare(at, &leaf)?));
+        builder.push(leaf);
+        next = idx + 1;
+        stats.blocks_written += 1;
+        stats.bytes_written += len as u64;
+        if stats.blocks_written == 2 * batch_blocks as u64 {
+            rewind_proto::faults::point("restore-mid-write");
         }
-        publish(&file, &tmp, out)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        if batch.len() == batch_blocks {
+            // A worker that stopped reports why below.
+            if tx.send(std::mem::take(&mut batch)).is_err() {
+                return Err(StoreError::Io {
+                    path: tmp.to_owned(),
+                    source: std::io::Error::other("the restore worker stopped"),
+                });
+            }
+            progress(geometry.offset(idx) + len as u64);
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    if !batch.is_empty() {
+        let _ = tx.send(batch);
     }
-    result.map(|()| {
-        progress(geometry.size);
-        stats
-    })
+    Ok(Walked { builder, stats })
 }

@@ -3,33 +3,19 @@
 
 use crate::chunks::ChunkStoreError;
 use crate::error::StoreError;
-use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, SessionState};
+use crate::ingest::{
+    self, BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, SessionState, UploadError,
+    UploadRoom,
+};
 use crate::pki::identity_of;
 use crate::points;
 use crate::store::Store;
+use futures::StreamExt;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::pb;
 use rewind_proto::pb::replication_server::Replication;
 use rewind_proto::report::chain;
 use rewind_proto::Leaf;
-
-/// Batches of one upload stream verified ahead of the one being written.
-const VERIFY_AHEAD: usize = 6;
-/// Bytes of decoded batches all upload streams together hold between decoding and staging
-/// (a stream holds up to VERIFY_AHEAD + GROUP_MAX batches; an honest one is ~4 MiB each, a
-/// hostile one up to 16 MiB). Streams wait in turn for room, so memory stays bounded.
-const PIPELINE_BYTES: usize = 128 << 20;
-/// Most batches staged by one pack sync and one catalog transaction.
-const GROUP_MAX: usize = 8;
-/// Most chunk bytes staged by one group.
-const GROUP_BYTES: usize = 16 << 20;
-/// What one block entry counts for against GROUP_BYTES: 65,536 entries (a metadata-only batch
-/// of the most entries) fill a group, so no group's transaction stages more than that.
-const ENTRY_WEIGHT: usize = GROUP_BYTES / rewind_proto::format::MAX_BATCH_ENTRIES;
-/// Longest a group waits for more batches once it has one. Chunks are keyed by hash, so each
-/// batch dirties catalog pages all over its tables: a group of more batches writes a page
-/// they share once (a seed's catalog commits wrote 250 MB of WAL for 1.1 GB of chunks).
-const GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
@@ -41,7 +27,8 @@ const MAX_STATUS_CHARS: usize = 400;
 #[derive(Clone)]
 pub struct ReplicationService {
     store: Arc<Store>,
-    pipeline: Arc<tokio::sync::Semaphore>,
+    /// Room for decoded batches, shared by every upload stream.
+    room: UploadRoom,
     /// Each agent's slots for store work on blocking threads.
     agents: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
 }
@@ -52,128 +39,30 @@ pub struct ReplicationService {
 const CALLS_PER_AGENT: usize = 16;
 
 impl ReplicationService {
-    /// An upload stream's work: verifies its batches ahead, stages them in groups, and seals the
-    /// packs at the end, whether or not the stream ended cleanly.
+    /// An upload stream: its batches decoded into the store's pipeline
+    /// ([`ingest::receive_upload`]), which seals the packs with one of the agent's call slots.
     async fn receive_upload(
         &self,
         owner: String,
-        mut stream: Streaming<pb::Batch>,
+        stream: Streaming<pb::Batch>,
     ) -> Result<pb::UploadReply, Status> {
-        // Two stages: later batches are verified (decompressed and hashed) on the spare cores
-        // while earlier ones are written and indexed. Batches are still staged in stream order;
-        // those verified while the last group was syncing are staged together (group commit).
-        let (verified_tx, mut verified_rx) = tokio::sync::mpsc::channel(VERIFY_AHEAD);
-        let reader = {
-            let store = self.store.clone();
-            let owner = owner.clone();
-            let pipeline = self.pipeline.clone();
-            tokio::spawn(async move {
-                while let Some(batch) = stream.message().await? {
-                    let (session, entries, chunks) = decode_batch(batch)?;
-                    let frames: usize = chunks.iter().map(|c| c.frame.len()).sum();
-                    let held = (frames + 48 * entries.len()).clamp(1, PIPELINE_BYTES);
-                    // A group's transaction also grows with its entries: weigh them so that
-                    // one group stages at most about one batch of the most entries.
-                    let bytes = frames + ENTRY_WEIGHT * entries.len();
-                    let permit = pipeline
-                        .clone()
-                        .acquire_many_owned(held as u32)
-                        .await
-                        .map_err(|_| Status::unavailable("the receiver is shutting down"))?;
-                    let store = store.clone();
-                    let owner = owner.clone();
-                    let job = tokio::task::spawn_blocking(move || {
-                        store.verify_batch(&owner, &session, entries, chunks)
-                    });
-                    if verified_tx.send((job, bytes, permit)).await.is_err() {
-                        break;
-                    }
-                }
-                Ok::<(), Status>(())
-            })
-        };
-        let mut writer = self.store.chunk_writer();
-        let mut total = pb::UploadReply::default();
-        let mut failure = None;
-        while let Some((first, mut bytes, permit)) = verified_rx.recv().await {
-            let mut jobs = vec![first];
-            let mut permits = vec![permit];
-            // The end of the stream ends the wait early.
-            let deadline = tokio::time::Instant::now() + GROUP_WAIT;
-            while jobs.len() < GROUP_MAX && bytes < GROUP_BYTES {
-                match tokio::time::timeout_at(deadline, verified_rx.recv()).await {
-                    Ok(Some((job, b, p))) => {
-                        jobs.push(job);
-                        permits.push(p);
-                        bytes += b;
-                    }
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            let mut group = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                match job.await {
-                    Ok(Ok(v)) => group.push(v),
-                    Ok(Err(e)) => {
-                        failure = Some(to_status(e));
-                        break;
-                    }
-                    Err(e) => {
-                        failure = Some(Status::internal(format!("worker failed: {e}")));
-                        break;
-                    }
-                }
-            }
-            // The batches verified before a refused one are still staged.
-            if !group.is_empty() {
-                let store = self.store.clone();
-                let owner = owner.clone();
-                let (w, staged) = tokio::task::spawn_blocking(move || {
-                    let mut w = writer;
-                    let r = store.stage_batches(&owner, group, &mut *w);
-                    (w, r)
-                })
+        let batches = stream.map(|batch| batch.and_then(decode_batch));
+        let slot = self.calls(&owner);
+        let stats =
+            ingest::receive_upload(self.store.clone(), owner.clone(), &self.room, batches, slot)
                 .await
-                .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
-                writer = w;
-                match staged {
-                    Ok(stats) => {
-                        total.entries += stats.entries;
-                        total.chunks_stored += stats.chunks_stored;
-                        total.chunk_bytes += stats.chunk_bytes;
-                    }
-                    // The writer's packs are sealed even when the batch fails, so gc can
-                    // reclaim them. The earlier batches' error is the one to report.
-                    Err(e) => failure = Some(to_status(e)),
-                }
-            }
-            drop(permits);
-            if failure.is_some() {
-                break;
-            }
-        }
-        drop(verified_rx);
-        {
-            let store = self.store.clone();
-            blocking(self.calls(&owner).await?, move || {
-                store.finish_upload(&mut *writer)
-            })
-            .await?;
-        }
-        let read = reader
-            .await
-            .map_err(|e| Status::internal(format!("reader failed: {e}")))?;
-        if let Some(status) = failure {
-            return Err(status);
-        }
-        read?;
-        Ok(total)
+                .map_err(upload_status)?;
+        Ok(pb::UploadReply {
+            entries: stats.entries,
+            chunks_stored: stats.chunks_stored,
+            chunk_bytes: stats.chunk_bytes,
+        })
     }
 
     pub fn new(store: Arc<Store>) -> Self {
         Self {
             store,
-            pipeline: Arc::new(tokio::sync::Semaphore::new(PIPELINE_BYTES)),
+            room: UploadRoom::default(),
             agents: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
@@ -268,6 +157,17 @@ pub fn to_status(e: StoreError) -> Status {
     status
 }
 
+/// Maps why an upload stream stopped to its status.
+fn upload_status(e: UploadError<Status>) -> Status {
+    match e {
+        UploadError::Caller(status) => status,
+        UploadError::Store(e) => to_status(e),
+        UploadError::Worker(e) => Status::internal(format!("worker failed: {e}")),
+        UploadError::Reader(e) => Status::internal(format!("reader failed: {e}")),
+        UploadError::ShuttingDown => Status::unavailable("the receiver is shutting down"),
+    }
+}
+
 fn leaf(bytes: &[u8]) -> Result<Leaf, Status> {
     Leaf::from_slice(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -291,8 +191,7 @@ async fn blocking<T: Send + 'static>(
     .map_err(to_status)
 }
 
-/// A batch as the store takes it: session id, block entries and chunks.
-pub type DecodedBatch = (String, Vec<Entry>, Vec<IncomingChunk>);
+pub use crate::ingest::DecodedBatch;
 
 /// Turns a batch as received into store values, refusing any hash that is not 32 bytes; the
 /// store checks the rest ([`Store::verify_batch`]). Public for the fuzz tests.

@@ -50,6 +50,19 @@ impl Drop for SmallFs {
     }
 }
 
+/// Failed cycles of host1's agent so far, from its `status`.
+fn cycles_failed(d: &Deployment) -> u64 {
+    let o = run(Command::new(rewind_tests::bin("rewind-agent"))
+        .args(["status", "--json", "--state"])
+        .arg(d.path("state-host1")));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["vm"] == "full")
+        .and_then(|v| v["cycles_failed"].as_u64())
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_full_receiver_disk_fails_cleanly_and_recovers() {
     let d = Deployment::new();
@@ -103,9 +116,15 @@ fn a_full_receiver_disk_fails_cleanly_and_recovers() {
     assert_eq!(disk::digest(&restored), first_digest);
     std::fs::remove_file(&restored).unwrap();
 
-    // Continuous mode keeps retrying; freeing space lets the next cycle through.
+    // Continuous mode keeps retrying: space is freed once one of its cycles failed too, and
+    // the next cycle gets through.
+    let failed_before = cycles_failed(&d);
     let mut agent = d.spawn_continuous(&rx, "full", &[("vda", &vda)], 1);
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        wait_until(Duration::from_secs(60), || cycles_failed(&d)
+            > failed_before),
+        "continuous mode never tried against the full disk"
+    );
     std::fs::remove_file(&filler).unwrap();
     let done = wait_until(Duration::from_secs(60), || {
         let o = run(Command::new(rewind_tests::bin("rewind-receiver"))

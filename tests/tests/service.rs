@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 
 const BLOCK: u64 = 64 * 1024;
 
-/// A running `rewind-agent run`, its stdout lines collected.
+/// A running `rewind-agent run`, its stdout lines collected, and its log lines (passed on to
+/// the test's stderr).
 struct Agent {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Agent {
@@ -27,20 +29,34 @@ impl Agent {
             .args(["run", "--json", "--config"])
             .arg(config)
             .args(extra)
+            // Logs to stderr, never to a journal the test runner may have.
+            .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
-        Agent { child, lines }
+        let collect = |r: Box<dyn std::io::Read + Send>, echo: bool| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let l = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    if echo {
+                        eprintln!("{line}");
+                    }
+                    l.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let lines = collect(Box::new(child.stdout.take().unwrap()), false);
+        let log = collect(Box::new(child.stderr.take().unwrap()), true);
+        Agent { child, lines, log }
+    }
+
+    /// Whether a log line so far contains `text`.
+    fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
     /// Committed points of `vm` printed so far.
@@ -151,7 +167,10 @@ fn run_protects_vms_reloads_on_sighup_and_reports_metrics() {
     // A second VM appears on SIGHUP; a bad file is refused and the running one kept.
     std::fs::write(&cfg, "this is not toml [").unwrap();
     agent.signal(rustix::process::Signal::HUP);
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.logged("reload refused")),
+        "the bad file was not refused"
+    );
     let vms = vm("a", &a, "") + &vm("b", &b, "interval = 2");
     std::fs::write(&cfg, agent_config(&d, &rx, globals, &vms)).unwrap();
     agent.signal(rustix::process::Signal::HUP);
@@ -213,7 +232,12 @@ fn sigterm_checkpoints_the_point_in_flight() {
     )
     .unwrap();
     let agent = Agent::start(&cfg, &["--stop-grace", "1"]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Stopped once a third of the point is stored, with most of it still to send.
+    let full = 1536 * BLOCK;
+    assert!(
+        wait_until(Duration::from_secs(60), || d.pack_bytes() >= full / 3),
+        "the upload never got going"
+    );
     let (exit, took) = agent.stop();
     assert!(exit.success(), "{exit:?}");
     assert!(took < Duration::from_secs(10), "stopped in {took:?}");
@@ -222,7 +246,6 @@ fn sigterm_checkpoints_the_point_in_flight() {
     // The next cycle resumes the checkpointed session and sends only what is missing.
     let r = d.sync_ok(&rx, "host1", "slow", &[("vda", &big)]);
     assert_eq!(r["resumed"], true, "{r}");
-    let full = 1536 * BLOCK;
     assert!(
         r["sent_bytes"].as_u64().unwrap() < full * 3 / 4,
         "sent {} of {full}",
@@ -411,7 +434,11 @@ fn sigterm_stops_continuous_sync_and_the_next_run_resumes() {
     disk::create(&big, 64 << 20);
     disk::random_blocks(&big, BLOCK, 0, 1024, &mut rand::rng());
     let mut child = d.spawn_continuous_with(&rx, "cont", &[("vda", &big)], &["--bwlimit", "4"]);
-    std::thread::sleep(Duration::from_secs(3));
+    // Stopped once the point's upload is under way (64 MiB at 4 MB/s take ~17 s).
+    assert!(
+        wait_until(Duration::from_secs(60), || d.pack_bytes() >= 8 << 20),
+        "the upload never got going"
+    );
     let t = Instant::now();
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),

@@ -8,6 +8,7 @@ use crate::config::AgentFile;
 use crate::service::{serve_metrics, Service};
 use anyhow::{bail, Context};
 use clap::Args;
+use rewind_daemon::systemd::{self, NotifyState};
 use rewind_proto::report::Chain;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -110,12 +111,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         let mut service = Service::start(file.clone(), Duration::from_secs(a.stop_grace), a.json);
         let names: Vec<&str> = file.vm.iter().map(|v| v.name.as_str()).collect();
-        rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", names.join(", ")));
-        rewind_proto::systemd::spawn_watchdog();
+        systemd::notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(&format!("protecting {}", names.join(", "))),
+        ]);
+        systemd::spawn_watchdog();
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    rewind_proto::systemd::notify("RELOADING=1");
+                    systemd::reloading();
                     match load(&a) {
                         Ok(f) => {
                             tracing::info!(vms = f.vm.len(), "configuration reloaded");
@@ -123,13 +127,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                         }
                         Err(e) => tracing::error!(error = %Chain(&*e), "reload refused; keeping the running configuration"),
                     }
-                    rewind_proto::systemd::notify("READY=1");
+                    systemd::notify(&[NotifyState::Ready]);
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
-        rewind_proto::systemd::notify("STOPPING=1");
+        systemd::notify(&[NotifyState::Stopping]);
         tracing::info!("stopping");
         service.stop().await;
         // The runtime's end would cancel the thaws still going on in the background.

@@ -32,7 +32,7 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         .context("give --state or a --config with a state folder")?;
     let conn = crate::state::open(&state)
         .with_context(|| format!("opening the agent state in {}", state.display()))?;
-    let mut all = health::status(&conn)?;
+    let mut all = health::status(&conn, health::now_us())?;
     // With a file, its VMs are the ones protected.
     if !file.vm.is_empty() {
         all.retain(|s| file.vm.iter().any(|v| v.name == s.vm));

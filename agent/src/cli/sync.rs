@@ -5,6 +5,7 @@ use crate::sync::{sync_once, DiskSource, LiveSource, Progress, SyncConfig, SyncR
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use rewind_daemon::systemd::{self, NotifyState};
 use rewind_proto::format::{BlockSize, DEFAULT_BLOCK_SIZE};
 use rewind_proto::report::Chain;
 use std::path::PathBuf;
@@ -179,8 +180,11 @@ async fn cycles(
     stop: &mut Stop,
 ) -> anyhow::Result<()> {
     if !a.once {
-        rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=protecting {}", cfg.vm));
-        rewind_proto::systemd::spawn_watchdog();
+        systemd::notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(&format!("protecting {}", cfg.vm)),
+        ]);
+        systemd::spawn_watchdog();
     }
     let mut vm_loop = crate::cycle::VmLoop::new(&cfg.vm);
     loop {
@@ -222,7 +226,7 @@ async fn cycles(
                 if a.once {
                     bail!("stopped before the point of VM {} was committed: it resumes on the next run", cfg.vm);
                 }
-                rewind_proto::systemd::notify("STOPPING=1");
+                systemd::notify(&[NotifyState::Stopping]);
                 tracing::warn!(vm = %cfg.vm, "stopped: the point in flight resumes on the next run");
                 return Ok(());
             }
@@ -243,9 +247,9 @@ async fn cycles(
             return Ok(());
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(a.interval.max(1))) => {}
+            _ = tokio::time::sleep_until(crate::cycle::next_due(tokio::time::Instant::now(), a.interval)) => {}
             _ = stop.recv() => {
-                rewind_proto::systemd::notify("STOPPING=1");
+                systemd::notify(&[NotifyState::Stopping]);
                 return Ok(());
             }
         }

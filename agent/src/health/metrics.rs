@@ -3,9 +3,9 @@
 use super::*;
 use std::fmt::Write as _;
 
-/// The agent's metrics in Prometheus' text format.
-pub fn render(conn: &Connection) -> rusqlite::Result<String> {
-    let all = status(conn)?;
+/// The agent's metrics in Prometheus' text format, at `now` (Unix microseconds, wall clock).
+pub fn render(conn: &Connection, now: i64) -> rusqlite::Result<String> {
+    let all = status(conn, now)?;
     let mut out = String::new();
     type Get = fn(&VmStatus) -> Option<f64>;
     let gauges: [(&str, &str, &str, Get); 13] = [

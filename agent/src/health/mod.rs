@@ -53,9 +53,14 @@ CREATE TABLE IF NOT EXISTS health_failures(
 /// Achieved RPOs kept per VM for the percentiles.
 pub const RPO_WINDOW: usize = 100;
 
-/// Microseconds since the Unix epoch.
+/// Microseconds since the Unix epoch, now by the system's wall clock.
 pub fn now_us() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+    unix_us(time::OffsetDateTime::now_utc())
+}
+
+/// `t` in microseconds since the Unix epoch, the unit of the health record's times.
+pub fn unix_us(t: time::OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1000) as i64
 }
 
 fn parse_us(rfc3339: &str) -> Option<i64> {
@@ -74,29 +79,30 @@ fn text_us(us: i64) -> String {
         .unwrap_or_else(|| us.to_string())
 }
 
-fn ensure(conn: &Connection, vm: &str, rpo_s: u64) -> rusqlite::Result<()> {
+fn ensure(conn: &Connection, vm: &str, rpo_s: u64, now: i64) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     conn.execute(
         "INSERT INTO health(vm, rpo_s, first_seen_us) VALUES (?1, ?2, ?3)
          ON CONFLICT(vm) DO UPDATE SET rpo_s = excluded.rpo_s",
-        params![vm, rpo_s as i64, now_us()],
+        params![vm, rpo_s as i64, now],
     )?;
     Ok(())
 }
 
-/// Notes that a cycle of `vm` starts.
-pub fn cycle_started(conn: &Connection, vm: &str, rpo_s: u64) -> rusqlite::Result<()> {
-    ensure(conn, vm, rpo_s)?;
+/// Notes that a cycle of `vm` starts at `now` (Unix microseconds, wall clock).
+pub fn cycle_started(conn: &Connection, vm: &str, rpo_s: u64, now: i64) -> rusqlite::Result<()> {
+    ensure(conn, vm, rpo_s, now)?;
     conn.execute(
         "UPDATE health SET last_start_us = ?2 WHERE vm = ?1",
-        params![vm, now_us()],
+        params![vm, now],
     )?;
     Ok(())
 }
 
-/// Records how a cycle of `vm` ended. `since_previous` is the time since the previous point's
-/// capture when this process took that point too, on its monotonic clock (immune to clock
-/// steps); otherwise the achieved RPO comes from the recorded wall-clock times.
+/// Records how a cycle of `vm` ended at `now` (Unix microseconds, wall clock) after `seconds`.
+/// `since_previous` is the time since the previous point's capture when this process took
+/// that point too, on its monotonic clock (immune to clock steps); otherwise the achieved RPO
+/// comes from the recorded wall-clock times.
 pub fn cycle_ended(
     conn: &Connection,
     vm: &str,
@@ -104,12 +110,12 @@ pub fn cycle_ended(
     seconds: f64,
     since_previous: Option<f64>,
     outcome: &Result<SyncReport, SyncError>,
+    now: i64,
 ) -> rusqlite::Result<()> {
-    ensure(conn, vm, rpo_s)?;
+    ensure(conn, vm, rpo_s, now)?;
     match outcome {
         Ok(r) => {
             let read: u64 = r.disks.iter().map(|d| d.read_bytes).sum();
-            let now = now_us();
             let achieved = match since_previous {
                 Some(s) => Some(s),
                 None => {
@@ -149,7 +155,7 @@ pub fn cycle_ended(
                     seconds,
                     now,
                     r.point,
-                    parse_us(&r.created).unwrap_or_else(now_us),
+                    parse_us(&r.created).unwrap_or(now),
                     read as i64,
                     r.sent_bytes as i64
                 ],
@@ -161,7 +167,7 @@ pub fn cycle_ended(
                    last_error_us = ?5, consecutive_failures = consecutive_failures + 1,
                    cycles_failed = cycles_failed + 1
                  WHERE vm = ?1",
-                params![vm, seconds, chain(e), e.kind(), now_us()],
+                params![vm, seconds, chain(e), e.kind(), now],
             )?;
             conn.execute(
                 "INSERT INTO health_failures(vm, kind, count) VALUES (?1, ?2, 1)
@@ -276,10 +282,10 @@ fn failures_by_kind(conn: &Connection, vm: &str) -> rusqlite::Result<Vec<(String
     rows.map(|r| r.map(|(k, n)| (k, n as u64))).collect()
 }
 
-/// The status of every VM this agent has run a cycle for.
-pub fn status(conn: &Connection) -> rusqlite::Result<Vec<VmStatus>> {
+/// The status of every VM this agent has run a cycle for, at `now` (Unix microseconds, wall
+/// clock).
+pub fn status(conn: &Connection, now: i64) -> rusqlite::Result<Vec<VmStatus>> {
     conn.execute_batch(SCHEMA)?;
-    let now = now_us();
     let mut stmt = conn.prepare(
         "SELECT vm, rpo_s, first_seen_us, last_cycle_s, last_point, last_point_created_us,
                 last_error, last_error_kind, consecutive_failures, cycles_ok, cycles_failed,
@@ -422,11 +428,18 @@ mod tests {
         assert_eq!(why, "the last 2 cycle(s) failed (disk): gone");
     }
 
+    /// The test's wall-clock times: `secs(s)` is `s` seconds after an arbitrary origin, in
+    /// Unix microseconds.
+    fn secs(s: i64) -> i64 {
+        const ORIGIN: i64 = 1_772_366_400_000_000; // 2026-03-01 12:00 UTC
+        ORIGIN + s * 1_000_000
+    }
+
     fn point(n: i64) -> Result<SyncReport, SyncError> {
         Ok(SyncReport {
             vm: "vm1".into(),
             point: n,
-            created: text_us(now_us()),
+            created: text_us(secs(0)),
             base_point: None,
             session: String::new(),
             resumed: false,
@@ -439,8 +452,9 @@ mod tests {
         })
     }
 
-    fn only(conn: &Connection) -> VmStatus {
-        let mut all = status(conn).unwrap();
+    /// The one VM's status at `now`.
+    fn only(conn: &Connection, now: i64) -> VmStatus {
+        let mut all = status(conn, now).unwrap();
         assert_eq!(all.len(), 1);
         all.remove(0)
     }
@@ -449,38 +463,39 @@ mod tests {
     fn stretched_cycles_show_behind_with_the_achieved_rpo_and_recover() {
         let conn = Connection::open_in_memory().unwrap();
         // RPO target 10 s. The first point has no previous one: nothing achieved yet.
-        cycle_ended(&conn, "vm1", 10, 0.1, None, &point(1)).unwrap();
-        let s = only(&conn);
+        cycle_ended(&conn, "vm1", 10, 0.1, None, &point(1), secs(1)).unwrap();
+        let s = only(&conn, secs(1));
         assert_eq!(
             (s.state.as_str(), s.achieved_rpo_seconds),
             ("replicating", None)
         );
-        cycle_ended(&conn, "vm1", 10, 0.1, Some(5.5), &point(2)).unwrap();
-        assert_eq!(only(&conn).state, "replicating");
+        cycle_ended(&conn, "vm1", 10, 0.1, Some(5.5), &point(2), secs(6)).unwrap();
+        assert_eq!(only(&conn, secs(6)).state, "replicating");
         // A burst: cycles stretch to 30 s and 40 s, none fails.
-        cycle_ended(&conn, "vm1", 10, 30.0, Some(35.0), &point(3)).unwrap();
-        let s = only(&conn);
+        cycle_ended(&conn, "vm1", 10, 30.0, Some(35.0), &point(3), secs(36)).unwrap();
+        let s = only(&conn, secs(36));
         assert_eq!(s.state, "behind", "{s:?}");
         // The point holds data captured 30 s ago, over 2x the target.
         assert!(s.alert);
+        assert_eq!(s.last_point_age_seconds, Some(30.0));
         assert_eq!(s.achieved_rpo_seconds, Some(35.0));
         // A 6 s cycle: the data is fresh, yet the point landed 15 s after the one before.
-        cycle_ended(&conn, "vm1", 10, 6.0, Some(15.0), &point(31)).unwrap();
-        let s = only(&conn);
+        cycle_ended(&conn, "vm1", 10, 6.0, Some(15.0), &point(31), secs(50)).unwrap();
+        let s = only(&conn, secs(50));
         assert_eq!(s.state, "behind", "{s:?}");
         assert!(!s.alert, "fresh data: behind, but not alert-worthy");
         assert!(s.why.contains("15 s"), "{}", s.why);
-        cycle_ended(&conn, "vm1", 10, 40.0, Some(45.0), &point(4)).unwrap();
+        cycle_ended(&conn, "vm1", 10, 40.0, Some(45.0), &point(4), secs(95)).unwrap();
         // The burst ends: the next short cycle is within the target again.
-        cycle_ended(&conn, "vm1", 10, 0.2, Some(5.2), &point(5)).unwrap();
-        let s = only(&conn);
+        cycle_ended(&conn, "vm1", 10, 0.2, Some(5.2), &point(5), secs(100)).unwrap();
+        let s = only(&conn, secs(100));
         assert_eq!(s.state, "replicating", "{s:?}");
         assert_eq!(s.achieved_rpo_seconds, Some(5.2));
         // 5.5, 35, 15, 45, 5.2
         assert_eq!(s.achieved_rpo_p50_seconds, Some(15.0));
         assert_eq!(s.achieved_rpo_p99_seconds, Some(45.0));
         assert_eq!((s.cycles_ok, s.cycles_failed), (6, 0));
-        let metrics = render(&conn).unwrap();
+        let metrics = render(&conn, secs(100)).unwrap();
         for line in [
             "rewind_agent_behind{vm=\"vm1\"} 0",
             "rewind_agent_achieved_rpo_seconds{vm=\"vm1\"} 5.2",
@@ -491,26 +506,64 @@ mod tests {
     }
 
     #[test]
+    fn the_alert_and_behind_start_just_past_twice_and_once_the_target() {
+        let conn = Connection::open_in_memory().unwrap();
+        // RPO target 10 s: the alert is for no point within 20 s.
+        cycle_started(&conn, "vm1", 10, secs(0)).unwrap();
+        // No point yet: the alert starts 20 s after the VM was first seen.
+        let s = only(&conn, secs(20));
+        assert_eq!((s.state.as_str(), s.alert), ("seeding", false));
+        let s = only(&conn, secs(20) + 1);
+        assert_eq!((s.state.as_str(), s.alert), ("seeding", true));
+        // A point captured at 30 s by a cycle of 2.5 s: it is 20 s old at 50 s.
+        cycle_ended(&conn, "vm1", 10, 2.5, None, &point(1), secs(32) + 500_000).unwrap();
+        let s = only(&conn, secs(50));
+        assert_eq!(
+            (s.state.as_str(), s.alert, s.last_point_age_seconds),
+            ("replicating", false, Some(20.0))
+        );
+        let s = only(&conn, secs(50) + 1);
+        assert_eq!((s.state.as_str(), s.alert), ("behind", true), "{s:?}");
+        assert!(s.why.contains("more than 2x the 10 s"), "{}", s.why);
+        // An achieved RPO of exactly the target meets it; a microsecond more does not.
+        cycle_ended(&conn, "vm1", 10, 1.0, Some(10.0), &point(2), secs(60)).unwrap();
+        let s = only(&conn, secs(60));
+        assert_eq!((s.state.as_str(), s.alert), ("replicating", false));
+        cycle_ended(&conn, "vm1", 10, 1.0, Some(10.000_001), &point(3), secs(70)).unwrap();
+        let s = only(&conn, secs(70));
+        assert_eq!((s.state.as_str(), s.alert), ("behind", false), "{s:?}");
+        assert!(s.why.contains("longer than the interval"), "{}", s.why);
+    }
+
+    #[test]
     fn without_a_monotonic_measure_the_achieved_rpo_comes_from_the_recorded_times() {
         let conn = Connection::open_in_memory().unwrap();
-        cycle_ended(&conn, "vm1", 10, 2.0, None, &point(1)).unwrap();
-        // The previous point was captured 2 s before its commit, moments ago.
-        cycle_ended(&conn, "vm1", 10, 0.5, None, &point(2)).unwrap();
-        let a = only(&conn).achieved_rpo_seconds.unwrap();
-        assert!((2.0..5.0).contains(&a), "{a}");
+        // Captured at 98 s, committed at 100 s.
+        cycle_ended(&conn, "vm1", 10, 2.0, None, &point(1), secs(100)).unwrap();
+        // The next point commits at 130 s: the data of the last 32 s was at risk before it.
+        cycle_ended(&conn, "vm1", 10, 0.5, None, &point(2), secs(130)).unwrap();
+        assert_eq!(only(&conn, secs(130)).achieved_rpo_seconds, Some(32.0));
+        // A wall clock stepped back before the previous commit: no value rather than a
+        // negative one.
+        cycle_ended(&conn, "vm1", 10, 0.5, None, &point(3), secs(100)).unwrap();
+        let s = only(&conn, secs(100));
+        assert_eq!(s.cycles_ok, 3);
+        assert_eq!(s.achieved_rpo_seconds, Some(32.0));
     }
 
     #[test]
     fn the_window_keeps_the_newest_values() {
         let conn = Connection::open_in_memory().unwrap();
         for i in 0..(RPO_WINDOW + 20) {
-            cycle_ended(&conn, "vm1", 10, 0.1, Some(i as f64), &point(i as i64)).unwrap();
+            let p = point(i as i64);
+            cycle_ended(&conn, "vm1", 10, 0.1, Some(i as f64), &p, secs(i as i64)).unwrap();
         }
         let n: i64 = conn
             .query_row("SELECT count(*) FROM health_rpo", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, RPO_WINDOW as i64);
-        assert_eq!(only(&conn).achieved_rpo_p50_seconds, Some(69.0));
+        let now = secs(RPO_WINDOW as i64 + 20);
+        assert_eq!(only(&conn, now).achieved_rpo_p50_seconds, Some(69.0));
         forget(&conn, "vm1").unwrap();
         let n: i64 = conn
             .query_row("SELECT count(*) FROM health_rpo", [], |r| r.get(0))

@@ -76,24 +76,27 @@ pub struct SyncConfig {
     pub bwlimit: Bandwidth,
 }
 
-/// The upload limit in bytes per second (None: unlimited), asked again before every batch so
-/// that a time-of-day window opening or closing mid-cycle takes effect at once.
+/// The upload limit in bytes per second (None: unlimited) at a wall-clock time, asked again
+/// before every batch so that a time-of-day window opening or closing mid-cycle takes effect
+/// at once.
 #[derive(Clone)]
-pub struct Bandwidth(pub Arc<dyn Fn() -> Option<u64> + Send + Sync>);
+pub struct Bandwidth(pub Arc<dyn Fn(time::OffsetDateTime) -> Option<u64> + Send + Sync>);
 
 impl Bandwidth {
     pub fn fixed(bytes_per_sec: Option<u64>) -> Bandwidth {
-        Bandwidth(Arc::new(move || bytes_per_sec))
+        Bandwidth(Arc::new(move |_| bytes_per_sec))
     }
 
-    pub fn now(&self) -> Option<u64> {
-        (self.0)()
+    /// The limit in force at `now`.
+    pub fn at(&self, now: time::OffsetDateTime) -> Option<u64> {
+        (self.0)(now)
     }
 }
 
 impl std::fmt::Debug for Bandwidth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bandwidth({:?} B/s now)", self.now())
+        let now = self.at(time::OffsetDateTime::now_utc());
+        write!(f, "Bandwidth({now:?} B/s now)")
     }
 }
 

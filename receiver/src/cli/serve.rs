@@ -1,12 +1,16 @@
 //! `rewind-receiver serve`: accept points from agents until SIGTERM or SIGINT.
 
-use crate::config::ReceiverFile;
+use crate::config::{DrillSchedule, ReceiverFile};
+use crate::error::StoreError;
+use crate::schedule;
 use crate::store::Store;
 use anyhow::Context;
 use clap::Args;
+use rewind_daemon::systemd::{self, NotifyState};
 use rewind_proto::report::Chain;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -41,9 +45,6 @@ pub struct ServeArgs {
     #[arg(long)]
     pub prune_interval: Option<u64>,
 }
-
-/// Default seconds between scheduled prune + gc runs.
-const PRUNE_INTERVAL: u64 = 3600;
 
 /// The configuration file with the flags applied.
 pub fn load(a: &ServeArgs) -> anyhow::Result<ReceiverFile> {
@@ -109,17 +110,12 @@ fn parse_vm_policy(spec: &str) -> Result<(String, crate::retention::Policy), Str
     Ok((vm.to_owned(), p))
 }
 
-/// Prune then gc on a schedule, on blocking threads, with the configuration in force at each
-/// run; failures are logged and retried next time.
+/// Prune then gc on a schedule ([`schedule::next_prune`]), on blocking threads, with the
+/// configuration in force at each run; failures are logged and retried next time.
 async fn retention_loop(data: PathBuf, mut files: watch::Receiver<Arc<ReceiverFile>>) {
     let mut last = tokio::time::Instant::now();
     loop {
-        let every = files
-            .borrow()
-            .prune_interval
-            .unwrap_or(PRUNE_INTERVAL)
-            .max(1);
-        let due = last + Duration::from_secs(every);
+        let due = schedule::next_prune(last, &files.borrow());
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {}
             changed = files.changed() => {
@@ -132,46 +128,44 @@ async fn retention_loop(data: PathBuf, mut files: watch::Receiver<Arc<ReceiverFi
         last = tokio::time::Instant::now();
         let file = files.borrow().clone();
         let data = data.clone();
-        let r = tokio::task::spawn_blocking(move || -> Result<bool, crate::error::StoreError> {
-            let mut conn = crate::catalog::open_rw(&data)?;
-            let vms: Vec<String> = crate::points::list(&conn, None)?
-                .into_iter()
-                .map(|p| p.vm)
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let mut any = false;
-            for name in vms {
-                let p = file.policy(&name);
-                if p.is_empty() {
-                    continue;
-                }
-                any = true;
-                for vm in crate::prune::prune(&mut conn, Some(&name), &p, false)? {
-                    tracing::info!(vm = %vm.vm, removed = vm.removed.len(), rows = vm.rows_touched, "scheduled prune");
-                }
-            }
-            if any {
-                let g = crate::gc::gc(&mut conn, &data, 6 * 3600)?;
-                tracing::info!(chunks = g.chunks_removed, freed = g.bytes_before.saturating_sub(g.bytes_after), "scheduled gc");
-            }
-            Ok(any)
-        })
-        .await;
+        let r = tokio::task::spawn_blocking(move || run_retention(&data, &file)).await;
         match r {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %Chain(&e), "scheduled retention failed"),
             Err(e) => tracing::error!(error = %e, "scheduled retention crashed"),
         }
     }
 }
 
-/// Runs each VM's scheduled drill when it is due (by the catalog's record of its last drill,
-/// so a restart does not repeat one), one at a time, as a `drill` child process. A drill that
-/// leaves no record (it could not start, or was killed) is not retried before its period.
+/// One scheduled retention run: prune each VM of [`schedule::prune_plan`], then gc if any was.
+fn run_retention(data: &Path, file: &ReceiverFile) -> Result<(), StoreError> {
+    let mut conn = crate::catalog::open_rw(data)?;
+    let vms = crate::points::list(&conn, None)?.into_iter().map(|p| p.vm);
+    let plan = schedule::prune_plan(file, vms);
+    for (name, p) in &plan {
+        for vm in crate::prune::prune(&mut conn, Some(name), p, false)? {
+            tracing::info!(vm = %vm.vm, removed = vm.removed.len(), rows = vm.rows_touched, "scheduled prune");
+        }
+    }
+    if !plan.is_empty() {
+        let g = crate::gc::gc(&mut conn, data, 6 * 3600)?;
+        tracing::info!(
+            chunks = g.chunks_removed,
+            freed = g.bytes_before.saturating_sub(g.bytes_after),
+            "scheduled gc"
+        );
+    }
+    Ok(())
+}
+
+/// Runs each VM's scheduled drill when it is due ([`schedule::drills_due`], by the catalog's
+/// record of its last drill, so a restart does not repeat one), one at a time, as a `drill`
+/// child process.
 async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
-    let started = crate::catalog::now_us();
-    let mut attempted: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut state = schedule::DrillState {
+        serve_started_us: crate::catalog::now_us(),
+        ..schedule::DrillState::default()
+    };
     let mut warned = false;
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -181,29 +175,9 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             tracing::warn!("boot drills scheduled from serve run inside its sandbox: if QEMU cannot start there, schedule them with rewind-drill@VM.timer instead");
             warned = true;
         }
-        let d = data.clone();
-        let tried = attempted.clone();
-        let due = tokio::task::spawn_blocking(move || -> Result<Vec<(String, crate::config::DrillSchedule)>, crate::error::StoreError> {
-            let conn = crate::catalog::open_ro(&d)?;
-            let now = crate::catalog::now_us();
-            let mut out = Vec::new();
-            let vms: std::collections::BTreeSet<String> =
-                crate::points::list(&conn, None)?.into_iter().map(|p| p.vm).collect();
-            for vm in vms {
-                let Some(s) = file.drill(&vm) else { continue };
-                let last = crate::catalog::drills::last_started(&conn, &vm)?;
-                // Never drilled: the first one is one period after serve started.
-                let since = last
-                    .unwrap_or(started)
-                    .max(tried.get(&vm).copied().unwrap_or(i64::MIN));
-                if now - since >= (s.every as i64).saturating_mul(1_000_000) {
-                    out.push((vm, s.clone()));
-                }
-            }
-            Ok(out)
-        })
-        .await;
-        let due = match due {
+        let (d, f) = (data.clone(), file.clone());
+        let last = tokio::task::spawn_blocking(move || last_drills(&d, &f)).await;
+        state.last_drill_us = match last {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 tracing::warn!(error = %Chain(&e), "drill schedule: reading the catalog failed");
@@ -211,51 +185,74 @@ async fn drill_loop(data: PathBuf, files: watch::Receiver<Arc<ReceiverFile>>) {
             }
             Err(_) => continue,
         };
-        for (vm, s) in due {
-            attempted.insert(vm.clone(), crate::catalog::now_us());
-            // The schedule's checks reach the child as a checks file that lives until it exits.
-            let checks = match checks_file(&s.checks) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(vm = %vm, error = %Chain(&*e), "scheduled drill not started: writing its checks file failed");
-                    continue;
-                }
-            };
-            // /proc/self/exe still runs this binary after an upgrade replaced the file.
-            let mut cmd = tokio::process::Command::new("/proc/self/exe");
-            cmd.args(["drill", "--json", "--vm", &vm, "--data"])
-                .arg(&data)
-                .args(["--boot-timeout", &s.boot_timeout.to_string()])
-                .args([
-                    "--accel",
-                    match s.accel {
-                        crate::drill::Accel::Auto => "auto",
-                        crate::drill::Accel::Kvm => "kvm",
-                        crate::drill::Accel::Tcg => "tcg",
-                    },
-                ])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true);
-            if s.boot {
-                cmd.arg("--boot");
-            }
-            if let Some(re) = &s.expect_serial {
-                cmd.args(["--expect-serial", re]);
-            }
-            if let Some(f) = &checks {
-                cmd.arg("--checks").arg(f.path());
-            }
-            tracing::info!(vm = %vm, boot = s.boot, checks = s.checks.len(), "scheduled drill");
-            match cmd.status().await {
-                Ok(st) if st.success() => tracing::info!(vm = %vm, "scheduled drill passed"),
-                Ok(_) => {
-                    tracing::error!(vm = %vm, "scheduled drill FAILED (see `rewind-receiver drills --vm {vm}`)")
-                }
-                Err(e) => tracing::error!(vm = %vm, error = %e, "scheduled drill could not start"),
-            }
+        for (vm, s) in schedule::drills_due(&file, crate::catalog::now_us(), &state) {
+            state
+                .attempted_us
+                .insert(vm.clone(), crate::catalog::now_us());
+            run_drill(&data, &vm, &s).await;
         }
+    }
+}
+
+/// The start of the last recorded drill of each VM that has a drill schedule.
+fn last_drills(
+    data: &Path,
+    file: &ReceiverFile,
+) -> Result<BTreeMap<String, Option<i64>>, StoreError> {
+    let conn = crate::catalog::open_ro(data)?;
+    let mut out = BTreeMap::new();
+    for p in crate::points::list(&conn, None)? {
+        if file.drill(&p.vm).is_some() && !out.contains_key(&p.vm) {
+            let last = crate::catalog::drills::last_started(&conn, &p.vm)?;
+            out.insert(p.vm, last);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs one scheduled drill of `vm` as a `drill` child process and logs how it ended.
+async fn run_drill(data: &Path, vm: &str, s: &DrillSchedule) {
+    // The schedule's checks reach the child as a checks file that lives until it exits.
+    let checks = match checks_file(&s.checks) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(vm = %vm, error = %Chain(&*e), "scheduled drill not started: writing its checks file failed");
+            return;
+        }
+    };
+    // /proc/self/exe still runs this binary after an upgrade replaced the file.
+    let mut cmd = tokio::process::Command::new("/proc/self/exe");
+    cmd.args(["drill", "--json", "--vm", vm, "--data"])
+        .arg(data)
+        .args(["--boot-timeout", &s.boot_timeout.to_string()])
+        .args([
+            "--accel",
+            match s.accel {
+                crate::drill::Accel::Auto => "auto",
+                crate::drill::Accel::Kvm => "kvm",
+                crate::drill::Accel::Tcg => "tcg",
+            },
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if s.boot {
+        cmd.arg("--boot");
+    }
+    if let Some(re) = &s.expect_serial {
+        cmd.args(["--expect-serial", re]);
+    }
+    if let Some(f) = &checks {
+        cmd.arg("--checks").arg(f.path());
+    }
+    tracing::info!(vm = %vm, boot = s.boot, checks = s.checks.len(), "scheduled drill");
+    match cmd.status().await {
+        Ok(st) if st.success() => tracing::info!(vm = %vm, "scheduled drill passed"),
+        Ok(_) => {
+            tracing::error!(vm = %vm, "scheduled drill FAILED (see `rewind-receiver drills --vm {vm}`)")
+        }
+        Err(e) => tracing::error!(vm = %vm, error = %e, "scheduled drill could not start"),
     }
 }
 
@@ -322,8 +319,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!("rewind-receiver listening on {addr}");
-        rewind_proto::systemd::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
-        rewind_proto::systemd::spawn_watchdog();
+        systemd::notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(&format!("serving on {addr}")),
+        ]);
+        systemd::spawn_watchdog();
         if let Some(m) = file.metrics {
             let l = tokio::net::TcpListener::bind(m)
                 .await
@@ -369,7 +369,7 @@ async fn reload_on_hangup(
     store: Arc<Store>,
 ) {
     while hup.recv().await.is_some() {
-        rewind_proto::systemd::notify("RELOADING=1");
+        systemd::reloading();
         match crate::pki::load_server(&pki_dir)
             .map_err(anyhow::Error::from)
             .and_then(|p| Ok(crate::server::tls_config(&p)?))
@@ -400,7 +400,7 @@ async fn reload_on_hangup(
                 tracing::error!(error = %Chain(&*e), "reload refused; keeping the running configuration")
             }
         }
-        rewind_proto::systemd::notify("READY=1");
+        systemd::notify(&[NotifyState::Ready]);
     }
 }
 
@@ -414,7 +414,7 @@ async fn shutdown_signal(
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    rewind_proto::systemd::notify("STOPPING=1");
+    systemd::notify(&[NotifyState::Stopping]);
     tracing::info!("stopping: finishing requests in flight");
 }
 

@@ -18,8 +18,6 @@
 //! gets no more time than one that is silent), a reply line is at most [`MAX_REPLY`] bytes, and
 //! nothing the guest sends can panic the drill: bad replies are [`AgentError`]s.
 
-use base64::Engine;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -28,12 +26,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use wire::{parse_reply, parse_status, request, sync_reply_id, Inbox, SENTINEL};
+
+#[cfg(test)]
+pub(crate) mod fake;
+mod wire;
 
 /// Longest reply line taken from the guest. A health check prints lines, not megabytes; 4 MiB of
 /// base64 still carries 3 MiB of output, and it bounds what a hostile guest makes us hold.
 pub const MAX_REPLY: usize = 4 << 20;
-/// Marks the start of a sync reply (from qemu-ga) and resets qemu-ga's parser (to it).
-const SENTINEL: u8 = 0xFF;
 /// Longest single wait on the socket: the cancel flag is looked at this often, and an
 /// unanswered sync is sent again after it (qemu-ga answers in milliseconds once it runs).
 const STEP: Duration = Duration::from_secs(1);
@@ -42,8 +43,6 @@ const STEP: Duration = Duration::from_secs(1);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between two attempts to connect to the socket QEMU creates.
 const CONNECT_RETRY: Duration = Duration::from_millis(200);
-/// Most bytes of a guest-supplied text (an error description) kept in a message.
-const MAX_QUOTED: usize = 256;
 
 /// What went wrong talking to the guest agent.
 #[derive(Debug, Error)]
@@ -116,142 +115,6 @@ pub struct Exited {
 pub enum ExecStatus {
     Running,
     Exited(Exited),
-}
-
-/// Bytes received and not yet taken as lines (the pure framing core: no I/O).
-#[derive(Debug, Default)]
-struct Inbox {
-    buf: Vec<u8>,
-    /// Bytes at the start of `buf` known to hold no newline.
-    scanned: usize,
-}
-
-impl Inbox {
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Drops everything up to and including the first sentinel; whether there was one (without
-    /// one, everything is dropped: it is stale).
-    fn skip_to_sentinel(&mut self) -> bool {
-        let found = self.buf.iter().position(|&b| b == SENTINEL);
-        match found {
-            Some(i) => self.buf.drain(..=i),
-            None => self.buf.drain(..),
-        };
-        self.scanned = 0;
-        found.is_some()
-    }
-
-    /// The first whole line, without its line ending, once it has arrived.
-    fn take_line(&mut self, limit: usize) -> Result<Option<Vec<u8>>, AgentError> {
-        let from = self.scanned;
-        match self.buf[from..].iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                let end = from + i;
-                if end > limit {
-                    return Err(AgentError::ReplyTooLong { limit });
-                }
-                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.scanned = 0;
-                Ok(Some(line))
-            }
-            None if self.buf.len() > limit => Err(AgentError::ReplyTooLong { limit }),
-            None => {
-                self.scanned = self.buf.len();
-                Ok(None)
-            }
-        }
-    }
-}
-
-/// A request line.
-fn request(command: &str, arguments: Value) -> Vec<u8> {
-    let mut line = json!({ "execute": command, "arguments": arguments }).to_string();
-    line.push('\n');
-    line.into_bytes()
-}
-
-/// At most [`MAX_QUOTED`] bytes of a guest-supplied text, quoted and escaped.
-fn quoted(text: &str) -> String {
-    let mut end = text.len().min(MAX_QUOTED);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let more = if end < text.len() { "..." } else { "" };
-    format!("{:?}{more}", &text[..end])
-}
-
-/// The `return` value of a reply line, or why there is none.
-fn parse_reply(command: &'static str, line: &[u8]) -> Result<Value, AgentError> {
-    let bad = |what: String| AgentError::BadReply { command, what };
-    let mut v: Value = serde_json::from_slice(line).map_err(|e| bad(quoted(&e.to_string())))?;
-    if let Some(ret) = v.get_mut("return") {
-        return Ok(ret.take());
-    }
-    if let Some(err) = v.get("error") {
-        let desc = err
-            .get("desc")
-            .and_then(Value::as_str)
-            .or_else(|| err.get("class").and_then(Value::as_str))
-            .unwrap_or("no description");
-        return Err(AgentError::Refused {
-            command,
-            desc: quoted(desc),
-        });
-    }
-    Err(bad("neither \"return\" nor \"error\"".into()))
-}
-
-/// The id a sync reply line echoes (after the last sentinel in it, if any).
-fn sync_reply_id(line: &[u8]) -> Option<u64> {
-    let start = line
-        .iter()
-        .rposition(|&b| b == SENTINEL)
-        .map_or(0, |i| i + 1);
-    let v: Value = serde_json::from_slice(&line[start..]).ok()?;
-    v.get("return")?.as_u64()
-}
-
-/// guest-exec-status's return value; unknown members (newer qemu-ga) are ignored.
-#[derive(Debug, Deserialize)]
-struct StatusReply {
-    exited: bool,
-    exitcode: Option<i64>,
-    signal: Option<i64>,
-    #[serde(rename = "out-data")]
-    out_data: Option<String>,
-    #[serde(rename = "err-data")]
-    err_data: Option<String>,
-}
-
-fn parse_status(ret: Value) -> Result<ExecStatus, AgentError> {
-    const COMMAND: &str = "guest-exec-status";
-    let bad = |what: String| AgentError::BadReply {
-        command: COMMAND,
-        what,
-    };
-    let s: StatusReply = serde_json::from_value(ret).map_err(|e| bad(quoted(&e.to_string())))?;
-    if !s.exited {
-        return Ok(ExecStatus::Running);
-    }
-    let decode = |data: Option<String>, what: &str| -> Result<Vec<u8>, AgentError> {
-        data.map_or(Ok(Vec::new()), |d| {
-            base64::engine::general_purpose::STANDARD
-                .decode(d.as_bytes())
-                .map_err(|e| bad(format!("{what} is not base64: {e}")))
-        })
-    };
-    Ok(ExecStatus::Exited(Exited {
-        exit_code: s.exitcode,
-        signal: s.signal,
-        stdout: decode(s.out_data, "out-data")?,
-        stderr: decode(s.err_data, "err-data")?,
-    }))
 }
 
 /// A connection to qemu-ga.
@@ -490,134 +353,6 @@ impl GuestAgent {
     }
 }
 
-/// A scripted qemu-ga for tests, hostile on demand.
-#[cfg(test)]
-pub(crate) mod fake {
-    use serde_json::{json, Value};
-    use std::io::{BufRead, BufReader, Write};
-    use std::os::unix::net::UnixStream;
-    use std::sync::{Arc, Mutex};
-
-    /// What one guest-exec'd command does.
-    #[derive(Debug, Clone)]
-    pub enum Run {
-        Exits {
-            code: i64,
-            stdout: &'static [u8],
-            stderr: &'static [u8],
-        },
-        Signal(i64),
-        Never,
-    }
-
-    #[derive(Debug, Clone, Default)]
-    pub struct Fake {
-        /// Syncs left unanswered first (qemu-ga not started yet).
-        pub ignore_syncs: usize,
-        /// Raw bytes written before each sync reply (garbage, stale replies).
-        pub before_sync: Vec<u8>,
-        /// A raw reply sent instead of guest-exec's.
-        pub exec_reply: Option<Vec<u8>>,
-        /// A raw `return` value sent for guest-exec-status instead of the run's.
-        pub status_reply: Option<Value>,
-        /// What each guest-exec runs, in turn; the last repeats.
-        pub runs: Vec<Run>,
-        /// guest-exec-status answers "exited": false this many times per process first.
-        pub polls_running: usize,
-    }
-
-    fn b64(s: &[u8]) -> String {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    }
-
-    /// Answers requests on `stream` until the client goes; returns the requests seen.
-    pub fn serve(fake: Fake, stream: UnixStream) -> Arc<Mutex<Vec<Value>>> {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            let _ = answer(&fake, stream, &log);
-        });
-        seen
-    }
-
-    fn answer(fake: &Fake, stream: UnixStream, log: &Mutex<Vec<Value>>) -> std::io::Result<()> {
-        let mut out = stream.try_clone()?;
-        let mut reader = BufReader::new(stream);
-        let mut ignored = 0;
-        let mut execs = 0usize;
-        let mut polls = 0usize;
-        let mut current: Option<Run> = None;
-        loop {
-            let mut raw = Vec::new();
-            if reader.read_until(b'\n', &mut raw)? == 0 {
-                return Ok(());
-            }
-            raw.retain(|&b| b != 0xFF);
-            let Ok(req) = serde_json::from_slice::<Value>(&raw) else {
-                continue;
-            };
-            if let Ok(mut l) = log.lock() {
-                l.push(req.clone());
-            }
-            let args = &req["arguments"];
-            match req["execute"].as_str().unwrap_or("") {
-                "guest-sync-delimited" => {
-                    if ignored < fake.ignore_syncs {
-                        ignored += 1;
-                        continue;
-                    }
-                    out.write_all(&fake.before_sync)?;
-                    out.write_all(b"\xff")?;
-                    writeln!(out, "{}", json!({ "return": args["id"] }))?;
-                }
-                "guest-exec" => {
-                    if let Some(r) = &fake.exec_reply {
-                        out.write_all(r)?;
-                        continue;
-                    }
-                    current = fake
-                        .runs
-                        .get(execs.min(fake.runs.len().saturating_sub(1)))
-                        .cloned();
-                    execs += 1;
-                    polls = 0;
-                    writeln!(out, "{}", json!({ "return": { "pid": 1000 + execs } }))?;
-                }
-                "guest-exec-status" => {
-                    polls += 1;
-                    let ret = match (&fake.status_reply, &current) {
-                        (Some(v), _) => v.clone(),
-                        (None, _) if polls <= fake.polls_running => json!({ "exited": false }),
-                        (
-                            None,
-                            Some(Run::Exits {
-                                code,
-                                stdout,
-                                stderr,
-                            }),
-                        ) => json!({
-                            "exited": true, "exitcode": code,
-                            "out-data": b64(stdout), "err-data": b64(stderr),
-                        }),
-                        (None, Some(Run::Signal(s))) => json!({ "exited": true, "signal": s }),
-                        (None, Some(Run::Never) | None) => json!({ "exited": false }),
-                    };
-                    writeln!(out, "{}", json!({ "return": ret }))?;
-                }
-                other => {
-                    let desc = format!("The command {other} has not been found");
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({ "error": { "class": "CommandNotFound", "desc": desc } })
-                    )?;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::fake::{self, Fake, Run};
@@ -639,76 +374,6 @@ mod tests {
             stdout,
             stderr,
         }
-    }
-
-    #[test]
-    fn inbox_frames_lines_and_skips_to_the_sentinel() {
-        let mut inbox = Inbox::default();
-        inbox.push(b"stale {\"return\": 1}\n\xff{\"ret");
-        assert!(inbox.skip_to_sentinel());
-        assert_eq!(inbox.take_line(100).expect("fits"), None);
-        inbox.push(b"urn\": 7}\r\nnext");
-        assert_eq!(
-            inbox.take_line(100).expect("fits").as_deref(),
-            Some(&b"{\"return\": 7}"[..])
-        );
-        assert_eq!(inbox.take_line(100).expect("fits"), None);
-        assert!(!inbox.skip_to_sentinel(), "no sentinel: all of it is stale");
-        assert!(inbox.buf.is_empty());
-    }
-
-    #[test]
-    fn inbox_refuses_a_line_over_the_limit_with_or_without_its_newline() {
-        let mut inbox = Inbox::default();
-        inbox.push(&[b'x'; 11]);
-        assert!(matches!(
-            inbox.take_line(10),
-            Err(AgentError::ReplyTooLong { limit: 10 })
-        ));
-        let mut inbox = Inbox::default();
-        inbox.push(b"0123456789a\n");
-        assert!(matches!(
-            inbox.take_line(10),
-            Err(AgentError::ReplyTooLong { .. })
-        ));
-        let mut inbox = Inbox::default();
-        inbox.push(b"0123456789\n");
-        assert!(inbox.take_line(10).expect("at the limit").is_some());
-    }
-
-    #[test]
-    fn replies_are_parsed_without_trusting_them() {
-        assert_eq!(
-            parse_reply("x", br#"{"return": {"pid": 5}}"#).expect("ok"),
-            json!({ "pid": 5 })
-        );
-        let long = "d".repeat(10_000);
-        let line = json!({ "error": { "class": "GenericError", "desc": long } }).to_string();
-        match parse_reply("guest-exec", line.as_bytes()) {
-            Err(AgentError::Refused { desc, .. }) => assert!(desc.len() < 300, "{desc}"),
-            other => panic!("{other:?}"),
-        }
-        for garbage in [
-            &b"\x00\x01 not json"[..],
-            b"[1,2]",
-            b"{\"neither\": 1}",
-            b"",
-        ] {
-            assert!(
-                matches!(parse_reply("x", garbage), Err(AgentError::BadReply { .. })),
-                "{garbage:?}"
-            );
-        }
-        assert!(matches!(
-            parse_status(json!({ "exited": true, "out-data": "%%% not base64" })),
-            Err(AgentError::BadReply { .. })
-        ));
-        assert!(matches!(
-            parse_status(json!({ "exited": "yes" })),
-            Err(AgentError::BadReply { .. })
-        ));
-        assert_eq!(sync_reply_id(b"junk\xff{\"return\": 42}"), Some(42));
-        assert_eq!(sync_reply_id(b"{\"return\": \"42\"}"), None);
     }
 
     #[test]
