@@ -27,6 +27,12 @@
 //! guest_agent = "/run/qemu/web1.qga"
 //!
 //! [[vm]]
+//! name = "app1"
+//! libvirt = "qemu:///system"  # a libvirt-managed VM: backup jobs with checkpoints
+//! domain = "app1"
+//! freeze = true               # through libvirt's guest agent support
+//!
+//! [[vm]]
 //! name = "db1"
 //! disks = ["vda=/dev/vg0/db1", "vdb=qcow2:/var/lib/vms/db1-data.qcow2"]
 //! interval = 30
@@ -88,7 +94,14 @@ pub struct VmEntry {
     pub name: String,
     pub qmp: Option<PathBuf>,
     pub guest_agent: Option<PathBuf>,
-    /// NAME=PATH or NAME=qcow2:PATH; with `qmp`, just NAME limits the disks.
+    /// libvirt connection URI of a libvirt-managed VM (with `domain`).
+    pub libvirt: Option<String>,
+    /// The libvirt domain's name.
+    pub domain: Option<String>,
+    /// Freeze the libvirt guest's file systems around each job.
+    #[serde(default)]
+    pub freeze: bool,
+    /// NAME=PATH or NAME=qcow2:PATH; with `qmp` or `libvirt`, just NAME limits the disks.
     #[serde(default)]
     pub disks: Vec<String>,
     pub interval: Option<u64>,
@@ -176,13 +189,27 @@ impl AgentFile {
             if !seen.insert(&v.name) {
                 return bad(format!("VM {:?} is listed twice", v.name));
             }
-            match (&v.qmp, v.disks.is_empty()) {
-                (None, true) => return bad(format!("VM {}: give qmp or disks", v.name)),
-                (Some(_), false) => {
+            match (&v.libvirt, &v.domain, &v.qmp) {
+                (Some(_), None, _) => return bad(format!("VM {}: libvirt needs domain", v.name)),
+                (None, Some(_), _) => return bad(format!("VM {}: domain needs libvirt", v.name)),
+                (Some(_), Some(_), Some(_)) => {
+                    return bad(format!("VM {}: give qmp or libvirt, not both", v.name))
+                }
+                _ => {}
+            }
+            if v.freeze && v.libvirt.is_none() {
+                return bad(format!(
+                    "VM {}: freeze needs libvirt (with qmp, give guest_agent)",
+                    v.name
+                ));
+            }
+            match (v.qmp.is_some() || v.libvirt.is_some(), v.disks.is_empty()) {
+                (false, true) => return bad(format!("VM {}: give qmp or disks", v.name)),
+                (true, false) => {
                     for d in &v.disks {
                         if d.contains('=') {
                             return bad(format!(
-                                "VM {}: with qmp, disks are names only (got {d:?})",
+                                "VM {}: with qmp or libvirt, disks are names only (got {d:?})",
                                 v.name
                             ));
                         }
@@ -190,12 +217,12 @@ impl AgentFile {
                             .map_err(|e| ConfigError::Invalid(format!("VM {}: {e}", v.name)))?;
                     }
                 }
-                (None, false) => {
+                (false, false) => {
                     for d in &v.disks {
                         parse_disk(d)?;
                     }
                 }
-                (Some(_), true) => {}
+                (true, true) => {}
             }
             if v.guest_agent.is_some() && v.qmp.is_none() {
                 return bad(format!("VM {}: guest_agent needs qmp", v.name));
@@ -270,7 +297,17 @@ impl AgentFile {
 
     /// The cycle of `vm` as the file describes it now.
     pub fn cycle(&self, vm: &VmEntry) -> Result<SyncConfig, ConfigError> {
+        let libvirt = match (&vm.libvirt, &vm.domain) {
+            (Some(uri), Some(domain)) => Some(crate::libvirt::LibvirtSource {
+                uri: uri.clone(),
+                domain: domain.clone(),
+                freeze: vm.freeze,
+                only: vm.disks.clone(),
+            }),
+            _ => None,
+        };
         let (disks, live) = match &vm.qmp {
+            _ if libvirt.is_some() => (Vec::new(), None),
             Some(qmp) => (
                 Vec::new(),
                 Some(LiveSource {
@@ -295,6 +332,7 @@ impl AgentFile {
             vm: vm.name.clone(),
             disks,
             live,
+            libvirt,
             block_size: BlockSize::new(block_size)
                 .map_err(|e| ConfigError::Invalid(format!("vm {}: {e}", vm.name)))?,
             state_dir: self.state_dir()?,

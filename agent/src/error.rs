@@ -79,6 +79,9 @@ pub enum SyncError {
     /// An offline qcow2 step failed.
     #[error(transparent)]
     Offline(#[from] crate::offline::OfflineError),
+    /// A libvirt step failed.
+    #[error(transparent)]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
     /// Reading through NBD failed.
     #[error(transparent)]
     Nbd(#[from] crate::nbd::NbdError),
@@ -142,6 +145,7 @@ impl SyncError {
             SyncError::Protocol(_) => "protocol",
             SyncError::Live(_) => "qemu",
             SyncError::Offline(_) => "qcow2",
+            SyncError::Libvirt(_) => "libvirt",
             SyncError::Nbd(_) => "nbd",
             SyncError::Worker(_) => "internal",
         }

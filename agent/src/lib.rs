@@ -16,6 +16,7 @@ pub mod cycle;
 pub mod error;
 pub mod faults;
 pub mod health;
+pub mod libvirt;
 pub mod live;
 pub mod nbd;
 pub mod offline;

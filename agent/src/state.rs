@@ -13,7 +13,7 @@
 //! snapshot that is no longer the newest, and its busy handler does not help).
 
 use rewind_proto::format::DiskGeometry;
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::VecDeque;
 use std::path::Path;
@@ -179,7 +179,7 @@ impl<'c> PendingWriter<'c> {
         })
     }
 
-    pub fn add(&mut self, disk: &str, idx: u64, leaf: &Leaf) -> rusqlite::Result<()> {
+    pub fn add(&mut self, disk: &str, idx: u64, leaf: &BlockHash) -> rusqlite::Result<()> {
         let since = match self.open {
             Some(t) => t,
             None => {
@@ -306,7 +306,7 @@ pub struct OldLeaves<'c> {
     conn: &'c Connection,
     vm: String,
     disk: String,
-    buf: VecDeque<(u64, Leaf)>,
+    buf: VecDeque<(u64, BlockHash)>,
     next_from: u64,
     done: bool,
 }
@@ -340,7 +340,7 @@ impl<'c> OldLeaves<'c> {
         )?;
         for row in rows {
             let (idx, hash) = row?;
-            let leaf = Leaf::from_slice(&hash).map_err(|e| {
+            let leaf = BlockHash::from_slice(&hash).map_err(|e| {
                 rusqlite::Error::FromSqlConversionFailure(
                     1,
                     rusqlite::types::Type::Blob,
@@ -358,14 +358,18 @@ impl<'c> OldLeaves<'c> {
 
     /// The next old non-zero leaves below `end`, in order, at most a page; empty once none
     /// are left.
-    pub fn next_page(&mut self, end: u64) -> rusqlite::Result<Vec<(u64, Leaf)>> {
+    pub fn next_page(&mut self, end: u64) -> rusqlite::Result<Vec<(u64, BlockHash)>> {
         self.fill()?;
         let n = self.buf.iter().take_while(|(i, _)| *i < end).count();
         Ok(self.buf.drain(..n).collect())
     }
 
     /// Passes every old non-zero leaf below `end` (in order) to `f` and forgets it.
-    pub fn drain_below(&mut self, end: u64, mut f: impl FnMut(u64, Leaf)) -> rusqlite::Result<()> {
+    pub fn drain_below(
+        &mut self,
+        end: u64,
+        mut f: impl FnMut(u64, BlockHash),
+    ) -> rusqlite::Result<()> {
         loop {
             self.fill()?;
             match self.buf.front() {
@@ -383,8 +387,8 @@ impl<'c> OldLeaves<'c> {
     pub fn leaf_at(
         &mut self,
         idx: u64,
-        mut skipped: impl FnMut(u64, Leaf),
-    ) -> rusqlite::Result<Leaf> {
+        mut skipped: impl FnMut(u64, BlockHash),
+    ) -> rusqlite::Result<BlockHash> {
         loop {
             self.fill()?;
             match self.buf.front() {
@@ -396,7 +400,7 @@ impl<'c> OldLeaves<'c> {
                     self.buf.pop_front();
                     return Ok(l);
                 }
-                _ => return Ok(Leaf::ZERO),
+                _ => return Ok(BlockHash::ZERO),
             }
         }
     }

@@ -2,7 +2,7 @@
 //! bytes. Decompression is bounded by the expected length, so a hostile frame cannot balloon.
 
 use crate::format::{max_frame_len, ZSTD_LEVEL};
-use crate::hash::Leaf;
+use crate::hash::BlockHash;
 use thiserror::Error;
 
 /// Why a chunk was refused.
@@ -10,22 +10,29 @@ use thiserror::Error;
 pub enum ChunkError {
     /// The frame is not valid zstd, or it inflates past the expected length.
     #[error("chunk {hash} does not decompress to at most {expected} bytes")]
-    Undecodable { hash: Leaf, expected: usize },
+    Undecodable { hash: BlockHash, expected: usize },
     /// The data decompressed to a different length than its block has.
     #[error("chunk {hash} holds {got} bytes, its block has {expected}")]
     WrongLength {
-        hash: Leaf,
+        hash: BlockHash,
         got: usize,
         expected: usize,
     },
     /// The data does not hash to the name it was sent under.
     #[error("chunk sent as {claimed} hashes to {actual}")]
-    WrongHash { claimed: Leaf, actual: Leaf },
+    WrongHash {
+        claimed: BlockHash,
+        actual: BlockHash,
+    },
     /// The frame is longer than any honest encoding of its block, or is not exactly one zstd
     /// frame (padding, skippable frames or bytes after it): stored, it would make every read
     /// of the block slower, or fail where readers enforce the bound.
     #[error("chunk {hash}: a frame of {len} bytes is not one zstd frame of at most {max} bytes")]
-    NotCanonical { hash: Leaf, len: usize, max: usize },
+    NotCanonical {
+        hash: BlockHash,
+        len: usize,
+        max: usize,
+    },
     /// All-zero blocks are holes and never stored as chunks.
     #[error("an all-zero block was sent as a chunk")]
     ZeroChunk,
@@ -67,7 +74,7 @@ pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
 /// Decompresses a stored chunk into `out` and checks that it fills `out` exactly and hashes to
 /// `hash`: [`open`] without a buffer per chunk. Ingest and every reader decode through here,
 /// so all of them refuse a frame that is not in the stored form ([`check_canonical`]).
-pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+pub fn open_into(hash: BlockHash, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
     let expected = out.len();
     if hash.is_zero() {
         return Err(ChunkError::ZeroChunk);
@@ -92,7 +99,7 @@ pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkEr
             expected,
         });
     }
-    let actual = Leaf::of(out);
+    let actual = BlockHash::of(out);
     if actual != hash {
         return Err(ChunkError::WrongHash {
             claimed: hash,
@@ -105,7 +112,7 @@ pub fn open_into(hash: Leaf, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkEr
 /// Checks that `frame` is in the stored form of a block of `block_len` bytes: exactly one zstd
 /// frame, no longer than [`max_frame_len`]. (zstd decodes a frame followed by skippable frames
 /// to the same bytes, so decoding alone does not show this.)
-pub fn check_canonical(hash: Leaf, frame: &[u8], block_len: usize) -> Result<(), ChunkError> {
+pub fn check_canonical(hash: BlockHash, frame: &[u8], block_len: usize) -> Result<(), ChunkError> {
     let max = max_frame_len(block_len);
     let refused = || ChunkError::NotCanonical {
         hash,
@@ -127,7 +134,7 @@ pub fn check_canonical(hash: Leaf, frame: &[u8], block_len: usize) -> Result<(),
 
 /// Checks that a chunk as sent is in its stored form ([`check_canonical`]) and decompresses
 /// to exactly `expected` bytes hashing to `hash`, decompressing into a buffer the thread keeps.
-pub fn verify(hash: Leaf, frame: &[u8], expected: usize) -> Result<(), ChunkError> {
+pub fn verify(hash: BlockHash, frame: &[u8], expected: usize) -> Result<(), ChunkError> {
     SCRATCH.with(|scratch| {
         let mut buf = scratch.borrow_mut();
         if buf.len() < expected {
@@ -138,7 +145,7 @@ pub fn verify(hash: Leaf, frame: &[u8], expected: usize) -> Result<(), ChunkErro
 }
 
 /// Decompresses a stored chunk and checks that it is exactly `expected` bytes hashing to `hash`.
-pub fn open(hash: Leaf, frame: &[u8], expected: usize) -> Result<Vec<u8>, ChunkError> {
+pub fn open(hash: BlockHash, frame: &[u8], expected: usize) -> Result<Vec<u8>, ChunkError> {
     let mut data = vec![0u8; expected];
     open_into(hash, frame, &mut data)?;
     Ok(data)
@@ -153,7 +160,7 @@ mod tests {
         #[test]
         fn roundtrip(data in proptest::collection::vec(any::<u8>(), 1..20_000)) {
             prop_assume!(!crate::hash::is_zero(&data));
-            let leaf = Leaf::of(&data);
+            let leaf = BlockHash::of(&data);
             let frame = compress(&data).expect("compress");
             prop_assert_eq!(&open(leaf, &frame, data.len()).expect("open"), &data);
             let mut out = vec![0u8; data.len()];
@@ -166,7 +173,7 @@ mod tests {
     #[test]
     fn only_one_bounded_frame_is_canonical() {
         let data: Vec<u8> = (0..65_536u32).map(|i| (i * 7 % 251) as u8).collect();
-        let leaf = Leaf::of(&data);
+        let leaf = BlockHash::of(&data);
         let frame = compress(&data).expect("compress");
         assert_eq!(verify(leaf, &frame, data.len()), Ok(()));
         // A skippable frame after it: decodes to the same bytes, refused.
@@ -209,13 +216,13 @@ mod tests {
             .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
             .collect();
         let f = compress(&noise).expect("compress");
-        assert_eq!(verify(Leaf::of(&noise), &f, noise.len()), Ok(()));
+        assert_eq!(verify(BlockHash::of(&noise), &f, noise.len()), Ok(()));
     }
 
     #[test]
     fn refuses_bad_chunks() {
         let data = vec![7u8; 5000];
-        let leaf = Leaf::of(&data);
+        let leaf = BlockHash::of(&data);
         let frame = compress(&data).expect("compress");
         assert_eq!(
             open(leaf, &frame, 4000),
@@ -232,7 +239,7 @@ mod tests {
                 expected: 6000
             })
         );
-        let other = Leaf::of(b"other");
+        let other = BlockHash::of(b"other");
         assert!(matches!(
             open(other, &frame, 5000),
             Err(ChunkError::WrongHash { .. })
@@ -241,7 +248,10 @@ mod tests {
             open(leaf, b"not zstd", 5000),
             Err(ChunkError::Undecodable { .. })
         ));
-        assert_eq!(open(Leaf::ZERO, &frame, 5000), Err(ChunkError::ZeroChunk));
+        assert_eq!(
+            open(BlockHash::ZERO, &frame, 5000),
+            Err(ChunkError::ZeroChunk)
+        );
         // The same refusals when decompressing into a caller's buffer.
         assert_eq!(
             open_into(leaf, &frame, &mut [0u8; 4000]),
@@ -267,7 +277,7 @@ mod tests {
             Err(ChunkError::Undecodable { .. })
         ));
         assert_eq!(
-            open_into(Leaf::ZERO, &frame, &mut [0u8; 5000]),
+            open_into(BlockHash::ZERO, &frame, &mut [0u8; 5000]),
             Err(ChunkError::ZeroChunk)
         );
         assert_eq!(

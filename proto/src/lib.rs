@@ -3,7 +3,8 @@
 //!
 //! - [`format`]: every limit and magic number, each with why it has that value.
 //! - [`names`]: validation of VM and disk names (no path tricks).
-//! - [`hash`]: [`hash::Leaf`], the 32-byte value of one block in the tree.
+//! - [`hash`]: the 32-byte hashes, one type per role: [`BlockHash`] (a block, its chunk's name),
+//!   [`NodeHash`] (a tree node) and [`DiskRoot`] (a disk's root).
 //! - [`chunk`]: compressing and verifying the stored form of a block.
 //! - [`tree`]: the Merkle tree over a disk's leaves and its root.
 //! - [`report`]: an error and its causes as one line, each cause said once.
@@ -31,4 +32,4 @@ pub mod pb {
     tonic::include_proto!("rewind.v1");
 }
 
-pub use hash::Leaf;
+pub use hash::{BlockHash, DiskRoot, NodeHash};

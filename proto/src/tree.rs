@@ -16,7 +16,7 @@
 //! changed leaves ([`update`]), so a point costs O(changed blocks), never O(disk size).
 
 use crate::format::{DiskGeometry, TREE_FANOUT};
-use crate::hash::Leaf;
+use crate::hash::{BlockHash, DiskRoot, NodeHash};
 use std::collections::BTreeMap;
 
 const NODE_CONTEXT: &str = "rewind 2026-11 merkle node v1";
@@ -57,25 +57,25 @@ impl Shape {
 }
 
 /// The hash of one inner node from its children.
-pub fn node(level: u32, children: &[Leaf]) -> Leaf {
-    if children.iter().all(Leaf::is_zero) {
-        return Leaf::ZERO;
+pub fn node(level: u32, children: &[NodeHash]) -> NodeHash {
+    if children.iter().all(NodeHash::is_zero) {
+        return NodeHash::ZERO;
     }
     let mut h = blake3::Hasher::new_derive_key(NODE_CONTEXT);
     h.update(&[level as u8]);
     for c in children {
         h.update(&c.0);
     }
-    Leaf(*h.finalize().as_bytes())
+    NodeHash(*h.finalize().as_bytes())
 }
 
 /// The root of a disk: its top node bound to its size and block size.
-pub fn root(geometry: &DiskGeometry, top: Leaf) -> Leaf {
+pub fn root(geometry: &DiskGeometry, top: NodeHash) -> DiskRoot {
     let mut h = blake3::Hasher::new_derive_key(ROOT_CONTEXT);
     h.update(&geometry.size.to_le_bytes());
     h.update(&geometry.block_size.get().to_le_bytes());
     h.update(&top.0);
-    Leaf(*h.finalize().as_bytes())
+    DiskRoot(*h.finalize().as_bytes())
 }
 
 /// Builds a tree from leaves pushed in order, holding at most `fanout` leaves per level.
@@ -83,7 +83,7 @@ pub struct Builder {
     shape: Shape,
     top: u32,
     pushed: u64,
-    levels: Vec<Vec<Leaf>>,
+    levels: Vec<Vec<NodeHash>>,
 }
 
 impl Builder {
@@ -98,12 +98,12 @@ impl Builder {
     }
 
     /// Adds the next leaf. Leaves past the shape's count are a caller bug and are ignored.
-    pub fn push(&mut self, leaf: Leaf) {
+    pub fn push(&mut self, leaf: BlockHash) {
         if self.pushed >= self.shape.leaves {
             return;
         }
         self.pushed += 1;
-        self.levels[0].push(leaf);
+        self.levels[0].push(leaf.into());
         let mut level = 0;
         while level < self.top && self.levels[level as usize].len() as u64 == self.shape.fanout {
             let n = node(level + 1, &self.levels[level as usize]);
@@ -116,14 +116,14 @@ impl Builder {
     /// Adds `count` zero leaves.
     pub fn push_zeros(&mut self, count: u64) {
         for _ in 0..count {
-            self.push(Leaf::ZERO);
+            self.push(BlockHash::ZERO);
         }
     }
 
     /// The top node; leaves not pushed count as zeros.
-    pub fn finish(mut self) -> Leaf {
+    pub fn finish(mut self) -> NodeHash {
         if self.shape.leaves == 0 {
-            return Leaf::ZERO;
+            return NodeHash::ZERO;
         }
         let missing = self.shape.leaves - self.pushed;
         self.push_zeros(missing);
@@ -136,7 +136,7 @@ impl Builder {
         self.levels[self.top as usize]
             .first()
             .copied()
-            .unwrap_or(Leaf::ZERO)
+            .unwrap_or(NodeHash::ZERO)
     }
 }
 
@@ -149,9 +149,9 @@ pub trait NodeStore {
         level: u32,
         first: u64,
         end: u64,
-    ) -> Result<Vec<(u64, Leaf)>, Self::Error>;
+    ) -> Result<Vec<(u64, NodeHash)>, Self::Error>;
     /// Records a node's new value.
-    fn put(&mut self, level: u32, index: u64, value: Leaf) -> Result<(), Self::Error>;
+    fn put(&mut self, level: u32, index: u64, value: NodeHash) -> Result<(), Self::Error>;
 }
 
 /// Recomputes every inner node above the `changed` leaves (which the store already holds in
@@ -160,9 +160,9 @@ pub fn update<S: NodeStore>(
     shape: Shape,
     changed: impl IntoIterator<Item = u64>,
     store: &mut S,
-) -> Result<Leaf, S::Error> {
+) -> Result<NodeHash, S::Error> {
     if shape.leaves == 0 {
-        return Ok(Leaf::ZERO);
+        return Ok(NodeHash::ZERO);
     }
     let top = shape.top_level();
     let mut dirty: Vec<u64> = Vec::new();
@@ -180,7 +180,7 @@ pub fn update<S: NodeStore>(
         for &parent in &dirty {
             let first = parent * shape.fanout;
             let end = (first + shape.fanout).min(below);
-            let mut kids = vec![Leaf::ZERO; (end - first) as usize];
+            let mut kids = vec![NodeHash::ZERO; (end - first) as usize];
             for (i, v) in store.children(level - 1, first, end)? {
                 if (first..end).contains(&i) {
                     kids[(i - first) as usize] = v;
@@ -197,13 +197,13 @@ pub fn update<S: NodeStore>(
         .into_iter()
         .find(|(i, _)| *i == 0)
         .map(|(_, v)| v)
-        .unwrap_or(Leaf::ZERO))
+        .unwrap_or(NodeHash::ZERO))
 }
 
 /// A tree held in memory: the reference model for tests and a simple store for small disks.
 #[derive(Debug, Default, Clone)]
 pub struct MemStore {
-    pub nodes: BTreeMap<(u32, u64), Leaf>,
+    pub nodes: BTreeMap<(u32, u64), NodeHash>,
 }
 
 impl NodeStore for MemStore {
@@ -214,7 +214,7 @@ impl NodeStore for MemStore {
         level: u32,
         first: u64,
         end: u64,
-    ) -> Result<Vec<(u64, Leaf)>, Self::Error> {
+    ) -> Result<Vec<(u64, NodeHash)>, Self::Error> {
         Ok(self
             .nodes
             .range((level, first)..(level, end))
@@ -222,7 +222,7 @@ impl NodeStore for MemStore {
             .collect())
     }
 
-    fn put(&mut self, level: u32, index: u64, value: Leaf) -> Result<(), Self::Error> {
+    fn put(&mut self, level: u32, index: u64, value: NodeHash) -> Result<(), Self::Error> {
         self.nodes.insert((level, index), value);
         Ok(())
     }
@@ -234,11 +234,11 @@ mod tests {
     use proptest::prelude::*;
 
     /// The definition, written as plainly as possible: hash each level in full.
-    fn reference_top(shape: Shape, leaves: &[Leaf]) -> Leaf {
+    fn reference_top(shape: Shape, leaves: &[BlockHash]) -> NodeHash {
         if leaves.is_empty() {
-            return Leaf::ZERO;
+            return NodeHash::ZERO;
         }
-        let mut level_nodes = leaves.to_vec();
+        let mut level_nodes: Vec<NodeHash> = leaves.iter().map(|&l| l.into()).collect();
         let mut level = 0;
         while level_nodes.len() > 1 {
             level += 1;
@@ -250,10 +250,10 @@ mod tests {
         level_nodes[0]
     }
 
-    fn leaf_strategy() -> impl Strategy<Value = Leaf> {
+    fn leaf_strategy() -> impl Strategy<Value = BlockHash> {
         prop_oneof![
-            Just(Leaf::ZERO),
-            any::<u8>().prop_map(|b| Leaf::of(&[b, 1]))
+            Just(BlockHash::ZERO),
+            any::<u8>().prop_map(|b| BlockHash::of(&[b, 1]))
         ]
     }
 
@@ -279,7 +279,7 @@ mod tests {
             let mut store = MemStore::default();
             let all: Vec<u64> = (0..shape.leaves).collect();
             for (i, l) in initial.iter().enumerate() {
-                store.nodes.insert((0, i as u64), *l);
+                store.nodes.insert((0, i as u64), (*l).into());
             }
             let top0 = update(shape, all, &mut store).expect("infallible");
             prop_assert_eq!(top0, reference_top(shape, &initial));
@@ -289,7 +289,7 @@ mod tests {
             for (idx, l) in edits {
                 let i = idx.index(leaves.len());
                 leaves[i] = l;
-                store.nodes.insert((0, i as u64), l);
+                store.nodes.insert((0, i as u64), l.into());
                 changed.push(i as u64);
             }
             let top1 = update(shape, changed, &mut store).expect("infallible");
@@ -309,18 +309,18 @@ mod tests {
             let old = Shape { leaves: initial.len() as u64, fanout };
             let mut store = MemStore::default();
             for (i, l) in initial.iter().enumerate() {
-                store.nodes.insert((0, i as u64), *l);
+                store.nodes.insert((0, i as u64), (*l).into());
             }
             update(old, 0..old.leaves, &mut store).expect("infallible");
 
             let mut leaves = initial.clone();
-            leaves.resize(initial.len() + grow, Leaf::ZERO);
+            leaves.resize(initial.len() + grow, BlockHash::ZERO);
             let new = Shape { leaves: leaves.len() as u64, fanout };
             let mut changed = vec![old.leaves - 1];
             for (idx, l) in edits {
                 let i = idx.index(leaves.len());
                 leaves[i] = l;
-                store.nodes.insert((0, i as u64), l);
+                store.nodes.insert((0, i as u64), l.into());
                 changed.push(i as u64);
             }
             let top = update(new, changed, &mut store).expect("infallible");
@@ -362,7 +362,7 @@ mod tests {
 
         let mut b = Builder::new(Shape::of(&geometry));
         for i in 0..300 {
-            b.push(Leaf(leaf(i)));
+            b.push(BlockHash(leaf(i)));
         }
         let got = root(&geometry, b.finish());
         assert_eq!(got.0, want);
@@ -372,7 +372,7 @@ mod tests {
             "the disk root format changed"
         );
         // An all-zero subtree is 0^32, not a hash of zeros.
-        assert_eq!(super::node(1, &[Leaf::ZERO; 2]), Leaf::ZERO);
+        assert_eq!(super::node(1, &[NodeHash::ZERO; 2]), NodeHash::ZERO);
     }
 
     #[test]
@@ -383,7 +383,7 @@ mod tests {
         };
         let mut b = Builder::new(shape);
         b.push_zeros(1000);
-        assert_eq!(b.finish(), Leaf::ZERO);
+        assert_eq!(b.finish(), NodeHash::ZERO);
     }
 
     #[test]
@@ -391,7 +391,7 @@ mod tests {
         let a = DiskGeometry::new(65536, 65536).expect("valid");
         let b = DiskGeometry::new(65535, 65536).expect("valid");
         let c = DiskGeometry::new(65536, 4096).expect("valid");
-        let r = |g| root(g, Leaf::ZERO);
+        let r = |g| root(g, NodeHash::ZERO);
         assert_ne!(r(&a), r(&b));
         assert_ne!(r(&a), r(&c));
     }

@@ -5,7 +5,7 @@ use rewind_proto::chunk::ChunkError;
 use rewind_proto::format::BadGeometry;
 use rewind_proto::hash::BadHashLength;
 use rewind_proto::names::BadName;
-use rewind_proto::Leaf;
+use rewind_proto::{BlockHash, DiskRoot};
 use thiserror::Error;
 
 use crate::chunks::ChunkStoreError;
@@ -69,17 +69,17 @@ pub enum StoreError {
     ChunkNotHeld {
         disk: String,
         index: u64,
-        hash: Leaf,
+        hash: BlockHash,
     },
     /// A chunk that no block entry of its batch refers to.
     #[error("chunk {0} is not referenced by any block entry of its batch")]
-    UnreferencedChunk(Leaf),
+    UnreferencedChunk(BlockHash),
     /// The chunk has a different length than the block it is used for.
     #[error("block {index} of disk {disk} needs {expected} bytes, chunk {hash} holds {stored}")]
     ChunkLength {
         disk: String,
         index: u64,
-        hash: Leaf,
+        hash: BlockHash,
         expected: usize,
         stored: usize,
     },
@@ -116,8 +116,8 @@ pub enum StoreError {
     )]
     RootMismatch {
         disk: String,
-        agent: Leaf,
-        stored: Leaf,
+        agent: DiskRoot,
+        stored: DiskRoot,
     },
     /// No point with that id for that VM.
     #[error("VM {vm} has no point {point}")]
@@ -139,7 +139,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     #[error("chunk {0} is referenced but not in the chunk index")]
-    MissingChunk(Leaf),
+    MissingChunk(BlockHash),
     /// An agent's quota does not allow what it asked for.
     #[error("agent {agent} is at its quota: {what} (quota {key} = {limit})")]
     Quota {
@@ -156,10 +156,14 @@ pub enum StoreError {
     InUse(std::path::PathBuf),
     /// A read of a chunk the caller does not hold (whoever else may hold it).
     #[error("no chunk {0} among this agent's chunks")]
-    NotHeld(Leaf),
+    NotHeld(BlockHash),
     /// Restored data does not reproduce the point's root.
     #[error("restored disk {disk} has root {got}, the point says {want}")]
-    RestoredRoot { disk: String, got: Leaf, want: Leaf },
+    RestoredRoot {
+        disk: String,
+        got: DiskRoot,
+        want: DiskRoot,
+    },
     /// Prune without any keep rule would remove every unprotected point.
     #[error("no keep rule given: refusing to remove every point (give --keep-last and friends)")]
     NoPolicy,

@@ -21,7 +21,7 @@ use crate::catalog::{events, now_us, packs, sessions};
 use crate::chunks::format::RECORD_HEADER;
 use crate::chunks::{self, ChunkReader, ChunkStore, ChunkWriter, PackId, ReadOrder};
 use crate::error::StoreError;
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use rusqlite::Connection;
 use serde::Serialize;
 use std::path::Path;
@@ -214,7 +214,7 @@ fn collect_pack(
         let mut moved = Vec::new();
         for c in &live {
             let (owner, hash) = (&c.owner, &c.hash);
-            let leaf = Leaf::from_slice(hash)?;
+            let leaf = BlockHash::from_slice(hash)?;
             let frame = reader.read(c.at, &leaf)?;
             if writer.needs_pack() {
                 let id = crate::catalog::new_pack(conn, "gc")?;

@@ -108,13 +108,13 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
 }
 
 /// What a leaf certificate is for.
-enum Leaf<'a> {
+enum BlockHash<'a> {
     Receiver(&'a [String]),
     Agent(&'a str),
 }
 
 /// A new key and a certificate for `what`, signed by the CA of `dir`, valid for `days`.
-fn new_leaf(dir: &Path, what: &Leaf<'_>, days: u32) -> Result<(String, String), PkiError> {
+fn new_leaf(dir: &Path, what: &BlockHash<'_>, days: u32) -> Result<(String, String), PkiError> {
     if days == 0 || days > MAX_LEAF_DAYS {
         return Err(PkiError::Days(days));
     }
@@ -124,7 +124,7 @@ fn new_leaf(dir: &Path, what: &Leaf<'_>, days: u32) -> Result<(String, String), 
     let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)?;
     let mut p = match what {
-        Leaf::Receiver(extra_sans) => {
+        BlockHash::Receiver(extra_sans) => {
             let mut names = vec![
                 "localhost".to_owned(),
                 "127.0.0.1".to_owned(),
@@ -137,7 +137,7 @@ fn new_leaf(dir: &Path, what: &Leaf<'_>, days: u32) -> Result<(String, String), 
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             p
         }
-        Leaf::Agent(agent) => {
+        BlockHash::Agent(agent) => {
             let mut p = CertificateParams::new(vec![(*agent).to_owned()])?;
             p.distinguished_name.push(DnType::CommonName, *agent);
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -165,7 +165,7 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<(), PkiError> {
     let ca_cert = params.self_signed(&ca_key)?;
     write_new(&ca_key_path, &ca_key.serialize_pem(), 0o600)?;
     write_new(&dir.join(CA_CERT), &ca_cert.pem(), 0o644)?;
-    let (cert, key) = new_leaf(dir, &Leaf::Receiver(extra_sans), LEAF_DAYS)?;
+    let (cert, key) = new_leaf(dir, &BlockHash::Receiver(extra_sans), LEAF_DAYS)?;
     write_new(&dir.join(RECEIVER_KEY), &key, 0o600)?;
     write_new(&dir.join(RECEIVER_CERT), &cert, 0o644)?;
     Ok(())
@@ -205,7 +205,7 @@ fn record_issued(dir: &Path, agent: &str, cert_path: &Path) -> Result<(), PkiErr
 /// common name (and DNS name) is the agent's identity, signed by the folder's CA.
 pub fn issue(dir: &Path, agent: &str, days: u32) -> Result<(PathBuf, PathBuf), PkiError> {
     check_agent(agent)?;
-    let (cert, key) = new_leaf(dir, &Leaf::Agent(agent), days)?;
+    let (cert, key) = new_leaf(dir, &BlockHash::Agent(agent), days)?;
     let cert_path = dir.join(format!("{agent}.pem"));
     let key_path = dir.join(format!("{agent}.key"));
     write_new(&key_path, &key, 0o600)?;
@@ -239,7 +239,7 @@ pub fn renew(dir: &Path, agent: Option<&str>, days: u32) -> Result<(PathBuf, Pat
             if !cert_path.exists() {
                 return Err(PkiError::UnknownAgent(a.to_owned()));
             }
-            (Leaf::Agent(a), cert_path, dir.join(format!("{a}.key")))
+            (BlockHash::Agent(a), cert_path, dir.join(format!("{a}.key")))
         }
         None => {
             // The receiver keeps the names its certificate had.
@@ -275,7 +275,7 @@ pub fn renew(dir: &Path, agent: Option<&str>, days: u32) -> Result<(PathBuf, Pat
                 }
             }
             sans.retain(|n| !["localhost", "127.0.0.1", "::1"].contains(&n.as_str()));
-            let (cert, key) = new_leaf(dir, &Leaf::Receiver(&sans), days)?;
+            let (cert, key) = new_leaf(dir, &BlockHash::Receiver(&sans), days)?;
             let cert_path = dir.join(RECEIVER_CERT);
             let key_path = dir.join(RECEIVER_KEY);
             replace(&key_path, &key, 0o600)?;

@@ -3,7 +3,7 @@
 use crate::catalog::points as rows;
 use crate::catalog::{parse_rfc3339, rfc3339, DiskId, PointId};
 use crate::error::StoreError;
-use rewind_proto::Leaf;
+use rewind_proto::DiskRoot;
 use rusqlite::Connection;
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ pub struct PointDisk {
     #[serde(skip)]
     pub disk_id: DiskId,
     #[serde(skip)]
-    pub root_leaf: Leaf,
+    pub root_leaf: DiskRoot,
 }
 
 /// One committed point, as `points --json` prints it.

@@ -9,7 +9,7 @@ use crate::ingest::owned_vm;
 use crate::points::{self, PointSelector};
 use crate::store::Store;
 use rewind_proto::format::{MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS, MAX_READ_REPLY_BYTES};
-use rewind_proto::Leaf;
+use rewind_proto::{BlockHash, DiskRoot};
 
 /// Rollback events one VM may have recorded.
 const MAX_ROLLBACK_EVENTS: i64 = 100_000;
@@ -18,8 +18,8 @@ const MAX_ROLLBACK_EVENTS: i64 = 100_000;
 pub struct LeafPage {
     pub size: u64,
     pub block_size: u64,
-    pub root: Leaf,
-    pub leaves: Vec<(u64, Leaf)>,
+    pub root: DiskRoot,
+    pub leaves: Vec<(u64, BlockHash)>,
     /// Where the next page starts, if any.
     pub next: Option<u64>,
 }
@@ -56,10 +56,11 @@ impl Store {
         }
         let limit = limit.clamp(1, MAX_POINT_BLOCKS_PAGE);
         let span = Span::leaves(d.disk_id, PointId(point), start..u64::MAX);
-        let leaves: Vec<(u64, Leaf)> = leaves::page(&conn, &span, Columns::Hashes, limit as usize)?
-            .into_iter()
-            .map(|n| (n.idx, n.hash))
-            .collect();
+        let leaves: Vec<(u64, BlockHash)> =
+            leaves::page(&conn, &span, Columns::Hashes, limit as usize)?
+                .into_iter()
+                .map(|n| (n.idx, n.hash))
+                .collect();
         let next =
             (leaves.len() == limit as usize).then(|| leaves.last().map_or(start, |l| l.0 + 1));
         Ok(LeafPage {
@@ -76,8 +77,8 @@ impl Store {
         &self,
         owner: &str,
         vm: &str,
-        hashes: &[Leaf],
-    ) -> Result<Vec<(Leaf, Vec<u8>)>, StoreError> {
+        hashes: &[BlockHash],
+    ) -> Result<Vec<(BlockHash, Vec<u8>)>, StoreError> {
         if hashes.len() > MAX_READ_CHUNKS {
             return Err(StoreError::TooLarge {
                 what: "chunks in one read",

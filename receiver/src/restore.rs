@@ -10,7 +10,7 @@ use crate::points::PointDisk;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rusqlite::Connection;
 use std::fs::{File, OpenOptions};
 use std::ops::ControlFlow;
@@ -139,7 +139,7 @@ pub struct RestoreStats {
 }
 
 /// A decoded batch of blocks, in the aligned buffer it was decoded into.
-type Batch = Vec<(u64, Leaf, Prepared)>;
+type Batch = Vec<(u64, BlockHash, Prepared)>;
 
 /// One restore writer: writes decoded batches until there are none (or another writer
 /// failed), handing each buffer back for reuse; the first failure stops the others.

@@ -15,7 +15,7 @@ use rewind_proto::format::DiskGeometry;
 use rewind_proto::pb;
 use rewind_proto::pb::replication_server::Replication;
 use rewind_proto::report::chain;
-use rewind_proto::Leaf;
+use rewind_proto::{BlockHash, DiskRoot};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
@@ -168,11 +168,11 @@ fn upload_status(e: UploadError<Status>) -> Status {
     }
 }
 
-fn leaf(bytes: &[u8]) -> Result<Leaf, Status> {
-    Leaf::from_slice(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
+fn leaf(bytes: &[u8]) -> Result<BlockHash, Status> {
+    BlockHash::from_slice(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn leaves(hashes: &[Vec<u8>]) -> Result<Vec<Leaf>, Status> {
+fn leaves(hashes: &[Vec<u8>]) -> Result<Vec<BlockHash>, Status> {
     hashes.iter().map(|h| leaf(h)).collect()
 }
 
@@ -318,7 +318,11 @@ impl Replication for ReplicationService {
         let roots = r
             .roots
             .iter()
-            .map(|d| Ok((d.name.clone(), leaf(&d.root)?)))
+            .map(|d| {
+                let root = DiskRoot::from_slice(&d.root)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                Ok((d.name.clone(), root))
+            })
             .collect::<Result<Vec<_>, Status>>()?;
         let store = self.store.clone();
         let session = r.session.clone();

@@ -12,7 +12,7 @@ use crate::catalog::{events, now_us, VmId};
 use crate::chunks::{self, ChunkLocation, ChunkReader, ReadOrder};
 use crate::error::StoreError;
 use rewind_proto::report::chain;
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rusqlite::Connection;
 use serde::Serialize;
 use std::path::Path;
@@ -42,7 +42,7 @@ const PAGE_ROWS: usize = 4096;
 /// Reads a chunk at `at` and checks that it decompresses to `ulen` bytes hashing to `leaf`.
 fn check(
     reader: &mut dyn ChunkReader,
-    leaf: &Leaf,
+    leaf: &BlockHash,
     at: ChunkLocation,
     ulen: i64,
 ) -> Result<(), String> {
@@ -84,7 +84,7 @@ pub fn verify(
             rewind_proto::faults::point("verify-after-listing");
         }
         for row in page {
-            let leaf = Leaf::from_slice(&row.hash)?;
+            let leaf = BlockHash::from_slice(&row.hash)?;
             report.chunks_checked += 1;
             report.bytes_checked += row.ulen as u64;
             if let Err(error) = check(&mut *reader, &leaf, row.at, row.ulen) {
@@ -128,7 +128,7 @@ fn quarantine(
         None => return Ok(None), // collected by gc meanwhile: no point needs it
         Some((at, clen, _)) if at == row.at => (at, clen, error),
         Some((at, clen, ulen)) => {
-            let leaf = Leaf::from_slice(&row.hash)?;
+            let leaf = BlockHash::from_slice(&row.hash)?;
             match check(reader, &leaf, at, ulen) {
                 Ok(()) => return Ok(None),
                 Err(e) => (at, clen, e),
@@ -189,11 +189,11 @@ fn still_quarantined(
 }
 
 /// Quarantined chunks a VM's points need: the agent should send them again.
-pub fn heal_list(conn: &Connection, vm_id: VmId) -> Result<Vec<Leaf>, StoreError> {
+pub fn heal_list(conn: &Connection, vm_id: VmId) -> Result<Vec<BlockHash>, StoreError> {
     let rows = rows::to_heal(conn, vm_id)?;
     let mut out = Vec::new();
     for r in rows {
-        out.push(Leaf::from_slice(&r)?);
+        out.push(BlockHash::from_slice(&r)?);
     }
     Ok(out)
 }

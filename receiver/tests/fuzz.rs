@@ -12,7 +12,7 @@ use rewind_proto::format::{DiskGeometry, MAX_BATCH_ENTRIES};
 use rewind_proto::fuzz::{cases, mutate, seed};
 use rewind_proto::nbd::*;
 use rewind_proto::tree::{self, Shape};
-use rewind_proto::{chunk, pb, Leaf};
+use rewind_proto::{chunk, pb, BlockHash};
 use rewind_receiver::chunks::local::LocalPacks;
 use rewind_receiver::chunks::{ChunkLocation, ChunkStore, PackId, ReadOrder};
 use rewind_receiver::ingest::{BeginSpec, DiskSpec, Entry, IncomingChunk, PointMeta};
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn chunk_frames_survive_mutation() {
     let data: Vec<u8> = (0..65_536u32).map(|i| (i * 31 % 251) as u8).collect();
-    let leaf = Leaf::of(&data);
+    let leaf = BlockHash::of(&data);
     let frame = chunk::compress(&data).unwrap();
     assert_eq!(chunk::verify(leaf, &frame, data.len()), Ok(()));
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
@@ -89,7 +89,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 /// A root over `entries` (sorted by index; the blocks between them are holes).
-fn root_of(geometry: &DiskGeometry, entries: &[Entry]) -> Leaf {
+fn root_of(geometry: &DiskGeometry, entries: &[Entry]) -> rewind_proto::DiskRoot {
     let mut b = tree::Builder::new(Shape::of(geometry));
     let mut next = 0;
     for e in entries {
@@ -128,7 +128,7 @@ fn store_with_point(dir: &Path) -> (Store, PointInfo, Vec<u8>) {
         let data = pattern(seed, len);
         let at = (index * BLOCK) as usize;
         image[at..at + len].copy_from_slice(&data);
-        let leaf = Leaf::of(&data);
+        let leaf = BlockHash::of(&data);
         entries.push(Entry {
             pos: 0,
             index,
@@ -363,8 +363,8 @@ fn batch_disks() -> [DiskGeometry; 2] {
 /// frames (one that inflates far past any block, one followed by a skippable frame).
 struct BatchKit {
     batch: pb::Batch,
-    known: HashMap<Leaf, Vec<u8>>,
-    bomb: (Leaf, Vec<u8>),
+    known: HashMap<BlockHash, Vec<u8>>,
+    bomb: (BlockHash, Vec<u8>),
     padded: Vec<u8>,
 }
 
@@ -383,10 +383,10 @@ fn batch_kit(session: &str) -> BatchKit {
         (1, 2, 0),
     ] {
         let hash = if seed == 0 {
-            Leaf([0; 32])
+            BlockHash([0; 32])
         } else {
             let data = pattern(seed, disks[disk as usize].block_len(index).unwrap());
-            let hash = Leaf::of(&data);
+            let hash = BlockHash::of(&data);
             chunks.push(pb::Chunk {
                 hash: hash.0.to_vec(),
                 data: chunk::compress(&data).unwrap().into(),
@@ -401,7 +401,7 @@ fn batch_kit(session: &str) -> BatchKit {
         });
     }
     let big = vec![1u8; 4 << 20];
-    let bomb = (Leaf::of(&big), chunk::compress(&big).unwrap());
+    let bomb = (BlockHash::of(&big), chunk::compress(&big).unwrap());
     let mut padded = chunks[0].data.to_vec();
     // A skippable zstd frame (magic 0x184D2A50, 4 bytes of content).
     padded.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18, 4, 0, 0, 0, 1, 2, 3, 4]);
@@ -643,7 +643,7 @@ fn upload_batches_survive_mutation() {
 
 /// One record of the pack target: where its frame is, and the block it holds.
 struct Record {
-    hash: Leaf,
+    hash: BlockHash,
     offset: u64,
     len: u32,
     data: Vec<u8>,
@@ -658,7 +658,7 @@ fn pack_records_read_back_intact_or_refused() {
     let mut records = Vec::new();
     for n in 0..12u8 {
         let data = pattern(n, 512 + usize::from(n) * 700);
-        let hash = Leaf::of(&data);
+        let hash = BlockHash::of(&data);
         let frame = chunk::compress(&data).unwrap();
         let offset = w.append(&hash, &frame).unwrap().offset;
         records.push(Record {
@@ -669,7 +669,7 @@ fn pack_records_read_back_intact_or_refused() {
         });
     }
     w.sync().unwrap();
-    let known: HashMap<Leaf, &[u8]> = records.iter().map(|r| (r.hash, &r.data[..])).collect();
+    let known: HashMap<BlockHash, &[u8]> = records.iter().map(|r| (r.hash, &r.data[..])).collect();
     let original = std::fs::read(packs.pack_path(PackId(1))).unwrap();
     // Rewritten in place: a file cut to nothing and written again is flushed when closed
     // (ext4's auto_da_alloc), which would cost more than the reads.

@@ -2,7 +2,7 @@
 //! chunks, out-of-range blocks, foreign sessions) and check the exact refusal.
 
 use rewind_proto::pb::{self, replication_client::ReplicationClient};
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -72,7 +72,11 @@ pub async fn begin(
 
 /// A batch of `session` staging `entries` (block index, leaf) of disk 0 and carrying `chunks`
 /// (leaf, frame).
-pub fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -> pb::Batch {
+pub fn batch(
+    session: &str,
+    entries: &[(u64, BlockHash)],
+    chunks: Vec<(BlockHash, Vec<u8>)>,
+) -> pb::Batch {
     pb::Batch {
         session: session.into(),
         entries: entries

@@ -9,6 +9,7 @@ pub mod faultlink;
 pub mod grpc;
 pub mod guest;
 pub mod h2raw;
+pub mod libvirt;
 pub mod procfs;
 pub mod qemu;
 pub mod wan;

@@ -6,7 +6,7 @@
 use rewind_proto::format::{DiskGeometry, MAX_BATCH_ENTRIES};
 use rewind_proto::pb;
 use rewind_proto::tree::{self, Shape};
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rewind_tests::{disk, grpc, Deployment};
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ async fn a_huge_commit_does_not_stall_other_agents() {
         .into_inner()
         .session;
     let data = vec![0x5au8; BLOCK as usize];
-    let leaf = Leaf::of(&data);
+    let leaf = BlockHash::of(&data);
     let frame = chunk::compress(&data).unwrap();
     let batches: Vec<pb::Batch> = (0..ENTRIES)
         .collect::<Vec<_>>()
@@ -147,7 +147,11 @@ async fn a_huge_commit_does_not_stall_other_agents() {
 }
 
 /// Stages `leaves` (index, leaf) for `session`, sending `chunks` with the first batch.
-fn batches(session: &str, leaves: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -> Vec<pb::Batch> {
+fn batches(
+    session: &str,
+    leaves: &[(u64, BlockHash)],
+    chunks: Vec<(BlockHash, Vec<u8>)>,
+) -> Vec<pb::Batch> {
     let mut chunks = Some(chunks);
     leaves
         .chunks(MAX_BATCH_ENTRIES)
@@ -155,7 +159,7 @@ fn batches(session: &str, leaves: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) 
         .collect()
 }
 
-fn root_of(geometry: &DiskGeometry, leaves: &[(u64, Leaf)]) -> Leaf {
+fn root_of(geometry: &DiskGeometry, leaves: &[(u64, BlockHash)]) -> rewind_proto::DiskRoot {
     let mut b = tree::Builder::new(Shape::of(geometry));
     let mut next = 0;
     for &(i, l) in leaves {
@@ -196,7 +200,7 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
         base_point: base,
         resume_session: String::new(),
     };
-    let commit = |session: String, root: Leaf| pb::CommitRequest {
+    let commit = |session: String, root: rewind_proto::DiskRoot| pb::CommitRequest {
         session,
         roots: vec![pb::DiskRoot {
             name: "vda".into(),
@@ -208,7 +212,7 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
     };
     let block = |b: u8| {
         let data = vec![b; BLOCK as usize];
-        (Leaf::of(&data), chunk::compress(&data).unwrap())
+        (BlockHash::of(&data), chunk::compress(&data).unwrap())
     };
     let (x, fx) = block(1);
     let (y, fy) = block(2);
@@ -233,7 +237,7 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
 
     // Point 2 would set every block to y; the receiver is killed in its steps.
     let s2 = c.begin(begin(p1)).await.unwrap().into_inner().session;
-    let all: Vec<(u64, Leaf)> = (0..ENTRIES).map(|i| (i, y)).collect();
+    let all: Vec<(u64, BlockHash)> = (0..ENTRIES).map(|i| (i, y)).collect();
     c.upload(tokio_stream::iter(batches(&s2, &all, vec![(y, fy)])))
         .await
         .unwrap();

@@ -7,7 +7,7 @@
 
 use rand::Rng;
 use rewind_proto::pb::{self, replication_client::ReplicationClient};
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rewind_tests::h2raw::{self, Attack, Ending, Flood};
 use rewind_tests::{bin, disk, grpc, procfs, run, Deployment, Receiver};
 use serde_json::Value;
@@ -109,7 +109,7 @@ async fn begin(
 }
 
 /// One batch: block `index` of disk 0 is `hash`, with `frame` sent as its chunk.
-fn batch(session: &str, index: u64, hash: Leaf, frame: Vec<u8>) -> pb::Batch {
+fn batch(session: &str, index: u64, hash: BlockHash, frame: Vec<u8>) -> pb::Batch {
     pb::Batch {
         session: session.into(),
         entries: vec![pb::BlockEntry {
@@ -131,7 +131,11 @@ async fn upload(
     grpc::upload(c, b).await
 }
 
-async fn missing(c: &mut ReplicationClient<Channel>, session: &str, hashes: &[Leaf]) -> Vec<Leaf> {
+async fn missing(
+    c: &mut ReplicationClient<Channel>,
+    session: &str,
+    hashes: &[BlockHash],
+) -> Vec<BlockHash> {
     c.missing_chunks(pb::MissingChunksRequest {
         session: session.into(),
         hashes: hashes.iter().map(|h| h.0.to_vec()).collect(),
@@ -141,7 +145,7 @@ async fn missing(c: &mut ReplicationClient<Channel>, session: &str, hashes: &[Le
     .into_inner()
     .missing
     .iter()
-    .map(|h| Leaf::from_slice(h).unwrap())
+    .map(|h| BlockHash::from_slice(h).unwrap())
     .collect()
 }
 
@@ -190,7 +194,7 @@ async fn a_padded_frame_from_another_agent_cannot_break_your_points() {
     // host2 sends block B, which host1 will write later, in frames that decode to B but are
     // not its stored form.
     let b = random_block();
-    let hb = Leaf::of(&b);
+    let hb = BlockHash::of(&b);
     let frame = chunk::compress(&b).unwrap();
     let mut c2 = client(&d, &rx, "host2").await;
     let s2 = begin(&mut c2, "intruder", MIB).await.expect("host2 begins");
@@ -233,11 +237,11 @@ async fn dedup_answers_nothing_about_other_agents() {
     let mut victim = Victim::seed(&d, &rx, 4 * MIB);
     let image = std::fs::read(&victim.disk).unwrap();
     let blocks: Vec<&[u8]> = image.chunks(BLOCK).take(16).collect();
-    let hashes: Vec<Leaf> = blocks.iter().map(|b| Leaf::of(b)).collect();
+    let hashes: Vec<BlockHash> = blocks.iter().map(|b| BlockHash::of(b)).collect();
 
     let mut c2 = client(&d, &rx, "host2").await;
     let s2 = begin(&mut c2, "intruder", MIB).await.expect("host2 begins");
-    let reported: BTreeSet<Leaf> = missing(&mut c2, &s2, &hashes).await.into_iter().collect();
+    let reported: BTreeSet<BlockHash> = missing(&mut c2, &s2, &hashes).await.into_iter().collect();
     assert_eq!(
         reported,
         hashes.iter().copied().collect(),
@@ -250,7 +254,7 @@ async fn dedup_answers_nothing_about_other_agents() {
     let fresh = chunk::compress(&fresh_block).unwrap();
     for (what, index, hash, frame) in [
         ("host1's block", 0, hashes[0], known),
-        ("a fresh block", 1, Leaf::of(&fresh_block), fresh),
+        ("a fresh block", 1, BlockHash::of(&fresh_block), fresh),
     ] {
         let len = frame.len() as u64;
         let reply = upload(&mut c2, batch(&s2, index, hash, frame))
@@ -264,7 +268,7 @@ async fn dedup_answers_nothing_about_other_agents() {
     }
 
     // host1's other chunks stay unreadable to host2, on its own VM as on host1's.
-    let read = |vm: &str, h: Leaf| pb::ReadChunksRequest {
+    let read = |vm: &str, h: BlockHash| pb::ReadChunksRequest {
         vm: vm.into(),
         hashes: vec![h.0.to_vec()],
     };

@@ -111,6 +111,7 @@ mod inproc {
                     })
                     .collect(),
                 live: None,
+                libvirt: None,
                 block_size: BlockSize::new(block_size).unwrap(),
                 state_dir: self.path("state"),
                 bwlimit: Bandwidth::fixed(None),

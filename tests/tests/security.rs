@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_proto::pb::{self, replication_client::ReplicationClient};
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rewind_tests::{disk, grpc, Deployment, Receiver};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -45,7 +45,11 @@ fn block(seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn batch(session: &str, entries: &[(u64, Leaf)], chunks: Vec<(Leaf, Vec<u8>)>) -> pb::Batch {
+fn batch(
+    session: &str,
+    entries: &[(u64, BlockHash)],
+    chunks: Vec<(BlockHash, Vec<u8>)>,
+) -> pb::Batch {
     grpc::batch(session, entries, chunks)
 }
 
@@ -56,7 +60,7 @@ async fn upload(
     grpc::upload(c, b).await
 }
 
-async fn missing(c: &mut ReplicationClient<Channel>, session: &str, h: Leaf) -> bool {
+async fn missing(c: &mut ReplicationClient<Channel>, session: &str, h: BlockHash) -> bool {
     let r = c
         .missing_chunks(pb::MissingChunksRequest {
             session: session.into(),
@@ -166,7 +170,7 @@ async fn an_agent_cannot_touch_another_agents_vm() {
     let mut c1 = client(&d, &rx, "host1").await;
     let s1 = begin(&mut c1, "web1", 4 << 20).await.expect("host1 begins");
     let data = block(1);
-    let h = Leaf::of(&data);
+    let h = BlockHash::of(&data);
     let st = upload(
         &mut c2,
         batch(&s1, &[(0, h)], vec![(h, chunk::compress(&data).unwrap())]),
@@ -190,7 +194,7 @@ async fn malformed_batches_are_refused_and_store_nothing() {
     let mut c = client(&d, &rx, "host1").await;
     let s = begin(&mut c, "web1", 1 << 20).await.expect("begin");
     let good = block(7);
-    let h = Leaf::of(&good);
+    let h = BlockHash::of(&good);
     let frame = chunk::compress(&good).unwrap();
 
     // Data that does not hash to its name.
@@ -226,7 +230,7 @@ async fn malformed_batches_are_refused_and_store_nothing() {
     // A decompression bomb: 8 MiB of 'a' claimed for a 64 KiB block.
     let bomb_data = vec![b'a'; 8 << 20];
     let bomb = chunk::compress(&bomb_data).unwrap();
-    let hb = Leaf::of(&bomb_data);
+    let hb = BlockHash::of(&bomb_data);
     let st = upload(&mut c, batch(&s, &[(1, hb)], vec![(hb, bomb)]))
         .await
         .expect_err("bomb");

@@ -33,6 +33,16 @@ pub struct SyncArgs {
     /// QEMU guest agent socket: freeze the guest's file systems around each capture.
     #[arg(long, value_name = "SOCKET", requires = "qmp")]
     pub guest_agent: Option<PathBuf>,
+    /// libvirt connection URI (e.g. qemu:///system) of a libvirt-managed VM, with --domain:
+    /// each point is a pull-mode backup job with a checkpoint.
+    #[arg(long, value_name = "URI", requires = "domain", conflicts_with = "qmp")]
+    pub libvirt: Option<String>,
+    /// The libvirt domain's name.
+    #[arg(long, value_name = "NAME", requires = "libvirt")]
+    pub domain: Option<String>,
+    /// Freeze the libvirt guest's file systems through its guest agent around each job.
+    #[arg(long, requires = "libvirt")]
+    pub freeze: bool,
     /// Take one point and exit.
     #[arg(long)]
     pub once: bool,
@@ -120,7 +130,25 @@ async fn drain_thaws(stop: &mut Stop) {
 }
 
 pub fn run(a: SyncArgs) -> anyhow::Result<()> {
+    let libvirt = match (&a.libvirt, &a.domain) {
+        (Some(uri), Some(domain)) => {
+            for d in &a.disks {
+                if d.contains('=') {
+                    bail!("--disk {d:?}: with --libvirt, name disks only (their paths come from libvirt)");
+                }
+                rewind_proto::names::disk(d)?;
+            }
+            Some(crate::libvirt::LibvirtSource {
+                uri: uri.clone(),
+                domain: domain.clone(),
+                freeze: a.freeze,
+                only: a.disks.clone(),
+            })
+        }
+        _ => None,
+    };
     let (disks, live) = match &a.qmp {
+        _ if libvirt.is_some() => (Vec::new(), None),
         Some(qmp) => {
             for d in &a.disks {
                 if d.contains('=') {
@@ -136,7 +164,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
             (Vec::new(), Some(live))
         }
         None if a.disks.is_empty() => {
-            bail!("give the disks with --disk NAME=PATH, or a running VM with --qmp")
+            bail!("give the disks with --disk NAME=PATH, or a running VM with --qmp or --libvirt")
         }
         None => (
             a.disks
@@ -154,6 +182,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         vm: a.vm.clone(),
         disks,
         live,
+        libvirt,
         block_size,
         state_dir: a.state.clone(),
         bwlimit: crate::sync::Bandwidth::fixed(a.bwlimit.map(|mb| (mb * 1e6) as u64)),

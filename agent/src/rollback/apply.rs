@@ -9,7 +9,7 @@ use crate::nbd::NbdClient;
 use crate::scan::BlockSource;
 use rewind_proto::chunk;
 use rewind_proto::format::DiskGeometry;
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -18,17 +18,17 @@ use std::path::PathBuf;
 fn read_back(
     src: &mut dyn BlockSource,
     g: &DiskGeometry,
-    blocks: &[(u64, Leaf)],
-) -> Result<(Option<(u64, Leaf)>, u64), RollbackError> {
+    blocks: &[(u64, BlockHash)],
+) -> Result<(Option<(u64, BlockHash)>, u64), RollbackError> {
     let ranges: Vec<(u64, usize)> = blocks
         .iter()
         .map(|&(i, _)| (g.offset(i), g.block_len(i).unwrap_or(0)))
         .collect();
     let read = ranges.iter().map(|r| r.1 as u64).sum();
-    let mut wrong: Option<(u64, Leaf)> = None;
+    let mut wrong: Option<(u64, BlockHash)> = None;
     src.read_ranges(&ranges, &mut |k, bytes| {
         let (i, h) = blocks[k];
-        let now = Leaf::of(bytes);
+        let now = BlockHash::of(bytes);
         if now != h && wrong.is_none_or(|(j, _)| i < j) {
             wrong = Some((i, now));
         }
@@ -45,7 +45,7 @@ pub(super) fn write_blocks(
     g: DiskGeometry,
     mut wrx: tokio::sync::mpsc::Receiver<Work>,
 ) -> Result<(Writer, Written), RollbackError> {
-    let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, Leaf)>>(2);
+    let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, BlockHash)>>(2);
     let check = std::thread::spawn(move || {
         let mut c = Written::default();
         for blocks in crx {
@@ -99,12 +99,12 @@ pub(super) fn write_blocks(
                 w.zero(g.offset(i), len)?;
                 bytes += len as u64;
             }
-            let (mut blocks, pending): (Vec<(u64, Leaf)>, Vec<Piece>) = batch
+            let (mut blocks, pending): (Vec<(u64, BlockHash)>, Vec<Piece>) = batch
                 .opened
                 .into_iter()
                 .map(|(i, h, data)| ((i, h), (g.offset(i), data)))
                 .unzip();
-            blocks.extend(batch.zeros.iter().map(|&i| (i, Leaf::ZERO)));
+            blocks.extend(batch.zeros.iter().map(|&i| (i, BlockHash::ZERO)));
             bytes += pending.iter().map(|p| p.1.len() as u64).sum::<u64>();
             w.write_many(&pending)?;
             for (_, buf) in pending {
@@ -135,7 +135,7 @@ pub(super) fn write_blocks(
 /// Decompresses and checks each fetched chunk once, into a buffer from `spare` for each block
 /// that needs it (the blocks of one chunk have its length; the others get a copy).
 fn open_all(
-    chunks: &[(Leaf, bytes::Bytes, Vec<u64>)],
+    chunks: &[(BlockHash, bytes::Bytes, Vec<u64>)],
     g: &DiskGeometry,
     spare: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<Vec<Opened>, chunk::ChunkError> {
@@ -225,7 +225,7 @@ impl Writer {
 type Piece = (u64, Vec<u8>);
 
 /// A block fetched for a rollback, decompressed and checked: its index, leaf and bytes.
-type Opened = (u64, Leaf, Vec<u8>);
+type Opened = (u64, BlockHash, Vec<u8>);
 
 /// What the writer of a rollback did: bytes written, bytes read back, how many blocks it
 /// checked, and the first of them that does not hold the point's content (with what it holds).
@@ -234,7 +234,7 @@ pub(super) struct Written {
     pub bytes: u64,
     pub reread: u64,
     pub checked: u64,
-    pub wrong: Option<(u64, Leaf)>,
+    pub wrong: Option<(u64, BlockHash)>,
     /// Compressed bytes fetched for it (filled in by the caller).
     pub fetched: u64,
 }

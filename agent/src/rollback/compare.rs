@@ -7,7 +7,7 @@ use super::target::Target;
 use super::RollbackError;
 use crate::scan::BlockSource;
 use rewind_proto::format::DiskGeometry;
-use rewind_proto::Leaf;
+use rewind_proto::{BlockHash, DiskRoot};
 
 /// Bytes read at once in a full compare.
 const READ_STEP: u64 = 4 << 20;
@@ -42,7 +42,7 @@ impl Scope {
 pub(super) struct Compared {
     pub differing: u64,
     pub read: u64,
-    pub root: Option<Leaf>,
+    pub root: Option<DiskRoot>,
 }
 
 /// Compares the disk with the point's leaves `want`. Each differing block goes to `found`
@@ -53,7 +53,7 @@ pub(super) fn compare(
     g: &DiskGeometry,
     want: LeafStream,
     scope: Scope,
-    found: &mut dyn FnMut(u64, Option<Leaf>) -> bool,
+    found: &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
 ) -> Result<Compared, RollbackError> {
     match scope {
         Scope::Full => {
@@ -70,16 +70,16 @@ pub(super) fn compare(
 struct Tally<'a> {
     differing: u64,
     read: u64,
-    found: &'a mut dyn FnMut(u64, Option<Leaf>) -> bool,
+    found: &'a mut dyn FnMut(u64, Option<BlockHash>) -> bool,
 }
 
 impl Tally<'_> {
-    fn differs(&mut self, i: u64, leaf: Option<Leaf>) -> bool {
+    fn differs(&mut self, i: u64, leaf: Option<BlockHash>) -> bool {
         self.differing += 1;
         (self.found)(i, leaf)
     }
 
-    fn done(self, root: Option<Leaf>) -> Compared {
+    fn done(self, root: Option<DiskRoot>) -> Compared {
         Compared {
             differing: self.differing,
             read: self.read,
@@ -95,7 +95,7 @@ fn compare_full(
     g: &DiskGeometry,
     read: &[(u64, u64)],
     mut want: LeafStream,
-    found: &mut dyn FnMut(u64, Option<Leaf>) -> bool,
+    found: &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
 ) -> Result<Compared, RollbackError> {
     let bs = g.block_size.bytes();
     let mut t = Tally {
@@ -119,7 +119,7 @@ fn compare_full(
             for (k, now) in leaves.iter().enumerate() {
                 let i = idx + k as u64;
                 let leaf = want.leaf_at(i)?;
-                if *now != leaf.unwrap_or(Leaf::ZERO) && !t.differs(i, leaf) {
+                if *now != leaf.unwrap_or(BlockHash::ZERO) && !t.differs(i, leaf) {
                     return Ok(t.done(None));
                 }
             }
@@ -142,14 +142,14 @@ fn compare_candidates(
     mut want: LeafStream,
     mut base: Option<LeafStream>,
     dirty: &[(u64, u64)],
-    found: &mut dyn FnMut(u64, Option<Leaf>) -> bool,
+    found: &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
 ) -> Result<Compared, RollbackError> {
     let mut t = Tally {
         differing: 0,
         read: 0,
         found,
     };
-    let mut batch: Vec<(u64, Option<Leaf>)> = Vec::with_capacity(CANDIDATES_PER_READ);
+    let mut batch: Vec<(u64, Option<BlockHash>)> = Vec::with_capacity(CANDIDATES_PER_READ);
     let mut dirty = dirty.iter().copied().peekable();
     let mut cursor = 0u64;
     loop {
@@ -192,7 +192,7 @@ fn compare_candidates(
 fn read_candidates(
     src: &mut dyn BlockSource,
     g: &DiskGeometry,
-    batch: &mut Vec<(u64, Option<Leaf>)>,
+    batch: &mut Vec<(u64, Option<BlockHash>)>,
     t: &mut Tally<'_>,
 ) -> Result<bool, RollbackError> {
     let ranges: Vec<(u64, usize)> = batch
@@ -203,7 +203,7 @@ fn read_candidates(
     let mut wanted = true;
     src.read_ranges(&ranges, &mut |k, bytes| {
         let (i, leaf) = batch[k];
-        if wanted && Leaf::of(bytes) != leaf.unwrap_or(Leaf::ZERO) {
+        if wanted && BlockHash::of(bytes) != leaf.unwrap_or(BlockHash::ZERO) {
             wanted = t.differs(i, leaf);
         }
     })?;
@@ -238,11 +238,11 @@ mod tests {
         RawDisk::open(&path).expect("open")
     }
 
-    fn leaf(c: u8) -> Leaf {
-        Leaf::of(&[c; BS as usize])
+    fn leaf(c: u8) -> BlockHash {
+        BlockHash::of(&[c; BS as usize])
     }
 
-    fn point(content: &[u8]) -> Vec<(u64, Leaf)> {
+    fn point(content: &[u8]) -> Vec<(u64, BlockHash)> {
         content
             .iter()
             .enumerate()
@@ -255,11 +255,11 @@ mod tests {
         scope: impl FnOnce(
             &mut dyn BlockSource,
             LeafStream,
-            &mut dyn FnMut(u64, Option<Leaf>) -> bool,
+            &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
         ) -> Result<Compared, RollbackError>,
         src: &mut RawDisk,
         want: &[u8],
-    ) -> (Vec<(u64, Option<Leaf>)>, Compared) {
+    ) -> (Vec<(u64, Option<BlockHash>)>, Compared) {
         let mut found = Vec::new();
         let c = scope(
             src,

@@ -4,7 +4,7 @@
 use super::RollbackError;
 use rewind_proto::format::MAX_READ_CHUNKS;
 use rewind_proto::pb::replication_client::ReplicationClient;
-use rewind_proto::{pb, Leaf};
+use rewind_proto::{pb, BlockHash};
 use tonic::transport::Channel;
 
 /// Chunks asked for in one ReadChunks request: small enough that the first reply arrives
@@ -14,13 +14,13 @@ const CHUNKS_PER_REQUEST: usize = 16;
 /// Blocks a compare found differing, as the fetch wants them: chunks to ask for, each with the
 /// blocks that need it, or blocks that must become zero.
 pub(super) enum Found {
-    Chunks(Vec<(Leaf, Vec<u64>)>),
+    Chunks(Vec<(BlockHash, Vec<u64>)>),
     Zeros(Vec<u64>),
 }
 
 /// What the writer gets: fetched frames, each with the blocks that need it, or blocks to zero.
 pub(super) enum Work {
-    Chunks(Vec<(Leaf, bytes::Bytes, Vec<u64>)>),
+    Chunks(Vec<(BlockHash, bytes::Bytes, Vec<u64>)>),
     Zeros(Vec<u64>),
 }
 
@@ -33,7 +33,7 @@ const ZEROS_PER_BATCH: usize = 256;
 /// only lets the compare go on.
 pub(super) struct Requests {
     tx: Option<tokio::sync::mpsc::Sender<Found>>,
-    chunks: Vec<(Leaf, Vec<u64>)>,
+    chunks: Vec<(BlockHash, Vec<u64>)>,
     /// Blocks the chunks of the request being gathered go to, and the most it takes.
     blocks: usize,
     max_blocks: usize,
@@ -64,7 +64,7 @@ impl Requests {
 
     /// Takes differing block `i`, which must get the point's `leaf` (`None`: zero); false once
     /// nobody takes requests any more.
-    pub(super) fn push(&mut self, i: u64, leaf: Option<Leaf>) -> bool {
+    pub(super) fn push(&mut self, i: u64, leaf: Option<BlockHash>) -> bool {
         if self.tx.is_none() {
             return true;
         }
@@ -153,13 +153,14 @@ pub(super) async fn fetch(
 /// Pairs the chunks of a reply with the blocks that asked for each (`want`); every chunk asked
 /// for must be there once, and nothing else. Returns the work and the bytes fetched.
 fn pair(
-    mut want: Vec<(Leaf, Vec<u64>)>,
+    mut want: Vec<(BlockHash, Vec<u64>)>,
     chunks: Vec<pb::Chunk>,
 ) -> Result<(Work, u64), RollbackError> {
     let mut work = Vec::with_capacity(chunks.len());
     let mut bytes = 0u64;
     for c in chunks {
-        let h = Leaf::from_slice(&c.hash).map_err(|_| RollbackError::protocol("bad chunk hash"))?;
+        let h = BlockHash::from_slice(&c.hash)
+            .map_err(|_| RollbackError::protocol("bad chunk hash"))?;
         let Some(k) = want.iter().position(|(w, _)| *w == h) else {
             return Err(RollbackError::protocol(
                 "the receiver sent a chunk we did not ask for",
@@ -185,11 +186,11 @@ mod tests {
 
     const BLOCK: u64 = 64 * 1024;
 
-    fn leaf(n: u8) -> Leaf {
-        Leaf::of(&[n; 64])
+    fn leaf(n: u8) -> BlockHash {
+        BlockHash::of(&[n; 64])
     }
 
-    fn chunk(l: Leaf, data: &[u8]) -> pb::Chunk {
+    fn chunk(l: BlockHash, data: &[u8]) -> pb::Chunk {
         pb::Chunk {
             hash: l.0.to_vec(),
             data: bytes::Bytes::copy_from_slice(data),
@@ -205,7 +206,7 @@ mod tests {
         let Work::Chunks(got) = work else {
             panic!("chunks expected");
         };
-        let got: Vec<(Leaf, Vec<u64>)> = got.into_iter().map(|(h, _, b)| (h, b)).collect();
+        let got: Vec<(BlockHash, Vec<u64>)> = got.into_iter().map(|(h, _, b)| (h, b)).collect();
         assert_eq!(got, vec![(leaf(2), vec![4]), (leaf(1), vec![3, 9])]);
 
         let left_out = pair(want(), vec![chunk(leaf(1), b"aaa")]);
@@ -253,7 +254,7 @@ mod tests {
     fn differing_blocks_are_handed_on_a_request_at_a_time() {
         // Blocks 0..40 hold chunks 0..20 twice over (block i has chunk i / 2); 100..300 are zero
         // in the point.
-        let want: BTreeMap<u64, Leaf> = (0..40u64).map(|i| (i, leaf((i / 2) as u8))).collect();
+        let want: BTreeMap<u64, BlockHash> = (0..40u64).map(|i| (i, leaf((i / 2) as u8))).collect();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let mut r = Requests::new(BLOCK, Some(tx));
         for i in (0..40).chain(100..300) {
@@ -264,7 +265,7 @@ mod tests {
         while let Ok(f) = rx.try_recv() {
             sent.push(f);
         }
-        let chunks: Vec<&Vec<(Leaf, Vec<u64>)>> = sent
+        let chunks: Vec<&Vec<(BlockHash, Vec<u64>)>> = sent
             .iter()
             .filter_map(|f| match f {
                 Found::Chunks(c) => Some(c),
@@ -301,7 +302,7 @@ mod tests {
 
         // A disk of one repeated content: requests of at most 16 MiB of blocks each, the
         // chunk asked for again in each.
-        let same: BTreeMap<u64, Leaf> = (0..600u64).map(|i| (i, leaf(7))).collect();
+        let same: BTreeMap<u64, BlockHash> = (0..600u64).map(|i| (i, leaf(7))).collect();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let mut r = Requests::new(BLOCK, Some(tx));
         assert!((0..600).all(|i| r.push(i, same.get(&i).copied())));

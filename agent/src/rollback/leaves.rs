@@ -11,7 +11,7 @@ use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::report::Chain;
 use rewind_proto::tree::{self, Builder, Shape};
-use rewind_proto::{pb, Leaf};
+use rewind_proto::{pb, BlockHash, DiskRoot};
 use std::path::PathBuf;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -21,16 +21,16 @@ use tonic::transport::Channel;
 const PAGES_AHEAD: usize = 2;
 
 /// Leaves handed from a producer to the stream, or why the producer stopped.
-pub(super) type Page = Result<Vec<(u64, Leaf)>, RollbackError>;
+pub(super) type Page = Result<Vec<(u64, BlockHash)>, RollbackError>;
 
 /// One `PointBlocks` answer: leaves from some block on, where the next page starts (0: none),
 /// and the point's geometry and root.
 pub(super) struct PointPage {
-    pub entries: Vec<(u64, Leaf)>,
+    pub entries: Vec<(u64, BlockHash)>,
     pub next: u64,
     pub size: u64,
     pub block_size: u32,
-    pub root: Leaf,
+    pub root: DiskRoot,
 }
 
 /// Asks the receiver for the point's leaves of `disk` from block `start`.
@@ -61,7 +61,7 @@ pub(super) async fn point_page(
     let entries = page
         .entries
         .iter()
-        .map(|e| Leaf::from_slice(&e.hash).map(|l| (e.index, l)))
+        .map(|e| BlockHash::from_slice(&e.hash).map(|l| (e.index, l)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| RollbackError::protocol("bad leaf"))?;
     Ok(PointPage {
@@ -69,7 +69,7 @@ pub(super) async fn point_page(
         next: page.next,
         size: page.size,
         block_size: page.block_size,
-        root: Leaf::from_slice(&page.root).map_err(|_| RollbackError::protocol("bad root"))?,
+        root: DiskRoot::from_slice(&page.root).map_err(|_| RollbackError::protocol("bad root"))?,
     })
 }
 
@@ -199,8 +199,8 @@ fn state_pages(state: (PathBuf, String, String), blocks: u64) -> mpsc::Receiver<
 /// as they arrive; every leaf passed goes into a tree builder for [`LeafStream::root`].
 pub(super) struct LeafStream {
     pages: mpsc::Receiver<Page>,
-    page: std::vec::IntoIter<(u64, Leaf)>,
-    head: Option<(u64, Leaf)>,
+    page: std::vec::IntoIter<(u64, BlockHash)>,
+    head: Option<(u64, BlockHash)>,
     ended: bool,
     g: DiskGeometry,
     /// The block after the last leaf passed.
@@ -223,7 +223,7 @@ impl LeafStream {
 
     /// A stream of these leaves (for tests).
     #[cfg(test)]
-    pub(super) fn of(g: &DiskGeometry, leaves: Vec<(u64, Leaf)>) -> LeafStream {
+    pub(super) fn of(g: &DiskGeometry, leaves: Vec<(u64, BlockHash)>) -> LeafStream {
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.try_send(Ok(leaves));
         LeafStream::new(g, rx)
@@ -253,7 +253,7 @@ impl LeafStream {
         Ok(())
     }
 
-    fn pass(&mut self, i: u64, leaf: Leaf) {
+    fn pass(&mut self, i: u64, leaf: BlockHash) {
         self.tree.push_zeros(i - self.next);
         self.tree.push(leaf);
         self.next = i + 1;
@@ -265,7 +265,7 @@ impl LeafStream {
         Ok(self.head.map(|h| h.0))
     }
 
-    fn pop(&mut self) -> Option<(u64, Leaf)> {
+    fn pop(&mut self) -> Option<(u64, BlockHash)> {
         let (i, leaf) = self.head.take()?;
         self.pass(i, leaf);
         Some((i, leaf))
@@ -273,7 +273,7 @@ impl LeafStream {
 
     /// The point's leaf of block `i` (`None`: zero). Blocks are asked in increasing order;
     /// leaves of blocks passed over are forgotten.
-    pub(super) fn leaf_at(&mut self, i: u64) -> Result<Option<Leaf>, RollbackError> {
+    pub(super) fn leaf_at(&mut self, i: u64) -> Result<Option<BlockHash>, RollbackError> {
         while let Some(j) = self.peek()? {
             if j > i {
                 break;
@@ -291,7 +291,7 @@ impl LeafStream {
     pub(super) fn drain_below(
         &mut self,
         end: u64,
-        f: &mut dyn FnMut(u64, Leaf) -> bool,
+        f: &mut dyn FnMut(u64, BlockHash) -> bool,
     ) -> Result<bool, RollbackError> {
         while let Some(j) = self.peek()? {
             if j >= end {
@@ -307,7 +307,7 @@ impl LeafStream {
     }
 
     /// The root of the point's leaves (the rest are read first).
-    pub(super) fn root(mut self) -> Result<Leaf, RollbackError> {
+    pub(super) fn root(mut self) -> Result<DiskRoot, RollbackError> {
         while self.peek()?.is_some() {
             self.pop();
         }
@@ -320,8 +320,8 @@ impl LeafStream {
 mod tests {
     use super::*;
 
-    fn leaf(n: u8) -> Leaf {
-        Leaf::of(&[n; 64])
+    fn leaf(n: u8) -> BlockHash {
+        BlockHash::of(&[n; 64])
     }
 
     fn geometry(blocks: u64) -> DiskGeometry {

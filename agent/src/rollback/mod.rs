@@ -26,7 +26,7 @@ use leaves::LeafStream;
 use rewind_proto::chunk::ChunkError;
 use rewind_proto::format::{DiskGeometry, MAX_POINT_BLOCKS_PAGE};
 use rewind_proto::pb::replication_client::ReplicationClient;
-use rewind_proto::{pb, Leaf};
+use rewind_proto::{pb, DiskRoot};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -106,6 +106,13 @@ pub enum RollbackError {
         got: String,
         want: String,
     },
+    /// A block written by the rollback read back with other content.
+    #[error("disk {disk}: block {block} read back with hash {got}, not what was written")]
+    ReadBack {
+        disk: String,
+        block: u64,
+        got: String,
+    },
     /// A worker thread or task died.
     #[error("internal worker failed: {0}")]
     Worker(String),
@@ -120,7 +127,7 @@ impl RollbackError {
             RollbackError::Corrupt(_) => "data-loss",
             RollbackError::InUse(..) => "in-use",
             RollbackError::SizeMismatch { .. } => "config",
-            RollbackError::Verify { .. } => "verify",
+            RollbackError::Verify { .. } | RollbackError::ReadBack { .. } => "verify",
             RollbackError::Worker(_) => "internal",
         }
     }
@@ -262,7 +269,7 @@ fn check(
     disk: &str,
     compared: &Compared,
     w: &apply::Written,
-    root: Leaf,
+    root: DiskRoot,
 ) -> Result<(), RollbackError> {
     if w.checked != compared.differing {
         return Err(RollbackError::Worker(format!(
@@ -271,7 +278,13 @@ fn check(
         )));
     }
     let now = match (w.wrong, compared.root) {
-        (Some((_, now)), _) => now,
+        (Some((block, got)), _) => {
+            return Err(RollbackError::ReadBack {
+                disk: disk.to_owned(),
+                block,
+                got: got.to_hex(),
+            })
+        }
         (None, Some(r)) => r,
         (None, None) => return Err(RollbackError::Worker("the compare stopped early".into())),
     };

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
-use rewind_proto::Leaf;
+use rewind_proto::{BlockHash, DiskRoot};
 use std::ops::Range;
 use thiserror::Error;
 
@@ -23,8 +23,10 @@ const READ_PART: usize = 512 * 1024;
 
 /// Sets `leaves` to the leaf of each `block`-byte piece of `buf` (the last may be shorter),
 /// hashed on all cores.
-fn leaves_of(buf: &[u8], block: usize, leaves: &mut Vec<Leaf>) {
-    buf.par_chunks(block).map(Leaf::of).collect_into_vec(leaves);
+fn leaves_of(buf: &[u8], block: usize, leaves: &mut Vec<BlockHash>) {
+    buf.par_chunks(block)
+        .map(BlockHash::of)
+        .collect_into_vec(leaves);
 }
 
 #[derive(Debug, Error)]
@@ -52,14 +54,14 @@ pub enum ScanError {
 #[derive(Debug)]
 pub struct Change {
     pub index: u64,
-    pub leaf: Leaf,
+    pub leaf: BlockHash,
     pub data: Option<Bytes>,
 }
 
 /// What a scan found.
 #[derive(Debug, Clone, Copy)]
 pub struct DiskScan {
-    pub root: Leaf,
+    pub root: DiskRoot,
     pub changed: u64,
     /// Unchanged blocks sent again because the receiver lost their chunk.
     pub healed: u64,
@@ -76,14 +78,14 @@ struct Walker<'o, 'c, 'h, F> {
     /// known how much of the step's buffer they send.
     found: Vec<Found>,
     outside: Outside,
-    heal: &'h std::collections::HashSet<Leaf>,
+    heal: &'h std::collections::HashSet<BlockHash>,
     changed: u64,
     healed: u64,
     next: u64,
 }
 
 impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
-    fn emit(&mut self, index: u64, leaf: Leaf, data: Option<Range<usize>>) {
+    fn emit(&mut self, index: u64, leaf: BlockHash, data: Option<Range<usize>>) {
         self.changed += 1;
         self.found.push(Found { index, leaf, data });
     }
@@ -141,7 +143,7 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
             Outside::Zero => {
                 self.builder.push_zeros(upto - self.next);
                 for (j, _) in passed {
-                    self.emit(j, Leaf::ZERO, None);
+                    self.emit(j, BlockHash::ZERO, None);
                 }
             }
             Outside::Unchanged => {
@@ -163,7 +165,7 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
     fn block(
         &mut self,
         index: u64,
-        leaf: Leaf,
+        leaf: BlockHash,
         data: Option<Range<usize>>,
     ) -> Result<(), ScanError> {
         self.skip_to(index)?;
@@ -183,7 +185,7 @@ impl<F: FnMut(Change) -> Result<(), ScanError>> Walker<'_, '_, '_, F> {
 /// A change found in a step, its bytes not yet taken from the step's buffer.
 struct Found {
     index: u64,
-    leaf: Leaf,
+    leaf: BlockHash,
     data: Option<Range<usize>>,
 }
 
@@ -217,7 +219,7 @@ pub fn scan_disk(
     geometry: DiskGeometry,
     plan: &ScanPlan,
     old: &mut OldLeaves<'_>,
-    heal: &std::collections::HashSet<Leaf>,
+    heal: &std::collections::HashSet<BlockHash>,
     on_change: impl FnMut(Change) -> Result<(), ScanError>,
     progress: &dyn Fn(u64),
 ) -> Result<DiskScan, ScanError> {
@@ -249,7 +251,7 @@ pub fn scan_disk(
                     }
                     Step::Zeros(from, to) => {
                         for i in from..to {
-                            w.block(i, Leaf::ZERO, None)?;
+                            w.block(i, BlockHash::ZERO, None)?;
                             // A long run of zeroed blocks is handed on as it goes.
                             if w.found.len() >= HAND_ON_ENTRIES {
                                 w.hand_on(None, &back_tx)?;
@@ -314,7 +316,7 @@ enum Step {
     Read {
         idx: u64,
         buf: StepBuf,
-        leaves: Vec<Leaf>,
+        leaves: Vec<BlockHash>,
         hashed: bool,
     },
 }
@@ -490,7 +492,7 @@ mod tests {
             let block = &bytes[at..(at + bs).min(size)];
             let data = c.data.as_ref().expect("a data block carries its bytes");
             assert_eq!(&data[..], block, "block {}", c.index);
-            assert_eq!(c.leaf, Leaf::of(block));
+            assert_eq!(c.leaf, BlockHash::of(block));
         }
         // A step sent whole: its blocks view one buffer, one after another.
         for pair in changes[..step_blocks].windows(2) {

@@ -15,7 +15,7 @@ pub trait BlockSource {
         buf: &mut [u8],
         offset: u64,
         block: usize,
-        leaves: &mut Vec<Leaf>,
+        leaves: &mut Vec<BlockHash>,
     ) -> Result<(), ScanError> {
         if !self.read_step(buf, offset, block, leaves)? {
             leaves_of(buf, block, leaves);
@@ -30,7 +30,7 @@ pub trait BlockSource {
         buf: &mut [u8],
         offset: u64,
         _block: usize,
-        _leaves: &mut Vec<Leaf>,
+        _leaves: &mut Vec<BlockHash>,
     ) -> Result<bool, ScanError> {
         self.read_block_range(buf, offset)?;
         Ok(false)
@@ -81,7 +81,7 @@ impl BlockSource for RawDisk {
         buf: &mut [u8],
         offset: u64,
         block: usize,
-        leaves: &mut Vec<Leaf>,
+        leaves: &mut Vec<BlockHash>,
     ) -> Result<bool, ScanError> {
         if self.read_at_direct(buf, offset)? {
             return Ok(false);
@@ -93,7 +93,7 @@ impl BlockSource for RawDisk {
             .enumerate()
             .map(|(k, p)| {
                 disk.read_at(p, offset + (k * part) as u64)?;
-                Ok(p.chunks(block).map(Leaf::of).collect::<Vec<_>>())
+                Ok(p.chunks(block).map(BlockHash::of).collect::<Vec<_>>())
             })
             .collect::<Result<Vec<_>, DiskError>>()?;
         leaves.clear();

@@ -4,6 +4,7 @@
 use super::disks::{Found, LiveVm, Origin, SourceDisk};
 use super::freeze::{capture_live, FreezeTimes};
 use super::*;
+use crate::libvirt::{self, LibvirtVm};
 /// Where a disk's blocks are read from this cycle.
 pub(super) enum Reader {
     Raw(RawDisk),
@@ -35,6 +36,13 @@ pub(super) enum Capture {
         servers: Vec<NbdServer>,
         work: Workdir,
     },
+    /// A libvirt backup job, and where the chain's checkpoint is recorded.
+    Libvirt {
+        vm: Box<LibvirtVm>,
+        job: libvirt::Job,
+        state_dir: PathBuf,
+        name: String,
+    },
 }
 
 impl Capture {
@@ -61,6 +69,35 @@ impl Capture {
                     live::clear_full_reads(&work, &caps);
                 }
                 Ok(())
+            }
+            Capture::Libvirt {
+                vm,
+                job,
+                state_dir,
+                name,
+            } => {
+                libvirt::end(&vm).await?;
+                // The state names the new checkpoint before the old one goes: a crash between
+                // the two leaves an extra checkpoint the next cycle deletes, never a chain
+                // record naming a deleted one.
+                let recorded = committed
+                    && {
+                        let pairs: Vec<(&str, &str)> = vm
+                            .disks
+                            .iter()
+                            .map(|(d, _)| (d.target.as_str(), job.plan.new.as_str()))
+                            .collect();
+                        match state::open(&state_dir)
+                            .and_then(|mut conn| state::set_chain_bitmaps(&mut conn, &name, &pairs))
+                        {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(vm = %name, error = %e, "cannot record the new checkpoint: the next cycle reads since the previous one");
+                                false
+                            }
+                        }
+                    };
+                Ok(libvirt::settle(&vm, &job, recorded).await?)
             }
         }
     }
@@ -120,10 +157,82 @@ pub(super) async fn capture(
     found: Found,
     full: &[bool],
 ) -> Result<Captured, SyncError> {
+    if let Some(vm) = found.libvirt {
+        return capture_libvirt(cfg, vm, &found.disks, full).await;
+    }
     match found.live {
         Some(vm) => capture_vm(cfg, vm, &found.disks, full).await,
         None => capture_files(cfg, found.disks, full).await,
     }
+}
+
+/// A libvirt domain: one pull-mode backup job exports every disk at one instant, with the
+/// changes since the chain's checkpoint (see [`libvirt`]).
+async fn capture_libvirt(
+    cfg: &SyncConfig,
+    vm: LibvirtVm,
+    found: &[SourceDisk],
+    full: &[bool],
+) -> Result<Captured, SyncError> {
+    let src = cfg
+        .libvirt
+        .as_ref()
+        .ok_or(SyncError::Protocol("a libvirt domain without its source"))?;
+    // One checkpoint covers every disk: the chain is one only if every disk names it.
+    let chain = chain_bitmaps(&cfg.state_dir, &cfg.vm, found.iter().map(|d| &d.name))?;
+    let base = match chain.first() {
+        Some(Some(c)) if chain.iter().all(|x| x.as_ref() == Some(c)) => Some(c.clone()),
+        _ => None,
+    };
+    let want_delta: Vec<bool> = full.iter().map(|f| !f).collect();
+    let plan = libvirt::plan(&vm, base.as_deref(), &want_delta, stamp()).await?;
+    let job = libvirt::begin(&vm, plan, src.freeze).await?;
+    let socket = libvirt::socket(&vm.work);
+    let mut opened = Vec::new();
+    for ((d, b), reason) in found
+        .iter()
+        .zip(&job.plan.disks)
+        .zip(&job.plan.full_reasons)
+    {
+        let (export, bitmap) = libvirt::xml::export_names(&b.target);
+        tracing::info!(vm = %cfg.vm, disk = %d.name, path = reason.as_deref().unwrap_or("dirty bitmap"), "capture");
+        opened.push(OpenDisk {
+            name: d.name.clone(),
+            geometry: d.geometry,
+            reader: Reader::Nbd {
+                socket: socket.clone(),
+                export,
+                bitmap: b.since.as_ref().map(|_| bitmap),
+            },
+            source: reason
+                .as_ref()
+                .map_or_else(|| "dirty-bitmap".to_owned(), |r| format!("full-read: {r}")),
+        });
+    }
+    let freeze = job.freeze.map(|(phase, held)| FreezeTimes { phase, held });
+    let consistency = if freeze.is_some() {
+        "application-consistent"
+    } else {
+        "crash-consistent"
+    };
+    let config = serde_json::json!({
+        "source": "libvirt",
+        "uri": src.uri,
+        "domain": src.domain,
+        "domain_xml": vm.config_xml,
+    });
+    Ok(Captured {
+        opened,
+        capture: Capture::Libvirt {
+            vm: Box::new(vm),
+            job,
+            state_dir: cfg.state_dir.clone(),
+            name: cfg.vm.clone(),
+        },
+        consistency: consistency.to_owned(),
+        freeze,
+        config,
+    })
 }
 
 /// A running VM: every disk at one instant.
@@ -242,7 +351,9 @@ async fn capture_files(
                 continue;
             }
             Origin::Offline(info) => info,
-            Origin::Live => return Err(SyncError::Protocol("a live disk among files")),
+            Origin::Live | Origin::Libvirt => {
+                return Err(SyncError::Protocol("a VM's disk among files"))
+            }
         };
         let (cap, served) = capture_image(cfg, &work, &d.path, info, full)?;
         let source = source_of(&cap);

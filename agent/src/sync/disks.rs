@@ -2,6 +2,7 @@
 //! removing what an interrupted cycle left in it), from the files otherwise.
 
 use super::*;
+use crate::libvirt::{self, LibvirtSource, LibvirtVm};
 use crate::live::LiveDisk;
 
 /// One disk of the cycle, carried from where it is found to where it is read.
@@ -19,6 +20,8 @@ pub(super) enum Origin {
     Raw(RawDisk),
     /// An offline qcow2 image, its bitmaps kept with qemu-img and read through qemu-nbd.
     Offline(LiveDisk),
+    /// A disk of a libvirt domain: its backup job's export, in [`Found::libvirt`]'s order.
+    Libvirt,
 }
 
 /// A running VM: its QMP connection, the cycle's work folder and its disks as QEMU lists them.
@@ -32,6 +35,7 @@ pub(super) struct LiveVm {
 pub(super) struct Found {
     pub(super) disks: Vec<SourceDisk>,
     pub(super) live: Option<LiveVm>,
+    pub(super) libvirt: Option<LibvirtVm>,
 }
 
 impl Found {
@@ -46,6 +50,9 @@ impl Found {
 
 /// Finds the disks `cfg` names.
 pub(super) async fn find(cfg: &SyncConfig) -> Result<Found, SyncError> {
+    if let Some(src) = &cfg.libvirt {
+        return find_libvirt(cfg, src).await;
+    }
     let Some(src) = &cfg.live else {
         let mut disks = Vec::new();
         for d in &cfg.disks {
@@ -66,7 +73,11 @@ pub(super) async fn find(cfg: &SyncConfig) -> Result<Found, SyncError> {
                 origin,
             });
         }
-        return Ok(Found { disks, live: None });
+        return Ok(Found {
+            disks,
+            live: None,
+            libvirt: None,
+        });
     };
     let mut qmp = Qmp::connect(&src.qmp).await.map_err(LiveError::from)?;
     let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::StateFolder {
@@ -103,5 +114,37 @@ pub(super) async fn find(cfg: &SyncConfig) -> Result<Found, SyncError> {
     Ok(Found {
         disks: found,
         live: Some(LiveVm { qmp, work, disks }),
+        libvirt: None,
+    })
+}
+
+/// A libvirt domain: its disks from its definition (after ending a job a killed cycle left).
+async fn find_libvirt(cfg: &SyncConfig, src: &LibvirtSource) -> Result<Found, SyncError> {
+    let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::StateFolder {
+        path: cfg.state_dir.clone(),
+        source: e,
+    })?;
+    let vm = libvirt::discover(src, work).await?;
+    for want in &src.only {
+        if !vm.disks.iter().any(|(d, _)| &d.target == want) {
+            return Err(SyncError::NoSuchDisk(want.clone()));
+        }
+    }
+    if vm.disks.is_empty() {
+        return Err(SyncError::NoSuchDisk("(the domain has no disks)".into()));
+    }
+    let mut disks = Vec::new();
+    for (d, size) in &vm.disks {
+        names::disk(&d.target)?;
+        disks.push(SourceDisk {
+            name: d.target.clone(),
+            geometry: geometry(&d.target, *size, cfg.block_size)?,
+            origin: Origin::Libvirt,
+        });
+    }
+    Ok(Found {
+        disks,
+        live: None,
+        libvirt: Some(vm),
     })
 }

@@ -6,6 +6,7 @@ mod capture;
 mod commit;
 mod disks;
 mod freeze;
+mod limiter;
 mod session;
 mod transfer;
 
@@ -22,7 +23,7 @@ use rayon::prelude::*;
 use rewind_proto::format::{BlockSize, DiskGeometry, BATCH_TARGET_BYTES};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::report::{self, Chain};
-use rewind_proto::{chunk, names, pb, Leaf};
+use rewind_proto::{chunk, names, pb, BlockHash};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -70,6 +71,8 @@ pub struct SyncConfig {
     pub vm: String,
     pub disks: Vec<DiskSource>,
     pub live: Option<LiveSource>,
+    /// A libvirt-managed domain (instead of `live` or `disks`).
+    pub libvirt: Option<crate::libvirt::LibvirtSource>,
     pub block_size: BlockSize,
     pub state_dir: PathBuf,
     /// Upper bound on compressed bytes sent per second, asked again for every batch.

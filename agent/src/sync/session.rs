@@ -13,7 +13,7 @@ pub(super) struct Begun {
     pub(super) full: Vec<bool>,
     /// Chunks the receiver lost (verify quarantined them): sent again where the disks still
     /// hold them.
-    pub(super) heal: Arc<HashSet<Leaf>>,
+    pub(super) heal: Arc<HashSet<BlockHash>>,
     /// Whether the session resumes one a stopped or crashed cycle checkpointed.
     pub(super) resumed: bool,
 }
@@ -84,10 +84,10 @@ pub(super) async fn begin(
         .iter()
         .map(|p| p.mode != pb::DiskMode::Delta as i32)
         .collect();
-    let heal: Arc<HashSet<Leaf>> = Arc::new(
+    let heal: Arc<HashSet<BlockHash>> = Arc::new(
         plan.heal
             .iter()
-            .map(|h| Leaf::from_slice(h))
+            .map(|h| BlockHash::from_slice(h))
             .collect::<Result<_, _>>()
             .map_err(|_| SyncError::Protocol("a malformed hash in the heal list"))?,
     );

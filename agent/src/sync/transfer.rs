@@ -2,8 +2,9 @@
 //! receiver which chunks it lacks, only those are compressed (off the async runtime), and the
 //! batches go out on one upload stream in messages of about 1 MiB.
 
+use super::limiter::RateLimiter;
 use super::*;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::SystemClock;
 /// Most block entries in one upload batch: keeps metadata-only batches (blocks that became
 /// zero, or chunks the receiver already holds) well under the message limit.
 const MAX_WINDOW_ENTRIES: usize = 16_384;
@@ -32,11 +33,14 @@ struct Item {
 /// The receiver's MissingChunks answer for the hashes `asked`: refused whole if any hash is
 /// malformed or was not asked (a receiver that answers what it was not asked is broken or
 /// hostile, and guessing around it could drop a chunk the point needs).
-fn missing_answer(asked: &[Leaf], answer: &[Vec<u8>]) -> Result<HashSet<Leaf>, SyncError> {
-    let asked: HashSet<&Leaf> = asked.iter().collect();
+fn missing_answer(
+    asked: &[BlockHash],
+    answer: &[Vec<u8>],
+) -> Result<HashSet<BlockHash>, SyncError> {
+    let asked: HashSet<&BlockHash> = asked.iter().collect();
     answer
         .iter()
-        .map(|h| match Leaf::from_slice(h) {
+        .map(|h| match BlockHash::from_slice(h) {
             Ok(l) if asked.contains(&l) => Ok(l),
             Ok(_) => Err(SyncError::Protocol(
                 "MissingChunks answered a hash that was not asked",
@@ -91,7 +95,7 @@ pub(super) async fn transfer(
     session: &str,
     disks: Arc<Vec<OpenDisk>>,
     full: &[bool],
-    heal: Arc<HashSet<Leaf>>,
+    heal: Arc<HashSet<BlockHash>>,
     progress: Progress,
 ) -> Result<(ScanResults, Vec<(u64, u64)>), SyncError> {
     let (wtx, wrx) = mpsc::channel::<Vec<Item>>(QUEUE_DEPTH);
@@ -113,7 +117,7 @@ pub(super) async fn transfer(
     };
     // Compression runs on its own thread (fanning out over the cores) so the next window's
     // MissingChunks round trip overlaps with this window's compression.
-    let (ctx, crx) = mpsc::channel::<(Vec<Item>, HashSet<Leaf>)>(1);
+    let (ctx, crx) = mpsc::channel::<(Vec<Item>, HashSet<BlockHash>)>(1);
     let compressor = {
         let session = session.to_owned();
         let limiter = RateLimiter::new(cfg.bwlimit.clone(), Arc::new(SystemClock));
@@ -123,11 +127,11 @@ pub(super) async fn transfer(
 
     // Several MissingChunks questions in flight: on a long link each costs a round trip, and
     // one at a time would cap a seed at one window per round trip.
-    let mut seen: HashSet<Leaf> = HashSet::new();
+    let mut seen: HashSet<BlockHash> = HashSet::new();
     let mut compressor_gone = false;
     let mut answers = ReceiverStream::new(wrx)
         .map(|window| {
-            let mut ask: Vec<Leaf> = Vec::new();
+            let mut ask: Vec<BlockHash> = Vec::new();
             for it in &window {
                 let leaf = it.change.leaf;
                 if !leaf.is_zero() && !seen.contains(&leaf) && !ask.contains(&leaf) {
@@ -194,7 +198,7 @@ pub(super) async fn transfer(
 fn compress_all(
     session: &str,
     disks: usize,
-    mut windows: mpsc::Receiver<(Vec<Item>, HashSet<Leaf>)>,
+    mut windows: mpsc::Receiver<(Vec<Item>, HashSet<BlockHash>)>,
     out: mpsc::Sender<pb::Batch>,
     mut limiter: RateLimiter,
 ) -> Result<(Vec<(u64, u64)>, bool), SyncError> {
@@ -206,8 +210,8 @@ fn compress_all(
         .build()
         .map_err(|e| SyncError::Worker(format!("compression threads: {e}")))?;
     while let Some((window, missing)) = windows.blocking_recv() {
-        let mut to_send: Vec<(u32, Leaf, &[u8])> = Vec::new();
-        let mut queued: HashSet<Leaf> = HashSet::new();
+        let mut to_send: Vec<(u32, BlockHash, &[u8])> = Vec::new();
+        let mut queued: HashSet<BlockHash> = HashSet::new();
         for it in &window {
             if let Some(data) = &it.change.data {
                 if missing.contains(&it.change.leaf) && queued.insert(it.change.leaf) {
@@ -215,7 +219,7 @@ fn compress_all(
                 }
             }
         }
-        let frames: Vec<(u32, Leaf, Vec<u8>)> = pool
+        let frames: Vec<(u32, BlockHash, Vec<u8>)> = pool
             .install(|| {
                 to_send
                     .par_iter()
@@ -246,7 +250,7 @@ fn compress_all(
 fn split_window(
     session: &str,
     window: &[Item],
-    frames: Vec<(u32, Leaf, Vec<u8>)>,
+    frames: Vec<(u32, BlockHash, Vec<u8>)>,
 ) -> Vec<pb::Batch> {
     let message = || pb::Batch {
         session: session.to_owned(),
@@ -254,7 +258,7 @@ fn split_window(
         chunks: Vec::new(),
     };
     let mut messages = vec![message()];
-    let mut carried_in: std::collections::HashMap<Leaf, usize> =
+    let mut carried_in: std::collections::HashMap<BlockHash, usize> =
         std::collections::HashMap::with_capacity(frames.len());
     let mut bytes = 0usize;
     for (_, leaf, data) in frames {
@@ -287,7 +291,7 @@ fn split_window(
 fn scan_all(
     disks: &[OpenDisk],
     full: &[bool],
-    heal: &HashSet<Leaf>,
+    heal: &HashSet<BlockHash>,
     state_dir: &std::path::Path,
     vm: &str,
     out: mpsc::Sender<Vec<Item>>,
@@ -415,51 +419,13 @@ fn open_reader(
     }
 }
 
-/// Keeps the send rate under the limit in force (which may change between batches): a
-/// message goes once the bytes before it are paid for at the rate they were booked at, so
-/// over any stretch of time at one rate R the bytes sent stay within R times its length plus
-/// one message. Idle time earns no credit, and unlimited time forgets any debt.
-struct RateLimiter {
-    limit: Bandwidth,
-    /// Reads the limit's time of day, paces and waits.
-    clock: Arc<dyn Clock>,
-    /// When the bytes already spent are paid for.
-    next: Instant,
-}
-
-impl RateLimiter {
-    fn new(limit: Bandwidth, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            limit,
-            next: clock.now(),
-            clock,
-        }
-    }
-
-    /// Blocks the calling (non-async) thread until the bytes spent before fit under the
-    /// limit, then books `bytes` at the current rate.
-    fn spend(&mut self, bytes: u64) {
-        let now = self.clock.now();
-        let Some(rate) = self.limit.at(self.clock.wall()) else {
-            self.next = now;
-            return;
-        };
-        if self.next > now {
-            self.clock.sleep(self.next - now);
-        }
-        self.next = self.next.max(self.clock.now())
-            + Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[test]
     fn a_missing_answer_with_a_malformed_or_unasked_hash_is_refused() {
-        let (a, b, c) = (Leaf([1; 32]), Leaf([2; 32]), Leaf([3; 32]));
+        let (a, b, c) = (BlockHash([1; 32]), BlockHash([2; 32]), BlockHash([3; 32]));
         let asked = [a, b];
         let got = missing_answer(&asked, &[b.0.to_vec()]).expect("well-formed");
         assert_eq!(got, HashSet::from([b]));
@@ -471,154 +437,12 @@ mod tests {
         }
     }
 
-    use crate::clock::ManualClock;
-    use time::macros::datetime;
-
-    const MIB: u64 = 1 << 20;
-
-    /// A limiter on a manual clock whose limit (bytes per second, 0: none) the test sets.
-    fn limiter() -> (RateLimiter, Arc<ManualClock>, Arc<AtomicU64>) {
-        let clock = Arc::new(ManualClock::new(datetime!(2026-03-01 12:00 UTC)));
-        let rate = Arc::new(AtomicU64::new(0));
-        let r = rate.clone();
-        let limit = Bandwidth(Arc::new(move |_| {
-            Some(r.load(Ordering::SeqCst)).filter(|&v| v > 0)
-        }));
-        (RateLimiter::new(limit, clock.clone()), clock, rate)
-    }
-
-    /// When each of `sizes` was let through, from the start of the clock.
-    fn send_times(l: &mut RateLimiter, clock: &ManualClock, sizes: &[u64]) -> Vec<Duration> {
-        sizes
-            .iter()
-            .map(|&b| {
-                l.spend(b);
-                clock.elapsed()
-            })
-            .collect()
-    }
-
-    fn ms(v: &[u64]) -> Vec<Duration> {
-        v.iter().map(|&m| Duration::from_millis(m)).collect()
-    }
-
-    #[test]
-    fn at_one_rate_each_message_goes_once_the_ones_before_are_paid_for() {
-        let (mut l, clock, rate) = limiter();
-        rate.store(MIB, Ordering::SeqCst);
-        // Quarter-MiB messages at 1 MiB/s: one every 250 ms, the first at once.
-        let sent = send_times(&mut l, &clock, &[MIB / 4; 5]);
-        assert_eq!(sent, ms(&[0, 250, 500, 750, 1000]));
-        // A message's size is paid after it: a large one delays the next, not itself.
-        let sent = send_times(&mut l, &clock, &[2 * MIB, MIB / 4, 1]);
-        assert_eq!(sent, ms(&[1250, 3250, 3500]));
-    }
-
-    #[test]
-    fn idle_time_earns_no_burst() {
-        let (mut l, clock, rate) = limiter();
-        rate.store(MIB, Ordering::SeqCst);
-        l.spend(MIB / 2);
-        // Ten idle seconds: the debt is long paid, and no credit piles up.
-        clock.advance(Duration::from_secs(10));
-        let sent = send_times(&mut l, &clock, &[MIB / 2, MIB / 2, MIB / 2]);
-        assert_eq!(sent, ms(&[10_000, 10_500, 11_000]));
-    }
-
-    #[test]
-    fn the_rate_limit_in_force_applies_from_the_next_batch() {
-        let (mut l, clock, rate) = limiter();
-        // Unlimited: 100 MB go at once.
-        assert_eq!(
-            send_times(&mut l, &clock, &[50_000_000, 50_000_000]),
-            ms(&[0, 0])
-        );
-        // A window opens: 1 MiB/s. The first message goes at once and is booked.
-        rate.store(MIB, Ordering::SeqCst);
-        assert_eq!(send_times(&mut l, &clock, &[MIB, MIB / 2]), ms(&[0, 1000]));
-        // The rate doubles: what was booked at 1 MiB/s is still waited for, then 2 MiB/s.
-        rate.store(2 * MIB, Ordering::SeqCst);
-        assert_eq!(send_times(&mut l, &clock, &[MIB, 1]), ms(&[1500, 2000]));
-        // The window closes with a debt outstanding: it is forgotten, nothing waits.
-        rate.store(0, Ordering::SeqCst);
-        assert_eq!(
-            send_times(&mut l, &clock, &[10_000_000, 10_000_000]),
-            ms(&[2000, 2000])
-        );
-        // Reopened, it starts afresh from now.
-        rate.store(MIB, Ordering::SeqCst);
-        assert_eq!(send_times(&mut l, &clock, &[MIB, 1]), ms(&[2000, 3000]));
-    }
-
-    #[test]
-    fn a_bandwidth_window_of_the_file_opens_and_closes_on_the_wall_clock() {
-        let f: crate::config::AgentFile = toml::from_str(
-            r#"
-            state = "/nonexistent"
-            [[bandwidth]]
-            start = "09:00"
-            end = "10:00"
-            mbps = 1
-            [[vm]]
-            name = "a"
-            qmp = "/q"
-            "#,
-        )
-        .unwrap();
-        let limit = f.cycle(&f.vm[0]).unwrap().bwlimit;
-        let clock = Arc::new(ManualClock::new(datetime!(2026-03-01 08:59:58 UTC)));
-        let mut l = RateLimiter::new(limit, clock.clone());
-        // Before 09:00 nothing is limited.
-        assert_eq!(
-            send_times(&mut l, &clock, &[100_000_000, 100_000_000]),
-            ms(&[0, 0])
-        );
-        // At 09:00 the window opens: 1 MB/s.
-        clock.advance(Duration::from_secs(2));
-        assert_eq!(
-            send_times(&mut l, &clock, &[500_000, 500_000, 1]),
-            ms(&[2000, 2500, 3000])
-        );
-        // A step of the wall clock past 10:00 closes it, from the next message on, and the
-        // debt booked in it is forgotten.
-        clock.step_wall(time::Duration::hours(1));
-        assert_eq!(send_times(&mut l, &clock, &[1, 1]), ms(&[3000, 3000]));
-    }
-
-    /// Against a reference: at any one rate, every message waits until all the bytes of the
-    /// messages before it (since the rate was set or the limiter was last idle past its debt)
-    /// are paid for, and never longer.
-    #[test]
-    fn random_sends_never_beat_the_rate_and_never_wait_longer_than_needed() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
-        for _ in 0..50 {
-            let (mut l, clock, rate) = limiter();
-            let r: u64 = rng.random_range(1_000..10_000_000);
-            rate.store(r, Ordering::SeqCst);
-            // The reference: when the bytes sent so far are paid for, in nanoseconds.
-            let mut paid_ns: u128 = 0;
-            for _ in 0..200 {
-                if rng.random_bool(0.2) {
-                    clock.advance(Duration::from_micros(rng.random_range(0..2_000_000)));
-                }
-                let bytes: u64 = rng.random_range(1..4 * MIB);
-                let before = clock.elapsed().as_nanos();
-                l.spend(bytes);
-                let sent = clock.elapsed().as_nanos();
-                let due = paid_ns.max(before);
-                // Each message's cost is rounded to the nanosecond once.
-                assert!(
-                    sent.abs_diff(due) <= 1,
-                    "sent at {sent} ns, due at {due} ns"
-                );
-                paid_ns = sent + bytes as u128 * 1_000_000_000 / u128::from(r);
-            }
-        }
-    }
-
     fn item(pos: u32, index: u64, tag: u8, zero: bool) -> Item {
-        let leaf = if zero { Leaf::ZERO } else { Leaf([tag; 32]) };
+        let leaf = if zero {
+            BlockHash::ZERO
+        } else {
+            BlockHash([tag; 32])
+        };
         Item {
             pos,
             change: Change {
@@ -642,9 +466,9 @@ mod tests {
         ];
         let big = MESSAGE_TARGET_BYTES / 2 + 1;
         let frames = vec![
-            (0, Leaf([1; 32]), vec![1; big]),
-            (0, Leaf([2; 32]), vec![2; big]),
-            (1, Leaf([3; 32]), vec![3; 10]),
+            (0, BlockHash([1; 32]), vec![1; big]),
+            (0, BlockHash([2; 32]), vec![2; big]),
+            (1, BlockHash([3; 32]), vec![3; 10]),
         ];
         let messages = split_window("s", &window, frames);
         // Per message: (disk, index) of its entries, and the first byte of its chunks.

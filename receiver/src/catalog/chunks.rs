@@ -2,7 +2,7 @@
 
 use super::VmId;
 use crate::chunks::{ChunkLocation, PackId};
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Where `owner`'s chunk `hash` is, if it holds one.
@@ -288,7 +288,11 @@ pub fn forget_dead(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
 }
 
 /// The hashes among `hashes` (zero ones skipped) that `owner` holds no chunk of.
-pub fn missing(conn: &Connection, owner: &str, hashes: &[Leaf]) -> rusqlite::Result<Vec<Leaf>> {
+pub fn missing(
+    conn: &Connection,
+    owner: &str,
+    hashes: &[BlockHash],
+) -> rusqlite::Result<Vec<BlockHash>> {
     let mut held = Held::new(conn)?;
     let mut out = Vec::new();
     for h in hashes {
@@ -312,7 +316,7 @@ impl<'c> Held<'c> {
     }
 
     /// Whether `owner` holds chunk `hash`.
-    pub fn holds(&mut self, owner: &str, hash: &Leaf) -> rusqlite::Result<bool> {
+    pub fn holds(&mut self, owner: &str, hash: &BlockHash) -> rusqlite::Result<bool> {
         self.0.exists(params![owner, &hash.0[..]])
     }
 }
@@ -328,7 +332,7 @@ impl<'c> Lengths<'c> {
     }
 
     /// The uncompressed length of `owner`'s chunk `hash`, if it holds one.
-    pub fn of(&mut self, owner: &str, hash: &Leaf) -> rusqlite::Result<Option<i64>> {
+    pub fn of(&mut self, owner: &str, hash: &BlockHash) -> rusqlite::Result<Option<i64>> {
         self.0
             .query_row(params![owner, &hash.0[..]], |r| r.get(0))
             .optional()
@@ -339,7 +343,7 @@ impl<'c> Lengths<'c> {
 pub fn renew<'h>(
     conn: &Connection,
     owner: &str,
-    hashes: impl IntoIterator<Item = &'h Leaf>,
+    hashes: impl IntoIterator<Item = &'h BlockHash>,
     now_us: i64,
 ) -> rusqlite::Result<()> {
     let mut touch =
@@ -361,8 +365,8 @@ pub fn any_quarantined(conn: &Connection, owner: &str) -> rusqlite::Result<bool>
 pub fn heal<'h>(
     conn: &Connection,
     owner: &str,
-    hashes: impl IntoIterator<Item = &'h Leaf>,
-) -> rusqlite::Result<Vec<Leaf>> {
+    hashes: impl IntoIterator<Item = &'h BlockHash>,
+) -> rusqlite::Result<Vec<BlockHash>> {
     let mut healed =
         conn.prepare_cached("DELETE FROM bad_chunks WHERE owner = ?1 AND hash = ?2")?;
     let mut out = Vec::new();
@@ -380,7 +384,7 @@ pub fn heal<'h>(
 pub fn index(
     conn: &Connection,
     owner: &str,
-    placed: &[(Leaf, ChunkLocation, usize)],
+    placed: &[(BlockHash, ChunkLocation, usize)],
     now_us: i64,
 ) -> rusqlite::Result<(i64, i64)> {
     let mut ins = conn.prepare_cached(

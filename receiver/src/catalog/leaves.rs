@@ -6,7 +6,7 @@
 
 use super::{CatalogError, DiskId, PointId};
 use crate::chunks::ChunkLocation;
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::ops::{ControlFlow, Range};
 
@@ -84,7 +84,7 @@ pub enum Columns {
 #[derive(Debug, Clone, Copy)]
 pub struct Node {
     pub idx: u64,
-    pub hash: Leaf,
+    pub hash: BlockHash,
     /// Where the chunk is; None when not asked for ([`Columns::Hashes`]) or not held.
     pub at: Option<ChunkLocation>,
 }
@@ -112,7 +112,7 @@ pub fn at_point<E: From<CatalogError>>(
             .map_err(sql)?
             .flatten();
         if let Some(h) = hash {
-            let hash = Leaf::from_slice(&h).map_err(|e| E::from(CatalogError::from(e)))?;
+            let hash = BlockHash::from_slice(&h).map_err(|e| E::from(CatalogError::from(e)))?;
             let _ = f(Node {
                 idx: span.blocks.start,
                 hash,
@@ -137,7 +137,7 @@ pub fn at_point<E: From<CatalogError>>(
         };
         let node = Node {
             idx: r.get::<_, i64>(0).map_err(sql)? as u64,
-            hash: Leaf::from_slice(&h).map_err(|e| E::from(CatalogError::from(e)))?,
+            hash: BlockHash::from_slice(&h).map_err(|e| E::from(CatalogError::from(e)))?,
             at,
         };
         if f(node)?.is_break() {
@@ -264,7 +264,7 @@ pub fn one(
     disk: DiskId,
     point: PointId,
     idx: u64,
-) -> Result<Option<Leaf>, CatalogError> {
+) -> Result<Option<BlockHash>, CatalogError> {
     let span = Span::leaves(disk, point, idx..idx.saturating_add(1));
     Ok(page(conn, &span, Columns::Hashes, 1)?
         .first()

@@ -2,7 +2,7 @@
 
 pub use super::VmId;
 use super::{CatalogError, DiskId, PointId};
-use rewind_proto::Leaf;
+use rewind_proto::DiskRoot;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// One `points` row with its VM's name.
@@ -25,7 +25,7 @@ pub struct PointDiskRow {
     pub name: String,
     pub size: i64,
     pub block_size: i64,
-    pub root: Leaf,
+    pub root: DiskRoot,
     pub changed_blocks: i64,
     pub disk_id: DiskId,
 }
@@ -43,7 +43,7 @@ pub fn disks_of(conn: &Connection, point: PointId) -> Result<Vec<PointDiskRow>, 
             name: r.get(0)?,
             size: r.get(1)?,
             block_size: r.get(2)?,
-            root: Leaf::from_slice(&r.get::<_, Vec<u8>>(3)?)?,
+            root: DiskRoot::from_slice(&r.get::<_, Vec<u8>>(3)?)?,
             changed_blocks: r.get(4)?,
             disk_id: r.get(5)?,
         });

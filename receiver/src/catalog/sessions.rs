@@ -1,7 +1,7 @@
 //! Upload sessions: their rows, the blocks they staged, and their expiry.
 
 use super::VmId;
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Abandons the open sessions untouched since `before_us`, dropping their staged blocks first;
@@ -245,7 +245,7 @@ impl<'c> Stager<'c> {
         session: &str,
         pos: u32,
         idx: u64,
-        hash: &Leaf,
+        hash: &BlockHash,
     ) -> rusqlite::Result<()> {
         self.0
             .execute(params![session, pos, idx as i64, &hash.0[..]])

@@ -29,7 +29,7 @@ pub fn pack_name(id: super::PackId) -> String {
 }
 
 /// The header of the record of `hash` whose frame is `len` bytes.
-pub fn record_header(hash: &rewind_proto::Leaf, len: u32) -> [u8; RECORD_HEADER as usize] {
+pub fn record_header(hash: &rewind_proto::BlockHash, len: u32) -> [u8; RECORD_HEADER as usize] {
     let mut h = [0u8; RECORD_HEADER as usize];
     h[..4].copy_from_slice(RECORD_MAGIC);
     h[4..36].copy_from_slice(hash.as_bytes());

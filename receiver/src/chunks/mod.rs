@@ -24,7 +24,7 @@
 pub mod format;
 pub mod local;
 
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -99,7 +99,7 @@ pub enum ChunkStoreError {
     BadRecord {
         path: PathBuf,
         offset: u64,
-        hash: Leaf,
+        hash: BlockHash,
     },
 }
 
@@ -143,7 +143,7 @@ pub trait ChunkWriter: Send {
 
     /// Appends one record and returns where its frame is. Not durable until
     /// [`ChunkWriter::sync`]. Call [`ChunkWriter::needs_pack`] first.
-    fn append(&mut self, hash: &Leaf, frame: &[u8]) -> Result<ChunkLocation, ChunkStoreError>;
+    fn append(&mut self, hash: &BlockHash, frame: &[u8]) -> Result<ChunkLocation, ChunkStoreError>;
 
     /// Makes every appended record durable. Only then may the catalog refer to them.
     fn sync(&mut self) -> Result<(), ChunkStoreError>;
@@ -159,29 +159,30 @@ pub trait ChunkWriter: Send {
 /// Reads frames at catalogued locations, checking the record around each.
 pub trait ChunkReader: Send {
     /// The frame of `hash` at `at`.
-    fn read(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Vec<u8>, ChunkStoreError>;
+    fn read(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Vec<u8>, ChunkStoreError>;
 
     /// Finds the record of `hash` at `at` (reading ahead as the reader's order allows) so
     /// that [`Prepared::frame`] can read it later on any thread.
-    fn prepare(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Prepared, ChunkStoreError>;
+    fn prepare(&mut self, at: ChunkLocation, hash: &BlockHash)
+        -> Result<Prepared, ChunkStoreError>;
 }
 
 /// Where a store found a record: read by [`Prepared::frame`].
 pub trait Fetch: Send + Sync {
     /// The frame of `hash` at `at`, checking the record around it; lent when it is already
     /// in memory.
-    fn fetch(&self, at: ChunkLocation, hash: &Leaf) -> Result<Cow<'_, [u8]>, ChunkStoreError>;
+    fn fetch(&self, at: ChunkLocation, hash: &BlockHash) -> Result<Cow<'_, [u8]>, ChunkStoreError>;
 }
 
 /// A record found by [`ChunkReader::prepare`], to be read on any thread.
 pub struct Prepared {
     at: ChunkLocation,
-    hash: Leaf,
+    hash: BlockHash,
     source: Box<dyn Fetch>,
 }
 
 impl Prepared {
-    pub fn new(at: ChunkLocation, hash: Leaf, source: Box<dyn Fetch>) -> Prepared {
+    pub fn new(at: ChunkLocation, hash: BlockHash, source: Box<dyn Fetch>) -> Prepared {
         Prepared { at, hash, source }
     }
 

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::report::chain;
 use rewind_proto::tree::{self, Builder, Shape};
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rusqlite::Connection;
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -102,9 +102,10 @@ fn verify_disk(
         damaged: 0,
         listed: Vec::new(),
     };
-    let mut batch: Vec<(u64, Leaf, Result<Vec<u8>, String>)> = Vec::with_capacity(BATCH_BLOCKS);
-    let check = |batch: Vec<(u64, Leaf, Result<Vec<u8>, String>)>, out: &mut Verified| {
-        let problems: Vec<(u64, Leaf, String)> = batch
+    let mut batch: Vec<(u64, BlockHash, Result<Vec<u8>, String>)> =
+        Vec::with_capacity(BATCH_BLOCKS);
+    let check = |batch: Vec<(u64, BlockHash, Result<Vec<u8>, String>)>, out: &mut Verified| {
+        let problems: Vec<(u64, BlockHash, String)> = batch
             .into_par_iter()
             .filter_map(|(idx, leaf, frame)| {
                 let len = geometry.block_len(idx).unwrap_or(0);

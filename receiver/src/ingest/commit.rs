@@ -5,6 +5,7 @@
 use super::*;
 use crate::catalog::leaves::{self, Columns, Node, Span};
 use crate::catalog::{commits, points, DiskId, PointId};
+use rewind_proto::NodeHash;
 use std::ops::ControlFlow;
 
 impl Store {
@@ -18,7 +19,7 @@ impl Store {
         &self,
         owner: &str,
         session_id: &str,
-        roots: &[(String, Leaf)],
+        roots: &[(String, DiskRoot)],
         meta: &PointMeta,
     ) -> Result<Committed, StoreError> {
         let (config, consistency) = meta.validate()?;
@@ -57,7 +58,7 @@ impl Store {
         &self,
         owner: &str,
         session_id: &str,
-        roots: &[(String, Leaf)],
+        roots: &[(String, DiskRoot)],
         (config, consistency): (Option<&str>, &str),
     ) -> Result<Committed, StoreError> {
         let mut conn = self.conn();
@@ -105,7 +106,7 @@ impl Store {
         &self,
         owner: &str,
         session_id: &str,
-        roots: &[(String, Leaf)],
+        roots: &[(String, DiskRoot)],
         meta: (Option<&str>, &str),
     ) -> Result<Committed, StoreError> {
         let (session, point, disk_ids) = {
@@ -256,8 +257,8 @@ pub(super) fn commit_checks<'a>(
     conn: &Connection,
     owner: &str,
     session_id: &str,
-    roots: &'a [(String, Leaf)],
-) -> Result<(Session, HashMap<&'a str, Leaf>, i64), StoreError> {
+    roots: &'a [(String, DiskRoot)],
+) -> Result<(Session, HashMap<&'a str, DiskRoot>, i64), StoreError> {
     let session = open_session(conn, owner, session_id)?;
     let latest = latest_point(conn, session.vm_id)?;
     if latest != session.base_point {
@@ -267,7 +268,7 @@ pub(super) fn commit_checks<'a>(
             actual: latest.unwrap_or(0),
         });
     }
-    let mut agent_roots: HashMap<&str, Leaf> = HashMap::new();
+    let mut agent_roots: HashMap<&str, DiskRoot> = HashMap::new();
     for (name, root) in roots {
         if !session.disks.iter().any(|d| &d.name == name) {
             return Err(StoreError::RootSet(names::shown(name)));
@@ -347,7 +348,7 @@ pub(super) fn write_leaves(
     after: i64,
     max_parents: Option<usize>,
     edge: Option<u64>,
-) -> Result<(usize, Leaf, Option<u64>), StoreError> {
+) -> Result<(usize, NodeHash, Option<u64>), StoreError> {
     let limit = max_parents.map_or(-1, |p| (p as i64) * tree_fanout());
     let mut group = sessions::staged_after(conn, session_id, pos, after, limit)?;
     if let Some(max) = max_parents {
@@ -403,8 +404,8 @@ pub(super) fn record_point(
     session_id: &str,
     point: i64,
     created: i64,
-    agent_roots: &HashMap<&str, Leaf>,
-    tops: &[(i64, Leaf, usize)],
+    agent_roots: &HashMap<&str, DiskRoot>,
+    tops: &[(i64, NodeHash, usize)],
     (config, consistency): (Option<&str>, &str),
 ) -> Result<(), StoreError> {
     // Point times never go backwards within a VM, whatever the clock did since the last point
@@ -516,7 +517,7 @@ impl NodeStore for SqlNodes<'_> {
         level: u32,
         first: u64,
         end: u64,
-    ) -> Result<Vec<(u64, Leaf)>, StoreError> {
+    ) -> Result<Vec<(u64, NodeHash)>, StoreError> {
         let span = Span {
             disk: DiskId(self.disk_id),
             point: PointId(self.point),
@@ -525,16 +526,18 @@ impl NodeStore for SqlNodes<'_> {
         };
         let mut out = Vec::new();
         leaves::at_point(self.conn, &span, Columns::Hashes, |n| {
-            out.push((n.idx, n.hash));
+            out.push((n.idx, n.hash.into()));
             Ok::<_, StoreError>(ControlFlow::Continue(()))
         })?;
         Ok(out)
     }
 
-    fn put(&mut self, level: u32, index: u64, value: Leaf) -> Result<(), StoreError> {
+    fn put(&mut self, level: u32, index: u64, value: NodeHash) -> Result<(), StoreError> {
+        // The catalog keeps every level in one table, in the row type of level 0 (a block's
+        // hash); `update` writes levels 1 and up only.
         let node = Node {
             idx: index,
-            hash: value,
+            hash: BlockHash(value.0),
             at: None,
         };
         leaves::put(

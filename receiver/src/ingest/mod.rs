@@ -26,7 +26,7 @@ use rewind_proto::format::{
 };
 use rewind_proto::report::Chain;
 use rewind_proto::tree::{self, NodeStore, Shape};
-use rewind_proto::{names, Leaf};
+use rewind_proto::{names, BlockHash, DiskRoot};
 use rusqlite::{Connection, Transaction};
 use std::collections::{HashMap, HashSet};
 
@@ -76,7 +76,7 @@ pub struct BeginPlan {
     /// Set when the resumed session was already committed as this point.
     pub committed_point: Option<i64>,
     /// Damaged chunks the VM's points need (see [`crate::verify`]).
-    pub heal: Vec<Leaf>,
+    pub heal: Vec<BlockHash>,
 }
 
 /// One block map entry of a batch.
@@ -84,25 +84,25 @@ pub struct BeginPlan {
 pub struct Entry {
     pub pos: u32,
     pub index: u64,
-    pub leaf: Leaf,
+    pub leaf: BlockHash,
 }
 
 /// One chunk of a batch, as sent.
 #[derive(Debug, Clone)]
 pub struct IncomingChunk {
-    pub hash: Leaf,
+    pub hash: BlockHash,
     pub frame: bytes::Bytes,
 }
 
 /// A chunk appended to a pack: hash, where its frame is, data length.
-type Placed = (Leaf, ChunkLocation, usize);
+type Placed = (BlockHash, ChunkLocation, usize);
 
 /// A batch whose entries and chunks passed every check, ready to be written.
 pub struct VerifiedBatch {
     session_id: String,
     session: Session,
     entries: Vec<Entry>,
-    chunks: Vec<(Leaf, bytes::Bytes, usize)>,
+    chunks: Vec<(BlockHash, bytes::Bytes, usize)>,
 }
 
 /// What one batch added.

@@ -172,8 +172,8 @@ impl Store {
         &self,
         owner: &str,
         session: &str,
-        hashes: &[Leaf],
-    ) -> Result<Vec<Leaf>, StoreError> {
+        hashes: &[BlockHash],
+    ) -> Result<Vec<BlockHash>, StoreError> {
         if hashes.len() > MAX_QUERY_HASHES {
             return Err(StoreError::TooLarge {
                 what: "hashes in one question",

@@ -4,9 +4,9 @@
 use super::*;
 use rusqlite::params;
 
-fn block(byte: u8) -> (Leaf, IncomingChunk) {
+fn block(byte: u8) -> (BlockHash, IncomingChunk) {
     let data = vec![byte; 4096];
-    let hash = Leaf::of(&data);
+    let hash = BlockHash::of(&data);
     let frame = chunk::compress(&data).expect("compress");
     (
         hash,
@@ -17,7 +17,7 @@ fn block(byte: u8) -> (Leaf, IncomingChunk) {
     )
 }
 
-fn entry(index: u64, leaf: Leaf) -> Entry {
+fn entry(index: u64, leaf: BlockHash) -> Entry {
     Entry {
         pos: 0,
         index,
@@ -79,7 +79,12 @@ fn a_group_stages_blocks_using_chunks_sent_by_another_batch_of_it() {
 
 /// Stages `leaves` (index -> leaf) for a session of a `blocks`-block disk of 4 KiB blocks,
 /// in batches of at most MAX_BATCH_ENTRIES, sending the chunks with the first batch.
-fn stage_all(store: &Store, session: &str, leaves: &[(u64, Leaf)], chunks: Vec<IncomingChunk>) {
+fn stage_all(
+    store: &Store,
+    session: &str,
+    leaves: &[(u64, BlockHash)],
+    chunks: Vec<IncomingChunk>,
+) {
     let mut chunks = Some(chunks);
     let mut w = store.chunk_writer();
     for part in leaves.chunks(MAX_BATCH_ENTRIES) {
@@ -94,7 +99,7 @@ fn stage_all(store: &Store, session: &str, leaves: &[(u64, Leaf)], chunks: Vec<I
     store.finish_upload(&mut *w).expect("finish");
 }
 
-fn reference_root(geometry: &DiskGeometry, leaves: &[(u64, Leaf)]) -> Leaf {
+fn reference_root(geometry: &DiskGeometry, leaves: &[(u64, BlockHash)]) -> DiskRoot {
     let mut b = tree::Builder::new(Shape::of(geometry));
     let mut next = 0;
     for &(i, l) in leaves {
@@ -134,7 +139,7 @@ fn a_large_session_commits_in_steps_to_the_same_point() {
     let (a, ca) = block(1);
     let (b, cb) = block(2);
     // A dense run, then scattered blocks (one per level-1 node: the costly shape).
-    let mut leaves: Vec<(u64, Leaf)> = (0..70_000)
+    let mut leaves: Vec<(u64, BlockHash)> = (0..70_000)
         .map(|i| (i, if i % 3 == 0 { b } else { a }))
         .collect();
     leaves.extend((300..2_000).map(|k| (k * 256 + 7, a)));
@@ -151,7 +156,7 @@ fn a_large_session_commits_in_steps_to_the_same_point() {
         .commit(
             "agent",
             &session,
-            &[("vda".into(), Leaf([9; 32]))],
+            &[("vda".into(), DiskRoot([9; 32]))],
             &PointMeta::default(),
         )
         .expect_err("wrong root");
@@ -215,7 +220,7 @@ fn a_grown_disk_commits_as_a_delta_whole_and_in_steps() {
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
-    let mut leaves: Vec<(u64, Leaf)> = (0..300).map(|i| (i, a)).collect();
+    let mut leaves: Vec<(u64, BlockHash)> = (0..300).map(|i| (i, a)).collect();
     let mut base = None;
     for (blocks, new, chunks) in [
         (300u64, leaves.clone(), vec![ca]),

@@ -38,7 +38,7 @@ impl Store {
         // Staging checks the session again in its own transaction.
         let session = open_session(&*self.reader()?, owner, session_id)?;
         // Expected length of each referenced chunk, from the blocks that use it.
-        let mut expected: HashMap<Leaf, usize> = HashMap::new();
+        let mut expected: HashMap<BlockHash, usize> = HashMap::new();
         for e in &entries {
             let disk = session
                 .disks
@@ -110,14 +110,14 @@ impl Store {
             }
             return Ok(total);
         }
-        let all: Vec<&(Leaf, bytes::Bytes, usize)> =
+        let all: Vec<&(BlockHash, bytes::Bytes, usize)> =
             batches.iter().flat_map(|b| &b.chunks).collect();
         let (placed, bytes) = self.write_new_chunks(owner, &all, writer)?;
         let stored = placed.len() as u64;
         // Chunks this group placed: indexed and owned once the transaction commits, with the
         // length they were verified at, so their blocks need no catalog lookup. (A re-sent
         // chunk the store already had is looked up: gc may have removed it meanwhile.)
-        let sent: HashMap<Leaf, usize> = placed.iter().map(|p| (p.0, p.2)).collect();
+        let sent: HashMap<BlockHash, usize> = placed.iter().map(|p| (p.0, p.2)).collect();
 
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -196,13 +196,13 @@ impl Store {
     fn write_new_chunks(
         &self,
         owner: &str,
-        chunks: &[&(Leaf, bytes::Bytes, usize)],
+        chunks: &[&(BlockHash, bytes::Bytes, usize)],
         writer: &mut dyn ChunkWriter,
     ) -> Result<(Vec<Placed>, u64), StoreError> {
         if chunks.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        let fresh: Vec<&(Leaf, bytes::Bytes, usize)> = {
+        let fresh: Vec<&(BlockHash, bytes::Bytes, usize)> = {
             let conn = self.conn();
             let mut held = crate::catalog::chunks::Held::new(&conn)?;
             let mut fresh = Vec::new();
@@ -253,12 +253,12 @@ impl Store {
     fn index_chunks(
         tx: &Transaction<'_>,
         owner: &str,
-        sent: &[&(Leaf, bytes::Bytes, usize)],
+        sent: &[&(BlockHash, bytes::Bytes, usize)],
         placed: &[Placed],
     ) -> Result<(), StoreError> {
         let now = now_us();
         // Chunks placed now are indexed with `now` below; only re-sent ones need renewing.
-        let new: HashSet<Leaf> = placed.iter().map(|p| p.0).collect();
+        let new: HashSet<BlockHash> = placed.iter().map(|p| p.0).collect();
         let resent = sent.iter().map(|c| &c.0).filter(|h| !new.contains(h));
         crate::catalog::chunks::renew(tx, owner, resent, now)?;
         if crate::catalog::chunks::any_quarantined(tx, owner)? {

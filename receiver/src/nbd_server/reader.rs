@@ -6,7 +6,7 @@ use crate::catalog::{self, CatalogError, PointId};
 use crate::chunks::{self, ChunkLocation, ChunkReader, ReadOrder};
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::report::chain;
-use rewind_proto::{chunk, Leaf};
+use rewind_proto::{chunk, BlockHash};
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +16,7 @@ use std::path::Path;
 /// A block's leaf and where its chunk lives; None when the catalog holds no chunk for the
 /// leaf (quarantined by verify, or lost): a read of the block then fails, it is never served
 /// as zeros.
-pub(super) type Located = (Leaf, Option<ChunkLocation>);
+pub(super) type Located = (BlockHash, Option<ChunkLocation>);
 
 /// Reads a point's blocks from the store for one connection.
 pub(super) struct PointReader {

@@ -3,7 +3,7 @@
 use super::{io_err, pack_path, DIRECT_ALIGN};
 use crate::chunks::format::{record_header, MAX_FRAME_BYTES, RECORD_HEADER};
 use crate::chunks::{ChunkLocation, ChunkReader, ChunkStoreError, Fetch, PackId, Prepared};
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -56,7 +56,7 @@ struct LocalFetch {
 }
 
 impl Fetch for LocalFetch {
-    fn fetch(&self, at: ChunkLocation, hash: &Leaf) -> Result<Cow<'_, [u8]>, ChunkStoreError> {
+    fn fetch(&self, at: ChunkLocation, hash: &BlockHash) -> Result<Cow<'_, [u8]>, ChunkStoreError> {
         read_found(&self.found, &self.dir, at, hash)
     }
 }
@@ -100,7 +100,7 @@ impl PackReader {
     /// Finds the record whose frame is at `at`: in one of the windows kept, in a new window
     /// when the pack is being read in order (by a [`PackReader::sequential`] reader on a file
     /// system that takes O_DIRECT), else in the open pack.
-    fn find(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Found, ChunkStoreError> {
+    fn find(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Found, ChunkStoreError> {
         let ChunkLocation {
             pack: id,
             offset,
@@ -197,12 +197,16 @@ impl PackReader {
 }
 
 impl ChunkReader for PackReader {
-    fn read(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Vec<u8>, ChunkStoreError> {
+    fn read(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Vec<u8>, ChunkStoreError> {
         let found = self.find(at, hash)?;
         read_found(&found, &self.dir, at, hash).map(Cow::into_owned)
     }
 
-    fn prepare(&mut self, at: ChunkLocation, hash: &Leaf) -> Result<Prepared, ChunkStoreError> {
+    fn prepare(
+        &mut self,
+        at: ChunkLocation,
+        hash: &BlockHash,
+    ) -> Result<Prepared, ChunkStoreError> {
         let found = self.find(at, hash)?;
         let fetch = LocalFetch {
             dir: self.dir.clone(),
@@ -233,7 +237,7 @@ fn read_found<'a>(
     found: &'a Found,
     dir: &Path,
     at: ChunkLocation,
-    hash: &Leaf,
+    hash: &BlockHash,
 ) -> Result<Cow<'a, [u8]>, ChunkStoreError> {
     let ChunkLocation {
         pack: id,

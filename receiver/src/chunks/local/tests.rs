@@ -4,7 +4,7 @@
 use super::*;
 use crate::chunks::format::{PACK_MAGIC, RECORD_HEADER};
 use crate::chunks::ChunkLocation;
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 
 /// The frame of `len` bytes at `offset` in pack `pack`.
 fn at(pack: i64, offset: u64, len: u32) -> ChunkLocation {
@@ -29,7 +29,7 @@ fn golden_pack_bytes() {
     let (dir, packs) = store();
     let mut w = packs.writer();
     w.open_pack(PackId(0x2a)).expect("open");
-    let loc = w.append(&Leaf([0xab; 32]), b"frame").expect("append");
+    let loc = w.append(&BlockHash([0xab; 32]), b"frame").expect("append");
     w.sync().expect("sync");
     let bytes = std::fs::read(dir.path().join("packs/000000000000002a.pack")).expect("read");
     let mut want = b"RWPACK01RWCK".to_vec();
@@ -51,8 +51,8 @@ fn append_then_read_back() {
     let mut w = packs.writer();
     assert!(w.needs_pack());
     w.open_pack(PackId(7)).expect("open");
-    let h1 = Leaf([1; 32]);
-    let h2 = Leaf([2; 32]);
+    let h1 = BlockHash([1; 32]);
+    let h2 = BlockHash([2; 32]);
     let l1 = w.append(&h1, b"first frame").expect("append");
     let l2 = w.append(&h2, b"second").expect("append");
     w.sync().expect("sync");
@@ -92,7 +92,7 @@ fn records_of_odd_sizes_survive_partial_page_rewrites() {
         let frame: Vec<u8> = (0..(n * 677 + 13) % 9000 + 1)
             .map(|i| (i * 7 + n) as u8)
             .collect();
-        let hash = Leaf([n as u8; 32]);
+        let hash = BlockHash([n as u8; 32]);
         let loc = w.append(&hash, &frame).expect("append");
         placed.push((hash, loc, frame));
         if n % 7 == 3 {
@@ -116,14 +116,14 @@ fn records_of_odd_sizes_survive_partial_page_rewrites() {
     }
     // A second pack starts clean; the first one's bytes stay.
     w.open_pack(PackId(2)).expect("second pack");
-    let l = w.append(&Leaf([9; 32]), b"next").expect("append");
+    let l = w.append(&BlockHash([9; 32]), b"next").expect("append");
     w.sync().expect("sync");
     assert_eq!(l, at(2, PACK_MAGIC.len() as u64 + RECORD_HEADER, 4));
     assert_eq!(w.take_retired(), vec![PackId(1)]);
     assert_eq!(w.current(), Some(PackId(2)));
     let (hash, loc, frame) = &placed[0];
     assert_eq!(&r.read(*loc, hash).expect("read"), frame);
-    assert_eq!(r.read(l, &Leaf([9; 32])).expect("read"), b"next");
+    assert_eq!(r.read(l, &BlockHash([9; 32])).expect("read"), b"next");
 }
 
 #[test]
@@ -132,15 +132,18 @@ fn a_window_read_at_the_end_of_a_growing_pack_serves_later_records() {
     let mut w = packs.writer();
     w.open_pack(PackId(1)).expect("open");
     let a = vec![1u8; 5000];
-    let la = w.append(&Leaf([1; 32]), &a).expect("append");
+    let la = w.append(&BlockHash([1; 32]), &a).expect("append");
     w.sync().expect("sync");
     let mut r = packs.reader(ReadOrder::Sequential);
     // In order from the start of the pack: read as a window reaching the file's end.
-    assert_eq!(r.read(la, &Leaf([1; 32])).expect("read"), a);
+    assert_eq!(r.read(la, &BlockHash([1; 32])).expect("read"), a);
     let b = vec![2u8; 300];
-    let lb = w.append(&Leaf([2; 32]), &b).expect("append");
+    let lb = w.append(&BlockHash([2; 32]), &b).expect("append");
     w.sync().expect("sync");
-    assert_eq!(r.read(lb, &Leaf([2; 32])).expect("read later record"), b);
+    assert_eq!(
+        r.read(lb, &BlockHash([2; 32])).expect("read later record"),
+        b
+    );
 }
 
 #[test]
@@ -148,10 +151,10 @@ fn impossible_places_are_errors() {
     let (_dir, packs) = store();
     let mut w = packs.writer();
     w.open_pack(PackId(1)).expect("open");
-    let l = w.append(&Leaf([1; 32]), b"frame").expect("append");
+    let l = w.append(&BlockHash([1; 32]), b"frame").expect("append");
     w.sync().expect("sync");
     let mut r = packs.reader(ReadOrder::Sequential);
-    let h = Leaf([1; 32]);
+    let h = BlockHash([1; 32]);
     for (offset, len) in [
         (u64::MAX - 2, 100),
         (3, 5),
@@ -174,7 +177,7 @@ fn gc_sees_only_pack_files_and_removes_them_once() {
     let (dir, packs) = store();
     let mut w = packs.writer();
     w.open_pack(PackId(3)).expect("open");
-    w.append(&Leaf([3; 32]), b"frame").expect("append");
+    w.append(&BlockHash([3; 32]), b"frame").expect("append");
     w.sync().expect("sync");
     let folder = dir.path().join(PACKS_DIR);
     // Not a pack's name: left alone.

@@ -3,7 +3,7 @@
 use super::{io_err, pack_path, DIRECT_ALIGN};
 use crate::chunks::format::{record_header, PACK_MAGIC, PACK_TARGET_BYTES, RECORD_HEADER};
 use crate::chunks::{ChunkLocation, ChunkStoreError, ChunkWriter, PackId};
-use rewind_proto::Leaf;
+use rewind_proto::BlockHash;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -170,7 +170,7 @@ impl ChunkWriter for PackWriter {
     }
 
     /// Gathers the record in memory: not written, nor durable, until [`ChunkWriter::sync`].
-    fn append(&mut self, hash: &Leaf, frame: &[u8]) -> Result<ChunkLocation, ChunkStoreError> {
+    fn append(&mut self, hash: &BlockHash, frame: &[u8]) -> Result<ChunkLocation, ChunkStoreError> {
         let Some(c) = self.current.as_mut() else {
             return Err(ChunkStoreError::Io {
                 path: self.dir.clone(),

@@ -1,0 +1,222 @@
+//! A private libvirt daemon for tests: Debian 12's monolithic `libvirtd`, started as root in
+//! its own mount namespace with libvirt's fixed folders (`/etc/libvirt`, `/run/libvirt`,
+//! `/var/lib/libvirt`, `/var/cache/libvirt`, `/var/log/libvirt`) bound to a temporary folder,
+//! its sockets there too, so tests run side by side and never touch the host's libvirt.
+//! QEMU runs as root without cgroups, security driver or ownership changes. The daemon's QEMU
+//! capability cache is kept in `/var/cache/rewind-tests/libvirt-qemu` (a cold start probes
+//! QEMU for ~9 s; a warm one starts in well under a second).
+//!
+//! Domains are TCG, without guest OS, with virtio-scsi disks: `qemu-io` through the monitor
+//! writes to a SCSI disk's drive (`scsi0-0-0-N`) as a guest would, before and during a backup
+//! job (it passes the job's copy-before-write filter).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the capability cache is kept between runs.
+const CAPS_CACHE: &str = "/var/cache/rewind-tests/libvirt-qemu";
+
+/// A running private libvirtd; stopped (with its domains destroyed) on drop.
+pub struct Libvirtd {
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// Whether this machine can run the daemon (libvirt-daemon-system installed).
+pub fn available() -> bool {
+    Path::new("/usr/sbin/libvirtd").exists()
+        && Command::new("virsh")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+impl Libvirtd {
+    /// Starts a daemon whose folders live under `dir` and waits until it answers.
+    pub fn start(dir: &Path) -> Libvirtd {
+        let dir = std::path::absolute(dir).expect("absolute");
+        for sub in ["etc/qemu", "run", "lib/qemu", "cache", "log", "sock"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("libvirt folder");
+        }
+        if Path::new(CAPS_CACHE).join("capabilities").exists() {
+            let _ = Command::new("cp")
+                .arg("-a")
+                .arg(CAPS_CACHE)
+                .arg(dir.join("cache/qemu"))
+                .status();
+        }
+        let d = dir.display();
+        std::fs::write(
+            dir.join("etc/libvirtd.conf"),
+            format!(
+                "unix_sock_dir = \"{d}/sock\"\nunix_sock_group = \"root\"\n\
+                 unix_sock_ro_perms = \"0700\"\nunix_sock_rw_perms = \"0700\"\n\
+                 auth_unix_ro = \"none\"\nauth_unix_rw = \"none\"\n\
+                 log_outputs = \"3:file:{d}/log/libvirtd.log\"\n"
+            ),
+        )
+        .expect("libvirtd.conf");
+        std::fs::write(
+            dir.join("etc/qemu.conf"),
+            "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\n\
+             security_driver = \"none\"\ncgroup_controllers = [ ]\nstdio_handler = \"file\"\n\
+             remember_owner = 0\nnamespaces = [ ]\n",
+        )
+        .expect("qemu.conf");
+        std::fs::write(dir.join("etc/libvirt.conf"), "").expect("libvirt.conf");
+        let script = format!(
+            "mount --bind '{d}/etc' /etc/libvirt && \
+             mount -t tmpfs -o mode=755 tmpfs /run && mkdir /run/libvirt && \
+             mount --bind '{d}/run' /run/libvirt && \
+             mount --bind '{d}/lib' /var/lib/libvirt && \
+             mount --bind '{d}/cache' /var/cache/libvirt && \
+             mount --bind '{d}/log' /var/log/libvirt && \
+             exec libvirtd --config '{d}/etc/libvirtd.conf' --pid-file '{d}/libvirtd.pid'"
+        );
+        for folder in [
+            "/etc/libvirt",
+            "/var/lib/libvirt",
+            "/var/cache/libvirt",
+            "/var/log/libvirt",
+        ] {
+            std::fs::create_dir_all(folder).expect("mount point");
+        }
+        let log = std::fs::File::create(dir.join("libvirtd.stdout")).expect("log");
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "/bin/sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start libvirtd");
+        let daemon = Libvirtd {
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !daemon.virsh(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "libvirtd did not answer: {}",
+                std::fs::read_to_string(daemon.dir.join("libvirtd.stdout")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !Path::new(CAPS_CACHE).join("capabilities").exists() {
+            let _ = std::fs::create_dir_all(Path::new(CAPS_CACHE).parent().expect("parent"));
+            let _ = Command::new("cp")
+                .arg("-a")
+                .arg(daemon.dir.join("cache/qemu"))
+                .arg(CAPS_CACHE)
+                .status();
+        }
+        daemon
+    }
+
+    /// The connection URI the agent is given.
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.dir.join("sock/libvirt-sock").display()
+        )
+    }
+
+    /// Runs `virsh -c URI ARGS` in the C locale.
+    pub fn virsh(&self, args: &[&str]) -> Output {
+        Command::new("virsh")
+            .arg("-q")
+            .arg("-c")
+            .arg(self.uri())
+            .args(args)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run virsh")
+    }
+
+    /// Like [`Libvirtd::virsh`], but panics unless it succeeded; returns its output.
+    pub fn virsh_ok(&self, args: &[&str]) -> String {
+        let out = self.virsh(args);
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Defines (persistent) or creates (transient) and starts a TCG domain without guest OS
+    /// whose disks are the given qcow2 images on virtio-scsi, as `sda`, `sdb`, ...
+    pub fn start_domain(&self, name: &str, images: &[&Path], persistent: bool) {
+        let xml = domain_xml(name, images);
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("domain XML");
+        let path = file.display().to_string();
+        if persistent {
+            self.virsh_ok(&["define", &path]);
+            self.virsh_ok(&["start", name]);
+        } else {
+            self.virsh_ok(&["create", &path]);
+        }
+    }
+
+    /// Writes `len` bytes of `pattern` at `offset` of disk number `unit` of a running domain,
+    /// through its drive, as a guest would.
+    pub fn write(&self, domain: &str, unit: usize, pattern: u8, offset: u64, len: u64) {
+        let cmd = format!("qemu-io -d scsi0-0-0-{unit} \"write -P {pattern:#x} {offset} {len}\"");
+        let out = self.virsh_ok(&["qemu-monitor-command", "--hmp", domain, &cmd]);
+        // The monitor answers qemu-io's errors but virsh exits 0: an answer is an error.
+        assert!(out.trim().is_empty(), "qemu-io on {domain}: {out}");
+    }
+}
+
+/// A domain's XML: TCG, no network, no display, a guest agent channel, the disks on SCSI.
+pub fn domain_xml(name: &str, images: &[&Path]) -> String {
+    let mut disks = String::new();
+    for (i, img) in images.iter().enumerate() {
+        let target = format!("sd{}", (b'a' + i as u8) as char);
+        disks.push_str(&format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>\
+             <source file='{}'/><target dev='{target}' bus='scsi'/>\
+             <address type='drive' controller='0' bus='0' target='0' unit='{i}'/></disk>",
+            img.display()
+        ));
+    }
+    format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><on_poweroff>destroy</on_poweroff>\
+         <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>\
+         <controller type='scsi' index='0' model='virtio-scsi'/>{disks}\
+         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+         <video><model type='none'/></video><memballoon model='none'/></devices></domain>"
+    )
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        if let Ok(list) = String::from_utf8(self.virsh(&["list", "--name"]).stdout) {
+            for name in list.lines().map(str::trim).filter(|n| !n.is_empty()) {
+                let _ = self.virsh(&["destroy", name]);
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            // unshare exec'd the shell, which exec'd libvirtd: the child is the daemon.
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
