@@ -83,27 +83,9 @@ impl Libvirtd {
         ] {
             std::fs::create_dir_all(folder).expect("mount point");
         }
-        let log = std::fs::File::create(dir.join("libvirtd.stdout")).expect("log");
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "/bin/sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start libvirtd");
-        let daemon = Libvirtd {
-            dir,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !daemon.virsh(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "libvirtd did not answer: {}",
-                std::fs::read_to_string(daemon.dir.join("libvirtd.stdout")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        std::fs::write(dir.join("start.sh"), script).expect("start script");
+        let mut daemon = Libvirtd { dir, child: None };
+        daemon.launch();
         if !Path::new(CAPS_CACHE).join("capabilities").exists() {
             let _ = std::fs::create_dir_all(Path::new(CAPS_CACHE).parent().expect("parent"));
             let _ = Command::new("cp")
@@ -113,6 +95,60 @@ impl Libvirtd {
                 .status();
         }
         daemon
+    }
+
+    /// Runs the daemon in its namespace (see `start.sh`) and waits until it answers.
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.join("libvirtd.stdout")).expect("log");
+        let script = self.dir.join("start.sh").display().to_string();
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "/bin/sh", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start libvirtd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.virsh(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "libvirtd did not answer: {}",
+                std::fs::read_to_string(self.dir.join("libvirtd.stdout")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the daemon and starts it again on the same folders; its domains keep running
+    /// meanwhile, as under a real libvirtd restart.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        self.launch();
+    }
+
+    /// The node name QEMU gives the format layer of a domain's disk (`sda`), from query-block.
+    pub fn node_of(&self, domain: &str, target: &str) -> String {
+        let out = self.virsh_ok(&[
+            "qemu-monitor-command",
+            domain,
+            r#"{"execute":"query-block"}"#,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("query-block JSON");
+        let alias = format!("scsi0-0-0-{}", (target.as_bytes()[2] - b'a'));
+        v["return"]
+            .as_array()
+            .expect("block list")
+            .iter()
+            .find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&alias)))
+            .and_then(|b| b["inserted"]["node-name"].as_str())
+            .unwrap_or_else(|| panic!("no node for {target} in {out}"))
+            .to_owned()
     }
 
     /// The connection URI the agent is given.

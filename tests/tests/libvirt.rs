@@ -264,3 +264,58 @@ fn the_chain_survives_lost_records_deleted_checkpoints_and_a_killed_agent() {
     assert!(!before.contains(&after[0]));
     assert!(no_job(&s.lv));
 }
+
+#[test]
+fn the_chain_survives_a_daemon_restart_a_domain_restart_and_a_lost_bitmap() {
+    let Some(mut s) = setup(true) else { return };
+    s.write(0, 0x01, 0, 2 * BLOCK);
+    s.write(1, 0x02, MIB, BLOCK);
+    let p1 = s.sync_ok();
+    s.check(&p1);
+
+    // libvirtd restarted between points (the domain keeps running): still incremental.
+    s.lv.restart();
+    s.write(0, 0x03, 3 * MIB, BLOCK);
+    let p2 = s.sync_ok();
+    assert_eq!(disk_of(&p2, "sda")["source"], "dirty-bitmap");
+    assert_eq!(disk_of(&p2, "sda")["changed_blocks"], 1);
+    s.check(&p2);
+
+    // The domain shut down and started again (QEMU stores its bitmaps on the way out).
+    s.lv.virsh_ok(&["destroy", DOMAIN]);
+    s.lv.virsh_ok(&["start", DOMAIN]);
+    s.write(1, 0x04, 5 * MIB, BLOCK);
+    let p3 = s.sync_ok();
+    assert_eq!(disk_of(&p3, "sdb")["source"], "dirty-bitmap");
+    assert_eq!(disk_of(&p3, "sdb")["changed_blocks"], 1);
+    assert_eq!(disk_of(&p3, "sda")["changed_blocks"], 0);
+    s.check(&p3);
+
+    // One disk's bitmap removed behind libvirt's back: the check fails, the checkpoint goes,
+    // a full read sends nothing known, and the chain starts again.
+    let cp = checkpoints(&s.lv).remove(0);
+    let node = s.lv.node_of(DOMAIN, "sda");
+    let cmd = format!(
+        r#"{{"execute":"block-dirty-bitmap-remove","arguments":{{"node":"{node}","name":"{cp}"}}}}"#
+    );
+    s.lv.virsh_ok(&["qemu-monitor-command", DOMAIN, &cmd]);
+    s.write(0, 0x05, 6 * MIB, BLOCK);
+    let p4 = s.sync_ok();
+    let src = disk_of(&p4, "sda")["source"].as_str().unwrap().to_owned();
+    assert!(src.contains("inconsistent"), "{src}");
+    assert_eq!(disk_of(&p4, "sda")["changed_blocks"], 1);
+    assert_eq!(
+        disk_of(&p4, "sda")["sent_chunks"],
+        1,
+        "only the new block travels"
+    );
+    s.check(&p4);
+    let cps = checkpoints(&s.lv);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert_ne!(cps[0], cp);
+    s.write(0, 0x06, 8 * MIB, BLOCK);
+    let p5 = s.sync_ok();
+    assert_eq!(disk_of(&p5, "sda")["source"], "dirty-bitmap");
+    assert_eq!(disk_of(&p5, "sda")["changed_blocks"], 1);
+    s.check(&p5);
+}
