@@ -58,7 +58,12 @@ pub fn inspect(name: &str, path: &Path) -> Result<LiveDisk, OfflineError> {
         path,
         &["info", "--output=json", "-f", "qcow2", &path_str(path)],
     )?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| OfflineError::Tool {
+    parse_info(name, path, &text)
+}
+
+/// Reads an image's size and bitmaps from the output of `qemu-img info --output=json`.
+pub fn parse_info(name: &str, path: &Path, text: &str) -> Result<LiveDisk, OfflineError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| OfflineError::Tool {
         tool: "qemu-img",
         path: path.to_owned(),
         message: format!("unreadable info: {e}"),
@@ -178,7 +183,18 @@ impl NbdServer {
         export: &str,
         bitmap: Option<&str>,
     ) -> Result<NbdServer, OfflineError> {
-        Self::spawn(path, socket, export, bitmap.as_slice(), false)
+        Self::spawn(path, socket, export, bitmap.as_slice(), false, "qcow2")
+    }
+
+    /// A read-only server of an image in `format` (`qcow2`, `raw`), with `bitmap` exported.
+    pub fn start_format(
+        path: &Path,
+        socket: &Path,
+        export: &str,
+        bitmap: Option<&str>,
+        format: &str,
+    ) -> Result<NbdServer, OfflineError> {
+        Self::spawn(path, socket, export, bitmap.as_slice(), false, format)
     }
 
     /// A writable server (for rollback) that also exports `bitmaps`; enabled persistent
@@ -189,7 +205,7 @@ impl NbdServer {
         export: &str,
         bitmaps: &[&str],
     ) -> Result<NbdServer, OfflineError> {
-        Self::spawn(path, socket, export, bitmaps, true)
+        Self::spawn(path, socket, export, bitmaps, true, "qcow2")
     }
 
     fn spawn(
@@ -198,13 +214,15 @@ impl NbdServer {
         export: &str,
         bitmaps: &[&str],
         writable: bool,
+        format: &str,
     ) -> Result<NbdServer, OfflineError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new("qemu-nbd");
         if !writable {
             cmd.arg("--read-only");
         }
-        cmd.args(["--persistent", "--format=qcow2", "--shared=4"])
+        cmd.args(["--persistent", "--shared=4"])
+            .arg(format!("--format={format}"))
             .arg(format!("--export-name={export}"))
             .arg(format!("--socket={}", socket.display()));
         for b in bitmaps {

@@ -208,6 +208,23 @@ impl Libvirtd {
     }
 }
 
+/// Creates an empty qcow2 image of `size` bytes at `dir/name`.
+pub fn qcow2(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg(size.to_string())
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
 /// A domain's XML: TCG, no network, no display, a guest agent channel, the disks on SCSI.
 pub fn domain_xml(name: &str, images: &[&Path]) -> String {
     let mut disks = String::new();

@@ -18,22 +18,6 @@ const BLOCK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
 const DOMAIN: &str = "lv1";
 
-fn qcow2(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg(size.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
-}
-
 fn sync(d: &Deployment, rx: &Receiver, lv: &Libvirtd, env: &[(&str, &str)]) -> Output {
     let mut cmd = d.sync_cmd(rx, "host1", DOMAIN, &[], &[]);
     cmd.args(["--libvirt", &lv.uri(), "--domain", DOMAIN]);
@@ -100,8 +84,8 @@ fn setup(persistent: bool) -> Option<Setup> {
     let rx = d.serve();
     let lv = Libvirtd::start(&d.path("libvirt"));
     let images = vec![
-        qcow2(d.dir.path(), "a.qcow2", 64 * MIB),
-        qcow2(d.dir.path(), "b.qcow2", 32 * MIB),
+        libvirt::qcow2(d.dir.path(), "a.qcow2", 64 * MIB),
+        libvirt::qcow2(d.dir.path(), "b.qcow2", 32 * MIB),
     ];
     let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
     lv.start_domain(DOMAIN, &refs, persistent);
@@ -318,4 +302,305 @@ fn the_chain_survives_a_daemon_restart_a_domain_restart_and_a_lost_bitmap() {
     assert_eq!(disk_of(&p5, "sda")["source"], "dirty-bitmap");
     assert_eq!(disk_of(&p5, "sda")["changed_blocks"], 1);
     s.check(&p5);
+}
+
+/// Writes into a shut-off domain's disk image as a guest would have (qemu-io updates the
+/// image's enabled bitmaps), and into the model.
+fn write_offline(s: &mut Setup, unit: usize, pattern: u8, off: u64, len: u64) {
+    let cmd = format!("write -P {pattern:#x} {off} {len}");
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &cmd])
+        .arg(&s.images[unit])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("wrote"),
+        "qemu-io: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match unit {
+        0 => s.a.write(off, len, pattern),
+        _ => s.b.write(off, len, pattern),
+    }
+}
+
+/// Each disk's changed blocks, dirty-bitmap source and bytes read equal exactly `want`.
+fn assert_exact(p: &Value, want: &[(&str, u64)]) {
+    for &(disk, n) in want {
+        let r = disk_of(p, disk);
+        assert_eq!(r["source"], "dirty-bitmap", "{disk}");
+        assert_eq!(r["mode"], "delta", "{disk}");
+        assert_eq!(r["changed_blocks"], n, "{disk}");
+        assert_eq!(
+            r["read_bytes"],
+            n * BLOCK,
+            "{disk}: only dirty blocks are read"
+        );
+    }
+}
+
+#[test]
+fn a_shut_off_domain_keeps_its_chain_through_offline_points() {
+    let Some(mut s) = setup(true) else { return };
+    s.write(0, 0x31, 0, 2 * BLOCK);
+    s.write(1, 0x32, MIB, BLOCK);
+    let p1 = s.sync_ok();
+    s.check(&p1);
+    let seed_cp = checkpoints(&s.lv);
+
+    // Written live, then the domain shut down (QEMU gets SIGTERM and stores its bitmaps), then
+    // written while it is off: the offline point has exactly both.
+    s.write(0, 0x33, 4 * MIB, BLOCK);
+    s.lv.virsh_ok(&["destroy", DOMAIN]);
+    let off_a = [(2 * MIB, BLOCK, 0x41), (20 * MIB + 4096, 8192, 0x42)];
+    let off_b = [(3 * MIB, 2 * BLOCK, 0x43)];
+    for &(off, len, p) in &off_a {
+        write_offline(&mut s, 0, p, off, len);
+    }
+    for &(off, len, p) in &off_b {
+        write_offline(&mut s, 1, p, off, len);
+    }
+    let p2 = s.sync_ok();
+    assert_eq!(p2["consistency"], "offline");
+    let mut want_a: Vec<(u64, u64)> = off_a.iter().map(|&(o, l, _)| (o, l)).collect();
+    want_a.push((4 * MIB, BLOCK));
+    let want_b: Vec<(u64, u64)> = off_b.iter().map(|&(o, l, _)| (o, l)).collect();
+    assert_exact(&p2, &[("sda", blocks(&want_a)), ("sdb", blocks(&want_b))]);
+    s.check(&p2);
+    let cps = checkpoints(&s.lv);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert_ne!(cps, seed_cp, "the chain moved to the offline checkpoint");
+    assert_eq!(
+        s.lv.virsh_ok(&["domstate", DOMAIN]).trim(),
+        "shut off",
+        "the agent never starts the domain"
+    );
+
+    // Another offline point: an exact incremental from the offline checkpoint.
+    write_offline(&mut s, 1, 0x44, 9 * MIB, BLOCK);
+    let p3 = s.sync_ok();
+    assert_eq!(p3["consistency"], "offline");
+    assert_exact(&p3, &[("sda", 0), ("sdb", 1)]);
+    s.check(&p3);
+
+    // Started again and written live: the live path continues from the offline checkpoint
+    // with exactly the live writes.
+    s.lv.virsh_ok(&["start", DOMAIN]);
+    s.write(0, 0x45, 30 * MIB, 2 * BLOCK);
+    s.write(1, 0x46, 12 * MIB, BLOCK);
+    let p4 = s.sync_ok();
+    assert_eq!(p4["consistency"], "crash-consistent");
+    assert_exact(&p4, &[("sda", 2), ("sdb", 1)]);
+    s.check(&p4);
+    let cps = checkpoints(&s.lv);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert!(cps[0].starts_with("rewind-"));
+    assert!(no_job(&s.lv));
+}
+
+/// `restore --all --json` of a point into `out`, with extra flags; returns the report.
+fn restore_all(d: &Deployment, vm: &str, point: u64, out: &Path, extra: &[&str]) -> Value {
+    let o = rewind_tests::run(
+        Command::new(rewind_tests::bin("rewind-receiver"))
+            .args(["restore", "--data"])
+            .arg(d.data())
+            .args(["--vm", vm, "--all", "--json", "--point", &point.to_string()])
+            .args(extra)
+            .arg("--out-dir")
+            .arg(out),
+    );
+    assert!(
+        o.status.success(),
+        "restore --all: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The digest of a restored image's content (`qemu-img convert -O raw`, as a peer tool reads it).
+fn image_digest(image: &Path, scratch: &Path) -> rewind_tests::disk::Digest {
+    let o = rewind_tests::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(image)
+            .arg(scratch),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = rewind_tests::disk::digest(scratch);
+    std::fs::remove_file(scratch).unwrap();
+    d
+}
+
+/// Like `setup(true)`, but the domain also has a network interface (user mode: nothing on the
+/// host), so the restore's rule about interfaces is seen.
+fn setup_networked() -> Option<Setup> {
+    if !libvirt::available() {
+        eprintln!("libvirt is not installed: skipped (the test command installs it)");
+        return None;
+    }
+    let d = Deployment::new();
+    let rx = d.serve();
+    let lv = Libvirtd::start(&d.path("libvirt"));
+    let images = vec![
+        libvirt::qcow2(d.dir.path(), "a.qcow2", 64 * MIB),
+        libvirt::qcow2(d.dir.path(), "b.qcow2", 32 * MIB),
+    ];
+    let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    let xml = libvirt::domain_xml(DOMAIN, &refs).replace(
+        "</devices>",
+        "<interface type='user'><mac address='52:54:00:12:34:56'/>\
+         <model type='virtio'/></interface></devices>",
+    );
+    let file = d.path("networked.xml");
+    std::fs::write(&file, xml).unwrap();
+    lv.virsh_ok(&["define", &file.display().to_string()]);
+    lv.virsh_ok(&["start", DOMAIN]);
+    Some(Setup {
+        d,
+        rx,
+        lv,
+        images,
+        a: Model::new(64 * MIB),
+        b: Model::new(32 * MIB),
+    })
+}
+
+#[test]
+fn restore_all_writes_a_domain_xml_that_defines_and_starts_a_clone_on_the_restored_images() {
+    let Some(mut s) = setup_networked() else {
+        return;
+    };
+    s.write(0, 0xab, MIB, 128 * 1024);
+    s.write(0, 0x21, 10 * MIB, 2 * MIB);
+    s.write(1, 0x11, 0, BLOCK);
+    s.write(1, 0x3c, 20 * MIB + 4096, 8192);
+    let p1 = s.sync_ok();
+    let id = p1["point"].as_u64().unwrap();
+    let (want_a, want_b) = (s.a.clone(), s.b.clone());
+    // A later point, so the restore is seen to take the point it was asked for.
+    s.write(0, 0x99, MIB, BLOCK);
+    s.sync_ok();
+    let config = &s.d.points(DOMAIN)[0]["config"];
+    assert_eq!(config["source"], "libvirt");
+    let captured = config["domain_xml"].as_str().unwrap();
+    assert!(captured.contains("<interface"), "{captured}");
+    assert!(captured.contains("<uuid>"), "{captured}");
+
+    let out = s.d.path("clone");
+    let report = restore_all(&s.d, DOMAIN, id, &out, &["--format", "qcow2"]);
+    let out = out.canonicalize().unwrap();
+    let xml_path = out.join("domain.xml");
+    assert_eq!(report["domain_xml"], xml_path.display().to_string());
+    let name = format!("{DOMAIN}-restored-{id}");
+    assert_eq!(report["domain_name"], name);
+    assert!(report["domain_xml_skipped"].is_null());
+
+    // The images are the point, bit for bit.
+    for (disk, model) in [("sda", &want_a), ("sdb", &want_b)] {
+        let got = image_digest(
+            &out.join(format!("{disk}.qcow2")),
+            &s.d.path(&format!("clone-{disk}.raw")),
+        );
+        let want = model.digest(&s.d.path(&format!("expected-{disk}.raw")));
+        assert_eq!(got, want, "disk {disk} of point {id}");
+    }
+
+    // libvirt defines and starts the clone beside the running original.
+    s.lv.virsh_ok(&["define", &xml_path.display().to_string()]);
+    s.lv.virsh_ok(&["start", &name]);
+    let live = s.lv.virsh_ok(&["dumpxml", &name]);
+    for disk in ["sda", "sdb"] {
+        let image = out.join(format!("{disk}.qcow2"));
+        assert!(
+            live.contains(&format!("<source file='{}'", image.display())),
+            "{live}"
+        );
+    }
+    for original in &s.images {
+        assert!(!live.contains(&original.display().to_string()), "{live}");
+    }
+    assert!(!live.contains("<interface"), "{live}");
+    let uuid = |xml: &str| {
+        let start = xml.find("<uuid>").unwrap() + "<uuid>".len();
+        xml[start..start + 36].to_owned()
+    };
+    assert_ne!(uuid(&live), uuid(captured), "a new UUID");
+    assert_eq!(s.lv.virsh_ok(&["domstate", &name]).trim(), "running");
+    s.lv.virsh_ok(&["destroy", &name]);
+
+    // vmdk: images, but no domain.xml, and the report says why.
+    let vmdk = s.d.path("clone-vmdk");
+    let report = restore_all(&s.d, DOMAIN, id, &vmdk, &["--format", "vmdk"]);
+    assert!(report["domain_xml"].is_null());
+    assert!(report["domain_xml_skipped"].is_string(), "{report}");
+    assert!(vmdk.join("sda.vmdk").exists());
+    assert!(!vmdk.join("domain.xml").exists());
+
+    // A VM that is not a libvirt domain: no domain.xml, as before.
+    let raw = s.d.path("plain.raw");
+    rewind_tests::disk::create(&raw, 4 * MIB);
+    rewind_tests::disk::write_at(&raw, MIB, &[0x42; BLOCK as usize]);
+    let p = s.d.sync_ok(&s.rx, "host1", "plain", &[("vda", &raw)]);
+    let plain = s.d.path("plain-restored");
+    let report = restore_all(&s.d, "plain", p["point"].as_u64().unwrap(), &plain, &[]);
+    assert!(report["domain_xml"].is_null(), "{report}");
+    assert!(report["domain_name"].is_null(), "{report}");
+    assert!(plain.join("vda.raw").exists());
+    assert!(plain.join("point.json").exists());
+    assert!(!plain.join("domain.xml").exists());
+}
+
+#[test]
+fn a_crashed_domain_is_read_in_full_offline_then_its_chain_goes_on() {
+    let Some(mut s) = setup(true) else { return };
+    s.write(0, 0x51, 0, 2 * BLOCK);
+    s.write(1, 0x52, MIB, BLOCK);
+    let p1 = s.sync_ok();
+    s.check(&p1);
+    let seed_cp = checkpoints(&s.lv);
+
+    // Shut down cleanly (the checkpoint's bitmaps reach the images) and started again, then
+    // QEMU killed (as in a host crash): the bitmaps stay flagged in-use in the images, so
+    // they cannot be trusted; the offline point reads every disk and sends only what is new.
+    s.lv.virsh_ok(&["destroy", DOMAIN]);
+    s.lv.virsh_ok(&["start", DOMAIN]);
+    let pid_file = s.lv.dir.join("run/qemu").join(format!("{DOMAIN}.pid"));
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.lv.virsh_ok(&["domstate", DOMAIN]).trim() != "shut off" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "libvirt did not notice"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    write_offline(&mut s, 0, 0x53, 5 * MIB, BLOCK);
+    let p2 = s.sync_ok();
+    assert_eq!(p2["consistency"], "offline");
+    for (disk, changed) in [("sda", 1), ("sdb", 0)] {
+        let r = disk_of(&p2, disk);
+        let src = r["source"].as_str().unwrap();
+        assert!(
+            src.starts_with("full-read") && src.contains("in use"),
+            "{disk}: {src}"
+        );
+        assert_eq!(r["changed_blocks"], changed, "{disk}");
+        assert_eq!(r["sent_chunks"], changed, "{disk}: known chunks stay home");
+    }
+    s.check(&p2);
+    let cps = checkpoints(&s.lv);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert_ne!(cps, seed_cp, "the crashed checkpoint is gone");
+
+    // The new chain holds: an exact offline incremental.
+    write_offline(&mut s, 1, 0x54, 7 * MIB, BLOCK);
+    let p3 = s.sync_ok();
+    assert_exact(&p3, &[("sda", 0), ("sdb", 1)]);
+    s.check(&p3);
 }

@@ -17,8 +17,9 @@
 //!
 //! The chain record moves only after a commit, so the next incremental always starts at or
 //! before the last committed point: a crash anywhere costs at most a larger delta, never a
-//! missed write.
+//! missed write. A shut-off domain continues the same chain without QEMU ([`offline`]).
 
+pub mod offline;
 pub mod virsh;
 pub mod xml;
 
@@ -58,9 +59,11 @@ pub enum LibvirtError {
     Virsh(#[from] VirshError),
     #[error(transparent)]
     Xml(#[from] XmlError),
-    /// Pull-mode backups need a running domain.
-    #[error("domain {domain} is {state}: libvirt backs up running domains only")]
+    /// A domain neither running nor shut off (e.g. shutting down): nothing to read.
+    #[error("domain {domain} is {state}: Rewind reads running and shut-off domains only")]
     NotRunning { domain: String, state: String },
+    #[error(transparent)]
+    Offline(#[from] offline::OfflineError),
     /// Someone else's backup job runs on the domain (libvirt allows one at a time).
     #[error("a backup job not started by this agent runs on domain {domain}; retry when it ends")]
     Busy { domain: String },
@@ -85,10 +88,12 @@ pub enum LibvirtError {
     },
 }
 
-/// A running domain as a cycle finds it.
+/// A domain as a cycle finds it.
 pub struct LibvirtVm {
     pub virsh: Virsh,
     pub domain: String,
+    /// Running (or paused): a backup job; shut off: the [`offline`] path.
+    pub running: bool,
     /// The disks the cycle protects, in the definition's order, with their sizes.
     pub disks: Vec<(xml::DomainDisk, u64)>,
     /// The domain's definition, recorded with the point.
@@ -141,15 +146,16 @@ pub async fn discover(src: &LibvirtSource, work: Workdir) -> Result<LibvirtVm, L
     let virsh = Virsh::new(&src.uri);
     let d = src.domain.as_str();
     let state = virsh.run(&["domstate", d]).await?.trim().to_owned();
-    if state != "running" && state != "paused" {
+    let running = state == "running" || state == "paused";
+    if !running && state != "shut off" {
         return Err(LibvirtError::NotRunning {
             domain: d.to_owned(),
             state,
         });
     }
-    end_leftover_job(&virsh, d, &work).await?;
-    let live = virsh.run(&["dumpxml", d]).await?;
-    let info: DomainInfo = xml::parse_domain(&live)?;
+    if running {
+        end_leftover_job(&virsh, d, &work).await?;
+    }
     let persistent = virsh
         .run(&["dominfo", d])
         .await?
@@ -160,17 +166,27 @@ pub async fn discover(src: &LibvirtSource, work: Workdir) -> Result<LibvirtVm, L
     } else {
         virsh.run(&["dumpxml", "--migratable", d]).await?
     };
+    let info: DomainInfo = if running {
+        xml::parse_domain(&virsh.run(&["dumpxml", d]).await?)?
+    } else {
+        xml::parse_domain(&config_xml)?
+    };
     let mut disks = Vec::new();
     for disk in info.disks {
         if !src.only.is_empty() && !src.only.contains(&disk.target) {
             continue;
         }
-        let size = capacity(&virsh.run(&["domblkinfo", d, &disk.target]).await?)?;
+        let size = if running {
+            capacity(&virsh.run(&["domblkinfo", d, &disk.target]).await?)?
+        } else {
+            offline::disk_size(&disk).await?
+        };
         disks.push((disk, size));
     }
     Ok(LibvirtVm {
         virsh,
         domain: d.to_owned(),
+        running,
         disks,
         config_xml,
         work,

@@ -43,9 +43,44 @@ pub(super) enum Capture {
         state_dir: PathBuf,
         name: String,
     },
+    /// A shut-off libvirt domain's offline point: its new checkpoint and qemu-nbd servers.
+    LibvirtOffline {
+        vm: Box<LibvirtVm>,
+        point: libvirt::offline::Point,
+        state_dir: PathBuf,
+        name: String,
+    },
+}
+
+/// After a commit: the state names the new checkpoint on every disk (true), before the old
+/// one goes. A crash between the two leaves an extra checkpoint the next cycle deletes, never
+/// a chain record naming a deleted one. False: the next cycle reads since the old one.
+fn record_checkpoint(state_dir: &std::path::Path, name: &str, vm: &LibvirtVm, new: &str) -> bool {
+    let pairs: Vec<(&str, &str)> = vm
+        .disks
+        .iter()
+        .map(|(d, _)| (d.target.as_str(), new))
+        .collect();
+    match state::open(state_dir)
+        .and_then(|mut conn| state::set_chain_bitmaps(&mut conn, name, &pairs))
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(vm = %name, error = %e, "cannot record the new checkpoint: the next cycle reads since the previous one");
+            false
+        }
+    }
 }
 
 impl Capture {
+    /// Lets go of the disks once they are read, before the commit: an offline point's
+    /// qemu-nbd servers hold the images, and `virsh start` fails while they do.
+    pub(super) fn release(&mut self) {
+        if let Capture::LibvirtOffline { point, .. } = self {
+            point.release();
+        }
+    }
+
     /// Tears down exports and settles bitmaps; `committed` says whether the point landed.
     pub(super) async fn finish(self, committed: bool) -> Result<(), SyncError> {
         match self {
@@ -77,27 +112,20 @@ impl Capture {
                 name,
             } => {
                 libvirt::end(&vm).await?;
-                // The state names the new checkpoint before the old one goes: a crash between
-                // the two leaves an extra checkpoint the next cycle deletes, never a chain
-                // record naming a deleted one.
-                let recorded = committed
-                    && {
-                        let pairs: Vec<(&str, &str)> = vm
-                            .disks
-                            .iter()
-                            .map(|(d, _)| (d.target.as_str(), job.plan.new.as_str()))
-                            .collect();
-                        match state::open(&state_dir)
-                            .and_then(|mut conn| state::set_chain_bitmaps(&mut conn, &name, &pairs))
-                        {
-                            Ok(()) => true,
-                            Err(e) => {
-                                tracing::warn!(vm = %name, error = %e, "cannot record the new checkpoint: the next cycle reads since the previous one");
-                                false
-                            }
-                        }
-                    };
+                let recorded =
+                    committed && record_checkpoint(&state_dir, &name, &vm, &job.plan.new);
                 Ok(libvirt::settle(&vm, &job, recorded).await?)
+            }
+            Capture::LibvirtOffline {
+                vm,
+                mut point,
+                state_dir,
+                name,
+            } => {
+                point.release();
+                let recorded =
+                    committed && record_checkpoint(&state_dir, &name, &vm, &point.plan.new);
+                Ok(libvirt::offline::settle(&vm, point, recorded).await?)
             }
         }
     }
@@ -185,6 +213,15 @@ async fn capture_libvirt(
         _ => None,
     };
     let want_delta: Vec<bool> = full.iter().map(|f| !f).collect();
+    let config = serde_json::json!({
+        "source": "libvirt",
+        "uri": src.uri,
+        "domain": src.domain,
+        "domain_xml": vm.config_xml,
+    });
+    if !vm.running {
+        return capture_libvirt_offline(cfg, vm, found, base, &want_delta, config).await;
+    }
     let plan = libvirt::plan(&vm, base.as_deref(), &want_delta, stamp()).await?;
     let job = libvirt::begin(&vm, plan, src.freeze).await?;
     let socket = libvirt::socket(&vm.work);
@@ -215,12 +252,6 @@ async fn capture_libvirt(
     } else {
         "crash-consistent"
     };
-    let config = serde_json::json!({
-        "source": "libvirt",
-        "uri": src.uri,
-        "domain": src.domain,
-        "domain_xml": vm.config_xml,
-    });
     Ok(Captured {
         opened,
         capture: Capture::Libvirt {
@@ -231,6 +262,47 @@ async fn capture_libvirt(
         },
         consistency: consistency.to_owned(),
         freeze,
+        config,
+    })
+}
+
+/// A shut-off libvirt domain: the chain's checkpoint continued with qemu-img, each disk
+/// served by qemu-nbd with the bitmap since `base` (see [`libvirt::offline`]).
+async fn capture_libvirt_offline(
+    cfg: &SyncConfig,
+    vm: LibvirtVm,
+    found: &[SourceDisk],
+    base: Option<String>,
+    want_delta: &[bool],
+    config: serde_json::Value,
+) -> Result<Captured, SyncError> {
+    let plan = libvirt::offline::plan(&vm, base.as_deref(), want_delta, stamp()).await?;
+    let point = libvirt::offline::begin(&vm, plan).await?;
+    let mut opened = Vec::new();
+    for (d, p) in found.iter().zip(&point.plan.disks) {
+        let reason = p.full_reason.as_deref();
+        tracing::info!(vm = %cfg.vm, disk = %d.name, path = reason.unwrap_or("dirty bitmap"), "offline capture");
+        opened.push(OpenDisk {
+            name: d.name.clone(),
+            geometry: d.geometry,
+            reader: Reader::Nbd {
+                socket: libvirt::offline::socket(&vm.work, &p.target),
+                export: p.target.clone(),
+                bitmap: p.since.clone(),
+            },
+            source: reason.map_or_else(|| "dirty-bitmap".to_owned(), |r| format!("full-read: {r}")),
+        });
+    }
+    Ok(Captured {
+        opened,
+        capture: Capture::LibvirtOffline {
+            vm: Box::new(vm),
+            point,
+            state_dir: cfg.state_dir.clone(),
+            name: cfg.vm.clone(),
+        },
+        consistency: "offline".to_owned(),
+        freeze: None,
         config,
     })
 }

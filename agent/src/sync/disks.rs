@@ -20,7 +20,8 @@ pub(super) enum Origin {
     Raw(RawDisk),
     /// An offline qcow2 image, its bitmaps kept with qemu-img and read through qemu-nbd.
     Offline(LiveDisk),
-    /// A disk of a libvirt domain: its backup job's export, in [`Found::libvirt`]'s order.
+    /// A disk of a libvirt domain, in [`Found::libvirt`]'s order: its backup job's export, or
+    /// (the domain shut off) its image served by qemu-nbd.
     Libvirt,
 }
 
@@ -118,7 +119,8 @@ pub(super) async fn find(cfg: &SyncConfig) -> Result<Found, SyncError> {
     })
 }
 
-/// A libvirt domain: its disks from its definition (after ending a job a killed cycle left).
+/// A libvirt domain: its disks from its definition (after ending a job a killed cycle left),
+/// running or shut off.
 async fn find_libvirt(cfg: &SyncConfig, src: &LibvirtSource) -> Result<Found, SyncError> {
     let work = Workdir::new(&cfg.state_dir, &cfg.vm).map_err(|e| SyncError::StateFolder {
         path: cfg.state_dir.clone(),

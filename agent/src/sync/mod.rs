@@ -185,7 +185,7 @@ pub async fn sync_once(
     // 3. One instant for all disks of a live VM; bitmaps and qemu-nbd for offline qcow2.
     let Captured {
         opened,
-        capture,
+        mut capture,
         consistency,
         freeze,
         config,
@@ -202,6 +202,8 @@ pub async fn sync_once(
             progress,
         )
         .await?;
+        // Every disk is read: let go of what holds them (an offline domain's images).
+        capture.release();
         let committed = commit::send(client, &begun.session, &scans, &config, &consistency).await;
         Ok::<_, SyncError>((scans, sent, committed))
     }

@@ -1,7 +1,9 @@
 //! `rewind-receiver restore`: write disks of a point as raw (sparse), qcow2, vmdk or vhdx
-//! images; `--all` writes every disk plus the VM's configuration and a QEMU command line.
+//! images; `--all` writes every disk plus the VM's configuration and a QEMU command line, or
+//! for a libvirt domain a definition of a clone on the restored images (`domain.xml`).
 
 use crate::convert::{self, FORMATS};
+use crate::domain_xml::{self, DriverType, NewDomain, RestoredDisk};
 use crate::points::{self, PointDisk, PointInfo, PointSelector};
 use crate::{catalog, restore};
 use anyhow::{bail, Context};
@@ -42,6 +44,14 @@ pub struct RestoreArgs {
     /// Image format: raw, qcow2, vmdk or vhdx.
     #[arg(long, default_value = "raw")]
     pub format: String,
+    /// With --all for a libvirt domain: the name of the domain domain.xml defines (default:
+    /// <original>-restored-<point id>).
+    #[arg(long, requires = "all")]
+    pub name: Option<String>,
+    /// With --all for a libvirt domain: keep its network interfaces in domain.xml (without
+    /// their MAC addresses); by default the clone has none.
+    #[arg(long, requires = "all")]
+    pub keep_network: bool,
     /// Overwrite outputs that exist.
     #[arg(long)]
     pub force: bool,
@@ -128,6 +138,63 @@ fn restore_one(
     }))
 }
 
+/// What `--all` wrote for a libvirt domain.
+#[derive(Default)]
+struct DomainReport {
+    /// domain.xml and the name it defines.
+    written: Option<(PathBuf, String)>,
+    /// Why a libvirt point got no domain.xml.
+    skipped: Option<String>,
+}
+
+/// Writes `dir/domain.xml` when the point is a libvirt domain's; `files` are the restored
+/// disks' (name, file name in `dir`, format).
+fn write_domain_xml(
+    a: &RestoreArgs,
+    point: &PointInfo,
+    dir: &Path,
+    files: &[(String, String, String)],
+) -> anyhow::Result<DomainReport> {
+    let Some(config) = point.config.as_ref() else {
+        return Ok(DomainReport::default());
+    };
+    let Some(captured) = domain_xml::captured(config)? else {
+        return Ok(DomainReport::default());
+    };
+    let Some(format) = DriverType::for_restore(&a.format) else {
+        return Ok(DomainReport {
+            written: None,
+            skipped: Some(format!(
+                "libvirt does not boot {} images as they are: restore with --format raw or \
+                 qcow2 for a domain.xml",
+                a.format
+            )),
+        });
+    };
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let disks: Vec<RestoredDisk> = files
+        .iter()
+        .map(|(name, file, _)| RestoredDisk {
+            target: name.clone(),
+            image: dir.join(file),
+            format,
+        })
+        .collect();
+    let new = NewDomain {
+        name: a.name.as_deref(),
+        point: point.id,
+        disks: &disks,
+        keep_network: a.keep_network,
+    };
+    let clone = domain_xml::rewrite(captured, &new)?;
+    let path = dir.join("domain.xml");
+    std::fs::write(&path, clone.xml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(DomainReport {
+        written: Some((path, clone.name)),
+        skipped: None,
+    })
+}
+
 pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
     if !FORMATS.contains(&a.format.as_str()) {
         bail!(
@@ -144,6 +211,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
     };
     let point = points::resolve(&conn, &a.vm, &which)?;
     let mut reports = Vec::new();
+    let mut domain = DomainReport::default();
     if a.all {
         let dir = a.out_dir.clone().context("--all needs --out-dir")?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -170,6 +238,13 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
         }
+        domain = write_domain_xml(&a, &point, &dir, &files).with_context(|| {
+            format!(
+                "the disks and point.json of point {} are restored in {}, but not domain.xml",
+                point.id,
+                dir.display()
+            )
+        })?;
     } else {
         let name = a.disk.clone().context("--disk or --all")?;
         let disk = point.disks.iter().find(|d| d.name == name).ok_or_else(|| {
@@ -184,7 +259,12 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"vm": a.vm, "point": point.id, "created": point.created, "disks": reports})
+            serde_json::json!({
+                "vm": a.vm, "point": point.id, "created": point.created, "disks": reports,
+                "domain_xml": domain.written.as_ref().map(|(path, _)| path),
+                "domain_name": domain.written.as_ref().map(|(_, name)| name),
+                "domain_xml_skipped": domain.skipped,
+            })
         );
     } else {
         for r in &reports {
@@ -194,6 +274,15 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
                 r["out"].as_str().unwrap_or(""), a.format, r["size"], r["root"].as_str().unwrap_or(""),
                 r["seconds"].as_f64().unwrap_or(0.0)
             );
+        }
+        if let Some((path, name)) = &domain.written {
+            println!(
+                "wrote {0}: define and start the clone with `virsh define {0}` and `virsh start {name}`",
+                path.display()
+            );
+        }
+        if let Some(why) = &domain.skipped {
+            println!("no domain.xml: {why}");
         }
     }
     Ok(())

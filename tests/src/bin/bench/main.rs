@@ -492,7 +492,8 @@ fn agent_sync(
 
 /// The live-VM case: a qcow2 disk with the same kind of mixed content in a running QEMU, seeded
 /// through the dirty-bitmap path, then 1% of its blocks rewritten by `qemu-io` and one cycle;
-/// next to it, hash-scan mode on a raw copy with the same writes.
+/// next to it, hash-scan mode on a raw copy with the same writes, and (where libvirt is
+/// installed) the same disk as a libvirt domain, taken through pull-mode backup jobs.
 fn live_case(a: &Args, w: &Path, ag_bin: &Path, addr: &str, rx_pid: u32) -> Result<Vec<Row>> {
     use rewind_tests::qemu::{Vm, VmDisk};
     let size = ((a.live_gib * (1u64 << 30) as f64) as u64) / BLOCK * BLOCK;
@@ -512,6 +513,11 @@ fn live_case(a: &Args, w: &Path, ag_bin: &Path, addr: &str, rx_pid: u32) -> Resu
         .output()?;
     if !out.status.success() {
         bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let lv_qcow = dir.join("lv.qcow2");
+    let with_libvirt = rewind_tests::libvirt::available();
+    if with_libvirt {
+        std::fs::copy(&qcow, &lv_qcow)?;
     }
     let mut vm = Vm::start(
         &dir,
@@ -563,6 +569,27 @@ fn live_case(a: &Args, w: &Path, ag_bin: &Path, addr: &str, rx_pid: u32) -> Resu
     let (m, v, c) = sync("scan", &raw_args)?;
     rows.push(row("scan 1%", &m, &v, c));
     drop(vm);
+    if with_libvirt {
+        // The same disk and the same writes under libvirt (writes through the monitor's
+        // qemu-io, one virsh call each, outside the measured cycle).
+        let lv = rewind_tests::libvirt::Libvirtd::start(&dir.join("libvirt"));
+        lv.start_domain("benchlv", &[&lv_qcow], true);
+        let lv_args = vec![
+            "--libvirt".to_owned(),
+            lv.uri(),
+            "--domain".to_owned(),
+            "benchlv".to_owned(),
+        ];
+        let (m, v, c) = sync("libvirt", &lv_args)?;
+        rows.push(row("libvirt seed", &m, &v, c));
+        for (n, &b) in picked.iter().enumerate() {
+            lv.write("benchlv", 0, (n % 250) as u8 + 1, b * BLOCK, BLOCK);
+        }
+        let (m, v, c) = sync("libvirt", &lv_args)?;
+        rows.push(row("libvirt 1%", &m, &v, c));
+    } else {
+        eprintln!("libvirt is not installed: the libvirt rows are skipped");
+    }
     Ok(rows)
 }
 
