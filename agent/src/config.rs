@@ -31,6 +31,7 @@
 //! libvirt = "qemu:///system"  # a libvirt-managed VM: backup jobs with checkpoints
 //! domain = "app1"
 //! freeze = true               # through libvirt's guest agent support
+//! scratch_reserve_mib = 256   # free space a job leaves beyond its scratch files' need
 //!
 //! [[vm]]
 //! name = "db1"
@@ -101,6 +102,9 @@ pub struct VmEntry {
     /// Freeze the libvirt guest's file systems around each job.
     #[serde(default)]
     pub freeze: bool,
+    /// Free space (MiB) a libvirt job must leave in the state folder beyond its scratch files'
+    /// expected need.
+    pub scratch_reserve_mib: Option<u64>,
     /// NAME=PATH or NAME=qcow2:PATH; with `qmp` or `libvirt`, just NAME limits the disks.
     #[serde(default)]
     pub disks: Vec<String>,
@@ -203,6 +207,9 @@ impl AgentFile {
                     v.name
                 ));
             }
+            if v.scratch_reserve_mib.is_some() && v.libvirt.is_none() {
+                return bad(format!("VM {}: scratch_reserve_mib needs libvirt", v.name));
+            }
             match (v.qmp.is_some() || v.libvirt.is_some(), v.disks.is_empty()) {
                 (false, true) => return bad(format!("VM {}: give qmp or disks", v.name)),
                 (true, false) => {
@@ -302,6 +309,10 @@ impl AgentFile {
                 uri: uri.clone(),
                 domain: domain.clone(),
                 freeze: vm.freeze,
+                scratch_reserve: vm
+                    .scratch_reserve_mib
+                    .unwrap_or(crate::libvirt::DEFAULT_SCRATCH_RESERVE_MIB)
+                    << 20,
                 only: vm.disks.clone(),
             }),
             _ => None,

@@ -8,6 +8,8 @@
 //! - [`points`]: listing and resolving points (the read path).
 //! - [`restore`]: writing a point's disk back as a raw image.
 //! - [`domain_xml`]: the libvirt domain definition `restore --all` writes for the restored disks.
+//! - [`domain_spec`]: what a boot drill takes from a captured libvirt domain (memory, vCPUs,
+//!   machine, firmware, boot order).
 //! - [`drill`]: DR drills (verify, boot, application checks through [`guest_agent`]).
 //! - [`schedule`]: when `serve`'s scheduled retention and drills are due (pure functions).
 //! - [`service`] and [`server`]: the gRPC face over mutual TLS.
@@ -23,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod diff;
+pub mod domain_spec;
 pub mod domain_xml;
 pub mod drill;
 pub mod error;

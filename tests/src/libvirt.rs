@@ -225,6 +225,85 @@ pub fn qcow2(dir: &Path, name: &str, size: u64) -> PathBuf {
     path
 }
 
+/// A small ext4 file system loop-mounted at a folder (an agent's state folder, where a libvirt
+/// job's scratch files go), so a test can run it out of room. Mount it before
+/// [`Libvirtd::start`]: the daemon's private mount namespace copies the mount table once, and
+/// QEMU must see the same file system. Unmounted (lazily) when dropped.
+pub struct SmallFs {
+    pub path: PathBuf,
+    image: PathBuf,
+}
+
+impl SmallFs {
+    /// Creates `path` and mounts a fresh ext4 of `size` bytes there (its image beside it).
+    pub fn mount(path: &Path, size: u64) -> SmallFs {
+        let image = path.with_extension("ext4");
+        std::fs::create_dir_all(path).expect("mount point");
+        let file = std::fs::File::create(&image).expect("file system image");
+        file.set_len(size).expect("size the image");
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image)
+            .output()
+            .expect("run mkfs.ext4");
+        assert!(
+            mkfs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+        let mount = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            mount.status.success(),
+            "{}",
+            String::from_utf8_lossy(&mount.stderr)
+        );
+        SmallFs {
+            path: path.to_owned(),
+            image,
+        }
+    }
+
+    /// Bytes an unprivileged writer may still use.
+    pub fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.path).expect("statvfs");
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Fills the file system with a ballast file until `leave` bytes stay free.
+    pub fn fill_until(&self, leave: u64) {
+        let ballast = self.path.join("ballast");
+        let _ = std::fs::remove_file(&ballast);
+        let len = self.free().saturating_sub(leave);
+        let out = Command::new("fallocate")
+            .args(["-l", &len.to_string()])
+            .arg(&ballast)
+            .output()
+            .expect("run fallocate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Removes the ballast: the room is back.
+    pub fn empty(&self) {
+        std::fs::remove_file(self.path.join("ballast")).expect("remove the ballast");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
 /// A domain's XML: TCG, no network, no display, a guest agent channel, the disks on SCSI.
 pub fn domain_xml(name: &str, images: &[&Path]) -> String {
     let mut disks = String::new();

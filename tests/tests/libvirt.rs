@@ -2,7 +2,8 @@
 //! point is one pull-mode backup job with a checkpoint; incrementals read exactly the blocks
 //! written since the last committed point; restores are bit-exact; the chain survives libvirt
 //! losing its checkpoint records, checkpoints deleted behind the agent's back, and an agent
-//! killed mid-job.
+//! killed mid-job; a boot drill starts QEMU with the captured domain's memory, vCPUs, machine
+//! and disk boot order.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -12,7 +13,8 @@ use rewind_tests::{disk_of, sync_report, Deployment, Receiver};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const BLOCK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
@@ -435,6 +437,17 @@ fn image_digest(image: &Path, scratch: &Path) -> rewind_tests::disk::Digest {
 /// Like `setup(true)`, but the domain also has a network interface (user mode: nothing on the
 /// host), so the restore's rule about interfaces is seen.
 fn setup_networked() -> Option<Setup> {
+    setup_defined(|xml| {
+        xml.replace(
+            "</devices>",
+            "<interface type='user'><mac address='52:54:00:12:34:56'/>\
+             <model type='virtio'/></interface></devices>",
+        )
+    })
+}
+
+/// Like `setup(true)`, with `edit` applied to the domain's XML before it is defined.
+fn setup_defined(edit: impl FnOnce(String) -> String) -> Option<Setup> {
     if !libvirt::available() {
         eprintln!("libvirt is not installed: skipped (the test command installs it)");
         return None;
@@ -447,12 +460,8 @@ fn setup_networked() -> Option<Setup> {
         libvirt::qcow2(d.dir.path(), "b.qcow2", 32 * MIB),
     ];
     let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
-    let xml = libvirt::domain_xml(DOMAIN, &refs).replace(
-        "</devices>",
-        "<interface type='user'><mac address='52:54:00:12:34:56'/>\
-         <model type='virtio'/></interface></devices>",
-    );
-    let file = d.path("networked.xml");
+    let xml = edit(libvirt::domain_xml(DOMAIN, &refs));
+    let file = d.path("defined.xml");
     std::fs::write(&file, xml).unwrap();
     lv.virsh_ok(&["define", &file.display().to_string()]);
     lv.virsh_ok(&["start", DOMAIN]);
@@ -603,4 +612,132 @@ fn a_crashed_domain_is_read_in_full_offline_then_its_chain_goes_on() {
     let p3 = s.sync_ok();
     assert_exact(&p3, &[("sda", 0), ("sdb", 1)]);
     s.check(&p3);
+}
+
+/// The arguments of the running drill QEMU of `vm` (its `setpriv` before the exec: the same
+/// arguments), once it has them all.
+fn drill_qemu_args(vm: &str) -> Option<Vec<String>> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("rewind-drill-{vm}")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).ok()?;
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter()
+                .any(|a| a.contains("bootindex="))
+                .then_some(args)
+        })
+}
+
+/// The value after `option` in a command line.
+fn after<'a>(args: &'a [String], option: &str) -> &'a str {
+    let at = args
+        .iter()
+        .position(|a| a == option)
+        .unwrap_or_else(|| panic!("no {option} in {args:?}"));
+    &args[at + 1]
+}
+
+#[test]
+fn a_boot_drill_starts_the_captured_domains_memory_cpus_machine_and_boot_order() {
+    // 300 MiB (libvirt records 307200 KiB), 2 vCPUs, q35, and sdb booting before sda.
+    let Some(s) = setup_defined(|xml| {
+        let edited = xml
+            .replace(
+                "<memory unit='MiB'>128</memory><vcpu>1</vcpu>",
+                "<memory unit='MiB'>300</memory><vcpu>2</vcpu>",
+            )
+            .replace("machine='pc'", "machine='q35'")
+            .replace(
+                "<target dev='sda' bus='scsi'/>",
+                "<target dev='sda' bus='scsi'/><boot order='2'/>",
+            )
+            .replace(
+                "<target dev='sdb' bus='scsi'/>",
+                "<target dev='sdb' bus='scsi'/><boot order='1'/>",
+            );
+        assert!(
+            edited.contains("<memory unit='MiB'>300</memory><vcpu>2</vcpu>")
+                && edited.contains("machine='q35'")
+                && edited.matches("<boot order=").count() == 2,
+            "the test domain's XML changed: {edited}"
+        );
+        edited
+    }) else {
+        return;
+    };
+    let p = s.sync_ok();
+    let tmp = s.d.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    // The disks hold no OS: the drill waits for a marker until it is stopped, and meanwhile
+    // its QEMU's command line shows what it was given.
+    let child = Command::new(rewind_tests::bin("rewind-receiver"))
+        .args([
+            "drill", "--json", "--vm", DOMAIN, "--boot", "--accel", "tcg",
+        ])
+        .args(["--boot-timeout", "300", "--data"])
+        .arg(s.d.data())
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = None;
+    assert!(
+        rewind_tests::wait_until(Duration::from_secs(60), || {
+            seen = drill_qemu_args(DOMAIN);
+            seen.is_some()
+        }),
+        "the drill's QEMU did not start"
+    );
+    let args = seen.unwrap();
+    assert_eq!(after(&args, "-m"), "300", "{args:?}");
+    assert_eq!(after(&args, "-smp"), "2", "{args:?}");
+    assert_eq!(after(&args, "-machine"), "q35", "{args:?}");
+    let boots = |id: &str, index: &str| {
+        args.iter()
+            .any(|a| a.contains(&format!("id={id},")) && a.ends_with(&format!("bootindex={index}")))
+    };
+    assert!(boots("sdb", "0") && boots("sda", "1"), "{args:?}");
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["reason"].as_str().unwrap().contains("cancelled"), "{v}");
+    assert_eq!(v["point"], p["point"], "{v}");
+    assert_eq!(v["memory_mib"], 300, "{v}");
+    assert_eq!(v["cpus"], 2, "{v}");
+    assert_eq!(v["machine"], "q35", "{v}");
+    assert_eq!(v["disk_order"], serde_json::json!(["sdb", "sda"]), "{v}");
+    assert!(
+        rewind_tests::wait_until(Duration::from_secs(10), || {
+            !rewind_tests::qemu::drill_running(DOMAIN)
+        }),
+        "the drill's QEMU outlived it"
+    );
+
+    // The catalog's record says the same.
+    let o = rewind_tests::run(
+        Command::new(rewind_tests::bin("rewind-receiver"))
+            .args(["drills", "--json", "--vm", DOMAIN, "--data"])
+            .arg(s.d.data()),
+    );
+    assert!(o.status.success());
+    let h: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["memory_mib", "cpus", "machine", "disk_order"] {
+        assert_eq!(h[0][key], v[key], "{key}: {h}");
+    }
 }

@@ -43,6 +43,10 @@ pub struct SyncArgs {
     /// Freeze the libvirt guest's file systems through its guest agent around each job.
     #[arg(long, requires = "libvirt")]
     pub freeze: bool,
+    /// Free space (MiB) a libvirt backup job must leave in the state folder beyond what its
+    /// scratch files are expected to need; a job that would not is not started.
+    #[arg(long, value_name = "MIB", default_value_t = crate::libvirt::DEFAULT_SCRATCH_RESERVE_MIB, requires = "libvirt")]
+    pub scratch_reserve_mib: u64,
     /// Take one point and exit.
     #[arg(long)]
     pub once: bool,
@@ -142,6 +146,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
                 uri: uri.clone(),
                 domain: domain.clone(),
                 freeze: a.freeze,
+                scratch_reserve: a.scratch_reserve_mib << 20,
                 only: a.disks.clone(),
             })
         }

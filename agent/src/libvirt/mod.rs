@@ -19,8 +19,10 @@
 //! before the last committed point: a crash anywhere costs at most a larger delta, never a
 //! missed write. A shut-off domain continues the same chain without QEMU ([`offline`]).
 
+mod freeze;
 pub mod offline;
 pub mod virsh;
+pub mod watch;
 pub mod xml;
 
 use crate::live::Workdir;
@@ -38,8 +40,10 @@ pub const FREEZE_LIMIT: Duration = Duration::from_secs(10);
 /// How long libvirt may take to clean up an ended job (its scratch files and socket).
 const JOB_END_LIMIT: Duration = Duration::from_secs(30);
 
-/// Free space left in the scratch folder beyond what the job is expected to need.
-const SCRATCH_RESERVE: u64 = 256 << 20;
+/// Free space (MiB) left in the scratch folder beyond what the job is expected to need,
+/// unless the operator says otherwise: the estimate is a guess (the guest may write more
+/// during the job than it did since the last one), and the reserve absorbs the difference.
+pub const DEFAULT_SCRATCH_RESERVE_MIB: u64 = 256;
 
 /// A libvirt domain to protect.
 #[derive(Debug, Clone)]
@@ -49,6 +53,8 @@ pub struct LibvirtSource {
     pub domain: String,
     /// Freeze the guest's file systems through its agent around the job.
     pub freeze: bool,
+    /// Bytes a job must leave free in the scratch folder beyond its expected need.
+    pub scratch_reserve: u64,
     /// Only these disks (all when empty).
     pub only: Vec<String>,
 }
@@ -77,6 +83,15 @@ pub enum LibvirtError {
         dir.display(), free >> 20, need >> 20
     )]
     NoRoom { dir: PathBuf, free: u64, need: u64 },
+    /// The domain paused on an I/O error during the job (its scratch files filled the
+    /// folder); the job was ended and the domain resumed (see [`watch`]).
+    #[error(
+        "domain {domain} paused on an I/O error during the backup job: the scratch folder {} \
+         filled up; the job was ended and the domain resumed (free space there, or raise \
+         --scratch-reserve-mib)",
+        dir.display()
+    )]
+    ScratchFull { domain: String, dir: PathBuf },
     /// virsh printed something the agent cannot read.
     #[error("unexpected virsh output for {what}: {text:?}")]
     Output { what: &'static str, text: String },
@@ -99,6 +114,8 @@ pub struct LibvirtVm {
     /// The domain's definition, recorded with the point.
     pub config_xml: String,
     pub work: Workdir,
+    /// Bytes a job must leave free in the scratch folder beyond its expected need.
+    pub scratch_reserve: u64,
 }
 
 /// What the job of this cycle reads and creates.
@@ -119,6 +136,20 @@ pub struct Job {
     /// When the guest's file systems were frozen for the job: from the freeze request to the
     /// thaw's answer, and from the freeze's answer to the thaw request (None: not frozen).
     pub freeze: Option<(Duration, Duration)>,
+    /// The guard that resumes the domain if a full scratch folder pauses it.
+    pub watch: Option<watch::Watch>,
+}
+
+impl Job {
+    /// Why the job ended early, if the guard ended it (the domain paused on a full scratch
+    /// folder).
+    pub fn scratch_full(&self, vm: &LibvirtVm) -> Option<LibvirtError> {
+        let tripped = self.watch.as_ref().is_some_and(watch::Watch::tripped);
+        tripped.then(|| LibvirtError::ScratchFull {
+            domain: vm.domain.clone(),
+            dir: vm.work.dir.clone(),
+        })
+    }
 }
 
 fn folder(path: &Path) -> impl FnOnce(std::io::Error) -> LibvirtError + '_ {
@@ -190,6 +221,7 @@ pub async fn discover(src: &LibvirtSource, work: Workdir) -> Result<LibvirtVm, L
         disks,
         config_xml,
         work,
+        scratch_reserve: src.scratch_reserve,
     })
 }
 
@@ -220,6 +252,7 @@ async fn end_leftover_job(virsh: &Virsh, d: &str, work: &Workdir) -> Result<(), 
                 "ending the backup job an interrupted cycle left"
             );
             end_job(virsh, d).await?;
+            watch::resume_after_job(virsh, d).await?;
         }
         Err(e) if no_job(&e) => {}
         Err(e) => return Err(e.into()),
@@ -241,7 +274,7 @@ fn no_job(e: &VirshError) -> bool {
 }
 
 /// Ends the domain's backup job and waits until libvirt has let go of it.
-async fn end_job(virsh: &Virsh, d: &str) -> Result<(), LibvirtError> {
+pub(crate) async fn end_job(virsh: &Virsh, d: &str) -> Result<(), LibvirtError> {
     match virsh.run(&["domjobabort", d]).await {
         Ok(_) => {}
         Err(e) if no_job(&e) => {}
@@ -405,7 +438,7 @@ pub async fn plan(
 /// since the base checkpoint (the guest writes about as much again while the job reads it),
 /// or a quarter of each disk read in full.
 async fn check_room(vm: &LibvirtVm, plan: &Plan) -> Result<(), LibvirtError> {
-    let mut need = SCRATCH_RESERVE;
+    let mut need = vm.scratch_reserve;
     let dirty = match &plan.base {
         Some(b) => {
             let text = vm
@@ -461,7 +494,7 @@ pub async fn begin(vm: &LibvirtVm, plan: Plan, freeze: bool) -> Result<Job, Libv
     )
     .map_err(folder(&checkpoint))?;
     let asked = Instant::now();
-    let frozen = freeze && freeze_guest(&vm.virsh, d).await;
+    let frozen = freeze && freeze::freeze_guest(&vm.virsh, d).await;
     let froze = Instant::now();
     let begun = vm
         .virsh
@@ -474,12 +507,17 @@ pub async fn begin(vm: &LibvirtVm, plan: Plan, freeze: bool) -> Result<Job, Libv
         .await;
     let thaw_asked = Instant::now();
     if frozen {
-        thaw_guest(vm.virsh.clone(), d.to_owned()).await;
+        freeze::thaw_guest(vm.virsh.clone(), d.to_owned()).await;
     }
     let freeze = frozen.then(|| (asked.elapsed(), thaw_asked - froze));
     begun?;
+    let watch = Some(watch::Watch::start(vm.virsh.clone(), d.to_owned()));
     crate::faults::point("libvirt-begun");
-    let job = Job { plan, freeze };
+    let job = Job {
+        plan,
+        freeze,
+        watch,
+    };
     if let Err(e) = save_checkpoint(vm, &job.plan.new).await {
         // No point without a way back to its checkpoint: undo the job.
         let _ = end(vm).await;
@@ -499,47 +537,12 @@ async fn save_checkpoint(vm: &LibvirtVm, name: &str) -> Result<(), LibvirtError>
     std::fs::write(&saved, Checkpoint::parse(&dump)?.to_xml()).map_err(folder(&saved))
 }
 
-/// Freezes the guest's file systems within [`FREEZE_LIMIT`]; false (with a warning) when it
-/// cannot, and then a thaw is sent anyway, since a late agent may still run the freeze.
-async fn freeze_guest(virsh: &Virsh, d: &str) -> bool {
-    let limit = FREEZE_LIMIT.as_secs().to_string();
-    let _ = virsh
-        .run(&["guest-agent-timeout", d, "--timeout", &limit])
-        .await;
-    match virsh
-        .run_within(&["domfsfreeze", d], FREEZE_LIMIT + Duration::from_secs(5))
-        .await
-    {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::warn!(domain = d, error = %e, "cannot freeze the guest: taking a crash-consistent point");
-            thaw_guest(virsh.clone(), d.to_owned()).await;
-            false
-        }
-    }
-}
-
-/// Thaws the guest; if that fails, keeps trying in the background (an agent that answers
-/// late may have frozen the guest after its freeze timed out) for up to ten minutes.
-async fn thaw_guest(virsh: Virsh, d: String) {
-    if virsh.run(&["domfsthaw", &d]).await.is_ok() {
-        return;
-    }
-    tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            if virsh.run(&["domfsthaw", &d]).await.is_ok() {
-                return;
-            }
-        }
-        tracing::error!(domain = %d, "could not confirm the guest thawed in ten minutes");
-    });
-}
-
-/// Ends the cycle's backup job (the NBD exports and scratch files go with it).
+/// Ends the cycle's backup job (the NBD exports and scratch files go with it), then resumes
+/// the domain if its scratch folder filled and paused it after the guard last looked.
 pub async fn end(vm: &LibvirtVm) -> Result<(), LibvirtError> {
-    end_job(&vm.virsh, &vm.domain).await
+    end_job(&vm.virsh, &vm.domain).await?;
+    watch::resume_after_job(&vm.virsh, &vm.domain).await?;
+    Ok(())
 }
 
 /// Settles the chain after [`end`]: `recorded` (the point committed and the state now names

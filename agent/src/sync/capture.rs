@@ -81,6 +81,27 @@ impl Capture {
         }
     }
 
+    /// The cycle's error `e`, or the reason behind it when the capture knows it better (a
+    /// libvirt job ended because the domain paused on a full scratch folder).
+    pub(super) fn explain(&self, e: SyncError) -> SyncError {
+        match self {
+            Capture::Libvirt { vm, job, .. } => job.scratch_full(vm).map_or(e, SyncError::from),
+            _ => e,
+        }
+    }
+
+    /// Fails a point whose libvirt job the guard ended early (the domain paused on a full
+    /// scratch folder): some reads may have come after the job's end, so the point is not
+    /// known to be one instant. Checked once every disk is read, before the commit.
+    pub(super) fn check(&self) -> Result<(), SyncError> {
+        match self {
+            Capture::Libvirt { vm, job, .. } => {
+                job.scratch_full(vm).map_or(Ok(()), |e| Err(e.into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Tears down exports and settles bitmaps; `committed` says whether the point landed.
     pub(super) async fn finish(self, committed: bool) -> Result<(), SyncError> {
         match self {

@@ -204,10 +204,12 @@ pub async fn sync_once(
         .await?;
         // Every disk is read: let go of what holds them (an offline domain's images).
         capture.release();
+        capture.check()?;
         let committed = commit::send(client, &begun.session, &scans, &config, &consistency).await;
         Ok::<_, SyncError>((scans, sent, committed))
     }
-    .await;
+    .await
+    .map_err(|e| capture.explain(e));
     // 5. Settle the capture (old bitmaps go only if the point landed), then adopt the point.
     let landed = matches!(&outcome, Ok((_, _, Ok(_))));
     commit::settle(cfg, capture, landed).await;

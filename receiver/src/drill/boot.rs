@@ -1,9 +1,11 @@
 //! The drill's boot step: serves the point over NBD on a private socket, puts a throw-away
-//! qcow2 overlay on each disk and boots the VM's captured configuration in an isolated QEMU (no
-//! network devices), watching the serial console for a marker; then runs the application
-//! checks in the running guest. The overlays, the sockets and QEMU are removed whatever happens.
+//! qcow2 overlay on each disk and boots the point's [`BootPlan`] (its captured configuration)
+//! in an isolated QEMU (no network devices), watching the serial console for a marker; then
+//! runs the application checks in the running guest. The overlays, the sockets and QEMU are
+//! removed whatever happens.
 
 use super::checks::CheckReport;
+use super::plan::BootPlan;
 use super::{health, tail, Accel, DrillOptions};
 use crate::nbd_server::{self, Exports};
 use crate::points::PointInfo;
@@ -57,15 +59,17 @@ type Console = Arc<Mutex<Vec<u8>>>;
 pub(super) fn boot_point(
     data: &Path,
     point: &PointInfo,
+    plan: &BootPlan,
     opts: &DrillOptions,
     started: Instant,
 ) -> Result<Boot, String> {
+    let boot_under = |accel: &'static str| boot(data, point, plan, opts, started, accel);
     Ok(match opts.accel {
-        Accel::Kvm => boot(data, point, opts, started, "kvm")?,
-        Accel::Tcg => boot(data, point, opts, started, "tcg")?,
-        Accel::Auto if !kvm_usable() => boot(data, point, opts, started, "tcg")?,
+        Accel::Kvm => boot_under("kvm")?,
+        Accel::Tcg => boot_under("tcg")?,
+        Accel::Auto if !kvm_usable() => boot_under("tcg")?,
         Accel::Auto => {
-            let b = boot(data, point, opts, started, "kvm")?;
+            let b = boot_under("kvm")?;
             if b.started {
                 b
             } else {
@@ -73,7 +77,7 @@ pub(super) fn boot_point(
                     error = b.result.as_ref().err().map(String::as_str).unwrap_or(""),
                     "QEMU did not start under KVM: drilling under TCG"
                 );
-                boot(data, point, opts, started, "tcg")?
+                boot_under("tcg")?
             }
         }
     })
@@ -143,6 +147,7 @@ fn remove_stale_folders() {
 fn boot(
     data: &Path,
     point: &PointInfo,
+    plan: &BootPlan,
     opts: &DrillOptions,
     started: Instant,
     accel: &'static str,
@@ -154,8 +159,8 @@ fn boot(
         .map_err(|e| format!("creating the drill's folder: {e}"))?;
     let sock = export_point(data, point, dir.path())?;
     let qga = dir.path().join(QGA_SOCKET);
-    let mut cmd = qemu_command(point, opts, accel, &qga);
-    add_disks(&mut cmd, point, dir.path(), &sock)?;
+    let mut cmd = qemu_command(point, plan, opts, accel, &qga);
+    add_disks(&mut cmd, point, plan, dir.path(), &sock)?;
     let boot_started = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -198,15 +203,15 @@ fn export_point(data: &Path, point: &PointInfo, dir: &Path) -> Result<PathBuf, S
     Ok(sock)
 }
 
-/// QEMU for the point's captured configuration, isolated (no network device, console on
+/// QEMU for the plan's memory, vCPUs and machine, isolated (no network device, console on
 /// stdout), with the guest-agent channel on `qga` when there are checks; disks come next.
-fn qemu_command(point: &PointInfo, opts: &DrillOptions, accel: &str, qga: &Path) -> Command {
-    let config = point.config.clone().unwrap_or(serde_json::Value::Null);
-    let mem_mib = config["memory_bytes"]
-        .as_u64()
-        .map_or(256, |b| (b >> 20).max(64))
-        .min(opts.max_memory_mib);
-    let cpus = config["cpus"].as_u64().unwrap_or(1).max(1);
+fn qemu_command(
+    point: &PointInfo,
+    plan: &BootPlan,
+    opts: &DrillOptions,
+    accel: &str,
+    qga: &Path,
+) -> Command {
     // QEMU dies with the drill even when the drill is SIGKILLed (setpriv sets the parent-death
     // signal, then runs QEMU); without setpriv, only the drill's own cleanup stops it.
     let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
@@ -217,8 +222,9 @@ fn qemu_command(point: &PointInfo, opts: &DrillOptions, accel: &str, qga: &Path)
         Command::new("qemu-system-x86_64")
     };
     cmd.args(["-name", &format!("rewind-drill-{}", point.vm)])
-        .args(["-machine", "pc", "-accel", accel])
-        .args(["-m", &mem_mib.to_string(), "-smp", &cpus.to_string()])
+        .args(["-machine", plan.machine.as_str(), "-accel", accel])
+        .args(["-m", &plan.memory_mib.to_string()])
+        .args(["-smp", &plan.cpus.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         // Isolated: no network device at all, console on stdout.
         .args(["-nic", "none", "-serial", "stdio", "-no-reboot"]);
@@ -238,9 +244,23 @@ fn qemu_command(point: &PointInfo, opts: &DrillOptions, accel: &str, qga: &Path)
 }
 
 /// Creates a throw-away qcow2 overlay in `dir` on each disk's NBD export at `sock`, and gives
-/// the overlays to QEMU as its boot disks, in order.
-fn add_disks(cmd: &mut Command, point: &PointInfo, dir: &Path, sock: &Path) -> Result<(), String> {
-    for (i, d) in point.disks.iter().enumerate() {
+/// the overlays to QEMU as its boot disks, in the plan's boot order (the firmware tries them
+/// by `bootindex`, as the guest's own firmware would).
+fn add_disks(
+    cmd: &mut Command,
+    point: &PointInfo,
+    plan: &BootPlan,
+    dir: &Path,
+    sock: &Path,
+) -> Result<(), String> {
+    for (i, name) in plan.disk_order.iter().enumerate() {
+        let d = point
+            .disks
+            .iter()
+            .find(|d| &d.name == name)
+            .ok_or_else(|| {
+                format!("internal error: the boot plan names {name}, not in the point")
+            })?;
         let overlay = dir.join(format!("{}.qcow2", d.name));
         let backing = format!("nbd+unix:///{}?socket={}", d.name, sock.display());
         let out = Command::new("qemu-img")
@@ -313,5 +333,71 @@ fn watch_console(
             return (Err(reason), false);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::plan::{plan, tests::libvirt, tests::point};
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn options(max_memory_mib: u64) -> DrillOptions {
+        DrillOptions {
+            point: None,
+            boot: true,
+            boot_timeout: Duration::from_secs(5),
+            expect_serial: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            max_memory_mib,
+            accel: Accel::Tcg,
+            checks: Vec::new(),
+            progress: Arc::new(|_: u64, _: u64| {}),
+        }
+    }
+
+    /// The value after each of QEMU's options `names` in a command.
+    fn values(cmd: &Command, names: &[&str]) -> Vec<String> {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        names
+            .iter()
+            .map(|name| {
+                let at = args.iter().position(|a| a == name).unwrap();
+                args[at + 1].clone()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_libvirt_point_boots_with_its_domains_memory_cpus_and_machine() {
+        let xml = "<domain type='kvm'><name>lv1</name><memory unit='GiB'>3</memory>\
+                   <vcpu placement='static' current='2'>4</vcpu>\
+                   <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>\
+                   <devices><disk device='disk'><target dev='sda'/></disk></devices></domain>";
+        let p = point(&["sda"], libvirt(xml));
+        let qga = Path::new("/nonexistent/qga.sock");
+        let cmd = qemu_command(&p, &plan(&p, 4096).unwrap(), &options(4096), "tcg", qga);
+        assert_eq!(
+            values(&cmd, &["-m", "-smp", "-machine", "-accel", "-name"]),
+            ["3072", "2", "q35", "tcg", "rewind-drill-lv1"]
+        );
+        // Capped by what the drill may take of the host.
+        let cmd = qemu_command(&p, &plan(&p, 512).unwrap(), &options(512), "tcg", qga);
+        assert_eq!(
+            values(&cmd, &["-m", "-smp", "-machine"]),
+            ["512", "2", "q35"]
+        );
+
+        // A QEMU VM's figures, the pc machine as before.
+        let qemu = serde_json::json!({"source": "qemu", "memory_bytes": 1u64 << 30, "cpus": 3});
+        let p = point(&["vda"], qemu);
+        let cmd = qemu_command(&p, &plan(&p, 4096).unwrap(), &options(4096), "kvm", qga);
+        assert_eq!(
+            values(&cmd, &["-m", "-smp", "-machine"]),
+            ["1024", "3", "pc"]
+        );
     }
 }

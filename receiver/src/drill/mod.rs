@@ -14,9 +14,15 @@
 //! the boot marker seen); `boot_seconds` is QEMU's start to the marker. `point_age_seconds` is
 //! the RPO at that moment: how old the newest data was when the drill began.
 //!
+//! What QEMU gets comes from the point's captured configuration: memory (at most
+//! `max_memory_mib`) and vCPUs, and for a libvirt domain also its machine family (`pc` or
+//! `q35`) and its disks' boot order; a domain that boots UEFI is refused (drills have no
+//! OVMF). The report says what was booted (`memory_mib`, `cpus`, `machine`, `disk_order`).
+//!
 //! `run` reads as the drill's list of steps, one module each: `verify` (every block and
-//! root), `boot` (overlays, QEMU, the console marker) with `health` (the application checks
-//! of `checks` in the guest), and `record` (the report stored in the catalog).
+//! root), `plan` (what QEMU gets), `boot` (overlays, QEMU, the console marker) with `health`
+//! (the application checks of `checks` in the guest), and `record` (the report stored in the
+//! catalog).
 
 use crate::catalog::{self, now_us, rfc3339};
 use crate::error::StoreError;
@@ -31,6 +37,7 @@ use std::time::{Duration, Instant};
 mod boot;
 mod checks;
 mod health;
+mod plan;
 mod record;
 mod verify;
 
@@ -97,6 +104,10 @@ pub fn run(data: &Path, vm: &str, opts: &DrillOptions) -> Result<DrillReport, St
         boot_seconds: None,
         rto_seconds: None,
         accel: None,
+        memory_mib: None,
+        cpus: None,
+        machine: None,
+        disk_order: Vec::new(),
         serial_tail: None,
         checks: opts.checks.iter().map(CheckReport::not_run).collect(),
         healthy_seconds: None,
@@ -132,7 +143,12 @@ fn drill(
         report.rto_seconds = report.verified_seconds;
         return Ok(());
     }
-    let boot = boot::boot_point(data, point, opts, started)?;
+    let plan = plan::plan(point, opts.max_memory_mib).map_err(|e| e.reason())?;
+    report.memory_mib = Some(plan.memory_mib);
+    report.cpus = Some(plan.cpus);
+    report.machine = Some(plan.machine.as_str().to_owned());
+    report.disk_order = plan.disk_order.clone();
+    let boot = boot::boot_point(data, point, &plan, opts, started)?;
     report.accel = Some(boot.accel.to_owned());
     report.serial_tail = Some(boot.serial_tail);
     report.booted = Some(boot.result.is_ok());

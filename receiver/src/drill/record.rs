@@ -37,6 +37,17 @@ pub struct DrillReport {
     pub rto_seconds: Option<f64>,
     /// "kvm" or "tcg" when booted.
     pub accel: Option<String>,
+    /// What the boot gave QEMU, from the captured configuration (absent without a boot and
+    /// in records from before): memory in MiB (capped by `--max-memory-mib`), vCPUs, the
+    /// machine family ("pc" or "q35") and the disks in boot order.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<u64>,
+    #[serde(default)]
+    pub machine: Option<String>,
+    #[serde(default)]
+    pub disk_order: Vec<String>,
     pub serial_tail: Option<String>,
     /// The application checks, in order (empty without any).
     #[serde(default)]
@@ -100,6 +111,8 @@ mod tests {
             "serial_tail":"login:","result":"passed","reason":null}"#;
         let r: DrillReport = serde_json::from_str(old).expect("old record loads");
         assert!(r.checks.is_empty() && r.healthy_seconds.is_none());
+        assert!(r.memory_mib.is_none() && r.cpus.is_none() && r.machine.is_none());
+        assert!(r.disk_order.is_empty());
         let with = serde_json::to_value(DrillReport {
             checks: vec![CheckReport {
                 name: "db".into(),
