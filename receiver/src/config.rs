@@ -214,6 +214,8 @@ pub struct ReceiverFile {
     /// Per-agent quotas instead of `quota`.
     #[serde(default)]
     pub agent: BTreeMap<String, Quota>,
+    /// Packs on an object store (`url = "s3://BUCKET/PREFIX"`, endpoint, region, ...).
+    pub store: Option<crate::chunks::location::StoreTable>,
 }
 
 impl ReceiverFile {

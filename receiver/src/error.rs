@@ -151,6 +151,12 @@ pub enum StoreError {
     /// Another commit of the same VM is running (or this one's steps were undone).
     #[error("a commit of this VM is in progress (session {0}): try again when it has finished")]
     CommitRunning(String),
+    /// On an object store, some chunks of the session are in a pack not in the bucket yet.
+    #[error(
+        "session {0}: some of its chunks are not in the object store yet (a pack still being \
+         written, or the store unreachable): try the commit again"
+    )]
+    NotPublished(String),
     /// Another `serve` holds the data folder.
     #[error("{0}: another serve process holds this data folder")]
     InUse(std::path::PathBuf),

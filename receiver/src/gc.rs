@@ -98,7 +98,7 @@ pub fn read_lock(data: &Path) -> Result<std::fs::File, StoreError> {
 
 /// Runs one collection over the data folder.
 pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcReport, StoreError> {
-    let store = chunks::open(data);
+    let store = chunks::open(data)?;
     // One gc at a time; the lock ends with the process, so a killed gc does not block the next.
     let (lock, _) = lock_file(data)?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
@@ -129,7 +129,8 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         collect_pack(conn, &mut io, (id, created), cutoff, &mut report)?;
     }
     writer.sync()?;
-    if let Some(id) = writer.current() {
+    writer.finish()?;
+    for id in writer.take_retired().into_iter().chain(writer.current()) {
         crate::catalog::seal_pack(conn, id)?;
     }
     store.sync_removals();
@@ -224,6 +225,11 @@ fn collect_pack(
             moved.push((owner, hash, at));
         }
         writer.sync()?;
+        // On an object store the copies go up before the catalog points at them (and before
+        // the old pack's object is deleted).
+        if store.publishes() {
+            writer.finish()?;
+        }
         rewind_proto::faults::point("gc-after-copy");
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for (owner, hash, at) in &moved {

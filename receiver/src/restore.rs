@@ -384,7 +384,7 @@ fn walk(
 ) -> Result<Walked, StoreError> {
     let geometry = source.geometry;
     let batch_blocks = (BATCH_BYTES / geometry.block_size.bytes() as usize).max(1);
-    let mut reader = chunks::open(source.data).reader(ReadOrder::Sequential);
+    let mut reader = chunks::open(source.data)?.reader(ReadOrder::Sequential);
     let mut builder = Builder::new(Shape::of(geometry));
     let mut next = 0u64;
     let mut stats = RestoreStats {

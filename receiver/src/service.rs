@@ -140,6 +140,7 @@ pub fn to_status(e: StoreError) -> Status {
         | NotHeld(_) => Status::not_found(msg),
         SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
         BaseMoved { .. } | CommitRunning(_) => Status::aborted(msg),
+        NotPublished(_) => Status::unavailable(msg),
         Cancelled => Status::cancelled(msg),
         // Damaged stored data keeps its kind: the caller learns it is data loss, not a fault
         // of its request or a passing failure.
@@ -149,6 +150,11 @@ pub fn to_status(e: StoreError) -> Status {
         | CorruptRecord { .. }
         | Pack(ChunkStoreError::BadRecord { .. }) => Status::data_loss(msg),
         Quota { .. } => Status::resource_exhausted(msg),
+        // The object store unreachable or refusing: a passing failure the agent retries.
+        Pack(ChunkStoreError::Remote { .. }) => Status::unavailable(msg),
+        Pack(ChunkStoreError::Conflict { .. } | ChunkStoreError::Location(_)) => {
+            Status::internal(msg)
+        }
         Sql(_) | Pack(ChunkStoreError::Io { .. }) | Io { .. } | OutputExists(_) | InUse(_) => {
             Status::internal(msg)
         }

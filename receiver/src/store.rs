@@ -70,8 +70,17 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens or creates the data folder.
+    /// Opens or creates the data folder, its packs where it recorded them (local by default).
     pub fn open(data: &Path) -> Result<Store, StoreError> {
+        Self::open_at(data, None)
+    }
+
+    /// Opens or creates the data folder; with `wanted`, its packs in that object store (a new
+    /// folder records it; an existing one must have recorded the same bucket and prefix).
+    pub fn open_at(
+        data: &Path,
+        wanted: Option<&chunks::location::Location>,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data).map_err(|source| StoreError::Io {
             path: data.to_owned(),
             source,
@@ -81,7 +90,7 @@ impl Store {
         let lock = crate::gc::open_lock_file(&data.join(SERVE_LOCK))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StoreError::InUse(data.to_owned()))?;
-        let chunks = chunks::create(data)?;
+        let chunks = chunks::create(data, wanted)?;
         let conn = catalog::open_rw(data)?;
         // No upload of an earlier serve process can still be appending to its packs.
         catalog::seal_orphans(&conn, "serve")?;

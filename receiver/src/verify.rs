@@ -71,7 +71,7 @@ pub fn verify(
 ) -> Result<VerifyReport, StoreError> {
     let (vm, point) = scope.map_or((None, None), |(vm, p)| (Some(vm), p));
     let total = rows::bytes_in_scope(conn, (vm, point))? as u64;
-    let mut reader = chunks::open(data).reader(ReadOrder::Sequential);
+    let mut reader = chunks::open(data)?.reader(ReadOrder::Sequential);
     let mut report = VerifyReport::default();
     let mut bad = Vec::new();
     // Pages in pack order, so memory stays bounded whatever the store's size.

@@ -12,6 +12,7 @@ pub mod h2raw;
 pub mod libvirt;
 pub mod procfs;
 pub mod qemu;
+pub mod s3;
 pub mod wan;
 
 use serde_json::Value;

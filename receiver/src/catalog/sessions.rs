@@ -288,6 +288,18 @@ pub fn is_large(
     })
 }
 
+/// Whether a block the session staged refers to a chunk (of `owner`) in a pack not sealed
+/// yet: on an object store, a pack not in the bucket yet.
+pub fn refers_to_unsealed(conn: &Connection, id: &str, owner: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM session_blocks b
+           JOIN chunks c ON c.owner = ?2 AND c.hash = b.hash
+           JOIN packs p ON p.id = c.pack_id
+          WHERE b.session_id = ?1 AND p.sealed = 0)",
+    )?
+    .query_row(params![id, owner], |r| r.get(0))
+}
+
 /// Drops every row the session staged.
 pub fn drop_staged(conn: &Connection, id: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM session_blocks WHERE session_id = ?1", [id])

@@ -9,9 +9,10 @@
 //! - [`ChunkReader`]: reads frames at catalogued locations, one at a time or prepared on one
 //!   thread and fetched on others ([`Prepared`]).
 //!
-//! Today there is one implementation, [`local::LocalPacks`]: append-only pack files in the data
-//! folder's `packs/`. A second one (pack objects on object storage) is a module beside
-//! [`local`] and a branch in [`open`]/[`create`]; callers do not change. The pack and record
+//! Two implementations: [`local::LocalPacks`], append-only pack files in the data folder's
+//! `packs/` (the default), and [`s3::S3Packs`], pack objects on S3-compatible object storage
+//! with a local cache. Which one a data folder uses is recorded in it ([`location`]); callers
+//! do not change. The pack and record
 //! layout is in [`format`], shared by every implementation.
 //!
 //! The catalog (pack ids, chunk rows, sealing) is not part of the store: callers allocate a
@@ -23,6 +24,8 @@
 
 pub mod format;
 pub mod local;
+pub mod location;
+pub mod s3;
 
 use rewind_proto::BlockHash;
 use std::borrow::Cow;
@@ -94,6 +97,19 @@ pub enum ChunkStoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The object store failed or refused.
+    #[error("{what}")]
+    Remote { what: String, source: s3::S3Error },
+    /// A pack object of that name is already in the bucket with other content.
+    #[error("pack {pack} is already in the object store with {there:?} bytes, not {size}")]
+    Conflict {
+        pack: PackId,
+        size: u64,
+        there: Option<u64>,
+    },
+    /// The data folder's record of where its packs live is unusable.
+    #[error(transparent)]
+    Location(#[from] location::LocationError),
     /// The bytes at a catalogued place are not the record the catalog says.
     #[error("pack {path} offset {offset}: record header does not match chunk {hash}")]
     BadRecord {
@@ -128,6 +144,18 @@ pub trait ChunkStore: Send + Sync {
 
     /// Bytes the store holds, packs and anything else in it.
     fn stored_bytes(&self) -> u64;
+
+    /// Whether packs go elsewhere once finished (object storage): then a pack is sealed only
+    /// once it is there, and a point commits only when its chunks lie in sealed packs.
+    fn publishes(&self) -> bool {
+        false
+    }
+
+    /// Publishes finished packs an earlier failure left unpublished; returns them, to be
+    /// sealed. Local packs have nothing to publish.
+    fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Appends chunk records to one pack at a time.
@@ -154,6 +182,13 @@ pub trait ChunkWriter: Send {
     /// Packs finished since the last call: seal them in the transaction that indexes their
     /// last chunks (sealing earlier would let gc see a pack without all its rows).
     fn take_retired(&mut self) -> Vec<PackId>;
+
+    /// The upload stream ended: a store that publishes packs finishes and publishes the one
+    /// being written (then handed back by [`ChunkWriter::take_retired`]). Local packs stay
+    /// as they are.
+    fn finish(&mut self) -> Result<(), ChunkStoreError> {
+        Ok(())
+    }
 }
 
 /// Reads frames at catalogued locations, checking the record around each.
@@ -192,12 +227,37 @@ impl Prepared {
     }
 }
 
-/// The chunk store of data folder `data`, for reading or for a gc: nothing is created.
-pub fn open(data: &Path) -> Arc<dyn ChunkStore> {
-    Arc::new(local::LocalPacks::new(data))
+/// The chunk store of data folder `data`, for reading or for a gc: where its packs live is
+/// what the folder recorded ([`location`]); nothing is created in the store.
+pub fn open(data: &Path) -> Result<Arc<dyn ChunkStore>, ChunkStoreError> {
+    match location::recorded(data)? {
+        None => Ok(Arc::new(local::LocalPacks::new(data))),
+        Some(loc) => Ok(Arc::new(loc.open(data)?)),
+    }
 }
 
-/// The chunk store of data folder `data`, created if it is not there yet (serve).
-pub fn create(data: &Path) -> Result<Arc<dyn ChunkStore>, ChunkStoreError> {
-    Ok(Arc::new(local::LocalPacks::create(data)?))
+/// The chunk store of data folder `data` for `serve`, created if it is not there yet. With
+/// `wanted` (from `--store`), a new folder records it and an existing one must have recorded
+/// the same. An object store is checked (listing the bucket, so wrong credentials fail here)
+/// and packs a crash left unpublished are uploaded.
+pub fn create(
+    data: &Path,
+    wanted: Option<&location::Location>,
+) -> Result<Arc<dyn ChunkStore>, ChunkStoreError> {
+    match location::settle(data, wanted)? {
+        None => Ok(Arc::new(local::LocalPacks::create(data)?)),
+        Some(loc) => {
+            let packs = loc.open(data)?;
+            packs.check()?;
+            location::record(data, &loc)?;
+            let published = packs.publish_staged()?;
+            if !published.is_empty() {
+                tracing::info!(
+                    packs = published.len(),
+                    "uploaded packs an earlier serve left unpublished"
+                );
+            }
+            Ok(Arc::new(packs))
+        }
+    }
 }

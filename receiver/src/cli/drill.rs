@@ -16,6 +16,10 @@ pub struct DrillArgs {
     /// Data folder.
     #[arg(long)]
     pub data: PathBuf,
+    /// The folder's object store, s3://BUCKET[/PREFIX]: checked against the one it recorded
+    /// (its packs are read from there in any case).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// The VM.
     #[arg(long)]
     pub vm: String,
@@ -92,6 +96,7 @@ fn line(r: &DrillReport) -> String {
 }
 
 pub fn run(a: DrillArgs) -> anyhow::Result<()> {
+    crate::chunks::location::check(&a.data, a.store.as_deref())?;
     let expect_serial = a
         .expect_serial
         .as_deref()

@@ -14,6 +14,10 @@ pub struct ExportArgs {
     /// Data folder.
     #[arg(long)]
     pub data: PathBuf,
+    /// The folder's object store, s3://BUCKET[/PREFIX]: checked against the one it recorded
+    /// (its packs are read from there in any case).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// The VM.
     #[arg(long)]
     pub vm: String,
@@ -29,6 +33,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    crate::chunks::location::check(&a.data, a.store.as_deref())?;
     let conn = catalog::open_ro(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let which = a.point.map_or(PointSelector::Newest, PointSelector::Id);

@@ -10,6 +10,10 @@ pub struct GcArgs {
     /// Data folder.
     #[arg(long)]
     pub data: PathBuf,
+    /// The folder's object store, s3://BUCKET[/PREFIX]: checked against the one it recorded
+    /// (its packs are read from there in any case).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// Never collect chunks or packs written in the last SECONDS (uploads in flight).
     #[arg(long, default_value_t = 6 * 3600)]
     pub grace: u64,
@@ -19,6 +23,7 @@ pub struct GcArgs {
 }
 
 pub fn run(a: GcArgs) -> anyhow::Result<()> {
+    crate::chunks::location::check(&a.data, a.store.as_deref())?;
     let mut conn = catalog::open_existing(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let r = gc::gc(&mut conn, &a.data, a.grace)?;

@@ -14,6 +14,10 @@ pub struct PruneArgs {
     /// Data folder (overrides the file's).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// The folder's object store, s3://BUCKET[/PREFIX]: checked against the one it recorded
+    /// (its packs are read from there in any case).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// Only this VM (default: every VM).
     #[arg(long)]
     pub vm: Option<String>,
@@ -29,6 +33,7 @@ pub struct PruneArgs {
 
 pub fn run(a: PruneArgs) -> anyhow::Result<()> {
     let (file, data) = super::config_and_data(a.config.as_deref(), a.data.as_deref())?;
+    crate::chunks::location::check(&data, a.store.as_deref())?;
     let policy = a.keep.policy();
     let mut conn = catalog::open_existing(&data)
         .with_context(|| format!("opening the catalog in {}", data.display()))?;

@@ -20,6 +20,10 @@ pub struct RestoreArgs {
     /// Data folder.
     #[arg(long)]
     pub data: PathBuf,
+    /// The folder's object store, s3://BUCKET[/PREFIX]: checked against the one it recorded
+    /// (its packs are read from there in any case).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// The VM.
     #[arg(long)]
     pub vm: String,
@@ -196,6 +200,7 @@ fn write_domain_xml(
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
+    crate::chunks::location::check(&a.data, a.store.as_deref())?;
     if !FORMATS.contains(&a.format.as_str()) {
         bail!(
             "unknown format {:?}: use raw, qcow2, vmdk or vhdx",

@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// Seconds between scheduled prune + gc runs (default 3600).
     #[arg(long)]
     pub prune_interval: Option<u64>,
+    /// Keep packs on S3-compatible object storage, s3://BUCKET[/PREFIX] (endpoint and keys
+    /// from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the
+    /// [store] table). Recorded in the data folder on first use.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
 }
 
 /// The configuration file with the flags applied.
@@ -66,6 +71,9 @@ pub fn load(a: &ServeArgs) -> anyhow::Result<ReceiverFile> {
     }
     if a.prune_interval.is_some() {
         f.prune_interval = a.prune_interval;
+    }
+    if let Some(url) = &a.store {
+        f.store.get_or_insert_with(Default::default).url = Some(url.clone());
     }
     let policy = a.keep.policy();
     if !policy.is_empty() {
@@ -304,9 +312,20 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let wanted = match &file.store {
+        Some(t) => match &t.url {
+            Some(url) => Some(crate::chunks::location::Location::new(url, t)?),
+            None => anyhow::bail!("[store] needs url = \"s3://BUCKET[/PREFIX]\""),
+        },
+        None => None,
+    };
     let store = Arc::new(
-        Store::open(&data).with_context(|| format!("opening data folder {}", data.display()))?,
+        Store::open_at(&data, wanted.as_ref())
+            .with_context(|| format!("opening data folder {}", data.display()))?,
     );
+    if let Some(loc) = crate::chunks::location::recorded(&data)? {
+        tracing::info!(store = %loc.shown(), "packs on object storage");
+    }
     store.set_rules(crate::store::Rules::from_file(&file));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {

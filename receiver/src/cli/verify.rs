@@ -12,6 +12,10 @@ pub struct VerifyArgs {
     /// Data folder.
     #[arg(long)]
     pub data: PathBuf,
+    /// The folder's object store, s3://BUCKET[/PREFIX]: checked against the one it recorded
+    /// (its packs are read from there in any case).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
     /// Only the chunks this VM's points reference.
     #[arg(long)]
     pub vm: Option<String>,
@@ -24,6 +28,7 @@ pub struct VerifyArgs {
 }
 
 pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
+    crate::chunks::location::check(&a.data, a.store.as_deref())?;
     let mut conn = catalog::open_existing(&a.data)
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let bar = ProgressBar::new(0);

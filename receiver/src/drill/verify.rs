@@ -93,7 +93,7 @@ fn verify_disk(
             disk: disk.name.clone(),
             source,
         })?;
-    let mut reader = chunks::open(data).reader(ReadOrder::Sequential);
+    let mut reader = chunks::open(data)?.reader(ReadOrder::Sequential);
     let mut builder = Builder::new(Shape::of(&geometry));
     let mut next = 0u64;
     let mut out = Verified {

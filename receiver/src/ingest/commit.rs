@@ -38,6 +38,7 @@ impl Store {
         // Whatever an earlier stepped commit of the VM left goes first: no commit starts while
         // such nodes exist.
         self.forget_pending(Some(vm_id))?;
+        self.wait_published(owner, session_id)?;
         // The cost of one transaction grows with the staged rows and with the level-1 nodes
         // they touch (each reads its 256 children): past either bound, commit in steps.
         let large = sessions::is_large(
@@ -51,6 +52,34 @@ impl Store {
             self.commit_in_steps(owner, session_id, roots, meta)
         } else {
             self.commit_whole(owner, session_id, roots, meta)
+        }
+    }
+
+    /// On an object store, waits (up to [`PUBLISH_WAIT`]) until every chunk the session refers
+    /// to lies in a sealed pack, i.e. in the bucket: a pack another upload stream of the owner
+    /// is still writing is sealed when that stream ends or the pack fills.
+    fn wait_published(&self, owner: &str, session_id: &str) -> Result<(), StoreError> {
+        if !self.chunks().publishes() {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+        loop {
+            // Packs an upload that failed left behind go up now (an agent that resends
+            // nothing opens no stream that would publish them).
+            let published = self.chunks().publish_staged()?;
+            if !published.is_empty() {
+                let conn = self.conn();
+                for id in published {
+                    crate::catalog::seal_pack(&conn, id)?;
+                }
+            }
+            if !sessions::refers_to_unsealed(&self.conn(), session_id, owner)? {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::NotPublished(names::shown(session_id)));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
 
@@ -240,6 +269,8 @@ impl Store {
 
 /// Most staged blocks committed in one transaction; larger sessions commit in steps.
 pub const WHOLE_COMMIT_MAX: usize = 65_536;
+/// Longest a commit waits for its chunks' packs to reach the object store.
+pub const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Most level-1 nodes one transaction's commit recomputes (each reads its 256 children); a
 /// session touching more commits in steps, however few its blocks.
 pub const WHOLE_COMMIT_PARENTS: usize = 1024;

@@ -278,6 +278,9 @@ impl Store {
 
     /// Seals the pack an upload stream was writing, once the stream ended.
     pub fn finish_upload(&self, writer: &mut dyn ChunkWriter) -> Result<(), StoreError> {
+        // An object store's writer publishes its last pack first (sealed only once it is in
+        // the bucket).
+        writer.finish()?;
         let conn = self.conn();
         for id in writer.take_retired().into_iter().chain(writer.current()) {
             crate::catalog::seal_pack(&conn, id)?;

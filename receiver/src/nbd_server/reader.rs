@@ -33,7 +33,9 @@ impl PointReader {
             .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(PointReader {
             conn,
-            packs: chunks::open(data).reader(ReadOrder::Random),
+            packs: chunks::open(data)
+                .map_err(io::Error::other)?
+                .reader(ReadOrder::Random),
             export: export.clone(),
             geometry,
         })

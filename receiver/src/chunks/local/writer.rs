@@ -117,6 +117,19 @@ impl PackWriter {
     }
 }
 
+impl PackWriter {
+    /// Syncs and retires the pack being written (then handed back by `take_retired`), so the
+    /// next append needs a new pack.
+    pub fn retire_current(&mut self) -> Result<(), ChunkStoreError> {
+        self.sync()?;
+        if let Some(c) = self.current.take() {
+            self.retired.push(c.id);
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
 impl ChunkWriter for PackWriter {
     fn take_retired(&mut self) -> Vec<PackId> {
         std::mem::take(&mut self.retired)

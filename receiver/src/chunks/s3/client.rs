@@ -1,0 +1,398 @@
+//! A small blocking S3 client: requests signed by `rusty-s3` (SigV4, sans-IO), sent by `ureq`
+//! (rustls on ring, the provider the whole build uses). Blocking fits the chunk store's
+//! interface, whose callers already run on threads of their own.
+//!
+//! Every request is bounded in time ([`REQUEST_LIMIT`], [`CONNECT_LIMIT`]) and retried with
+//! exponential backoff on what may pass (transport errors, 5xx, 429, a conflicting conditional
+//! write) up to [`ATTEMPTS`] times; anything else is an error at once. Pack objects are written
+//! create-only (`If-None-Match: *`) with a SHA-256 checksum the store verifies and keeps.
+
+use base64::Engine;
+use rusty_s3::actions::{DeleteObject, GetObject, HeadObject, ListObjectsV2, PutObject};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use sha2::Digest;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use thiserror::Error;
+use url::Url;
+
+/// How long a signed request stays valid (it is sent at once; this only covers clock skew
+/// and retries).
+const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+/// Longest one request may take, body included (a 64 MiB pack at ~2 MB/s).
+const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a connection may take to open.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// Tries per request.
+const ATTEMPTS: u32 = 5;
+/// Backoff before the second try; doubled before each next one, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Largest answer to a listing or an error (bytes).
+const SMALL_BODY: u64 = 8 << 20;
+
+#[derive(Debug, Error)]
+pub enum S3Error {
+    /// The store could not be reached, or did not answer in time, after every retry.
+    #[error("object store unreachable for {op} {key} after {ATTEMPTS} tries: {message}")]
+    Unreachable {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// The store refused the request.
+    #[error("object store refused {op} {key}: HTTP {status} {code}: {message}")]
+    Refused {
+        op: &'static str,
+        key: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The store's answer could not be read.
+    #[error("object store {op} {key}: unreadable answer: {detail}")]
+    Answer {
+        op: &'static str,
+        key: String,
+        detail: String,
+    },
+    /// The store's location or credentials are not usable.
+    #[error("object store configuration: {0}")]
+    Config(String),
+}
+
+/// Requests and bytes, for reports and benchmarks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub puts: AtomicU64,
+    pub gets: AtomicU64,
+    pub heads: AtomicU64,
+    pub lists: AtomicU64,
+    pub deletes: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+/// Where the store is and who we are to it.
+#[derive(Debug, Clone)]
+pub struct S3Target {
+    pub endpoint: Url,
+    pub bucket: String,
+    /// Key prefix, empty or ending in `/`.
+    pub prefix: String,
+    pub region: String,
+    pub path_style: bool,
+    pub credentials: Credentials,
+}
+
+/// One bucket (under a prefix) of an S3-compatible store.
+pub struct S3Client {
+    bucket: Bucket,
+    credentials: Credentials,
+    prefix: String,
+    agent: ureq::Agent,
+    pub counters: Counters,
+}
+
+/// What a single attempt came to.
+enum Attempt<T> {
+    Done(T),
+    /// Worth another try (the message says what went wrong).
+    Again(String),
+    Fail(S3Error),
+}
+
+impl S3Client {
+    pub fn new(t: &S3Target) -> Result<S3Client, S3Error> {
+        let style = if t.path_style {
+            UrlStyle::Path
+        } else {
+            UrlStyle::VirtualHost
+        };
+        let bucket = Bucket::new(
+            t.endpoint.clone(),
+            style,
+            t.bucket.clone(),
+            t.region.clone(),
+        )
+        .map_err(|e| S3Error::Config(format!("bucket {}: {e}", t.bucket)))?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_LIMIT))
+            .timeout_connect(Some(CONNECT_LIMIT))
+            .max_idle_connections_per_host(16)
+            .build()
+            .new_agent();
+        Ok(S3Client {
+            bucket,
+            credentials: t.credentials.clone(),
+            prefix: t.prefix.clone(),
+            agent,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The full key of `name` under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Runs `once` up to [`ATTEMPTS`] times with backoff between tries.
+    fn retry<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut once: impl FnMut() -> Attempt<T>,
+    ) -> Result<T, S3Error> {
+        let mut wait = FIRST_BACKOFF;
+        let mut last = String::new();
+        for n in 0..ATTEMPTS {
+            if n > 0 {
+                tracing::debug!(op, key, error = %last, "object store: retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(MAX_BACKOFF);
+            }
+            match once() {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Again(m) => last = m,
+            }
+        }
+        Err(S3Error::Unreachable {
+            op,
+            key: key.to_owned(),
+            message: last,
+        })
+    }
+
+    /// Stores `body` as object `name` unless one is there already: true when it was created,
+    /// false when the name was taken (the store refused with 412).
+    pub fn put_new(&self, name: &str, body: &[u8]) -> Result<bool, S3Error> {
+        let key = self.key(name);
+        let sum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
+        let mut action = PutObject::new(&self.bucket, Some(&self.credentials), &key);
+        action.headers_mut().insert("if-none-match", "*");
+        action
+            .headers_mut()
+            .insert("x-amz-checksum-sha256", sum.clone());
+        let url = action.sign(SIGNED_FOR);
+        self.retry("PUT", &key, || {
+            self.counters.puts.fetch_add(1, Ordering::Relaxed);
+            let sent = self
+                .agent
+                .put(url.as_str())
+                .header("if-none-match", "*")
+                .header("x-amz-checksum-sha256", &sum)
+                .send(body);
+            match answer(sent) {
+                Ok(mut r) => match r.status().as_u16() {
+                    200 | 201 => {
+                        self.counters
+                            .bytes_up
+                            .fetch_add(body.len() as u64, Ordering::Relaxed);
+                        Attempt::Done(true)
+                    }
+                    412 => Attempt::Done(false),
+                    _ => refusal(&mut r, "PUT", &key),
+                },
+                Err(m) => Attempt::Again(m),
+            }
+        })
+    }
+
+    /// Object `name` whole, at most `limit` bytes.
+    pub fn get(&self, name: &str, limit: u64) -> Result<Vec<u8>, S3Error> {
+        self.get_inner(name, None, limit)
+    }
+
+    /// `len` bytes of object `name` from `offset`.
+    pub fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, S3Error> {
+        self.get_inner(name, Some((offset, len)), len)
+    }
+
+    fn get_inner(
+        &self,
+        name: &str,
+        range: Option<(u64, u64)>,
+        limit: u64,
+    ) -> Result<Vec<u8>, S3Error> {
+        let key = self.key(name);
+        let url = GetObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
+        self.retry("GET", &key, || {
+            self.counters.gets.fetch_add(1, Ordering::Relaxed);
+            let mut req = self.agent.get(url.as_str());
+            if let Some((off, len)) = range {
+                req = req.header("range", &format!("bytes={off}-{}", off + len.max(1) - 1));
+            }
+            match answer(req.call()) {
+                Ok(mut r) => match r.status().as_u16() {
+                    200 | 206 => match r.body_mut().with_config().limit(limit).read_to_vec() {
+                        Ok(v) => {
+                            self.counters
+                                .bytes_down
+                                .fetch_add(v.len() as u64, Ordering::Relaxed);
+                            Attempt::Done(v)
+                        }
+                        Err(e) => Attempt::Again(format!("reading the body: {e}")),
+                    },
+                    _ => refusal(&mut r, "GET", &key),
+                },
+                Err(m) => Attempt::Again(m),
+            }
+        })
+    }
+
+    /// Size and last change (microseconds since the epoch) of object `name`, None when it is
+    /// not there.
+    pub fn head(&self, name: &str) -> Result<Option<(u64, Option<i64>)>, S3Error> {
+        let key = self.key(name);
+        let url = HeadObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
+        self.retry("HEAD", &key, || {
+            self.counters.heads.fetch_add(1, Ordering::Relaxed);
+            match answer(self.agent.head(url.as_str()).call()) {
+                Ok(mut r) => match r.status().as_u16() {
+                    200 => {
+                        let h = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok());
+                        let size = h("content-length").and_then(|v| v.parse().ok());
+                        let modified = h("last-modified").and_then(http_date_us);
+                        match size {
+                            Some(s) => Attempt::Done(Some((s, modified))),
+                            None => Attempt::Fail(S3Error::Answer {
+                                op: "HEAD",
+                                key: key.clone(),
+                                detail: "no content-length".into(),
+                            }),
+                        }
+                    }
+                    404 => Attempt::Done(None),
+                    _ => refusal(&mut r, "HEAD", &key),
+                },
+                Err(m) => Attempt::Again(m),
+            }
+        })
+    }
+
+    /// Deletes object `name`; one already gone is not an error.
+    pub fn delete(&self, name: &str) -> Result<(), S3Error> {
+        let key = self.key(name);
+        let url = DeleteObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
+        self.retry("DELETE", &key, || {
+            self.counters.deletes.fetch_add(1, Ordering::Relaxed);
+            match answer(self.agent.delete(url.as_str()).call()) {
+                Ok(mut r) => match r.status().as_u16() {
+                    200 | 204 | 404 => Attempt::Done(()),
+                    _ => refusal(&mut r, "DELETE", &key),
+                },
+                Err(m) => Attempt::Again(m),
+            }
+        })
+    }
+
+    /// Every object whose name starts with `name_prefix` (under the client's prefix): names
+    /// without the client's prefix, and sizes.
+    pub fn list(&self, name_prefix: &str) -> Result<Vec<(String, u64)>, S3Error> {
+        let key = self.key(name_prefix);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
+            action.with_prefix(key.as_str());
+            if let Some(t) = &token {
+                action.with_continuation_token(t.as_str());
+            }
+            let url = action.sign(SIGNED_FOR);
+            let page = self.retry("LIST", &key, || {
+                self.counters.lists.fetch_add(1, Ordering::Relaxed);
+                match answer(self.agent.get(url.as_str()).call()) {
+                    Ok(mut r) if r.status().as_u16() == 200 => {
+                        match r
+                            .body_mut()
+                            .with_config()
+                            .limit(SMALL_BODY)
+                            .read_to_string()
+                        {
+                            Ok(text) => Attempt::Done(text),
+                            Err(e) => Attempt::Again(format!("reading the listing: {e}")),
+                        }
+                    }
+                    Ok(mut r) => refusal(&mut r, "LIST", &key),
+                    Err(m) => Attempt::Again(m),
+                }
+            })?;
+            let parsed = ListObjectsV2::parse_response(&page).map_err(|e| S3Error::Answer {
+                op: "LIST",
+                key: key.clone(),
+                detail: e.to_string(),
+            })?;
+            for c in parsed.contents {
+                if let Some(name) = c.key.strip_prefix(&self.prefix) {
+                    out.push((name.to_owned(), c.size.unwrap_or(0)));
+                }
+            }
+            match parsed.next_continuation_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+/// A transport error's message (worth another try).
+fn answer(
+    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<ureq::http::Response<ureq::Body>, String> {
+    sent.map_err(|e| e.to_string())
+}
+
+/// A non-success answer: retried when it may pass (5xx, 429, a conflicting conditional
+/// write), an error otherwise, with the store's code and message.
+fn refusal<T>(r: &mut ureq::http::Response<ureq::Body>, op: &'static str, key: &str) -> Attempt<T> {
+    let status = r.status().as_u16();
+    let body = r
+        .body_mut()
+        .with_config()
+        .limit(SMALL_BODY)
+        .read_to_string()
+        .unwrap_or_default();
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        body.find(&open)
+            .and_then(|s| {
+                let rest = &body[s + open.len()..];
+                rest.find(&format!("</{t}>")).map(|e| rest[..e].to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let (code, message) = (tag("Code"), tag("Message"));
+    if status >= 500 || status == 429 || (status == 409 && code == "ConditionalRequestConflict") {
+        return Attempt::Again(format!("HTTP {status} {code}: {message}"));
+    }
+    Attempt::Fail(S3Error::Refused {
+        op,
+        key: key.to_owned(),
+        status,
+        code,
+        message,
+    })
+}
+
+/// An HTTP date (`Wed, 21 Oct 2015 07:28:00 GMT`) in microseconds since the epoch.
+fn http_date_us(text: &str) -> Option<i64> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc2822).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates_read_as_microseconds() {
+        assert_eq!(
+            http_date_us("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(1_445_412_480_000_000)
+        );
+        assert_eq!(http_date_us("yesterday"), None);
+    }
+}

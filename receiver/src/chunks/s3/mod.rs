@@ -1,0 +1,427 @@
+//! Packs on S3-compatible object storage: the same pack format as [`super::local`], one object
+//! per pack (`<prefix>packs/<id>.pack`, 64 MiB when full), written once and create-only.
+//!
+//! The data folder keeps two folders under `object-cache/`:
+//! - `staging/`: packs being written. A writer appends and fdatasyncs here exactly as a local
+//!   pack writer does, so a chunk is durable on local disk before the catalog refers to it.
+//!   When a pack is finished (full, or its upload stream ended) it is uploaded with
+//!   `If-None-Match: *` and a SHA-256 checksum, then moved into the cache; only then does the
+//!   writer hand it back to be sealed. A pack whose upload failed stays in `staging/` and is
+//!   uploaded by the next finishing stream or the next start of `serve`.
+//! - `packs/`: a size-bounded cache of recently written and read packs; a read of a pack not
+//!   there fetches the whole object (readers walk packs mostly in order) and evicts the least
+//!   recently used ones past the bound.
+//!
+//! Ordering rules: a chunk is in a local fdatasynced pack before the catalog refers to it (as
+//! for local packs); a pack is sealed only after its object is in the bucket; and a point
+//! commits only when every chunk it refers to lies in a sealed pack (`ingest::commit`), so
+//! every committed point's chunks are in the bucket.
+
+mod client;
+
+pub use client::{Counters, S3Client, S3Error, S3Target};
+
+use super::format::{pack_name, MAX_FRAME_BYTES, PACK_TARGET_BYTES, RECORD_HEADER};
+use super::local::{PackReader, PackWriter};
+use super::{
+    BlockHash, ChunkLocation, ChunkReader, ChunkStore, ChunkStoreError, ChunkWriter, PackId,
+    PackStat, Prepared, ReadOrder,
+};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The folder of the object store's local side, in the data folder.
+pub const CACHE_DIR: &str = "object-cache";
+/// Bytes of packs the cache keeps unless configured otherwise.
+pub const DEFAULT_CACHE_BYTES: u64 = 4 << 30;
+/// Where pack objects live under the store's prefix.
+const PACKS_PREFIX: &str = "packs/";
+/// The largest pack object a fetch accepts: a full pack plus its last record.
+const MAX_PACK_BYTES: u64 = PACK_TARGET_BYTES + RECORD_HEADER + MAX_FRAME_BYTES as u64 + 8;
+
+/// What the store's writers and readers share.
+struct Shared {
+    client: S3Client,
+    staging: PathBuf,
+    cache: PathBuf,
+    cache_limit: u64,
+    /// One fetch at a time: two readers of one pack wait for one download.
+    fetching: Mutex<()>,
+    /// One publish at a time: a sweep and a writer never upload one pack twice at once.
+    publishing: Mutex<()>,
+}
+
+/// The packs of one data folder on object storage.
+#[derive(Clone)]
+pub struct S3Packs {
+    shared: Arc<Shared>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ChunkStoreError + '_ {
+    move |source| ChunkStoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn remote(what: String) -> impl FnOnce(S3Error) -> ChunkStoreError {
+    move |source| ChunkStoreError::Remote { what, source }
+}
+
+/// Pack ids of the files in `dir` named as packs are.
+fn packs_in(dir: &Path) -> Vec<(PackId, u64, std::time::SystemTime)> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id = name
+                .to_str()?
+                .strip_suffix(".pack")
+                .and_then(|h| i64::from_str_radix(h, 16).ok())
+                .map(PackId)?;
+            let meta = e.metadata().ok()?;
+            (pack_name(id) == name.to_str()?).then(|| {
+                (
+                    id,
+                    meta.len(),
+                    meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                )
+            })
+        })
+        .collect()
+}
+
+impl S3Packs {
+    /// The store of data folder `data` in the bucket `target` names, caching up to
+    /// `cache_limit` bytes of packs. Creates the local folders; contacts nothing.
+    pub fn open(
+        data: &Path,
+        target: &S3Target,
+        cache_limit: u64,
+    ) -> Result<S3Packs, ChunkStoreError> {
+        let staging = data.join(CACHE_DIR).join("staging");
+        let cache = data.join(CACHE_DIR).join("packs");
+        for dir in [&staging, &cache] {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let client = S3Client::new(target).map_err(remote("the store's location".into()))?;
+        Ok(S3Packs {
+            shared: Arc::new(Shared {
+                client,
+                staging,
+                cache,
+                cache_limit,
+                fetching: Mutex::new(()),
+                publishing: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Requests and bytes so far.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.client.counters
+    }
+
+    /// Checks that the bucket answers and the credentials are accepted (a listing).
+    pub fn check(&self) -> Result<(), ChunkStoreError> {
+        self.shared
+            .client
+            .list(PACKS_PREFIX)
+            .map(drop)
+            .map_err(remote("listing the bucket".into()))
+    }
+}
+
+impl Shared {
+    fn object(id: PackId) -> String {
+        format!("{PACKS_PREFIX}{}", pack_name(id))
+    }
+
+    /// Publishes every staged pack no writer holds (its lock file is free): packs an upload
+    /// that failed, or a process that died, left behind.
+    fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+        let mut done = Vec::new();
+        for (id, _, _) in packs_in(&self.staging) {
+            let Some(lock) = self.try_lock(id)? else {
+                continue;
+            };
+            self.publish(id)?;
+            self.unlock(id, lock);
+            done.push(id);
+        }
+        Ok(done)
+    }
+
+    /// The lock file of staged pack `id`, locked; None when another writer holds it. A writer
+    /// locks it before creating the pack and keeps it until the pack is published, so a
+    /// sweep (of this or another process: gc writes packs too) never takes a pack in use.
+    fn try_lock(&self, id: PackId) -> Result<Option<fs::File>, ChunkStoreError> {
+        let path = self.staging.join(format!("{}.lock", pack_name(id)));
+        let f = fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(io_err(&path)(e.into())),
+        }
+    }
+
+    /// Removes a published pack's lock file, then lets go of the lock.
+    fn unlock(&self, id: PackId, lock: fs::File) {
+        let _ = fs::remove_file(self.staging.join(format!("{}.lock", pack_name(id))));
+        drop(lock);
+    }
+
+    /// Uploads finished pack `id` from `staging/` (create-only), then moves it into the cache.
+    /// An object of that name already there (an earlier try that got through) must have the
+    /// same size.
+    fn publish(&self, id: PackId) -> Result<(), ChunkStoreError> {
+        let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.staging.join(pack_name(id));
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            // Published meanwhile (by a sweep, or the writer that retired it).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let name = Self::object(id);
+        let created = self
+            .client
+            .put_new(&name, &bytes)
+            .map_err(remote(format!("uploading pack {id}")))?;
+        if !created {
+            let there = self
+                .client
+                .head(&name)
+                .map_err(remote(format!("looking at pack {id}")))?;
+            if there.map(|(size, _)| size) != Some(bytes.len() as u64) {
+                return Err(ChunkStoreError::Conflict {
+                    pack: id,
+                    size: bytes.len() as u64,
+                    there: there.map(|(s, _)| s),
+                });
+            }
+        }
+        let cached = self.cache.join(pack_name(id));
+        fs::rename(&path, &cached).map_err(io_err(&cached))?;
+        self.evict(id);
+        Ok(())
+    }
+
+    /// Makes pack `id` readable from the cache, fetching it if needed.
+    fn fetch(&self, id: PackId) -> Result<(), ChunkStoreError> {
+        let cached = self.cache.join(pack_name(id));
+        if cached.exists() {
+            // Recently used: the eviction order is the files' modification times.
+            if let Ok(f) = fs::File::options().append(true).open(&cached) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+            return Ok(());
+        }
+        let _one = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.exists() {
+            return Ok(());
+        }
+        let bytes = self
+            .client
+            .get(&Self::object(id), MAX_PACK_BYTES)
+            .map_err(remote(format!("fetching pack {id}")))?;
+        let tmp = self.cache.join(format!(".{}.part", pack_name(id)));
+        fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &cached).map_err(io_err(&cached))?;
+        self.evict(id);
+        Ok(())
+    }
+
+    /// Removes the least recently used cached packs (never `keep`) until the cache fits its
+    /// bound. Best effort: the cache holds only copies.
+    fn evict(&self, keep: PackId) {
+        let mut packs = packs_in(&self.cache);
+        let mut total: u64 = packs.iter().map(|p| p.1).sum();
+        if total <= self.cache_limit {
+            return;
+        }
+        packs.sort_by_key(|p| p.2);
+        for (id, size, _) in packs {
+            if total <= self.cache_limit {
+                break;
+            }
+            if id != keep && fs::remove_file(self.cache.join(pack_name(id))).is_ok() {
+                total -= size;
+            }
+        }
+    }
+}
+
+impl ChunkStore for S3Packs {
+    fn writer(&self) -> Box<dyn ChunkWriter> {
+        Box::new(S3Writer {
+            shared: self.shared.clone(),
+            inner: PackWriter::new(&self.shared.staging),
+            locks: Vec::new(),
+            done: Vec::new(),
+        })
+    }
+
+    fn reader(&self, order: ReadOrder) -> Box<dyn ChunkReader> {
+        let dir = &self.shared.cache;
+        Box::new(S3Reader {
+            shared: self.shared.clone(),
+            inner: match order {
+                ReadOrder::Random => PackReader::new(dir),
+                ReadOrder::Sequential => PackReader::sequential(dir),
+            },
+        })
+    }
+
+    fn stored_packs(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+        let list = self
+            .shared
+            .client
+            .list(PACKS_PREFIX)
+            .map_err(remote("listing packs".into()))?;
+        Ok(list
+            .iter()
+            .filter_map(|(name, _)| {
+                let file = name.strip_prefix(PACKS_PREFIX)?;
+                let id = PackId(i64::from_str_radix(file.strip_suffix(".pack")?, 16).ok()?);
+                (pack_name(id) == file).then_some(id)
+            })
+            .collect())
+    }
+
+    fn pack_stat(&self, id: PackId) -> Option<PackStat> {
+        let (size, modified_us) = self.shared.client.head(&Shared::object(id)).ok()??;
+        Some(PackStat { size, modified_us })
+    }
+
+    fn remove_pack(&self, id: PackId) -> Result<(), ChunkStoreError> {
+        self.shared
+            .client
+            .delete(&Shared::object(id))
+            .map_err(remote(format!("removing pack {id}")))?;
+        let _ = fs::remove_file(self.shared.cache.join(pack_name(id)));
+        Ok(())
+    }
+
+    fn sync_removals(&self) {}
+
+    fn stored_bytes(&self) -> u64 {
+        self.shared
+            .client
+            .list(PACKS_PREFIX)
+            .map(|l| l.iter().map(|(_, s)| s).sum())
+            .unwrap_or(0)
+    }
+
+    fn publishes(&self) -> bool {
+        true
+    }
+
+    /// Uploads every finished pack still in `staging/` (not one a writer of this process
+    /// appends to); returns those now in the bucket.
+    fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+        self.shared.publish_staged()
+    }
+}
+
+/// Appends to packs in `staging/`; a finished pack is uploaded before it is handed back.
+struct S3Writer {
+    shared: Arc<Shared>,
+    inner: PackWriter,
+    /// Lock files of the packs this writer wrote and has not published yet.
+    locks: Vec<(PackId, fs::File)>,
+    /// Uploaded packs, to be sealed.
+    done: Vec<PackId>,
+}
+
+impl S3Writer {
+    fn publish_retired(&mut self) -> Result<(), ChunkStoreError> {
+        for id in self.inner.take_retired() {
+            self.shared.publish(id)?;
+            if let Some(i) = self.locks.iter().position(|(l, _)| *l == id) {
+                let (_, lock) = self.locks.swap_remove(i);
+                self.shared.unlock(id, lock);
+            }
+            self.done.push(id);
+        }
+        Ok(())
+    }
+}
+
+impl ChunkWriter for S3Writer {
+    fn needs_pack(&self) -> bool {
+        self.inner.needs_pack()
+    }
+
+    /// The new pack's lock is taken before its file exists, so no sweep takes it.
+    fn open_pack(&mut self, id: PackId) -> Result<(), ChunkStoreError> {
+        let Some(lock) = self.shared.try_lock(id)? else {
+            return Err(ChunkStoreError::Io {
+                path: self.shared.staging.join(pack_name(id)),
+                source: std::io::Error::other("a new pack's lock is held elsewhere"),
+            });
+        };
+        self.locks.push((id, lock));
+        self.inner.open_pack(id)?;
+        self.publish_retired()
+    }
+
+    fn append(&mut self, hash: &BlockHash, frame: &[u8]) -> Result<ChunkLocation, ChunkStoreError> {
+        self.inner.append(hash, frame)
+    }
+
+    fn sync(&mut self) -> Result<(), ChunkStoreError> {
+        self.inner.sync()
+    }
+
+    fn current(&self) -> Option<PackId> {
+        self.inner.current()
+    }
+
+    fn take_retired(&mut self) -> Vec<PackId> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// Uploads the pack being written and any finished pack an earlier failure left behind.
+    fn finish(&mut self) -> Result<(), ChunkStoreError> {
+        self.inner.retire_current()?;
+        self.publish_retired()?;
+        // Packs whose upload failed before are still locked by this writer: release them to
+        // the sweep below.
+        self.locks
+            .retain(|(id, _)| self.inner.current() == Some(*id));
+        let swept = self.shared.publish_staged()?;
+        self.done.extend(swept);
+        Ok(())
+    }
+}
+
+/// Reads through the cache, fetching a pack on its first use.
+struct S3Reader {
+    shared: Arc<Shared>,
+    inner: PackReader,
+}
+
+impl ChunkReader for S3Reader {
+    fn read(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Vec<u8>, ChunkStoreError> {
+        self.shared.fetch(at.pack)?;
+        self.inner.read(at, hash)
+    }
+
+    fn prepare(
+        &mut self,
+        at: ChunkLocation,
+        hash: &BlockHash,
+    ) -> Result<Prepared, ChunkStoreError> {
+        self.shared.fetch(at.pack)?;
+        self.inner.prepare(at, hash)
+    }
+}

@@ -1,0 +1,108 @@
+//! A real S3 server for tests: `moto_server` on loopback (it enforces conditional writes and
+//! Object Lock), with a bucket made by a plain HTTP request.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running moto_server; killed when dropped.
+pub struct Moto {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+/// Whether `moto_server` can be run here.
+pub fn available() -> bool {
+    Command::new("moto_server")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Moto {
+    /// Starts a server on a free loopback port (its log in `dir/moto.log`) and waits until
+    /// it accepts connections.
+    pub fn start(dir: &Path) -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let log = std::fs::File::create(dir.join("moto.log")).expect("moto log");
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start moto_server");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, addr }
+    }
+
+    /// The endpoint URL for the receiver.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates bucket `name` (with Object Lock enabled when `lock`).
+    pub fn bucket(&self, name: &str, lock: bool) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-f", "-X", "PUT"]);
+        if lock {
+            cmd.args(["-H", "x-amz-bucket-object-lock-enabled: true"]);
+        }
+        let out = cmd
+            .arg(format!("{}/{name}", self.endpoint()))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "create bucket {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The object keys of bucket `name` under `prefix` (a plain listing request).
+    pub fn keys(&self, name: &str, prefix: &str) -> Vec<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "-f"])
+            .arg(format!(
+                "{}/{name}?list-type=2&prefix={prefix}",
+                self.endpoint()
+            ))
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "list {name}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The environment a receiver command needs to reach the server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "rewind-test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "rewind-test-secret".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,285 @@
+//! Packs on S3-compatible object storage, against a real S3 server on loopback (moto_server):
+//! the receiver's packs are objects in the bucket, written create-only; every point restores
+//! bit-exact from the bucket alone (the local cache emptied); an unreachable store fails the
+//! sync clearly and the next sync resumes; bad settings fail `serve` at start.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use rewind_tests::faultlink::{FaultLink, LinkMode};
+use rewind_tests::s3::{self, Moto};
+use rewind_tests::{bin, disk, sync_report, Deployment, Receiver};
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BLOCK: u64 = 64 * 1024;
+const MIB: u64 = 1 << 20;
+
+/// `serve --store URL` with the server's environment, reaching it at `endpoint`.
+fn serve(d: &Deployment, url: &str, env: &[(&'static str, String)]) -> Receiver {
+    let mut cmd = Command::new(bin("rewind-receiver"));
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    Receiver::start_via(cmd, &d.data(), &d.pki(), "127.0.0.1:0", &["--store", url])
+}
+
+/// `rewind-receiver ARGS --data DATA` with the server's environment.
+fn receiver(d: &Deployment, env: &[(&'static str, String)], args: &[&str]) -> Output {
+    rewind_tests::run(
+        Command::new(bin("rewind-receiver"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(args)
+            .arg("--data")
+            .arg(d.data()),
+    )
+}
+
+/// Restores `disk` of `point` and returns its digest.
+fn restored(d: &Deployment, env: &[(&'static str, String)], point: u64) -> disk::Digest {
+    let out = d.path(&format!("restored-{point}.raw"));
+    let o = rewind_tests::run(
+        Command::new(bin("rewind-receiver"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["restore", "--vm", "vm1", "--disk", "vda", "--point"])
+            .arg(point.to_string())
+            .arg("--data")
+            .arg(d.data())
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let digest = disk::digest(&out);
+    std::fs::remove_file(&out).unwrap();
+    digest
+}
+
+fn empty_cache(d: &Deployment) {
+    let cache = d.data().join("object-cache/packs");
+    for e in std::fs::read_dir(&cache).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+}
+
+fn copy_digest(d: &Deployment, src: &Path, name: &str) -> disk::Digest {
+    let copy = d.path(name);
+    std::fs::copy(src, &copy).unwrap();
+    disk::digest(&copy)
+}
+
+#[test]
+fn packs_live_in_the_bucket_and_every_point_restores_from_it() {
+    if !s3::available() {
+        eprintln!("moto_server is not installed: skipped");
+        return;
+    }
+    let d = Deployment::new();
+    let moto = Moto::start(d.dir.path());
+    moto.bucket("rewind", false);
+    let env = moto.env();
+    let rx = serve(&d, "s3://rewind/site-a", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 96 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 1200, &mut rng);
+    let p1 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = copy_digest(&d, &vda, "want1.raw");
+    disk::random_blocks(&vda, BLOCK, 300, 40, &mut rng);
+    disk::random_blocks(&vda, BLOCK, 1400, 3, &mut rng);
+    let p2 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want2 = copy_digest(&d, &vda, "want2.raw");
+    assert_eq!(p2["disks"][0]["changed_blocks"], 43);
+
+    // The packs are objects under the prefix, nothing is left staged, and no local pack
+    // folder exists.
+    let keys = moto.keys("rewind", "site-a/packs/");
+    assert!(!keys.is_empty());
+    assert!(keys
+        .iter()
+        .all(|k| k.starts_with("site-a/packs/") && k.ends_with(".pack")));
+    let staging = d.data().join("object-cache/staging");
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+    assert!(!d.data().join("packs").exists());
+    // A 75 MiB seed of incompressible data fills about two 64 MiB packs, not one object per
+    // chunk.
+    assert!(keys.len() <= 4, "{keys:?}");
+
+    // Every point restores bit-exact from the bucket, with the local cache emptied (cold).
+    drop(rx);
+    empty_cache(&d);
+    let id = |p: &serde_json::Value| p["point"].as_u64().unwrap();
+    assert_eq!(restored(&d, &env, id(&p1)), want1);
+    empty_cache(&d);
+    assert_eq!(restored(&d, &env, id(&p2)), want2);
+    let v = receiver(&d, &env, &["verify", "--store", "s3://rewind/site-a"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    // A command given another store than the folder's is refused, naming both.
+    let o = receiver(&d, &env, &["verify", "--store", "s3://rewind/elsewhere"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("keeps its packs in s3://rewind/site-a, not s3://rewind/elsewhere"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unreachable_store_fails_the_sync_clearly_and_the_next_sync_resumes() {
+    if !s3::available() {
+        eprintln!("moto_server is not installed: skipped");
+        return;
+    }
+    let d = Deployment::new();
+    let moto = Moto::start(d.dir.path());
+    moto.bucket("rewind", false);
+    let link = FaultLink::start(moto.addr).unwrap();
+    let mut env = moto.env();
+    env[0].1 = format!("http://{}", link.addr);
+    let rx = serve(&d, "s3://rewind", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 200, &mut rng);
+    let p1 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+
+    // The store goes away: the next sync fails, saying the object store is unreachable, and
+    // no point is made.
+    disk::random_blocks(&vda, BLOCK, 100, 20, &mut rng);
+    link.set(LinkMode::Down);
+    let o = d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("object store") || err.contains("not in the object store"),
+        "{err}"
+    );
+    assert_eq!(d.points("vm1").len(), 1);
+
+    // Back: the next sync makes the point, and both points restore from the bucket alone.
+    link.set(LinkMode::Pass);
+    let p2 = sync_report(&d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
+    let want2 = copy_digest(&d, &vda, "want2.raw");
+    // What the failed sync sent was durable here (staged, indexed): it is not sent again, and
+    // its pack went up before the point committed.
+    assert_eq!(p2["disks"][0]["changed_blocks"], 20, "{p2}");
+    assert_eq!(p2["disks"][0]["sent_chunks"], 0, "{p2}");
+    assert_eq!(
+        std::fs::read_dir(d.data().join("object-cache/staging"))
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "pack"))
+            .count(),
+        0
+    );
+    drop(rx);
+    empty_cache(&d);
+    assert_eq!(restored(&d, &env, p2["point"].as_u64().unwrap()), want2);
+    assert!(p1["point"].as_u64().unwrap() < p2["point"].as_u64().unwrap());
+}
+
+#[test]
+fn bad_store_settings_fail_serve_at_start_with_a_clear_error() {
+    if !s3::available() {
+        eprintln!("moto_server is not installed: skipped");
+        return;
+    }
+    let d = Deployment::new();
+    let moto = Moto::start(d.dir.path());
+    moto.bucket("rewind", false);
+    let serve_once = |url: &str, env: &[(&'static str, String)]| {
+        rewind_tests::run(
+            Command::new(bin("rewind-receiver"))
+                .env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("AWS_ENDPOINT_URL")
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .args(["serve", "--listen", "127.0.0.1:0", "--pki"])
+                .arg(d.pki())
+                .arg("--data")
+                .arg(d.data())
+                .args(["--store", url]),
+        )
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // No keys.
+    let env: Vec<_> = moto
+        .env()
+        .into_iter()
+        .filter(|(k, _)| !k.contains("KEY"))
+        .collect();
+    let o = serve_once("s3://rewind", &env);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no credentials"), "{}", stderr(&o));
+    // A bucket that does not exist: the store's refusal, named.
+    let o = serve_once("s3://no-such-bucket", &moto.env());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("NoSuchBucket"), "{}", stderr(&o));
+    // Not an s3:// URL.
+    let o = serve_once("/var/lib/rewind", &moto.env());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("expected s3://BUCKET"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A folder that recorded one bucket refuses another.
+    let rx = serve(&d, "s3://rewind/a", &moto.env());
+    drop(rx);
+    moto.bucket("other", false);
+    let o = serve_once("s3://other/a", &moto.env());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("keeps its packs in s3://rewind/a"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn gc_on_the_bucket_deletes_dead_packs_and_keeps_every_kept_point_whole() {
+    if !s3::available() {
+        eprintln!("moto_server is not installed: skipped");
+        return;
+    }
+    let d = Deployment::new();
+    let moto = Moto::start(d.dir.path());
+    moto.bucket("rewind", false);
+    let env = moto.env();
+    let rx = serve(&d, "s3://rewind/gc", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    // Each point rewrites the same 32 blocks: after pruning all but the newest, the older
+    // points' versions of them are dead.
+    for _ in 0..2 {
+        disk::random_blocks(&vda, BLOCK, 0, 32, &mut rng);
+        d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    }
+    let newest = d.points("vm1").last().unwrap()["id"].as_u64().unwrap();
+    let want = copy_digest(&d, &vda, "want.raw");
+    let before = moto.keys("rewind", "gc/packs/");
+    let o = receiver(&d, &env, &["prune", "--vm", "vm1", "--keep-last", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = receiver(&d, &env, &["gc", "--grace", "0", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["chunks_removed"], 64, "{r}");
+    let after = moto.keys("rewind", "gc/packs/");
+    // Every pack of the first two points held dead chunks: each is gone from the bucket
+    // (deleted, or rewritten into a new object first).
+    assert!(
+        before.iter().any(|k| !after.contains(k)),
+        "{before:?} {after:?}"
+    );
+    assert!(after.iter().all(|k| k.ends_with(".pack")));
+    drop(rx);
+    empty_cache(&d);
+    assert_eq!(restored(&d, &env, newest), want);
+    let v = receiver(&d, &env, &["verify"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
