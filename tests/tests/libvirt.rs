@@ -448,6 +448,11 @@ fn setup_networked() -> Option<Setup> {
 
 /// Like `setup(true)`, with `edit` applied to the domain's XML before it is defined.
 fn setup_defined(edit: impl FnOnce(String) -> String) -> Option<Setup> {
+    setup_images(false, edit)
+}
+
+/// Like [`setup_defined`]; with `raw_b`, the second disk is a raw file instead of a qcow2.
+fn setup_images(raw_b: bool, edit: impl FnOnce(String) -> String) -> Option<Setup> {
     if !libvirt::available() {
         eprintln!("libvirt is not installed: skipped (the test command installs it)");
         return None;
@@ -455,12 +460,29 @@ fn setup_defined(edit: impl FnOnce(String) -> String) -> Option<Setup> {
     let d = Deployment::new();
     let rx = d.serve();
     let lv = Libvirtd::start(&d.path("libvirt"));
-    let images = vec![
-        libvirt::qcow2(d.dir.path(), "a.qcow2", 64 * MIB),
-        libvirt::qcow2(d.dir.path(), "b.qcow2", 32 * MIB),
-    ];
+    let b = if raw_b {
+        let raw = d.path("b.raw");
+        rewind_tests::disk::create(&raw, 32 * MIB);
+        raw
+    } else {
+        libvirt::qcow2(d.dir.path(), "b.qcow2", 32 * MIB)
+    };
+    let images = vec![libvirt::qcow2(d.dir.path(), "a.qcow2", 64 * MIB), b];
     let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
-    let xml = edit(libvirt::domain_xml(DOMAIN, &refs));
+    let mut xml = libvirt::domain_xml(DOMAIN, &refs);
+    if raw_b {
+        let qcow = format!(
+            "type='qcow2' cache='none'/><source file='{}'",
+            images[1].display()
+        );
+        let raw = format!(
+            "type='raw' cache='none'/><source file='{}'",
+            images[1].display()
+        );
+        assert!(xml.contains(&qcow), "{xml}");
+        xml = xml.replace(&qcow, &raw);
+    }
+    let xml = edit(xml);
     let file = d.path("defined.xml");
     std::fs::write(&file, xml).unwrap();
     lv.virsh_ok(&["define", &file.display().to_string()]);
@@ -740,4 +762,35 @@ fn a_boot_drill_starts_the_captured_domains_memory_cpus_machine_and_boot_order()
     for key in ["memory_mib", "cpus", "machine", "disk_order"] {
         assert_eq!(h[0][key], v[key], "{key}: {h}");
     }
+}
+
+#[test]
+fn a_raw_disk_under_libvirt_is_read_in_full_and_sends_only_its_changed_chunks() {
+    let Some(mut s) = setup_images(true, |x| x) else {
+        return;
+    };
+    s.write(0, 0x61, 0, BLOCK);
+    s.write(1, 0x62, MIB, 2 * BLOCK);
+    let p1 = s.sync_ok();
+    s.check(&p1);
+    s.write(0, 0x63, 2 * MIB, BLOCK);
+    s.write(1, 0x64, 5 * MIB, BLOCK);
+    let p2 = s.sync_ok();
+    let a = disk_of(&p2, "sda");
+    assert_eq!(a["source"], "dirty-bitmap");
+    assert_eq!(a["changed_blocks"], 1);
+    // The raw disk has no bitmap: read in full, reported as such, and only the one new
+    // chunk travels (the known-chunks rule).
+    let b = disk_of(&p2, "sdb");
+    assert_eq!(b["source"], "full-read: raw disk: no dirty bitmaps");
+    assert_eq!(b["changed_blocks"], 1);
+    assert_eq!(b["sent_chunks"], 1);
+    s.check(&p2);
+    // The checkpoint covers the qcow2 disk only; the chain goes on.
+    s.write(0, 0x65, 3 * MIB, BLOCK);
+    let p3 = s.sync_ok();
+    assert_eq!(disk_of(&p3, "sda")["changed_blocks"], 1);
+    assert_eq!(disk_of(&p3, "sdb")["changed_blocks"], 0);
+    s.check(&p3);
+    assert_eq!(checkpoints(&s.lv).len(), 1);
 }

@@ -14,6 +14,9 @@ use std::process::{Command, Output};
 const BLOCK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
 
+/// The variables a receiver command needs to reach the S3 server.
+type Env = Vec<(&'static str, String)>;
+
 /// `serve --store URL` with the server's environment, reaching it at `endpoint`.
 fn serve(d: &Deployment, url: &str, env: &[(&'static str, String)]) -> Receiver {
     let mut cmd = Command::new(bin("rewind-receiver"));
@@ -64,16 +67,24 @@ fn copy_digest(d: &Deployment, src: &Path, name: &str) -> disk::Digest {
     disk::digest(&copy)
 }
 
-#[test]
-fn packs_live_in_the_bucket_and_every_point_restores_from_it() {
+/// A deployment and a moto_server with bucket `rewind`; None (skipped) without moto_server.
+fn with_moto() -> Option<(Deployment, Moto, Env)> {
     if !s3::available() {
-        eprintln!("moto_server is not installed: skipped");
-        return;
+        eprintln!("moto_server is not installed: skipped (the test command installs it)");
+        return None;
     }
     let d = Deployment::new();
     let moto = Moto::start(d.dir.path());
     moto.bucket("rewind", false);
     let env = moto.env();
+    Some((d, moto, env))
+}
+
+#[test]
+fn packs_live_in_the_bucket_and_every_point_restores_from_it() {
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
     let rx = serve(&d, "s3://rewind/site-a", &env);
     let vda = d.path("vda.raw");
     disk::create(&vda, 96 * MIB);
@@ -122,13 +133,9 @@ fn packs_live_in_the_bucket_and_every_point_restores_from_it() {
 
 #[test]
 fn an_unreachable_store_fails_the_sync_clearly_and_the_next_sync_resumes() {
-    if !s3::available() {
-        eprintln!("moto_server is not installed: skipped");
+    let Some((d, moto, _)) = with_moto() else {
         return;
-    }
-    let d = Deployment::new();
-    let moto = Moto::start(d.dir.path());
-    moto.bucket("rewind", false);
+    };
     let link = FaultLink::start(moto.addr).unwrap();
     let mut env = moto.env();
     env[0].1 = format!("http://{}", link.addr);
@@ -180,13 +187,9 @@ fn an_unreachable_store_fails_the_sync_clearly_and_the_next_sync_resumes() {
 
 #[test]
 fn bad_store_settings_fail_serve_at_start_with_a_clear_error() {
-    if !s3::available() {
-        eprintln!("moto_server is not installed: skipped");
+    let Some((d, moto, _)) = with_moto() else {
         return;
-    }
-    let d = Deployment::new();
-    let moto = Moto::start(d.dir.path());
-    moto.bucket("rewind", false);
+    };
     let serve_once = |url: &str, env: &[(&'static str, String)]| {
         rewind_tests::run(
             Command::new(bin("rewind-receiver"))
@@ -240,14 +243,9 @@ fn bad_store_settings_fail_serve_at_start_with_a_clear_error() {
 
 #[test]
 fn gc_on_the_bucket_deletes_dead_packs_and_keeps_every_kept_point_whole() {
-    if !s3::available() {
-        eprintln!("moto_server is not installed: skipped");
+    let Some((d, moto, env)) = with_moto() else {
         return;
-    }
-    let d = Deployment::new();
-    let moto = Moto::start(d.dir.path());
-    moto.bucket("rewind", false);
-    let env = moto.env();
+    };
     let rx = serve(&d, "s3://rewind/gc", &env);
     let vda = d.path("vda.raw");
     disk::create(&vda, 32 * MIB);
