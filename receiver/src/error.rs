@@ -157,6 +157,9 @@ pub enum StoreError {
          written, or the store unreachable): try the commit again"
     )]
     NotPublished(String),
+    /// `recover` found no catalog snapshot in the store.
+    #[error("no catalog snapshot in {0}: nothing to recover from")]
+    NoSnapshot(String),
     /// Another `serve` holds the data folder.
     #[error("{0}: another serve process holds this data folder")]
     InUse(std::path::PathBuf),

@@ -48,7 +48,11 @@ pub struct GcReport {
 /// removing it). Pack ids are never reused (AUTOINCREMENT) and a pack's row is committed
 /// before its file is created, so a pack with an id the catalog has handed out but holds no row
 /// for is unreachable; a pack with a newer id may belong to a row not yet committed, and stays.
-fn remove_orphan_packs(conn: &Connection, store: &dyn ChunkStore) -> Result<u64, StoreError> {
+fn remove_orphan_packs(
+    conn: &Connection,
+    store: &dyn ChunkStore,
+    deferred: &mut Vec<PackId>,
+) -> Result<u64, StoreError> {
     let handed_out = packs::handed_out(conn)?;
     let mut removed = 0;
     for id in store.stored_packs()? {
@@ -56,7 +60,13 @@ fn remove_orphan_packs(conn: &Connection, store: &dyn ChunkStore) -> Result<u64,
             continue;
         }
         if !packs::exists(conn, id)? {
-            store.remove_pack(id)?;
+            // An older catalog snapshot may still name it: on an object store it goes after
+            // the next snapshot.
+            if store.publishes() {
+                deferred.push(id);
+            } else {
+                store.remove_pack(id)?;
+            }
             removed += 1;
         }
     }
@@ -108,9 +118,10 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     // A forward clock step must not shorten the grace period or a session's life.
     let now = crate::clock::cautious_now(conn)?;
     let cutoff = now - (grace_secs as i64) * 1_000_000;
+    let mut deferred = Vec::new();
     let mut report = GcReport {
         bytes_before: store.stored_bytes(),
-        orphan_packs_removed: remove_orphan_packs(conn, &*store)?,
+        orphan_packs_removed: remove_orphan_packs(conn, &*store, &mut deferred)?,
         ..Default::default()
     };
     // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
@@ -125,8 +136,16 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
             store: &*store,
             reader: &mut *reader,
             writer: &mut *writer,
+            deferred: &mut deferred,
         };
         collect_pack(conn, &mut io, (id, created), cutoff, &mut report)?;
+    }
+    if !deferred.is_empty() {
+        // The newest catalog snapshot must not name a pack about to be deleted.
+        crate::snapshot::take(data)?;
+        for id in deferred {
+            store.remove_pack(id)?;
+        }
     }
     writer.sync()?;
     writer.finish()?;
@@ -177,6 +196,9 @@ struct Packs<'a> {
     store: &'a dyn ChunkStore,
     reader: &'a mut dyn ChunkReader,
     writer: &'a mut dyn ChunkWriter,
+    /// On an object store, packs to delete once a catalog snapshot no longer names them
+    /// (see [`crate::snapshot`]); deleted at once otherwise.
+    deferred: &'a mut Vec<crate::chunks::PackId>,
 }
 
 /// Step 2, for one sealed pack older than `cutoff`: a pack mostly dead has its live chunks
@@ -247,7 +269,11 @@ fn collect_pack(
     if rows::count_in_pack(conn, id)? == 0 {
         packs::forget(conn, id)?;
         rewind_proto::faults::point("gc-before-unlink");
-        store.remove_pack(id)?;
+        if store.publishes() {
+            io.deferred.push(id);
+        } else {
+            store.remove_pack(id)?;
+        }
         report.packs_deleted += 1;
     }
     Ok(())

@@ -43,5 +43,6 @@ pub mod retention;
 pub mod schedule;
 pub mod server;
 pub mod service;
+pub mod snapshot;
 pub mod store;
 pub mod verify;

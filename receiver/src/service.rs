@@ -141,6 +141,7 @@ pub fn to_status(e: StoreError) -> Status {
         SessionClosed(_) | ChunkNotHeld { .. } => Status::failed_precondition(msg),
         BaseMoved { .. } | CommitRunning(_) => Status::aborted(msg),
         NotPublished(_) => Status::unavailable(msg),
+        NoSnapshot(_) => Status::not_found(msg),
         Cancelled => Status::cancelled(msg),
         // Damaged stored data keeps its kind: the caller learns it is data loss, not a fault
         // of its request or a passing failure.

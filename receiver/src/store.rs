@@ -67,6 +67,8 @@ pub struct Store {
     pub(crate) commit_locks: Mutex<std::collections::HashMap<crate::catalog::VmId, Arc<Mutex<()>>>>,
     /// The data folder's serve lock, held while the store is open.
     _serve_lock: std::fs::File,
+    /// Points committed since the store was opened (what makes a catalog snapshot due).
+    pub(crate) commits: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -114,6 +116,7 @@ impl Store {
             rules: RwLock::new(Arc::new(Rules::default())),
             commit_locks: Mutex::new(std::collections::HashMap::new()),
             _serve_lock: lock,
+            commits: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -128,6 +131,11 @@ impl Store {
 
     pub fn data(&self) -> &Path {
         &self.data
+    }
+
+    /// Points committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The chunk store, for readers of chunk frames.

@@ -275,9 +275,70 @@ fn gc_on_the_bucket_deletes_dead_packs_and_keeps_every_kept_point_whole() {
         "{before:?} {after:?}"
     );
     assert!(after.iter().all(|k| k.ends_with(".pack")));
+    // Before deleting pack objects, gc left a catalog snapshot that names none of them.
+    assert!(!moto.keys("rewind", "gc/catalog/").is_empty());
     drop(rx);
     empty_cache(&d);
     assert_eq!(restored(&d, &env, newest), want);
     let v = receiver(&d, &env, &["verify"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+#[test]
+fn a_receiver_rebuilt_from_its_bucket_restores_every_snapshotted_point_and_agents_heal_the_gap() {
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
+    let rx = serve(&d, "s3://rewind/dr", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 200, &mut rng);
+    let p1 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = copy_digest(&d, &vda, "want1.raw");
+    disk::random_blocks(&vda, BLOCK, 100, 10, &mut rng);
+    let p2 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want2 = copy_digest(&d, &vda, "want2.raw");
+    // A clean stop leaves a catalog snapshot in the bucket.
+    let stopped = rx.terminate(std::time::Duration::from_secs(60));
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    assert_eq!(moto.keys("rewind", "dr/catalog/").len(), 1);
+
+    // One more point, then the receiver dies before a snapshot of it is due, and the site
+    // burns: the data folder is gone.
+    let rx = serve(&d, "s3://rewind/dr", &env);
+    disk::random_blocks(&vda, BLOCK, 300, 5, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    rx.kill9();
+    assert_eq!(moto.keys("rewind", "dr/catalog/").len(), 1);
+    std::fs::remove_dir_all(d.data()).unwrap();
+
+    let o = receiver(
+        &d,
+        &env,
+        &["recover", "--store", "s3://rewind/dr", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["points"], 2, "{r}");
+    assert_eq!(r["vms"], 1, "{r}");
+    assert_eq!(r["packs_dropped"], 0, "{r}");
+    let id = |p: &serde_json::Value| p["point"].as_u64().unwrap();
+    assert_eq!(restored(&d, &env, id(&p1)), want1);
+    assert_eq!(restored(&d, &env, id(&p2)), want2);
+    // Recovering into a folder that holds a catalog is refused.
+    let o = receiver(&d, &env, &["recover", "--store", "s3://rewind/dr"]);
+    assert!(!o.status.success());
+
+    // The agent's state names the lost third point: its next sync reads the disk in full and
+    // sends only what the rebuilt receiver lacks (the 5 blocks of the lost point, 2 new). Its
+    // packs get ids past the lost point's packs, still in the bucket (a taken name would be
+    // refused by the create-only write).
+    let rx = serve(&d, "s3://rewind/dr", &env);
+    disk::random_blocks(&vda, BLOCK, 400, 2, &mut rng);
+    let p4 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    assert_eq!(p4["disks"][0]["sent_chunks"], 7, "{p4}");
+    let want4 = copy_digest(&d, &vda, "want4.raw");
+    drop(rx);
+    assert_eq!(restored(&d, &env, id(&p4)), want4);
 }

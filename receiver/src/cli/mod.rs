@@ -9,6 +9,7 @@ pub mod lock;
 pub mod pki;
 pub mod points;
 pub mod prune;
+pub mod recover;
 pub mod restore;
 pub mod serve;
 pub mod status;
@@ -94,6 +95,8 @@ pub enum Command {
     Prune(prune::PruneArgs),
     /// Free the space of chunks no point references (safe while serve runs).
     Gc(gc::GcArgs),
+    /// Rebuild a data folder from its object store alone (the newest catalog snapshot).
+    Recover(recover::RecoverArgs),
     /// Re-read and re-hash chunks; quarantine bad ones and name the points they damage.
     Verify(verify::VerifyArgs),
     /// Protect a point from prune until a date.
@@ -122,6 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prune(a) => prune::run(a),
         Command::Lock(a) => lock::run(a),
         Command::Gc(a) => gc::run(a),
+        Command::Recover(a) => recover::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Drill(a) => drill::run(a),
         Command::Drills(a) => drill::list(a),

@@ -366,13 +366,48 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             admission.clone(),
             store.clone(),
         ));
+        if crate::chunks::location::recorded(&data)?.is_some() {
+            tokio::spawn(snapshot_loop(data.clone(), store.clone()));
+        }
         tracing::info!(%addr, data = %data.display(), "serving");
+        let kept = store.clone();
         crate::server::run(listener, admission, store, shutdown_signal(term, int))
             .await
             .context("serving")?;
+        // A clean stop leaves the newest commits in the bucket's catalog snapshot.
+        if kept.commits() > 0 {
+            let d = data.clone();
+            match tokio::task::spawn_blocking(move || crate::snapshot::take(&d)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %Chain(&e), "catalog snapshot at stop failed")
+                }
+                Err(e) => tracing::error!(error = %e, "catalog snapshot at stop failed"),
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// With packs on object storage: a catalog snapshot into the bucket at most
+/// [`crate::snapshot::INTERVAL`] after each commit (commits meanwhile share it).
+async fn snapshot_loop(data: PathBuf, store: Arc<Store>) {
+    let mut seen = 0;
+    loop {
+        while store.commits() == seen {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tokio::time::sleep(crate::snapshot::INTERVAL.saturating_sub(Duration::from_secs(2))).await;
+        let now = store.commits();
+        let d = data.clone();
+        match tokio::task::spawn_blocking(move || crate::snapshot::take(&d)).await {
+            Ok(Ok(_)) => seen = now,
+            // Still due: tried again an interval later.
+            Ok(Err(e)) => tracing::error!(error = %Chain(&e), "catalog snapshot failed"),
+            Err(e) => tracing::error!(error = %e, "catalog snapshot failed"),
+        }
+    }
 }
 
 /// SIGHUP: re-read the configuration and the PKI folder's revocation list; retention, RPO

@@ -48,11 +48,16 @@ impl Store {
             WHOLE_COMMIT_PARENTS,
         )?;
         let meta = (config, consistency);
-        if large {
+        let done = if large {
             self.commit_in_steps(owner, session_id, roots, meta)
         } else {
             self.commit_whole(owner, session_id, roots, meta)
+        };
+        if done.is_ok() {
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+        done
     }
 
     /// On an object store, waits (up to [`PUBLISH_WAIT`]) until every chunk the session refers
