@@ -128,7 +128,8 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     report.chunks_removed = forget_dead_chunks(conn, now, cutoff, &mut report)?;
     // 2. Packs: delete dead ones, rewrite mostly dead ones.
     // Only sealed packs: one a writer still appends to may not have all its rows yet.
-    let sealed = packs::sealed(conn)?;
+    // Packs under Object Lock (a locked point's) are left alone until it passes.
+    let sealed = packs::collectable(conn, now)?;
     let mut writer = store.writer();
     let mut reader = store.reader(ReadOrder::Sequential);
     for (id, created) in sealed {

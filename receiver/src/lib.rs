@@ -34,6 +34,7 @@ pub mod guest_agent;
 pub mod ingest;
 pub mod metrics;
 pub mod nbd_server;
+pub mod object_lock;
 pub mod pki;
 pub mod points;
 pub mod prune;

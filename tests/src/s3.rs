@@ -89,6 +89,37 @@ impl Moto {
             .collect()
     }
 
+    /// Tries to delete every version of object `key` with the receiver's keys (signed
+    /// requests through boto3, as a thief holding those keys would); returns each try's
+    /// outcome: `deleted`, or the store's error code.
+    pub fn delete_versions(&self, bucket: &str, key: &str) -> Vec<String> {
+        let script = r#"
+import boto3, sys
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="rewind-test",
+                  aws_secret_access_key="rewind-test-secret", region_name="us-east-1")
+vs = s3.list_object_versions(Bucket=sys.argv[2], Prefix=sys.argv[3]).get("Versions", [])
+for v in vs:
+    try:
+        s3.delete_object(Bucket=sys.argv[2], Key=v["Key"], VersionId=v["VersionId"])
+        print("deleted")
+    except Exception as e:
+        print(getattr(e, "response", {}).get("Error", {}).get("Code", str(e)))
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, &self.endpoint(), bucket, key])
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The environment a receiver command needs to reach the server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![

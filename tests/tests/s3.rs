@@ -342,3 +342,62 @@ fn a_receiver_rebuilt_from_its_bucket_restores_every_snapshotted_point_and_agent
     drop(rx);
     assert_eq!(restored(&d, &env, id(&p4)), want4);
 }
+
+#[test]
+fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_them() {
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
+    moto.bucket("vault", true);
+    let rx = serve(&d, "s3://vault/l", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 16 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rng);
+    let p1 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = copy_digest(&d, &vda, "want1.raw");
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let id1 = p1["point"].as_u64().unwrap().to_string();
+
+    let o = receiver(
+        &d,
+        &env,
+        &[
+            "lock",
+            "--vm",
+            "vm1",
+            "--point",
+            &id1,
+            "--until",
+            "2099-01-01T00:00:00Z",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("1 pack objects put under Object Lock"),
+        "{out}"
+    );
+    // A thief with the receiver's keys cannot delete the locked history: the store refuses
+    // to delete any version of the first point's pack. (moto answers GET ?retention with an
+    // error, so the lock is seen by what it forbids.) The second point's pack, holding only
+    // the second point's chunks, is not locked: the same keys delete it.
+    let first = "l/packs/0000000000000001.pack";
+    let tries = moto.delete_versions("vault", first);
+    assert!(!tries.is_empty());
+    assert!(tries.iter().all(|s| s == "AccessDenied"), "{tries:?}");
+    let tries = moto.delete_versions("vault", "l/packs/0000000000000002.pack");
+    assert!(!tries.is_empty());
+    assert!(tries.iter().all(|s| s == "deleted"), "{tries:?}");
+
+    // prune keeps the locked point; gc leaves its pack alone; it restores from the bucket.
+    let o = receiver(&d, &env, &["prune", "--vm", "vm1", "--keep-last", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = receiver(&d, &env, &["gc", "--grace", "0", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(moto.keys("vault", "l/packs/").contains(&first.to_owned()));
+    drop(rx);
+    empty_cache(&d);
+    assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
+}

@@ -58,6 +58,19 @@ pub fn bytes_in_scope(
     )
 }
 
+/// The packs holding the chunks in scope.
+pub fn packs_in_scope(
+    conn: &Connection,
+    (vm, point): (Option<&str>, Option<i64>),
+) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT DISTINCT c.pack_id FROM chunks c WHERE ",
+        in_scope!()
+    ))?;
+    let rows = stmt.query_map(params![vm, point], |r| r.get(0))?;
+    rows.collect()
+}
+
 /// Up to `limit` chunk rows in scope after the location `after` (pack, offset), in pack order.
 pub fn page_in_scope(
     conn: &Connection,

@@ -50,11 +50,35 @@ pub fn exists(conn: &Connection, id: PackId) -> rusqlite::Result<bool> {
     )
 }
 
-/// Sealed packs and when each was created, by id.
-pub fn sealed(conn: &Connection) -> rusqlite::Result<Vec<(PackId, i64)>> {
-    let mut stmt = conn.prepare("SELECT id, created_us FROM packs WHERE sealed = 1 ORDER BY id")?;
-    let rows = stmt.query_map([], |r| Ok((PackId(r.get(0)?), r.get(1)?)))?;
+/// Sealed packs gc may rewrite or delete at `now_us`: not under Object Lock.
+pub fn collectable(conn: &Connection, now_us: i64) -> rusqlite::Result<Vec<(PackId, i64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, created_us FROM packs WHERE sealed = 1 AND retain_until_us <= ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([now_us], |r| Ok((PackId(r.get(0)?), r.get(1)?)))?;
     rows.collect()
+}
+
+/// Until when pack `id`'s object is retained (0: not at all, or no such pack).
+pub fn retained_until(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT retain_until_us FROM packs WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Records that pack `id`'s object is retained until `until_us`.
+pub fn set_retained(conn: &Connection, id: i64, until_us: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE packs SET retain_until_us = MAX(retain_until_us, ?2) WHERE id = ?1",
+        [id, until_us],
+    )
+    .map(|_| ())
 }
 
 /// Forgets pack `id`'s row. Only once no chunk row refers to it; its file goes after.

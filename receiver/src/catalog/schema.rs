@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 5;
+pub const VERSION: i64 = 6;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -116,6 +116,12 @@ CREATE TABLE clock_steps(
   step_us INTEGER NOT NULL);
 ";
 
+/// From version 5 to 6: until when a pack's object is under Object Lock (0: never), so gc
+/// leaves it alone.
+const MIGRATE_5_6: &str = "
+ALTER TABLE packs ADD COLUMN retain_until_us INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -216,6 +222,7 @@ const STEPS: &[(i64, &str)] = &[
     (3, MIGRATE_2_3),
     (4, MIGRATE_3_4),
     (5, MIGRATE_4_5),
+    (6, MIGRATE_5_6),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

@@ -151,6 +151,14 @@ pub trait ChunkStore: Send + Sync {
         false
     }
 
+    /// Puts pack `id` under Object Lock in COMPLIANCE mode until `until_us` (microseconds since
+    /// the epoch): nobody, the receiver's own keys included, can delete or overwrite it
+    /// before then. Stores without such a lock do nothing.
+    fn retain(&self, id: PackId, until_us: i64) -> Result<(), ChunkStoreError> {
+        let _ = (id, until_us);
+        Ok(())
+    }
+
     /// Publishes finished packs an earlier failure left unpublished; returns them, to be
     /// sealed. Local packs have nothing to publish.
     fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {

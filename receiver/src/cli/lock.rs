@@ -26,5 +26,14 @@ pub fn run(a: LockArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let until = prune::lock(&conn, &a.vm, a.point, &a.until)?;
     println!("point {} of {} is locked until {until}", a.point, a.vm);
+    // On an object store, its packs go under Object Lock now (serve retries if this fails).
+    let store = crate::chunks::open(&a.data)?;
+    let n = crate::object_lock::apply(&conn, &*store).with_context(|| {
+        "the lock is recorded, but its packs are not yet under Object Lock (serve retries \
+         every 30 s)"
+    })?;
+    if store.publishes() {
+        println!("{n} pack objects put under Object Lock (COMPLIANCE) until {until}");
+    }
     Ok(())
 }

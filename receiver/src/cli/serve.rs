@@ -368,6 +368,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         ));
         if crate::chunks::location::recorded(&data)?.is_some() {
             tokio::spawn(snapshot_loop(data.clone(), store.clone()));
+            tokio::spawn(lock_loop(data.clone()));
         }
         tracing::info!(%addr, data = %data.display(), "serving");
         let kept = store.clone();
@@ -406,6 +407,26 @@ async fn snapshot_loop(data: PathBuf, store: Arc<Store>) {
             // Still due: tried again an interval later.
             Ok(Err(e)) => tracing::error!(error = %Chain(&e), "catalog snapshot failed"),
             Err(e) => tracing::error!(error = %e, "catalog snapshot failed"),
+        }
+    }
+}
+
+/// With packs on object storage: locked points' packs put under Object Lock (see
+/// [`crate::object_lock`]) every [`crate::object_lock::INTERVAL`].
+async fn lock_loop(data: PathBuf) {
+    loop {
+        tokio::time::sleep(crate::object_lock::INTERVAL).await;
+        let d = data.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<usize, StoreError> {
+            let conn = crate::catalog::open_rw(&d)?;
+            crate::object_lock::apply(&conn, &*crate::chunks::open(&d)?)
+        })
+        .await;
+        match done {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(packs = n, "pack objects put under Object Lock"),
+            Ok(Err(e)) => tracing::error!(error = %Chain(&e), "applying Object Lock failed"),
+            Err(e) => tracing::error!(error = %e, "applying Object Lock failed"),
         }
     }
 }

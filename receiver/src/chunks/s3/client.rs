@@ -200,6 +200,44 @@ impl S3Client {
         })
     }
 
+    /// Puts object `name` under Object Lock in COMPLIANCE mode until `until_us` (microseconds
+    /// since the epoch). The bucket must have Object Lock enabled. A date earlier than the
+    /// one in force is refused by the store (COMPLIANCE only extends).
+    pub fn retain(&self, name: &str, until_us: i64) -> Result<(), S3Error> {
+        let key = self.key(name);
+        let until = time::OffsetDateTime::from_unix_timestamp(until_us.div_euclid(1_000_000))
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .ok_or_else(|| S3Error::Config(format!("lock date {until_us} out of range")))?;
+        let body = format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Mode>COMPLIANCE</Mode><RetainUntilDate>{until}</RetainUntilDate></Retention>"
+        );
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
+        let mut action = PutObject::new(&self.bucket, Some(&self.credentials), &key);
+        action.query_mut().insert("retention", "");
+        action.headers_mut().insert("content-md5", md5.clone());
+        let url = action.sign(SIGNED_FOR);
+        self.retry("PUT retention", &key, || {
+            self.counters.puts.fetch_add(1, Ordering::Relaxed);
+            let sent = self
+                .agent
+                .put(url.as_str())
+                .header("content-md5", &md5)
+                .send(body.as_bytes());
+            match answer(sent) {
+                Ok(mut r) => match r.status().as_u16() {
+                    200 | 204 => Attempt::Done(()),
+                    _ => refusal(&mut r, "PUT retention", &key),
+                },
+                Err(m) => Attempt::Again(m),
+            }
+        })
+    }
+
     /// Object `name` whole, at most `limit` bytes.
     pub fn get(&self, name: &str, limit: u64) -> Result<Vec<u8>, S3Error> {
         self.get_inner(name, None, limit)

@@ -325,6 +325,13 @@ impl ChunkStore for S3Packs {
         true
     }
 
+    fn retain(&self, id: PackId, until_us: i64) -> Result<(), ChunkStoreError> {
+        self.shared
+            .client
+            .retain(&Shared::object(id), until_us)
+            .map_err(remote(format!("locking pack {id}")))
+    }
+
     /// Uploads every finished pack still in `staging/` (not one a writer of this process
     /// appends to); returns those now in the bucket.
     fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
