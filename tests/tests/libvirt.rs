@@ -132,6 +132,15 @@ fn a_two_disk_domain_seeds_then_sends_exactly_its_changed_blocks() {
         let src = disk_of(&p1, disk)["source"].as_str().unwrap().to_owned();
         assert!(src.starts_with("full-read"), "{disk}: {src}");
     }
+    // The point carries the definition of the checkpoint its job created (the receiver keeps
+    // it with the point).
+    let cps = checkpoints(&s.lv);
+    let config = &s.d.points(DOMAIN)[0]["config"];
+    let cp_xml = config["checkpoint_xml"].as_str().unwrap_or_default();
+    assert!(
+        cps.len() == 1 && cp_xml.contains(&format!("<name>{}</name>", cps[0])),
+        "{cps:?} {cp_xml}"
+    );
     assert_eq!(disk_of(&p1, "sda")["changed_blocks"], 2 + 48);
     assert_eq!(disk_of(&p1, "sdb")["changed_blocks"], 1);
     s.check(&p1);

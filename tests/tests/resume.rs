@@ -35,10 +35,14 @@ fn finish_and_check(
         "the interrupted session is resumed: {r}"
     );
     assert_eq!(disk_of(&r, "vda")["changed_blocks"], BIG_BLOCKS);
+    // The resumed run skips what was stored. (`stored_before` is read right after the kill,
+    // while the receiver may still stage batches it had received, up to its pipeline's room:
+    // so only this bound is exact. That everything arrived is what the bit-exact restore
+    // below checks.)
     let sent = r["sent_bytes"].as_u64().unwrap();
     let full = BIG_BLOCKS * BLOCK;
     assert!(
-        sent + stored_before >= full && sent < full - stored_before / 2,
+        sent < full - stored_before / 2,
         "resumed run sent {sent} of {full} ({stored_before} already stored)"
     );
     let points = d.points("web1");

@@ -172,6 +172,12 @@ fn saved_checkpoint(work: &Workdir, name: &str) -> PathBuf {
     work.dir.join(format!("checkpoint-{name}.xml"))
 }
 
+/// The definition of checkpoint `name` as the state keeps it (sent with the point, so the
+/// receiver keeps it too), if it is there.
+pub fn checkpoint_definition(work: &Workdir, name: &str) -> Option<String> {
+    std::fs::read_to_string(saved_checkpoint(work, name)).ok()
+}
+
 /// Finds the domain, ends a job a killed agent left, and reads its disks and definition.
 pub async fn discover(src: &LibvirtSource, work: Workdir) -> Result<LibvirtVm, LibvirtError> {
     let virsh = Virsh::new(&src.uri);

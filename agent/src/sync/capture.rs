@@ -234,7 +234,7 @@ async fn capture_libvirt(
         _ => None,
     };
     let want_delta: Vec<bool> = full.iter().map(|f| !f).collect();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "source": "libvirt",
         "uri": src.uri,
         "domain": src.domain,
@@ -245,6 +245,8 @@ async fn capture_libvirt(
     }
     let plan = libvirt::plan(&vm, base.as_deref(), &want_delta, stamp()).await?;
     let job = libvirt::begin(&vm, plan, src.freeze).await?;
+    // The new checkpoint's definition travels with the point: the receiver keeps it too.
+    config["checkpoint_xml"] = libvirt::checkpoint_definition(&vm.work, &job.plan.new).into();
     let socket = libvirt::socket(&vm.work);
     let mut opened = Vec::new();
     for ((d, b), reason) in found
@@ -295,10 +297,11 @@ async fn capture_libvirt_offline(
     found: &[SourceDisk],
     base: Option<String>,
     want_delta: &[bool],
-    config: serde_json::Value,
+    mut config: serde_json::Value,
 ) -> Result<Captured, SyncError> {
     let plan = libvirt::offline::plan(&vm, base.as_deref(), want_delta, stamp()).await?;
     let point = libvirt::offline::begin(&vm, plan).await?;
+    config["checkpoint_xml"] = libvirt::checkpoint_definition(&vm.work, &point.plan.new).into();
     let mut opened = Vec::new();
     for (d, p) in found.iter().zip(&point.plan.disks) {
         let reason = p.full_reason.as_deref();
