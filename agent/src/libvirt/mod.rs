@@ -168,6 +168,22 @@ fn scratch(work: &Workdir, disk: &str) -> PathBuf {
     work.dir.join(format!("scratch-{disk}.qcow2"))
 }
 
+/// Why `disk` is read in full (None: only its dirty blocks since the base): it has no bitmaps,
+/// the receiver asked for a full point (`delta` false), or the base failed its check (`why`).
+pub(crate) fn full_reason(
+    disk: &xml::DomainDisk,
+    delta: bool,
+    why: Option<&str>,
+) -> Option<String> {
+    if !disk.has_bitmaps() {
+        Some(format!("{} disk: no dirty bitmaps", disk.format))
+    } else if !delta {
+        Some("the receiver asked for a full point".to_owned())
+    } else {
+        why.map(str::to_owned)
+    }
+}
+
 fn saved_checkpoint(work: &Workdir, name: &str) -> PathBuf {
     work.dir.join(format!("checkpoint-{name}.xml"))
 }
@@ -416,13 +432,7 @@ pub async fn plan(
     let mut disks = Vec::new();
     let mut full_reasons = Vec::new();
     for ((disk, _), &delta) in vm.disks.iter().zip(want_delta) {
-        let reason = if !disk.has_bitmaps() {
-            Some(format!("{} disk: no dirty bitmaps", disk.format))
-        } else if !delta {
-            Some("the receiver asked for a full point".to_owned())
-        } else {
-            why.clone()
-        };
+        let reason = full_reason(disk, delta, why.as_deref());
         disks.push(BackupDisk {
             target: disk.target.clone(),
             since: if reason.is_none() { base.clone() } else { None },

@@ -331,13 +331,7 @@ pub async fn plan(
     }
     let mut disks = Vec::new();
     for ((disk, _), &delta) in vm.disks.iter().zip(want_delta) {
-        let full_reason = if !disk.has_bitmaps() {
-            Some(format!("{} disk: no dirty bitmaps", disk.format))
-        } else if !delta {
-            Some("the receiver asked for a full point".to_owned())
-        } else {
-            why.clone()
-        };
+        let full_reason = super::full_reason(disk, delta, why.as_deref());
         disks.push(OfflineDisk {
             target: disk.target.clone(),
             since: if full_reason.is_none() {
