@@ -150,7 +150,10 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     }
     writer.sync()?;
     writer.finish()?;
-    for id in writer.take_retired().into_iter().chain(writer.current()) {
+    for r in writer.take_retired() {
+        crate::catalog::packs::seal(conn, &r)?;
+    }
+    if let Some(id) = writer.current() {
         crate::catalog::seal_pack(conn, id)?;
     }
     store.sync_removals();
@@ -259,7 +262,7 @@ fn collect_pack(
             rows::repoint(&tx, owner, hash, id, *at)?;
         }
         for full in writer.take_retired() {
-            crate::catalog::seal_pack(&tx, full)?;
+            crate::catalog::packs::seal(&tx, &full)?;
         }
         tx.commit()?;
         rewind_proto::faults::point("gc-after-repoint");

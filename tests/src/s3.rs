@@ -70,6 +70,27 @@ impl Moto {
         );
     }
 
+    /// Overwrites object `key` with the bytes of `file`, behind the receiver's back (a plain
+    /// PUT, as a store fault or an intruder would).
+    pub fn overwrite(&self, bucket: &str, key: &str, file: &Path) {
+        let script = r#"
+import boto3, sys
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="rewind-test",
+                  aws_secret_access_key="rewind-test-secret", region_name="us-east-1")
+s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=open(sys.argv[4], "rb").read())
+"#;
+        let out = Command::new("timeout")
+            .args(["60", "python3", "-c", script, &self.endpoint(), bucket, key])
+            .arg(file)
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "put {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The object keys of bucket `name` under `prefix` (a plain listing request).
     pub fn keys(&self, name: &str, prefix: &str) -> Vec<String> {
         let out = Command::new("curl")

@@ -401,3 +401,102 @@ fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_the
     empty_cache(&d);
     assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
 }
+
+/// `verify --json` (with `extra` arguments): its exit status and report.
+fn verify_json(
+    d: &Deployment,
+    env: &[(&'static str, String)],
+    extra: &[&str],
+) -> (bool, serde_json::Value) {
+    let mut args = vec!["verify", "--json"];
+    args.extend_from_slice(extra);
+    let o = receiver(d, env, &args);
+    let report = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no report ({e}): {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.success(), report)
+}
+
+#[test]
+fn a_default_verify_reads_nothing_from_the_bucket_and_a_deep_one_keeps_to_its_budget() {
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
+    let rx = serve(&d, "s3://rewind/v", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 96 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 1200, &mut rng);
+    let p1 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = copy_digest(&d, &vda, "want1.raw");
+    disk::random_blocks(&vda, BLOCK, 1300, 40, &mut rng);
+    let p2 = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    drop(rx);
+    let keys = moto.keys("rewind", "v/packs/");
+    let cache = d.data().join("object-cache/packs");
+    // Every published pack is in the cache: the bytes the bucket holds.
+    let stored: u64 = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), keys.len());
+    let last = keys.iter().max().unwrap();
+    let mut last_bytes = std::fs::read(cache.join(last.rsplit('/').next().unwrap())).unwrap();
+
+    // Default: one HEAD per pack, each pack's chunks re-hashed from the cache, nothing read
+    // from the bucket.
+    let (ok, r) = verify_json(&d, &env, &[]);
+    assert!(ok, "{r}");
+    let s = &r["store"];
+    assert_eq!(s["packs_checked"], keys.len() as u64, "{r}");
+    assert_eq!(s["heads"], keys.len() as u64, "{r}");
+    assert_eq!(s["packs_rehashed_locally"], keys.len() as u64, "{r}");
+    assert_eq!(s["packs_without_digest"], 0, "{r}");
+    assert_eq!(
+        (s["gets"].as_u64(), s["bytes_read"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    // Cold cache: still nothing read.
+    empty_cache(&d);
+    let (ok, r) = verify_json(&d, &env, &[]);
+    assert!(ok, "{r}");
+    assert_eq!(r["store"]["packs_rehashed_locally"], 0, "{r}");
+    assert_eq!(r["store"]["bytes_read"], 0, "{r}");
+
+    // Deep, 70 MiB a run: the first run reads the first full pack, the second the others
+    // (the longest unread first): two runs read back exactly what the bucket holds.
+    let budget = ["--deep", "--budget-mib", "70"];
+    let (ok, a) = verify_json(&d, &env, &budget);
+    assert!(ok, "{a}");
+    let (ok, b) = verify_json(&d, &env, &budget);
+    assert!(ok, "{b}");
+    let read = |r: &serde_json::Value| r["store"]["bytes_read"].as_u64().unwrap();
+    assert!(read(&a) <= 70 * MIB && read(&b) <= 70 * MIB, "{a} {b}");
+    assert_eq!(read(&a) + read(&b), stored, "{a} {b}");
+    let back = |r: &serde_json::Value| r["store"]["packs_read_back"].as_u64().unwrap();
+    assert_eq!(back(&a) + back(&b), keys.len() as u64);
+
+    // A pack object changed behind the receiver's back (same size, one byte flipped): a
+    // default verify catches it from the store's checksum alone, without reading it, and
+    // names the point it damages; the first point, which does not use that pack, is whole.
+    let mid = last_bytes.len() / 2;
+    last_bytes[mid] ^= 0xff;
+    let tampered = d.path("tampered.pack");
+    std::fs::write(&tampered, &last_bytes).unwrap();
+    moto.overwrite("rewind", last, &tampered);
+    let (ok, r) = verify_json(&d, &env, &[]);
+    assert!(!ok, "{r}");
+    assert_eq!(r["store"]["bytes_read"], 0, "{r}");
+    let bad = r["bad"].as_array().unwrap();
+    assert!(!bad.is_empty(), "{r}");
+    let id = |p: &serde_json::Value| p["point"].as_u64().unwrap();
+    for b in bad {
+        assert!(b["error"].as_str().unwrap().contains("ETag"), "{b}");
+        assert_eq!(b["points"], serde_json::json!([["vm1", id(&p2)]]), "{b}");
+    }
+    assert_eq!(restored(&d, &env, id(&p1)), want1);
+}

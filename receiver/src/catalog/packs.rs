@@ -2,7 +2,7 @@
 //! a pack.
 
 use super::now_us;
-use crate::chunks::PackId;
+use crate::chunks::{PackDigest, PackId, Retired};
 use rusqlite::Connection;
 
 /// Allocates a pack id for `writer` ("serve" or "gc"). Ids are never reused (AUTOINCREMENT),
@@ -19,6 +19,18 @@ pub fn new_pack(conn: &Connection, writer: &str) -> rusqlite::Result<PackId> {
 pub fn seal_pack(conn: &Connection, id: PackId) -> rusqlite::Result<()> {
     conn.execute("UPDATE packs SET sealed = 1 WHERE id = ?1", [id])
         .map(|_| ())
+}
+
+/// Seals a pack a writer finished, recording what an object store holds of it.
+pub fn seal(conn: &Connection, r: &Retired) -> rusqlite::Result<()> {
+    seal_pack(conn, r.id)?;
+    if let Some(d) = &r.digest {
+        conn.execute(
+            "UPDATE packs SET bytes = ?2, md5 = ?3, sha256 = ?4 WHERE id = ?1",
+            rusqlite::params![r.id, d.bytes as i64, &d.md5[..], &d.sha256[..]],
+        )?;
+    }
+    Ok(())
 }
 
 /// Seals every pack of `writer`: called when no process of that kind can still be writing
@@ -85,4 +97,53 @@ pub fn set_retained(conn: &Connection, id: i64, until_us: i64) -> rusqlite::Resu
 pub fn forget(conn: &Connection, id: PackId) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM packs WHERE id = ?1", [id])
         .map(|_| ())
+}
+
+/// What an object store was given of pack `id`, if it was recorded.
+pub fn digest(conn: &Connection, id: PackId) -> rusqlite::Result<Option<PackDigest>> {
+    use rusqlite::OptionalExtension;
+    type Row = (Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+    let row: Option<Row> = conn
+        .prepare_cached("SELECT bytes, md5, sha256 FROM packs WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((Some(bytes), Some(md5), Some(sha256))) = row else {
+        return Ok(None);
+    };
+    Ok(match (md5.try_into(), sha256.try_into()) {
+        (Ok(md5), Ok(sha256)) => Some(PackDigest {
+            bytes: bytes as u64,
+            md5,
+            sha256,
+        }),
+        _ => None,
+    })
+}
+
+/// Packs among `ids` in the order a deep verify reads them: the longest unread first, with
+/// their recorded sizes.
+pub fn deep_order(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(PackId, Option<u64>)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT bytes, deep_verified_us FROM packs WHERE id = ?1")?;
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        use rusqlite::OptionalExtension;
+        let row: Option<(Option<i64>, i64)> = stmt
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((bytes, at)) = row {
+            out.push((at, PackId(id), bytes.map(|b| b as u64)));
+        }
+    }
+    out.sort();
+    Ok(out.into_iter().map(|(_, id, b)| (id, b)).collect())
+}
+
+/// Records that a deep verify read pack `id` back from the store at `at_us`.
+pub fn set_deep_verified(conn: &Connection, id: PackId, at_us: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE packs SET deep_verified_us = ?2 WHERE id = ?1",
+        rusqlite::params![id, at_us],
+    )
+    .map(|_| ())
 }

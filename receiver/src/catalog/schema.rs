@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 6;
+pub const VERSION: i64 = 7;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -122,6 +122,16 @@ const MIGRATE_5_6: &str = "
 ALTER TABLE packs ADD COLUMN retain_until_us INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// From version 6 to 7: what an object store holds of each published pack (its size and the
+/// MD5 and SHA-256 of its bytes, checked by `verify` against what the store reports) and when
+/// a deep verify last read it back from the store (0: never).
+const MIGRATE_6_7: &str = "
+ALTER TABLE packs ADD COLUMN bytes INTEGER;
+ALTER TABLE packs ADD COLUMN md5 BLOB;
+ALTER TABLE packs ADD COLUMN sha256 BLOB;
+ALTER TABLE packs ADD COLUMN deep_verified_us INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -223,6 +233,7 @@ const STEPS: &[(i64, &str)] = &[
     (4, MIGRATE_3_4),
     (5, MIGRATE_4_5),
     (6, MIGRATE_5_6),
+    (7, MIGRATE_6_7),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

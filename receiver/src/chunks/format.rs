@@ -36,3 +36,19 @@ pub fn record_header(hash: &rewind_proto::BlockHash, len: u32) -> [u8; RECORD_HE
     h[36..].copy_from_slice(&len.to_le_bytes());
     h
 }
+
+/// The frame of the record of `hash` at `at` in a whole pack's `bytes`, if the record header
+/// before it names that chunk and that length.
+pub fn frame_in<'a>(
+    bytes: &'a [u8],
+    at: super::ChunkLocation,
+    hash: &rewind_proto::BlockHash,
+) -> Option<&'a [u8]> {
+    let start = usize::try_from(at.offset.checked_sub(RECORD_HEADER)?).ok()?;
+    let end = start
+        .checked_add(RECORD_HEADER as usize)?
+        .checked_add(at.len as usize)?;
+    let record = bytes.get(start..end)?;
+    let (header, frame) = record.split_at(RECORD_HEADER as usize);
+    (header == record_header(hash, at.len)).then_some(frame)
+}

@@ -80,6 +80,40 @@ pub enum ReadOrder {
     Sequential,
 }
 
+/// What an object store was given of a pack: its size and digests, which the store reports
+/// back (ETag, `x-amz-checksum-sha256`) for `verify` to compare without reading the pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackDigest {
+    pub bytes: u64,
+    pub md5: [u8; 16],
+    pub sha256: [u8; 32],
+}
+
+impl PackDigest {
+    /// The digest of a pack's bytes.
+    pub fn of(bytes: &[u8]) -> PackDigest {
+        use md5::Digest as _;
+        PackDigest {
+            bytes: bytes.len() as u64,
+            md5: md5::Md5::digest(bytes).into(),
+            sha256: sha2::Sha256::digest(bytes).into(),
+        }
+    }
+}
+
+/// A pack a writer finished, to be sealed: with its digest when it went to an object store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    pub id: PackId,
+    pub digest: Option<PackDigest>,
+}
+
+impl From<PackId> for Retired {
+    fn from(id: PackId) -> Retired {
+        Retired { id, digest: None }
+    }
+}
+
 /// What gc needs to know of one stored pack.
 #[derive(Debug, Clone, Copy)]
 pub struct PackStat {
@@ -159,9 +193,15 @@ pub trait ChunkStore: Send + Sync {
         Ok(())
     }
 
+    /// The object store behind this store, for what only object stores do (verify's checks
+    /// against the checksums the store keeps).
+    fn objects(&self) -> Option<&s3::S3Packs> {
+        None
+    }
+
     /// Publishes finished packs an earlier failure left unpublished; returns them, to be
     /// sealed. Local packs have nothing to publish.
-    fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+    fn publish_staged(&self) -> Result<Vec<Retired>, ChunkStoreError> {
         Ok(Vec::new())
     }
 }
@@ -189,7 +229,7 @@ pub trait ChunkWriter: Send {
 
     /// Packs finished since the last call: seal them in the transaction that indexes their
     /// last chunks (sealing earlier would let gc see a pack without all its rows).
-    fn take_retired(&mut self) -> Vec<PackId>;
+    fn take_retired(&mut self) -> Vec<Retired>;
 
     /// The upload stream ended: a store that publishes packs finishes and publishes the one
     /// being written (then handed back by [`ChunkWriter::take_retired`]). Local packs stay

@@ -22,6 +22,15 @@ pub struct VerifyArgs {
     /// Only the chunks this point references (with --vm).
     #[arg(long, requires = "vm")]
     pub point: Option<i64>,
+    /// On object storage: also read packs back from the bucket (the longest unread first) and
+    /// re-hash them, up to --budget-mib per run. Without it nothing is read from the bucket:
+    /// packs are checked against the checksums the store keeps, and re-hashed from the local
+    /// cache where it holds them.
+    #[arg(long)]
+    pub deep: bool,
+    /// Bytes a deep verify may read from the bucket in this run (MiB).
+    #[arg(long, default_value_t = 1024, requires = "deep")]
+    pub budget_mib: u64,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -39,7 +48,8 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let scope = a.vm.as_deref().map(|vm| (vm, a.point));
-    let r = verify::verify(&mut conn, &a.data, scope, &|done, total| {
+    let deep = a.deep.then(|| a.budget_mib.saturating_mul(1 << 20));
+    let r = verify::verify(&mut conn, &a.data, scope, deep, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
@@ -59,6 +69,12 @@ pub fn run(a: VerifyArgs) -> anyhow::Result<()> {
             r.bytes_checked,
             r.bad.len()
         );
+        if let Some(s) = &r.store {
+            println!(
+                "  object store: {} packs checked ({} without a recorded digest), {} re-hashed from the cache, {} read back; {} requests, {} bytes read",
+                s.packs_checked, s.packs_without_digest, s.packs_rehashed_locally, s.packs_read_back, s.requests, s.bytes_read
+            );
+        }
         for b in r.bad.iter().chain(&r.quarantined) {
             let pts: Vec<String> = b.points.iter().map(|(vm, p)| format!("{vm}@{p}")).collect();
             println!(

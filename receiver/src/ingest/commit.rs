@@ -74,8 +74,8 @@ impl Store {
             let published = self.chunks().publish_staged()?;
             if !published.is_empty() {
                 let conn = self.conn();
-                for id in published {
-                    crate::catalog::seal_pack(&conn, id)?;
+                for r in &published {
+                    crate::catalog::packs::seal(&conn, r)?;
                 }
             }
             if !sessions::refers_to_unsealed(&self.conn(), session_id, owner)? {

@@ -123,7 +123,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         Self::index_chunks(&tx, owner, &all, &placed)?;
         for full in writer.take_retired() {
-            crate::catalog::seal_pack(&tx, full)?;
+            crate::catalog::packs::seal(&tx, &full)?;
         }
         let mut entries_total = 0u64;
         for (n, batch) in batches.iter().enumerate() {
@@ -282,7 +282,10 @@ impl Store {
         // the bucket).
         writer.finish()?;
         let conn = self.conn();
-        for id in writer.take_retired().into_iter().chain(writer.current()) {
+        for r in writer.take_retired() {
+            crate::catalog::packs::seal(&conn, &r)?;
+        }
+        if let Some(id) = writer.current() {
             crate::catalog::seal_pack(&conn, id)?;
         }
         Ok(())

@@ -119,7 +119,7 @@ fn records_of_odd_sizes_survive_partial_page_rewrites() {
     let l = w.append(&BlockHash([9; 32]), b"next").expect("append");
     w.sync().expect("sync");
     assert_eq!(l, at(2, PACK_MAGIC.len() as u64 + RECORD_HEADER, 4));
-    assert_eq!(w.take_retired(), vec![PackId(1)]);
+    assert_eq!(w.take_retired(), vec![PackId(1).into()]);
     assert_eq!(w.current(), Some(PackId(2)));
     let (hash, loc, frame) = &placed[0];
     assert_eq!(&r.read(*loc, hash).expect("read"), frame);

@@ -2,7 +2,7 @@
 
 use super::{io_err, pack_path, DIRECT_ALIGN};
 use crate::chunks::format::{record_header, PACK_MAGIC, PACK_TARGET_BYTES, RECORD_HEADER};
-use crate::chunks::{ChunkLocation, ChunkStoreError, ChunkWriter, PackId};
+use crate::chunks::{ChunkLocation, ChunkStoreError, ChunkWriter, PackId, Retired};
 use rewind_proto::BlockHash;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -131,8 +131,8 @@ impl PackWriter {
 }
 
 impl ChunkWriter for PackWriter {
-    fn take_retired(&mut self) -> Vec<PackId> {
-        std::mem::take(&mut self.retired)
+    fn take_retired(&mut self) -> Vec<Retired> {
+        self.retired.drain(..).map(Retired::from).collect()
     }
 
     fn current(&self) -> Option<PackId> {

@@ -85,6 +85,17 @@ pub struct S3Target {
     pub credentials: Credentials,
 }
 
+/// What a HEAD tells of an object.
+#[derive(Debug, Clone)]
+pub struct ObjectStat {
+    pub size: u64,
+    pub modified_us: Option<i64>,
+    /// Without quotes; the MD5 of the bytes (hex) for an object written in one PUT.
+    pub etag: Option<String>,
+    /// The SHA-256 the store keeps (base64), when it keeps one and says so.
+    pub sha256: Option<String>,
+}
+
 /// One bucket (under a prefix) of an S3-compatible store.
 pub struct S3Client {
     bucket: Bucket,
@@ -283,18 +294,39 @@ impl S3Client {
     /// Size and last change (microseconds since the epoch) of object `name`, None when it is
     /// not there.
     pub fn head(&self, name: &str) -> Result<Option<(u64, Option<i64>)>, S3Error> {
+        Ok(self.stat(name)?.map(|s| (s.size, s.modified_us)))
+    }
+
+    /// What the store says of object `name` (checksums included where it keeps them), None
+    /// when it is not there.
+    pub fn stat(&self, name: &str) -> Result<Option<ObjectStat>, S3Error> {
         let key = self.key(name);
-        let url = HeadObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
+        let mut action = HeadObject::new(&self.bucket, Some(&self.credentials), &key);
+        action
+            .headers_mut()
+            .insert("x-amz-checksum-mode", "ENABLED");
+        let url = action.sign(SIGNED_FOR);
         self.retry("HEAD", &key, || {
             self.counters.heads.fetch_add(1, Ordering::Relaxed);
-            match answer(self.agent.head(url.as_str()).call()) {
+            let sent = self
+                .agent
+                .head(url.as_str())
+                .header("x-amz-checksum-mode", "ENABLED")
+                .call();
+            match answer(sent) {
                 Ok(mut r) => match r.status().as_u16() {
                     200 => {
                         let h = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok());
-                        let size = h("content-length").and_then(|v| v.parse().ok());
-                        let modified = h("last-modified").and_then(http_date_us);
-                        match size {
-                            Some(s) => Attempt::Done(Some((s, modified))),
+                        let stat = h("content-length")
+                            .and_then(|v| v.parse().ok())
+                            .map(|size| ObjectStat {
+                                size,
+                                modified_us: h("last-modified").and_then(http_date_us),
+                                etag: h("etag").map(|e| e.trim_matches('"').to_owned()),
+                                sha256: h("x-amz-checksum-sha256").map(str::to_owned),
+                            });
+                        match stat {
+                            Some(s) => Attempt::Done(Some(s)),
                             None => Attempt::Fail(S3Error::Answer {
                                 op: "HEAD",
                                 key: key.clone(),

@@ -19,13 +19,13 @@
 
 mod client;
 
-pub use client::{Counters, S3Client, S3Error, S3Target};
+pub use client::{Counters, ObjectStat, S3Client, S3Error, S3Target};
 
 use super::format::{pack_name, MAX_FRAME_BYTES, PACK_TARGET_BYTES, RECORD_HEADER};
 use super::local::{PackReader, PackWriter};
 use super::{
-    BlockHash, ChunkLocation, ChunkReader, ChunkStore, ChunkStoreError, ChunkWriter, PackId,
-    PackStat, Prepared, ReadOrder,
+    BlockHash, ChunkLocation, ChunkReader, ChunkStore, ChunkStoreError, ChunkWriter, PackDigest,
+    PackId, PackStat, Prepared, ReadOrder, Retired,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -125,6 +125,39 @@ impl S3Packs {
         &self.shared.client.counters
     }
 
+    /// The cached copy of pack `id`, read whole (an eviction meanwhile cannot cut it short),
+    /// None when the cache has none.
+    pub fn cached_copy(&self, id: PackId) -> Result<Option<Vec<u8>>, ChunkStoreError> {
+        let path = self.shared.cache.join(pack_name(id));
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Drops the cached copy of pack `id` (it failed a check: the bucket's copy is what counts,
+    /// and the next read fetches it again).
+    pub fn drop_cached(&self, id: PackId) {
+        let _ = fs::remove_file(self.shared.cache.join(pack_name(id)));
+    }
+
+    /// What the store says of pack `id`'s object (None: not there).
+    pub fn stat(&self, id: PackId) -> Result<Option<ObjectStat>, ChunkStoreError> {
+        self.shared
+            .client
+            .stat(&Shared::object(id))
+            .map_err(remote(format!("looking at pack {id}")))
+    }
+
+    /// Pack `id` read from the bucket, past the cache (a deep verify's read).
+    pub fn read_remote(&self, id: PackId) -> Result<Vec<u8>, ChunkStoreError> {
+        self.shared
+            .client
+            .get(&Shared::object(id), MAX_PACK_BYTES)
+            .map_err(remote(format!("fetching pack {id}")))
+    }
+
     /// Checks that the bucket answers and the credentials are accepted (a listing).
     pub fn check(&self) -> Result<(), ChunkStoreError> {
         self.shared
@@ -142,15 +175,15 @@ impl Shared {
 
     /// Publishes every staged pack no writer holds (its lock file is free): packs an upload
     /// that failed, or a process that died, left behind.
-    fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+    fn publish_staged(&self) -> Result<Vec<Retired>, ChunkStoreError> {
         let mut done = Vec::new();
         for (id, _, _) in packs_in(&self.staging) {
             let Some(lock) = self.try_lock(id)? else {
                 continue;
             };
-            self.publish(id)?;
+            let digest = self.publish(id)?;
             self.unlock(id, lock);
-            done.push(id);
+            done.push(Retired { id, digest });
         }
         Ok(done)
     }
@@ -179,16 +212,16 @@ impl Shared {
         drop(lock);
     }
 
-    /// Uploads finished pack `id` from `staging/` (create-only), then moves it into the cache.
-    /// An object of that name already there (an earlier try that got through) must have the
-    /// same size.
-    fn publish(&self, id: PackId) -> Result<(), ChunkStoreError> {
+    /// Uploads finished pack `id` from `staging/` (create-only), then moves it into the cache;
+    /// returns what was uploaded (None when another publish took it meanwhile). An object of
+    /// that name already there (an earlier try that got through) must have the same size.
+    fn publish(&self, id: PackId) -> Result<Option<PackDigest>, ChunkStoreError> {
         let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.staging.join(pack_name(id));
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             // Published meanwhile (by a sweep, or the writer that retired it).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path)(e)),
         };
         let name = Self::object(id);
@@ -212,7 +245,7 @@ impl Shared {
         let cached = self.cache.join(pack_name(id));
         fs::rename(&path, &cached).map_err(io_err(&cached))?;
         self.evict(id);
-        Ok(())
+        Ok(Some(PackDigest::of(&bytes)))
     }
 
     /// Makes pack `id` readable from the cache, fetching it if needed.
@@ -325,6 +358,10 @@ impl ChunkStore for S3Packs {
         true
     }
 
+    fn objects(&self) -> Option<&S3Packs> {
+        Some(self)
+    }
+
     fn retain(&self, id: PackId, until_us: i64) -> Result<(), ChunkStoreError> {
         self.shared
             .client
@@ -334,7 +371,7 @@ impl ChunkStore for S3Packs {
 
     /// Uploads every finished pack still in `staging/` (not one a writer of this process
     /// appends to); returns those now in the bucket.
-    fn publish_staged(&self) -> Result<Vec<PackId>, ChunkStoreError> {
+    fn publish_staged(&self) -> Result<Vec<Retired>, ChunkStoreError> {
         self.shared.publish_staged()
     }
 }
@@ -346,18 +383,18 @@ struct S3Writer {
     /// Lock files of the packs this writer wrote and has not published yet.
     locks: Vec<(PackId, fs::File)>,
     /// Uploaded packs, to be sealed.
-    done: Vec<PackId>,
+    done: Vec<Retired>,
 }
 
 impl S3Writer {
     fn publish_retired(&mut self) -> Result<(), ChunkStoreError> {
-        for id in self.inner.take_retired() {
-            self.shared.publish(id)?;
+        for Retired { id, .. } in self.inner.take_retired() {
+            let digest = self.shared.publish(id)?;
             if let Some(i) = self.locks.iter().position(|(l, _)| *l == id) {
                 let (_, lock) = self.locks.swap_remove(i);
                 self.shared.unlock(id, lock);
             }
-            self.done.push(id);
+            self.done.push(Retired { id, digest });
         }
         Ok(())
     }
@@ -393,7 +430,7 @@ impl ChunkWriter for S3Writer {
         self.inner.current()
     }
 
-    fn take_retired(&mut self) -> Vec<PackId> {
+    fn take_retired(&mut self) -> Vec<Retired> {
         std::mem::take(&mut self.done)
     }
 

@@ -6,6 +6,11 @@
 //! sync is told (Begin's heal list) to send that content again if its disk still has it; the
 //! chunk is then stored anew, the points that reference it by hash are whole again, and the
 //! quarantine entry is dropped.
+//!
+//! On object storage, packs are checked against what the store keeps instead of being read
+//! back ([`objects`]).
+
+mod objects;
 
 use crate::catalog::chunks::{self as rows, ChunkRow as Row};
 use crate::catalog::{events, now_us, VmId};
@@ -26,11 +31,37 @@ pub struct BadChunk {
     pub points: Vec<(String, i64)>,
 }
 
+/// What a verify of packs on object storage cost and found, pack by pack.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreReport {
+    /// Packs whose object the store was asked about (a HEAD each).
+    pub packs_checked: u64,
+    /// Packs with no digest recorded (published by a process that died before sealing them,
+    /// or rebuilt by `recover`): only their size and presence are checked.
+    pub packs_without_digest: u64,
+    /// Packs whose cached copy had its chunks re-hashed.
+    pub packs_rehashed_locally: u64,
+    /// Cached copies that were not the uploaded bytes (dropped; the bucket's copy counts).
+    pub cache_copies_dropped: u64,
+    /// Packs a deep verify read back from the bucket.
+    pub packs_read_back: u64,
+    /// Requests sent to the store, of which GETs and HEADs.
+    pub requests: u64,
+    pub gets: u64,
+    pub heads: u64,
+    /// Bytes read from the bucket.
+    pub bytes_read: u64,
+}
+
 /// What a verify run found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
+    /// Chunk rows checked (on object storage: by their pack's check, re-hashed where a copy
+    /// was at hand).
     pub chunks_checked: u64,
     pub bytes_checked: u64,
+    /// On object storage: what the store was asked, and what it cost.
+    pub store: Option<StoreReport>,
     pub bad: Vec<BadChunk>,
     /// Chunks still quarantined from earlier runs (not yet healed).
     pub quarantined: Vec<BadChunk>,
@@ -47,7 +78,12 @@ fn check(
     ulen: i64,
 ) -> Result<(), String> {
     let frame = reader.read(at, leaf).map_err(|e| chain(&e))?;
-    chunk::open(*leaf, &frame, ulen as usize)
+    check_frame(leaf, &frame, ulen)
+}
+
+/// Checks that `frame` decompresses to `ulen` bytes hashing to `leaf`.
+fn check_frame(leaf: &BlockHash, frame: &[u8], ulen: i64) -> Result<(), String> {
+    chunk::open(*leaf, frame, ulen as usize)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -62,16 +98,31 @@ fn points_using(
 }
 
 /// Checks chunks and quarantines bad ones. `scope` limits the check to chunks referenced by
-/// the points of a VM (and one point of it).
+/// the points of a VM (and one point of it). On object storage, `deep_budget` (bytes) lets it
+/// read packs back from the bucket.
 pub fn verify(
     conn: &mut Connection,
     data: &Path,
     scope: Option<(&str, Option<i64>)>,
+    deep_budget: Option<u64>,
     progress: &dyn Fn(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
     let (vm, point) = scope.map_or((None, None), |(vm, p)| (Some(vm), p));
     let total = rows::bytes_in_scope(conn, (vm, point))? as u64;
-    let mut reader = chunks::open(data)?.reader(ReadOrder::Sequential);
+    let store = chunks::open(data)?;
+    let mut reader = store.reader(ReadOrder::Sequential);
+    let mut remote = match store.objects() {
+        Some(packs) => {
+            let in_scope = objects::packs_in_scope(conn, (vm, point))?;
+            Some(objects::PackChecks::new(
+                conn,
+                packs,
+                &in_scope,
+                deep_budget,
+            )?)
+        }
+        None => None,
+    };
     let mut report = VerifyReport::default();
     let mut bad = Vec::new();
     // Pages in pack order, so memory stays bounded whatever the store's size.
@@ -87,7 +138,11 @@ pub fn verify(
             let leaf = BlockHash::from_slice(&row.hash)?;
             report.chunks_checked += 1;
             report.bytes_checked += row.ulen as u64;
-            if let Err(error) = check(&mut *reader, &leaf, row.at, row.ulen) {
+            let checked = match &mut remote {
+                Some(r) => r.check(conn, &row)?,
+                None => check(&mut *reader, &leaf, row.at, row.ulen),
+            };
+            if let Err(error) = checked {
                 bad.push((row, error));
             }
             progress(report.bytes_checked, total);
@@ -98,9 +153,10 @@ pub fn verify(
             report.bad.push(b);
         }
     }
+    report.store = remote.map(objects::PackChecks::finish);
     report.quarantined = still_quarantined(conn, scope, &report.bad)?;
     let detail = serde_json::json!({"chunks_checked": report.chunks_checked, "bytes_checked": report.bytes_checked,
-        "bad": report.bad.len(), "quarantined": report.quarantined.len()}).to_string();
+        "bad": report.bad.len(), "quarantined": report.quarantined.len(), "store": report.store}).to_string();
     let event = events::NewEvent {
         vm: None,
         kind: "verify",
