@@ -52,6 +52,13 @@
 //!
 //! [agent.host1]                  # one agent's quotas instead of [quota]
 //! vms = 400
+//!
+//! [copy]                         # copy another receiver's points (see `copy`; restart to apply)
+//! from = "https://primary.example:7443"
+//! ca = "/etc/rewind/primary-ca.pem"
+//! cert = "/etc/rewind/replica.pem"
+//! key = "/etc/rewind/replica.key"
+//! every = 300
 //! ```
 
 use crate::retention::Policy;
@@ -216,6 +223,8 @@ pub struct ReceiverFile {
     pub agent: BTreeMap<String, Quota>,
     /// Packs on an object store (`url = "s3://BUCKET/PREFIX"`, endpoint, region, ...).
     pub store: Option<crate::chunks::location::StoreTable>,
+    /// A second offsite copy of another receiver, pulled on a schedule (see [`crate::copy`]).
+    pub copy: Option<crate::copy::CopyFile>,
 }
 
 impl ReceiverFile {

@@ -24,6 +24,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod convert;
+pub mod copy;
 pub mod diff;
 pub mod domain_spec;
 pub mod domain_xml;

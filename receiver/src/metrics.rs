@@ -75,9 +75,44 @@ fn point_metrics(conn: &Connection, now: i64, out: &mut String) -> Result<(), St
             );
         }
     }
+    copy_metrics(conn, now, out)?;
     let _ = writeln!(out, "# HELP rewind_vm_stored_bytes_total Compressed bytes of new chunks each VM's uploads added to the packs.\n# TYPE rewind_vm_stored_bytes_total counter");
     for (vm, b) in status::stored_bytes_per_vm(conn)? {
         let _ = writeln!(out, "rewind_vm_stored_bytes_total{{vm=\"{vm}\"}} {b}");
+    }
+    Ok(())
+}
+
+/// A copying receiver's lag behind its source, per VM, as its last run saw it.
+fn copy_metrics(conn: &Connection, now: i64, out: &mut String) -> Result<(), StoreError> {
+    let lags = crate::catalog::copies::lags(conn)?;
+    if lags.is_empty() {
+        return Ok(());
+    }
+    let _ = writeln!(out, "# HELP rewind_copy_lag_seconds How much older the newest copied point is than the newest point the source had, at the last copy run.
+# TYPE rewind_copy_lag_seconds gauge");
+    for l in &lags {
+        let _ = writeln!(
+            out,
+            "rewind_copy_lag_seconds{{source=\"{}\",vm=\"{}\"}} {:.3}",
+            l.source,
+            l.vm,
+            (l.newest_us - l.copied_us).max(0) as f64 / 1e6
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP rewind_copy_last_run_age_seconds Time since the last copy run looked at the source.
+# TYPE rewind_copy_last_run_age_seconds gauge"
+    );
+    for l in &lags {
+        let _ = writeln!(
+            out,
+            "rewind_copy_last_run_age_seconds{{source=\"{}\",vm=\"{}\"}} {:.3}",
+            l.source,
+            l.vm,
+            (now - l.checked_us).max(0) as f64 / 1e6
+        );
     }
     Ok(())
 }

@@ -108,13 +108,19 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
 }
 
 /// What a leaf certificate is for.
-enum BlockHash<'a> {
+enum Leaf<'a> {
     Receiver(&'a [String]),
     Agent(&'a str),
+    /// A second receiver's identity: it may read everything through the Copy service and call
+    /// nothing else.
+    Replica(&'a str),
 }
 
+/// The organizational unit that marks a replica identity's certificate.
+const REPLICA_UNIT: &str = "rewind-replica";
+
 /// A new key and a certificate for `what`, signed by the CA of `dir`, valid for `days`.
-fn new_leaf(dir: &Path, what: &BlockHash<'_>, days: u32) -> Result<(String, String), PkiError> {
+fn new_leaf(dir: &Path, what: &Leaf<'_>, days: u32) -> Result<(String, String), PkiError> {
     if days == 0 || days > MAX_LEAF_DAYS {
         return Err(PkiError::Days(days));
     }
@@ -124,7 +130,7 @@ fn new_leaf(dir: &Path, what: &BlockHash<'_>, days: u32) -> Result<(String, Stri
     let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)?;
     let mut p = match what {
-        BlockHash::Receiver(extra_sans) => {
+        Leaf::Receiver(extra_sans) => {
             let mut names = vec![
                 "localhost".to_owned(),
                 "127.0.0.1".to_owned(),
@@ -137,9 +143,13 @@ fn new_leaf(dir: &Path, what: &BlockHash<'_>, days: u32) -> Result<(String, Stri
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             p
         }
-        BlockHash::Agent(agent) => {
+        Leaf::Agent(agent) | Leaf::Replica(agent) => {
             let mut p = CertificateParams::new(vec![(*agent).to_owned()])?;
             p.distinguished_name.push(DnType::CommonName, *agent);
+            if matches!(what, Leaf::Replica(_)) {
+                p.distinguished_name
+                    .push(DnType::OrganizationalUnitName, REPLICA_UNIT);
+            }
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             p.subject_alt_names = vec![SanType::DnsName((*agent).try_into()?)];
             p
@@ -165,7 +175,7 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<(), PkiError> {
     let ca_cert = params.self_signed(&ca_key)?;
     write_new(&ca_key_path, &ca_key.serialize_pem(), 0o600)?;
     write_new(&dir.join(CA_CERT), &ca_cert.pem(), 0o644)?;
-    let (cert, key) = new_leaf(dir, &BlockHash::Receiver(extra_sans), LEAF_DAYS)?;
+    let (cert, key) = new_leaf(dir, &Leaf::Receiver(extra_sans), LEAF_DAYS)?;
     write_new(&dir.join(RECEIVER_KEY), &key, 0o600)?;
     write_new(&dir.join(RECEIVER_CERT), &cert, 0o644)?;
     Ok(())
@@ -202,10 +212,22 @@ fn record_issued(dir: &Path, agent: &str, cert_path: &Path) -> Result<(), PkiErr
 }
 
 /// Issues `NAME.pem` and `NAME.key` in `dir`, a client certificate valid for `days` whose
-/// common name (and DNS name) is the agent's identity, signed by the folder's CA.
-pub fn issue(dir: &Path, agent: &str, days: u32) -> Result<(PathBuf, PathBuf), PkiError> {
+/// common name (and DNS name) is the agent's identity, signed by the folder's CA. With
+/// `replica`, the identity of a second receiver that copies from this one: it can read every
+/// VM's points through the Copy service and can call nothing that writes.
+pub fn issue(
+    dir: &Path,
+    agent: &str,
+    days: u32,
+    replica: bool,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     check_agent(agent)?;
-    let (cert, key) = new_leaf(dir, &BlockHash::Agent(agent), days)?;
+    let leaf = if replica {
+        Leaf::Replica(agent)
+    } else {
+        Leaf::Agent(agent)
+    };
+    let (cert, key) = new_leaf(dir, &leaf, days)?;
     let cert_path = dir.join(format!("{agent}.pem"));
     let key_path = dir.join(format!("{agent}.key"));
     write_new(&key_path, &key, 0o600)?;
@@ -239,7 +261,16 @@ pub fn renew(dir: &Path, agent: Option<&str>, days: u32) -> Result<(PathBuf, Pat
             if !cert_path.exists() {
                 return Err(PkiError::UnknownAgent(a.to_owned()));
             }
-            (BlockHash::Agent(a), cert_path, dir.join(format!("{a}.key")))
+            // A replica's certificate stays a replica's.
+            let pem = fs::read(&cert_path).map_err(io(&cert_path))?;
+            let replica = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+                .is_ok_and(|der| is_replica(der.as_ref()));
+            let leaf = if replica {
+                Leaf::Replica(a)
+            } else {
+                Leaf::Agent(a)
+            };
+            (leaf, cert_path, dir.join(format!("{a}.key")))
         }
         None => {
             // The receiver keeps the names its certificate had.
@@ -275,7 +306,7 @@ pub fn renew(dir: &Path, agent: Option<&str>, days: u32) -> Result<(PathBuf, Pat
                 }
             }
             sans.retain(|n| !["localhost", "127.0.0.1", "::1"].contains(&n.as_str()));
-            let (cert, key) = new_leaf(dir, &BlockHash::Receiver(&sans), days)?;
+            let (cert, key) = new_leaf(dir, &Leaf::Receiver(&sans), days)?;
             let cert_path = dir.join(RECEIVER_CERT);
             let key_path = dir.join(RECEIVER_KEY);
             replace(&key_path, &key, 0o600)?;
@@ -415,6 +446,15 @@ pub fn load_server(dir: &Path) -> Result<ServerPki, PkiError> {
         cert: read(RECEIVER_CERT)?,
         key: read(RECEIVER_KEY)?,
         crl,
+    })
+}
+
+/// Whether a client certificate is a replica identity's (see [`issue`]).
+pub fn is_replica(der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| {
+        cert.subject()
+            .iter_organizational_unit()
+            .any(|u| u.as_str() == Ok(REPLICA_UNIT))
     })
 }
 

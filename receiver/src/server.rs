@@ -102,9 +102,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let budgets = Budgets::new(admission.limits().clone(), Some(admission.clone()));
-    let service = ReplicationServer::new(ReplicationService::new(store))
+    let service = ReplicationServer::new(ReplicationService::new(store.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let copy = rewind_proto::pb::copy_server::CopyServer::new(
+        crate::copy::source::CopySource::new(store.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = ReceiverStream::new(admission.incoming(listener));
     Server::builder()
         .initial_stream_window_size(RECEIVE_WINDOW_BYTES)
@@ -115,6 +120,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(BudgetLayer(budgets))
         .add_service(service)
+        .add_service(copy)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

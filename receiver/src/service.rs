@@ -82,10 +82,18 @@ impl ReplicationService {
     }
 }
 
-/// The agent identity of a request: the common name of its verified client certificate.
+/// The agent identity of a request: the common name of its verified client certificate. A
+/// replica identity is refused: it may only read, through the Copy service.
 fn caller<T>(req: &Request<T>) -> Result<String, Status> {
-    req.peer_certs()
-        .and_then(|certs| certs.first().and_then(|c| identity_of(c.as_ref())))
+    let certs = req.peer_certs();
+    let first = certs.as_ref().and_then(|c| c.first());
+    if first.is_some_and(|c| crate::pki::is_replica(c.as_ref())) {
+        return Err(Status::permission_denied(
+            "a replica identity may only read through the Copy service",
+        ));
+    }
+    first
+        .and_then(|c| identity_of(c.as_ref()))
         .ok_or_else(|| Status::unauthenticated("a client certificate naming the agent is required"))
 }
 
@@ -179,13 +187,13 @@ fn leaf(bytes: &[u8]) -> Result<BlockHash, Status> {
     BlockHash::from_slice(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn leaves(hashes: &[Vec<u8>]) -> Result<Vec<BlockHash>, Status> {
+pub(crate) fn leaves(hashes: &[Vec<u8>]) -> Result<Vec<BlockHash>, Status> {
     hashes.iter().map(|h| leaf(h)).collect()
 }
 
 /// Runs store work on a blocking thread, holding one of its agent's call slots (see
 /// [`ReplicationService::calls`]) until the work ends, even if the caller has gone.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     slot: tokio::sync::OwnedSemaphorePermit,
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
@@ -196,6 +204,26 @@ async fn blocking<T: Send + 'static>(
     .await
     .map_err(|e| Status::internal(format!("worker failed: {e}")))?
     .map_err(to_status)
+}
+
+/// A point as ListPoints (and the Copy service) send it.
+pub(crate) fn point_info(p: points::PointInfo) -> pb::PointInfo {
+    pb::PointInfo {
+        id: p.id as u64,
+        vm: p.vm,
+        created: p.created,
+        consistency: p.consistency,
+        disks: p
+            .disks
+            .into_iter()
+            .map(|d| pb::PointDisk {
+                name: d.name,
+                size: d.size,
+                block_size: d.block_size as u32,
+                root: d.root_leaf.0.to_vec(),
+            })
+            .collect(),
+    }
 }
 
 pub use crate::ingest::DecodedBatch;
@@ -384,25 +412,7 @@ impl Replication for ReplicationService {
         })
         .await?;
         Ok(Response::new(pb::ListPointsReply {
-            points: list
-                .into_iter()
-                .map(|p| pb::PointInfo {
-                    id: p.id as u64,
-                    vm: p.vm,
-                    created: p.created,
-                    consistency: p.consistency,
-                    disks: p
-                        .disks
-                        .into_iter()
-                        .map(|d| pb::PointDisk {
-                            name: d.name,
-                            size: d.size,
-                            block_size: d.block_size as u32,
-                            root: d.root_leaf.0.to_vec(),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            points: list.into_iter().map(point_info).collect(),
         }))
     }
 

@@ -55,7 +55,7 @@ mod inproc {
             let dir = tempfile::tempdir().unwrap();
             let d = Deployment { dir };
             pki::init(&d.pki(), &[]).unwrap();
-            pki::issue(&d.pki(), AGENT, pki::LEAF_DAYS).unwrap();
+            pki::issue(&d.pki(), AGENT, pki::LEAF_DAYS, false).unwrap();
             d
         }
 

@@ -23,6 +23,7 @@
 pub mod chunks;
 pub mod clock;
 pub mod commits;
+pub mod copies;
 pub mod drills;
 pub mod events;
 pub mod leaves;

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 7;
+pub const VERSION: i64 = 8;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -132,6 +132,25 @@ ALTER TABLE packs ADD COLUMN sha256 BLOB;
 ALTER TABLE packs ADD COLUMN deep_verified_us INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// From version 7 to 8: what a copying receiver took from its source ([`super::copies`]).
+const MIGRATE_7_8: &str = "
+CREATE TABLE copies(
+  source TEXT NOT NULL,
+  vm TEXT NOT NULL,
+  source_point INTEGER NOT NULL,
+  session TEXT NOT NULL,
+  point INTEGER,
+  copied_us INTEGER NOT NULL,
+  PRIMARY KEY(source, vm, source_point)) WITHOUT ROWID;
+CREATE TABLE copy_lag(
+  source TEXT NOT NULL,
+  vm TEXT NOT NULL,
+  newest_us INTEGER NOT NULL,
+  copied_us INTEGER NOT NULL,
+  checked_us INTEGER NOT NULL,
+  PRIMARY KEY(source, vm)) WITHOUT ROWID;
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -234,6 +253,7 @@ const STEPS: &[(i64, &str)] = &[
     (5, MIGRATE_4_5),
     (6, MIGRATE_5_6),
     (7, MIGRATE_6_7),
+    (8, MIGRATE_7_8),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

@@ -185,6 +185,16 @@ pub fn redate(conn: &Connection, id: &str, base: Option<i64>, now_us: i64) -> ru
     .map(|_| ())
 }
 
+/// Dates session `id` at `created_us` (a copied point keeps its source's creation time; the
+/// commit still keeps a VM's points in order).
+pub fn set_created(conn: &Connection, id: &str, created_us: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE sessions SET created_us = ?2 WHERE id = ?1",
+        params![id, created_us],
+    )
+    .map(|_| ())
+}
+
 /// A new open session.
 #[derive(Debug, Clone)]
 pub struct NewSession<'a> {

@@ -38,6 +38,10 @@ pub struct IssueArgs {
     /// Days the certificate stays valid (1 to 1826).
     #[arg(long, default_value_t = crate::pki::LEAF_DAYS)]
     pub days: u32,
+    /// A replica identity, for a second receiver that copies this one's points: it can read
+    /// every VM's points, blocks and chunks, and can neither write nor delete anything.
+    #[arg(long)]
+    pub replica: bool,
 }
 
 #[derive(Debug, Args)]
@@ -78,7 +82,7 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
             println!("PKI created in {}", a.dir.display());
         }
         PkiCommand::Issue(a) => {
-            let (cert, key) = crate::pki::issue(&a.dir, &a.agent, a.days)
+            let (cert, key) = crate::pki::issue(&a.dir, &a.agent, a.days, a.replica)
                 .with_context(|| format!("issuing a certificate for agent {}", a.agent))?;
             println!(
                 "issued {} and {} (valid {} days)",

@@ -366,6 +366,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             admission.clone(),
             store.clone(),
         ));
+        if let Some(c) = &file.copy {
+            let cfg = crate::copy::CopyConfig::from(c);
+            tracing::info!(source = %cfg.source, every = cfg.every.as_secs(), "copying");
+            tokio::spawn(crate::copy::run_loop(store.clone(), cfg));
+        }
         if crate::chunks::location::recorded(&data)?.is_some() {
             tokio::spawn(snapshot_loop(data.clone(), store.clone()));
             tokio::spawn(lock_loop(data.clone()));

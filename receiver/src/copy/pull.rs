@@ -1,0 +1,450 @@
+//! The copying side: pulls a source receiver's new points into this one's store, over mutual
+//! TLS with a replica identity (which the source lets read and nothing else).
+//!
+//! Each source point becomes a local point of the same VM and owner, made through the same
+//! ingest path an agent's upload takes: only blocks that differ from the local base travel as
+//! entries, only chunks the local store lacks are read from the source, every chunk is
+//! re-hashed on arrival, and the commit checks the roots this store computes against the
+//! source's roots. The local session is recorded before anything is sent
+//! ([`crate::catalog::copies`]), so a copy cut short resumes it and never makes a point twice.
+
+use super::{CopyConfig, CopyError, CopyReport};
+use crate::catalog::{copies, now_us, sessions};
+use crate::chunks::ChunkWriter;
+use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, PointMeta};
+use crate::store::Store;
+use futures::StreamExt;
+use rewind_proto::format::{
+    max_frame_len, DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS, MAX_READ_REPLY_BYTES,
+};
+use rewind_proto::pb;
+use rewind_proto::pb::copy_client::CopyClient;
+use rewind_proto::{BlockHash, DiskRoot};
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+/// Raw block bytes one batch of entries may reference (bounds the chunks held in memory).
+const BATCH_BLOCK_BYTES: u64 = 32 << 20;
+/// Points asked for per CopyPoints call.
+const POINTS_PAGE: u32 = 64;
+
+/// A store call on this (runtime) thread, which may block.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Leaves of one disk in index order, fetched a page at a time.
+struct Cursor {
+    buf: VecDeque<(u64, BlockHash)>,
+    next: Option<u64>,
+}
+
+impl Cursor {
+    fn new(active: bool) -> Cursor {
+        Cursor {
+            buf: VecDeque::new(),
+            next: active.then_some(0),
+        }
+    }
+
+    fn page(&mut self, leaves: Vec<(u64, BlockHash)>, next: Option<u64>) {
+        self.buf.extend(leaves);
+        self.next = next;
+    }
+}
+
+/// One source point being copied.
+struct PointCopy<'a> {
+    client: &'a mut CopyClient<Channel>,
+    store: &'a Arc<Store>,
+    cfg: &'a CopyConfig,
+    owner: &'a str,
+    vm: &'a str,
+    session: String,
+    writer: Box<dyn ChunkWriter>,
+    report: &'a mut CopyReport,
+    limiter: &'a mut super::RateLimit,
+}
+
+/// Copies every new point of every VM of the source; returns what it did.
+pub async fn run_once(
+    client: &mut CopyClient<Channel>,
+    store: &Arc<Store>,
+    cfg: &CopyConfig,
+    limiter: &mut super::RateLimit,
+) -> Result<CopyReport, CopyError> {
+    let mut report = CopyReport::default();
+    let vms = client
+        .copy_vms(pb::CopyVmsRequest {})
+        .await?
+        .into_inner()
+        .vms;
+    for v in vms {
+        rewind_proto::names::vm(&v.vm).map_err(|_| CopyError::Answer("a VM name"))?;
+        report.vms += 1;
+        let mut after = blocking(|| copies::copied_upto(&store.conn(), &cfg.source, &v.vm))?;
+        let mut newest_us = 0;
+        let mut copied_us = 0;
+        loop {
+            let page = client
+                .copy_points(pb::CopyPointsRequest {
+                    vm: v.vm.clone(),
+                    after: after as u64,
+                    limit: POINTS_PAGE,
+                })
+                .await?
+                .into_inner()
+                .points;
+            let Some(last) = page.last() else { break };
+            let last_id = last.info.as_ref().map_or(0, |i| i.id as i64);
+            for p in page {
+                newest_us = newest_us.max(p.created_us);
+                copy_point(
+                    client,
+                    store,
+                    cfg,
+                    (&v.owner, &v.vm),
+                    &p,
+                    &mut report,
+                    limiter,
+                )
+                .await?;
+                copied_us = copied_us.max(p.created_us);
+            }
+            if last_id <= after {
+                return Err(CopyError::Answer("point ids that do not grow"));
+            }
+            after = last_id;
+        }
+        if newest_us > 0 || copied_us > 0 {
+            blocking(|| {
+                copies::record_seen(
+                    &store.conn(),
+                    &cfg.source,
+                    &v.vm,
+                    newest_us,
+                    copied_us,
+                    now_us(),
+                )
+            })?;
+        } else {
+            // Nothing new: caught up with what was seen before.
+            blocking(|| -> Result<(), CopyError> {
+                let conn = store.conn();
+                let seen = copies::lags(&conn)?
+                    .into_iter()
+                    .find(|l| l.source == cfg.source && l.vm == v.vm);
+                if let Some(l) = seen {
+                    copies::record_seen(
+                        &conn,
+                        &cfg.source,
+                        &v.vm,
+                        l.newest_us,
+                        l.newest_us.max(l.copied_us),
+                        now_us(),
+                    )?;
+                }
+                Ok(())
+            })?;
+        }
+    }
+    Ok(report)
+}
+
+/// Copies source point `p` of `vm` (owned by `owner`) as a local point.
+async fn copy_point(
+    client: &mut CopyClient<Channel>,
+    store: &Arc<Store>,
+    cfg: &CopyConfig,
+    (owner, vm): (&str, &str),
+    p: &pb::CopyPoint,
+    report: &mut CopyReport,
+    limiter: &mut super::RateLimit,
+) -> Result<(), CopyError> {
+    let info = p
+        .info
+        .as_ref()
+        .ok_or(CopyError::Answer("a point without its disks"))?;
+    let source_point = info.id as i64;
+    let mut disks = Vec::with_capacity(info.disks.len());
+    let mut roots = Vec::with_capacity(info.disks.len());
+    for d in &info.disks {
+        let geometry = DiskGeometry::new(d.size, u64::from(d.block_size))
+            .map_err(|_| CopyError::Answer("a disk geometry"))?;
+        disks.push(DiskSpec {
+            name: d.name.clone(),
+            geometry,
+        });
+        let root = DiskRoot::from_slice(&d.root).map_err(|_| CopyError::Answer("a disk root"))?;
+        roots.push((d.name.clone(), root));
+    }
+    let (plan, base) = blocking(|| -> Result<_, CopyError> {
+        // One connection guard at a time: the catalog's writer lock is not reentrant.
+        let (resume, base) = {
+            let conn = store.conn();
+            let resume = copies::pending(&conn, &cfg.source, vm, source_point)?;
+            let base = match crate::catalog::points::vm_owner(&conn, vm)? {
+                Some((id, _)) => crate::ingest::latest_point(&conn, id)?,
+                None => None,
+            };
+            (resume, base)
+        };
+        let spec = BeginSpec {
+            vm: vm.to_owned(),
+            disks: disks.clone(),
+            base_point: base,
+            resume,
+        };
+        let plan = store.begin(owner, &spec)?;
+        Ok((plan, base))
+    })?;
+    if let Some(point) = plan.committed_point {
+        blocking(|| {
+            copies::done(
+                &store.conn(),
+                &cfg.source,
+                vm,
+                source_point,
+                point,
+                now_us(),
+            )
+        })?;
+        return Ok(());
+    }
+    blocking(|| -> rusqlite::Result<()> {
+        let conn = store.conn();
+        copies::begin(&conn, &cfg.source, vm, source_point, &plan.session)?;
+        sessions::set_created(&conn, &plan.session, p.created_us)
+    })?;
+    let before = report.clone();
+    let mut copy = PointCopy {
+        client,
+        store,
+        cfg,
+        owner,
+        vm,
+        session: plan.session.clone(),
+        writer: store.chunk_writer(),
+        report,
+        limiter,
+    };
+    for (pos, d) in disks.iter().enumerate() {
+        let delta = plan
+            .modes
+            .iter()
+            .any(|(n, m)| *n == d.name && *m == DiskMode::Delta);
+        let base = if delta {
+            plan.base_point.or(base)
+        } else {
+            None
+        };
+        copy.disk(pos as u32, d, source_point, base).await?;
+    }
+    let PointCopy { mut writer, .. } = copy;
+    blocking(|| store.finish_upload(&mut *writer))?;
+    let meta = PointMeta {
+        config: p.config.clone(),
+        consistency: info.consistency.clone(),
+    };
+    let committed = blocking(|| store.commit(owner, &plan.session, &roots, &meta))?;
+    let detail = serde_json::json!({
+        "source": cfg.source,
+        "source_point": source_point,
+        "entries": report.entries - before.entries,
+        "chunks": report.chunks - before.chunks,
+        "chunk_bytes": report.chunk_bytes - before.chunk_bytes,
+    })
+    .to_string();
+    blocking(|| {
+        record_copied(
+            store,
+            (&cfg.source, vm, source_point),
+            committed.point,
+            &detail,
+        )
+    })?;
+    report.points += 1;
+    tracing::info!(vm, source_point, point = committed.point, "point copied");
+    Ok(())
+}
+
+/// Records that `source_point` of `vm` from `source` is local point `point`, with an event
+/// saying what travelled (`detail`).
+fn record_copied(
+    store: &Store,
+    (source, vm, source_point): (&str, &str, i64),
+    point: i64,
+    detail: &str,
+) -> Result<(), CopyError> {
+    let conn = store.conn();
+    copies::done(&conn, source, vm, source_point, point, now_us())?;
+    let vm_id = crate::catalog::points::vm_owner(&conn, vm)?.map(|(id, _)| id);
+    let event = crate::catalog::events::NewEvent {
+        vm: vm_id,
+        kind: "copy",
+        point: Some(point),
+        detail,
+        at_us: now_us(),
+    };
+    crate::catalog::events::record(&conn, &event)?;
+    Ok(())
+}
+
+impl PointCopy<'_> {
+    /// Sends disk `d` (position `pos`) of source point `point`: the leaves that differ from
+    /// local point `base` (all of them without one), zero entries where a base block is gone.
+    async fn disk(
+        &mut self,
+        pos: u32,
+        d: &DiskSpec,
+        point: i64,
+        base: Option<i64>,
+    ) -> Result<(), CopyError> {
+        let block = d.geometry.block_size.bytes();
+        let per_batch = (BATCH_BLOCK_BYTES / block).clamp(16, 4096) as usize;
+        let mut src = Cursor::new(true);
+        let mut old = Cursor::new(base.is_some());
+        let mut batch: Vec<Entry> = Vec::new();
+        loop {
+            if src.buf.is_empty() {
+                if let Some(start) = src.next {
+                    let (leaves, next) = self.source_page(&d.name, point, start).await?;
+                    src.page(leaves, next);
+                }
+            }
+            if let (true, Some(start), Some(b)) = (old.buf.is_empty(), old.next, base) {
+                let page = blocking(|| {
+                    self.store.point_leaves(
+                        self.owner,
+                        self.vm,
+                        b,
+                        &d.name,
+                        start,
+                        MAX_POINT_BLOCKS_PAGE,
+                    )
+                })?;
+                old.page(page.leaves, page.next);
+            }
+            let entry = match (src.buf.front().copied(), old.buf.front().copied()) {
+                (None, None) => break,
+                (Some(s), o) if o.is_none_or(|o| s.0 < o.0) => {
+                    src.buf.pop_front();
+                    Some(s)
+                }
+                (s, Some(o)) if s.is_none_or(|s| o.0 < s.0) => {
+                    old.buf.pop_front();
+                    Some((o.0, BlockHash::ZERO))
+                }
+                (Some(s), Some(o)) => {
+                    src.buf.pop_front();
+                    old.buf.pop_front();
+                    (s.1 != o.1).then_some(s)
+                }
+                _ => None,
+            };
+            if let Some((index, leaf)) = entry {
+                batch.push(Entry { pos, index, leaf });
+                if batch.len() >= per_batch {
+                    self.send(std::mem::take(&mut batch), block).await?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.send(batch, block).await?;
+        }
+        Ok(())
+    }
+
+    /// One page of the source's leaves of `disk` at `point` from `start`.
+    async fn source_page(
+        &mut self,
+        disk: &str,
+        point: i64,
+        start: u64,
+    ) -> Result<(Vec<(u64, BlockHash)>, Option<u64>), CopyError> {
+        let r = self
+            .client
+            .copy_blocks(pb::PointBlocksRequest {
+                vm: self.vm.to_owned(),
+                point: point as u64,
+                disk: disk.to_owned(),
+                start,
+                limit: MAX_POINT_BLOCKS_PAGE,
+            })
+            .await?
+            .into_inner();
+        let mut leaves = Vec::with_capacity(r.entries.len());
+        let mut prev = None;
+        for e in r.entries {
+            let leaf = BlockHash::from_slice(&e.hash).map_err(|_| CopyError::Answer("a leaf"))?;
+            if prev.is_some_and(|p| e.index <= p) || e.index < start {
+                return Err(CopyError::Answer("leaves out of order"));
+            }
+            prev = Some(e.index);
+            leaves.push((e.index, leaf));
+        }
+        let next = (r.next != 0).then_some(r.next);
+        if next.is_some_and(|n| prev.is_none_or(|p| n <= p)) {
+            return Err(CopyError::Answer("a page that does not advance"));
+        }
+        Ok((leaves, next))
+    }
+
+    /// Stages one batch of entries with the chunks this store lacks, read from the source
+    /// several requests at a time.
+    async fn send(&mut self, entries: Vec<Entry>, block: u64) -> Result<(), CopyError> {
+        let wanted: Vec<BlockHash> = entries
+            .iter()
+            .filter(|e| !e.leaf.is_zero())
+            .map(|e| e.leaf)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let missing = blocking(|| self.store.missing(self.owner, &self.session, &wanted))?;
+        let per_call =
+            (MAX_READ_REPLY_BYTES / max_frame_len(block as usize)).clamp(1, MAX_READ_CHUNKS);
+        // Built up front, so the stream holds only owned futures.
+        let calls: Vec<_> = missing
+            .chunks(per_call)
+            .map(|group| {
+                let mut client = self.client.clone();
+                let req = pb::ReadChunksRequest {
+                    vm: self.vm.to_owned(),
+                    hashes: group.iter().map(|h| h.0.to_vec()).collect(),
+                };
+                async move { client.copy_chunks(req).await }
+            })
+            .collect();
+        let mut replies = futures::stream::iter(calls).buffer_unordered(self.cfg.parallel.max(1));
+        let asked: HashSet<BlockHash> = missing.iter().copied().collect();
+        let mut chunks = Vec::with_capacity(missing.len());
+        while let Some(reply) = replies.next().await {
+            let reply = reply?.into_inner();
+            let bytes: usize = reply.chunks.iter().map(|c| c.data.len()).sum();
+            self.limiter.spend(bytes as u64).await;
+            for c in reply.chunks {
+                let hash = BlockHash::from_slice(&c.hash)
+                    .map_err(|_| CopyError::Answer("a chunk hash"))?;
+                if !asked.contains(&hash) {
+                    return Err(CopyError::Answer("a chunk that was not asked for"));
+                }
+                self.report.chunk_bytes += c.data.len() as u64;
+                chunks.push(IncomingChunk {
+                    hash,
+                    frame: c.data,
+                });
+            }
+        }
+        drop(replies);
+        if chunks.len() != missing.len() {
+            return Err(CopyError::Answer("fewer chunks than asked for"));
+        }
+        self.report.chunks += chunks.len() as u64;
+        self.report.entries += entries.len() as u64;
+        let (store, owner, session) = (self.store, self.owner, self.session.as_str());
+        let writer = &mut *self.writer;
+        blocking(|| store.ingest(owner, session, entries, chunks, writer))?;
+        Ok(())
+    }
+}

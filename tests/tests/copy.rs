@@ -1,0 +1,177 @@
+//! A second offsite copy: a receiver pulls another receiver's points with a replica identity.
+//! Only the chunks it lacks travel, every point keeps its roots and restores bit-exact from the
+//! copy, the replica identity cannot write to the primary, and a primary that prunes and
+//! collects everything (or is wiped) takes nothing from the copy.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use rewind_tests::{bin, disk, Deployment, Receiver};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BLOCK: u64 = 64 * 1024;
+const MIB: u64 = 1 << 20;
+
+/// A copy receiver of `primary` (reached at `rx`), with its own PKI and data folder, pulling
+/// every second with replica identity `copy1`.
+fn start_copy(primary: &Deployment, rx: &Receiver) -> (Deployment, Receiver) {
+    let o = rewind_tests::run(
+        Command::new(bin("rewind-receiver"))
+            .args(["pki", "issue", "--replica", "--agent", "copy1", "--dir"])
+            .arg(primary.pki()),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let copy = Deployment::new();
+    let pki = primary.pki();
+    let config = copy.path("copy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[copy]\nfrom = \"https://{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nevery = 1\nparallel = 4\n",
+            rx.addr(),
+            pki.join("ca.pem").display(),
+            pki.join("copy1.pem").display(),
+            pki.join("copy1.key").display()
+        ),
+    )
+    .unwrap();
+    let crx = Receiver::start_with(
+        &copy.data(),
+        &copy.pki(),
+        &["--config", config.to_str().unwrap()],
+    );
+    (copy, crx)
+}
+
+/// Waits until `d` holds `n` points of `vm` (a copy run made them).
+fn wait_points(d: &Deployment, vm: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(p) = d.try_points(vm) {
+            if p.len() >= n {
+                return p;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never reached {n} points"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The copy events of `d`'s catalog: (local point, detail).
+fn copy_events(d: &Deployment) -> Vec<(i64, serde_json::Value)> {
+    let conn = rusqlite::Connection::open(d.data().join("catalog.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT point, detail FROM events WHERE kind = 'copy' ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(|r| {
+            let (p, d) = r.unwrap();
+            (p, serde_json::from_str(&d).unwrap())
+        })
+        .collect()
+}
+
+/// When the copy last looked at the source for `vm` (microseconds), 0 before its first run.
+fn last_check(d: &Deployment, vm: &str) -> i64 {
+    let conn = rusqlite::Connection::open(d.data().join("catalog.sqlite")).unwrap();
+    conn.query_row(
+        "SELECT COALESCE(MAX(checked_us), 0) FROM copy_lag WHERE vm = ?1",
+        [vm],
+        |r| r.get(0),
+    )
+    .unwrap_or(0)
+}
+
+/// Waits for two more copy runs over `vm` after now.
+fn wait_two_runs(d: &Deployment, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for _ in 0..2 {
+        let seen = last_check(d, vm);
+        while last_check(d, vm) <= seen {
+            assert!(Instant::now() < deadline, "no copy run came");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn a_copy_pulls_only_missing_chunks_and_keeps_its_points_when_the_primary_prunes_everything() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 200, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = disk::digest(&vda);
+    disk::random_blocks(&vda, BLOCK, 50, 3, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want2 = disk::digest(&vda);
+
+    let (copy, crx) = start_copy(&d, &rx);
+    let got = wait_points(&copy, "vm1", 2);
+    let primary = d.points("vm1");
+    // Same creation times and roots as the primary's points.
+    for (a, b) in got.iter().zip(&primary) {
+        assert_eq!(a["created"], b["created"]);
+        assert_eq!(a["disks"][0]["root"], b["disks"][0]["root"]);
+        assert_eq!(a["consistency"], b["consistency"]);
+    }
+    // The seed's 200 chunks travelled once; the incremental sent its 3 changed blocks and
+    // their 3 chunks only.
+    let ev = copy_events(&copy);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert_eq!(ev[0].1["chunks"], 200, "{ev:?}");
+    assert_eq!(
+        (ev[1].1["entries"].as_u64(), ev[1].1["chunks"].as_u64()),
+        (Some(3), Some(3)),
+        "{ev:?}"
+    );
+    let id = |p: &serde_json::Value| p["id"].as_u64().unwrap();
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&got[0])), want1);
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&got[1])), want2);
+
+    // The replica identity can read, never write: a sync with its certificate is refused.
+    let o = d.sync(&rx, "copy1", "vm9", &[("vda", &vda)], &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("replica identity may only read"), "{err}");
+    assert!(d.try_points("vm9").is_err());
+
+    // A new point on the primary arrives at the copy.
+    disk::random_blocks(&vda, BLOCK, 300, 2, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want3 = disk::digest(&vda);
+    let got = wait_points(&copy, "vm1", 3);
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&got[2])), want3);
+
+    // The primary prunes everything it may and collects the space; the copy runs again and
+    // keeps every point.
+    let o = rewind_tests::run(
+        Command::new(bin("rewind-receiver"))
+            .args(["prune", "--vm", "vm1", "--keep-last", "1", "--data"])
+            .arg(d.data()),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = rewind_tests::run(
+        Command::new(bin("rewind-receiver"))
+            .args(["gc", "--grace", "0", "--data"])
+            .arg(d.data()),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.points("vm1").len(), 1);
+    wait_two_runs(&copy, "vm1");
+    // Then the primary is wiped.
+    drop(rx);
+    std::fs::remove_dir_all(d.data()).unwrap();
+    let kept = copy.points("vm1");
+    assert_eq!(kept.len(), 3);
+    drop(crx);
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&kept[0])), want1);
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&kept[1])), want2);
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&kept[2])), want3);
+}
