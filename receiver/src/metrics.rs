@@ -123,7 +123,13 @@ type Gauge = (&'static str, &'static str, f64);
 /// The store's gauges: its size and chunks, what dedup and compression save, quarantined
 /// chunks, and the totals and last results of prune, gc and verify.
 fn store_gauges(conn: &Connection, data: &Path) -> Result<[Gauge; 12], StoreError> {
-    let store_bytes = crate::chunks::open(data)?.stored_bytes();
+    // An object store's size from the catalog: a scrape never lists the bucket.
+    let recorded =
+        crate::chunks::location::recorded(data).map_err(crate::chunks::ChunkStoreError::from)?;
+    let store_bytes = match recorded {
+        Some(_) => crate::catalog::packs::recorded_bytes(conn)?.max(0) as u64,
+        None => crate::chunks::open(data)?.stored_bytes(),
+    };
     let (chunks, logical) = status::chunk_totals(conn)?;
     let quarantined = status::quarantined(conn)?;
     // Every committed block change at full size: what the points would take without dedup

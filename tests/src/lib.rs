@@ -6,6 +6,7 @@
 pub mod benchkit;
 pub mod disk;
 pub mod faultlink;
+pub mod garage;
 pub mod grpc;
 pub mod guest;
 pub mod h2raw;

@@ -1,9 +1,10 @@
 //! A real S3 server for tests: `moto_server` on loopback (it enforces conditional writes and
 //! Object Lock), with a bucket made by a plain HTTP request.
 
+use crate::{bin, disk, Deployment, Receiver};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running moto_server; killed when dropped.
@@ -157,4 +158,57 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The variables a receiver command needs to reach the S3 server.
+pub type Env = Vec<(&'static str, String)>;
+
+/// `serve --store URL` with the server's environment, reaching it at `endpoint`.
+pub fn serve(d: &Deployment, url: &str, env: &[(&'static str, String)]) -> Receiver {
+    let mut cmd = Command::new(bin("rewind-receiver"));
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    Receiver::start_via(cmd, &d.data(), &d.pki(), "127.0.0.1:0", &["--store", url])
+}
+
+/// `rewind-receiver ARGS --data DATA` with the server's environment.
+pub fn receiver(d: &Deployment, env: &[(&'static str, String)], args: &[&str]) -> Output {
+    crate::run(
+        Command::new(bin("rewind-receiver"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(args)
+            .arg("--data")
+            .arg(d.data()),
+    )
+}
+
+/// Restores `disk` of `point` and returns its digest.
+pub fn restored(d: &Deployment, env: &[(&'static str, String)], point: u64) -> disk::Digest {
+    let out = d.path(&format!("restored-{point}.raw"));
+    let o = crate::run(
+        Command::new(bin("rewind-receiver"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["restore", "--vm", "vm1", "--disk", "vda", "--point"])
+            .arg(point.to_string())
+            .arg("--data")
+            .arg(d.data())
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let digest = disk::digest(&out);
+    std::fs::remove_file(&out).expect("remove the restored image");
+    digest
+}
+
+pub fn empty_cache(d: &Deployment) {
+    let cache = d.data().join("object-cache/packs");
+    for e in std::fs::read_dir(&cache).expect("the cache folder") {
+        std::fs::remove_file(e.expect("a cache entry").path()).expect("remove a cached pack");
+    }
+}
+
+pub fn copy_digest(d: &Deployment, src: &Path, name: &str) -> disk::Digest {
+    let copy = d.path(name);
+    std::fs::copy(src, &copy).expect("copy the disk");
+    disk::digest(&copy)
 }

@@ -6,66 +6,12 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_tests::faultlink::{FaultLink, LinkMode};
-use rewind_tests::s3::{self, Moto};
-use rewind_tests::{bin, disk, sync_report, Deployment, Receiver};
-use std::path::Path;
+use rewind_tests::s3::{self, copy_digest, empty_cache, receiver, restored, serve, Env, Moto};
+use rewind_tests::{bin, disk, sync_report, Deployment};
 use std::process::{Command, Output};
 
 const BLOCK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
-
-/// The variables a receiver command needs to reach the S3 server.
-type Env = Vec<(&'static str, String)>;
-
-/// `serve --store URL` with the server's environment, reaching it at `endpoint`.
-fn serve(d: &Deployment, url: &str, env: &[(&'static str, String)]) -> Receiver {
-    let mut cmd = Command::new(bin("rewind-receiver"));
-    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    Receiver::start_via(cmd, &d.data(), &d.pki(), "127.0.0.1:0", &["--store", url])
-}
-
-/// `rewind-receiver ARGS --data DATA` with the server's environment.
-fn receiver(d: &Deployment, env: &[(&'static str, String)], args: &[&str]) -> Output {
-    rewind_tests::run(
-        Command::new(bin("rewind-receiver"))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .args(args)
-            .arg("--data")
-            .arg(d.data()),
-    )
-}
-
-/// Restores `disk` of `point` and returns its digest.
-fn restored(d: &Deployment, env: &[(&'static str, String)], point: u64) -> disk::Digest {
-    let out = d.path(&format!("restored-{point}.raw"));
-    let o = rewind_tests::run(
-        Command::new(bin("rewind-receiver"))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .args(["restore", "--vm", "vm1", "--disk", "vda", "--point"])
-            .arg(point.to_string())
-            .arg("--data")
-            .arg(d.data())
-            .arg("--out")
-            .arg(&out),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let digest = disk::digest(&out);
-    std::fs::remove_file(&out).unwrap();
-    digest
-}
-
-fn empty_cache(d: &Deployment) {
-    let cache = d.data().join("object-cache/packs");
-    for e in std::fs::read_dir(&cache).unwrap() {
-        std::fs::remove_file(e.unwrap().path()).unwrap();
-    }
-}
-
-fn copy_digest(d: &Deployment, src: &Path, name: &str) -> disk::Digest {
-    let copy = d.path(name);
-    std::fs::copy(src, &copy).unwrap();
-    disk::digest(&copy)
-}
 
 /// A deployment and a moto_server with bucket `rewind`; None (skipped) without moto_server.
 fn with_moto() -> Option<(Deployment, Moto, Env)> {

@@ -147,3 +147,15 @@ pub fn set_deep_verified(conn: &Connection, id: PackId, at_us: i64) -> rusqlite:
     )
     .map(|_| ())
 }
+
+/// Bytes of the packs the catalog knows, as recorded when they were published (the end of
+/// their last chunk when not recorded): an object store's size without listing the bucket.
+pub fn recorded_bytes(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(COALESCE(p.bytes,
+           (SELECT MAX(c.offset + c.clen) FROM chunks c WHERE c.pack_id = p.id), 0)), 0)
+         FROM packs p",
+        [],
+        |r| r.get(0),
+    )
+}
