@@ -38,6 +38,10 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub packs_rewritten: u64,
     pub packs_deleted: u64,
+    /// Small pack objects merged into full ones (object storage only).
+    pub packs_repacked: u64,
+    /// Requests sent to the object store (None with local packs).
+    pub requests: Option<u64>,
     /// Pack files a killed gc had forgotten in the catalog but not yet unlinked.
     pub orphan_packs_removed: u64,
     pub bytes_before: u64,
@@ -119,6 +123,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     let now = crate::clock::cautious_now(conn)?;
     let cutoff = now - (grace_secs as i64) * 1_000_000;
     let mut deferred = Vec::new();
+    let requests_before = store.objects().map(|p| p.requests());
     let mut report = GcReport {
         bytes_before: store.stored_bytes(),
         orphan_packs_removed: remove_orphan_packs(conn, &*store, &mut deferred)?,
@@ -141,6 +146,16 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
         };
         collect_pack(conn, &mut io, (id, created), cutoff, &mut report)?;
     }
+    // 3. On an object store, small packs are merged into full ones.
+    let candidates = packs::collectable(conn, now)?;
+    report.packs_repacked = crate::repack::repack(
+        conn,
+        &*store,
+        &mut *reader,
+        &mut *writer,
+        (&candidates, cutoff),
+        &mut deferred,
+    )?;
     if !deferred.is_empty() {
         // The newest catalog snapshot must not name a pack about to be deleted.
         crate::snapshot::take(data)?;
@@ -158,6 +173,9 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     }
     store.sync_removals();
     report.bytes_after = store.stored_bytes();
+    report.requests = store
+        .objects()
+        .map(|p| p.requests() - requests_before.unwrap_or(0));
     let detail = serde_json::to_string(&report).unwrap_or_default();
     let event = events::NewEvent {
         vm: None,

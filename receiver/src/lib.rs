@@ -40,6 +40,7 @@ pub mod pki;
 pub mod points;
 pub mod prune;
 pub mod readback;
+pub mod repack;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

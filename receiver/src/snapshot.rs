@@ -73,12 +73,14 @@ pub fn take(data: &Path) -> Result<Option<String>, StoreError> {
         let conn = catalog::open_ro(data)?;
         conn.execute("VACUUM INTO ?1", params![tmp.display().to_string()])?;
     }
-    let bytes = std::fs::read(&tmp).map_err(io(&tmp))?;
-    let _ = std::fs::remove_file(&tmp);
     let name = format!("{PREFIX}{:020}.sqlite", catalog::now_us().max(0));
-    client
-        .put_new(&name, &bytes)
-        .map_err(remote("uploading the catalog snapshot"))?;
+    // Past one part's size the snapshot goes up in parts, read from the file one at a time.
+    let sent = client
+        .put_file(&name, &tmp)
+        .map_err(remote("uploading the catalog snapshot"));
+    let bytes = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_file(&tmp);
+    sent?;
     // Older ones beyond the newest KEEP go (best effort: a leftover costs only space).
     if let Ok(mut all) = client.list(PREFIX) {
         all.sort();
@@ -87,7 +89,7 @@ pub fn take(data: &Path) -> Result<Option<String>, StoreError> {
             let _ = client.delete(&n);
         }
     }
-    tracing::info!(snapshot = %name, bytes = bytes.len(), "catalog snapshot in the object store");
+    tracing::info!(snapshot = %name, bytes, "catalog snapshot in the object store");
     Ok(Some(name))
 }
 
@@ -121,16 +123,16 @@ pub fn recover(data: &Path, loc: &Location) -> Result<Recovered, StoreError> {
     let Some((snapshot, _)) = snaps.pop() else {
         return Err(StoreError::NoSnapshot(loc.shown()));
     };
-    let bytes = client
-        .get(&snapshot, MAX_SNAPSHOT)
+    let part = data.join(format!(".{CATALOG_FILE}.part"));
+    // Streamed into the file: a large catalog never sits in memory whole.
+    client
+        .get_file(&snapshot, &part, MAX_SNAPSHOT)
         .map_err(remote("fetching the catalog snapshot"))?;
     let taken_us: i64 = snapshot
         .trim_start_matches(PREFIX)
         .trim_end_matches(".sqlite")
         .parse()
         .unwrap_or(0);
-    let part = data.join(format!(".{CATALOG_FILE}.part"));
-    std::fs::write(&part, &bytes).map_err(io(&part))?;
     std::fs::rename(&part, data.join(CATALOG_FILE)).map_err(io(data))?;
     let in_bucket: std::collections::HashSet<i64> = client
         .list("packs/")

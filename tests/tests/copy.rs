@@ -15,6 +15,17 @@ const MIB: u64 = 1 << 20;
 /// A copy receiver of `primary` (reached at `rx`), with its own PKI and data folder, pulling
 /// every second with replica identity `copy1`.
 fn start_copy(primary: &Deployment, rx: &Receiver) -> (Deployment, Receiver) {
+    let (copy, config) = copy_setup(primary, rx);
+    let crx = Receiver::start_with(
+        &copy.data(),
+        &copy.pki(),
+        &["--config", config.to_str().unwrap()],
+    );
+    (copy, crx)
+}
+
+/// The replica identity on `primary`, and a copy deployment with its configuration file.
+fn copy_setup(primary: &Deployment, rx: &Receiver) -> (Deployment, std::path::PathBuf) {
     let o = rewind_tests::run(
         Command::new(bin("rewind-receiver"))
             .args(["pki", "issue", "--replica", "--agent", "copy1", "--dir"])
@@ -35,12 +46,7 @@ fn start_copy(primary: &Deployment, rx: &Receiver) -> (Deployment, Receiver) {
         ),
     )
     .unwrap();
-    let crx = Receiver::start_with(
-        &copy.data(),
-        &copy.pki(),
-        &["--config", config.to_str().unwrap()],
-    );
-    (copy, crx)
+    (copy, config)
 }
 
 /// Waits until `d` holds `n` points of `vm` (a copy run made them).
@@ -174,4 +180,64 @@ fn a_copy_pulls_only_missing_chunks_and_keeps_its_points_when_the_primary_prunes
     assert_eq!(copy.restored_digest("vm1", "vda", id(&kept[0])), want1);
     assert_eq!(copy.restored_digest("vm1", "vda", id(&kept[1])), want2);
     assert_eq!(copy.restored_digest("vm1", "vda", id(&kept[2])), want3);
+}
+
+#[test]
+fn a_copy_killed_before_a_commit_resumes_that_point_and_never_makes_it_twice() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 16 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 100, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = disk::digest(&vda);
+    disk::random_blocks(&vda, BLOCK, 10, 5, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want2 = disk::digest(&vda);
+    let (copy, config) = copy_setup(&d, &rx);
+
+    // The first run is killed (SIGKILL) right before it commits its first point.
+    let status = Command::new(bin("rewind-receiver"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(copy.data())
+        .arg("--pki")
+        .arg(copy.pki())
+        .arg("--config")
+        .arg(&config)
+        .env("REWIND_FAULT", "copy-before-commit")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    assert!(copy.try_points("vm1").map_or(true, |p| p.is_empty()));
+    let conn = rusqlite::Connection::open(copy.data().join("catalog.sqlite")).unwrap();
+    let pending: i64 = conn
+        .query_row("SELECT COUNT(*) FROM copies WHERE point IS NULL", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(pending, 1);
+    drop(conn);
+
+    // The next run resumes that point: both points, once each; the resumed one read no chunk
+    // again (all 100 were durable before the kill).
+    let crx = Receiver::start_with(
+        &copy.data(),
+        &copy.pki(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_points(&copy, "vm1", 2);
+    wait_two_runs(&copy, "vm1");
+    let got = copy.points("vm1");
+    assert_eq!(got.len(), 2);
+    let ev = copy_events(&copy);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert_eq!(ev[0].1["chunks"], 0, "{ev:?}");
+    assert_eq!(ev[1].1["chunks"], 5, "{ev:?}");
+    drop(crx);
+    let id = |p: &serde_json::Value| p["id"].as_u64().unwrap();
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&got[0])), want1);
+    assert_eq!(copy.restored_digest("vm1", "vda", id(&got[1])), want2);
 }

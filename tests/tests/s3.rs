@@ -446,3 +446,151 @@ fn a_default_verify_reads_nothing_from_the_bucket_and_a_deep_one_keeps_to_its_bu
     }
     assert_eq!(restored(&d, &env, id(&p1)), want1);
 }
+
+#[test]
+fn a_large_object_goes_up_in_parts_and_comes_back_whole() {
+    let Some((d, moto, _)) = with_moto() else {
+        return;
+    };
+    use rewind_receiver::chunks::location::{Location, StoreTable};
+    use std::sync::atomic::Ordering;
+    let creds = d.path("creds.toml");
+    std::fs::write(
+        &creds,
+        "access_key_id = \"rewind-test\"\nsecret_access_key = \"rewind-test-secret\"\n",
+    )
+    .unwrap();
+    let table = StoreTable {
+        endpoint: Some(moto.endpoint()),
+        region: Some("us-east-1".into()),
+        credentials_file: Some(creds),
+        ..StoreTable::default()
+    };
+    let loc = Location::new("s3://rewind/big", &table).unwrap();
+    let client = rewind_receiver::chunks::s3::S3Client::new(&loc.target().unwrap()).unwrap();
+    // 12 MiB and a bit in parts of 5 MiB: three parts, the last one short.
+    let file = d.path("big.bin");
+    let mut bytes = vec![0u8; (12 * MIB + 12345) as usize];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    std::fs::write(&file, &bytes).unwrap();
+    assert!(client
+        .put_file_in("catalog/big.sqlite", &file, 5 * MIB)
+        .unwrap());
+    // One request to start, one per part, one to complete.
+    assert_eq!(client.counters.puts.load(Ordering::Relaxed), 5);
+    let back = d.path("back.bin");
+    let n = client
+        .get_file("catalog/big.sqlite", &back, 64 * MIB)
+        .unwrap();
+    assert_eq!(n, bytes.len() as u64);
+    assert_eq!(std::fs::read(&back).unwrap(), bytes);
+    // The store made one object of the three parts (a multipart ETag names its part count).
+    let stat = client.stat("catalog/big.sqlite").unwrap().unwrap();
+    assert_eq!(stat.size, bytes.len() as u64);
+    assert!(stat.etag.unwrap().ends_with("-3"));
+    // A small file is one create-only PUT.
+    std::fs::write(&file, b"small").unwrap();
+    assert!(client
+        .put_file_in("catalog/small.sqlite", &file, 5 * MIB)
+        .unwrap());
+    assert!(!client
+        .put_file_in("catalog/small.sqlite", &file, 5 * MIB)
+        .unwrap());
+}
+
+#[test]
+fn gc_merges_small_pack_objects_into_full_ones_and_every_point_stays_whole() {
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
+    let rx = serve(&d, "s3://rewind/rp", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    let mut rng = rand::rng();
+    let mut wants = Vec::new();
+    // A seed and five small incrementals: every upload stream ends with a small pack object.
+    disk::random_blocks(&vda, BLOCK, 0, 64, &mut rng);
+    for i in 0..6u64 {
+        if i > 0 {
+            disk::random_blocks(&vda, BLOCK, 100 + 10 * i, 4, &mut rng);
+        }
+        let p = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+        wants.push((
+            p["point"].as_u64().unwrap(),
+            copy_digest(&d, &vda, &format!("want{i}.raw")),
+        ));
+    }
+    drop(rx);
+    let before = moto.keys("rewind", "rp/packs/");
+    assert!(before.len() >= 6, "{before:?}");
+    let o = receiver(&d, &env, &["gc", "--grace", "0", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Nothing was dead: every small pack was merged into one new object, and the old objects
+    // went after a catalog snapshot that no longer names them.
+    assert_eq!(r["chunks_removed"], 0, "{r}");
+    assert_eq!(r["packs_repacked"], before.len() as u64, "{r}");
+    assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
+    let after = moto.keys("rewind", "rp/packs/");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(!before.contains(&after[0]));
+    assert!(!moto.keys("rewind", "rp/catalog/").is_empty());
+    for (point, want) in wants {
+        empty_cache(&d);
+        assert_eq!(restored(&d, &env, point), want);
+    }
+    let v = receiver(&d, &env, &["verify", "--json"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+#[test]
+fn a_store_unreachable_for_30_s_mid_seed_costs_no_resend_of_what_is_durable() {
+    let Some((d, moto, _)) = with_moto() else {
+        return;
+    };
+    let link = FaultLink::start(moto.addr).unwrap();
+    let mut env = moto.env();
+    env[0].1 = format!("http://{}", link.addr);
+    let rx = serve(&d, "s3://rewind/cut", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 256 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 3600, &mut rng);
+    let want = copy_digest(&d, &vda, "want.raw");
+
+    // The store goes away for 30 s as soon as the seed's first pack object is in the bucket
+    // (the link resets every connection; moto itself is watched directly).
+    let first = std::thread::scope(|s| {
+        let sync = s.spawn(|| d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while moto.keys("rewind", "cut/packs/").is_empty() {
+            assert!(
+                !sync.is_finished(),
+                "the seed ended before its first pack went up"
+            );
+            assert!(std::time::Instant::now() < deadline, "no pack went up");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        link.set(LinkMode::Down);
+        // The outage itself lasts 30 s of wall time (what is tested, not a wait for a result).
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        link.set(LinkMode::Pass);
+        sync.join().unwrap()
+    });
+    // The seed either waited the outage out or failed naming the object store; then the next
+    // sync resumes, sending only what was not durable.
+    let p = if first.status.success() {
+        sync_report(&first)
+    } else {
+        let err = String::from_utf8_lossy(&first.stderr);
+        assert!(err.contains("object store"), "{err}");
+        assert!(d.points("vm1").is_empty());
+        let again = sync_report(&d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
+        let sent = again["disks"][0]["sent_chunks"].as_u64().unwrap();
+        assert!(sent < 3600, "{again}");
+        again
+    };
+    drop(rx);
+    empty_cache(&d);
+    assert_eq!(restored(&d, &env, p["point"].as_u64().unwrap()), want);
+}

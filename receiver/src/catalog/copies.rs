@@ -4,10 +4,25 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-/// The greatest source point id of `vm` copied (or begun) from `source`: later ones are new.
+/// Where the next copy run of `vm` from `source` starts: after the last source point copied,
+/// or just before the oldest one begun and not committed (a run cut short), which is resumed.
 pub fn copied_upto(conn: &Connection, source: &str, vm: &str) -> rusqlite::Result<i64> {
     conn.query_row(
-        "SELECT COALESCE(MAX(source_point), 0) FROM copies WHERE source = ?1 AND vm = ?2",
+        "SELECT COALESCE(
+           (SELECT MIN(source_point) - 1 FROM copies
+             WHERE source = ?1 AND vm = ?2 AND point IS NULL),
+           (SELECT MAX(source_point) FROM copies WHERE source = ?1 AND vm = ?2),
+           0)",
+        params![source, vm],
+        |r| r.get(0),
+    )
+}
+
+/// Whether `source` ever copied into `vm` (a VM of this receiver's own agents is never
+/// written by a copy).
+pub fn is_copied(conn: &Connection, source: &str, vm: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM copies WHERE source = ?1 AND vm = ?2)",
         params![source, vm],
         |r| r.get(0),
     )

@@ -33,6 +33,15 @@ pub fn seal(conn: &Connection, r: &Retired) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Whether pack `id` is sealed (false when there is no such pack).
+pub fn is_sealed(conn: &Connection, id: PackId) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM packs WHERE id = ?1 AND sealed = 1)",
+        [id],
+        |r| r.get(0),
+    )
+}
+
 /// Seals every pack of `writer`: called when no process of that kind can still be writing
 /// (serve at start; gc at start, holding the gc lock).
 pub fn seal_orphans(conn: &Connection, writer: &str) -> rusqlite::Result<()> {

@@ -38,10 +38,11 @@ pub fn run(a: GcArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "gc: {} chunks removed, {} packs rewritten, {} packs deleted, {} bytes freed ({} -> {})",
+            "gc: {} chunks removed, {} packs rewritten, {} packs deleted, {} small packs merged, {} bytes freed ({} -> {})",
             r.chunks_removed,
             r.packs_rewritten,
             r.packs_deleted,
+            r.packs_repacked,
             r.bytes_before.saturating_sub(r.bytes_after),
             r.bytes_before,
             r.bytes_after

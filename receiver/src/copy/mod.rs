@@ -99,6 +99,8 @@ pub enum CopyError {
     Refused(#[from] tonic::Status),
     #[error("the source sent {0} that cannot be right")]
     Answer(&'static str),
+    #[error("VM {0} exists here and was not copied from this source: it is left alone")]
+    Foreign(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("catalog")]
@@ -109,6 +111,8 @@ pub enum CopyError {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CopyReport {
     pub vms: u64,
+    /// VMs whose copy failed this run (logged; retried at the next run).
+    pub failed_vms: u64,
     pub points: u64,
     pub entries: u64,
     pub chunks: u64,
@@ -134,6 +138,13 @@ impl RateLimit {
     /// Counts `bytes` read, waiting until the rate allows them.
     pub async fn spend(&mut self, bytes: u64) {
         let Some(rate) = self.rate else { return };
+        // Time spent idle (walking leaves, VMs with nothing new) earns at most a second's
+        // worth of bytes: no unthrottled burst after it.
+        let earned = self.start.elapsed().as_secs_f64() * rate as f64;
+        if earned > self.spent as f64 + rate as f64 {
+            self.start = Instant::now() - Duration::from_secs(1);
+            self.spent = rate;
+        }
         self.spent += bytes;
         let due = Duration::from_secs_f64(self.spent as f64 / rate as f64);
         if let Some(wait) = due.checked_sub(self.start.elapsed()) {

@@ -67,7 +67,8 @@ struct PointCopy<'a> {
     limiter: &'a mut super::RateLimit,
 }
 
-/// Copies every new point of every VM of the source; returns what it did.
+/// Copies every new point of every VM of the source; returns what it did. A VM that fails
+/// is logged and counted, and the others go on.
 pub async fn run_once(
     client: &mut CopyClient<Channel>,
     store: &Arc<Store>,
@@ -81,75 +82,75 @@ pub async fn run_once(
         .into_inner()
         .vms;
     for v in vms {
-        rewind_proto::names::vm(&v.vm).map_err(|_| CopyError::Answer("a VM name"))?;
         report.vms += 1;
-        let mut after = blocking(|| copies::copied_upto(&store.conn(), &cfg.source, &v.vm))?;
-        let mut newest_us = 0;
-        let mut copied_us = 0;
-        loop {
-            let page = client
-                .copy_points(pb::CopyPointsRequest {
-                    vm: v.vm.clone(),
-                    after: after as u64,
-                    limit: POINTS_PAGE,
-                })
-                .await?
-                .into_inner()
-                .points;
-            let Some(last) = page.last() else { break };
-            let last_id = last.info.as_ref().map_or(0, |i| i.id as i64);
-            for p in page {
-                newest_us = newest_us.max(p.created_us);
-                copy_point(
-                    client,
-                    store,
-                    cfg,
-                    (&v.owner, &v.vm),
-                    &p,
-                    &mut report,
-                    limiter,
-                )
-                .await?;
-                copied_us = copied_us.max(p.created_us);
-            }
-            if last_id <= after {
-                return Err(CopyError::Answer("point ids that do not grow"));
-            }
-            after = last_id;
-        }
-        if newest_us > 0 || copied_us > 0 {
-            blocking(|| {
-                copies::record_seen(
-                    &store.conn(),
-                    &cfg.source,
-                    &v.vm,
-                    newest_us,
-                    copied_us,
-                    now_us(),
-                )
-            })?;
-        } else {
-            // Nothing new: caught up with what was seen before.
-            blocking(|| -> Result<(), CopyError> {
-                let conn = store.conn();
-                let seen = copies::lags(&conn)?
-                    .into_iter()
-                    .find(|l| l.source == cfg.source && l.vm == v.vm);
-                if let Some(l) = seen {
-                    copies::record_seen(
-                        &conn,
-                        &cfg.source,
-                        &v.vm,
-                        l.newest_us,
-                        l.newest_us.max(l.copied_us),
-                        now_us(),
-                    )?;
-                }
-                Ok(())
-            })?;
+        if let Err(e) = copy_vm(client, store, cfg, &v, &mut report, limiter).await {
+            report.failed_vms += 1;
+            tracing::warn!(vm = %rewind_proto::names::shown(&v.vm), error = %rewind_proto::report::Chain(&e), "copying a VM failed; retried at the next run");
         }
     }
     Ok(report)
+}
+
+/// Copies the new points of one VM of the source.
+async fn copy_vm(
+    client: &mut CopyClient<Channel>,
+    store: &Arc<Store>,
+    cfg: &CopyConfig,
+    v: &pb::CopyVm,
+    report: &mut CopyReport,
+    limiter: &mut super::RateLimit,
+) -> Result<(), CopyError> {
+    rewind_proto::names::vm(&v.vm).map_err(|_| CopyError::Answer("a VM name"))?;
+    rewind_proto::names::vm(&v.owner).map_err(|_| CopyError::Answer("an owner name"))?;
+    let (mut after, foreign) = blocking(|| -> Result<_, CopyError> {
+        let conn = store.conn();
+        let exists = crate::catalog::points::vm_owner(&conn, &v.vm)?.is_some();
+        let foreign = exists && !copies::is_copied(&conn, &cfg.source, &v.vm)?;
+        Ok((copies::copied_upto(&conn, &cfg.source, &v.vm)?, foreign))
+    })?;
+    if foreign {
+        // A VM of this receiver's own agents (or another source's) is never written by a copy.
+        return Err(CopyError::Foreign(v.vm.clone()));
+    }
+    let mut newest_us = 0;
+    let mut copied_us = 0;
+    loop {
+        let page = client
+            .copy_points(pb::CopyPointsRequest {
+                vm: v.vm.clone(),
+                after: after as u64,
+                limit: POINTS_PAGE,
+            })
+            .await?
+            .into_inner()
+            .points;
+        if page.is_empty() {
+            break;
+        }
+        for p in page {
+            let id = p.info.as_ref().map_or(0, |i| i.id as i64);
+            if id <= after {
+                return Err(CopyError::Answer("point ids that do not grow"));
+            }
+            newest_us = newest_us.max(p.created_us);
+            copy_point(client, store, cfg, (&v.owner, &v.vm), &p, report, limiter).await?;
+            copied_us = copied_us.max(p.created_us);
+            after = id;
+        }
+    }
+    blocking(|| -> Result<(), CopyError> {
+        let conn = store.conn();
+        let seen = copies::lags(&conn)?
+            .into_iter()
+            .find(|l| l.source == cfg.source && l.vm == v.vm);
+        // Nothing new: caught up with what was seen before.
+        let (newest, copied) = match seen {
+            Some(l) if newest_us == 0 => (l.newest_us, l.newest_us.max(l.copied_us)),
+            _ => (newest_us, copied_us),
+        };
+        copies::record_seen(&conn, &cfg.source, &v.vm, newest, copied, now_us())?;
+        Ok(())
+    })
 }
 
 /// Copies source point `p` of `vm` (owned by `owner`) as a local point.
@@ -167,18 +168,7 @@ async fn copy_point(
         .as_ref()
         .ok_or(CopyError::Answer("a point without its disks"))?;
     let source_point = info.id as i64;
-    let mut disks = Vec::with_capacity(info.disks.len());
-    let mut roots = Vec::with_capacity(info.disks.len());
-    for d in &info.disks {
-        let geometry = DiskGeometry::new(d.size, u64::from(d.block_size))
-            .map_err(|_| CopyError::Answer("a disk geometry"))?;
-        disks.push(DiskSpec {
-            name: d.name.clone(),
-            geometry,
-        });
-        let root = DiskRoot::from_slice(&d.root).map_err(|_| CopyError::Answer("a disk root"))?;
-        roots.push((d.name.clone(), root));
-    }
+    let (disks, roots) = disks_of(info)?;
     let (plan, base) = blocking(|| -> Result<_, CopyError> {
         // One connection guard at a time: the catalog's writer lock is not reentrant.
         let (resume, base) = {
@@ -215,7 +205,9 @@ async fn copy_point(
     blocking(|| -> rusqlite::Result<()> {
         let conn = store.conn();
         copies::begin(&conn, &cfg.source, vm, source_point, &plan.session)?;
-        sessions::set_created(&conn, &plan.session, p.created_us)
+        // Never in the future, never before the epoch: a source's clock cannot make this
+        // copy's retention drop points.
+        sessions::set_created(&conn, &plan.session, p.created_us.clamp(1, now_us()))
     })?;
     let before = report.clone();
     let mut copy = PointCopy {
@@ -229,6 +221,7 @@ async fn copy_point(
         report,
         limiter,
     };
+    let mut sent = Ok(());
     for (pos, d) in disks.iter().enumerate() {
         let delta = plan
             .modes
@@ -239,10 +232,17 @@ async fn copy_point(
         } else {
             None
         };
-        copy.disk(pos as u32, d, source_point, base).await?;
+        sent = copy.disk(pos as u32, d, source_point, base).await;
+        if sent.is_err() {
+            break;
+        }
     }
+    // The packs written are sealed however the point ended (gc may then collect them).
     let PointCopy { mut writer, .. } = copy;
-    blocking(|| store.finish_upload(&mut *writer))?;
+    let sealed = blocking(|| store.finish_upload(&mut *writer));
+    sent?;
+    sealed?;
+    rewind_proto::faults::point("copy-before-commit");
     let meta = PointMeta {
         config: p.config.clone(),
         consistency: info.consistency.clone(),
@@ -267,6 +267,26 @@ async fn copy_point(
     report.points += 1;
     tracing::info!(vm, source_point, point = committed.point, "point copied");
     Ok(())
+}
+
+/// Each disk's name and root, as a commit takes them.
+type Roots = Vec<(String, DiskRoot)>;
+
+/// The disks of a source point, and their roots, checked.
+fn disks_of(info: &pb::PointInfo) -> Result<(Vec<DiskSpec>, Roots), CopyError> {
+    let mut disks = Vec::with_capacity(info.disks.len());
+    let mut roots = Vec::with_capacity(info.disks.len());
+    for d in &info.disks {
+        let geometry = DiskGeometry::new(d.size, u64::from(d.block_size))
+            .map_err(|_| CopyError::Answer("a disk geometry"))?;
+        disks.push(DiskSpec {
+            name: d.name.clone(),
+            geometry,
+        });
+        let root = DiskRoot::from_slice(&d.root).map_err(|_| CopyError::Answer("a disk root"))?;
+        roots.push((d.name.clone(), root));
+    }
+    Ok((disks, roots))
 }
 
 /// Records that `source_point` of `vm` from `source` is local point `point`, with an event
@@ -310,6 +330,9 @@ impl PointCopy<'_> {
             if src.buf.is_empty() {
                 if let Some(start) = src.next {
                     let (leaves, next) = self.source_page(&d.name, point, start).await?;
+                    if leaves.last().is_some_and(|l| l.0 >= d.geometry.blocks()) {
+                        return Err(CopyError::Answer("a leaf past the disk's end"));
+                    }
                     src.page(leaves, next);
                 }
             }
@@ -417,7 +440,7 @@ impl PointCopy<'_> {
             })
             .collect();
         let mut replies = futures::stream::iter(calls).buffer_unordered(self.cfg.parallel.max(1));
-        let asked: HashSet<BlockHash> = missing.iter().copied().collect();
+        let mut asked: HashSet<BlockHash> = missing.iter().copied().collect();
         let mut chunks = Vec::with_capacity(missing.len());
         while let Some(reply) = replies.next().await {
             let reply = reply?.into_inner();
@@ -426,7 +449,8 @@ impl PointCopy<'_> {
             for c in reply.chunks {
                 let hash = BlockHash::from_slice(&c.hash)
                     .map_err(|_| CopyError::Answer("a chunk hash"))?;
-                if !asked.contains(&hash) {
+                // Each asked-for chunk once: a repeat is refused like a stranger.
+                if !asked.remove(&hash) {
                     return Err(CopyError::Answer("a chunk that was not asked for"));
                 }
                 self.report.chunk_bytes += c.data.len() as u64;

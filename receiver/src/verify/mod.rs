@@ -39,6 +39,8 @@ pub struct StoreReport {
     /// Packs with no digest recorded (published by a process that died before sealing them,
     /// or rebuilt by `recover`): only their size and presence are checked.
     pub packs_without_digest: u64,
+    /// Packs not published yet (their chunks are staged locally), not checked this run.
+    pub packs_unpublished: u64,
     /// Packs whose cached copy had its chunks re-hashed.
     pub packs_rehashed_locally: u64,
     /// Cached copies that were not the uploaded bytes (dropped; the bucket's copy counts).

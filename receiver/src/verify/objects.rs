@@ -32,6 +32,9 @@ enum Source {
     Store,
     /// The store's copy is missing or differs: every chunk in it is bad.
     Bad(String),
+    /// Not published yet (a stream is writing it, or its upload waits for a retry): its
+    /// chunks are on local disk only, and not checked this run.
+    Unpublished,
 }
 
 /// Walks chunk rows in pack order, deciding once per pack how to check it.
@@ -113,6 +116,10 @@ impl<'a> PackChecks<'a> {
 
     /// Decides how pack `id` is checked: asks the store, then finds bytes to re-hash.
     fn open(&mut self, conn: &Connection, id: PackId) -> Result<Source, StoreError> {
+        if !packs::is_sealed(conn, id)? {
+            self.report.packs_unpublished += 1;
+            return Ok(Source::Unpublished);
+        }
         let recorded = packs::digest(conn, id)?;
         self.report.packs_checked += 1;
         let Some(stat) = self.packs.stat(id)? else {
@@ -169,7 +176,7 @@ impl<'a> PackChecks<'a> {
         };
         let leaf = BlockHash::from_slice(&row.hash)?;
         Ok(match source {
-            Source::Store => Ok(()),
+            Source::Store | Source::Unpublished => Ok(()),
             Source::Bad(why) => Err(why.clone()),
             Source::Bytes(bytes) => match frame_in(bytes, row.at, &leaf) {
                 Some(frame) => check_frame(&leaf, frame, row.ulen),

@@ -18,7 +18,7 @@ use url::Url;
 
 /// How long a signed request stays valid (it is sent at once; this only covers clock skew
 /// and retries).
-const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+pub(super) const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
 /// Longest one request may take, body included (a 64 MiB pack at ~2 MB/s).
 const REQUEST_LIMIT: Duration = Duration::from_secs(60);
 /// Longest a connection may take to open.
@@ -29,7 +29,7 @@ const ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest answer to a listing or an error (bytes).
-const SMALL_BODY: u64 = 8 << 20;
+pub(super) const SMALL_BODY: u64 = 8 << 20;
 
 #[derive(Debug, Error)]
 pub enum S3Error {
@@ -98,15 +98,15 @@ pub struct ObjectStat {
 
 /// One bucket (under a prefix) of an S3-compatible store.
 pub struct S3Client {
-    bucket: Bucket,
-    credentials: Credentials,
+    pub(super) bucket: Bucket,
+    pub(super) credentials: Credentials,
     prefix: String,
-    agent: ureq::Agent,
+    pub(super) agent: ureq::Agent,
     pub counters: Counters,
 }
 
 /// What a single attempt came to.
-enum Attempt<T> {
+pub(super) enum Attempt<T> {
     Done(T),
     /// Worth another try (the message says what went wrong).
     Again(String),
@@ -149,7 +149,7 @@ impl S3Client {
     }
 
     /// Runs `once` up to [`ATTEMPTS`] times with backoff between tries.
-    fn retry<T>(
+    pub(super) fn retry<T>(
         &self,
         op: &'static str,
         key: &str,
@@ -408,7 +408,7 @@ impl S3Client {
 }
 
 /// A transport error's message (worth another try).
-fn answer(
+pub(super) fn answer(
     sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
 ) -> Result<ureq::http::Response<ureq::Body>, String> {
     sent.map_err(|e| e.to_string())
@@ -416,7 +416,11 @@ fn answer(
 
 /// A non-success answer: retried when it may pass (5xx, 429, a conflicting conditional
 /// write), an error otherwise, with the store's code and message.
-fn refusal<T>(r: &mut ureq::http::Response<ureq::Body>, op: &'static str, key: &str) -> Attempt<T> {
+pub(super) fn refusal<T>(
+    r: &mut ureq::http::Response<ureq::Body>,
+    op: &'static str,
+    key: &str,
+) -> Attempt<T> {
     let status = r.status().as_u16();
     let body = r
         .body_mut()

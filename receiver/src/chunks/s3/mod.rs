@@ -18,8 +18,10 @@
 //! every committed point's chunks are in the bucket.
 
 mod client;
+mod multipart;
 
 pub use client::{Counters, ObjectStat, S3Client, S3Error, S3Target};
+pub use multipart::PART_BYTES;
 
 use super::format::{pack_name, MAX_FRAME_BYTES, PACK_TARGET_BYTES, RECORD_HEADER};
 use super::local::{PackReader, PackWriter};
@@ -118,6 +120,16 @@ impl S3Packs {
                 publishing: Mutex::new(()),
             }),
         })
+    }
+
+    /// Requests sent so far, of every kind.
+    pub fn requests(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = self.counters();
+        [&c.puts, &c.gets, &c.heads, &c.lists, &c.deletes]
+            .iter()
+            .map(|n| n.load(Relaxed))
+            .sum()
     }
 
     /// Requests and bytes so far.
