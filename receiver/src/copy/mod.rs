@@ -99,6 +99,8 @@ pub enum CopyError {
     Refused(#[from] tonic::Status),
     #[error("the source sent {0} that cannot be right")]
     Answer(&'static str),
+    #[error("staging a batch: {0}")]
+    Worker(String),
     #[error("VM {0} exists here and was not copied from this source: it is left alone")]
     Foreign(String),
     #[error(transparent)]

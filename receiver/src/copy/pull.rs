@@ -11,6 +11,7 @@
 use super::{CopyConfig, CopyError, CopyReport};
 use crate::catalog::{copies, now_us, sessions};
 use crate::chunks::ChunkWriter;
+use crate::error::StoreError;
 use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, PointMeta};
 use crate::store::Store;
 use futures::StreamExt;
@@ -62,10 +63,17 @@ struct PointCopy<'a> {
     owner: &'a str,
     vm: &'a str,
     session: String,
-    writer: Box<dyn ChunkWriter>,
+    /// The point's chunk writer, while no batch is being staged with it.
+    writer: Option<Box<dyn ChunkWriter>>,
+    /// The batch being staged on a blocking thread while the next one is fetched; it hands
+    /// the writer back.
+    staging: Option<Staging>,
     report: &'a mut CopyReport,
     limiter: &'a mut super::RateLimit,
 }
+
+/// A batch being staged: the writer comes back with the outcome.
+type Staging = tokio::task::JoinHandle<(Box<dyn ChunkWriter>, Result<(), StoreError>)>;
 
 /// Copies every new point of every VM of the source; returns what it did. A VM that fails
 /// is logged and counted, and the others go on.
@@ -217,7 +225,8 @@ async fn copy_point(
         owner,
         vm,
         session: plan.session.clone(),
-        writer: store.chunk_writer(),
+        writer: Some(store.chunk_writer()),
+        staging: None,
         report,
         limiter,
     };
@@ -237,9 +246,13 @@ async fn copy_point(
             break;
         }
     }
+    let staged = copy.staged().await;
+    sent = sent.and(staged);
     // The packs written are sealed however the point ended (gc may then collect them).
-    let PointCopy { mut writer, .. } = copy;
-    let sealed = blocking(|| store.finish_upload(&mut *writer));
+    let sealed = match copy.writer.take() {
+        Some(mut writer) => blocking(|| store.finish_upload(&mut *writer)),
+        None => Ok(()),
+    };
     sent?;
     sealed?;
     rewind_proto::faults::point("copy-before-commit");
@@ -466,9 +479,31 @@ impl PointCopy<'_> {
         }
         self.report.chunks += chunks.len() as u64;
         self.report.entries += entries.len() as u64;
-        let (store, owner, session) = (self.store, self.owner, self.session.as_str());
-        let writer = &mut *self.writer;
-        blocking(|| store.ingest(owner, session, entries, chunks, writer))?;
+        // The previous batch is staged first (batches stage in order); this one then stages
+        // while the next is fetched.
+        self.staged().await?;
+        let Some(mut writer) = self.writer.take() else {
+            return Err(CopyError::Worker("the chunk writer is in use".into()));
+        };
+        let (store, owner, session) = (
+            self.store.clone(),
+            self.owner.to_owned(),
+            self.session.clone(),
+        );
+        self.staging = Some(tokio::task::spawn_blocking(move || {
+            let r = store.ingest(&owner, &session, entries, chunks, &mut *writer);
+            (writer, r.map(drop))
+        }));
         Ok(())
+    }
+
+    /// Waits for the batch being staged, if any, and takes the writer back.
+    async fn staged(&mut self) -> Result<(), CopyError> {
+        let Some(h) = self.staging.take() else {
+            return Ok(());
+        };
+        let (writer, r) = h.await.map_err(|e| CopyError::Worker(e.to_string()))?;
+        self.writer = Some(writer);
+        Ok(r?)
     }
 }
