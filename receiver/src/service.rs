@@ -206,6 +206,38 @@ pub(crate) async fn blocking<T: Send + 'static>(
     .map_err(to_status)
 }
 
+/// A page of leaves as PointBlocks (and CopyBlocks) send it.
+pub(crate) fn blocks_reply(page: crate::readback::LeafPage) -> pb::PointBlocksReply {
+    pb::PointBlocksReply {
+        size: page.size,
+        block_size: page.block_size as u32,
+        root: page.root.0.to_vec(),
+        entries: page
+            .leaves
+            .into_iter()
+            .map(|(i, l)| pb::BlockEntry {
+                disk: 0,
+                index: i,
+                hash: l.0.to_vec(),
+            })
+            .collect(),
+        next: page.next.unwrap_or(0),
+    }
+}
+
+/// Chunk frames as ReadChunks (and CopyChunks) send them.
+pub(crate) fn chunks_reply(chunks: Vec<(BlockHash, Vec<u8>)>) -> pb::ReadChunksReply {
+    pb::ReadChunksReply {
+        chunks: chunks
+            .into_iter()
+            .map(|(h, data)| pb::Chunk {
+                hash: h.0.to_vec(),
+                data: data.into(),
+            })
+            .collect(),
+    }
+}
+
 /// A point as ListPoints (and the Copy service) send it.
 pub(crate) fn point_info(p: points::PointInfo) -> pb::PointInfo {
     pb::PointInfo {
@@ -427,21 +459,7 @@ impl Replication for ReplicationService {
             store.point_leaves(&owner, &r.vm, r.point as i64, &r.disk, r.start, r.limit)
         })
         .await?;
-        Ok(Response::new(pb::PointBlocksReply {
-            size: page.size,
-            block_size: page.block_size as u32,
-            root: page.root.0.to_vec(),
-            entries: page
-                .leaves
-                .into_iter()
-                .map(|(i, l)| pb::BlockEntry {
-                    disk: 0,
-                    index: i,
-                    hash: l.0.to_vec(),
-                })
-                .collect(),
-            next: page.next.unwrap_or(0),
-        }))
+        Ok(Response::new(blocks_reply(page)))
     }
 
     async fn read_chunks(
@@ -456,15 +474,7 @@ impl Replication for ReplicationService {
             store.read_chunks(&owner, &r.vm, &hashes)
         })
         .await?;
-        Ok(Response::new(pb::ReadChunksReply {
-            chunks: chunks
-                .into_iter()
-                .map(|(h, data)| pb::Chunk {
-                    hash: h.0.to_vec(),
-                    data: data.into(),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(chunks_reply(chunks)))
     }
 
     async fn record_rollback(

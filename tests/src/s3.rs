@@ -212,3 +212,43 @@ pub fn copy_digest(d: &Deployment, src: &Path, name: &str) -> disk::Digest {
     std::fs::copy(src, &copy).expect("copy the disk");
     disk::digest(&copy)
 }
+
+/// Seeds `vda` as agent `host1`, VM `vm1`, and runs `fault` as soon as `published()` sees the
+/// seed's first pack object in the bucket; then, when the seed failed (its error must contain
+/// `expected`), syncs again, which must send fewer than `chunks` chunks (what was durable is
+/// not sent again). Returns the report of the sync that made the point.
+pub fn seed_through_fault(
+    d: &Deployment,
+    rx: &Receiver,
+    (vda, chunks): (&Path, u64),
+    published: impl Fn() -> bool,
+    fault: impl FnOnce(),
+    expected: &str,
+) -> serde_json::Value {
+    let first = std::thread::scope(|s| {
+        let sync = s.spawn(|| d.sync(rx, "host1", "vm1", &[("vda", vda)], &[]));
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !published() {
+            assert!(
+                !sync.is_finished(),
+                "the seed ended before its first pack went up"
+            );
+            assert!(std::time::Instant::now() < deadline, "no pack went up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fault();
+        sync.join().expect("the seed's thread")
+    });
+    if first.status.success() {
+        return crate::sync_report(&first);
+    }
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(err.contains(expected), "{err}");
+    assert!(d.points("vm1").is_empty());
+    let again = crate::sync_report(&d.sync(rx, "host1", "vm1", &[("vda", vda)], &[]));
+    let sent = again["disks"][0]["sent_chunks"]
+        .as_u64()
+        .expect("sent_chunks");
+    assert!(sent < chunks, "{again}");
+    again
+}

@@ -10,10 +10,10 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_tests::garage::{self, Garage};
-use rewind_tests::s3::{copy_digest, empty_cache, receiver, restored, serve};
-use rewind_tests::{bin, disk, sync_report, Deployment};
+use rewind_tests::s3::{self, copy_digest, empty_cache, receiver, restored, serve};
+use rewind_tests::{bin, disk, Deployment};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BLOCK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
@@ -99,7 +99,7 @@ fn seed_incrementals_restore_verify_gc_and_recover_on_a_garage_cluster() {
 
 #[test]
 fn a_seed_survives_a_garage_node_killed_mid_way() {
-    let Some((d, mut g)) = with_garage() else {
+    let Some((d, g)) = with_garage() else {
         return;
     };
     let env = g.env();
@@ -111,37 +111,13 @@ fn a_seed_survives_a_garage_node_killed_mid_way() {
     let want = copy_digest(&d, &vda, "want.raw");
 
     // The seed runs while node 2 (not the one the receiver talks to) is killed as soon as the
-    // first pack object is in the bucket.
-    let first = std::thread::scope(|s| {
-        let sync = s.spawn(|| d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while g.keys("rewind", "packs/").is_empty() {
-            assert!(
-                !sync.is_finished(),
-                "the seed ended before its first pack was published"
-            );
-            assert!(Instant::now() < deadline, "no pack was published");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        g.kill(2);
-        sync.join().unwrap()
-    });
-    // Two of three nodes are a quorum: the seed completes. (Should it fail, the next sync must
-    // resume it without sending again what is durable.)
-    let p = if first.status.success() {
-        sync_report(&first)
-    } else {
-        eprintln!(
-            "the seed failed with a node down: {}",
-            String::from_utf8_lossy(&first.stderr)
-        );
-        let again = sync_report(&d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
-        assert!(
-            again["disks"][0]["sent_chunks"].as_u64().unwrap() < 3600,
-            "{again}"
-        );
-        again
-    };
+    // first pack object is in the bucket. Two of three nodes are a quorum: the seed completes.
+    // (Should it fail, the next sync must resume it without sending again what is durable.)
+    let cluster = std::cell::RefCell::new(g);
+    let published = || !cluster.borrow().keys("rewind", "packs/").is_empty();
+    let kill = || cluster.borrow_mut().kill(2);
+    let p = s3::seed_through_fault(&d, &rx, (&vda, 3600), published, kill, "");
+    let mut g = cluster.into_inner();
     drop(rx);
     g.wait_down(2);
     g.restart(2);

@@ -559,37 +559,17 @@ fn a_store_unreachable_for_30_s_mid_seed_costs_no_resend_of_what_is_durable() {
     let want = copy_digest(&d, &vda, "want.raw");
 
     // The store goes away for 30 s as soon as the seed's first pack object is in the bucket
-    // (the link resets every connection; moto itself is watched directly).
-    let first = std::thread::scope(|s| {
-        let sync = s.spawn(|| d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-        while moto.keys("rewind", "cut/packs/").is_empty() {
-            assert!(
-                !sync.is_finished(),
-                "the seed ended before its first pack went up"
-            );
-            assert!(std::time::Instant::now() < deadline, "no pack went up");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    // (the link resets every connection; moto itself is watched directly). The seed either
+    // waits the outage out or fails naming the object store; then the next sync resumes,
+    // sending only what was not durable.
+    let outage = || {
         link.set(LinkMode::Down);
         // The outage itself lasts 30 s of wall time (what is tested, not a wait for a result).
         std::thread::sleep(std::time::Duration::from_secs(30));
         link.set(LinkMode::Pass);
-        sync.join().unwrap()
-    });
-    // The seed either waited the outage out or failed naming the object store; then the next
-    // sync resumes, sending only what was not durable.
-    let p = if first.status.success() {
-        sync_report(&first)
-    } else {
-        let err = String::from_utf8_lossy(&first.stderr);
-        assert!(err.contains("object store"), "{err}");
-        assert!(d.points("vm1").is_empty());
-        let again = sync_report(&d.sync(&rx, "host1", "vm1", &[("vda", &vda)], &[]));
-        let sent = again["disks"][0]["sent_chunks"].as_u64().unwrap();
-        assert!(sent < 3600, "{again}");
-        again
     };
+    let published = || !moto.keys("rewind", "cut/packs/").is_empty();
+    let p = s3::seed_through_fault(&d, &rx, (&vda, 3600), published, outage, "object store");
     drop(rx);
     empty_cache(&d);
     assert_eq!(restored(&d, &env, p["point"].as_u64().unwrap()), want);

@@ -5,7 +5,7 @@
 
 use crate::catalog::points as rows;
 use crate::error::StoreError;
-use crate::service::{blocking, leaves, point_info};
+use crate::service::{blocking, blocks_reply, chunks_reply, leaves, point_info};
 use crate::store::Store;
 use rewind_proto::pb;
 use rewind_proto::pb::copy_server::Copy;
@@ -121,21 +121,7 @@ impl Copy for CopySource {
             store.point_leaves(&owner, &r.vm, r.point as i64, &r.disk, r.start, r.limit)
         })
         .await?;
-        Ok(Response::new(pb::PointBlocksReply {
-            size: page.size,
-            block_size: page.block_size as u32,
-            root: page.root.0.to_vec(),
-            entries: page
-                .leaves
-                .into_iter()
-                .map(|(i, l)| pb::BlockEntry {
-                    disk: 0,
-                    index: i,
-                    hash: l.0.to_vec(),
-                })
-                .collect(),
-            next: page.next.unwrap_or(0),
-        }))
+        Ok(Response::new(blocks_reply(page)))
     }
 
     async fn copy_chunks(
@@ -151,14 +137,6 @@ impl Copy for CopySource {
             store.read_chunks(&owner, &r.vm, &hashes)
         })
         .await?;
-        Ok(Response::new(pb::ReadChunksReply {
-            chunks: chunks
-                .into_iter()
-                .map(|(h, data)| pb::Chunk {
-                    hash: h.0.to_vec(),
-                    data: data.into(),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(chunks_reply(chunks)))
     }
 }

@@ -19,6 +19,7 @@
 
 mod client;
 mod multipart;
+mod reader;
 
 pub use client::{Counters, ObjectStat, S3Client, S3Error, S3Target};
 pub use multipart::PART_BYTES;
@@ -27,7 +28,7 @@ use super::format::{pack_name, MAX_FRAME_BYTES, PACK_TARGET_BYTES, RECORD_HEADER
 use super::local::{PackReader, PackWriter};
 use super::{
     BlockHash, ChunkLocation, ChunkReader, ChunkStore, ChunkStoreError, ChunkWriter, PackDigest,
-    PackId, PackStat, Prepared, ReadOrder, Retired,
+    PackId, PackStat, ReadOrder, Retired,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -48,8 +49,10 @@ struct Shared {
     staging: PathBuf,
     cache: PathBuf,
     cache_limit: u64,
-    /// One fetch at a time: two readers of one pack wait for one download.
-    fetching: Mutex<()>,
+    /// Packs being downloaded: two readers of one pack wait for one download (`fetched`
+    /// wakes them), downloads of different packs run side by side.
+    fetching: Mutex<std::collections::HashSet<PackId>>,
+    fetched: std::sync::Condvar,
     /// One publish at a time: a sweep and a writer never upload one pack twice at once.
     publishing: Mutex<()>,
 }
@@ -116,7 +119,8 @@ impl S3Packs {
                 staging,
                 cache,
                 cache_limit,
-                fetching: Mutex::new(()),
+                fetching: Mutex::new(Default::default()),
+                fetched: std::sync::Condvar::new(),
                 publishing: Mutex::new(()),
             }),
         })
@@ -270,17 +274,42 @@ impl Shared {
             }
             return Ok(());
         }
-        let _one = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.exists() {
-            return Ok(());
+        {
+            let mut busy = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            while busy.contains(&id) {
+                busy = self.fetched.wait(busy).unwrap_or_else(|p| p.into_inner());
+            }
+            if cached.exists() {
+                return Ok(());
+            }
+            busy.insert(id);
         }
+        let done = self.download(id, &cached);
+        let mut busy = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        busy.remove(&id);
+        self.fetched.notify_all();
+        done
+    }
+
+    /// Whether pack `id` is in the cache or on its way there.
+    fn cached_or_coming(&self, id: PackId) -> bool {
+        self.cache.join(pack_name(id)).exists()
+            || self
+                .fetching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+    }
+
+    /// Downloads pack `id` into the cache as `cached`.
+    fn download(&self, id: PackId, cached: &Path) -> Result<(), ChunkStoreError> {
         let bytes = self
             .client
             .get(&Self::object(id), MAX_PACK_BYTES)
             .map_err(remote(format!("fetching pack {id}")))?;
         let tmp = self.cache.join(format!(".{}.part", pack_name(id)));
         fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &cached).map_err(io_err(&cached))?;
+        fs::rename(&tmp, cached).map_err(io_err(cached))?;
         self.evict(id);
         Ok(())
     }
@@ -318,13 +347,14 @@ impl ChunkStore for S3Packs {
 
     fn reader(&self, order: ReadOrder) -> Box<dyn ChunkReader> {
         let dir = &self.shared.cache;
-        Box::new(S3Reader {
-            shared: self.shared.clone(),
-            inner: match order {
+        Box::new(reader::S3Reader::new(
+            self.shared.clone(),
+            match order {
                 ReadOrder::Random => PackReader::new(dir),
                 ReadOrder::Sequential => PackReader::sequential(dir),
             },
-        })
+            order == ReadOrder::Sequential,
+        ))
     }
 
     fn stored_packs(&self) -> Result<Vec<PackId>, ChunkStoreError> {
@@ -526,27 +556,5 @@ impl ChunkWriter for S3Writer {
         let swept = self.shared.publish_staged()?;
         self.done.extend(swept);
         Ok(())
-    }
-}
-
-/// Reads through the cache, fetching a pack on its first use.
-struct S3Reader {
-    shared: Arc<Shared>,
-    inner: PackReader,
-}
-
-impl ChunkReader for S3Reader {
-    fn read(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Vec<u8>, ChunkStoreError> {
-        self.shared.fetch(at.pack)?;
-        self.inner.read(at, hash)
-    }
-
-    fn prepare(
-        &mut self,
-        at: ChunkLocation,
-        hash: &BlockHash,
-    ) -> Result<Prepared, ChunkStoreError> {
-        self.shared.fetch(at.pack)?;
-        self.inner.prepare(at, hash)
     }
 }

@@ -1,0 +1,67 @@
+//! Reads through the cache, fetching a pack on its first use. A sequential reader (a restore,
+//! a drill, gc) also fetches the next packs ahead in the background, so downloads overlap the
+//! decompression of what was fetched before.
+
+use super::{PackReader, Shared};
+use crate::chunks::{BlockHash, ChunkLocation, ChunkReader, ChunkStoreError, PackId, Prepared};
+use std::sync::Arc;
+
+/// Packs a sequential reader fetches ahead of the one it reads. Pack ids follow upload order,
+/// so the next ids are most often the next packs of the same walk (a pack that does not
+/// exist costs one refused GET).
+const AHEAD: i64 = 2;
+
+pub(super) struct S3Reader {
+    shared: Arc<Shared>,
+    inner: PackReader,
+    /// Fetch ahead (sequential readers only).
+    ahead: bool,
+    /// The last pack this reader fetched ahead of, so each pack starts its look-ahead once.
+    last: Option<PackId>,
+}
+
+impl S3Reader {
+    pub(super) fn new(shared: Arc<Shared>, inner: PackReader, ahead: bool) -> S3Reader {
+        S3Reader {
+            shared,
+            inner,
+            ahead,
+            last: None,
+        }
+    }
+
+    /// Makes pack `id` readable, and starts fetching the packs after it.
+    fn fetch(&mut self, id: PackId) -> Result<(), ChunkStoreError> {
+        self.shared.fetch(id)?;
+        if self.ahead && self.last != Some(id) {
+            self.last = Some(id);
+            for next in (1..=AHEAD).map(|n| PackId(id.0 + n)) {
+                if self.shared.cached_or_coming(next) {
+                    continue;
+                }
+                let shared = self.shared.clone();
+                // Best effort: a failed or refused fetch ahead leaves the read to fetch it.
+                let _ = std::thread::Builder::new()
+                    .name("pack-fetch".into())
+                    .spawn(move || shared.fetch(next));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChunkReader for S3Reader {
+    fn read(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Vec<u8>, ChunkStoreError> {
+        self.fetch(at.pack)?;
+        self.inner.read(at, hash)
+    }
+
+    fn prepare(
+        &mut self,
+        at: ChunkLocation,
+        hash: &BlockHash,
+    ) -> Result<Prepared, ChunkStoreError> {
+        self.fetch(at.pack)?;
+        self.inner.prepare(at, hash)
+    }
+}
