@@ -26,7 +26,7 @@ use std::sync::Arc;
 use tonic::transport::Channel;
 
 /// Raw block bytes one batch of entries may reference (bounds the chunks held in memory).
-const BATCH_BLOCK_BYTES: u64 = 32 << 20;
+const BATCH_BLOCK_BYTES: u64 = 64 << 20;
 /// Points asked for per CopyPoints call.
 const POINTS_PAGE: u32 = 64;
 
