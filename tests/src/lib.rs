@@ -413,3 +413,14 @@ pub fn disk_of<'a>(v: &'a Value, name: &str) -> &'a Value {
         .and_then(|a| a.iter().find(|d| d["name"] == name))
         .unwrap_or_else(|| panic!("no disk {name} in {v}"))
 }
+
+/// The body of `GET /metrics` from a receiver's metrics address.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics address");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("send the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    out
+}

@@ -241,3 +241,51 @@ fn a_copy_killed_before_a_commit_resumes_that_point_and_never_makes_it_twice() {
     assert_eq!(copy.restored_digest("vm1", "vda", id(&got[0])), want1);
     assert_eq!(copy.restored_digest("vm1", "vda", id(&got[1])), want2);
 }
+
+#[test]
+fn a_copy_keeps_to_its_bandwidth_limit() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    // 200 random blocks: 12.5 MiB that do not compress.
+    disk::random_blocks(&vda, BLOCK, 0, 200, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let (copy, config) = copy_setup(&d, &rx);
+    // Metrics too, on a free port (the table keys go before [copy]).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("metrics = \"{metrics}\"\n{text}bwlimit_mbit = 20\n"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let _crx = Receiver::start_with(
+        &copy.data(),
+        &copy.pki(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_points(&copy, "vm1", 1);
+    let took = started.elapsed();
+    wait_two_runs(&copy, "vm1");
+    // At 20 Mbit/s (2.5 MB/s) with at most a second's worth ahead, 13.1 MB cannot arrive in
+    // under (13.1 - 2.5) / 2.5 = 4.2 s. (A lower bound: a slow machine only adds to it.)
+    let bytes = copy_events(&copy)[0].1["chunk_bytes"].as_u64().unwrap();
+    assert!(bytes > 13_000_000, "{bytes}");
+    let floor = (bytes as f64 - 2.5e6) / 2.5e6;
+    assert!(took.as_secs_f64() >= floor, "{took:?} for {bytes} bytes");
+    // Caught up: the lag the last run saw is 0, and the run's age is exported.
+    let m = rewind_tests::scrape_metrics(&metrics);
+    let lag = format!(
+        "rewind_copy_lag_seconds{{source=\"https://{}\",vm=\"vm1\"}} 0.000",
+        rx.addr()
+    );
+    assert!(m.contains(&lag), "{m}");
+    assert!(m.contains("rewind_copy_last_run_age_seconds{"), "{m}");
+}

@@ -5,7 +5,6 @@
 
 use rewind_proto::pb;
 use rewind_tests::{disk, grpc, Deployment, Receiver};
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,11 +19,7 @@ fn pki(d: &Deployment, args: &[&str]) -> std::process::Output {
 }
 
 fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    rewind_tests::scrape_metrics(addr)
 }
 
 fn days_left(metrics: &str, subject: &str) -> Option<f64> {

@@ -265,7 +265,6 @@ fn gc_racing_a_live_sync_and_kills_at_random_moments_lose_nothing() {
 
 #[test]
 fn serve_applies_retention_on_schedule_and_exports_metrics() {
-    use std::io::{Read, Write};
     let d = Deployment::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -306,13 +305,7 @@ fn serve_applies_retention_on_schedule_and_exports_metrics() {
         disk::digest(&vda)
     );
     assert!(rx_cmd(&d, &["verify"]).status.success());
-    let scrape = || {
-        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    };
+    let scrape = || rewind_tests::scrape_metrics(&metrics_addr);
     let m = scrape();
     assert!(m.contains("rewind_points{vm=\"sched\"} 1"), "{m}");
     assert!(m.contains("rewind_prune_points_removed_total 3"), "{m}");
