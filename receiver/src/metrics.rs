@@ -89,30 +89,23 @@ fn copy_metrics(conn: &Connection, now: i64, out: &mut String) -> Result<(), Sto
     if lags.is_empty() {
         return Ok(());
     }
-    let _ = writeln!(out, "# HELP rewind_copy_lag_seconds How much older the newest copied point is than the newest point the source had, at the last copy run.
-# TYPE rewind_copy_lag_seconds gauge");
-    for l in &lags {
-        let _ = writeln!(
-            out,
-            "rewind_copy_lag_seconds{{source=\"{}\",vm=\"{}\"}} {:.3}",
-            l.source,
-            l.vm,
-            (l.newest_us - l.copied_us).max(0) as f64 / 1e6
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP rewind_copy_last_run_age_seconds Time since the last copy run looked at the source.
-# TYPE rewind_copy_last_run_age_seconds gauge"
-    );
-    for l in &lags {
-        let _ = writeln!(
-            out,
-            "rewind_copy_last_run_age_seconds{{source=\"{}\",vm=\"{}\"}} {:.3}",
-            l.source,
-            l.vm,
-            (now - l.checked_us).max(0) as f64 / 1e6
-        );
+    type Value = fn(&crate::catalog::copies::Lag, i64) -> i64;
+    let gauges: [(&str, &str, Value); 2] = [
+        ("rewind_copy_lag_seconds", "How much older the newest copied point is than the newest point the source had, at the last copy run.",
+            |l, _| l.newest_us - l.copied_us),
+        ("rewind_copy_last_run_age_seconds", "Time since the last copy run looked at the source.",
+            |l, now| now - l.checked_us),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for l in &lags {
+            let v = value(l, now).max(0) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\",vm=\"{}\"}} {v:.3}",
+                l.source, l.vm
+            );
+        }
     }
     Ok(())
 }

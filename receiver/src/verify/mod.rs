@@ -115,7 +115,7 @@ pub fn verify(
     let mut reader = store.reader(ReadOrder::Sequential);
     let mut remote = match store.objects() {
         Some(packs) => {
-            let in_scope = objects::packs_in_scope(conn, (vm, point))?;
+            let in_scope = rows::packs_in_scope(conn, (vm, point))?;
             Some(objects::PackChecks::new(
                 conn,
                 packs,

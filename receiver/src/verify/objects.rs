@@ -9,7 +9,6 @@
 //! a byte budget per run, and checks them and their chunks.
 
 use super::{check_frame, Row, StoreReport};
-use crate::catalog::chunks as rows;
 use crate::catalog::{now_us, packs};
 use crate::chunks::format::frame_in;
 use crate::chunks::s3::{ObjectStat, S3Packs};
@@ -198,12 +197,4 @@ impl<'a> PackChecks<'a> {
         self.report.bytes_read = d[4];
         self.report
     }
-}
-
-/// The packs holding chunks in scope.
-pub(super) fn packs_in_scope(
-    conn: &Connection,
-    scope: (Option<&str>, Option<i64>),
-) -> Result<Vec<i64>, StoreError> {
-    Ok(rows::packs_in_scope(conn, scope)?)
 }

@@ -374,17 +374,10 @@ impl S3Client {
             let page = self.retry("LIST", &key, || {
                 self.counters.lists.fetch_add(1, Ordering::Relaxed);
                 match answer(self.agent.get(url.as_str()).call()) {
-                    Ok(mut r) if r.status().as_u16() == 200 => {
-                        match r
-                            .body_mut()
-                            .with_config()
-                            .limit(SMALL_BODY)
-                            .read_to_string()
-                        {
-                            Ok(text) => Attempt::Done(text),
-                            Err(e) => Attempt::Again(format!("reading the listing: {e}")),
-                        }
-                    }
+                    Ok(mut r) if r.status().as_u16() == 200 => match small_text(&mut r) {
+                        Ok(text) => Attempt::Done(text),
+                        Err(e) => Attempt::Again(e),
+                    },
                     Ok(mut r) => refusal(&mut r, "LIST", &key),
                     Err(m) => Attempt::Again(m),
                 }
@@ -407,6 +400,16 @@ impl S3Client {
     }
 }
 
+/// A small answer's body (a listing, an error, a multipart result), at most [`SMALL_BODY`]
+/// bytes; the reason when it cannot be read (worth another try).
+pub(super) fn small_text(r: &mut ureq::http::Response<ureq::Body>) -> Result<String, String> {
+    r.body_mut()
+        .with_config()
+        .limit(SMALL_BODY)
+        .read_to_string()
+        .map_err(|e| format!("reading the answer: {e}"))
+}
+
 /// A transport error's message (worth another try).
 pub(super) fn answer(
     sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
@@ -422,12 +425,7 @@ pub(super) fn refusal<T>(
     key: &str,
 ) -> Attempt<T> {
     let status = r.status().as_u16();
-    let body = r
-        .body_mut()
-        .with_config()
-        .limit(SMALL_BODY)
-        .read_to_string()
-        .unwrap_or_default();
+    let body = small_text(r).unwrap_or_default();
     let tag = |t: &str| {
         let open = format!("<{t}>");
         body.find(&open)

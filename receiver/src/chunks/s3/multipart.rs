@@ -2,7 +2,7 @@
 //! time, and fetched into a file as they stream, so memory stays at one part whatever the
 //! object's size (a large store's catalog snapshot runs to gigabytes).
 
-use super::client::{answer, refusal, Attempt, S3Client, S3Error, SIGNED_FOR, SMALL_BODY};
+use super::client::{answer, refusal, small_text, Attempt, S3Client, S3Error, SIGNED_FOR};
 use rusty_s3::actions::{
     AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, GetObject, UploadPart,
 };
@@ -68,17 +68,10 @@ impl S3Client {
         let text = self.retry("POST uploads", key, || {
             self.counters.puts.fetch_add(1, Ordering::Relaxed);
             match answer(self.agent.post(url.as_str()).send_empty()) {
-                Ok(mut r) if r.status().as_u16() == 200 => {
-                    match r
-                        .body_mut()
-                        .with_config()
-                        .limit(SMALL_BODY)
-                        .read_to_string()
-                    {
-                        Ok(t) => Attempt::Done(t),
-                        Err(e) => Attempt::Again(format!("reading the answer: {e}")),
-                    }
-                }
+                Ok(mut r) if r.status().as_u16() == 200 => match small_text(&mut r) {
+                    Ok(t) => Attempt::Done(t),
+                    Err(e) => Attempt::Again(e),
+                },
                 Ok(mut r) => refusal(&mut r, "POST uploads", key),
                 Err(m) => Attempt::Again(m),
             }
@@ -159,22 +152,12 @@ impl S3Client {
             self.counters.puts.fetch_add(1, Ordering::Relaxed);
             match answer(self.agent.post(url.as_str()).send(body.as_bytes())) {
                 // A 200 may still carry an error in its body (the store failed part-way).
-                Ok(mut r) if r.status().as_u16() == 200 => {
-                    match r
-                        .body_mut()
-                        .with_config()
-                        .limit(SMALL_BODY)
-                        .read_to_string()
-                    {
-                        // Only a result naming the object's ETag says it is done: a 200 may
-                        // carry an error.
-                        Ok(t) if t.contains("<ETag>") && !t.contains("<Error>") => {
-                            Attempt::Done(())
-                        }
-                        Ok(t) => Attempt::Again(format!("completing the upload: {t}")),
-                        Err(e) => Attempt::Again(format!("reading the answer: {e}")),
-                    }
-                }
+                // Only a result naming the object's ETag says it is done.
+                Ok(mut r) if r.status().as_u16() == 200 => match small_text(&mut r) {
+                    Ok(t) if t.contains("<ETag>") && !t.contains("<Error>") => Attempt::Done(()),
+                    Ok(t) => Attempt::Again(format!("completing the upload: {t}")),
+                    Err(e) => Attempt::Again(e),
+                },
                 Ok(mut r) => refusal(&mut r, "POST complete", key),
                 Err(m) => Attempt::Again(m),
             }
