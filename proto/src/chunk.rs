@@ -1,6 +1,7 @@
 //! The stored form of one block: a zstd frame of its bytes, addressed by the blake3 hash of the
 //! bytes. Decompression is bounded by the expected length, so a hostile frame cannot balloon.
 
+use crate::crypt::ChunkIds;
 use crate::format::{max_frame_len, ZSTD_LEVEL};
 use crate::hash::BlockHash;
 use thiserror::Error;
@@ -36,6 +37,26 @@ pub enum ChunkError {
     /// All-zero blocks are holes and never stored as chunks.
     #[error("an all-zero block was sent as a chunk")]
     ZeroChunk,
+    /// An encrypted chunk whose length or version no envelope of its block can have.
+    #[error("encrypted chunk {hash}: an envelope of {len} bytes is not version 1 of at most {max} bytes")]
+    BadEnvelope {
+        hash: BlockHash,
+        len: usize,
+        max: usize,
+    },
+    /// An encrypted chunk whose bytes differ from those its check hash was made over: damaged
+    /// since it was sealed (found without any key).
+    #[error("encrypted chunk {hash} is damaged: its check hash does not match its bytes")]
+    CheckFailed { hash: BlockHash },
+    /// An encrypted chunk sealed under a data key this keyring does not hold.
+    #[error(
+        "encrypted chunk {hash} was sealed with data key {key}, which this key file does not hold"
+    )]
+    OtherKey { hash: BlockHash, key: String },
+    /// An encrypted chunk that does not decrypt with this key: the wrong key, or bytes changed
+    /// by someone who also rewrote the check hash.
+    #[error("encrypted chunk {hash} does not decrypt with this key (wrong key, or tampered with)")]
+    Unauthentic { hash: BlockHash },
 }
 
 thread_local! {
@@ -75,6 +96,16 @@ pub fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
 /// `hash`: [`open`] without a buffer per chunk. Ingest and every reader decode through here,
 /// so all of them refuse a frame that is not in the stored form ([`check_canonical`]).
 pub fn open_into(hash: BlockHash, frame: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    open_keyed(hash, frame, out, &ChunkIds::Plain)
+}
+
+/// [`open_into`] for a block named by `ids` (a keyring's keyed hash, or plain blake3).
+pub fn open_keyed(
+    hash: BlockHash,
+    frame: &[u8],
+    out: &mut [u8],
+    ids: &ChunkIds,
+) -> Result<(), ChunkError> {
     let expected = out.len();
     if hash.is_zero() {
         return Err(ChunkError::ZeroChunk);
@@ -99,7 +130,7 @@ pub fn open_into(hash: BlockHash, frame: &[u8], out: &mut [u8]) -> Result<(), Ch
             expected,
         });
     }
-    let actual = BlockHash::of(out);
+    let actual = ids.of(out);
     if actual != hash {
         return Err(ChunkError::WrongHash {
             claimed: hash,

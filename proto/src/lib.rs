@@ -6,6 +6,7 @@
 //! - [`hash`]: the 32-byte hashes, one type per role: [`BlockHash`] (a block, its chunk's name),
 //!   [`NodeHash`] (a tree node) and [`DiskRoot`] (a disk's root).
 //! - [`chunk`]: compressing and verifying the stored form of a block.
+//! - [`crypt`]: client-side encryption: keyrings, key files, sealed chunks, manifest MACs.
 //! - [`tree`]: the Merkle tree over a disk's leaves and its root.
 //! - [`report`]: an error and its causes as one line, each cause said once.
 //! - [`nbd`]: NBD wire constants. [`faults`]: the `REWIND_FAULT`/`REWIND_PAUSE` crash points.
@@ -17,6 +18,7 @@
 //! `proto/daemon/`.
 
 pub mod chunk;
+pub mod crypt;
 pub mod faults;
 pub mod format;
 pub mod fuzz;

@@ -1,0 +1,204 @@
+use super::*;
+
+fn cheap() -> KdfParams {
+    KdfParams {
+        memory_kib: 1024,
+        iterations: 1,
+        parallelism: 1,
+    }
+}
+
+fn keyring() -> Keyring {
+    KeyFile::generate(None, cheap(), "now".into())
+        .expect("generate")
+        .1
+}
+
+fn block(seed: u8) -> Vec<u8> {
+    (0..65_536u32).map(|i| (i % 97) as u8 ^ seed).collect()
+}
+
+#[test]
+fn sealed_chunks_round_trip_and_hide_their_content() {
+    let k = keyring();
+    let codec = Codec::Sealed {
+        keyring: Arc::new(k),
+        pad: false,
+    };
+    let data = block(1);
+    let id = codec.chunk_ids().of(&data);
+    assert_ne!(id, BlockHash::of(&data), "ids are keyed");
+    let env = codec.encode(id, &data).expect("encode");
+    assert_eq!(codec.decode(id, &env, data.len()).expect("decode"), data);
+    // Random nonces: the same block seals to different bytes each time.
+    assert_ne!(codec.encode(id, &data).expect("encode"), env);
+    // The zstd frame is not visible in the envelope.
+    let frame = chunk::compress(&data).expect("compress");
+    assert!(!env.windows(16).any(|w| w == &frame[frame.len() - 16..]));
+    // Without the key: the check passes, a flipped byte anywhere is found.
+    assert_eq!(Codec::check_stored(true, id, &env, data.len()), Ok(()));
+    for at in [0, 5, 20, env.len() / 2, env.len() - 1] {
+        let mut bad = env.clone();
+        bad[at] ^= 1;
+        assert!(
+            Codec::check_stored(true, id, &bad, data.len()).is_err(),
+            "flip at {at}"
+        );
+        assert!(codec.decode(id, &bad, data.len()).is_err(), "flip at {at}");
+    }
+}
+
+#[test]
+fn a_sealed_chunk_opens_only_under_its_own_key_and_name() {
+    let a = Arc::new(keyring());
+    let b = Arc::new(keyring());
+    let ca = Codec::Sealed {
+        keyring: a.clone(),
+        pad: false,
+    };
+    let cb = Codec::Sealed {
+        keyring: b,
+        pad: false,
+    };
+    let data = block(2);
+    let id = ca.chunk_ids().of(&data);
+    assert_ne!(
+        id,
+        cb.chunk_ids().of(&data),
+        "two keyrings name a block apart"
+    );
+    let env = ca.encode(id, &data).expect("encode");
+    assert!(matches!(
+        cb.decode(id, &env, data.len()),
+        Err(ChunkError::OtherKey { .. })
+    ));
+    // Moved under another name (with a fresh check hash): the tag refuses it.
+    let other = ca.chunk_ids().of(&block(3));
+    assert!(matches!(
+        ca.decode(other, &env, data.len()),
+        Err(ChunkError::Unauthentic { .. })
+    ));
+    // A body changed by someone who also rewrote the check hash: still refused.
+    let mut forged = env[..env.len() - CHECK_BYTES].to_vec();
+    forged[HEADER_BYTES + 3] ^= 0x40;
+    let check = blake3::hash(&forged);
+    forged.extend_from_slice(check.as_bytes());
+    assert_eq!(Codec::check_stored(true, id, &forged, data.len()), Ok(()));
+    assert!(matches!(
+        ca.decode(id, &forged, data.len()),
+        Err(ChunkError::Unauthentic { .. })
+    ));
+    // A plain receiver check refuses an envelope, and a sealed check a plain frame.
+    let frame = chunk::compress(&data).expect("compress");
+    assert!(Codec::check_stored(false, id, &env, data.len()).is_err());
+    assert!(Codec::check_stored(true, id, &frame, data.len()).is_err());
+}
+
+#[test]
+fn padding_rounds_envelopes_to_buckets() {
+    let codec = Codec::Sealed {
+        keyring: Arc::new(keyring()),
+        pad: true,
+    };
+    let mut sizes = std::collections::BTreeSet::new();
+    for seed in 0..8u8 {
+        // Blocks of different compressibility: the first `seed` 4 KiB pages are noise.
+        let mut data = vec![seed + 1; 65_536];
+        blake3::Hasher::new()
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut data[..4096 * usize::from(seed)]);
+        let id = codec.chunk_ids().of(&data);
+        let env = codec.encode(id, &data).expect("encode");
+        assert_eq!(
+            (env.len() - HEADER_BYTES - TAG_BYTES - CHECK_BYTES) % PAD_BUCKET,
+            0
+        );
+        assert!(env.len() <= max_envelope_len(data.len()));
+        assert_eq!(codec.decode(id, &env, data.len()).expect("decode"), data);
+        sizes.insert(env.len());
+    }
+    assert!(
+        sizes.len() > 1,
+        "different compressibility still shows in buckets"
+    );
+}
+
+#[test]
+fn manifest_macs_bind_every_field() {
+    let k = keyring();
+    let base = Manifest {
+        vm: "web",
+        session: "s1",
+        consistency: "crash-consistent",
+        config: "{}",
+        disks: vec![("vda", 1 << 20, 65_536, [7; 32])],
+    };
+    let mac = k.manifest_mac(&base);
+    let mut other = base.clone();
+    other.disks[0].3 = [8; 32];
+    assert_ne!(k.manifest_mac(&other), mac);
+    let mut other = base.clone();
+    other.session = "s2";
+    assert_ne!(k.manifest_mac(&other), mac);
+    let mut other = base.clone();
+    other.vm = "web2";
+    assert_ne!(k.manifest_mac(&other), mac);
+    assert_ne!(keyring().manifest_mac(&base), mac);
+}
+
+#[test]
+fn key_files_unlock_only_with_their_passphrase() {
+    let (file, k) = KeyFile::generate(Some(b"correct horse"), cheap(), "t".into()).expect("gen");
+    let text = file.to_json();
+    let back = KeyFile::parse(&text).expect("parse");
+    assert!(back.needs_passphrase());
+    assert!(
+        !text.contains(&hex::encode(*k.ids)),
+        "the file holds no derived key"
+    );
+    let again = back.unlock(Some(b"correct horse")).expect("unlock");
+    let data = block(4);
+    assert_eq!(again.chunk_ids().of(&data), k.chunk_ids().of(&data));
+    assert!(matches!(
+        back.unlock(Some(b"wrong")),
+        Err(KeyFileError::WrongPassphrase)
+    ));
+    assert!(matches!(
+        back.unlock(None),
+        Err(KeyFileError::NeedsPassphrase)
+    ));
+    assert!(matches!(
+        KeyFile::parse("{\"format\":\"x\"}"),
+        Err(KeyFileError::Malformed(_))
+    ));
+}
+
+#[test]
+fn paper_keys_round_trip_and_name_a_mistyped_line() {
+    let (file, k) = KeyFile::generate(Some(b"pw"), cheap(), "t".into()).expect("gen");
+    let paper = file.to_paper();
+    let back = KeyFile::from_paper(&paper).expect("from paper");
+    assert_eq!(back, file);
+    let data = block(5);
+    let again = back.unlock(Some(b"pw")).expect("unlock");
+    assert_eq!(again.chunk_ids().of(&data), k.chunk_ids().of(&data));
+    // One character of line 3 changed.
+    let typo: String = paper
+        .lines()
+        .map(|l| {
+            if l.starts_with("003") {
+                let mut c: Vec<char> = l.chars().collect();
+                c[5] = if c[5] == 'a' { 'b' } else { 'a' };
+                c.into_iter().collect::<String>()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    match KeyFile::from_paper(&typo) {
+        Err(KeyFileError::Paper { line, .. }) => assert_eq!(line, 3),
+        other => panic!("{other:?}"),
+    }
+}
