@@ -35,6 +35,8 @@
 //!
 //! [[vm]]
 //! name = "db1"
+//! encryption_key = "/etc/rewind/keys/db1.key"   # client-side encryption (fixed by the first point)
+//! passphrase_file = "/etc/rewind/keys/db1.pass"
 //! disks = ["vda=/dev/vg0/db1", "vdb=qcow2:/var/lib/vms/db1-data.qcow2"]
 //! interval = 30
 //! ```
@@ -112,6 +114,13 @@ pub struct VmEntry {
     pub rpo: Option<u64>,
     pub bwlimit: Option<f64>,
     pub block_size: Option<u64>,
+    /// Key file of the keyring that encrypts this VM's chunks (fixed by its first point).
+    pub encryption_key: Option<PathBuf>,
+    /// File whose first line is the key file's passphrase.
+    pub passphrase_file: Option<PathBuf>,
+    /// Pad encrypted chunks to 4 KiB buckets.
+    #[serde(default)]
+    pub pad_chunks: bool,
 }
 
 /// The file's contents.
@@ -351,6 +360,18 @@ impl AgentFile {
                 let (f, vm) = (self.clone(), vm.clone());
                 Bandwidth(Arc::new(move |now| f.bwlimit_at(&vm, now)))
             },
+            codec: crate::keys::codec(
+                vm.encryption_key.as_deref(),
+                vm.passphrase_file.as_deref(),
+                vm.pad_chunks,
+            )
+            .map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "vm {}: key file: {}",
+                    vm.name,
+                    rewind_proto::report::Chain(&e)
+                ))
+            })?,
         })
     }
 

@@ -6,6 +6,7 @@
 //! - [`client`]: the mutual-TLS connection to the receiver.
 //! - [`sync`]: one replication cycle, end to end.
 //! - [`clock`]: the time source of timing decisions (RPO, upload pace), manual in tests.
+//! - [`keys`]: the keyrings of encrypted VMs, unlocked once per key file.
 //! - [`cli`]: one module per subcommand.
 
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod cycle;
 pub mod error;
 pub mod faults;
 pub mod health;
+pub mod keys;
 pub mod libvirt;
 pub mod live;
 pub mod nbd;

@@ -57,6 +57,9 @@ pub enum ChunkError {
     /// by someone who also rewrote the check hash.
     #[error("encrypted chunk {hash} does not decrypt with this key (wrong key, or tampered with)")]
     Unauthentic { hash: BlockHash },
+    /// An encrypted chunk read without its key.
+    #[error("chunk {hash} is encrypted: its key is needed to read it")]
+    NeedsKey { hash: BlockHash },
 }
 
 thread_local! {

@@ -22,27 +22,20 @@ pub enum ConvertError {
     /// qemu-img failed.
     #[error("qemu-img convert failed: {0}")]
     QemuImg(String),
-    /// The output exists.
-    #[error("{0} exists: refusing to overwrite (use --force)")]
-    Exists(std::path::PathBuf),
 }
 
 /// Writes disk `disk` of point `point` to `out` in `format` (not raw). `served` counts the bytes
 /// read from the store, for progress.
 pub fn restore_as(
-    data: &Path,
+    (data, codec): (&Path, &rewind_proto::crypt::Codec),
     point: i64,
     disk: &PointDisk,
     format: &str,
     out: &Path,
-    force: bool,
     served: Served,
 ) -> Result<(), ConvertError> {
     if !FORMATS.contains(&format) || format == "raw" {
         return Err(ConvertError::Format(format.to_owned()));
-    }
-    if out.exists() && !force {
-        return Err(ConvertError::Exists(out.to_owned()));
     }
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("nbd.sock");
@@ -55,6 +48,7 @@ pub fn restore_as(
             disk: disk.clone(),
         }],
         served,
+        codec: codec.clone(),
     };
     std::thread::spawn(move || nbd_server::serve_unix(listener, exports));
     let file_name = out

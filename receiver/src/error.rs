@@ -105,6 +105,24 @@ pub enum StoreError {
     /// An unknown consistency label.
     #[error("unknown consistency {0:?}")]
     BadConsistency(String),
+    /// A Begin whose keyring is not the one the VM's history is sealed with (or none where
+    /// there is one, or one where the history is plain): encryption is fixed by a VM's first
+    /// point.
+    #[error(
+        "VM {vm} is {has}; this agent sends {sent}: encryption is fixed by a VM's first point"
+    )]
+    KeyringMismatch {
+        vm: String,
+        has: String,
+        sent: String,
+    },
+    /// An encrypted point read without its key where plaintext is needed, with another
+    /// keyring's key, or whose manifest MAC does not verify.
+    #[error("{0}")]
+    Key(String),
+    /// A commit of an encrypted VM without a 32-byte manifest MAC, or of a plain VM with one.
+    #[error("a commit of {0} must carry a 32-byte manifest MAC exactly when its VM is encrypted")]
+    ManifestMac(String),
     /// Commit roots do not name exactly the session's disks.
     #[error(
         "commit must give one root for each disk of the session; disk {0} is missing or unknown"

@@ -33,6 +33,7 @@ pub mod error;
 pub mod gc;
 pub mod guest_agent;
 pub mod ingest;
+pub mod keys;
 pub mod metrics;
 pub mod nbd_server;
 pub mod object_lock;

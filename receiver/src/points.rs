@@ -36,6 +36,23 @@ pub struct PointInfo {
     /// Protected from prune until this time, if locked.
     pub locked_until: Option<String>,
     pub disks: Vec<PointDisk>,
+    /// Set for an encrypted VM's point: the chunks are sealed with this keyring, and the
+    /// point carries the agent's manifest MAC (checked by a restore that holds the key).
+    pub encrypted: Option<Encrypted>,
+}
+
+/// What a listing shows of an encrypted point.
+#[derive(Debug, Clone, Serialize)]
+pub struct Encrypted {
+    pub keyring: String,
+    /// When the agent captured the point, by the agent's clock (bound by the MAC).
+    pub taken: String,
+    #[serde(skip)]
+    pub mac: Vec<u8>,
+    #[serde(skip)]
+    pub taken_us: i64,
+    #[serde(skip)]
+    pub config_hash: [u8; 32],
 }
 
 fn disks_of(conn: &Connection, point: i64) -> Result<Vec<PointDisk>, StoreError> {
@@ -62,9 +79,19 @@ fn info(conn: &Connection, p: rows::PointRow) -> Result<PointInfo, StoreError> {
         committed: rfc3339(p.committed_us),
         parent: p.parent,
         consistency: p.consistency,
-        config: p.config.and_then(|c| serde_json::from_str(&c).ok()),
+        config: p
+            .config
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok()),
         locked_until: p.locked_until_us.map(rfc3339),
         disks: disks_of(conn, p.id.0)?,
+        encrypted: p.sealed.map(|s| Encrypted {
+            keyring: hex::encode(&s.keyring),
+            taken: rfc3339(s.taken_us),
+            mac: s.mac,
+            taken_us: s.taken_us,
+            config_hash: rewind_proto::crypt::config_hash(p.config.as_deref().unwrap_or("")),
+        }),
     })
 }
 

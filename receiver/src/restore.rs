@@ -8,9 +8,10 @@ use crate::chunks::{self, Prepared, ReadOrder};
 use crate::error::StoreError;
 use crate::points::PointDisk;
 use rayon::prelude::*;
+use rewind_proto::crypt::Codec;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
-use rewind_proto::{chunk, BlockHash};
+use rewind_proto::BlockHash;
 use rusqlite::Connection;
 use std::fs::{File, OpenOptions};
 use std::ops::ControlFlow;
@@ -210,19 +211,16 @@ fn publish(file: &File, tmp: &Path, out: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes disk `disk` of point `point` to `out` as a sparse raw image.
+/// Writes disk `disk` of point `point` to `out` as a sparse raw image (replacing a file
+/// there: the caller decides whether one may be), each chunk decoded with `codec`.
 pub fn restore_disk(
     conn: &Connection,
-    data: &Path,
+    (data, codec): (&Path, &Codec),
     point: i64,
     disk: &PointDisk,
     out: &Path,
-    force: bool,
     progress: &dyn Fn(u64),
 ) -> Result<RestoreStats, StoreError> {
-    if out.exists() && !force {
-        return Err(StoreError::OutputExists(out.to_owned()));
-    }
     let geometry =
         DiskGeometry::new(disk.size, disk.block_size).map_err(|source| StoreError::Geometry {
             disk: disk.name.clone(),
@@ -232,6 +230,7 @@ pub fn restore_disk(
     let source = Source {
         conn,
         data,
+        codec,
         span: leaves::Span::all_leaves(disk.disk_id, PointId(point)),
         geometry: &geometry,
     };
@@ -284,6 +283,7 @@ fn create_partial(out: &Path, geometry: &DiskGeometry) -> Result<(PathBuf, File)
 struct Source<'a> {
     conn: &'a Connection,
     data: &'a Path,
+    codec: &'a Codec,
     span: leaves::Span,
     geometry: &'a DiskGeometry,
 }
@@ -295,7 +295,12 @@ struct Walked {
 }
 
 /// Decompresses and verifies a batch of frames on all cores, straight into `buf`.
-fn decode(geometry: &DiskGeometry, batch: Batch, buf: Vec<u8>) -> Result<Decoded, StoreError> {
+fn decode(
+    geometry: &DiskGeometry,
+    codec: &Codec,
+    batch: Batch,
+    buf: Vec<u8>,
+) -> Result<Decoded, StoreError> {
     let blocks = batch
         .iter()
         .map(|(idx, _, _)| (*idx, geometry.block_len(*idx).unwrap_or(0)))
@@ -306,7 +311,7 @@ fn decode(geometry: &DiskGeometry, batch: Batch, buf: Vec<u8>) -> Result<Decoded
         .zip(decoded.slices())
         .try_for_each(|((_, leaf, prepared), out)| {
             let frame = prepared.frame()?;
-            chunk::open_into(leaf, &frame, out)?;
+            codec.decode_into(leaf, &frame, out)?;
             Ok::<_, StoreError>(())
         })?;
     Ok(decoded)
@@ -323,7 +328,7 @@ fn write_image(
     progress: &dyn Fn(u64),
 ) -> Result<Walked, StoreError> {
     let geometry = source.geometry;
-    let decode = |batch: Batch, buf: Vec<u8>| decode(geometry, batch, buf);
+    let decode = |batch: Batch, buf: Vec<u8>| decode(geometry, source.codec, batch, buf);
     let output = Output::open(tmp, file.try_clone().map_err(io_error(tmp))?);
     let write = |d: Decoded| -> Result<Vec<u8>, StoreError> {
         output.write_batch(geometry, d).map_err(io_error(tmp))

@@ -135,11 +135,13 @@ pub fn to_status(e: StoreError) -> Status {
         | TooLarge { .. }
         | RootSet(_)
         | BadConfig { .. }
+        | ManifestMac(_)
         | BadConsistency(_)
         | BadTime(_)
         | NoPolicy => Status::invalid_argument(msg),
         Protected(_) | GcRunning => Status::failed_precondition(msg),
         NotOwner { .. } => Status::permission_denied(msg),
+        KeyringMismatch { .. } | Key(_) => Status::failed_precondition(msg),
         UnknownVm(_)
         | UnknownSession(_)
         | UnknownPoint { .. }
@@ -238,9 +240,34 @@ pub(crate) fn chunks_reply(chunks: Vec<(BlockHash, Vec<u8>)>) -> pb::ReadChunksR
     }
 }
 
+/// The keyring a Begin names: 16 bytes, or none.
+pub(crate) fn keyring_of(b: &[u8]) -> Result<Option<rewind_proto::crypt::KeyringId>, Status> {
+    if b.is_empty() {
+        return Ok(None);
+    }
+    rewind_proto::crypt::KeyringId::from_slice(b)
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("a keyring id is 16 bytes, got {}", b.len()))
+        })
+}
+
 /// A point as ListPoints (and the Copy service) send it.
 pub(crate) fn point_info(p: points::PointInfo) -> pb::PointInfo {
+    let (keyring, manifest_mac, taken_us, config_hash) = match p.encrypted {
+        Some(e) => (
+            hex::decode(&e.keyring).unwrap_or_default(),
+            e.mac,
+            e.taken_us,
+            e.config_hash.to_vec(),
+        ),
+        None => (Vec::new(), Vec::new(), 0, Vec::new()),
+    };
     pb::PointInfo {
+        keyring,
+        manifest_mac,
+        taken_us,
+        config_hash,
         id: p.id as u64,
         vm: p.vm,
         created: p.created,
@@ -317,6 +344,7 @@ impl Replication for ReplicationService {
             disks,
             base_point: (r.base_point != 0).then_some(r.base_point as i64),
             resume: (!r.resume_session.is_empty()).then_some(r.resume_session),
+            keyring: keyring_of(&r.keyring)?,
         };
         let store = self.store.clone();
         let plan = blocking(self.calls(&owner).await?, move || {
@@ -396,6 +424,8 @@ impl Replication for ReplicationService {
         let meta = crate::ingest::PointMeta {
             config: r.config,
             consistency: r.consistency,
+            mac: r.manifest_mac,
+            taken_us: r.taken_us,
         };
         let done = blocking(self.calls(&owner).await?, move || {
             store.commit(&owner, &session, &roots, &meta)

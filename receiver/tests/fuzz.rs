@@ -118,6 +118,7 @@ fn store_with_point(dir: &Path) -> (Store, PointInfo, Vec<u8>) {
         }],
         base_point: None,
         resume: None,
+        keyring: None,
     };
     let session = store.begin("agent", &spec).unwrap().session;
     let mut image = vec![0u8; DISK_SIZE as usize];
@@ -292,7 +293,7 @@ fn within<T: Send + 'static>(
 fn the_nbd_server_survives_mutated_client_streams() {
     let dir = tempfile::tempdir().unwrap();
     let (store, point, image) = store_with_point(dir.path());
-    let exports = Exports::of_point(store.data(), &point);
+    let exports = Exports::of_point(store.data(), &point, rewind_proto::crypt::Codec::Plain);
     let transcript = nbd_client_transcript();
 
     // The unmutated session is served in full: data, holes, and refusals of what is out of
@@ -575,6 +576,7 @@ fn upload_batches_survive_mutation() {
         ],
         base_point: None,
         resume: None,
+        keyring: None,
     };
     let session = store.begin("agent", &spec).unwrap().session;
     let kit = batch_kit(&session);

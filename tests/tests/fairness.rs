@@ -36,6 +36,7 @@ async fn a_huge_commit_does_not_stall_other_agents() {
             }],
             base_point: 0,
             resume_session: String::new(),
+            keyring: Vec::new(),
         })
         .await
         .unwrap()
@@ -91,6 +92,8 @@ async fn a_huge_commit_does_not_stall_other_agents() {
                     }],
                     config: String::new(),
                     consistency: String::new(),
+                    manifest_mac: Vec::new(),
+                    taken_us: 0,
                 })
                 .await;
             (r, started.elapsed())
@@ -199,6 +202,7 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
         }],
         base_point: base,
         resume_session: String::new(),
+        keyring: Vec::new(),
     };
     let commit = |session: String, root: rewind_proto::DiskRoot| pb::CommitRequest {
         session,
@@ -209,6 +213,8 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
         }],
         config: String::new(),
         consistency: String::new(),
+        manifest_mac: Vec::new(),
+        taken_us: 0,
     };
     let block = |b: u8| {
         let data = vec![b; BLOCK as usize];

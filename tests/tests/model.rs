@@ -115,6 +115,7 @@ mod inproc {
                 block_size: BlockSize::new(block_size).unwrap(),
                 state_dir: self.path("state"),
                 bwlimit: Bandwidth::fixed(None),
+                codec: rewind_proto::crypt::Codec::Plain,
             };
             let receiver = ReceiverConfig {
                 url: format!("https://{}", rx.addr),
@@ -137,7 +138,15 @@ mod inproc {
             let conn = catalog::open_ro(&self.data()).unwrap();
             let info = points::resolve(&conn, vm, &PointSelector::Id(point)).unwrap();
             let d = info.disks.iter().find(|d| d.name == disk).unwrap();
-            restore::restore_disk(&conn, &self.data(), point, d, out, false, &|_| {}).unwrap();
+            restore::restore_disk(
+                &conn,
+                (&self.data(), &rewind_proto::crypt::Codec::Plain),
+                point,
+                d,
+                out,
+                &|_| {},
+            )
+            .unwrap();
             std::fs::read(out).unwrap()
         }
     }

@@ -269,6 +269,8 @@ async fn malformed_batches_are_refused_and_store_nothing() {
             }],
             config: String::new(),
             consistency: String::new(),
+            manifest_mac: Vec::new(),
+            taken_us: 0,
         })
         .await
         .expect_err("wrong root");
@@ -280,6 +282,8 @@ async fn malformed_batches_are_refused_and_store_nothing() {
                 roots: vec![],
                 config: config.into(),
                 consistency: consistency.into(),
+                manifest_mac: Vec::new(),
+                taken_us: 0,
             })
             .await
             .expect_err("bad point metadata");
@@ -307,6 +311,7 @@ async fn names_and_geometry_are_validated() {
             }],
             base_point: 0,
             resume_session: String::new(),
+            keyring: Vec::new(),
         })
         .await
         .expect_err("bad disk name");
@@ -321,6 +326,7 @@ async fn names_and_geometry_are_validated() {
             }],
             base_point: 0,
             resume_session: String::new(),
+            keyring: Vec::new(),
         })
         .await
         .expect_err("bad block size");

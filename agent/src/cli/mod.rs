@@ -1,5 +1,6 @@
 //! The `rewind-agent` command line: flags parsed into plain values, one module per subcommand.
 
+pub mod key;
 pub mod rollback;
 pub mod run;
 pub mod status;
@@ -36,6 +37,39 @@ impl ReceiverArgs {
     }
 }
 
+/// The key of an encrypted VM (shared by every subcommand that reads or writes its chunks).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EncryptionArgs {
+    /// Key file of the keyring that encrypts the VM's chunks (`rewind-agent key generate`).
+    /// Encryption is fixed by a VM's first point. (`--key` is the TLS private key.)
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key: Option<PathBuf>,
+    /// File whose first line is the key file's passphrase (otherwise typed at a prompt).
+    #[arg(long, value_name = "FILE", requires = "encryption_key")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl EncryptionArgs {
+    /// The codec these flags name (plain without a key file).
+    pub fn codec(&self, pad: bool) -> anyhow::Result<rewind_proto::crypt::Codec> {
+        use anyhow::Context;
+        crate::keys::codec(
+            self.encryption_key.as_deref(),
+            self.passphrase_file.as_deref(),
+            pad,
+        )
+        .with_context(|| {
+            format!(
+                "opening key file {}",
+                self.encryption_key
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            )
+        })
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 /// Rewind's host agent: replicates VM disks to a Rewind receiver.
@@ -57,6 +91,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Each VM's state and why; exits non-zero when a VM has no point within 2x its RPO target.
     Status(status::StatusArgs),
+    /// Key files for client-side encryption: generate, export to paper, import, show.
+    Key(key::KeyArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -65,5 +101,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(a) => rollback::run(a),
         Command::Run(a) => run::run(a),
         Command::Status(a) => status::run(a),
+        Command::Key(a) => key::run(a),
     }
 }

@@ -26,6 +26,8 @@ pub struct RollbackArgs {
     /// Only compare and report what would move.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub encryption: super::EncryptionArgs,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -47,6 +49,7 @@ pub fn run(a: RollbackArgs) -> anyhow::Result<()> {
         disks,
         state_dir: a.state.clone(),
         dry_run: a.dry_run,
+        codec: a.encryption.codec(false)?,
     };
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -59,6 +59,12 @@ pub struct SyncArgs {
     /// Limit the compressed upload rate, in MB/s.
     #[arg(long, value_name = "MB_PER_SEC")]
     pub bwlimit: Option<f64>,
+    #[command(flatten)]
+    pub encryption: super::EncryptionArgs,
+    /// Pad encrypted chunks to 4 KiB buckets, so their sizes tell less about the data's
+    /// compressibility (costs storage).
+    #[arg(long, requires = "encryption_key")]
+    pub pad_chunks: bool,
     /// Print each point as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -191,6 +197,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         block_size,
         state_dir: a.state.clone(),
         bwlimit: crate::sync::Bandwidth::fixed(a.bwlimit.map(|mb| (mb * 1e6) as u64)),
+        codec: a.encryption.codec(a.pad_chunks)?,
     };
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -8,6 +8,7 @@ use super::RollbackError;
 use crate::nbd::NbdClient;
 use crate::scan::BlockSource;
 use rewind_proto::chunk;
+use rewind_proto::crypt::{ChunkIds, Codec};
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::BlockHash;
 use std::os::unix::fs::FileExt;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 fn read_back(
     src: &mut dyn BlockSource,
     g: &DiskGeometry,
+    ids: ChunkIds,
     blocks: &[(u64, BlockHash)],
 ) -> Result<(Option<(u64, BlockHash)>, u64), RollbackError> {
     let ranges: Vec<(u64, usize)> = blocks
@@ -28,7 +30,7 @@ fn read_back(
     let mut wrong: Option<(u64, BlockHash)> = None;
     src.read_ranges(&ranges, &mut |k, bytes| {
         let (i, h) = blocks[k];
-        let now = BlockHash::of(bytes);
+        let now = ids.of(bytes);
         if now != h && wrong.is_none_or(|(j, _)| i < j) {
             wrong = Some((i, now));
         }
@@ -43,13 +45,15 @@ pub(super) fn write_blocks(
     mut w: Writer,
     mut checker: Box<dyn BlockSource + Send>,
     g: DiskGeometry,
+    codec: Codec,
     mut wrx: tokio::sync::mpsc::Receiver<Work>,
 ) -> Result<(Writer, Written), RollbackError> {
+    let ids = codec.chunk_ids();
     let (ctx, crx) = std::sync::mpsc::sync_channel::<Vec<(u64, BlockHash)>>(2);
     let check = std::thread::spawn(move || {
         let mut c = Written::default();
         for blocks in crx {
-            let (wrong, read) = read_back(checker.as_mut(), &g, &blocks)?;
+            let (wrong, read) = read_back(checker.as_mut(), &g, ids, &blocks)?;
             c.reread += read;
             if let Some((i, now)) = wrong {
                 if c.wrong.is_none_or(|(j, _)| i < j) {
@@ -70,7 +74,7 @@ pub(super) fn write_blocks(
                     opened: Vec::new(),
                     zeros: blocks,
                 }),
-                Work::Chunks(chunks) => open_all(&chunks, &g, &brx)
+                Work::Chunks(chunks) => open_all(&chunks, &g, &codec, &brx)
                     .map(|opened| Decoded {
                         opened,
                         zeros: Vec::new(),
@@ -137,6 +141,7 @@ pub(super) fn write_blocks(
 fn open_all(
     chunks: &[(BlockHash, bytes::Bytes, Vec<u64>)],
     g: &DiskGeometry,
+    codec: &Codec,
     spare: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<Vec<Opened>, chunk::ChunkError> {
     let mut opened: Vec<Opened> = Vec::new();
@@ -149,7 +154,7 @@ fn open_all(
                 buf.extend_from_slice(&opened[first].2);
             } else {
                 buf.resize(g.block_len(i).unwrap_or(0), 0);
-                chunk::open_into(*h, frame, &mut buf)?;
+                codec.decode_into(*h, frame, &mut buf)?;
             }
             opened.push((i, *h, buf));
         }

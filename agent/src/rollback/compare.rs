@@ -6,6 +6,7 @@ use super::leaves::LeafStream;
 use super::target::Target;
 use super::RollbackError;
 use crate::scan::BlockSource;
+use rewind_proto::crypt::ChunkIds;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::{BlockHash, DiskRoot};
 
@@ -53,15 +54,17 @@ pub(super) fn compare(
     g: &DiskGeometry,
     want: LeafStream,
     scope: Scope,
+    ids: ChunkIds,
     found: &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
 ) -> Result<Compared, RollbackError> {
+    let mut t = Tally::new(ids, found);
     match scope {
         Scope::Full => {
             let plan = target.plan(g)?;
-            compare_full(target.source(), g, &plan.read, want, found)
+            compare_full(target.source(), g, &plan.read, want, &mut t)
         }
         Scope::Candidates { dirty, base } => {
-            compare_candidates(target.source(), g, want, base, &dirty, found)
+            compare_candidates(target.source(), g, want, base, &dirty, &mut t)
         }
     }
 }
@@ -70,16 +73,27 @@ pub(super) fn compare(
 struct Tally<'a> {
     differing: u64,
     read: u64,
+    /// How the point names blocks (keyed for an encrypted VM).
+    ids: ChunkIds,
     found: &'a mut dyn FnMut(u64, Option<BlockHash>) -> bool,
 }
 
-impl Tally<'_> {
+impl<'a> Tally<'a> {
     fn differs(&mut self, i: u64, leaf: Option<BlockHash>) -> bool {
         self.differing += 1;
         (self.found)(i, leaf)
     }
 
-    fn done(self, root: Option<DiskRoot>) -> Compared {
+    fn new(ids: ChunkIds, found: &'a mut dyn FnMut(u64, Option<BlockHash>) -> bool) -> Tally<'a> {
+        Tally {
+            differing: 0,
+            read: 0,
+            ids,
+            found,
+        }
+    }
+
+    fn done(&self, root: Option<DiskRoot>) -> Compared {
         Compared {
             differing: self.differing,
             read: self.read,
@@ -95,14 +109,9 @@ fn compare_full(
     g: &DiskGeometry,
     read: &[(u64, u64)],
     mut want: LeafStream,
-    found: &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
+    t: &mut Tally<'_>,
 ) -> Result<Compared, RollbackError> {
     let bs = g.block_size.bytes();
-    let mut t = Tally {
-        differing: 0,
-        read: 0,
-        found,
-    };
     let mut buf = vec![0u8; READ_STEP.max(bs) as usize];
     let mut leaves = Vec::new();
     for &(first, end) in read {
@@ -114,7 +123,7 @@ fn compare_full(
             let count = (READ_STEP / bs).max(1).min(end - idx);
             let off = g.offset(idx);
             let len = (count * bs).min(g.size - off) as usize;
-            src.read_leaves(&mut buf[..len], off, bs as usize, &mut leaves)?;
+            src.read_leaves(&mut buf[..len], off, bs as usize, t.ids, &mut leaves)?;
             t.read += len as u64;
             for (k, now) in leaves.iter().enumerate() {
                 let i = idx + k as u64;
@@ -142,13 +151,8 @@ fn compare_candidates(
     mut want: LeafStream,
     mut base: Option<LeafStream>,
     dirty: &[(u64, u64)],
-    found: &mut dyn FnMut(u64, Option<BlockHash>) -> bool,
+    t: &mut Tally<'_>,
 ) -> Result<Compared, RollbackError> {
-    let mut t = Tally {
-        differing: 0,
-        read: 0,
-        found,
-    };
     let mut batch: Vec<(u64, Option<BlockHash>)> = Vec::with_capacity(CANDIDATES_PER_READ);
     let mut dirty = dirty.iter().copied().peekable();
     let mut cursor = 0u64;
@@ -174,13 +178,13 @@ fn compare_candidates(
         };
         if changed || next_dirty == Some(i) {
             batch.push((i, leaf));
-            if batch.len() >= CANDIDATES_PER_READ && !read_candidates(src, g, &mut batch, &mut t)? {
+            if batch.len() >= CANDIDATES_PER_READ && !read_candidates(src, g, &mut batch, t)? {
                 return Ok(t.done(None));
             }
         }
         cursor = i + 1;
     }
-    if !read_candidates(src, g, &mut batch, &mut t)? {
+    if !read_candidates(src, g, &mut batch, t)? {
         return Ok(t.done(None));
     }
     let root = want.root()?;
@@ -203,7 +207,7 @@ fn read_candidates(
     let mut wanted = true;
     src.read_ranges(&ranges, &mut |k, bytes| {
         let (i, leaf) = batch[k];
-        if wanted && BlockHash::of(bytes) != leaf.unwrap_or(BlockHash::ZERO) {
+        if wanted && t.ids.of(bytes) != leaf.unwrap_or(BlockHash::ZERO) {
             wanted = t.differs(i, leaf);
         }
     })?;
@@ -289,7 +293,11 @@ mod tests {
         want[10] = 3;
         let mut src = disk(tmp.path(), &now);
         let read = vec![(0, BLOCKS)];
-        let (found, c) = run(|s, w, f| compare_full(s, &g, &read, w, f), &mut src, &want);
+        let (found, c) = run(
+            |s, w, f| compare_full(s, &g, &read, w, &mut Tally::new(ChunkIds::Plain, f)),
+            &mut src,
+            &want,
+        );
         assert_eq!(
             found,
             vec![
@@ -306,7 +314,15 @@ mod tests {
 
         // Only blocks 0..3 and 40..41 read: the rest is taken as zero.
         let (found, c) = run(
-            |s, w, f| compare_full(s, &g, &[(0, 3), (40, 41)], w, f),
+            |s, w, f| {
+                compare_full(
+                    s,
+                    &g,
+                    &[(0, 3), (40, 41)],
+                    w,
+                    &mut Tally::new(ChunkIds::Plain, f),
+                )
+            },
             &mut src,
             &want,
         );
@@ -323,10 +339,10 @@ mod tests {
             &g,
             &read,
             LeafStream::of(&g, point(&want)),
-            &mut |_, _| {
+            &mut Tally::new(ChunkIds::Plain, &mut |_, _| {
                 calls += 1;
                 false
-            },
+            }),
         )
         .expect("compared");
         assert_eq!((calls, c.root), (1, None));
@@ -353,7 +369,7 @@ mod tests {
         let (found, c) = run(
             |s, w, f| {
                 let base = Some(LeafStream::of(&g, point(&base)));
-                compare_candidates(s, &g, w, base, &dirty, f)
+                compare_candidates(s, &g, w, base, &dirty, &mut Tally::new(ChunkIds::Plain, f))
             },
             &mut src,
             &want,
@@ -371,7 +387,9 @@ mod tests {
 
         // Rolling back to the last point itself: only the dirty blocks.
         let (found, c) = run(
-            |s, w, f| compare_candidates(s, &g, w, None, &dirty, f),
+            |s, w, f| {
+                compare_candidates(s, &g, w, None, &dirty, &mut Tally::new(ChunkIds::Plain, f))
+            },
             &mut src,
             &base,
         );

@@ -44,6 +44,8 @@ pub struct RollbackConfig {
     pub disks: Vec<DiskSource>,
     pub state_dir: PathBuf,
     pub dry_run: bool,
+    /// The key of an encrypted VM (its keyring's id keys and data key), Plain otherwise.
+    pub codec: rewind_proto::crypt::Codec,
 }
 
 /// One disk's rollback.
@@ -113,6 +115,10 @@ pub enum RollbackError {
         block: u64,
         got: String,
     },
+    /// The point's encryption and the key given do not go together (an encrypted point
+    /// without a key, a key of another keyring), or its manifest MAC does not verify.
+    #[error("{0}")]
+    Key(String),
     /// A worker thread or task died.
     #[error("internal worker failed: {0}")]
     Worker(String),
@@ -128,6 +134,7 @@ impl RollbackError {
             RollbackError::InUse(..) => "in-use",
             RollbackError::SizeMismatch { .. } => "config",
             RollbackError::Verify { .. } | RollbackError::ReadBack { .. } => "verify",
+            RollbackError::Key(_) => "key",
             RollbackError::Worker(_) => "internal",
         }
     }
@@ -169,6 +176,7 @@ pub async fn rollback(
     cfg: &RollbackConfig,
 ) -> Result<RollbackReport, RollbackError> {
     let started = Instant::now();
+    check_key(client, cfg).await?;
     let mut disks = Vec::new();
     for d in &cfg.disks {
         disks.push(rollback_disk(client, cfg, d, started).await?);
@@ -180,6 +188,74 @@ pub async fn rollback(
         disks,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Checks that the key given fits the point: none for a plain point; for an encrypted one, a
+/// key of its keyring under which the point's manifest MAC verifies (so the receiver serves
+/// the very point the agent committed: its disks' roots bind every leaf written).
+async fn check_key(
+    client: &mut ReplicationClient<Channel>,
+    cfg: &RollbackConfig,
+) -> Result<(), RollbackError> {
+    use rewind_proto::crypt::{Codec, Manifest};
+    let points = client
+        .list_points(pb::ListPointsRequest { vm: cfg.vm.clone() })
+        .await
+        .map_err(RollbackError::refused("ListPoints"))?
+        .into_inner()
+        .points;
+    let Some(p) = points.iter().find(|p| p.id == cfg.point as u64) else {
+        // PointBlocks names the missing point in the receiver's own words.
+        return Ok(());
+    };
+    let keyring = match (&cfg.codec, p.keyring.is_empty()) {
+        (Codec::Plain | Codec::Locked, true) => return Ok(()),
+        (Codec::Sealed { .. }, true) => {
+            return Err(RollbackError::Key(format!(
+                "point {} of {} is not encrypted: drop --encryption-key",
+                cfg.point, cfg.vm
+            )))
+        }
+        (Codec::Plain | Codec::Locked, false) => {
+            return Err(RollbackError::Key(format!(
+                "point {} of {} is encrypted (keyring {}): give its key with --encryption-key",
+                cfg.point,
+                cfg.vm,
+                hex::encode(&p.keyring)
+            )))
+        }
+        (Codec::Sealed { keyring, .. }, false) => keyring,
+    };
+    if keyring.id().0[..] != p.keyring[..] {
+        return Err(RollbackError::Key(format!(
+            "point {} of {} is encrypted with keyring {}; the key given is keyring {}",
+            cfg.point,
+            cfg.vm,
+            hex::encode(&p.keyring),
+            keyring.id()
+        )));
+    }
+    let mut disks = Vec::new();
+    for d in &p.disks {
+        let root = <[u8; 32]>::try_from(d.root.as_slice())
+            .map_err(|_| RollbackError::protocol("a root that is not 32 bytes"))?;
+        disks.push((d.name.as_str(), d.size, d.block_size, root));
+    }
+    let manifest = Manifest {
+        vm: &cfg.vm,
+        taken_us: p.taken_us,
+        consistency: &p.consistency,
+        config_hash: <[u8; 32]>::try_from(p.config_hash.as_slice()).unwrap_or_default(),
+        disks,
+    };
+    if !keyring.verify_manifest(&manifest, &p.manifest_mac) {
+        return Err(RollbackError::Key(format!(
+            "point {} of {}: its manifest MAC does not verify with this key: the receiver \
+             does not serve the point the agent committed",
+            cfg.point, cfg.vm
+        )));
+    }
+    Ok(())
 }
 
 /// One disk: open it and learn the point, choose what to compare, compare while fetching and
@@ -319,11 +395,12 @@ async fn compare_and_write(
     } else {
         Some((target.writer(disk)?, target.second_reader(disk)?))
     };
+    let ids = cfg.codec.chunk_ids();
     let compare = {
         let found_tx = writing.is_some().then_some(found_tx);
         tokio::task::spawn_blocking(move || {
             let mut requests = fetch::Requests::new(g.block_size.bytes(), found_tx);
-            let r = compare::compare(&mut target, &g, want, scope, &mut |i, leaf| {
+            let r = compare::compare(&mut target, &g, want, scope, ids, &mut |i, leaf| {
                 requests.push(i, leaf)
             });
             requests.finish();
@@ -332,7 +409,7 @@ async fn compare_and_write(
     };
     let written = match writing {
         None => None,
-        Some((w, checker)) => Some(fetch_and_write(client, &cfg.vm, g, w, checker, found_rx).await),
+        Some((w, checker)) => Some(fetch_and_write(client, cfg, g, (w, checker), found_rx).await),
     };
     let (target, compared) = compare.await.map_err(RollbackError::joined)?;
     let compared = compared?;
@@ -346,14 +423,16 @@ async fn compare_and_write(
 /// is reported. The disk is flushed before this returns.
 async fn fetch_and_write(
     client: &mut ReplicationClient<Channel>,
-    vm: &str,
+    cfg: &RollbackConfig,
     g: DiskGeometry,
-    w: apply::Writer,
-    checker: Box<dyn crate::scan::BlockSource + Send>,
+    (w, checker): (apply::Writer, Box<dyn crate::scan::BlockSource + Send>),
     found_rx: tokio::sync::mpsc::Receiver<Found>,
 ) -> Result<apply::Written, RollbackError> {
+    let vm = cfg.vm.as_str();
     let (wtx, wrx) = tokio::sync::mpsc::channel::<Work>(CHUNK_REQUESTS_IN_FLIGHT);
-    let writer = tokio::task::spawn_blocking(move || apply::write_blocks(w, checker, g, wrx));
+    let codec = cfg.codec.clone();
+    let writer =
+        tokio::task::spawn_blocking(move || apply::write_blocks(w, checker, g, codec, wrx));
     let mut replies = Box::pin(
         futures::stream::unfold(found_rx, |mut rx| async move {
             rx.recv().await.map(|f| (f, rx))

@@ -6,6 +6,7 @@ use crate::source::{DiskError, RawDisk, DIRECT_ALIGN};
 use crate::state::OldLeaves;
 use bytes::Bytes;
 use rayon::prelude::*;
+use rewind_proto::crypt::ChunkIds;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::tree::{self, Builder, Shape};
 use rewind_proto::{BlockHash, DiskRoot};
@@ -23,9 +24,9 @@ const READ_PART: usize = 512 * 1024;
 
 /// Sets `leaves` to the leaf of each `block`-byte piece of `buf` (the last may be shorter),
 /// hashed on all cores.
-fn leaves_of(buf: &[u8], block: usize, leaves: &mut Vec<BlockHash>) {
+fn leaves_of(buf: &[u8], block: usize, ids: ChunkIds, leaves: &mut Vec<BlockHash>) {
     buf.par_chunks(block)
-        .map(BlockHash::of)
+        .map(|b| ids.of(b))
         .collect_into_vec(leaves);
 }
 
@@ -224,6 +225,7 @@ pub fn scan_disk(
     progress: &dyn Fn(u64),
 ) -> Result<DiskScan, ScanError> {
     let bs = geometry.block_size.bytes();
+    let ids = plan.ids;
     let mut w = Walker {
         builder: Builder::new(Shape::of(&geometry)),
         old,
@@ -266,7 +268,7 @@ pub fn scan_disk(
                         hashed,
                     } => {
                         if !hashed {
-                            leaves_of(buf.bytes(), bs as usize, &mut leaves);
+                            leaves_of(buf.bytes(), bs as usize, ids, &mut leaves);
                         }
                         let len = buf.len;
                         read_bytes += len as u64;
@@ -392,6 +394,7 @@ fn read_steps(
                 &mut buf.backing[at..at + len],
                 offset,
                 bs as usize,
+                plan.ids,
                 &mut leaves,
             )?;
             if !send(Step::Read {

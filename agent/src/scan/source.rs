@@ -15,10 +15,11 @@ pub trait BlockSource {
         buf: &mut [u8],
         offset: u64,
         block: usize,
+        ids: ChunkIds,
         leaves: &mut Vec<BlockHash>,
     ) -> Result<(), ScanError> {
-        if !self.read_step(buf, offset, block, leaves)? {
-            leaves_of(buf, block, leaves);
+        if !self.read_step(buf, offset, block, ids, leaves)? {
+            leaves_of(buf, block, ids, leaves);
         }
         Ok(())
     }
@@ -30,6 +31,7 @@ pub trait BlockSource {
         buf: &mut [u8],
         offset: u64,
         _block: usize,
+        _ids: ChunkIds,
         _leaves: &mut Vec<BlockHash>,
     ) -> Result<bool, ScanError> {
         self.read_block_range(buf, offset)?;
@@ -81,6 +83,7 @@ impl BlockSource for RawDisk {
         buf: &mut [u8],
         offset: u64,
         block: usize,
+        ids: ChunkIds,
         leaves: &mut Vec<BlockHash>,
     ) -> Result<bool, ScanError> {
         if self.read_at_direct(buf, offset)? {
@@ -93,7 +96,7 @@ impl BlockSource for RawDisk {
             .enumerate()
             .map(|(k, p)| {
                 disk.read_at(p, offset + (k * part) as u64)?;
-                Ok(p.chunks(block).map(BlockHash::of).collect::<Vec<_>>())
+                Ok(p.chunks(block).map(|b| ids.of(b)).collect::<Vec<_>>())
             })
             .collect::<Result<Vec<_>, DiskError>>()?;
         leaves.clear();
@@ -111,13 +114,16 @@ pub enum Outside {
     Unchanged,
 }
 
-/// Which blocks a scan reads, as sorted, disjoint block ranges `[first, end)`.
+/// Which blocks a scan reads, as sorted, disjoint block ranges `[first, end)`, and how it
+/// names them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanPlan {
     pub read: Vec<(u64, u64)>,
     /// Blocks inside `read` known to be all zeros: their leaf is zero without reading them.
     pub zero: Vec<(u64, u64)>,
     pub outside: Outside,
+    /// How a block's leaf is computed: plain blake3, or keyed for an encrypted VM.
+    pub ids: ChunkIds,
 }
 
 impl ScanPlan {
@@ -127,7 +133,13 @@ impl ScanPlan {
             read: block_ranges(extents, geometry),
             zero: Vec::new(),
             outside: Outside::Zero,
+            ids: ChunkIds::Plain,
         }
+    }
+
+    /// The plan with blocks named by `ids`.
+    pub fn named(self, ids: ChunkIds) -> ScanPlan {
+        ScanPlan { ids, ..self }
     }
 }
 

@@ -12,13 +12,35 @@ use super::*;
 
 /// Asks the receiver to commit the point: each disk's root and changed blocks, the VM's
 /// configuration and the point's consistency.
+///
+/// An encrypted VM's commit carries the MAC of the point's manifest (VM, time of capture,
+/// consistency, configuration, each disk's geometry and root), so a restore holding the key
+/// can tell that the receiver serves this very point.
 pub(super) async fn send(
     client: &mut ReplicationClient<Channel>,
+    cfg: &SyncConfig,
     session: &str,
     scans: &[ScannedDisk],
     config: &serde_json::Value,
     consistency: &str,
 ) -> Result<tonic::Response<pb::CommitReply>, tonic::Status> {
+    let config = config.to_string();
+    let taken_us = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1000;
+    let manifest_mac = match &cfg.codec {
+        rewind_proto::crypt::Codec::Plain | rewind_proto::crypt::Codec::Locked => Vec::new(),
+        rewind_proto::crypt::Codec::Sealed { keyring, .. } => keyring
+            .manifest_mac(&rewind_proto::crypt::Manifest {
+                vm: &cfg.vm,
+                taken_us,
+                consistency,
+                config_hash: rewind_proto::crypt::config_hash(&config),
+                disks: scans
+                    .iter()
+                    .map(|s| (s.name.as_str(), s.size, cfg.block_size.get(), s.scan.root.0))
+                    .collect(),
+            })
+            .to_vec(),
+    };
     let roots = scans
         .iter()
         .map(|s| pb::DiskRoot {
@@ -31,8 +53,14 @@ pub(super) async fn send(
         .commit(pb::CommitRequest {
             session: session.to_owned(),
             roots,
-            config: config.to_string(),
+            config,
             consistency: consistency.to_owned(),
+            manifest_mac,
+            taken_us: if cfg.codec.keyring_id().is_some() {
+                taken_us
+            } else {
+                0
+            },
         })
         .await
 }

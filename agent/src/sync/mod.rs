@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use rewind_proto::format::{BlockSize, DiskGeometry, BATCH_TARGET_BYTES};
 use rewind_proto::pb::replication_client::ReplicationClient;
 use rewind_proto::report::{self, Chain};
-use rewind_proto::{chunk, names, pb, BlockHash};
+use rewind_proto::{names, pb, BlockHash};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -77,6 +77,9 @@ pub struct SyncConfig {
     pub state_dir: PathBuf,
     /// Upper bound on compressed bytes sent per second, asked again for every batch.
     pub bwlimit: Bandwidth,
+    /// How chunks are named and stored: plain, or sealed with a keyring (client-side
+    /// encryption, fixed by the VM's first point).
+    pub codec: rewind_proto::crypt::Codec,
 }
 
 /// The upload limit in bytes per second (None: unlimited) at a wall-clock time, asked again
@@ -205,7 +208,8 @@ pub async fn sync_once(
         // Every disk is read: let go of what holds them (an offline domain's images).
         capture.release();
         capture.check()?;
-        let committed = commit::send(client, &begun.session, &scans, &config, &consistency).await;
+        let committed =
+            commit::send(client, cfg, &begun.session, &scans, &config, &consistency).await;
         Ok::<_, SyncError>((scans, sent, committed))
     }
     .await

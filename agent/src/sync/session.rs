@@ -54,6 +54,11 @@ pub(super) async fn begin(
             .collect(),
         base_point: vm_state.base_point.unwrap_or(0) as u64,
         resume_session: vm_state.pending_session.clone().unwrap_or_default(),
+        keyring: cfg
+            .codec
+            .keyring_id()
+            .map(|k| k.0.to_vec())
+            .unwrap_or_default(),
     };
     let mut plan = client
         .begin(request.clone())

@@ -102,11 +102,8 @@ pub(super) async fn transfer(
     let scanner = {
         let disks = disks.clone();
         let full = full.to_vec();
-        let state_dir = cfg.state_dir.clone();
-        let vm = cfg.vm.clone();
-        tokio::task::spawn_blocking(move || {
-            scan_all(&disks, &full, &heal, &state_dir, &vm, wtx, progress)
-        })
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || scan_all(&disks, &full, &heal, &cfg, wtx, progress))
     };
 
     let (btx, brx) = mpsc::channel::<pb::Batch>(QUEUE_DEPTH);
@@ -122,7 +119,8 @@ pub(super) async fn transfer(
         let session = session.to_owned();
         let limiter = RateLimiter::new(cfg.bwlimit.clone(), Arc::new(SystemClock));
         let n = disks.len();
-        tokio::task::spawn_blocking(move || compress_all(&session, n, crx, btx, limiter))
+        let codec = cfg.codec.clone();
+        tokio::task::spawn_blocking(move || compress_all(&session, &codec, n, crx, btx, limiter))
     };
 
     // Several MissingChunks questions in flight: on a long link each costs a round trip, and
@@ -197,6 +195,7 @@ pub(super) async fn transfer(
 /// whether the upload stream went away early.
 fn compress_all(
     session: &str,
+    codec: &rewind_proto::crypt::Codec,
     disks: usize,
     mut windows: mpsc::Receiver<(Vec<Item>, HashSet<BlockHash>)>,
     out: mpsc::Sender<pb::Batch>,
@@ -223,7 +222,7 @@ fn compress_all(
             .install(|| {
                 to_send
                     .par_iter()
-                    .map(|(pos, leaf, data)| chunk::compress(data).map(|f| (*pos, *leaf, f)))
+                    .map(|(pos, leaf, data)| codec.encode(*leaf, data).map(|f| (*pos, *leaf, f)))
                     .collect::<std::io::Result<Vec<_>>>()
             })
             .map_err(|e| SyncError::Worker(format!("compression failed: {e}")))?;
@@ -292,11 +291,11 @@ fn scan_all(
     disks: &[OpenDisk],
     full: &[bool],
     heal: &HashSet<BlockHash>,
-    state_dir: &std::path::Path,
-    vm: &str,
+    cfg: &SyncConfig,
     out: mpsc::Sender<Vec<Item>>,
     progress: Progress,
 ) -> Result<ScanResults, SyncError> {
+    let (state_dir, vm) = (cfg.state_dir.as_path(), cfg.vm.as_str());
     let read_conn = state::open(state_dir)?;
     let write_conn = state::open(state_dir)?;
     let mut pending = PendingWriter::new(&write_conn, vm)?;
@@ -318,7 +317,7 @@ fn scan_all(
         let scan = scan::scan_disk(
             src.as_mut(),
             d.geometry,
-            &plan,
+            &plan.named(cfg.codec.chunk_ids()),
             &mut old,
             heal,
             |change| {
@@ -411,6 +410,7 @@ fn open_reader(
                         read: scan::block_ranges(&dirty, geometry),
                         zero: scan::whole_blocks(&span(|f| f & nbd::STATE_ZERO != 0), geometry),
                         outside: Outside::Unchanged,
+                        ids: rewind_proto::crypt::ChunkIds::Plain,
                     }
                 }
             };

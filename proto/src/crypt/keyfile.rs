@@ -31,6 +31,60 @@ pub enum KeyFileError {
     Kdf(String),
     #[error("paper key line {line}: {why}")]
     Paper { line: usize, why: String },
+    #[error("{path}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Reads a passphrase: the first line of `file`, or typed at a prompt when `file` is None
+/// and standard input is a terminal; None when neither.
+pub fn read_passphrase(
+    file: Option<&std::path::Path>,
+    prompt: &str,
+) -> Result<Option<Zeroizing<String>>, KeyFileError> {
+    use std::io::IsTerminal;
+    match file {
+        Some(path) => {
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                KeyFileError::Io {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?);
+            let line = text.lines().next().unwrap_or("");
+            Ok(Some(Zeroizing::new(line.to_owned())))
+        }
+        None if std::io::stdin().is_terminal() => rpassword::prompt_password(prompt)
+            .map(|p| Some(Zeroizing::new(p)))
+            .map_err(|source| KeyFileError::Io {
+                path: "/dev/tty".into(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Opens the key file at `path`, unlocking it with the passphrase of `passphrase_file` (or
+/// typed at a prompt) when it has one.
+pub fn open_key(
+    path: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<Keyring, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file = KeyFile::parse(&text)?;
+    if !file.needs_passphrase() {
+        return file.unlock(None);
+    }
+    let pass = read_passphrase(
+        passphrase_file,
+        &format!("Passphrase for {}: ", path.display()),
+    )?;
+    file.unlock(pass.as_ref().map(|p| p.as_bytes()))
 }
 
 /// argon2id's cost: memory in KiB, passes, lanes.

@@ -20,7 +20,7 @@
 
 mod keyfile;
 
-pub use keyfile::{KdfParams, KeyFile, KeyFileError};
+pub use keyfile::{open_key, read_passphrase, KdfParams, KeyFile, KeyFileError};
 
 use crate::chunk::{self, ChunkError};
 use crate::format::max_frame_len;
@@ -242,6 +242,14 @@ impl Keyring {
     pub fn manifest_mac(&self, manifest: &Manifest<'_>) -> [u8; 32] {
         *blake3::keyed_hash(&self.manifest, &manifest.encode(self.id)).as_bytes()
     }
+
+    /// Whether `mac` is this keyring's MAC of `manifest` (compared in constant time).
+    pub fn verify_manifest(&self, manifest: &Manifest<'_>, mac: &[u8]) -> bool {
+        let Ok(mac) = <[u8; 32]>::try_from(mac) else {
+            return false;
+        };
+        blake3::keyed_hash(&self.manifest, &manifest.encode(self.id)) == blake3::Hash::from(mac)
+    }
 }
 
 /// Checks what a receiver can check of an envelope without the key: its version, that its
@@ -266,16 +274,18 @@ pub fn check_envelope(id: BlockHash, envelope: &[u8], block_len: usize) -> Resul
     Ok(())
 }
 
-/// What a point's manifest MAC binds: the VM, the session that made the point, how
+/// What a point's manifest MAC binds: the VM, when the agent captured the point, how
 /// consistent it is, its configuration, and each disk's geometry and root (the root binds
 /// every leaf in order).
 #[derive(Debug, Clone)]
 pub struct Manifest<'a> {
     pub vm: &'a str,
-    pub session: &'a str,
+    /// The agent's time of capture, microseconds since the Unix epoch.
+    pub taken_us: i64,
     pub consistency: &'a str,
-    pub config: &'a str,
-    /// (name, size, block size, root), in the order the point lists them.
+    /// [`config_hash`] of the VM's configuration as sent with the commit.
+    pub config_hash: [u8; 32],
+    /// (name, size, block size, root), in any order.
     pub disks: Vec<(&'a str, u64, u32, [u8; 32])>,
 }
 
@@ -289,10 +299,13 @@ impl Manifest<'_> {
         field(b"rewind-manifest/1");
         field(&keyring.0);
         field(self.vm.as_bytes());
-        field(self.session.as_bytes());
+        field(&self.taken_us.to_le_bytes());
         field(self.consistency.as_bytes());
-        field(self.config.as_bytes());
-        for (name, size, bs, root) in &self.disks {
+        field(&self.config_hash);
+        // In name order, whatever order either side lists them in.
+        let mut disks: Vec<_> = self.disks.iter().collect();
+        disks.sort_by_key(|d| d.0);
+        for (name, size, bs, root) in disks {
             field(name.as_bytes());
             field(&size.to_le_bytes());
             field(&bs.to_le_bytes());
@@ -302,18 +315,30 @@ impl Manifest<'_> {
     }
 }
 
+/// The hash of a point's configuration text (empty when none) that its manifest binds: a
+/// reader that does not need the configuration (a rollback) checks the MAC with it alone.
+pub fn config_hash(config: &str) -> [u8; 32] {
+    *blake3::hash(config.as_bytes()).as_bytes()
+}
+
 /// How chunks are encoded for a VM: compressed, or compressed and sealed with a keyring.
 #[derive(Debug, Clone)]
 pub enum Codec {
     Plain,
-    Sealed { keyring: Arc<Keyring>, pad: bool },
+    Sealed {
+        keyring: Arc<Keyring>,
+        pad: bool,
+    },
+    /// Sealed chunks read without their key (a receiver's verify or drill): envelopes are
+    /// checked, nothing is decrypted.
+    Locked,
 }
 
 impl Codec {
     /// How this codec names chunks.
     pub fn chunk_ids(&self) -> ChunkIds {
         match self {
-            Codec::Plain => ChunkIds::Plain,
+            Codec::Plain | Codec::Locked => ChunkIds::Plain,
             Codec::Sealed { keyring, .. } => keyring.chunk_ids(),
         }
     }
@@ -321,7 +346,7 @@ impl Codec {
     /// The keyring's public id, None when plain.
     pub fn keyring_id(&self) -> Option<KeyringId> {
         match self {
-            Codec::Plain => None,
+            Codec::Plain | Codec::Locked => None,
             Codec::Sealed { keyring, .. } => Some(keyring.id()),
         }
     }
@@ -329,10 +354,11 @@ impl Codec {
     /// The stored form of a block whose leaf is `id`.
     pub fn encode(&self, id: BlockHash, data: &[u8]) -> std::io::Result<Vec<u8>> {
         let frame = chunk::compress(data)?;
-        Ok(match self {
-            Codec::Plain => frame,
-            Codec::Sealed { keyring, pad } => keyring.seal(id, &frame, *pad),
-        })
+        match self {
+            Codec::Plain => Ok(frame),
+            Codec::Sealed { keyring, pad } => Ok(keyring.seal(id, &frame, *pad)),
+            Codec::Locked => Err(std::io::Error::other("no key to seal chunks with")),
+        }
     }
 
     /// Decodes a stored chunk into `out` (its block's length) and checks it against `id`.
@@ -348,6 +374,18 @@ impl Codec {
                 let frame = keyring.open_frame(id, stored, out.len())?;
                 chunk::open_keyed(id, &frame, out, &keyring.chunk_ids())
             }
+            Codec::Locked => Err(ChunkError::NeedsKey { hash: id }),
+        }
+    }
+
+    /// The deepest check this codec can make of a stored chunk of a `len`-byte block: a
+    /// plain one decompresses and hashes to its id; with the key, a sealed one decrypts,
+    /// decompresses and hashes (keyed) to its id; without it, its envelope is checked.
+    pub fn check(&self, id: BlockHash, stored: &[u8], len: usize) -> Result<(), ChunkError> {
+        match self {
+            Codec::Plain => chunk::verify(id, stored, len),
+            Codec::Locked => check_envelope(id, stored, len),
+            Codec::Sealed { .. } => self.decode(id, stored, len).map(drop),
         }
     }
 
@@ -372,6 +410,13 @@ impl Codec {
         } else {
             chunk::verify(id, stored, len)
         }
+    }
+
+    /// [`Codec::check_stored`] of a stored chunk whose kind its first byte tells: every zstd
+    /// frame starts with its magic number, every envelope with [`ENVELOPE_V1`]. (Ingest
+    /// stored each chunk under the check its VM's kind asks for.)
+    pub fn check_any(id: BlockHash, stored: &[u8], len: usize) -> Result<(), ChunkError> {
+        Codec::check_stored(stored.first() == Some(&ENVELOPE_V1), id, stored, len)
     }
 }
 

@@ -129,17 +129,19 @@ fn manifest_macs_bind_every_field() {
     let k = keyring();
     let base = Manifest {
         vm: "web",
-        session: "s1",
+        taken_us: 1,
         consistency: "crash-consistent",
-        config: "{}",
+        config_hash: config_hash("{}"),
         disks: vec![("vda", 1 << 20, 65_536, [7; 32])],
     };
     let mac = k.manifest_mac(&base);
+    assert!(k.verify_manifest(&base, &mac));
+    assert!(!k.verify_manifest(&base, &mac[..31]));
     let mut other = base.clone();
     other.disks[0].3 = [8; 32];
     assert_ne!(k.manifest_mac(&other), mac);
     let mut other = base.clone();
-    other.session = "s2";
+    other.taken_us = 2;
     assert_ne!(k.manifest_mac(&other), mac);
     let mut other = base.clone();
     other.vm = "web2";

@@ -17,6 +17,24 @@ pub struct PointRow {
     /// The VM configuration as the agent sent it (JSON text).
     pub config: Option<String>,
     pub locked_until_us: Option<i64>,
+    /// An encrypted VM's keyring, and the point's manifest MAC and time of capture.
+    pub sealed: Option<Sealed>,
+}
+
+/// What an encrypted VM's point records of its encryption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub keyring: Vec<u8>,
+    pub mac: Vec<u8>,
+    pub taken_us: i64,
+}
+
+fn sealed(keyring: Option<Vec<u8>>, mac: Option<Vec<u8>>, taken_us: Option<i64>) -> Option<Sealed> {
+    Some(Sealed {
+        keyring: keyring?,
+        mac: mac.unwrap_or_default(),
+        taken_us: taken_us.unwrap_or(0),
+    })
 }
 
 /// One `point_disks` row.
@@ -55,7 +73,7 @@ pub fn disks_of(conn: &Connection, point: PointId) -> Result<Vec<PointDiskRow>, 
 pub fn list(conn: &Connection, vm: Option<&str>) -> rusqlite::Result<Vec<PointRow>> {
     let mut stmt = conn.prepare(
         "SELECT p.id, v.name, p.created_us, p.committed_us, p.parent, p.consistency, p.config,
-                p.locked_until_us
+                p.locked_until_us, v.keyring, p.mac, p.taken_us
          FROM points p JOIN vms v ON v.id = p.vm_id
          WHERE ?1 IS NULL OR v.name = ?1 ORDER BY v.name, p.id",
     )?;
@@ -69,6 +87,7 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> rusqlite::Result<Vec<PointRo
             consistency: r.get(5)?,
             config: r.get(6)?,
             locked_until_us: r.get(7)?,
+            sealed: sealed(r.get(8)?, r.get(9)?, r.get(10)?),
         })
     })?;
     rows.collect()
@@ -77,8 +96,9 @@ pub fn list(conn: &Connection, vm: Option<&str>) -> rusqlite::Result<Vec<PointRo
 /// One point by id; `vm` is the name its caller resolved it under.
 pub fn get(conn: &Connection, id: PointId, vm: &str) -> rusqlite::Result<PointRow> {
     conn.query_row(
-        "SELECT created_us, committed_us, parent, consistency, config, locked_until_us
-         FROM points WHERE id = ?1",
+        "SELECT p.created_us, p.committed_us, p.parent, p.consistency, p.config,
+                p.locked_until_us, v.keyring, p.mac, p.taken_us
+         FROM points p JOIN vms v ON v.id = p.vm_id WHERE p.id = ?1",
         [id],
         |r| {
             Ok(PointRow {
@@ -90,6 +110,7 @@ pub fn get(conn: &Connection, id: PointId, vm: &str) -> rusqlite::Result<PointRo
                 consistency: r.get(3)?,
                 config: r.get(4)?,
                 locked_until_us: r.get(5)?,
+                sealed: sealed(r.get(6)?, r.get(7)?, r.get(8)?),
             })
         },
     )
@@ -243,6 +264,22 @@ pub fn vm_owner(conn: &Connection, vm: &str) -> rusqlite::Result<Option<(VmId, S
     .optional()
 }
 
+/// The keyring VM `vm_id`'s chunks are sealed with (None: plain).
+pub fn keyring(conn: &Connection, vm_id: VmId) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row("SELECT keyring FROM vms WHERE id = ?1", [vm_id], |r| {
+        r.get(0)
+    })
+}
+
+/// Sets the keyring of VM `vm_id` (done only while it has no point).
+pub fn set_keyring(conn: &Connection, vm_id: VmId, keyring: Option<&[u8]>) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE vms SET keyring = ?2 WHERE id = ?1",
+        params![vm_id, keyring],
+    )
+    .map(|_| ())
+}
+
 /// Creates VM `vm` owned by `owner`; returns its id.
 pub fn new_vm(conn: &Connection, vm: &str, owner: &str, now_us: i64) -> rusqlite::Result<VmId> {
     conn.execute(
@@ -372,13 +409,17 @@ pub struct NewPoint<'a> {
     pub session: &'a str,
     pub consistency: &'a str,
     pub config: Option<&'a str>,
+    /// An encrypted VM's manifest MAC and time of capture (see `ingest::PointMeta`).
+    pub mac: Option<&'a [u8]>,
+    pub taken_us: Option<i64>,
 }
 
 /// Records a point's row.
 pub fn insert(conn: &Connection, p: &NewPoint<'_>) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency, config)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO points(id, vm_id, parent, created_us, committed_us, session, consistency,
+           config, mac, taken_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             p.id,
             p.vm_id,
@@ -387,7 +428,9 @@ pub fn insert(conn: &Connection, p: &NewPoint<'_>) -> rusqlite::Result<()> {
             p.committed_us,
             p.session,
             p.consistency,
-            p.config
+            p.config,
+            p.mac,
+            p.taken_us
         ],
     )
     .map(|_| ())

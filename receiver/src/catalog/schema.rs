@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 8;
+pub const VERSION: i64 = 9;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -151,6 +151,15 @@ CREATE TABLE copy_lag(
   PRIMARY KEY(source, vm)) WITHOUT ROWID;
 ";
 
+/// From version 8 to 9: client-side encryption. A VM's keyring (its public id; NULL for a
+/// plain VM) is fixed by its first point; each point of an encrypted VM keeps the agent's MAC
+/// of its manifest and the agent's time of capture, which the MAC binds.
+const MIGRATE_8_9: &str = "
+ALTER TABLE vms ADD COLUMN keyring BLOB;
+ALTER TABLE points ADD COLUMN mac BLOB;
+ALTER TABLE points ADD COLUMN taken_us INTEGER;
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -254,6 +263,7 @@ const STEPS: &[(i64, &str)] = &[
     (6, MIGRATE_5_6),
     (7, MIGRATE_6_7),
     (8, MIGRATE_7_8),
+    (9, MIGRATE_8_9),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

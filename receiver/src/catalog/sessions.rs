@@ -37,12 +37,14 @@ pub struct SessionRow {
     /// "open", "committed" or "abandoned".
     pub state: String,
     pub owner: String,
+    /// The VM's chunks are sealed with a keyring.
+    pub sealed: bool,
 }
 
 /// Session `id`, if it exists. Every batch loads its session: the statement stays prepared.
 pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> {
     conn.prepare_cached(
-        "SELECT s.vm_id, v.name, s.base_point, s.state, s.owner
+        "SELECT s.vm_id, v.name, s.base_point, s.state, s.owner, v.keyring IS NOT NULL
          FROM sessions s JOIN vms v ON v.id = s.vm_id WHERE s.id = ?1",
     )?
     .query_row([id], |r| {
@@ -52,6 +54,7 @@ pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> 
             base_point: r.get(2)?,
             state: r.get(3)?,
             owner: r.get(4)?,
+            sealed: r.get(5)?,
         })
     })
     .optional()

@@ -49,6 +49,8 @@ pub struct DrillArgs {
     /// A command run with `/bin/sh -c` in the booted guest; it must exit 0 (repeatable).
     #[arg(long = "check", value_name = "CMD", requires = "boot")]
     pub check: Vec<String>,
+    #[command(flatten)]
+    pub encryption: super::EncryptionArgs,
     /// Print the drill's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -134,6 +136,7 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         max_memory_mib: a.max_memory_mib.max(16),
         accel: a.accel,
         checks,
+        key: a.encryption.keyring()?,
         progress: {
             let bar = bar.clone();
             Arc::new(move |done, total| {

@@ -30,6 +30,8 @@ pub struct ExportArgs {
     /// Serve on this unix socket instead of TCP.
     #[arg(long)]
     pub unix: Option<PathBuf>,
+    #[command(flatten)]
+    pub encryption: super::EncryptionArgs,
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
@@ -38,7 +40,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let which = a.point.map_or(PointSelector::Newest, PointSelector::Id);
     let point = points::resolve(&conn, &a.vm, &which)?;
-    let exports = Exports::of_point(&a.data, &point);
+    let key = a.encryption.keyring()?;
+    let codec = crate::keys::codec_for(&point, key.as_ref(), crate::keys::Need::Plaintext)?;
+    let exports = Exports::of_point(&a.data, &point, codec);
     let names: Vec<&str> = point.disks.iter().map(|d| d.name.as_str()).collect();
     match &a.unix {
         Some(path) => {

@@ -15,6 +15,31 @@ pub mod serve;
 pub mod status;
 pub mod verify;
 
+/// The key of an encrypted VM, for what reads its points' plaintext (restore, export, drill).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EncryptionArgs {
+    /// Key file of the keyring an encrypted VM's chunks are sealed with (the agent's `key
+    /// generate`, or the recovery copy). Not needed for plain VMs. (`--key` is TLS.)
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key: Option<std::path::PathBuf>,
+    /// File whose first line is the key file's passphrase (otherwise typed at a prompt).
+    #[arg(long, value_name = "FILE", requires = "encryption_key")]
+    pub passphrase_file: Option<std::path::PathBuf>,
+}
+
+impl EncryptionArgs {
+    /// The keyring these flags name, unlocked; None without a key file.
+    pub fn keyring(&self) -> anyhow::Result<Option<std::sync::Arc<rewind_proto::crypt::Keyring>>> {
+        use anyhow::Context;
+        let Some(path) = &self.encryption_key else {
+            return Ok(None);
+        };
+        let k = rewind_proto::crypt::open_key(path, self.passphrase_file.as_deref())
+            .with_context(|| format!("opening key file {}", path.display()))?;
+        Ok(Some(std::sync::Arc::new(k)))
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 /// Keep rules (restic's `forget --keep-*` meaning), shared by `prune` and `serve`.

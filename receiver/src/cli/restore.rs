@@ -9,6 +9,7 @@ use crate::{catalog, restore};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use rewind_proto::crypt::Codec;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct RestoreArgs {
     /// Overwrite outputs that exist.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub encryption: super::EncryptionArgs,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -78,19 +81,22 @@ fn bar(size: u64, msg: String) -> ProgressBar {
 
 /// Restores one disk in the asked format; returns (bytes written for raw, seconds).
 fn restore_one(
-    conn: &rusqlite::Connection,
+    (conn, codec): (&rusqlite::Connection, &Codec),
     a: &RestoreArgs,
     point: &PointInfo,
     disk: &PointDisk,
     out: &Path,
 ) -> anyhow::Result<serde_json::Value> {
+    if out.exists() && !a.force {
+        return Err(crate::error::StoreError::OutputExists(out.to_owned()).into());
+    }
     let started = std::time::Instant::now();
     let b = bar(
         disk.size,
         format!("restore {}/{}@{}", a.vm, disk.name, point.id),
     );
     let written = if a.format == "raw" {
-        let stats = restore::restore_disk(conn, &a.data, point.id, disk, out, a.force, &|pos| {
+        let stats = restore::restore_disk(conn, (&a.data, codec), point.id, disk, out, &|pos| {
             b.set_position(pos)
         })
         .with_context(|| {
@@ -115,12 +121,11 @@ fn restore_one(
             })
         };
         let r = convert::restore_as(
-            &a.data,
+            (&a.data, codec),
             point.id,
             disk,
             &a.format,
             out,
-            a.force,
             served.clone(),
         );
         done.store(true, Ordering::Relaxed);
@@ -215,6 +220,8 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
         (None, None) => PointSelector::Newest,
     };
     let point = points::resolve(&conn, &a.vm, &which)?;
+    let key = a.encryption.keyring()?;
+    let codec = crate::keys::codec_for(&point, key.as_ref(), crate::keys::Need::Plaintext)?;
     let mut reports = Vec::new();
     let mut domain = DomainReport::default();
     if a.all {
@@ -228,7 +235,13 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
         let mut files = Vec::new();
         for disk in &point.disks {
             let file = format!("{}.{ext}", disk.name);
-            reports.push(restore_one(&conn, &a, &point, disk, &dir.join(&file))?);
+            reports.push(restore_one(
+                (&conn, &codec),
+                &a,
+                &point,
+                disk,
+                &dir.join(&file),
+            )?);
             files.push((disk.name.clone(), file, a.format.clone()));
         }
         std::fs::write(
@@ -259,7 +272,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
             }
         })?;
         let out = a.out.clone().context("--out")?;
-        reports.push(restore_one(&conn, &a, &point, disk, &out)?);
+        reports.push(restore_one((&conn, &codec), &a, &point, disk, &out)?);
     }
     if a.json {
         println!(

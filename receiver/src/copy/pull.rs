@@ -161,6 +161,39 @@ async fn copy_vm(
     })
 }
 
+/// Begins (or resumes) the local session of source point `info`; returns its plan and the
+/// local base it builds on.
+fn begin_copy(
+    store: &Store,
+    cfg: &CopyConfig,
+    (owner, vm): (&str, &str),
+    info: &pb::PointInfo,
+    disks: &[crate::ingest::DiskSpec],
+) -> Result<(crate::ingest::BeginPlan, Option<i64>), CopyError> {
+    // One connection guard at a time: the catalog's writer lock is not reentrant.
+    let (resume, base) = {
+        let conn = store.conn();
+        let resume = copies::pending(&conn, &cfg.source, vm, info.id as i64)?;
+        let base = match crate::catalog::points::vm_owner(&conn, vm)? {
+            Some((id, _)) => crate::ingest::latest_point(&conn, id)?,
+            None => None,
+        };
+        (resume, base)
+    };
+    let spec = BeginSpec {
+        vm: vm.to_owned(),
+        disks: disks.to_vec(),
+        base_point: base,
+        resume,
+        // An encrypted VM stays encrypted with its keyring: the copy holds only ciphertext,
+        // checks envelopes, and keeps the agent's manifest MAC.
+        keyring: crate::service::keyring_of(&info.keyring)
+            .map_err(|_| CopyError::Answer("a keyring id that is not 16 bytes"))?,
+    };
+    let plan = store.begin(owner, &spec)?;
+    Ok((plan, base))
+}
+
 /// Copies source point `p` of `vm` (owned by `owner`) as a local point.
 async fn copy_point(
     client: &mut CopyClient<Channel>,
@@ -177,26 +210,7 @@ async fn copy_point(
         .ok_or(CopyError::Answer("a point without its disks"))?;
     let source_point = info.id as i64;
     let (disks, roots) = disks_of(info)?;
-    let (plan, base) = blocking(|| -> Result<_, CopyError> {
-        // One connection guard at a time: the catalog's writer lock is not reentrant.
-        let (resume, base) = {
-            let conn = store.conn();
-            let resume = copies::pending(&conn, &cfg.source, vm, source_point)?;
-            let base = match crate::catalog::points::vm_owner(&conn, vm)? {
-                Some((id, _)) => crate::ingest::latest_point(&conn, id)?,
-                None => None,
-            };
-            (resume, base)
-        };
-        let spec = BeginSpec {
-            vm: vm.to_owned(),
-            disks: disks.clone(),
-            base_point: base,
-            resume,
-        };
-        let plan = store.begin(owner, &spec)?;
-        Ok((plan, base))
-    })?;
+    let (plan, base) = blocking(|| begin_copy(store, cfg, (owner, vm), info, &disks))?;
     if let Some(point) = plan.committed_point {
         blocking(|| {
             copies::done(
@@ -259,6 +273,8 @@ async fn copy_point(
     let meta = PointMeta {
         config: p.config.clone(),
         consistency: info.consistency.clone(),
+        mac: info.manifest_mac.clone(),
+        taken_us: info.taken_us,
     };
     let committed = blocking(|| store.commit(owner, &plan.session, &roots, &meta))?;
     let detail = serde_json::json!({

@@ -9,6 +9,7 @@ use super::plan::BootPlan;
 use super::{health, tail, Accel, DrillOptions};
 use crate::nbd_server::{self, Exports};
 use crate::points::PointInfo;
+use rewind_proto::crypt::Codec;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,13 +58,13 @@ type Console = Arc<Mutex<Vec<u8>>>;
 /// Boots the point under the accelerator `opts.accel` names; `Auto` is KVM when it can be
 /// used, then TCG when QEMU did not start under KVM. Err: the boot could not be set up.
 pub(super) fn boot_point(
-    data: &Path,
+    (data, codec): (&Path, &Codec),
     point: &PointInfo,
     plan: &BootPlan,
     opts: &DrillOptions,
     started: Instant,
 ) -> Result<Boot, String> {
-    let boot_under = |accel: &'static str| boot(data, point, plan, opts, started, accel);
+    let boot_under = |accel: &'static str| boot((data, codec), point, plan, opts, started, accel);
     Ok(match opts.accel {
         Accel::Kvm => boot_under("kvm")?,
         Accel::Tcg => boot_under("tcg")?,
@@ -145,7 +146,7 @@ fn remove_stale_folders() {
 /// marker, the timeout passes, QEMU exits or the drill is cancelled; then runs the checks, if
 /// any, in the running guest. QEMU is killed and the folder removed before it returns.
 fn boot(
-    data: &Path,
+    (data, codec): (&Path, &Codec),
     point: &PointInfo,
     plan: &BootPlan,
     opts: &DrillOptions,
@@ -157,7 +158,7 @@ fn boot(
         .prefix(&format!("{TEMP_PREFIX}{}.", std::process::id()))
         .tempdir()
         .map_err(|e| format!("creating the drill's folder: {e}"))?;
-    let sock = export_point(data, point, dir.path())?;
+    let sock = export_point((data, codec), point, dir.path())?;
     let qga = dir.path().join(QGA_SOCKET);
     let mut cmd = qemu_command(point, plan, opts, accel, &qga);
     add_disks(&mut cmd, point, plan, dir.path(), &sock)?;
@@ -194,11 +195,15 @@ fn boot(
 }
 
 /// Serves every disk of the point read-only over NBD on a socket in `dir`; returns the socket.
-fn export_point(data: &Path, point: &PointInfo, dir: &Path) -> Result<PathBuf, String> {
+fn export_point(
+    (data, codec): (&Path, &Codec),
+    point: &PointInfo,
+    dir: &Path,
+) -> Result<PathBuf, String> {
     let sock = dir.join("nbd.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock)
         .map_err(|e| format!("binding {}: {e}", sock.display()))?;
-    let exports = Exports::of_point(data, point);
+    let exports = Exports::of_point(data, point, codec.clone());
     std::thread::spawn(move || nbd_server::serve_unix(listener, exports));
     Ok(sock)
 }
@@ -353,6 +358,7 @@ mod tests {
             accel: Accel::Tcg,
             checks: Vec::new(),
             progress: Arc::new(|_: u64, _: u64| {}),
+            key: None,
         }
     }
 

@@ -27,6 +27,8 @@
 use crate::catalog::{self, now_us, rfc3339};
 use crate::error::StoreError;
 use crate::points::{self, PointInfo, PointSelector};
+use rewind_proto::crypt::Codec;
+use rewind_proto::report::Chain;
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -75,6 +77,9 @@ pub struct DrillOptions {
     pub checks: Vec<Check>,
     /// Called with (bytes verified, bytes to verify) as verification goes.
     pub progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
+    /// The key of an encrypted VM, given on purpose: with it the drill checks content (and
+    /// can boot); without it an encrypted point's drill checks ciphertext and structure only.
+    pub key: Option<Arc<rewind_proto::crypt::Keyring>>,
 }
 
 /// Runs a drill of `vm` and records it in the catalog (also when it fails). Errors are only
@@ -113,6 +118,7 @@ pub fn run(data: &Path, vm: &str, opts: &DrillOptions) -> Result<DrillReport, St
         healthy_seconds: None,
         result: "failed".into(),
         reason: None,
+        checked: None,
     };
     let outcome = drill(data, &conn, &point, opts, started, &mut report);
     drop(conn);
@@ -136,7 +142,25 @@ fn drill(
     if !opts.boot && !opts.checks.is_empty() {
         return Err("application checks need a boot drill".into());
     }
-    verify::verify_point(data, conn, point, opts, report)?;
+    let need = if opts.boot {
+        crate::keys::Need::Plaintext
+    } else {
+        crate::keys::Need::CiphertextOk
+    };
+    let codec = crate::keys::codec_for(point, opts.key.as_ref(), need)
+        .map_err(|e| format!("{}", Chain(&e)))?;
+    report.checked = Some(
+        match codec {
+            Codec::Plain => "content",
+            Codec::Sealed { .. } => "content (decrypted with the key given, manifest MAC verified)",
+            Codec::Locked => {
+                "ciphertext only (encrypted, no key given): every chunk's envelope and check \
+                 hash, the leaves and roots; not the content"
+            }
+        }
+        .to_owned(),
+    );
+    verify::verify_point(data, conn, point, (opts, &codec), report)?;
     report.verified_seconds = Some(started.elapsed().as_secs_f64());
     if !opts.boot {
         // Without a boot, recovery is ready once the data is proven.
@@ -148,7 +172,7 @@ fn drill(
     report.cpus = Some(plan.cpus);
     report.machine = Some(plan.machine.as_str().to_owned());
     report.disk_order = plan.disk_order.clone();
-    let boot = boot::boot_point(data, point, &plan, opts, started)?;
+    let boot = boot::boot_point((data, &codec), point, &plan, opts, started)?;
     report.accel = Some(boot.accel.to_owned());
     report.serial_tail = Some(boot.serial_tail);
     report.booted = Some(boot.result.is_ok());

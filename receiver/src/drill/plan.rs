@@ -108,6 +108,7 @@ pub(super) mod tests {
             consistency: "crash-consistent".into(),
             config: Some(config),
             locked_until: None,
+            encrypted: None,
             disks: disks
                 .iter()
                 .enumerate()

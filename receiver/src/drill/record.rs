@@ -55,6 +55,10 @@ pub struct DrillReport {
     /// Seconds from the drill's start until every check passed.
     #[serde(default)]
     pub healthy_seconds: Option<f64>,
+    /// What the verify proved of each block: "content" (decoded, hashed to its leaf), or for
+    /// an encrypted point without a key "ciphertext only ..." (absent in older records).
+    #[serde(default)]
+    pub checked: Option<String>,
     /// "passed" or "failed".
     pub result: String,
     /// Why it failed.

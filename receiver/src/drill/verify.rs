@@ -8,10 +8,11 @@ use crate::chunks::{self, ReadOrder};
 use crate::error::StoreError;
 use crate::points::{PointDisk, PointInfo};
 use rayon::prelude::*;
+use rewind_proto::crypt::Codec;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::report::chain;
 use rewind_proto::tree::{self, Builder, Shape};
-use rewind_proto::{chunk, BlockHash};
+use rewind_proto::BlockHash;
 use rusqlite::Connection;
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -28,15 +29,22 @@ pub(super) fn verify_point(
     data: &Path,
     conn: &Connection,
     point: &PointInfo,
-    opts: &DrillOptions,
+    (opts, codec): (&DrillOptions, &Codec),
     report: &mut DrillReport,
 ) -> Result<(), String> {
     let total: u64 = point.disks.iter().map(|d| d.size).sum();
     let mut before = 0u64;
     for disk in &point.disks {
         let report_progress = |done: u64| (opts.progress)(before + done, total);
-        let v = verify_disk(conn, data, point.id, disk, &opts.cancel, &report_progress)
-            .map_err(|e| format!("verifying {}: {}", disk.name, chain(&e)))?;
+        let v = verify_disk(
+            conn,
+            (data, codec),
+            point.id,
+            disk,
+            &opts.cancel,
+            &report_progress,
+        )
+        .map_err(|e| format!("verifying {}: {}", disk.name, chain(&e)))?;
         before += disk.size;
         rewind_proto::faults::point("drill-after-verify");
         report.blocks_verified += v.blocks;
@@ -82,7 +90,7 @@ struct Verified {
 /// length and hash, and the leaves give the disk's root.
 fn verify_disk(
     conn: &Connection,
-    data: &Path,
+    (data, codec): (&Path, &Codec),
     point: i64,
     disk: &PointDisk,
     cancel: &AtomicBool,
@@ -111,7 +119,7 @@ fn verify_disk(
                 let len = geometry.block_len(idx).unwrap_or(0);
                 let problem = match frame {
                     Err(e) => Some(e),
-                    Ok(f) => chunk::open(leaf, &f, len).err().map(|e| e.to_string()),
+                    Ok(f) => codec.check(leaf, &f, len).err().map(|e| e.to_string()),
                 };
                 problem.map(|p| (idx, leaf, p))
             })

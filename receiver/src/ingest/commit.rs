@@ -8,6 +8,10 @@ use crate::catalog::{commits, points, DiskId, PointId};
 use rewind_proto::NodeHash;
 use std::ops::ControlFlow;
 
+/// What a point records besides its blocks: configuration, consistency, and an encrypted
+/// VM's manifest MAC and time of capture.
+type Meta<'a> = (Option<&'a str>, &'a str, &'a [u8], i64);
+
 impl Store {
     /// Makes the session a point if, for every disk, the root recomputed from the stored nodes
     /// equals the agent's. Either the whole point becomes visible, or nothing does.
@@ -47,7 +51,7 @@ impl Store {
             WHOLE_COMMIT_MAX,
             WHOLE_COMMIT_PARENTS,
         )?;
-        let meta = (config, consistency);
+        let meta = (config, consistency, meta.mac.as_slice(), meta.taken_us);
         let done = if large {
             self.commit_in_steps(owner, session_id, roots, meta)
         } else {
@@ -93,7 +97,7 @@ impl Store {
         owner: &str,
         session_id: &str,
         roots: &[(String, DiskRoot)],
-        (config, consistency): (Option<&str>, &str),
+        meta: Meta<'_>,
     ) -> Result<Committed, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -115,7 +119,7 @@ impl Store {
             created,
             &agent_roots,
             &tops,
-            (config, consistency),
+            meta,
         )?;
         sessions::drop_staged(&tx, session_id)?;
         tx.commit()?;
@@ -141,7 +145,7 @@ impl Store {
         owner: &str,
         session_id: &str,
         roots: &[(String, DiskRoot)],
-        meta: (Option<&str>, &str),
+        meta: Meta<'_>,
     ) -> Result<Committed, StoreError> {
         let (session, point, disk_ids) = {
             let mut conn = self.conn();
@@ -442,8 +446,16 @@ pub(super) fn record_point(
     created: i64,
     agent_roots: &HashMap<&str, DiskRoot>,
     tops: &[(i64, NodeHash, usize)],
-    (config, consistency): (Option<&str>, &str),
+    (config, consistency, mac, taken_us): Meta<'_>,
 ) -> Result<(), StoreError> {
+    let mac_ok = if session.sealed {
+        mac.len() == 32
+    } else {
+        mac.is_empty()
+    };
+    if !mac_ok {
+        return Err(StoreError::ManifestMac(session.vm.clone()));
+    }
     // Point times never go backwards within a VM, whatever the clock did since the last point
     // (see crate::clock): listings, retention and `--at` keep the order points were taken in.
     let previous = points::newest_created(conn, session.vm_id)?;
@@ -468,6 +480,8 @@ pub(super) fn record_point(
         session: session_id,
         consistency,
         config,
+        mac: session.sealed.then_some(mac),
+        taken_us: session.sealed.then_some(taken_us),
     };
     points::insert(conn, &row)?;
     for (disk, &(disk_id, top, changed)) in session.disks.iter().zip(tops) {

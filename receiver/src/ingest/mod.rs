@@ -20,7 +20,7 @@ use crate::catalog::{now_us, rfc3339, sessions};
 use crate::chunks::{ChunkLocation, ChunkWriter};
 use crate::error::StoreError;
 use crate::store::Store;
-use rewind_proto::chunk;
+use rewind_proto::crypt::{Codec, KeyringId};
 use rewind_proto::format::{
     DiskGeometry, MAX_BATCH_ENTRIES, MAX_CONFIG_BYTES, MAX_DISKS, MAX_QUERY_HASHES,
 };
@@ -56,6 +56,8 @@ pub struct BeginSpec {
     pub base_point: Option<i64>,
     /// A session to resume.
     pub resume: Option<String>,
+    /// The keyring sealing the VM's chunks (None: plain), fixed by its first point.
+    pub keyring: Option<KeyringId>,
 }
 
 /// How the agent must send a disk.
@@ -120,6 +122,10 @@ pub struct PointMeta {
     pub config: String,
     /// One of [`CONSISTENCY_LABELS`] (empty: "as-read").
     pub consistency: String,
+    /// The agent's MAC of the point's manifest: 32 bytes for an encrypted VM, empty otherwise.
+    pub mac: Vec<u8>,
+    /// The agent's time of capture, which the MAC binds (encrypted VMs; 0 otherwise).
+    pub taken_us: i64,
 }
 
 /// The consistency labels a point may carry.
@@ -182,6 +188,8 @@ struct Session {
     vm: String,
     base_point: Option<i64>,
     disks: Vec<SessionDisk>,
+    /// The VM's chunks are sealed (encrypted): the receiver checks envelopes, not content.
+    sealed: bool,
 }
 
 /// The newest point of a VM.
@@ -229,6 +237,7 @@ fn load_session(conn: &Connection, owner: &str, id: &str) -> Result<(Session, St
             vm,
             base_point,
             disks,
+            sealed: row.sealed,
         },
         state,
     ))

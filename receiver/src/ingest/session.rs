@@ -127,6 +127,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let vm_id = claim_vm(&tx, spec, owner, rules.claim_timeout, &quota, &mut dead)?;
         let latest = latest_point(&tx, vm_id)?;
+        settle_keyring(&tx, vm_id, spec, latest)?;
         let session_id = match resumable(&tx, spec, owner, vm_id)? {
             Resumable::Committed(point) => {
                 return Ok(BeginPlan {
@@ -230,6 +231,33 @@ fn claim_vm(
             check_vm_quota(tx, owner, quota)?;
             points::new_vm(tx, &spec.vm, owner, now_us())?
         }
+    })
+}
+
+/// Encryption is fixed by a VM's first point: until the VM has one, the Begin's keyring (or
+/// none) becomes the VM's; after, every Begin must name the same.
+fn settle_keyring(
+    tx: &Connection,
+    vm_id: VmId,
+    spec: &BeginSpec,
+    latest: Option<i64>,
+) -> Result<(), StoreError> {
+    let has = points::keyring(tx, vm_id)?;
+    let sent = spec.keyring.map(|k| k.0.to_vec());
+    if has == sent {
+        return Ok(());
+    }
+    if latest.is_none() {
+        return Ok(points::set_keyring(tx, vm_id, sent.as_deref())?);
+    }
+    let shown = |k: &Option<Vec<u8>>| match k {
+        None => "plain (no keyring)".to_owned(),
+        Some(k) => format!("encrypted with keyring {}", hex::encode(k)),
+    };
+    Err(StoreError::KeyringMismatch {
+        vm: spec.vm.clone(),
+        has: shown(&has),
+        sent: shown(&sent),
     })
 }
 

@@ -7,7 +7,7 @@ use rusqlite::params;
 fn block(byte: u8) -> (BlockHash, IncomingChunk) {
     let data = vec![byte; 4096];
     let hash = BlockHash::of(&data);
-    let frame = chunk::compress(&data).expect("compress");
+    let frame = rewind_proto::chunk::compress(&data).expect("compress");
     (
         hash,
         IncomingChunk {
@@ -47,6 +47,7 @@ fn open() -> (tempfile::TempDir, Store, String) {
         }],
         base_point: None,
         resume: None,
+        keyring: None,
     };
     let session = store.begin("agent", &spec).expect("begin").session;
     (dir, store, session)
@@ -135,6 +136,7 @@ fn a_large_session_commits_in_steps_to_the_same_point() {
         }],
         base_point: None,
         resume: None,
+        keyring: None,
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
@@ -217,6 +219,7 @@ fn a_grown_disk_commits_as_a_delta_whole_and_in_steps() {
         }],
         base_point: base,
         resume: None,
+        keyring: None,
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
@@ -327,6 +330,7 @@ fn a_commit_first_removes_what_an_earlier_stepped_commit_of_its_vm_left() {
         }],
         base_point: Some(p1),
         resume: None,
+        keyring: None,
     };
     let s2 = store.begin("agent", &spec).expect("begin").session;
     let second = vec![(1, a)];

@@ -19,7 +19,8 @@ impl Store {
         self.stage_batch(owner, batch, writer)
     }
 
-    /// Checks every entry against its disk and decompresses and hashes every chunk. Writes
+    /// Checks every entry against its disk and decompresses and hashes every chunk (an
+    /// encrypted VM's: checks its envelope, see [`rewind_proto::crypt::check_envelope`]). Writes
     /// nothing, so batches of one stream can be verified while the previous one is written.
     pub fn verify_batch(
         &self,
@@ -64,7 +65,7 @@ impl Store {
             let len = *expected
                 .get(&c.hash)
                 .ok_or(StoreError::UnreferencedChunk(c.hash))?;
-            chunk::verify(c.hash, &c.frame, len)?;
+            Codec::check_stored(session.sealed, c.hash, &c.frame, len)?;
             verified.push((c.hash, c.frame, len));
         }
         Ok(VerifiedBatch {

@@ -38,12 +38,19 @@ pub struct Exports {
     pub data: PathBuf,
     pub list: Vec<Export>,
     pub served: Served,
+    /// How the point's chunks decode (its key, for an encrypted point).
+    pub codec: rewind_proto::crypt::Codec,
 }
 
 impl Exports {
     /// Every disk of `point`, each exported under its disk name.
-    pub fn of_point(data: &Path, point: &crate::points::PointInfo) -> Exports {
+    pub fn of_point(
+        data: &Path,
+        point: &crate::points::PointInfo,
+        codec: rewind_proto::crypt::Codec,
+    ) -> Exports {
         Exports {
+            codec,
             data: data.to_owned(),
             list: point
                 .disks

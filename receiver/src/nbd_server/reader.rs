@@ -4,9 +4,10 @@ use super::Export;
 use crate::catalog::leaves::{self, Columns, Span};
 use crate::catalog::{self, CatalogError, PointId};
 use crate::chunks::{self, ChunkLocation, ChunkReader, ReadOrder};
+use rewind_proto::crypt::Codec;
 use rewind_proto::format::DiskGeometry;
 use rewind_proto::report::chain;
-use rewind_proto::{chunk, BlockHash};
+use rewind_proto::BlockHash;
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::io;
@@ -23,11 +24,12 @@ pub(super) struct PointReader {
     conn: Connection,
     packs: Box<dyn ChunkReader>,
     export: Export,
+    codec: Codec,
     pub(super) geometry: DiskGeometry,
 }
 
 impl PointReader {
-    pub(super) fn open(data: &Path, export: &Export) -> io::Result<PointReader> {
+    pub(super) fn open(data: &Path, export: &Export, codec: &Codec) -> io::Result<PointReader> {
         let conn = catalog::open_ro(data).map_err(io::Error::other)?;
         let geometry = DiskGeometry::new(export.disk.size, export.disk.block_size)
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -37,6 +39,7 @@ impl PointReader {
                 .map_err(io::Error::other)?
                 .reader(ReadOrder::Random),
             export: export.clone(),
+            codec: codec.clone(),
             geometry,
         })
     }
@@ -73,6 +76,8 @@ impl PointReader {
             .packs
             .read(at, &loc.0)
             .map_err(|e| io::Error::other(chain(&e)))?;
-        chunk::open(loc.0, &frame, len).map_err(|e| io::Error::other(e.to_string()))
+        self.codec
+            .decode(loc.0, &frame, len)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 }

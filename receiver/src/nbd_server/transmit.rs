@@ -36,7 +36,7 @@ pub(super) fn transmit<R: Read, W: Write>(
         structured,
         allocation,
     } = session;
-    let mut reader = PointReader::open(&exports.data, &export)?;
+    let mut reader = PointReader::open(&exports.data, &export, &exports.codec)?;
     let size = export.disk.size;
     loop {
         let magic = match rd_u32(r) {

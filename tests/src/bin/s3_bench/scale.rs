@@ -83,6 +83,7 @@ async fn points_loop(
                 }],
                 base_point: base,
                 resume_session: String::new(),
+                keyring: Vec::new(),
             })
             .await?
             .into_inner();
@@ -111,6 +112,8 @@ async fn points_loop(
                 }],
                 config: String::new(),
                 consistency: String::new(),
+                manifest_mac: Vec::new(),
+                taken_us: 0,
             })
             .await?
             .into_inner();
