@@ -1,8 +1,14 @@
 //! The keyrings of encrypted VMs, opened once per key file: unlocking runs argon2id (a quarter
 //! of a second and 64 MiB), which a service taking points every minute should not repeat.
 //! A key file changed on disk is opened again.
+//!
+//! A write-only keyring's session data key is made fresh, wrapped to the recovery key, and kept
+//! in this process's memory (never on disk) for at most [`SESSION_KEY_LIFETIME`], so the points
+//! of that hour share one wrapped key instead of adding one to the receiver's catalog each.
+//! Someone who takes the running host could read those points; they hold the disks they came
+//! from anyway. Older points stay unreadable to them.
 
-use rewind_proto::crypt::{open_key, Codec, KeyFileError, Keyring};
+use rewind_proto::crypt::{open_key, Codec, KeyFileError, Keyring, WrappedKey};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,4 +47,33 @@ pub fn codec(
             pad,
         },
     })
+}
+
+/// How long a write-only agent seals with one data key before making the next.
+pub const SESSION_KEY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
+
+type SessionKeys = BTreeMap<[u8; 16], (std::time::Instant, Codec, Vec<WrappedKey>)>;
+
+static SESSIONS: Mutex<SessionKeys> = Mutex::new(BTreeMap::new());
+
+/// The codec a sync seals with and the wrapped data keys its Begin must carry (see
+/// [`Codec::for_session`]); a write-only keyring's session key is reused for up to
+/// [`SESSION_KEY_LIFETIME`].
+pub fn for_session(codec: &Codec) -> (Codec, Vec<WrappedKey>) {
+    let Codec::Sealed { keyring, .. } = codec else {
+        return (codec.clone(), Vec::new());
+    };
+    if !keyring.write_only() {
+        return codec.for_session();
+    }
+    let mut sessions = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+    let id = keyring.id().0;
+    if let Some((made, c, w)) = sessions.get(&id) {
+        if made.elapsed() < SESSION_KEY_LIFETIME {
+            return (c.clone(), w.clone());
+        }
+    }
+    let (c, w) = codec.for_session();
+    sessions.insert(id, (std::time::Instant::now(), c.clone(), w.clone()));
+    (c, w)
 }

@@ -102,6 +102,15 @@ pub struct DrillSchedule {
     /// Application checks run in the booted guest, in order.
     #[serde(default)]
     pub checks: Vec<crate::drill::CheckSpec>,
+    /// An encrypted VM's key file (or recovery key file), put here on purpose: with it the
+    /// drill checks content and can boot; without it, it checks ciphertext and structure.
+    pub encryption_key: Option<std::path::PathBuf>,
+    pub recovery_key: Option<std::path::PathBuf>,
+    /// The key file's passphrase file.
+    pub passphrase_file: Option<std::path::PathBuf>,
+    /// Only check that the key still opens the point (see `drill --key-check`).
+    #[serde(default)]
+    pub key_check: bool,
 }
 
 fn default_boot_timeout() -> u64 {

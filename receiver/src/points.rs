@@ -33,6 +33,9 @@ pub struct PointInfo {
     pub consistency: String,
     /// The VM's configuration at the point, as the agent captured it.
     pub config: Option<serde_json::Value>,
+    /// The same, as the text the agent sent (what an encrypted point's MAC binds).
+    #[serde(skip)]
+    pub config_text: Option<String>,
     /// Protected from prune until this time, if locked.
     pub locked_until: Option<String>,
     pub disks: Vec<PointDisk>,
@@ -83,6 +86,7 @@ fn info(conn: &Connection, p: rows::PointRow) -> Result<PointInfo, StoreError> {
             .config
             .as_deref()
             .and_then(|c| serde_json::from_str(c).ok()),
+        config_text: p.config.clone(),
         locked_until: p.locked_until_us.map(rfc3339),
         disks: disks_of(conn, p.id.0)?,
         encrypted: p.sealed.map(|s| Encrypted {

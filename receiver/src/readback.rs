@@ -114,6 +114,20 @@ impl Store {
             .collect()
     }
 
+    /// The wrapped data keys of `owner`'s encrypted VM `vm` (none for a plain VM).
+    pub fn data_keys(
+        &self,
+        owner: &str,
+        vm: &str,
+    ) -> Result<Vec<rewind_proto::crypt::WrappedKey>, StoreError> {
+        let conn = self.reader()?;
+        let vm_id = owned_vm(&conn, vm, owner)?;
+        Ok(match catalog::points::keyring(&conn, vm_id)? {
+            Some(keyring) => crate::catalog::keys::of_keyring(&conn, owner, &keyring)?,
+            None => Vec::new(),
+        })
+    }
+
     /// Records a rollback of `disk` to `point` as an event of the VM; returns its number among
     /// the VM's events.
     pub fn record_rollback(

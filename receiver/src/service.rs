@@ -252,6 +252,41 @@ pub(crate) fn keyring_of(b: &[u8]) -> Result<Option<rewind_proto::crypt::Keyring
         })
 }
 
+/// Wrapped data keys as sent: each of the shape [`rewind_proto::crypt::WrappedKey`] has.
+pub(crate) fn wrapped_of(
+    keys: &[pb::WrappedKey],
+) -> Result<Vec<rewind_proto::crypt::WrappedKey>, Status> {
+    use rewind_proto::crypt::{RecoveryPublic, WrappedKey, WRAPPED_MAX};
+    keys.iter()
+        .map(|k| {
+            match (
+                <[u8; 8]>::try_from(k.key_id.as_slice()),
+                RecoveryPublic::from_slice(&k.recovery),
+            ) {
+                (Ok(key_id), Some(recovery)) if k.blob.len() == WRAPPED_MAX => Ok(WrappedKey {
+                    key_id,
+                    recovery,
+                    blob: k.blob.clone(),
+                }),
+                _ => Err(Status::invalid_argument(format!(
+                    "a wrapped key has an 8-byte id, a 32-byte recovery key and {WRAPPED_MAX} bytes"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Wrapped data keys as sent.
+pub(crate) fn wrapped_to_pb(keys: Vec<rewind_proto::crypt::WrappedKey>) -> Vec<pb::WrappedKey> {
+    keys.into_iter()
+        .map(|w| pb::WrappedKey {
+            key_id: w.key_id.to_vec(),
+            recovery: w.recovery.0.to_vec(),
+            blob: w.blob,
+        })
+        .collect()
+}
+
 /// A point as ListPoints (and the Copy service) send it.
 pub(crate) fn point_info(p: points::PointInfo) -> pb::PointInfo {
     let (keyring, manifest_mac, taken_us, config_hash) = match p.encrypted {
@@ -345,6 +380,7 @@ impl Replication for ReplicationService {
             base_point: (r.base_point != 0).then_some(r.base_point as i64),
             resume: (!r.resume_session.is_empty()).then_some(r.resume_session),
             keyring: keyring_of(&r.keyring)?,
+            wrapped: wrapped_of(&r.wrapped_keys)?,
         };
         let store = self.store.clone();
         let plan = blocking(self.calls(&owner).await?, move || {
@@ -521,5 +557,21 @@ impl Replication for ReplicationService {
         .await?;
         tracing::info!(event = id, "rollback recorded");
         Ok(Response::new(pb::RollbackRecorded { event: id as u64 }))
+    }
+
+    async fn data_keys(
+        &self,
+        req: Request<pb::DataKeysRequest>,
+    ) -> Result<Response<pb::DataKeysReply>, Status> {
+        let owner = caller(&req)?;
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let keys = blocking(self.calls(&owner).await?, move || {
+            store.data_keys(&owner, &r.vm)
+        })
+        .await?;
+        Ok(Response::new(pb::DataKeysReply {
+            keys: wrapped_to_pb(keys),
+        }))
     }
 }

@@ -119,6 +119,7 @@ fn store_with_point(dir: &Path) -> (Store, PointInfo, Vec<u8>) {
         base_point: None,
         resume: None,
         keyring: None,
+        wrapped: Vec::new(),
     };
     let session = store.begin("agent", &spec).unwrap().session;
     let mut image = vec![0u8; DISK_SIZE as usize];
@@ -577,6 +578,7 @@ fn upload_batches_survive_mutation() {
         base_point: None,
         resume: None,
         keyring: None,
+        wrapped: Vec::new(),
     };
     let session = store.begin("agent", &spec).unwrap().session;
     let kit = batch_kit(&session);

@@ -22,6 +22,21 @@ pub fn bin_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// Runs a command to its end; fails unless it succeeded. Returns its wall time and output.
+pub fn timed(cmd: &mut Command) -> anyhow::Result<(f64, std::process::Output)> {
+    let t = std::time::Instant::now();
+    let out = cmd.output().context("running a command")?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        anyhow::bail!(
+            "{:?} failed: {}",
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((secs, out))
+}
+
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
 

@@ -66,6 +66,7 @@ pub async fn begin(
             base_point: 0,
             resume_session: String::new(),
             keyring: Vec::new(),
+            wrapped_keys: Vec::new(),
         })
         .await?;
     Ok(r.into_inner().session)

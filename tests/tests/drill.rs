@@ -304,3 +304,62 @@ fn qemu_dies_with_a_killed_drill() {
         "QEMU outlived its drill"
     );
 }
+
+#[test]
+fn an_encrypted_point_boots_with_its_key_and_not_without() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let pass = d.path("k.pass");
+    std::fs::write(&pass, "drill key\n").unwrap();
+    let key = d.path("k.key");
+    let o = run(Command::new(bin("rewind-agent"))
+        .args(["key", "generate", "--kdf-mib", "8", "--out"])
+        .arg(&key)
+        .arg("--passphrase-file")
+        .arg(&pass));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (key, pass) = (key.to_str().unwrap(), pass.to_str().unwrap());
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 16 << 20);
+    disk::write_at(&vda, 0, &boot_sector(MARKER));
+    disk::random_blocks(&vda, BLOCK, 100, 20, &mut rand::rng());
+    let o = d.sync(
+        &rx,
+        "host1",
+        "encboot",
+        &[("vda", &vda)],
+        &["--encryption-key", key, "--passphrase-file", pass],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tmp = d.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let boot = [
+        "--boot",
+        "--boot-timeout",
+        "60",
+        "--expect-serial",
+        "DRILL-OK",
+    ];
+
+    // Without the key a boot drill cannot read the disk: it fails, saying why.
+    let (o, v) = drill(&d, "encboot", &boot, &tmp);
+    assert!(!o.status.success(), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("is encrypted"),
+        "{v}"
+    );
+    assert_ne!(v["booted"], true);
+
+    // With it: every block decrypted and checked, then the guest boots from the store.
+    let mut with_key = boot.to_vec();
+    with_key.extend(["--encryption-key", key, "--passphrase-file", pass]);
+    let (o, v) = drill(&d, "encboot", &with_key, &tmp);
+    assert!(o.status.success(), "{v}");
+    assert_eq!(v["booted"], true);
+    assert_eq!(v["blocks_verified"], 21);
+    assert!(v["checked"].as_str().unwrap().starts_with("content"), "{v}");
+    assert!(v["serial_tail"].as_str().unwrap().contains(MARKER), "{v}");
+    assert!(empty_dir(&tmp));
+    assert!(!qemu_running("encboot"));
+    drop(rx);
+}

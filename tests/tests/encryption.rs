@@ -161,6 +161,29 @@ fn the_store_holds_only_ciphertext_and_restores_need_the_key() {
         .unwrap()
         .to_owned();
     assert_eq!(keyring.len(), 32);
+    // The VM's configuration (here the disk's path on the host) is sealed too.
+    let config = points[0]["config"].as_object().unwrap();
+    assert_eq!(config.keys().collect::<Vec<_>>(), ["sealed"], "{config:?}");
+    for f in &all {
+        assert!(
+            !holds(f, b"vda.raw"),
+            "{} holds the disk's path",
+            f.display()
+        );
+    }
+    // `restore --all` with the key writes the configuration in the clear.
+    let dir = d.path("all");
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["restore", "--all", "--data"])
+        .arg(d.data())
+        .args(["--vm", "enc", "--point", &p1.to_string(), "--out-dir"])
+        .arg(&dir)
+        .args(key_flags(&k)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let point: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("point.json")).unwrap()).unwrap();
+    assert_eq!(point["config"]["source"], "files", "{point}");
+    assert_eq!(disk::digest(&dir.join("vda.raw")), first);
 
     // Without a key, with another keyring's key, with a wrong passphrase: refused, nothing
     // written.
@@ -429,6 +452,31 @@ fn rollback_and_drills_use_the_key_only_when_given() {
     assert!(o.status.success(), "{}", stderr(&o));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(r["checked"].as_str().unwrap().starts_with("content"), "{r}");
+    assert_eq!(r["blocks_verified"], 32);
+    // A key check: one chunk decrypted, the MAC verified, nothing else read; another
+    // keyring's key fails it.
+    let mut check = key_flags(&k);
+    check.push("--key-check".into());
+    let o = drill(&check);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        r["checked"].as_str().unwrap().starts_with("key only"),
+        "{r}"
+    );
+    assert_eq!(r["blocks_verified"], 1);
+    let mut wrong = key_flags(&key(&d, "k2"));
+    wrong.push("--key-check".into());
+    let o = drill(&wrong);
+    assert!(!o.status.success());
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("encrypted with keyring"),
+        "{r}"
+    );
 
     // Rollback: refused without the key, exact with it.
     let rollback = |extra: &[String]| {

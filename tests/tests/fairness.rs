@@ -37,6 +37,7 @@ async fn a_huge_commit_does_not_stall_other_agents() {
             base_point: 0,
             resume_session: String::new(),
             keyring: Vec::new(),
+            wrapped_keys: Vec::new(),
         })
         .await
         .unwrap()
@@ -203,6 +204,7 @@ async fn a_receiver_killed_in_a_stepped_commit_loses_nothing() {
         base_point: base,
         resume_session: String::new(),
         keyring: Vec::new(),
+        wrapped_keys: Vec::new(),
     };
     let commit = |session: String, root: rewind_proto::DiskRoot| pb::CommitRequest {
         session,

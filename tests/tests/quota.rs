@@ -24,6 +24,7 @@ async fn begin(c: &mut ReplicationClient<Channel>, vm: &str) -> Result<String, t
         base_point: 0,
         resume_session: String::new(),
         keyring: Vec::new(),
+        wrapped_keys: Vec::new(),
     })
     .await
     .map(|r| r.into_inner().session)

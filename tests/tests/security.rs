@@ -312,6 +312,7 @@ async fn names_and_geometry_are_validated() {
             base_point: 0,
             resume_session: String::new(),
             keyring: Vec::new(),
+            wrapped_keys: Vec::new(),
         })
         .await
         .expect_err("bad disk name");
@@ -327,6 +328,7 @@ async fn names_and_geometry_are_validated() {
             base_point: 0,
             resume_session: String::new(),
             keyring: Vec::new(),
+            wrapped_keys: Vec::new(),
         })
         .await
         .expect_err("bad block size");

@@ -28,6 +28,13 @@ pub struct RollbackArgs {
     pub dry_run: bool,
     #[command(flatten)]
     pub encryption: super::EncryptionArgs,
+    /// Recovery key file: reads the VM's points through the data keys wrapped to it (needed
+    /// when this agent's key is write-only).
+    #[arg(long, value_name = "FILE", conflicts_with = "encryption_key")]
+    pub recovery_key: Option<PathBuf>,
+    /// File whose first line is the recovery key's passphrase (otherwise typed at a prompt).
+    #[arg(long, value_name = "FILE", requires = "recovery_key")]
+    pub recovery_passphrase_file: Option<PathBuf>,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -50,6 +57,13 @@ pub fn run(a: RollbackArgs) -> anyhow::Result<()> {
         state_dir: a.state.clone(),
         dry_run: a.dry_run,
         codec: a.encryption.codec(false)?,
+        recovery: match &a.recovery_key {
+            Some(path) => Some(std::sync::Arc::new(
+                rewind_proto::crypt::open_recovery(path, a.recovery_passphrase_file.as_deref())
+                    .with_context(|| format!("opening recovery key file {}", path.display()))?,
+            )),
+            None => None,
+        },
     };
     let receiver = a.conn.config();
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

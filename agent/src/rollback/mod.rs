@@ -46,6 +46,9 @@ pub struct RollbackConfig {
     pub dry_run: bool,
     /// The key of an encrypted VM (its keyring's id keys and data key), Plain otherwise.
     pub codec: rewind_proto::crypt::Codec,
+    /// A recovery key: reads the VM's points through the data keys wrapped to it (those of
+    /// write-only agents included), instead of a key file.
+    pub recovery: Option<std::sync::Arc<rewind_proto::crypt::RecoveryKey>>,
 }
 
 /// One disk's rollback.
@@ -176,7 +179,11 @@ pub async fn rollback(
     cfg: &RollbackConfig,
 ) -> Result<RollbackReport, RollbackError> {
     let started = Instant::now();
-    check_key(client, cfg).await?;
+    let codec = check_key(client, cfg).await?;
+    let cfg = &RollbackConfig {
+        codec,
+        ..cfg.clone()
+    };
     let mut disks = Vec::new();
     for d in &cfg.disks {
         disks.push(rollback_disk(client, cfg, d, started).await?);
@@ -190,14 +197,15 @@ pub async fn rollback(
     })
 }
 
-/// Checks that the key given fits the point: none for a plain point; for an encrypted one, a
-/// key of its keyring under which the point's manifest MAC verifies (so the receiver serves
-/// the very point the agent committed: its disks' roots bind every leaf written).
+/// The codec the rollback reads with, once the key given fits the point: none for a plain
+/// point; for an encrypted one, a key file of its keyring (not a write-only one) or a recovery
+/// key that unwraps its data keys, under which the point's manifest MAC verifies (so the
+/// receiver serves the very point the agent committed: its disks' roots bind every leaf).
 async fn check_key(
     client: &mut ReplicationClient<Channel>,
     cfg: &RollbackConfig,
-) -> Result<(), RollbackError> {
-    use rewind_proto::crypt::{Codec, Manifest};
+) -> Result<rewind_proto::crypt::Codec, RollbackError> {
+    use rewind_proto::crypt::{Codec, KeyringId, Manifest};
     let points = client
         .list_points(pb::ListPointsRequest { vm: cfg.vm.clone() })
         .await
@@ -206,32 +214,60 @@ async fn check_key(
         .points;
     let Some(p) = points.iter().find(|p| p.id == cfg.point as u64) else {
         // PointBlocks names the missing point in the receiver's own words.
-        return Ok(());
+        return Ok(cfg.codec.clone());
     };
-    let keyring = match (&cfg.codec, p.keyring.is_empty()) {
-        (Codec::Plain | Codec::Locked, true) => return Ok(()),
-        (Codec::Sealed { .. }, true) => {
-            return Err(RollbackError::Key(format!(
-                "point {} of {} is not encrypted: drop --encryption-key",
-                cfg.point, cfg.vm
+    let at = format!("point {} of {}", cfg.point, cfg.vm);
+    let key_err = |why: String| RollbackError::Key(format!("{at} {why}"));
+    let given = matches!(cfg.codec, Codec::Sealed { .. }) || cfg.recovery.is_some();
+    if p.keyring.is_empty() {
+        return match given {
+            true => Err(key_err("is not encrypted: drop the key".into())),
+            false => Ok(Codec::Plain),
+        };
+    }
+    let id = KeyringId::from_slice(&p.keyring)
+        .ok_or(RollbackError::protocol("a keyring id that is not 16 bytes"))?;
+    let keyring = match (&cfg.codec, &cfg.recovery) {
+        (_, Some(r)) => {
+            let keys = client
+                .data_keys(pb::DataKeysRequest { vm: cfg.vm.clone() })
+                .await
+                .map_err(RollbackError::refused("DataKeys"))?
+                .into_inner()
+                .keys;
+            let wrapped: Vec<_> = keys
+                .iter()
+                .filter_map(|k| {
+                    Some(rewind_proto::crypt::WrappedKey {
+                        key_id: k.key_id.as_slice().try_into().ok()?,
+                        recovery: rewind_proto::crypt::RecoveryPublic::from_slice(&k.recovery)?,
+                        blob: k.blob.clone(),
+                    })
+                })
+                .collect();
+            std::sync::Arc::new(r.open_keyring(id, &wrapped).ok_or_else(|| {
+                key_err(format!(
+                    "has none of its {} data keys wrapped to this recovery key",
+                    wrapped.len()
+                ))
+            })?)
+        }
+        (Codec::Sealed { keyring, .. }, None) if keyring.write_only() => {
+            return Err(key_err(
+                "needs the recovery key (--recovery-key): this agent's key is write-only".into(),
+            ))
+        }
+        (Codec::Sealed { keyring, .. }, None) => keyring.clone(),
+        (Codec::Plain | Codec::Locked, None) => {
+            return Err(key_err(format!(
+                "is encrypted (keyring {id}): give its key with --encryption-key or the \
+                 recovery key with --recovery-key"
             )))
         }
-        (Codec::Plain | Codec::Locked, false) => {
-            return Err(RollbackError::Key(format!(
-                "point {} of {} is encrypted (keyring {}): give its key with --encryption-key",
-                cfg.point,
-                cfg.vm,
-                hex::encode(&p.keyring)
-            )))
-        }
-        (Codec::Sealed { keyring, .. }, false) => keyring,
     };
-    if keyring.id().0[..] != p.keyring[..] {
-        return Err(RollbackError::Key(format!(
-            "point {} of {} is encrypted with keyring {}; the key given is keyring {}",
-            cfg.point,
-            cfg.vm,
-            hex::encode(&p.keyring),
+    if keyring.id() != id {
+        return Err(key_err(format!(
+            "is encrypted with keyring {id}; the key given is keyring {}",
             keyring.id()
         )));
     }
@@ -249,13 +285,16 @@ async fn check_key(
         disks,
     };
     if !keyring.verify_manifest(&manifest, &p.manifest_mac) {
-        return Err(RollbackError::Key(format!(
-            "point {} of {}: its manifest MAC does not verify with this key: the receiver \
-             does not serve the point the agent committed",
-            cfg.point, cfg.vm
-        )));
+        return Err(key_err(
+            "has a manifest MAC that does not verify with this key: the receiver does not \
+             serve the point the agent committed"
+                .into(),
+        ));
     }
-    Ok(())
+    Ok(Codec::Sealed {
+        keyring,
+        pad: false,
+    })
 }
 
 /// One disk: open it and learn the point, choose what to compare, compare while fetching and

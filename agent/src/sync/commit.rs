@@ -24,7 +24,12 @@ pub(super) async fn send(
     config: &serde_json::Value,
     consistency: &str,
 ) -> Result<tonic::Response<pb::CommitReply>, tonic::Status> {
-    let config = config.to_string();
+    // An encrypted VM's configuration is sealed like its chunks: the receiver keeps it
+    // without reading it, and the MAC binds what it keeps.
+    let config = cfg
+        .codec
+        .seal_config(&cfg.vm, &config.to_string())
+        .map_err(|e| tonic::Status::internal(format!("sealing the configuration: {e}")))?;
     let taken_us = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1000;
     let manifest_mac = match &cfg.codec {
         rewind_proto::crypt::Codec::Plain | rewind_proto::crypt::Codec::Locked => Vec::new(),

@@ -183,8 +183,16 @@ pub async fn sync_once(
     names::vm(&cfg.vm)?;
     // 1. The disks and their sizes: from QEMU for a live VM, from the files otherwise.
     let found = disks::find(cfg).await?;
-    // 2. Settle a crashed cycle's session, then begin this point's.
-    let begun = session::begin(client, cfg, &found.specs()).await?;
+    // 2. Settle a crashed cycle's session, then begin this point's. An encrypted VM's data
+    //    key for the session (a write-only agent's is fresh each hour) goes to the receiver wrapped to
+    //    the recovery key, kept there before any chunk sealed with it is sent.
+    let (codec, wrapped) = crate::keys::for_session(&cfg.codec);
+    let session_cfg = SyncConfig {
+        codec,
+        ..cfg.clone()
+    };
+    let cfg = &session_cfg;
+    let begun = session::begin(client, cfg, &found.specs(), &wrapped).await?;
     // 3. One instant for all disks of a live VM; bitmaps and qemu-nbd for offline qcow2.
     let Captured {
         opened,

@@ -24,6 +24,7 @@ pub(super) async fn begin(
     client: &mut ReplicationClient<Channel>,
     cfg: &SyncConfig,
     specs: &[(String, DiskGeometry)],
+    wrapped: &[rewind_proto::crypt::WrappedKey],
 ) -> Result<Begun, SyncError> {
     let mut conn = state::open(&cfg.state_dir)?;
 
@@ -59,6 +60,14 @@ pub(super) async fn begin(
             .keyring_id()
             .map(|k| k.0.to_vec())
             .unwrap_or_default(),
+        wrapped_keys: wrapped
+            .iter()
+            .map(|w| pb::WrappedKey {
+                key_id: w.key_id.to_vec(),
+                recovery: w.recovery.0.to_vec(),
+                blob: w.blob.clone(),
+            })
+            .collect(),
     };
     let mut plan = client
         .begin(request.clone())

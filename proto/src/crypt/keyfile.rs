@@ -3,11 +3,12 @@
 //! guessing costs memory as well as time), or kept bare when the operator chose no passphrase
 //! (a key kept in a vault or on an agent that must start unattended).
 //!
-//! The file is JSON, one object: `format`, `keyring` (public id), `created`, `kdf` (null when
+//! The file is JSON, one object: `format`, `kind` (keyring, write-only or recovery),
+//! `keyring` (public id), `recovery` (a recovery key's public half), `created`, `kdf` (null when
 //! bare), `nonce` and `secret` (hex). The paper form ([`KeyFile::to_paper`]) is the same
 //! object in short hex lines, each with its own check, so a mistyped line is named.
 
-use super::{Keyring, KeyringId};
+use super::{DataKey, Keyring, KeyringId, RecoveryKey, RecoveryPublic};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,8 @@ pub enum KeyFileError {
     WrongPassphrase,
     #[error("deriving the key from the passphrase failed: {0}")]
     Kdf(String),
+    #[error("this is a {0} key file; {1} is needed here")]
+    Kind(String, &'static str),
     #[error("paper key line {line}: {why}")]
     Paper { line: usize, why: String },
     #[error("{path}")]
@@ -72,11 +75,7 @@ pub fn open_key(
     path: &std::path::Path,
     passphrase_file: Option<&std::path::Path>,
 ) -> Result<Keyring, KeyFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let file = KeyFile::parse(&text)?;
+    let file = read_key_file(path)?;
     if !file.needs_passphrase() {
         return file.unlock(None);
     }
@@ -85,6 +84,31 @@ pub fn open_key(
         &format!("Passphrase for {}: ", path.display()),
     )?;
     file.unlock(pass.as_ref().map(|p| p.as_bytes()))
+}
+
+/// Opens the recovery key file at `path` ([`open_key`] for recovery keys).
+pub fn open_recovery(
+    path: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<RecoveryKey, KeyFileError> {
+    let file = read_key_file(path)?;
+    if !file.needs_passphrase() {
+        return file.unlock_recovery(None);
+    }
+    let pass = read_passphrase(
+        passphrase_file,
+        &format!("Passphrase for {}: ", path.display()),
+    )?;
+    file.unlock_recovery(pass.as_ref().map(|p| p.as_bytes()))
+}
+
+/// Reads and parses the key file at `path`.
+pub fn read_key_file(path: &std::path::Path) -> Result<KeyFile, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    KeyFile::parse(&text)
 }
 
 /// argon2id's cost: memory in KiB, passes, lanes.
@@ -118,7 +142,15 @@ struct Kdf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyFile {
     format: String,
-    keyring: String,
+    /// "keyring" (reads and writes), "write-only" (writes; wraps data keys to `recovery`) or
+    /// "recovery" (a recovery key; `recovery` is its public half).
+    kind: String,
+    /// The keyring's public id (keyring kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keyring: Option<String>,
+    /// A recovery key's public half: the file's own, or the one a keyring wraps to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    recovery: Option<String>,
     created: String,
     kdf: Option<Kdf>,
     nonce: String,
@@ -144,39 +176,101 @@ fn unhex(what: &str, s: &str) -> Result<Vec<u8>, KeyFileError> {
     hex::decode(s).map_err(|_| KeyFileError::Malformed(format!("{what} is not hex")))
 }
 
+/// What a keyring's wrapped secret holds.
+#[derive(Serialize, Deserialize)]
+struct KeyringSecret {
+    ids: String,
+    manifest: String,
+    data: Vec<String>,
+}
+
+fn key32(what: &str, s: &str) -> Result<[u8; 32], KeyFileError> {
+    unhex(what, s)?
+        .try_into()
+        .map_err(|_| KeyFileError::Malformed(format!("{what} is not 32 bytes")))
+}
+
 impl KeyFile {
-    /// A new keyring with a fresh master secret, wrapped with `passphrase` (bare when None).
+    /// A new full keyring and its file, wrapped with `passphrase` (bare when None).
     pub fn generate(
         passphrase: Option<&[u8]>,
         params: KdfParams,
         created: String,
     ) -> Result<(KeyFile, Keyring), KeyFileError> {
-        let id = KeyringId(rand::random());
-        let master = Zeroizing::new(rand::random::<[u8; 32]>());
-        let file = KeyFile::wrap(id, &master, passphrase, params, created)?;
-        Ok((file, Keyring::from_master(id, &master)))
+        let k = Keyring::generate();
+        Ok((KeyFile::of_keyring(&k, passphrase, params, created)?, k))
+    }
+
+    /// The file of keyring `k` (full, or write-only when it holds no data key).
+    pub fn of_keyring(
+        k: &Keyring,
+        passphrase: Option<&[u8]>,
+        params: KdfParams,
+        created: String,
+    ) -> Result<KeyFile, KeyFileError> {
+        let secret = KeyringSecret {
+            ids: hex::encode(k.ids_key()),
+            manifest: hex::encode(k.manifest_key()),
+            data: k
+                .data_keys()
+                .iter()
+                .map(|d| hex::encode(d.secret()))
+                .collect(),
+        };
+        let secret = Zeroizing::new(serde_json::to_vec(&secret).unwrap_or_default());
+        let kind = if k.write_only() {
+            "write-only"
+        } else {
+            "keyring"
+        };
+        let id = k.id().to_hex();
+        let mut f = KeyFile::wrap(kind, &id, &secret, passphrase, params, created)?;
+        f.keyring = Some(id);
+        f.recovery = k.recovery().map(RecoveryPublic::to_hex);
+        Ok(f)
+    }
+
+    /// The file of recovery key `r`.
+    pub fn of_recovery(
+        r: &RecoveryKey,
+        passphrase: Option<&[u8]>,
+        params: KdfParams,
+        created: String,
+    ) -> Result<KeyFile, KeyFileError> {
+        let public = r.public().to_hex();
+        let mut f = KeyFile::wrap(
+            "recovery",
+            &public,
+            &*r.secret_bytes(),
+            passphrase,
+            params,
+            created,
+        )?;
+        f.recovery = Some(public);
+        Ok(f)
     }
 
     fn wrap(
-        id: KeyringId,
-        master: &[u8; 32],
+        kind: &str,
+        binding: &str,
+        secret: &[u8],
         passphrase: Option<&[u8]>,
         params: KdfParams,
         created: String,
     ) -> Result<KeyFile, KeyFileError> {
         let nonce: [u8; 24] = rand::random();
         let (kdf, secret) = match passphrase {
-            None => (None, master.to_vec()),
+            None => (None, secret.to_vec()),
             Some(pass) => {
                 let salt: [u8; 16] = rand::random();
                 let key = stretch(pass, &salt, params)?;
                 let cipher = XChaCha20Poly1305::new((&*key).into());
-                let aad = [FORMAT.as_bytes(), &id.0].concat();
+                let aad = [FORMAT.as_bytes(), kind.as_bytes(), binding.as_bytes()].concat();
                 let sealed = cipher
                     .encrypt(
                         XNonce::from_slice(&nonce),
                         Payload {
-                            msg: master,
+                            msg: secret,
                             aad: &aad,
                         },
                     )
@@ -191,7 +285,9 @@ impl KeyFile {
         };
         Ok(KeyFile {
             format: FORMAT.into(),
-            keyring: id.to_hex(),
+            kind: kind.into(),
+            keyring: None,
+            recovery: None,
             created,
             kdf,
             nonce: hex::encode(nonce),
@@ -209,7 +305,15 @@ impl KeyFile {
                 f.format
             )));
         }
-        f.id()?;
+        match f.kind.as_str() {
+            "keyring" | "write-only" => {
+                f.id()?;
+            }
+            "recovery" => {
+                f.recovery_public()?;
+            }
+            other => return Err(KeyFileError::Malformed(format!("kind {other:?}"))),
+        }
         if let Some(kdf) = &f.kdf {
             if kdf.algorithm != "argon2id" {
                 return Err(KeyFileError::Malformed(format!("kdf {:?}", kdf.algorithm)));
@@ -223,50 +327,136 @@ impl KeyFile {
         serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
     }
 
-    /// The keyring's public id.
+    /// "keyring", "write-only" or "recovery".
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The keyring's public id (keyring kinds).
     pub fn id(&self) -> Result<KeyringId, KeyFileError> {
-        KeyringId::from_slice(&unhex("keyring", &self.keyring)?)
+        let id = self
+            .keyring
+            .as_deref()
+            .ok_or_else(|| KeyFileError::Kind(self.kind.clone(), "a keyring"))?;
+        KeyringId::from_slice(&unhex("keyring", id)?)
             .ok_or_else(|| KeyFileError::Malformed("keyring id is not 16 bytes".into()))
+    }
+
+    /// The recovery key's public half (a recovery file's own; the one a keyring wraps to).
+    pub fn recovery_public(&self) -> Result<RecoveryPublic, KeyFileError> {
+        let r = self
+            .recovery
+            .as_deref()
+            .ok_or_else(|| KeyFileError::Kind(self.kind.clone(), "a recovery key"))?;
+        Ok(RecoveryPublic(key32("recovery", r)?))
     }
 
     pub fn needs_passphrase(&self) -> bool {
         self.kdf.is_some()
     }
 
+    fn open_secret(&self, passphrase: Option<&[u8]>) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+        let secret = Zeroizing::new(unhex("secret", &self.secret)?);
+        let Some(kdf) = &self.kdf else {
+            return Ok(secret);
+        };
+        let pass = passphrase.ok_or(KeyFileError::NeedsPassphrase)?;
+        let key = stretch(pass, &unhex("salt", &kdf.salt)?, kdf.params)?;
+        let nonce = unhex("nonce", &self.nonce)?;
+        if nonce.len() != 24 {
+            return Err(KeyFileError::Malformed("nonce is not 24 bytes".into()));
+        }
+        let binding = match self.kind.as_str() {
+            "recovery" => self.recovery.clone().unwrap_or_default(),
+            _ => self.keyring.clone().unwrap_or_default(),
+        };
+        let aad = [FORMAT.as_bytes(), self.kind.as_bytes(), binding.as_bytes()].concat();
+        let cipher = XChaCha20Poly1305::new((&*key).into());
+        Ok(Zeroizing::new(
+            cipher
+                .decrypt(
+                    XNonce::from_slice(&nonce),
+                    Payload {
+                        msg: &secret,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| KeyFileError::WrongPassphrase)?,
+        ))
+    }
+
     /// The keyring, unwrapped with `passphrase` when the file has one.
     pub fn unlock(&self, passphrase: Option<&[u8]>) -> Result<Keyring, KeyFileError> {
         let id = self.id()?;
-        let secret = Zeroizing::new(unhex("secret", &self.secret)?);
-        let master: Zeroizing<Vec<u8>> = match &self.kdf {
-            None => secret,
-            Some(kdf) => {
-                let pass = passphrase.ok_or(KeyFileError::NeedsPassphrase)?;
-                let key = stretch(pass, &unhex("salt", &kdf.salt)?, kdf.params)?;
-                let nonce = unhex("nonce", &self.nonce)?;
-                if nonce.len() != 24 {
-                    return Err(KeyFileError::Malformed("nonce is not 24 bytes".into()));
-                }
-                let cipher = XChaCha20Poly1305::new((&*key).into());
-                let aad = [FORMAT.as_bytes(), &id.0].concat();
-                Zeroizing::new(
-                    cipher
-                        .decrypt(
-                            XNonce::from_slice(&nonce),
-                            Payload {
-                                msg: &secret,
-                                aad: &aad,
-                            },
-                        )
-                        .map_err(|_| KeyFileError::WrongPassphrase)?,
-                )
-            }
+        let secret = self.open_secret(passphrase)?;
+        let s: KeyringSecret = serde_json::from_slice(&secret)
+            .map_err(|_| KeyFileError::Malformed("the secret is not a keyring".into()))?;
+        let data = s
+            .data
+            .iter()
+            .map(|d| key32("data key", d).map(DataKey::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let recovery = match &self.recovery {
+            Some(_) => Some(self.recovery_public()?),
+            None => None,
         };
-        let master: [u8; 32] = master
+        if data.is_empty() && recovery.is_none() {
+            return Err(KeyFileError::Malformed(
+                "a write-only key without a recovery key to wrap to".into(),
+            ));
+        }
+        Ok(Keyring::new(
+            id,
+            key32("ids", &s.ids)?,
+            key32("manifest", &s.manifest)?,
+            data,
+            recovery,
+        ))
+    }
+
+    /// The recovery key, unwrapped with `passphrase` when the file has one.
+    pub fn unlock_recovery(&self, passphrase: Option<&[u8]>) -> Result<RecoveryKey, KeyFileError> {
+        let public = self.recovery_public()?;
+        if self.kind != "recovery" {
+            return Err(KeyFileError::Kind(self.kind.clone(), "a recovery key"));
+        }
+        let secret = self.open_secret(passphrase)?;
+        let bytes: [u8; 32] = secret
             .as_slice()
             .try_into()
             .map_err(|_| KeyFileError::Malformed("secret is not 32 bytes".into()))?;
-        let master = Zeroizing::new(master);
-        Ok(Keyring::from_master(id, &master))
+        let r = RecoveryKey::from_secret(bytes);
+        if r.public() != public {
+            return Err(KeyFileError::Malformed(
+                "the secret does not match the public key".into(),
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The same file, its secret wrapped again under `new` (a changed passphrase).
+    pub fn rewrapped(
+        &self,
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+        params: KdfParams,
+    ) -> Result<KeyFile, KeyFileError> {
+        let secret = self.open_secret(old)?;
+        let binding = match self.kind.as_str() {
+            "recovery" => self.recovery.clone().unwrap_or_default(),
+            _ => self.keyring.clone().unwrap_or_default(),
+        };
+        let mut f = KeyFile::wrap(
+            &self.kind,
+            &binding,
+            &secret,
+            new,
+            params,
+            self.created.clone(),
+        )?;
+        f.keyring = self.keyring.clone();
+        f.recovery = self.recovery.clone();
+        Ok(f)
     }
 
     /// The paper form: a header, then the compact JSON in hex lines of 32 characters, each
@@ -275,9 +465,14 @@ impl KeyFile {
     pub fn to_paper(&self) -> String {
         let json = serde_json::to_string(self).unwrap_or_default();
         let hexed = hex::encode(json.as_bytes());
+        let named = match (&self.keyring, &self.recovery) {
+            (Some(k), _) => format!("keyring {k}"),
+            (None, Some(r)) => format!("recovery key {r}"),
+            (None, None) => String::new(),
+        };
         let mut out = format!(
-            "REWIND PAPER KEY ({FORMAT})\nkeyring {}\ncreated {}\n\n",
-            self.keyring, self.created
+            "REWIND PAPER KEY ({FORMAT}, {})\n{named}\ncreated {}\n\n",
+            self.kind, self.created
         );
         for (n, line) in hexed.as_bytes().chunks(32).enumerate() {
             let line = std::str::from_utf8(line).unwrap_or_default();

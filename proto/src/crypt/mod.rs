@@ -19,16 +19,19 @@
 //! the id names (the keyed hash).
 
 mod keyfile;
+mod keyring;
+mod recovery;
 
-pub use keyfile::{open_key, read_passphrase, KdfParams, KeyFile, KeyFileError};
+pub use keyfile::{
+    open_key, open_recovery, read_key_file, read_passphrase, KdfParams, KeyFile, KeyFileError,
+};
+pub use keyring::{DataKey, Keyring};
+pub use recovery::{RecoveryKey, RecoveryPublic, WrappedKey, WRAPPED_MAX};
 
 use crate::chunk::{self, ChunkError};
 use crate::format::max_frame_len;
 use crate::hash::BlockHash;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
 /// Format version of an envelope: its first byte.
 pub const ENVELOPE_V1: u8 = 1;
@@ -109,149 +112,6 @@ impl std::fmt::Debug for KeyringId {
     }
 }
 
-/// The secret keys of one keyring, derived from its master.
-pub struct Keyring {
-    id: KeyringId,
-    ids: Zeroizing<[u8; 32]>,
-    data: Zeroizing<[u8; 32]>,
-    data_id: [u8; 8],
-    manifest: Zeroizing<[u8; 32]>,
-}
-
-impl std::fmt::Debug for Keyring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Keyring({})", self.id)
-    }
-}
-
-impl Keyring {
-    /// The keyring of a master secret.
-    pub fn from_master(id: KeyringId, master: &[u8; 32]) -> Keyring {
-        let data = Zeroizing::new(blake3::derive_key("rewind 2026-12 chunk data v1", master));
-        let data_id = blake3::derive_key("rewind 2026-12 data key id v1", &*data);
-        Keyring {
-            id,
-            ids: Zeroizing::new(blake3::derive_key("rewind 2026-12 chunk ids v1", master)),
-            data_id: [
-                data_id[0], data_id[1], data_id[2], data_id[3], data_id[4], data_id[5], data_id[6],
-                data_id[7],
-            ],
-            data,
-            manifest: Zeroizing::new(blake3::derive_key("rewind 2026-12 manifest v1", master)),
-        }
-    }
-
-    pub fn id(&self) -> KeyringId {
-        self.id
-    }
-
-    /// How this keyring names chunks.
-    pub fn chunk_ids(&self) -> ChunkIds {
-        ChunkIds::Keyed(*self.ids)
-    }
-
-    fn aad(&self, id: BlockHash, key_id: &[u8]) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(14 + 1 + 16 + 32 + 8);
-        aad.extend_from_slice(b"rewind-chunk/1");
-        aad.push(ENVELOPE_V1);
-        aad.extend_from_slice(&self.id.0);
-        aad.extend_from_slice(id.as_bytes());
-        aad.extend_from_slice(key_id);
-        aad
-    }
-
-    /// Encrypts a chunk's frame (padded to [`PAD_BUCKET`] when `pad`) into an envelope.
-    pub fn seal(&self, id: BlockHash, frame: &[u8], pad: bool) -> Vec<u8> {
-        let nonce: [u8; 24] = rand::random();
-        let mut plain = Zeroizing::new(frame.to_vec());
-        if pad {
-            let padded = frame.len().div_ceil(PAD_BUCKET).max(1) * PAD_BUCKET;
-            plain.resize(padded, 0);
-        }
-        let cipher = XChaCha20Poly1305::new((&*self.data).into());
-        let aad = self.aad(id, &self.data_id);
-        let sealed = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: &aad,
-                },
-            )
-            // XChaCha20-Poly1305 refuses only messages near 256 GiB; a frame is at most 4 MiB.
-            .unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_BYTES + sealed.len() + CHECK_BYTES);
-        out.push(ENVELOPE_V1);
-        out.extend_from_slice(&self.data_id);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        let check = blake3::hash(&out);
-        out.extend_from_slice(check.as_bytes());
-        out
-    }
-
-    /// Decrypts an envelope into the zstd frame it holds (its padding dropped), after the
-    /// checks a receiver makes without the key.
-    pub fn open_frame(
-        &self,
-        id: BlockHash,
-        envelope: &[u8],
-        block_len: usize,
-    ) -> Result<Zeroizing<Vec<u8>>, ChunkError> {
-        check_envelope(id, envelope, block_len)?;
-        let key_id = &envelope[1..9];
-        if key_id != self.data_id {
-            return Err(ChunkError::OtherKey {
-                hash: id,
-                key: hex::encode(key_id),
-            });
-        }
-        let nonce = XNonce::from_slice(&envelope[9..HEADER_BYTES]);
-        let body = &envelope[HEADER_BYTES..envelope.len() - CHECK_BYTES];
-        let cipher = XChaCha20Poly1305::new((&*self.data).into());
-        let aad = self.aad(id, key_id);
-        let plain = Zeroizing::new(
-            cipher
-                .decrypt(
-                    nonce,
-                    Payload {
-                        msg: body,
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| ChunkError::Unauthentic { hash: id })?,
-        );
-        // The frame is exactly one zstd frame; any padding after it is zeros.
-        let n = zstd::zstd_safe::find_frame_compressed_size(&plain).map_err(|_| {
-            ChunkError::Undecodable {
-                hash: id,
-                expected: block_len,
-            }
-        })?;
-        if n > plain.len() || plain[n..].iter().any(|&b| b != 0) {
-            return Err(ChunkError::NotCanonical {
-                hash: id,
-                len: plain.len(),
-                max: max_frame_len(block_len),
-            });
-        }
-        Ok(Zeroizing::new(plain[..n].to_vec()))
-    }
-
-    /// The MAC of a point's manifest.
-    pub fn manifest_mac(&self, manifest: &Manifest<'_>) -> [u8; 32] {
-        *blake3::keyed_hash(&self.manifest, &manifest.encode(self.id)).as_bytes()
-    }
-
-    /// Whether `mac` is this keyring's MAC of `manifest` (compared in constant time).
-    pub fn verify_manifest(&self, manifest: &Manifest<'_>, mac: &[u8]) -> bool {
-        let Ok(mac) = <[u8; 32]>::try_from(mac) else {
-            return false;
-        };
-        blake3::keyed_hash(&self.manifest, &manifest.encode(self.id)) == blake3::Hash::from(mac)
-    }
-}
-
 /// Checks what a receiver can check of an envelope without the key: its version, that its
 /// length fits a block of `block_len` bytes, and its check hash.
 pub fn check_envelope(id: BlockHash, envelope: &[u8], block_len: usize) -> Result<(), ChunkError> {
@@ -290,7 +150,7 @@ pub struct Manifest<'a> {
 }
 
 impl Manifest<'_> {
-    fn encode(&self, keyring: KeyringId) -> Vec<u8> {
+    pub(super) fn encode(&self, keyring: KeyringId) -> Vec<u8> {
         let mut out = Vec::new();
         let mut field = |b: &[u8]| {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
@@ -343,6 +203,42 @@ impl Codec {
         }
     }
 
+    /// The codec a sync seals with, and the data keys the receiver must hold wrapped before
+    /// any chunk sealed with them arrives (see [`Keyring::for_session`]).
+    pub fn for_session(&self) -> (Codec, Vec<WrappedKey>) {
+        match self {
+            Codec::Sealed { keyring, pad } => {
+                let (k, wrapped) = keyring.for_session();
+                (
+                    Codec::Sealed {
+                        keyring: Arc::new(k),
+                        pad: *pad,
+                    },
+                    wrapped.into_iter().collect(),
+                )
+            }
+            other => (other.clone(), Vec::new()),
+        }
+    }
+
+    /// A point's configuration as stored: sealed for an encrypted VM (see
+    /// [`Keyring::seal_config`]), as it is otherwise.
+    pub fn seal_config(&self, vm: &str, config: &str) -> Result<String, ChunkError> {
+        match self {
+            Codec::Sealed { keyring, .. } => keyring.seal_config(vm, config),
+            _ => Ok(config.to_owned()),
+        }
+    }
+
+    /// A stored configuration opened: decrypted with the key for an encrypted VM, as it is
+    /// for a plain one.
+    pub fn open_config(&self, vm: &str, stored: &str) -> Result<String, ChunkError> {
+        match self {
+            Codec::Sealed { keyring, .. } => keyring.open_config(vm, stored),
+            _ => Ok(stored.to_owned()),
+        }
+    }
+
     /// The keyring's public id, None when plain.
     pub fn keyring_id(&self) -> Option<KeyringId> {
         match self {
@@ -356,7 +252,9 @@ impl Codec {
         let frame = chunk::compress(data)?;
         match self {
             Codec::Plain => Ok(frame),
-            Codec::Sealed { keyring, pad } => Ok(keyring.seal(id, &frame, *pad)),
+            Codec::Sealed { keyring, pad } => keyring
+                .seal(id, &frame, *pad)
+                .map_err(std::io::Error::other),
             Codec::Locked => Err(std::io::Error::other("no key to seal chunks with")),
         }
     }

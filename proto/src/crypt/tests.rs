@@ -156,7 +156,7 @@ fn key_files_unlock_only_with_their_passphrase() {
     let back = KeyFile::parse(&text).expect("parse");
     assert!(back.needs_passphrase());
     assert!(
-        !text.contains(&hex::encode(*k.ids)),
+        !text.contains(&hex::encode(k.ids_key())),
         "the file holds no derived key"
     );
     let again = back.unlock(Some(b"correct horse")).expect("unlock");
@@ -203,4 +203,120 @@ fn paper_keys_round_trip_and_name_a_mistyped_line() {
         Err(KeyFileError::Paper { line, .. }) => assert_eq!(line, 3),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn write_only_keyrings_seal_what_only_the_recovery_key_opens() {
+    let full = keyring();
+    let r = RecoveryKey::generate();
+    let wo = full.write_only_for(r.public());
+    assert!(wo.write_only());
+    let data = block(6);
+    let (session, wrapped) = wo.for_session();
+    let wrapped = wrapped.expect("a write-only session wraps its key");
+    let codec = Codec::Sealed {
+        keyring: Arc::new(session),
+        pad: false,
+    };
+    let id = codec.chunk_ids().of(&data);
+    assert_eq!(id, full.chunk_ids().of(&data), "one keyring, one naming");
+    let env = codec.encode(id, &data).expect("encode");
+    // Neither the write-only keyring itself nor the full key file opens it.
+    for k in [wo.clone(), full.clone()] {
+        let c = Codec::Sealed {
+            keyring: Arc::new(k),
+            pad: false,
+        };
+        assert!(matches!(
+            c.decode(id, &env, data.len()),
+            Err(ChunkError::OtherKey { .. })
+        ));
+    }
+    // The recovery key does, from the wrapped copy alone.
+    let opened = r
+        .open_keyring(full.id(), std::slice::from_ref(&wrapped))
+        .expect("unwraps");
+    let c = Codec::Sealed {
+        keyring: Arc::new(opened),
+        pad: false,
+    };
+    assert_eq!(c.decode(id, &env, data.len()).expect("decode"), data);
+    // Another recovery key, another keyring id, a changed byte: nothing unwraps.
+    assert!(RecoveryKey::generate()
+        .open_keyring(full.id(), std::slice::from_ref(&wrapped))
+        .is_none());
+    assert!(r
+        .open_keyring(keyring().id(), std::slice::from_ref(&wrapped))
+        .is_none());
+    let mut bad = wrapped.clone();
+    bad.blob[60] ^= 1;
+    assert!(r.open_keyring(full.id(), &[bad]).is_none());
+    // Rewrapped to a new recovery key: the new one opens it, the old one no longer does.
+    let r2 = RecoveryKey::generate();
+    let again = r.rewrap(full.id(), &wrapped, &r2.public()).expect("rewrap");
+    assert!(r2
+        .open_keyring(full.id(), std::slice::from_ref(&again))
+        .is_some());
+    assert!(r.open_keyring(full.id(), &[again]).is_none());
+}
+
+#[test]
+fn a_rotated_keyring_reads_old_and_new_chunks_the_old_one_only_old() {
+    let k1 = keyring();
+    let k2 = k1.rotated();
+    let (old, new) = (block(7), block(8));
+    let c1 = Codec::Sealed {
+        keyring: Arc::new(k1),
+        pad: false,
+    };
+    let c2 = Codec::Sealed {
+        keyring: Arc::new(k2),
+        pad: false,
+    };
+    let (i1, i2) = (c1.chunk_ids().of(&old), c2.chunk_ids().of(&new));
+    assert_eq!(i1, c2.chunk_ids().of(&old), "names do not change");
+    let (e1, e2) = (
+        c1.encode(i1, &old).expect("e1"),
+        c2.encode(i2, &new).expect("e2"),
+    );
+    assert_eq!(c2.decode(i1, &e1, old.len()).expect("old"), old);
+    assert_eq!(c2.decode(i2, &e2, new.len()).expect("new"), new);
+    assert!(matches!(
+        c1.decode(i2, &e2, new.len()),
+        Err(ChunkError::OtherKey { .. })
+    ));
+}
+
+#[test]
+fn key_files_of_every_kind_round_trip() {
+    let r = RecoveryKey::generate();
+    let k = keyring().with_recovery(r.public()).rotated();
+    for k in [k.clone(), k.write_only_for(r.public())] {
+        let f = KeyFile::of_keyring(&k, Some(b"pw"), cheap(), "t".into()).expect("file");
+        let back = KeyFile::parse(&f.to_json())
+            .expect("parse")
+            .unlock(Some(b"pw"))
+            .expect("unlock");
+        assert_eq!(back.id(), k.id());
+        assert_eq!(back.write_only(), k.write_only());
+        assert_eq!(back.data_keys().len(), k.data_keys().len());
+        assert_eq!(back.recovery(), Some(&r.public()));
+        let data = block(9);
+        assert_eq!(back.chunk_ids().of(&data), k.chunk_ids().of(&data));
+    }
+    let f = KeyFile::of_recovery(&r, None, cheap(), "t".into()).expect("file");
+    let back = KeyFile::parse(&f.to_json()).expect("parse");
+    assert_eq!(back.recovery_public().expect("public"), r.public());
+    assert_eq!(
+        back.unlock_recovery(None).expect("unlock").public(),
+        r.public()
+    );
+    assert!(matches!(back.unlock(None), Err(KeyFileError::Kind(..))));
+    // A sealed configuration opens only with the keyring, and only for its VM.
+    let text = r#"{"source":"files","disks":[{"path":"/srv/web1.raw"}]}"#;
+    let sealed = k.seal_config("web1", text).expect("seal");
+    assert!(!sealed.contains("web1.raw"));
+    assert_eq!(k.open_config("web1", &sealed).expect("open"), text);
+    assert!(k.open_config("web2", &sealed).is_err());
+    assert!(keyring().open_config("web1", &sealed).is_err());
 }

@@ -26,6 +26,7 @@ pub mod commits;
 pub mod copies;
 pub mod drills;
 pub mod events;
+pub mod keys;
 pub mod leaves;
 pub mod packs;
 pub mod points;

@@ -153,11 +153,20 @@ CREATE TABLE copy_lag(
 
 /// From version 8 to 9: client-side encryption. A VM's keyring (its public id; NULL for a
 /// plain VM) is fixed by its first point; each point of an encrypted VM keeps the agent's MAC
-/// of its manifest and the agent's time of capture, which the MAC binds.
+/// of its manifest and the agent's time of capture, which the MAC binds. Data keys wrapped to
+/// recovery keys are kept per owner and keyring (`data_keys`).
 const MIGRATE_8_9: &str = "
 ALTER TABLE vms ADD COLUMN keyring BLOB;
 ALTER TABLE points ADD COLUMN mac BLOB;
 ALTER TABLE points ADD COLUMN taken_us INTEGER;
+CREATE TABLE data_keys(
+  owner TEXT NOT NULL,
+  keyring BLOB NOT NULL,
+  key_id BLOB NOT NULL,
+  recovery BLOB NOT NULL,
+  blob BLOB NOT NULL,
+  created_us INTEGER NOT NULL,
+  PRIMARY KEY(owner, keyring, key_id, recovery)) WITHOUT ROWID;
 ";
 
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.

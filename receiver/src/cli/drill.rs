@@ -51,6 +51,10 @@ pub struct DrillArgs {
     pub check: Vec<String>,
     #[command(flatten)]
     pub encryption: super::EncryptionArgs,
+    /// Only check that the key given still opens the point: its manifest MAC and one chunk
+    /// decrypted and checked (no full verify, no boot).
+    #[arg(long, conflicts_with = "boot")]
+    pub key_check: bool,
     /// Print the drill's record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -136,7 +140,8 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
         max_memory_mib: a.max_memory_mib.max(16),
         accel: a.accel,
         checks,
-        key: a.encryption.keyring()?,
+        key: a.encryption.key()?,
+        key_check: a.key_check,
         progress: {
             let bar = bar.clone();
             Arc::new(move |done, total| {

@@ -40,8 +40,8 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening the catalog in {}", a.data.display()))?;
     let which = a.point.map_or(PointSelector::Newest, PointSelector::Id);
     let point = points::resolve(&conn, &a.vm, &which)?;
-    let key = a.encryption.keyring()?;
-    let codec = crate::keys::codec_for(&point, key.as_ref(), crate::keys::Need::Plaintext)?;
+    let key = a.encryption.key()?;
+    let codec = crate::keys::codec_for(&conn, &point, &key, crate::keys::Need::Plaintext)?;
     let exports = Exports::of_point(&a.data, &point, codec);
     let names: Vec<&str> = point.disks.iter().map(|d| d.name.as_str()).collect();
     match &a.unix {

@@ -5,6 +5,7 @@ pub mod diff;
 pub mod drill;
 pub mod export;
 pub mod gc;
+pub mod keys;
 pub mod lock;
 pub mod pki;
 pub mod points;
@@ -22,21 +23,32 @@ pub struct EncryptionArgs {
     /// generate`, or the recovery copy). Not needed for plain VMs. (`--key` is TLS.)
     #[arg(long, value_name = "FILE")]
     pub encryption_key: Option<std::path::PathBuf>,
+    /// Recovery key file (`rewind-agent key generate --recovery`): reads every point whose
+    /// data keys were wrapped to it, those of write-only agents included.
+    #[arg(long, value_name = "FILE", conflicts_with = "encryption_key")]
+    pub recovery_key: Option<std::path::PathBuf>,
     /// File whose first line is the key file's passphrase (otherwise typed at a prompt).
-    #[arg(long, value_name = "FILE", requires = "encryption_key")]
+    #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<std::path::PathBuf>,
 }
 
 impl EncryptionArgs {
-    /// The keyring these flags name, unlocked; None without a key file.
-    pub fn keyring(&self) -> anyhow::Result<Option<std::sync::Arc<rewind_proto::crypt::Keyring>>> {
+    /// The key these flags name, unlocked.
+    pub fn key(&self) -> anyhow::Result<crate::keys::Key> {
         use anyhow::Context;
-        let Some(path) = &self.encryption_key else {
-            return Ok(None);
-        };
-        let k = rewind_proto::crypt::open_key(path, self.passphrase_file.as_deref())
-            .with_context(|| format!("opening key file {}", path.display()))?;
-        Ok(Some(std::sync::Arc::new(k)))
+        use std::sync::Arc;
+        let pass = self.passphrase_file.as_deref();
+        Ok(match (&self.encryption_key, &self.recovery_key) {
+            (Some(path), _) => crate::keys::Key::Keyring(Arc::new(
+                rewind_proto::crypt::open_key(path, pass)
+                    .with_context(|| format!("opening key file {}", path.display()))?,
+            )),
+            (None, Some(path)) => crate::keys::Key::Recovery(Arc::new(
+                rewind_proto::crypt::open_recovery(path, pass)
+                    .with_context(|| format!("opening recovery key file {}", path.display()))?,
+            )),
+            (None, None) => crate::keys::Key::None,
+        })
     }
 }
 
@@ -133,6 +145,9 @@ pub enum Command {
     Drill(drill::DrillArgs),
     /// The record of past drills.
     Drills(drill::DrillsArgs),
+    /// Encrypted VMs' data keys kept wrapped to recovery keys; `keys rewrap` rotates the
+    /// recovery key.
+    Keys(keys::KeysArgs),
     /// Each VM's state (seeding, replicating, behind, failing) and why; exits non-zero when
     /// any VM is behind or failing.
     Status(status::StatusArgs),
@@ -154,6 +169,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => verify::run(a),
         Command::Drill(a) => drill::run(a),
         Command::Drills(a) => drill::list(a),
+        Command::Keys(a) => keys::run(a),
         Command::Status(a) => status::run(a),
     }
 }

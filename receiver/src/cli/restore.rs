@@ -220,8 +220,9 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<()> {
         (None, None) => PointSelector::Newest,
     };
     let point = points::resolve(&conn, &a.vm, &which)?;
-    let key = a.encryption.keyring()?;
-    let codec = crate::keys::codec_for(&point, key.as_ref(), crate::keys::Need::Plaintext)?;
+    let key = a.encryption.key()?;
+    let codec = crate::keys::codec_for(&conn, &point, &key, crate::keys::Need::Plaintext)?;
+    let point = crate::keys::open_point(&point, &codec)?;
     let mut reports = Vec::new();
     let mut domain = DomainReport::default();
     if a.all {

@@ -248,13 +248,25 @@ async fn run_drill(data: &Path, vm: &str, s: &DrillSchedule) {
     if s.boot {
         cmd.arg("--boot");
     }
+    if s.key_check {
+        cmd.arg("--key-check");
+    }
     if let Some(re) = &s.expect_serial {
         cmd.args(["--expect-serial", re]);
     }
     if let Some(f) = &checks {
         cmd.arg("--checks").arg(f.path());
     }
-    tracing::info!(vm = %vm, boot = s.boot, checks = s.checks.len(), "scheduled drill");
+    for (flag, path) in [
+        ("--encryption-key", &s.encryption_key),
+        ("--recovery-key", &s.recovery_key),
+        ("--passphrase-file", &s.passphrase_file),
+    ] {
+        if let Some(p) = path {
+            cmd.arg(flag).arg(p);
+        }
+    }
+    tracing::info!(vm = %vm, boot = s.boot, checks = s.checks.len(), keyed = s.encryption_key.is_some() || s.recovery_key.is_some(), "scheduled drill");
     match cmd.status().await {
         Ok(st) if st.success() => tracing::info!(vm = %vm, "scheduled drill passed"),
         Ok(_) => {

@@ -130,8 +130,9 @@ async fn copy_vm(
                 limit: POINTS_PAGE,
             })
             .await?
-            .into_inner()
-            .points;
+            .into_inner();
+        keep_keys(store, &v.owner, &page).await?;
+        let page = page.points;
         if page.is_empty() {
             break;
         }
@@ -157,6 +158,33 @@ async fn copy_vm(
             _ => (newest_us, copied_us),
         };
         copies::record_seen(&conn, &cfg.source, &v.vm, newest, copied, now_us())?;
+        Ok(())
+    })
+}
+
+/// Keeps an encrypted VM's wrapped data keys (those the copy lacks) before any of its points
+/// is copied, so a recovery key reads the copy's points as it reads the source's.
+async fn keep_keys(
+    store: &Arc<Store>,
+    owner: &str,
+    page: &pb::CopyPointsReply,
+) -> Result<(), CopyError> {
+    let Some(keyring) = page
+        .points
+        .first()
+        .and_then(|p| p.info.as_ref())
+        .filter(|i| !i.keyring.is_empty())
+        .map(|i| i.keyring.clone())
+    else {
+        return Ok(());
+    };
+    let keys = crate::service::wrapped_of(&page.keys)
+        .map_err(|_| CopyError::Answer("a wrapped key of the wrong shape"))?;
+    blocking(|| -> Result<(), CopyError> {
+        let conn = store.conn();
+        for w in &keys {
+            crate::catalog::keys::insert(&conn, owner, &keyring, w, now_us())?;
+        }
         Ok(())
     })
 }
@@ -189,6 +217,7 @@ fn begin_copy(
         // checks envelopes, and keeps the agent's manifest MAC.
         keyring: crate::service::keyring_of(&info.keyring)
             .map_err(|_| CopyError::Answer("a keyring id that is not 16 bytes"))?,
+        wrapped: Vec::new(),
     };
     let plan = store.begin(owner, &spec)?;
     Ok((plan, base))

@@ -92,8 +92,14 @@ impl Copy for CopySource {
         let r = req.into_inner();
         let limit = r.limit.clamp(1, MAX_POINTS_PAGE) as usize;
         let store = self.store.clone();
-        let list = blocking(slot, move || {
-            crate::points::list(&*store.reader()?, Some(&r.vm))
+        let vm = r.vm.clone();
+        let (list, keys) = blocking(slot, move || {
+            let list = crate::points::list(&*store.reader()?, Some(&vm))?;
+            let keys = match list.first().map(|p| p.encrypted.is_some()) {
+                Some(true) => store.data_keys(&owner_of(&store, &vm)?, &vm)?,
+                _ => Vec::new(),
+            };
+            Ok::<_, StoreError>((list, keys))
         })
         .await?;
         let points = list
@@ -102,11 +108,15 @@ impl Copy for CopySource {
             .take(limit)
             .map(|p| pb::CopyPoint {
                 created_us: crate::catalog::parse_rfc3339(&p.created).unwrap_or(0),
-                config: p.config.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+                // The text as the agent sent it: an encrypted point's MAC binds its hash.
+                config: p.config_text.clone().unwrap_or_default(),
                 info: Some(point_info(p)),
             })
             .collect();
-        Ok(Response::new(pb::CopyPointsReply { points }))
+        Ok(Response::new(pb::CopyPointsReply {
+            points,
+            keys: crate::service::wrapped_to_pb(keys),
+        }))
     }
 
     async fn copy_blocks(

@@ -358,7 +358,8 @@ mod tests {
             accel: Accel::Tcg,
             checks: Vec::new(),
             progress: Arc::new(|_: u64, _: u64| {}),
-            key: None,
+            key: crate::keys::Key::None,
+            key_check: false,
         }
     }
 

@@ -107,6 +107,7 @@ pub(super) mod tests {
             parent: None,
             consistency: "crash-consistent".into(),
             config: Some(config),
+            config_text: None,
             locked_until: None,
             encrypted: None,
             disks: disks

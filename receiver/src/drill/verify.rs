@@ -178,3 +178,38 @@ fn verify_disk(
     }
     Ok(out)
 }
+
+/// The key check of an encrypted point: its first stored chunk is read, decrypted with the
+/// codec's key, decompressed and hashed to its keyed id. Proves the key still opens the
+/// keyring (its manifest MAC was checked when the codec was chosen) without a restore.
+pub(super) fn key_check(
+    data: &Path,
+    conn: &Connection,
+    point: &PointInfo,
+    codec: &Codec,
+) -> Result<u64, String> {
+    let mut reader = chunks::open(data)
+        .map_err(|e| chain(&e))?
+        .reader(ReadOrder::Random);
+    for disk in &point.disks {
+        let geometry = DiskGeometry::new(disk.size, disk.block_size).map_err(|e| e.to_string())?;
+        let span = leaves::Span::all_leaves(disk.disk_id, PointId(point.id));
+        let mut first = None;
+        leaves::at_point(conn, &span, Columns::Located, |node| {
+            first = Some((node.idx, node.hash, node.at));
+            Ok::<_, StoreError>(ControlFlow::Break(()))
+        })
+        .map_err(|e| chain(&e))?;
+        let Some((idx, leaf, at)) = first else {
+            continue;
+        };
+        let at = at.ok_or_else(|| format!("{} block {idx}: its chunk is missing", disk.name))?;
+        let frame = reader.read(at, &leaf).map_err(|e| chain(&e))?;
+        let len = geometry.block_len(idx).unwrap_or(0);
+        codec
+            .decode(leaf, &frame, len)
+            .map_err(|e| format!("{} block {idx}: {e}", disk.name))?;
+        return Ok(len as u64);
+    }
+    Err("the point holds no data block to decrypt".into())
+}

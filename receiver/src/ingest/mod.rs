@@ -58,6 +58,8 @@ pub struct BeginSpec {
     pub resume: Option<String>,
     /// The keyring sealing the VM's chunks (None: plain), fixed by its first point.
     pub keyring: Option<KeyringId>,
+    /// Data keys the session seals with, wrapped to recovery keys (kept before the answer).
+    pub wrapped: Vec<rewind_proto::crypt::WrappedKey>,
 }
 
 /// How the agent must send a disk.

@@ -23,6 +23,37 @@ pub(super) fn validate_begin(spec: &BeginSpec) -> Result<(), StoreError> {
             return Err(StoreError::DuplicateDisk(d.name.clone()));
         }
     }
+    if spec.wrapped.len() > MAX_WRAPPED_PER_BEGIN
+        || (!spec.wrapped.is_empty() && spec.keyring.is_none())
+    {
+        return Err(StoreError::TooLarge {
+            what: "wrapped data keys in one Begin (or any without a keyring)",
+            got: spec.wrapped.len(),
+            max: MAX_WRAPPED_PER_BEGIN,
+        });
+    }
+    Ok(())
+}
+
+/// Most wrapped data keys one Begin may carry (one per recovery key the agent wraps to).
+const MAX_WRAPPED_PER_BEGIN: usize = 4;
+
+/// Keeps the Begin's wrapped data keys in its transaction: durable before any chunk sealed
+/// with them can be sent.
+fn keep_wrapped(tx: &Connection, owner: &str, spec: &BeginSpec) -> Result<(), StoreError> {
+    let Some(keyring) = spec.keyring else {
+        return Ok(());
+    };
+    for w in &spec.wrapped {
+        if !crate::catalog::keys::insert(tx, owner, &keyring.0, w, now_us())? {
+            return Err(StoreError::Quota {
+                agent: owner.to_owned(),
+                what: format!("wrapped data keys of keyring {keyring}"),
+                key: "data_keys",
+                limit: crate::catalog::keys::MAX_PER_KEYRING as u64,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -128,6 +159,7 @@ impl Store {
         let vm_id = claim_vm(&tx, spec, owner, rules.claim_timeout, &quota, &mut dead)?;
         let latest = latest_point(&tx, vm_id)?;
         settle_keyring(&tx, vm_id, spec, latest)?;
+        keep_wrapped(&tx, owner, spec)?;
         let session_id = match resumable(&tx, spec, owner, vm_id)? {
             Resumable::Committed(point) => {
                 return Ok(BeginPlan {

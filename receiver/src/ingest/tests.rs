@@ -48,6 +48,7 @@ fn open() -> (tempfile::TempDir, Store, String) {
         base_point: None,
         resume: None,
         keyring: None,
+        wrapped: Vec::new(),
     };
     let session = store.begin("agent", &spec).expect("begin").session;
     (dir, store, session)
@@ -137,6 +138,7 @@ fn a_large_session_commits_in_steps_to_the_same_point() {
         base_point: None,
         resume: None,
         keyring: None,
+        wrapped: Vec::new(),
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
@@ -220,6 +222,7 @@ fn a_grown_disk_commits_as_a_delta_whole_and_in_steps() {
         base_point: base,
         resume: None,
         keyring: None,
+        wrapped: Vec::new(),
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
@@ -331,6 +334,7 @@ fn a_commit_first_removes_what_an_earlier_stepped_commit_of_its_vm_left() {
         base_point: Some(p1),
         resume: None,
         keyring: None,
+        wrapped: Vec::new(),
     };
     let s2 = store.begin("agent", &spec).expect("begin").session;
     let second = vec![(1, a)];

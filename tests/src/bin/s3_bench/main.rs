@@ -10,11 +10,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rewind_tests::benchkit::{self, spawn_receiver};
+use rewind_tests::benchkit::{self, spawn_receiver, timed};
 use rewind_tests::{disk, garage, s3, wan};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Object-storage figures for Rewind on this machine.
@@ -48,21 +48,6 @@ mod scale;
 
 const BLOCK: u64 = 64 * 1024;
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// One timed command.
-fn timed(cmd: &mut Command) -> Result<(f64, Output)> {
-    let t = Instant::now();
-    let out = cmd.output().context("running a command")?;
-    let secs = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_args().collect::<Vec<_>>(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok((secs, out))
-}
 
 /// The receiver binary with the bucket's environment.
 fn receiver(bins: &Path, env: &[(&'static str, String)]) -> Command {

@@ -84,6 +84,7 @@ async fn points_loop(
                 base_point: base,
                 resume_session: String::new(),
                 keyring: Vec::new(),
+                wrapped_keys: Vec::new(),
             })
             .await?
             .into_inner();

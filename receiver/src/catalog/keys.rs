@@ -1,0 +1,122 @@
+//! Data keys of encrypted VMs wrapped to recovery keys (`data_keys`), per owner and keyring.
+//! The receiver cannot unwrap them; it keeps them so a recovery key can read what write-only
+//! agents sealed, and rewraps them only when given the recovery key (rotation).
+
+use rewind_proto::crypt::{RecoveryPublic, WrappedKey};
+use rusqlite::{params, Connection};
+
+/// Most wrapped keys one owner may keep per keyring (a write-only agent adds one per session).
+pub const MAX_PER_KEYRING: i64 = 1 << 20;
+
+/// Keeps `w` for `owner`'s `keyring` (a key already kept stays as it is); false when the
+/// owner already keeps [`MAX_PER_KEYRING`] keys of the keyring.
+pub fn insert(
+    conn: &Connection,
+    owner: &str,
+    keyring: &[u8],
+    w: &WrappedKey,
+    now_us: i64,
+) -> rusqlite::Result<bool> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM data_keys WHERE owner = ?1 AND keyring = ?2",
+        params![owner, keyring],
+        |r| r.get(0),
+    )?;
+    if n >= MAX_PER_KEYRING {
+        return Ok(false);
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO data_keys(owner, keyring, key_id, recovery, blob, created_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            owner,
+            keyring,
+            &w.key_id[..],
+            &w.recovery.0[..],
+            w.blob,
+            now_us
+        ],
+    )?;
+    Ok(true)
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<WrappedKey>> {
+    let key_id: Vec<u8> = r.get(0)?;
+    let recovery: Vec<u8> = r.get(1)?;
+    Ok(
+        match (
+            <[u8; 8]>::try_from(key_id.as_slice()),
+            RecoveryPublic::from_slice(&recovery),
+        ) {
+            (Ok(key_id), Some(recovery)) => Some(WrappedKey {
+                key_id,
+                recovery,
+                blob: r.get(2)?,
+            }),
+            _ => None,
+        },
+    )
+}
+
+/// The wrapped keys `owner` keeps for `keyring`.
+pub fn of_keyring(
+    conn: &Connection,
+    owner: &str,
+    keyring: &[u8],
+) -> rusqlite::Result<Vec<WrappedKey>> {
+    let mut stmt = conn.prepare(
+        "SELECT key_id, recovery, blob FROM data_keys WHERE owner = ?1 AND keyring = ?2
+         ORDER BY created_us, key_id",
+    )?;
+    let rows = stmt.query_map(params![owner, keyring], row)?;
+    Ok(rows
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+/// Every wrapped key: (owner, keyring, key).
+pub fn all(conn: &Connection) -> rusqlite::Result<Vec<(String, Vec<u8>, WrappedKey)>> {
+    let mut stmt = conn.prepare(
+        "SELECT key_id, recovery, blob, owner, keyring FROM data_keys ORDER BY owner, keyring, created_us",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(3)?, r.get::<_, Vec<u8>>(4)?, row(r)?))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        if let (owner, keyring, Some(w)) = r? {
+            out.push((owner, keyring, w));
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces `old` (wrapped to one recovery key) with `new` (the same data key wrapped to
+/// another).
+pub fn replace(
+    conn: &Connection,
+    (owner, keyring): (&str, &[u8]),
+    old: &WrappedKey,
+    new: &WrappedKey,
+    now_us: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM data_keys WHERE owner = ?1 AND keyring = ?2 AND key_id = ?3 AND recovery = ?4",
+        params![owner, keyring, &old.key_id[..], &old.recovery.0[..]],
+    )?;
+    conn.execute(
+        "INSERT OR REPLACE INTO data_keys(owner, keyring, key_id, recovery, blob, created_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            owner,
+            keyring,
+            &new.key_id[..],
+            &new.recovery.0[..],
+            new.blob,
+            now_us
+        ],
+    )?;
+    Ok(())
+}

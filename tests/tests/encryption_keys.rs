@@ -1,0 +1,382 @@
+//! Keys people can keep: a write-only agent adds points (seed, incrementals, a resume after
+//! SIGKILL, a heal) that only the recovery key reads; rotating an agent's data key and the
+//! recovery key re-reads and re-sends no disk and leaves every point readable; an encrypted
+//! VM's second offsite copy holds only ciphertext and restores with the key.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use rewind_tests::{bin, disk, disk_of, run, wait_until, Deployment, Receiver};
+use serde_json::Value;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const BLOCK: u64 = 64 * 1024;
+const MIB: u64 = 1 << 20;
+
+fn agent_key(args: &[&str]) -> Value {
+    let o = run(Command::new(bin("rewind-agent"))
+        .arg("key")
+        .args(args)
+        .args(["--json", "--kdf-mib", "8"]));
+    assert!(o.status.success(), "key {args:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A passphrase file.
+fn pass(d: &Deployment, name: &str) -> PathBuf {
+    let p = d.path(&format!("{name}.pass"));
+    std::fs::write(&p, format!("passphrase {name}\n")).unwrap();
+    p
+}
+
+fn sync(d: &Deployment, rx: &Receiver, vm: &str, vda: &Path, extra: &[&str]) -> Value {
+    rewind_tests::sync_report(&d.sync(rx, "host1", vm, &[("vda", vda)], extra))
+}
+
+/// `restore` of `vm`'s point to a fresh file with `extra` flags; the digest, or the error.
+fn restore(d: &Deployment, vm: &str, point: u64, extra: &[&str]) -> Result<disk::Digest, String> {
+    let out = d.path(&format!("r-{vm}-{point}-{}.raw", rand::random::<u32>()));
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["restore", "--data"])
+        .arg(d.data())
+        .args([
+            "--vm",
+            vm,
+            "--disk",
+            "vda",
+            "--point",
+            &point.to_string(),
+            "--out",
+        ])
+        .arg(&out)
+        .args(extra));
+    if !o.status.success() {
+        return Err(stderr(&o));
+    }
+    let digest = disk::digest(&out);
+    std::fs::remove_file(&out).unwrap();
+    Ok(digest)
+}
+
+#[test]
+fn a_write_only_agent_adds_points_only_the_recovery_key_reads() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
+    let (k, r, w) = (d.path("k.key"), d.path("r.key"), d.path("w.key"));
+    agent_key(&["generate", "--out", s(&k), "--passphrase-file", s(&kp)]);
+    let rec = agent_key(&[
+        "generate",
+        "--recovery",
+        "--out",
+        s(&r),
+        "--passphrase-file",
+        s(&rp),
+    ]);
+    let wo = agent_key(&[
+        "write-only",
+        "--key",
+        s(&k),
+        "--passphrase-file",
+        s(&kp),
+        "--recovery",
+        s(&r),
+        "--out",
+        s(&w),
+        "--no-passphrase",
+    ]);
+    assert_eq!(wo["kind"], "write-only");
+    let write_only = ["--encryption-key", s(&w)];
+    let recovery = ["--recovery-key", s(&r), "--passphrase-file", s(&rp)];
+
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 64 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, 32, &mut rand::rng());
+    let p1 = sync(&d, &rx, "wo", &vda, &write_only)["point"]
+        .as_u64()
+        .unwrap();
+    let first = disk::digest(&vda);
+    disk::random_blocks(&vda, BLOCK, 40, 3, &mut rand::rng());
+    let r2 = sync(&d, &rx, "wo", &vda, &write_only);
+    assert_eq!(disk_of(&r2, "vda")["changed_blocks"], 3);
+    assert_eq!(disk_of(&r2, "vda")["sent_chunks"], 3);
+    let p2 = r2["point"].as_u64().unwrap();
+    let second = disk::digest(&vda);
+
+    // A large change, the agent SIGKILLed part way: the next run resumes the session with a
+    // new data key, and sends only what was not stored.
+    disk::random_blocks(&vda, BLOCK, 100, 640, &mut rand::rng());
+    let base = d.pack_bytes();
+    let mut cmd = d.sync_cmd(&rx, "host1", "wo", &[("vda", &vda)], &write_only);
+    let mut agent = cmd
+        .args(["--bwlimit", "8"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || d.pack_bytes() > base + 12 * MIB),
+        "the upload never got going"
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let r3 = sync(&d, &rx, "wo", &vda, &write_only);
+    assert_eq!(r3["resumed"], true, "{r3}");
+    assert!(
+        r3["sent_bytes"].as_u64().unwrap() < 640 * BLOCK - 6 * MIB,
+        "{r3}"
+    );
+    let p3 = r3["point"].as_u64().unwrap();
+    let third = disk::digest(&vda);
+
+    // A flipped byte: verify (no key) finds it, the write-only agent heals it.
+    let mut packs: Vec<_> = std::fs::read_dir(d.data().join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    packs.sort();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&packs[0])
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 8 + 40 + 1000).unwrap();
+    f.write_all_at(&[b[0] ^ 0x80], 8 + 40 + 1000).unwrap();
+    drop(f);
+    let verify = || {
+        run(Command::new(bin("rewind-receiver"))
+            .args(["verify", "--data"])
+            .arg(d.data()))
+    };
+    assert!(!verify().status.success());
+    let healed = sync(&d, &rx, "wo", &vda, &write_only);
+    assert_eq!(disk_of(&healed, "vda")["healed_blocks"], 1);
+    assert!(verify().status.success());
+
+    // The write-only key reads nothing; the keyring's own key file does not hold the
+    // sessions' data keys; the recovery key reads every point.
+    let e = restore(&d, "wo", p1, &write_only).unwrap_err();
+    assert!(e.contains("write-only"), "{e}");
+    let e = restore(
+        &d,
+        "wo",
+        p1,
+        &["--encryption-key", s(&k), "--passphrase-file", s(&kp)],
+    )
+    .unwrap_err();
+    assert!(e.contains("which this key file does not hold"), "{e}");
+    for (p, want) in [(p1, &first), (p2, &second), (p3, &third)] {
+        assert_eq!(&restore(&d, "wo", p, &recovery).unwrap(), want, "point {p}");
+    }
+    // One wrapped key per session the agent began (four syncs and the killed one).
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["keys", "--json", "--data"])
+        .arg(d.data()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let keys: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(keys[0]["keys"], 5, "{keys}");
+    assert_eq!(keys[0]["recovery"], rec["id"]);
+
+    // Rollback: refused with the write-only key, exact with the recovery key.
+    let rollback = |extra: &[&str]| {
+        run(d
+            .agent_cmd(&rx, "host1", "rollback")
+            .args(["--json", "--vm", "wo", "--point", &p2.to_string(), "--disk"])
+            .arg(format!("vda={}", vda.display()))
+            .args(extra))
+    };
+    let o = rollback(&write_only);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("needs the recovery key"),
+        "{}",
+        stderr(&o)
+    );
+    let o = rollback(&[
+        "--recovery-key",
+        s(&r),
+        "--recovery-passphrase-file",
+        s(&rp),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(disk::digest(&vda), second);
+}
+
+#[test]
+fn rotating_keys_moves_no_disk_data_and_keeps_every_point_readable() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
+    let (k1, r1, r2) = (d.path("k1.key"), d.path("r1.key"), d.path("r2.key"));
+    agent_key(&[
+        "generate",
+        "--recovery",
+        "--out",
+        s(&r1),
+        "--passphrase-file",
+        s(&rp),
+    ]);
+    agent_key(&[
+        "generate",
+        "--recovery",
+        "--out",
+        s(&r2),
+        "--passphrase-file",
+        s(&rp),
+    ]);
+    agent_key(&[
+        "generate",
+        "--out",
+        s(&k1),
+        "--passphrase-file",
+        s(&kp),
+        "--wrap-to",
+        s(&r1),
+    ]);
+    let key1 = ["--encryption-key", s(&k1), "--passphrase-file", s(&kp)];
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 8 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, 40, &mut rand::rng());
+    let p1 = sync(&d, &rx, "rot", &vda, &key1)["point"].as_u64().unwrap();
+    let first = disk::digest(&vda);
+
+    // A new data key for the agent: the unchanged disk sends nothing, a change sends only
+    // its blocks.
+    let k2 = d.path("k2.key");
+    agent_key(&[
+        "rotate",
+        "--key",
+        s(&k1),
+        "--passphrase-file",
+        s(&kp),
+        "--out",
+        s(&k2),
+    ]);
+    let key2 = ["--encryption-key", s(&k2), "--passphrase-file", s(&kp)];
+    let same = sync(&d, &rx, "rot", &vda, &key2);
+    assert_eq!(same["sent_bytes"], 0);
+    disk::random_blocks(&vda, BLOCK, 50, 2, &mut rand::rng());
+    let r = sync(&d, &rx, "rot", &vda, &key2);
+    assert_eq!(disk_of(&r, "vda")["sent_chunks"], 2);
+    let p2 = r["point"].as_u64().unwrap();
+    let second = disk::digest(&vda);
+    // The new file reads old and new points; the old file only what was sealed before.
+    assert_eq!(restore(&d, "rot", p1, &key2).unwrap(), first);
+    assert_eq!(restore(&d, "rot", p2, &key2).unwrap(), second);
+    assert_eq!(restore(&d, "rot", p1, &key1).unwrap(), first);
+    let e = restore(&d, "rot", p2, &key1).unwrap_err();
+    assert!(e.contains("which this key file does not hold"), "{e}");
+
+    // The recovery key reads both; rewrapped to a new recovery key, the new one reads both
+    // and the old one none. Nothing is re-read: the packs are untouched.
+    let rec1 = ["--recovery-key", s(&r1), "--passphrase-file", s(&rp)];
+    let rec2 = ["--recovery-key", s(&r2), "--passphrase-file", s(&rp)];
+    assert_eq!(restore(&d, "rot", p2, &rec1).unwrap(), second);
+    let packs_before = d.pack_bytes();
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["keys", "rewrap", "--json", "--data"])
+        .arg(d.data())
+        .args([
+            "--recovery-key",
+            s(&r1),
+            "--passphrase-file",
+            s(&rp),
+            "--to",
+            s(&r2),
+        ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["rewrapped"], 2, "{v}");
+    assert_eq!(d.pack_bytes(), packs_before);
+    assert_eq!(restore(&d, "rot", p1, &rec2).unwrap(), first);
+    assert_eq!(restore(&d, "rot", p2, &rec2).unwrap(), second);
+    let e = restore(&d, "rot", p1, &rec1).unwrap_err();
+    assert!(e.contains("wrapped to recovery key"), "{e}");
+}
+
+#[test]
+fn an_encrypted_vms_copy_holds_ciphertext_and_restores_with_the_key() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
+    let (k, r) = (d.path("k.key"), d.path("r.key"));
+    agent_key(&[
+        "generate",
+        "--recovery",
+        "--out",
+        s(&r),
+        "--passphrase-file",
+        s(&rp),
+    ]);
+    agent_key(&[
+        "generate",
+        "--out",
+        s(&k),
+        "--passphrase-file",
+        s(&kp),
+        "--wrap-to",
+        s(&r),
+    ]);
+    let key = ["--encryption-key", s(&k), "--passphrase-file", s(&kp)];
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 8 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, 24, &mut rand::rng());
+    let p = sync(&d, &rx, "cp", &vda, &key)["point"].as_u64().unwrap();
+    let want = disk::digest(&vda);
+
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["pki", "issue", "--replica", "--agent", "copy1", "--dir"])
+        .arg(d.pki()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let copy = Deployment::new();
+    let config = copy.path("copy.toml");
+    let pki = d.pki();
+    std::fs::write(
+        &config,
+        format!(
+            "[copy]\nfrom = \"https://{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nevery = 1\n",
+            rx.addr(),
+            pki.join("ca.pem").display(),
+            pki.join("copy1.pem").display(),
+            pki.join("copy1.key").display()
+        ),
+    )
+    .unwrap();
+    let crx = Receiver::start_with(&copy.data(), &copy.pki(), &["--config", s(&config)]);
+    assert!(
+        wait_until(Duration::from_secs(120), || copy
+            .try_points("cp")
+            .is_ok_and(|p| p.len() == 1)),
+        "the copy never took the point"
+    );
+    drop(crx);
+    let points = copy.points("cp");
+    assert_eq!(points[0]["encrypted"], d.points("cp")[0]["encrypted"]);
+    let cp = points[0]["id"].as_u64().unwrap();
+    let e = restore(&copy, "cp", cp, &[]).unwrap_err();
+    assert!(e.contains("is encrypted"), "{e}");
+    // The key's MAC check passes on the copy (same manifest); so does the recovery key.
+    assert_eq!(restore(&copy, "cp", cp, &key).unwrap(), want);
+    assert_eq!(
+        restore(
+            &copy,
+            "cp",
+            cp,
+            &["--recovery-key", s(&r), "--passphrase-file", s(&rp)]
+        )
+        .unwrap(),
+        want
+    );
+    assert_eq!(restore(&d, "cp", p, &key).unwrap(), want);
+}
