@@ -52,7 +52,10 @@ pub fn codec(
 /// How long a write-only agent seals with one data key before making the next.
 pub const SESSION_KEY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
 
-type SessionKeys = BTreeMap<[u8; 16], (std::time::Instant, Codec, Vec<WrappedKey>)>;
+/// Per keyring and recovery key: when the session key was made, the session keyring, and
+/// the wrapped keys its sessions send.
+type SessionKeys =
+    BTreeMap<([u8; 16], [u8; 32]), (std::time::Instant, Arc<Keyring>, Vec<WrappedKey>)>;
 
 static SESSIONS: Mutex<SessionKeys> = Mutex::new(BTreeMap::new());
 
@@ -60,20 +63,25 @@ static SESSIONS: Mutex<SessionKeys> = Mutex::new(BTreeMap::new());
 /// [`Codec::for_session`]); a write-only keyring's session key is reused for up to
 /// [`SESSION_KEY_LIFETIME`].
 pub fn for_session(codec: &Codec) -> (Codec, Vec<WrappedKey>) {
-    let Codec::Sealed { keyring, .. } = codec else {
+    let Codec::Sealed { keyring, pad } = codec else {
         return (codec.clone(), Vec::new());
     };
-    if !keyring.write_only() {
+    let Some(recovery) = keyring.recovery().filter(|_| keyring.write_only()) else {
         return codec.for_session();
-    }
+    };
+    let sealed = |k: &Arc<Keyring>| Codec::Sealed {
+        keyring: k.clone(),
+        pad: *pad,
+    };
     let mut sessions = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
-    let id = keyring.id().0;
-    if let Some((made, c, w)) = sessions.get(&id) {
+    let key = (keyring.id().0, *recovery.as_bytes());
+    if let Some((made, k, w)) = sessions.get(&key) {
         if made.elapsed() < SESSION_KEY_LIFETIME {
-            return (c.clone(), w.clone());
+            return (sealed(k), w.clone());
         }
     }
-    let (c, w) = codec.for_session();
-    sessions.insert(id, (std::time::Instant::now(), c.clone(), w.clone()));
-    (c, w)
+    let (k, w) = keyring.for_session();
+    let k = Arc::new(k);
+    sessions.insert(key, (std::time::Instant::now(), k.clone(), w.clone()));
+    (sealed(&k), w)
 }

@@ -317,6 +317,12 @@ fn check_drill(d: &DrillSchedule) -> Result<(), String> {
     for c in &d.checks {
         crate::drill::Check::parse(c).map_err(|e| format!("checks: {e}"))?;
     }
+    if d.encryption_key.is_some() && d.recovery_key.is_some() {
+        return Err("give encryption_key or recovery_key, not both".into());
+    }
+    if d.key_check && (d.boot || (d.encryption_key.is_none() && d.recovery_key.is_none())) {
+        return Err("key_check needs encryption_key or recovery_key, and no boot".into());
+    }
     Ok(())
 }
 
@@ -420,6 +426,30 @@ mod tests {
         assert_eq!(checks[1].expect_exit, 3);
         assert_eq!(checks[1].timeout, Some(Duration::from_secs(5)));
         assert!(f.drill("other").is_none());
+    }
+
+    #[test]
+    fn a_drill_schedule_names_its_key_on_purpose() {
+        let f = parse(
+            r#"
+            [vm.enc]
+            drill = { every = 3600, key_check = true, encryption_key = "/etc/rewind/enc.key", passphrase_file = "/etc/rewind/enc.pass" }
+            "#,
+        )
+        .expect("valid");
+        let d = f.drill("enc").expect("drill");
+        assert!(d.key_check);
+        assert_eq!(
+            d.encryption_key.as_deref(),
+            Some(std::path::Path::new("/etc/rewind/enc.key"))
+        );
+        assert_eq!(d.recovery_key, None);
+        for bad in [
+            "[drill]\nevery = 5\nkey_check = true",
+            "[drill]\nevery = 5\nencryption_key = \"/a\"\nrecovery_key = \"/b\"",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

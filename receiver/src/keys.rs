@@ -15,7 +15,10 @@ pub enum Key {
     #[default]
     None,
     Keyring(Arc<Keyring>),
-    Recovery(Arc<RecoveryKey>),
+    /// A recovery key, and the keyring the operator expects (anyone can wrap keys to a
+    /// recovery key's public half, so without it a tampered catalog could present a keyring
+    /// of its own making).
+    Recovery(Arc<RecoveryKey>, Option<KeyringId>),
 }
 
 /// The keyring `key` reads `point` with: a key file's own (refused when write-only), or the
@@ -34,11 +37,18 @@ fn keyring_of(
             point.vm
         ))),
         Key::Keyring(k) => Ok(Some(k.clone())),
-        Key::Recovery(r) => {
+        Key::Recovery(r, expected) => {
             let id = hex::decode(keyring)
                 .ok()
                 .and_then(|b| KeyringId::from_slice(&b))
                 .ok_or_else(|| StoreError::Key(format!("keyring id {keyring:?}")))?;
+            if expected.is_some_and(|e| e != id) {
+                return Err(StoreError::Key(format!(
+                    "point {} of {} is encrypted with keyring {id}, not the keyring given \
+                     with --keyring",
+                    point.id, point.vm
+                )));
+            }
             let owner = crate::catalog::points::vm_owner(conn, &point.vm)?
                 .map(|(_, o)| o)
                 .unwrap_or_default();

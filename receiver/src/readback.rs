@@ -114,18 +114,22 @@ impl Store {
             .collect()
     }
 
-    /// The wrapped data keys of `owner`'s encrypted VM `vm` (none for a plain VM).
+    /// A page of the wrapped data keys of `owner`'s encrypted VM `vm` after `after` (none
+    /// for a plain VM); true when more follow.
     pub fn data_keys(
         &self,
         owner: &str,
         vm: &str,
-    ) -> Result<Vec<rewind_proto::crypt::WrappedKey>, StoreError> {
+        after: (&[u8], &[u8]),
+    ) -> Result<(Vec<rewind_proto::crypt::WrappedKey>, bool), StoreError> {
         let conn = self.reader()?;
         let vm_id = owned_vm(&conn, vm, owner)?;
-        Ok(match catalog::points::keyring(&conn, vm_id)? {
-            Some(keyring) => crate::catalog::keys::of_keyring(&conn, owner, &keyring)?,
+        let keys = match catalog::points::keyring(&conn, vm_id)? {
+            Some(keyring) => crate::catalog::keys::page(&conn, owner, &keyring, after)?,
             None => Vec::new(),
-        })
+        };
+        let more = keys.len() == crate::catalog::keys::PAGE;
+        Ok((keys, more))
     }
 
     /// Records a rollback of `disk` to `point` as an event of the VM; returns its number among

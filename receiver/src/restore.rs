@@ -429,3 +429,33 @@ fn walk(
     }
     Ok(Walked { builder, stats })
 }
+
+/// Checks that the catalog's leaves of `disk` at `point` give the point's root: what a read
+/// that does not walk the leaves in order (the NBD export, restores in other formats) checks
+/// first, so the leaf map it serves is the one the root (and an encrypted point's manifest
+/// MAC) binds.
+pub fn check_leaves(conn: &Connection, point: i64, disk: &PointDisk) -> Result<(), StoreError> {
+    let geometry =
+        DiskGeometry::new(disk.size, disk.block_size).map_err(|source| StoreError::Geometry {
+            disk: disk.name.clone(),
+            source,
+        })?;
+    let mut builder = Builder::new(Shape::of(&geometry));
+    let mut next = 0u64;
+    let span = leaves::Span::all_leaves(disk.disk_id, PointId(point));
+    leaves::at_point(conn, &span, Columns::Hashes, |n| {
+        builder.push_zeros(n.idx - next);
+        builder.push(n.hash);
+        next = n.idx + 1;
+        Ok::<_, StoreError>(ControlFlow::Continue(()))
+    })?;
+    let got = tree::root(&geometry, builder.finish());
+    if got != disk.root_leaf {
+        return Err(StoreError::RestoredRoot {
+            disk: disk.name.clone(),
+            got,
+            want: disk.root_leaf,
+        });
+    }
+    Ok(())
+}

@@ -281,7 +281,7 @@ pub(crate) fn wrapped_to_pb(keys: Vec<rewind_proto::crypt::WrappedKey>) -> Vec<p
     keys.into_iter()
         .map(|w| pb::WrappedKey {
             key_id: w.key_id.to_vec(),
-            recovery: w.recovery.0.to_vec(),
+            recovery: w.recovery.as_bytes().to_vec(),
             blob: w.blob,
         })
         .collect()
@@ -566,12 +566,13 @@ impl Replication for ReplicationService {
         let owner = caller(&req)?;
         let r = req.into_inner();
         let store = self.store.clone();
-        let keys = blocking(self.calls(&owner).await?, move || {
-            store.data_keys(&owner, &r.vm)
+        let (keys, more) = blocking(self.calls(&owner).await?, move || {
+            store.data_keys(&owner, &r.vm, (&r.after_key_id, &r.after_recovery))
         })
         .await?;
         Ok(Response::new(pb::DataKeysReply {
             keys: wrapped_to_pb(keys),
+            more,
         }))
     }
 }

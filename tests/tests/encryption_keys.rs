@@ -102,15 +102,18 @@ fn a_write_only_agent_adds_points_only_the_recovery_key_reads() {
     let vda = d.path("vda.raw");
     disk::create(&vda, 64 * MIB);
     disk::random_blocks(&vda, BLOCK, 0, 32, &mut rand::rng());
-    let p1 = sync(&d, &rx, "wo", &vda, &write_only)["point"]
-        .as_u64()
-        .unwrap();
+    // The VM is seeded with the full keyring; the write-only agent takes over from there, and
+    // its points reuse the chunks the full keyring sealed.
+    let full = ["--encryption-key", s(&k), "--passphrase-file", s(&kp)];
+    let p1 = sync(&d, &rx, "wo", &vda, &full)["point"].as_u64().unwrap();
     let first = disk::digest(&vda);
     disk::random_blocks(&vda, BLOCK, 40, 3, &mut rand::rng());
     let r2 = sync(&d, &rx, "wo", &vda, &write_only);
     assert_eq!(disk_of(&r2, "vda")["changed_blocks"], 3);
     assert_eq!(disk_of(&r2, "vda")["sent_chunks"], 3);
     let p2 = r2["point"].as_u64().unwrap();
+    // Until a session re-seals one of them, the seed's chunks are the full key file's to read.
+    assert_eq!(restore(&d, "wo", p1, &full).unwrap(), first);
     let second = disk::digest(&vda);
 
     // A large change, the agent SIGKILLed part way: the next run resumes the session with a
@@ -164,22 +167,32 @@ fn a_write_only_agent_adds_points_only_the_recovery_key_reads() {
     assert_eq!(disk_of(&healed, "vda")["healed_blocks"], 1);
     assert!(verify().status.success());
 
-    // The write-only key reads nothing; the keyring's own key file does not hold the
-    // sessions' data keys; the recovery key reads every point.
+    // The write-only key reads nothing; the keyring's own key file does not read what the
+    // sessions sealed (the heal above re-sealed one of the seed's chunks too); the recovery
+    // key reads every point, the seed's chunks included (through the keyring's data key the
+    // write-only file carries).
     let e = restore(&d, "wo", p1, &write_only).unwrap_err();
     assert!(e.contains("write-only"), "{e}");
-    let e = restore(
-        &d,
-        "wo",
-        p1,
-        &["--encryption-key", s(&k), "--passphrase-file", s(&kp)],
-    )
-    .unwrap_err();
+    let e = restore(&d, "wo", p2, &full).unwrap_err();
     assert!(e.contains("which this key file does not hold"), "{e}");
     for (p, want) in [(p1, &first), (p2, &second), (p3, &third)] {
         assert_eq!(&restore(&d, "wo", p, &recovery).unwrap(), want, "point {p}");
     }
-    // One wrapped key per session the agent began (four syncs and the killed one).
+    // The operator can pin the keyring a recovery key reads.
+    let kid = d.points("wo")[0]["encrypted"]["keyring"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut pinned = recovery.to_vec();
+    pinned.extend(["--keyring", kid.as_str()]);
+    assert_eq!(restore(&d, "wo", p3, &pinned).unwrap(), third);
+    let other = "00".repeat(16);
+    let mut pinned = recovery.to_vec();
+    pinned.extend(["--keyring", other.as_str()]);
+    let e = restore(&d, "wo", p3, &pinned).unwrap_err();
+    assert!(e.contains("not the keyring given"), "{e}");
+    // One wrapped key per session the write-only agent began (three syncs and the killed
+    // one), and the keyring's data key it carries.
     let o = run(Command::new(bin("rewind-receiver"))
         .args(["keys", "--json", "--data"])
         .arg(d.data()));

@@ -70,10 +70,13 @@ pub enum KeyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Rotate a keyring's data key: new points are sealed with a new one.
+    /// Rotate a keyring's data key: new points are sealed with a new one. With --wrap-to,
+    /// its data keys are wrapped to that recovery key from now on (a new recovery key).
     Rotate {
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        #[arg(long, value_name = "RECOVERY")]
+        wrap_to: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// The passphrase of --key and of the new file.
@@ -180,6 +183,42 @@ fn written(json: bool, out: &Path, file: &KeyFile, pass: bool) -> anyhow::Result
     Ok(())
 }
 
+/// `key rotate`: the keyring with a new data key in front (and, with `wrap_to`, wrapping to a
+/// new recovery key), written to `out` under the same passphrase.
+fn rotate(
+    key: &Path,
+    wrap_to: Option<&Path>,
+    out: &Path,
+    passphrase_file: Option<&Path>,
+    kdf_mib: u32,
+    json: bool,
+) -> anyhow::Result<()> {
+    let k = rewind_proto::crypt::open_key(key, passphrase_file)
+        .with_context(|| format!("opening {}", key.display()))?;
+    if k.write_only() {
+        bail!("a write-only key has no data key to rotate: each of its sessions makes a new one");
+    }
+    if k.data_keys().len() >= 63 {
+        bail!(
+            "this keyring has {} data keys, the most a key file keeps",
+            k.data_keys().len()
+        );
+    }
+    let mut k = k.rotated();
+    if let Some(r) = wrap_to {
+        k = k.with_recovery(read_key_file(r)?.recovery_public()?);
+    }
+    let pass = read_passphrase(passphrase_file, "Passphrase of the new file: ")?;
+    let file = KeyFile::of_keyring(
+        &k,
+        pass.as_ref().map(|p| p.as_bytes()),
+        params(kdf_mib),
+        now(),
+    )?;
+    write_new(out, &file.to_json())?;
+    written(json, out, &file, pass.is_some())
+}
+
 pub fn run(a: KeyArgs) -> anyhow::Result<()> {
     match a.command {
         KeyCommand::Generate {
@@ -221,6 +260,12 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         } => {
             let k = rewind_proto::crypt::open_key(&key, passphrase_file.as_deref())
                 .with_context(|| format!("opening {}", key.display()))?;
+            if k.write_only() {
+                bail!(
+                    "{} is write-only: make write-only keys from the full keyring's file",
+                    key.display()
+                );
+            }
             let r = read_key_file(&recovery)?.recovery_public()?;
             let pass = match no_passphrase {
                 true => None,
@@ -239,26 +284,19 @@ pub fn run(a: KeyArgs) -> anyhow::Result<()> {
         }
         KeyCommand::Rotate {
             key,
+            wrap_to,
             out,
             passphrase_file,
             kdf_mib,
             json,
-        } => {
-            let k = rewind_proto::crypt::open_key(&key, passphrase_file.as_deref())
-                .with_context(|| format!("opening {}", key.display()))?;
-            if k.write_only() {
-                bail!("a write-only key has no data key to rotate: each of its sessions makes a new one");
-            }
-            let pass = read_passphrase(passphrase_file.as_deref(), "Passphrase of the new file: ")?;
-            let file = KeyFile::of_keyring(
-                &k.rotated(),
-                pass.as_ref().map(|p| p.as_bytes()),
-                params(kdf_mib),
-                now(),
-            )?;
-            write_new(&out, &file.to_json())?;
-            written(json, &out, &file, pass.is_some())?;
-        }
+        } => rotate(
+            &key,
+            wrap_to.as_deref(),
+            &out,
+            passphrase_file.as_deref(),
+            kdf_mib,
+            json,
+        )?,
         KeyCommand::Export { paper } => {
             let file = KeyFile::parse(&read(&paper)?)?;
             print!("{}", file.to_paper());

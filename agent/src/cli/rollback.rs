@@ -29,8 +29,8 @@ pub struct RollbackArgs {
     #[command(flatten)]
     pub encryption: super::EncryptionArgs,
     /// Recovery key file: reads the VM's points through the data keys wrapped to it (needed
-    /// when this agent's key is write-only).
-    #[arg(long, value_name = "FILE", conflicts_with = "encryption_key")]
+    /// when this agent's key is write-only; give that key too, to pin the VM's keyring).
+    #[arg(long, value_name = "FILE")]
     pub recovery_key: Option<PathBuf>,
     /// File whose first line is the recovery key's passphrase (otherwise typed at a prompt).
     #[arg(long, value_name = "FILE", requires = "recovery_key")]

@@ -179,14 +179,14 @@ pub async fn rollback(
     cfg: &RollbackConfig,
 ) -> Result<RollbackReport, RollbackError> {
     let started = Instant::now();
-    let codec = check_key(client, cfg).await?;
+    let (codec, verified) = check_key(client, cfg).await?;
     let cfg = &RollbackConfig {
         codec,
         ..cfg.clone()
     };
     let mut disks = Vec::new();
     for d in &cfg.disks {
-        disks.push(rollback_disk(client, cfg, d, started).await?);
+        disks.push(rollback_disk(client, cfg, d, &verified, started).await?);
     }
     Ok(RollbackReport {
         vm: cfg.vm.clone(),
@@ -197,14 +197,44 @@ pub async fn rollback(
     })
 }
 
+/// Every wrapped data key of `vm`, a page at a time.
+async fn data_keys(
+    client: &mut ReplicationClient<Channel>,
+    vm: &str,
+) -> Result<Vec<pb::WrappedKey>, RollbackError> {
+    let mut keys: Vec<pb::WrappedKey> = Vec::new();
+    loop {
+        let after = keys.last().map(|k| (k.key_id.clone(), k.recovery.clone()));
+        let page = client
+            .data_keys(pb::DataKeysRequest {
+                vm: vm.to_owned(),
+                after_key_id: after.clone().map(|a| a.0).unwrap_or_default(),
+                after_recovery: after.map(|a| a.1).unwrap_or_default(),
+            })
+            .await
+            .map_err(RollbackError::refused("DataKeys"))?
+            .into_inner();
+        let (more, got) = (page.more, page.keys.len());
+        keys.extend(page.keys);
+        if !more || got == 0 {
+            return Ok(keys);
+        }
+    }
+}
+
+/// A disk of a point as its manifest MAC binds it: name, size, block size, root.
+type VerifiedDisk = (String, u64, u32, [u8; 32]);
+
 /// The codec the rollback reads with, once the key given fits the point: none for a plain
 /// point; for an encrypted one, a key file of its keyring (not a write-only one) or a recovery
-/// key that unwraps its data keys, under which the point's manifest MAC verifies (so the
-/// receiver serves the very point the agent committed: its disks' roots bind every leaf).
+/// key that unwraps its data keys (with the agent's own key file given too, the keyring is
+/// pinned to it), under which the point's manifest MAC verifies. Returns the disks the MAC
+/// binds (none for a plain point): each disk's geometry and root must be what the receiver
+/// then serves, and its root binds every leaf.
 async fn check_key(
     client: &mut ReplicationClient<Channel>,
     cfg: &RollbackConfig,
-) -> Result<rewind_proto::crypt::Codec, RollbackError> {
+) -> Result<(rewind_proto::crypt::Codec, Vec<VerifiedDisk>), RollbackError> {
     use rewind_proto::crypt::{Codec, KeyringId, Manifest};
     let points = client
         .list_points(pb::ListPointsRequest { vm: cfg.vm.clone() })
@@ -212,29 +242,35 @@ async fn check_key(
         .map_err(RollbackError::refused("ListPoints"))?
         .into_inner()
         .points;
-    let Some(p) = points.iter().find(|p| p.id == cfg.point as u64) else {
-        // PointBlocks names the missing point in the receiver's own words.
-        return Ok(cfg.codec.clone());
-    };
     let at = format!("point {} of {}", cfg.point, cfg.vm);
     let key_err = |why: String| RollbackError::Key(format!("{at} {why}"));
     let given = matches!(cfg.codec, Codec::Sealed { .. }) || cfg.recovery.is_some();
+    let Some(p) = points.iter().find(|p| p.id == cfg.point as u64) else {
+        if given {
+            return Err(key_err("is not among the VM's points".into()));
+        }
+        // PointBlocks names the missing point in the receiver's own words.
+        return Ok((Codec::Plain, Vec::new()));
+    };
     if p.keyring.is_empty() {
         return match given {
             true => Err(key_err("is not encrypted: drop the key".into())),
-            false => Ok(Codec::Plain),
+            false => Ok((Codec::Plain, Vec::new())),
         };
     }
     let id = KeyringId::from_slice(&p.keyring)
         .ok_or(RollbackError::protocol("a keyring id that is not 16 bytes"))?;
+    if let (Codec::Sealed { keyring: own, .. }, Some(_)) = (&cfg.codec, &cfg.recovery) {
+        if own.id() != id {
+            return Err(key_err(format!(
+                "is encrypted with keyring {id}; this agent's key file is keyring {}",
+                own.id()
+            )));
+        }
+    }
     let keyring = match (&cfg.codec, &cfg.recovery) {
         (_, Some(r)) => {
-            let keys = client
-                .data_keys(pb::DataKeysRequest { vm: cfg.vm.clone() })
-                .await
-                .map_err(RollbackError::refused("DataKeys"))?
-                .into_inner()
-                .keys;
+            let keys = data_keys(client, &cfg.vm).await?;
             let wrapped: Vec<_> = keys
                 .iter()
                 .filter_map(|k| {
@@ -271,18 +307,21 @@ async fn check_key(
             keyring.id()
         )));
     }
-    let mut disks = Vec::new();
+    let mut verified: Vec<VerifiedDisk> = Vec::new();
     for d in &p.disks {
         let root = <[u8; 32]>::try_from(d.root.as_slice())
             .map_err(|_| RollbackError::protocol("a root that is not 32 bytes"))?;
-        disks.push((d.name.as_str(), d.size, d.block_size, root));
+        verified.push((d.name.clone(), d.size, d.block_size, root));
     }
     let manifest = Manifest {
         vm: &cfg.vm,
         taken_us: p.taken_us,
         consistency: &p.consistency,
         config_hash: <[u8; 32]>::try_from(p.config_hash.as_slice()).unwrap_or_default(),
-        disks,
+        disks: verified
+            .iter()
+            .map(|(n, s, b, r)| (n.as_str(), *s, *b, *r))
+            .collect(),
     };
     if !keyring.verify_manifest(&manifest, &p.manifest_mac) {
         return Err(key_err(
@@ -291,10 +330,13 @@ async fn check_key(
                 .into(),
         ));
     }
-    Ok(Codec::Sealed {
-        keyring,
-        pad: false,
-    })
+    Ok((
+        Codec::Sealed {
+            keyring,
+            pad: false,
+        },
+        verified,
+    ))
 }
 
 /// One disk: open it and learn the point, choose what to compare, compare while fetching and
@@ -303,6 +345,7 @@ async fn rollback_disk(
     client: &mut ReplicationClient<Channel>,
     cfg: &RollbackConfig,
     d: &DiskSource,
+    verified: &[VerifiedDisk],
     started: Instant,
 ) -> Result<DiskRollback, RollbackError> {
     let opening = {
@@ -326,6 +369,20 @@ async fn rollback_disk(
         }
     })?;
     let root = first.root;
+    // An encrypted point: the disk the receiver serves must be the one the MAC binds.
+    if !verified.is_empty() {
+        let served = (g.size, g.block_size.get(), root.0);
+        if !verified
+            .iter()
+            .any(|(n, s, b, r)| *n == d.name && (*s, *b, *r) == served)
+        {
+            return Err(RollbackError::Key(format!(
+                "point {} of {}: disk {} as the receiver serves it (root {root}) is not the one \
+                 the point's manifest MAC binds",
+                cfg.point, cfg.vm, d.name
+            )));
+        }
+    }
     let (target, dirty) = opening.await.map_err(RollbackError::joined)??;
     if target.size() != g.size {
         return Err(RollbackError::SizeMismatch {

@@ -13,7 +13,7 @@ use super::*;
 /// Asks the receiver to commit the point: each disk's root and changed blocks, the VM's
 /// configuration and the point's consistency.
 ///
-/// An encrypted VM's commit carries the MAC of the point's manifest (VM, time of capture,
+/// An encrypted VM's commit carries the MAC of the point's manifest (VM, the agent's clock at commit,
 /// consistency, configuration, each disk's geometry and root), so a restore holding the key
 /// can tell that the receiver serves this very point.
 pub(super) async fn send(

@@ -64,7 +64,7 @@ pub(super) async fn begin(
             .iter()
             .map(|w| pb::WrappedKey {
                 key_id: w.key_id.to_vec(),
-                recovery: w.recovery.0.to_vec(),
+                recovery: w.recovery.as_bytes().to_vec(),
                 blob: w.blob.clone(),
             })
             .collect(),

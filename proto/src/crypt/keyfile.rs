@@ -8,7 +8,7 @@
 //! bare), `nonce` and `secret` (hex). The paper form ([`KeyFile::to_paper`]) is the same
 //! object in short hex lines, each with its own check, so a mistyped line is named.
 
-use super::{DataKey, Keyring, KeyringId, RecoveryKey, RecoveryPublic};
+use super::{DataKey, Keyring, KeyringId, RecoveryKey, RecoveryPublic, WrappedKey};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,25 @@ struct KeyringSecret {
     ids: String,
     manifest: String,
     data: Vec<String>,
+    /// A write-only keyring's carried keys: hex of key id and blob, wrapped to `recovery`.
+    #[serde(default)]
+    wrapped: Vec<String>,
+}
+
+impl Drop for KeyringSecret {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.ids.zeroize();
+        self.manifest.zeroize();
+        self.data.iter_mut().for_each(Zeroize::zeroize);
+    }
+}
+
+/// What a file's passphrase wrap binds besides its format and kind: the keyring id and the
+/// recovery key it wraps to (or a recovery file's public key), so neither can be swapped in a
+/// protected file.
+fn binding(keyring: Option<&str>, recovery: Option<&str>) -> String {
+    format!("{}|{}", keyring.unwrap_or(""), recovery.unwrap_or(""))
 }
 
 fn key32(what: &str, s: &str) -> Result<[u8; 32], KeyFileError> {
@@ -216,6 +235,11 @@ impl KeyFile {
                 .iter()
                 .map(|d| hex::encode(d.secret()))
                 .collect(),
+            wrapped: k
+                .carried()
+                .iter()
+                .map(|w| hex::encode([&w.key_id[..], &w.blob].concat()))
+                .collect(),
         };
         let secret = Zeroizing::new(serde_json::to_vec(&secret).unwrap_or_default());
         let kind = if k.write_only() {
@@ -224,9 +248,11 @@ impl KeyFile {
             "keyring"
         };
         let id = k.id().to_hex();
-        let mut f = KeyFile::wrap(kind, &id, &secret, passphrase, params, created)?;
+        let recovery = k.recovery().map(RecoveryPublic::to_hex);
+        let bound = binding(Some(&id), recovery.as_deref());
+        let mut f = KeyFile::wrap(kind, &bound, &secret, passphrase, params, created)?;
         f.keyring = Some(id);
-        f.recovery = k.recovery().map(RecoveryPublic::to_hex);
+        f.recovery = recovery;
         Ok(f)
     }
 
@@ -240,7 +266,7 @@ impl KeyFile {
         let public = r.public().to_hex();
         let mut f = KeyFile::wrap(
             "recovery",
-            &public,
+            &binding(None, Some(&public)),
             &*r.secret_bytes(),
             passphrase,
             params,
@@ -348,7 +374,9 @@ impl KeyFile {
             .recovery
             .as_deref()
             .ok_or_else(|| KeyFileError::Kind(self.kind.clone(), "a recovery key"))?;
-        Ok(RecoveryPublic(key32("recovery", r)?))
+        RecoveryPublic::from_slice(&key32("recovery", r)?).ok_or_else(|| {
+            KeyFileError::Malformed("the recovery key is a low-order point: not a key".into())
+        })
     }
 
     pub fn needs_passphrase(&self) -> bool {
@@ -366,11 +394,8 @@ impl KeyFile {
         if nonce.len() != 24 {
             return Err(KeyFileError::Malformed("nonce is not 24 bytes".into()));
         }
-        let binding = match self.kind.as_str() {
-            "recovery" => self.recovery.clone().unwrap_or_default(),
-            _ => self.keyring.clone().unwrap_or_default(),
-        };
-        let aad = [FORMAT.as_bytes(), self.kind.as_bytes(), binding.as_bytes()].concat();
+        let bound = binding(self.keyring.as_deref(), self.recovery.as_deref());
+        let aad = [FORMAT.as_bytes(), self.kind.as_bytes(), bound.as_bytes()].concat();
         let cipher = XChaCha20Poly1305::new((&*key).into());
         Ok(Zeroizing::new(
             cipher
@@ -405,13 +430,39 @@ impl KeyFile {
                 "a write-only key without a recovery key to wrap to".into(),
             ));
         }
-        Ok(Keyring::new(
-            id,
+        let k = Keyring::new(
             key32("ids", &s.ids)?,
             key32("manifest", &s.manifest)?,
             data,
             recovery,
-        ))
+        );
+        if k.id() != id {
+            return Err(KeyFileError::Malformed(
+                "the keyring id is not the one its keys commit to".into(),
+            ));
+        }
+        let carried = match recovery {
+            None => Vec::new(),
+            Some(r) => s
+                .wrapped
+                .iter()
+                .map(|w| {
+                    let b = unhex("wrapped key", w)?;
+                    match (
+                        b.get(..8).and_then(|x| <[u8; 8]>::try_from(x).ok()),
+                        b.get(8..),
+                    ) {
+                        (Some(key_id), Some(blob)) => Ok(WrappedKey {
+                            key_id,
+                            recovery: r,
+                            blob: blob.to_vec(),
+                        }),
+                        _ => Err(KeyFileError::Malformed("a wrapped key is too short".into())),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(k.with_carried(carried))
     }
 
     /// The recovery key, unwrapped with `passphrase` when the file has one.
@@ -442,13 +493,9 @@ impl KeyFile {
         params: KdfParams,
     ) -> Result<KeyFile, KeyFileError> {
         let secret = self.open_secret(old)?;
-        let binding = match self.kind.as_str() {
-            "recovery" => self.recovery.clone().unwrap_or_default(),
-            _ => self.keyring.clone().unwrap_or_default(),
-        };
         let mut f = KeyFile::wrap(
             &self.kind,
-            &binding,
+            &binding(self.keyring.as_deref(), self.recovery.as_deref()),
             &secret,
             new,
             params,

@@ -22,6 +22,17 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
+/// The public id of a keyring: a commitment to its id and manifest keys, so a reader that
+/// unwraps keys for a keyring (with a recovery key, which anyone can wrap to) can tell that
+/// they are that keyring's.
+pub(super) fn keyring_id_of(ids: &[u8; 32], manifest: &[u8; 32]) -> KeyringId {
+    let mut h = blake3::Hasher::new_derive_key("rewind 2026-12 keyring id v1");
+    h.update(ids).update(manifest);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    KeyringId(id)
+}
+
 /// The name a VM's sealed configuration is bound to (as a chunk's id is).
 fn config_id(vm: &str) -> BlockHash {
     BlockHash(blake3::derive_key(
@@ -67,6 +78,10 @@ pub struct Keyring {
     data: Vec<DataKey>,
     /// Where new data keys are wrapped to (required for a write-only keyring).
     recovery: Option<RecoveryPublic>,
+    /// Data keys wrapped to `recovery` that every session sends again (a write-only
+    /// keyring's: the data keys of the full keyring it was made from, so chunks sealed
+    /// before it took over stay readable with the recovery key).
+    carried: Vec<WrappedKey>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -76,32 +91,43 @@ impl std::fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// A keyring of these keys.
+    /// A keyring of these keys (its id is their commitment, see [`keyring_id_of`]).
     pub fn new(
-        id: KeyringId,
         ids: [u8; 32],
         manifest: [u8; 32],
         data: Vec<DataKey>,
         recovery: Option<RecoveryPublic>,
     ) -> Keyring {
         Keyring {
-            id,
+            id: keyring_id_of(&ids, &manifest),
             ids: Zeroizing::new(ids),
             manifest: Zeroizing::new(manifest),
             data,
             recovery,
+            carried: Vec::new(),
         }
     }
 
     /// A new full keyring: random keys, one data key.
     pub fn generate() -> Keyring {
         Keyring::new(
-            KeyringId(rand::random()),
             rand::random(),
             rand::random(),
             vec![DataKey::random()],
             None,
         )
+    }
+
+    /// The same keyring carrying `wrapped` (see the field's doc).
+    pub fn with_carried(&self, wrapped: Vec<WrappedKey>) -> Keyring {
+        let mut k = self.clone();
+        k.carried = wrapped;
+        k
+    }
+
+    /// The wrapped keys every session of this keyring sends again.
+    pub fn carried(&self) -> &[WrappedKey] {
+        &self.carried
     }
 
     pub fn id(&self) -> KeyringId {
@@ -146,9 +172,16 @@ impl Keyring {
     }
 
     /// The same keyring without data keys, wrapping new ones to `recovery`: what a
-    /// write-only agent holds.
+    /// write-only agent holds. It carries its data keys wrapped to `recovery`: chunks they
+    /// sealed (the VM's earlier points, other VMs of the keyring) are what the write-only
+    /// agent's points reuse, and the recovery key must read them too.
     pub fn write_only_for(&self, recovery: RecoveryPublic) -> Keyring {
         let mut k = self.clone();
+        k.carried.extend(
+            self.data
+                .iter()
+                .filter_map(|d| recovery.wrap(self.id, d, &self.ids, &self.manifest)),
+        );
         k.data.clear();
         k.recovery = Some(recovery);
         k
@@ -158,15 +191,27 @@ impl Keyring {
     /// any chunk sealed with it arrives: a write-only keyring makes a fresh data key for the
     /// session; a full keyring with a recovery key wraps its newest one (so the recovery key
     /// reads its points too); a full keyring without one needs nothing registered.
-    pub fn for_session(&self) -> (Keyring, Option<WrappedKey>) {
+    ///
+    /// With a recovery key every data key the session may meet is sent wrapped: a full
+    /// keyring's all (chunks it sealed under older ones are reused), a write-only one's
+    /// carried keys and its session key. The receiver keeps each once.
+    pub fn for_session(&self) -> (Keyring, Vec<WrappedKey>) {
         let mut k = self.clone();
         if k.data.is_empty() {
             k.data.push(DataKey::random());
         }
-        let wrapped = self
-            .recovery
-            .as_ref()
-            .map(|r| r.wrap(self.id, &k.data[0], &self.ids, &self.manifest));
+        let mut wrapped = self.carried.clone();
+        if let Some(r) = &self.recovery {
+            let keys = if self.data.is_empty() {
+                &k.data
+            } else {
+                &self.data
+            };
+            wrapped.extend(
+                keys.iter()
+                    .filter_map(|d| r.wrap(self.id, d, &self.ids, &self.manifest)),
+            );
+        }
         (k, wrapped)
     }
 

@@ -42,7 +42,7 @@ pub const TAG_BYTES: usize = 16;
 /// Bytes of the check hash that ends an envelope.
 pub const CHECK_BYTES: usize = 32;
 /// Padded frames are rounded up to a multiple of this: an observer then learns a chunk's
-/// compressed size only to 4 KiB (16 sizes for a 64 KiB block) instead of to the byte.
+/// compressed size only to 4 KiB (17 sizes for a 64 KiB block) instead of to the byte.
 pub const PAD_BUCKET: usize = 4096;
 
 /// Longest envelope of a block of `block_len` bytes: the longest frame, padded, plus the
@@ -140,7 +140,7 @@ pub fn check_envelope(id: BlockHash, envelope: &[u8], block_len: usize) -> Resul
 #[derive(Debug, Clone)]
 pub struct Manifest<'a> {
     pub vm: &'a str,
-    /// The agent's time of capture, microseconds since the Unix epoch.
+    /// The agent's clock when it commits the point, microseconds since the Unix epoch.
     pub taken_us: i64,
     pub consistency: &'a str,
     /// [`config_hash`] of the VM's configuration as sent with the commit.

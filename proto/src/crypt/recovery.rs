@@ -16,9 +16,10 @@ use zeroize::Zeroizing;
 /// Length of a wrapped key's blob: ephemeral public key, nonce, three 32-byte keys, tag.
 pub const WRAPPED_MAX: usize = 32 + 24 + 96 + 16;
 
-/// A recovery key's public half.
+/// A recovery key's public half: a point that is not of low order (an exchange with a
+/// low-order point gives a shared secret anyone can compute, so such a "key" is refused).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RecoveryPublic(pub [u8; 32]);
+pub struct RecoveryPublic([u8; 32]);
 
 impl std::fmt::Debug for RecoveryPublic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,8 +46,18 @@ fn aad(keyring: KeyringId, key_id: &[u8; 8]) -> Vec<u8> {
 }
 
 impl RecoveryPublic {
+    /// The public key of these bytes; None unless they are 32 bytes of a point whose
+    /// exchanges are contributory.
     pub fn from_slice(b: &[u8]) -> Option<RecoveryPublic> {
-        <[u8; 32]>::try_from(b).ok().map(RecoveryPublic)
+        let bytes = <[u8; 32]>::try_from(b).ok()?;
+        // Every clamped scalar is a multiple of the cofactor: a low-order point gives the
+        // zero secret with any of them.
+        let probe = StaticSecret::from([0x5a; 32]).diffie_hellman(&PublicKey::from(bytes));
+        probe.was_contributory().then_some(RecoveryPublic(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     pub fn to_hex(&self) -> String {
@@ -54,17 +65,21 @@ impl RecoveryPublic {
     }
 
     /// Wraps `key` (with the keyring's id and manifest keys) so only this key's holder can
-    /// unwrap it.
+    /// unwrap it. None only for a low-order point, which [`RecoveryPublic::from_slice`]
+    /// never returns.
     pub fn wrap(
         &self,
         keyring: KeyringId,
         key: &DataKey,
         ids: &[u8; 32],
         manifest: &[u8; 32],
-    ) -> WrappedKey {
+    ) -> Option<WrappedKey> {
         let eph = StaticSecret::from(rand::random::<[u8; 32]>());
         let eph_pub = PublicKey::from(&eph);
         let shared = eph.diffie_hellman(&PublicKey::from(self.0));
+        if !shared.was_contributory() {
+            return None;
+        }
         let k = wrap_key(shared.as_bytes(), eph_pub.as_bytes(), &self.0);
         let nonce: [u8; 24] = rand::random();
         let mut payload = Zeroizing::new(Vec::with_capacity(96));
@@ -79,16 +94,16 @@ impl RecoveryPublic {
                     aad: &aad(keyring, &key.id),
                 },
             )
-            .unwrap_or_default();
+            .ok()?;
         let mut blob = Vec::with_capacity(WRAPPED_MAX);
         blob.extend_from_slice(eph_pub.as_bytes());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&sealed);
-        WrappedKey {
+        Some(WrappedKey {
             key_id: key.id,
             recovery: *self,
             blob,
-        }
+        })
     }
 }
 
@@ -127,8 +142,10 @@ impl RecoveryKey {
     }
 
     /// The data key (and the keyring's id and manifest keys) `w` holds, if it was wrapped to
-    /// this key for `keyring`; None otherwise (another recovery key, another keyring, or
-    /// bytes that were changed).
+    /// this key for `keyring`; None otherwise (another recovery key, another keyring, bytes
+    /// that were changed, or id and manifest keys that are not the ones `keyring`'s id
+    /// commits to: anyone can wrap to a public key, so the keys inside are checked against
+    /// the id).
     pub fn unwrap(&self, keyring: KeyringId, w: &WrappedKey) -> Option<Unwrapped> {
         if w.recovery != self.public || w.blob.len() != WRAPPED_MAX {
             return None;
@@ -153,14 +170,11 @@ impl RecoveryKey {
         let take =
             |r: std::ops::Range<usize>| -> Option<[u8; 32]> { plain.get(r)?.try_into().ok() };
         let key = DataKey::new(take(0..32)?);
-        if key.id != w.key_id {
+        let (ids, manifest) = (Zeroizing::new(take(32..64)?), Zeroizing::new(take(64..96)?));
+        if key.id != w.key_id || super::keyring::keyring_id_of(&ids, &manifest) != keyring {
             return None;
         }
-        Some((
-            key,
-            Zeroizing::new(take(32..64)?),
-            Zeroizing::new(take(64..96)?),
-        ))
+        Some((key, ids, manifest))
     }
 
     /// A keyring that reads `keyring`'s points: every data key among `wrapped` that unwraps
@@ -175,7 +189,7 @@ impl RecoveryKey {
             }
         }
         let (ids, manifest) = keys?;
-        Some(Keyring::new(keyring, *ids, *manifest, data, None))
+        Some(Keyring::new(*ids, *manifest, data, None))
     }
 
     /// `w` wrapped again, to `to` (rotation of the recovery key); None when `w` does not
@@ -187,6 +201,6 @@ impl RecoveryKey {
         to: &RecoveryPublic,
     ) -> Option<WrappedKey> {
         let (key, ids, manifest) = self.unwrap(keyring, w)?;
-        Some(to.wrap(keyring, &key, &ids, &manifest))
+        to.wrap(keyring, &key, &ids, &manifest)
     }
 }

@@ -212,8 +212,10 @@ fn write_only_keyrings_seal_what_only_the_recovery_key_opens() {
     let wo = full.write_only_for(r.public());
     assert!(wo.write_only());
     let data = block(6);
-    let (session, wrapped) = wo.for_session();
-    let wrapped = wrapped.expect("a write-only session wraps its key");
+    let (session, all) = wo.for_session();
+    // The full keyring's data key (carried) and the session's own.
+    assert_eq!(all.len(), 2);
+    let wrapped = all[1].clone();
     let codec = Codec::Sealed {
         keyring: Arc::new(session),
         pad: false,
@@ -241,6 +243,43 @@ fn write_only_keyrings_seal_what_only_the_recovery_key_opens() {
         pad: false,
     };
     assert_eq!(c.decode(id, &env, data.len()).expect("decode"), data);
+    // Chunks the full keyring sealed before the write-only agent took over (which its points
+    // reuse) open with the recovery key too, through the carried key.
+    let before = block(10);
+    let full_codec = Codec::Sealed {
+        keyring: Arc::new(full.clone()),
+        pad: false,
+    };
+    let old_id = full_codec.chunk_ids().of(&before);
+    let old_env = full_codec.encode(old_id, &before).expect("encode");
+    let both = Codec::Sealed {
+        keyring: Arc::new(r.open_keyring(full.id(), &all).expect("unwraps")),
+        pad: false,
+    };
+    assert_eq!(
+        both.decode(old_id, &old_env, before.len()).expect("old"),
+        before
+    );
+    assert_eq!(both.decode(id, &env, data.len()).expect("new"), data);
+    // A key wrapped by someone else for this keyring id (their own id and manifest keys):
+    // the id does not commit to them, so it is not taken.
+    let forger = keyring();
+    let forged = r
+        .public()
+        .wrap(
+            full.id(),
+            &DataKey::random(),
+            forger.ids_key(),
+            forger.manifest_key(),
+        )
+        .expect("wrap");
+    assert!(r.open_keyring(full.id(), &[forged]).is_none());
+    // A low-order point is no recovery key.
+    assert!(RecoveryPublic::from_slice(&[0u8; 32]).is_none());
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    assert!(RecoveryPublic::from_slice(&one).is_none());
+    assert!(RecoveryPublic::from_slice(r.public().as_bytes()).is_some());
     // Another recovery key, another keyring id, a changed byte: nothing unwraps.
     assert!(RecoveryKey::generate()
         .open_keyring(full.id(), std::slice::from_ref(&wrapped))

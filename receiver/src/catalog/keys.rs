@@ -5,38 +5,47 @@
 use rewind_proto::crypt::{RecoveryPublic, WrappedKey};
 use rusqlite::{params, Connection};
 
-/// Most wrapped keys one owner may keep per keyring (a write-only agent adds one per session).
-pub const MAX_PER_KEYRING: i64 = 1 << 20;
+/// Most wrapped keys one owner may keep, over all its keyrings (a write-only agent adds one
+/// per process and hour, a full keyring one per data key): a hostile agent fills only its own.
+pub const MAX_PER_OWNER: i64 = 1 << 20;
 
-/// Keeps `w` for `owner`'s `keyring` (a key already kept stays as it is); false when the
-/// owner already keeps [`MAX_PER_KEYRING`] keys of the keyring.
-pub fn insert(
+/// Most wrapped keys in one answer (a page of `DataKeys` or `CopyKeys`): about 1 MiB.
+pub const PAGE: usize = 4096;
+
+/// Keeps `ws` for `owner`'s `keyring` (a key already kept stays as it is); false, keeping
+/// none, when the owner would keep more than [`MAX_PER_OWNER`].
+pub fn insert_all(
     conn: &Connection,
     owner: &str,
     keyring: &[u8],
-    w: &WrappedKey,
+    ws: &[WrappedKey],
     now_us: i64,
 ) -> rusqlite::Result<bool> {
+    if ws.is_empty() {
+        return Ok(true);
+    }
     let n: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM data_keys WHERE owner = ?1 AND keyring = ?2",
-        params![owner, keyring],
+        "SELECT COUNT(*) FROM data_keys WHERE owner = ?1",
+        [owner],
         |r| r.get(0),
     )?;
-    if n >= MAX_PER_KEYRING {
+    if n + ws.len() as i64 > MAX_PER_OWNER {
         return Ok(false);
     }
-    conn.execute(
+    let mut stmt = conn.prepare_cached(
         "INSERT OR IGNORE INTO data_keys(owner, keyring, key_id, recovery, blob, created_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
+    )?;
+    for w in ws {
+        stmt.execute(params![
             owner,
             keyring,
             &w.key_id[..],
-            &w.recovery.0[..],
+            &w.recovery.as_bytes()[..],
             w.blob,
             now_us
-        ],
-    )?;
+        ])?;
+    }
     Ok(true)
 }
 
@@ -56,6 +65,27 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<WrappedKey>> {
             _ => None,
         },
     )
+}
+
+/// At most [`PAGE`] wrapped keys `owner` keeps for `keyring`, in (key id, recovery key)
+/// order after `after`.
+pub fn page(
+    conn: &Connection,
+    owner: &str,
+    keyring: &[u8],
+    after: (&[u8], &[u8]),
+) -> rusqlite::Result<Vec<WrappedKey>> {
+    let mut stmt = conn.prepare(
+        "SELECT key_id, recovery, blob FROM data_keys WHERE owner = ?1 AND keyring = ?2
+           AND (key_id > ?3 OR (key_id = ?3 AND recovery > ?4))
+         ORDER BY key_id, recovery LIMIT ?5",
+    )?;
+    let rows = stmt.query_map(params![owner, keyring, after.0, after.1, PAGE as i64], row)?;
+    Ok(rows
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect())
 }
 
 /// The wrapped keys `owner` keeps for `keyring`.
@@ -104,7 +134,12 @@ pub fn replace(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "DELETE FROM data_keys WHERE owner = ?1 AND keyring = ?2 AND key_id = ?3 AND recovery = ?4",
-        params![owner, keyring, &old.key_id[..], &old.recovery.0[..]],
+        params![
+            owner,
+            keyring,
+            &old.key_id[..],
+            &old.recovery.as_bytes()[..]
+        ],
     )?;
     conn.execute(
         "INSERT OR REPLACE INTO data_keys(owner, keyring, key_id, recovery, blob, created_us)
@@ -113,7 +148,7 @@ pub fn replace(
             owner,
             keyring,
             &new.key_id[..],
-            &new.recovery.0[..],
+            &new.recovery.as_bytes()[..],
             new.blob,
             now_us
         ],

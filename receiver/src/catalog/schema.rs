@@ -153,7 +153,7 @@ CREATE TABLE copy_lag(
 
 /// From version 8 to 9: client-side encryption. A VM's keyring (its public id; NULL for a
 /// plain VM) is fixed by its first point; each point of an encrypted VM keeps the agent's MAC
-/// of its manifest and the agent's time of capture, which the MAC binds. Data keys wrapped to
+/// of its manifest and the agent's clock at commit, which the MAC binds. Data keys wrapped to
 /// recovery keys are kept per owner and keyring (`data_keys`).
 const MIGRATE_8_9: &str = "
 ALTER TABLE vms ADD COLUMN keyring BLOB;

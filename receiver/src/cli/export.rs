@@ -42,6 +42,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let point = points::resolve(&conn, &a.vm, &which)?;
     let key = a.encryption.key()?;
     let codec = crate::keys::codec_for(&conn, &point, &key, crate::keys::Need::Plaintext)?;
+    for disk in &point.disks {
+        crate::restore::check_leaves(&conn, point.id, disk)?;
+    }
     let exports = Exports::of_point(&a.data, &point, codec);
     let names: Vec<&str> = point.disks.iter().map(|d| d.name.as_str()).collect();
     match &a.unix {

@@ -27,6 +27,11 @@ pub struct EncryptionArgs {
     /// data keys were wrapped to it, those of write-only agents included.
     #[arg(long, value_name = "FILE", conflicts_with = "encryption_key")]
     pub recovery_key: Option<std::path::PathBuf>,
+    /// With --recovery-key: the keyring id the VM must be encrypted with (its agents' key
+    /// files show it: `rewind-agent key show`). Pins what a recovery key reads to keyrings
+    /// the operator knows, whatever the catalog says.
+    #[arg(long, value_name = "ID", requires = "recovery_key")]
+    pub keyring: Option<String>,
     /// File whose first line is the key file's passphrase (otherwise typed at a prompt).
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<std::path::PathBuf>,
@@ -43,10 +48,21 @@ impl EncryptionArgs {
                 rewind_proto::crypt::open_key(path, pass)
                     .with_context(|| format!("opening key file {}", path.display()))?,
             )),
-            (None, Some(path)) => crate::keys::Key::Recovery(Arc::new(
-                rewind_proto::crypt::open_recovery(path, pass)
-                    .with_context(|| format!("opening recovery key file {}", path.display()))?,
-            )),
+            (None, Some(path)) => crate::keys::Key::Recovery(
+                Arc::new(
+                    rewind_proto::crypt::open_recovery(path, pass)
+                        .with_context(|| format!("opening recovery key file {}", path.display()))?,
+                ),
+                match &self.keyring {
+                    Some(id) => Some(
+                        hex::decode(id)
+                            .ok()
+                            .and_then(|b| rewind_proto::crypt::KeyringId::from_slice(&b))
+                            .with_context(|| format!("--keyring {id:?} is not 32 hex digits"))?,
+                    ),
+                    None => None,
+                },
+            ),
             (None, None) => crate::keys::Key::None,
         })
     }

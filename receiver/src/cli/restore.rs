@@ -109,6 +109,9 @@ fn restore_one(
         })?;
         stats.bytes_written
     } else {
+        // qemu-img reads through the NBD export in its own order: the leaf map it is served
+        // is checked against the point's root first.
+        restore::check_leaves(conn, point.id, disk)?;
         let served = Arc::new(AtomicU64::new(0));
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ticker = {

@@ -130,9 +130,16 @@ async fn copy_vm(
                 limit: POINTS_PAGE,
             })
             .await?
-            .into_inner();
-        keep_keys(store, &v.owner, &page).await?;
-        let page = page.points;
+            .into_inner()
+            .points;
+        let keyring = page
+            .first()
+            .and_then(|p| p.info.as_ref())
+            .map(|i| i.keyring.clone())
+            .filter(|k| !k.is_empty());
+        if let Some(keyring) = keyring {
+            keep_keys(client, store, (&v.owner, &v.vm), &keyring).await?;
+        }
         if page.is_empty() {
             break;
         }
@@ -162,31 +169,46 @@ async fn copy_vm(
     })
 }
 
-/// Keeps an encrypted VM's wrapped data keys (those the copy lacks) before any of its points
-/// is copied, so a recovery key reads the copy's points as it reads the source's.
+/// Keeps an encrypted VM's wrapped data keys (those the copy lacks, every page) before any
+/// of its points is copied, so a recovery key reads the copy's points as it reads the
+/// source's. A plain VM has none.
 async fn keep_keys(
+    client: &mut CopyClient<Channel>,
     store: &Arc<Store>,
-    owner: &str,
-    page: &pb::CopyPointsReply,
+    (owner, vm): (&str, &str),
+    keyring: &[u8],
 ) -> Result<(), CopyError> {
-    let Some(keyring) = page
-        .points
-        .first()
-        .and_then(|p| p.info.as_ref())
-        .filter(|i| !i.keyring.is_empty())
-        .map(|i| i.keyring.clone())
-    else {
-        return Ok(());
-    };
-    let keys = crate::service::wrapped_of(&page.keys)
-        .map_err(|_| CopyError::Answer("a wrapped key of the wrong shape"))?;
-    blocking(|| -> Result<(), CopyError> {
-        let conn = store.conn();
-        for w in &keys {
-            crate::catalog::keys::insert(&conn, owner, &keyring, w, now_us())?;
+    let (mut after_key_id, mut after_recovery) = (Vec::new(), Vec::new());
+    loop {
+        let page = client
+            .copy_keys(pb::DataKeysRequest {
+                vm: vm.to_owned(),
+                after_key_id: after_key_id.clone(),
+                after_recovery: after_recovery.clone(),
+            })
+            .await?
+            .into_inner();
+        let keys = crate::service::wrapped_of(&page.keys)
+            .map_err(|_| CopyError::Answer("a wrapped key of the wrong shape"))?;
+        let kept = blocking(|| {
+            crate::catalog::keys::insert_all(&store.conn(), owner, keyring, &keys, now_us())
+        })?;
+        if !kept {
+            return Err(CopyError::Store(StoreError::Quota {
+                agent: owner.to_owned(),
+                what: "wrapped data keys".into(),
+                key: "data_keys",
+                limit: crate::catalog::keys::MAX_PER_OWNER as u64,
+            }));
         }
-        Ok(())
-    })
+        match keys.last() {
+            Some(last) if page.more => {
+                after_key_id = last.key_id.to_vec();
+                after_recovery = last.recovery.as_bytes().to_vec();
+            }
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// Begins (or resumes) the local session of source point `info`; returns its plan and the

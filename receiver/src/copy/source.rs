@@ -92,14 +92,8 @@ impl Copy for CopySource {
         let r = req.into_inner();
         let limit = r.limit.clamp(1, MAX_POINTS_PAGE) as usize;
         let store = self.store.clone();
-        let vm = r.vm.clone();
-        let (list, keys) = blocking(slot, move || {
-            let list = crate::points::list(&*store.reader()?, Some(&vm))?;
-            let keys = match list.first().map(|p| p.encrypted.is_some()) {
-                Some(true) => store.data_keys(&owner_of(&store, &vm)?, &vm)?,
-                _ => Vec::new(),
-            };
-            Ok::<_, StoreError>((list, keys))
+        let list = blocking(slot, move || {
+            crate::points::list(&*store.reader()?, Some(&r.vm))
         })
         .await?;
         let points = list
@@ -113,10 +107,7 @@ impl Copy for CopySource {
                 info: Some(point_info(p)),
             })
             .collect();
-        Ok(Response::new(pb::CopyPointsReply {
-            points,
-            keys: crate::service::wrapped_to_pb(keys),
-        }))
+        Ok(Response::new(pb::CopyPointsReply { points }))
     }
 
     async fn copy_blocks(
@@ -148,5 +139,23 @@ impl Copy for CopySource {
         })
         .await?;
         Ok(Response::new(chunks_reply(chunks)))
+    }
+
+    async fn copy_keys(
+        &self,
+        req: Request<pb::DataKeysRequest>,
+    ) -> Result<Response<pb::DataKeysReply>, Status> {
+        let slot = self.replica(&req).await?;
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let (keys, more) = blocking(slot, move || {
+            let owner = owner_of(&store, &r.vm)?;
+            store.data_keys(&owner, &r.vm, (&r.after_key_id, &r.after_recovery))
+        })
+        .await?;
+        Ok(Response::new(pb::DataKeysReply {
+            keys: crate::service::wrapped_to_pb(keys),
+            more,
+        }))
     }
 }

@@ -448,12 +448,8 @@ pub(super) fn record_point(
     tops: &[(i64, NodeHash, usize)],
     (config, consistency, mac, taken_us): Meta<'_>,
 ) -> Result<(), StoreError> {
-    let mac_ok = if session.sealed {
-        mac.len() == 32
-    } else {
-        mac.is_empty()
-    };
-    if !mac_ok {
+    // 32 bytes exactly when the VM is encrypted.
+    if mac.len() != 32 * usize::from(session.sealed) {
         return Err(StoreError::ManifestMac(session.vm.clone()));
     }
     // Point times never go backwards within a VM, whatever the clock did since the last point

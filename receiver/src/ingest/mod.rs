@@ -126,7 +126,7 @@ pub struct PointMeta {
     pub consistency: String,
     /// The agent's MAC of the point's manifest: 32 bytes for an encrypted VM, empty otherwise.
     pub mac: Vec<u8>,
-    /// The agent's time of capture, which the MAC binds (encrypted VMs; 0 otherwise).
+    /// The agent's clock at commit, which the MAC binds (encrypted VMs; 0 otherwise).
     pub taken_us: i64,
 }
 

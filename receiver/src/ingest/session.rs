@@ -35,8 +35,8 @@ pub(super) fn validate_begin(spec: &BeginSpec) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Most wrapped data keys one Begin may carry (one per recovery key the agent wraps to).
-const MAX_WRAPPED_PER_BEGIN: usize = 4;
+/// Most wrapped data keys one Begin may carry (a keyring's data keys and a session key).
+const MAX_WRAPPED_PER_BEGIN: usize = 64;
 
 /// Keeps the Begin's wrapped data keys in its transaction: durable before any chunk sealed
 /// with them can be sent.
@@ -44,15 +44,13 @@ fn keep_wrapped(tx: &Connection, owner: &str, spec: &BeginSpec) -> Result<(), St
     let Some(keyring) = spec.keyring else {
         return Ok(());
     };
-    for w in &spec.wrapped {
-        if !crate::catalog::keys::insert(tx, owner, &keyring.0, w, now_us())? {
-            return Err(StoreError::Quota {
-                agent: owner.to_owned(),
-                what: format!("wrapped data keys of keyring {keyring}"),
-                key: "data_keys",
-                limit: crate::catalog::keys::MAX_PER_KEYRING as u64,
-            });
-        }
+    if !crate::catalog::keys::insert_all(tx, owner, &keyring.0, &spec.wrapped, now_us())? {
+        return Err(StoreError::Quota {
+            agent: owner.to_owned(),
+            what: "wrapped data keys".into(),
+            key: "data_keys",
+            limit: crate::catalog::keys::MAX_PER_OWNER as u64,
+        });
     }
     Ok(())
 }
