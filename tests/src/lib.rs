@@ -186,6 +186,25 @@ impl Deployment {
             .expect("spawn agent")
     }
 
+    /// XORs one byte inside the first chunk of the first pack file (by name) with `xor`:
+    /// damage only a read of that chunk sees.
+    pub fn flip_pack_byte(&self, xor: u8) {
+        use std::os::unix::fs::FileExt;
+        let mut packs: Vec<_> = std::fs::read_dir(self.data().join("packs"))
+            .expect("packs")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        packs.sort();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&packs[0])
+            .expect("open pack");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 8 + 40 + 1000).expect("read");
+        f.write_all_at(&[b[0] ^ xor], 8 + 40 + 1000).expect("write");
+    }
+
     /// Bytes in the receiver's pack files.
     pub fn pack_bytes(&self) -> u64 {
         std::fs::read_dir(self.data().join("packs"))

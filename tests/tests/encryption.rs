@@ -299,20 +299,7 @@ fn verify_without_a_key_catches_a_flipped_byte_and_the_agent_heals_it() {
     assert_eq!(v["chunks_checked"], 16);
 
     // One byte flipped inside the first chunk's ciphertext.
-    let mut packs: Vec<_> = std::fs::read_dir(d.data().join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    packs.sort();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&packs[0])
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 8 + 40 + 1000).unwrap();
-    f.write_all_at(&[b[0] ^ 0x01], 8 + 40 + 1000).unwrap();
-    drop(f);
+    d.flip_pack_byte(0x01);
 
     let bad = verify();
     assert!(!bad.status.success());

@@ -7,7 +7,6 @@
 
 use rewind_tests::{bin, disk, disk_of, run, wait_until, Deployment, Receiver};
 use serde_json::Value;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -143,20 +142,7 @@ fn a_write_only_agent_adds_points_only_the_recovery_key_reads() {
     let third = disk::digest(&vda);
 
     // A flipped byte: verify (no key) finds it, the write-only agent heals it.
-    let mut packs: Vec<_> = std::fs::read_dir(d.data().join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    packs.sort();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&packs[0])
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 8 + 40 + 1000).unwrap();
-    f.write_all_at(&[b[0] ^ 0x80], 8 + 40 + 1000).unwrap();
-    drop(f);
+    d.flip_pack_byte(0x80);
     let verify = || {
         run(Command::new(bin("rewind-receiver"))
             .args(["verify", "--data"])

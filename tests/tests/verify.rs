@@ -5,7 +5,6 @@
 
 use rewind_tests::{bin, disk, disk_of, run, Deployment};
 use serde_json::Value;
-use std::os::unix::fs::FileExt;
 use std::process::Command;
 
 const BLOCK: u64 = 64 * 1024;
@@ -42,20 +41,7 @@ fn a_bad_chunk_is_found_named_and_healed() {
 
     // Flip one byte inside the first chunk of the first pack (one of the 16 blocks of point 1,
     // which point 2 still uses).
-    let mut packs: Vec<_> = std::fs::read_dir(d.data().join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    packs.sort();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&packs[0])
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 8 + 40 + 1000).unwrap();
-    f.write_all_at(&[b[0] ^ 0xff], 8 + 40 + 1000).unwrap();
-    drop(f);
+    d.flip_pack_byte(0xff);
 
     let bad = verify();
     assert!(
