@@ -44,6 +44,8 @@ pub struct GcReport {
     pub requests: Option<u64>,
     /// Pack files a killed gc had forgotten in the catalog but not yet unlinked.
     pub orphan_packs_removed: u64,
+    /// Wrapped data keys of encrypted VMs that no stored chunk uses any more.
+    pub wrapped_keys_dropped: u64,
     pub bytes_before: u64,
     pub bytes_after: u64,
 }
@@ -131,6 +133,7 @@ pub fn gc(conn: &mut Connection, data: &Path, grace_secs: u64) -> Result<GcRepor
     };
     // 1. Forget unreferenced chunks (one transaction: serve's writes wait, then see the result).
     report.chunks_removed = forget_dead_chunks(conn, now, cutoff, &mut report)?;
+    report.wrapped_keys_dropped = crate::catalog::keys::drop_unused(conn, cutoff)?;
     // 2. Packs: delete dead ones, rewrite mostly dead ones.
     // Only sealed packs: one a writer still appends to may not have all its rows yet.
     // Packs under Object Lock (a locked point's) are left alone until it passes.

@@ -379,3 +379,75 @@ fn an_encrypted_vms_copy_holds_ciphertext_and_restores_with_the_key() {
     );
     assert_eq!(restore(&d, "cp", p, &key).unwrap(), want);
 }
+
+#[test]
+fn gc_forgets_the_wrapped_keys_no_stored_chunk_uses() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
+    let (k, r, w) = (d.path("k.key"), d.path("r.key"), d.path("w.key"));
+    agent_key(&["generate", "--out", s(&k), "--passphrase-file", s(&kp)]);
+    agent_key(&[
+        "generate",
+        "--recovery",
+        "--out",
+        s(&r),
+        "--passphrase-file",
+        s(&rp),
+    ]);
+    agent_key(&[
+        "write-only",
+        "--key",
+        s(&k),
+        "--passphrase-file",
+        s(&kp),
+        "--recovery",
+        s(&r),
+        "--out",
+        s(&w),
+        "--no-passphrase",
+    ]);
+    let write_only = ["--encryption-key", s(&w)];
+    let recovery = ["--recovery-key", s(&r), "--passphrase-file", s(&rp)];
+    let keys = || {
+        let o = run(Command::new(bin("rewind-receiver"))
+            .args(["keys", "--json", "--data"])
+            .arg(d.data()));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v[0]["keys"].as_u64().unwrap_or(0)
+    };
+    // Three points, each rewriting the same 4 blocks: each session seals its own chunks
+    // under its own data key.
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 2 * MIB);
+    let mut last = 0;
+    for _ in 0..3 {
+        disk::random_blocks(&vda, BLOCK, 0, 4, &mut rand::rng());
+        let r = sync(&d, &rx, "gck", &vda, &write_only);
+        assert_eq!(disk_of(&r, "vda")["sent_chunks"], 4);
+        last = r["point"].as_u64().unwrap();
+    }
+    // Three session keys and the carried one.
+    assert_eq!(keys(), 4);
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["prune", "--vm", "gck", "--keep-last", "1", "--data"])
+        .arg(d.data()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(Command::new(bin("rewind-receiver"))
+        .args(["gc", "--grace", "0", "--json", "--data"])
+        .arg(d.data()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(g["chunks_removed"], 8, "{g}");
+    // Only the newest session's key seals a stored chunk now.
+    assert_eq!(g["wrapped_keys_dropped"], 3, "{g}");
+    assert_eq!(keys(), 1);
+    assert_eq!(
+        restore(&d, "gck", last, &recovery).unwrap(),
+        disk::digest(&vda)
+    );
+    // The next session sends its keys again (the carried one among them).
+    sync(&d, &rx, "gck", &vda, &write_only);
+    assert_eq!(keys(), 3);
+}

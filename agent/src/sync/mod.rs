@@ -184,9 +184,10 @@ pub async fn sync_once(
     // 1. The disks and their sizes: from QEMU for a live VM, from the files otherwise.
     let found = disks::find(cfg).await?;
     // 2. Settle a crashed cycle's session, then begin this point's. An encrypted VM's data
-    //    key for the session (a write-only agent's is fresh each hour) goes to the receiver wrapped to
-    //    the recovery key, kept there before any chunk sealed with it is sent.
-    let (codec, wrapped) = crate::keys::for_session(&cfg.codec);
+    //    key for the session (a write-only agent's is fresh, and forgotten when the session
+    //    ends) goes to the receiver wrapped to the recovery key, kept there before any chunk
+    //    sealed with it is sent.
+    let (codec, wrapped) = cfg.codec.for_session();
     let session_cfg = SyncConfig {
         codec,
         ..cfg.clone()

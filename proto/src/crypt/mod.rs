@@ -112,6 +112,14 @@ impl std::fmt::Debug for KeyringId {
     }
 }
 
+/// The id of the data key an envelope names (None for anything that is not an envelope).
+pub fn envelope_key_id(stored: &[u8]) -> Option<[u8; 8]> {
+    if stored.first() != Some(&ENVELOPE_V1) {
+        return None;
+    }
+    stored.get(1..9)?.try_into().ok()
+}
+
 /// Checks what a receiver can check of an envelope without the key: its version, that its
 /// length fits a block of `block_len` bytes, and its check hash.
 pub fn check_envelope(id: BlockHash, envelope: &[u8], block_len: usize) -> Result<(), ChunkError> {

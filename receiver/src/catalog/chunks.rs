@@ -392,20 +392,23 @@ pub fn heal<'h>(
 }
 
 /// Indexes `owner`'s chunks placed at their locations (hash, where, uncompressed length),
-/// created `now_us`; a row that exists already is kept. Returns the rows added and their
+/// created `now_us`, each with the id of the data key that sealed it (`key_of`; None for a
+/// plain frame); a row that exists already is kept. Returns the rows added and their
 /// compressed bytes.
 pub fn index(
     conn: &Connection,
     owner: &str,
     placed: &[(BlockHash, ChunkLocation, usize)],
+    key_of: &dyn Fn(&BlockHash) -> Option<[u8; 8]>,
     now_us: i64,
 ) -> rusqlite::Result<(i64, i64)> {
     let mut ins = conn.prepare_cached(
-        "INSERT OR IGNORE INTO chunks(owner, hash, pack_id, offset, clen, ulen, created_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO chunks(owner, hash, pack_id, offset, clen, ulen, created_us, key_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let (mut added, mut bytes) = (0i64, 0i64);
     for (hash, at, ulen) in placed {
+        let key_id = key_of(hash);
         let n = ins.execute(params![
             owner,
             &hash.0[..],
@@ -413,7 +416,8 @@ pub fn index(
             at.offset as i64,
             i64::from(at.len),
             *ulen as i64,
-            now_us
+            now_us,
+            key_id.as_ref().map(|k| &k[..])
         ])?;
         if n > 0 {
             added += 1;

@@ -106,6 +106,21 @@ pub fn of_keyring(
         .collect())
 }
 
+/// Forgets the wrapped keys no chunk row names any more, kept before `cutoff`, of owners
+/// with no open session (a session may be about to seal chunks with a key it registered).
+/// A key an agent still uses comes back with its next Begin. Returns how many it forgot.
+pub fn drop_unused(conn: &Connection, cutoff: i64) -> rusqlite::Result<u64> {
+    let n = conn.execute(
+        "DELETE FROM data_keys WHERE created_us < ?1
+           AND NOT EXISTS (SELECT 1 FROM chunks c
+                           WHERE c.owner = data_keys.owner AND c.key_id = data_keys.key_id)
+           AND NOT EXISTS (SELECT 1 FROM sessions s
+                           WHERE s.owner = data_keys.owner AND s.state = 'open')",
+        [cutoff],
+    )?;
+    Ok(n as u64)
+}
+
 /// Every wrapped key: (owner, keyring, key).
 pub fn all(conn: &Connection) -> rusqlite::Result<Vec<(String, Vec<u8>, WrappedKey)>> {
     let mut stmt = conn.prepare(

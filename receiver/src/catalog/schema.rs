@@ -154,7 +154,8 @@ CREATE TABLE copy_lag(
 /// From version 8 to 9: client-side encryption. A VM's keyring (its public id; NULL for a
 /// plain VM) is fixed by its first point; each point of an encrypted VM keeps the agent's MAC
 /// of its manifest and the agent's clock at commit, which the MAC binds. Data keys wrapped to
-/// recovery keys are kept per owner and keyring (`data_keys`).
+/// recovery keys are kept per owner and keyring (`data_keys`) while a chunk row names them
+/// (`chunks.key_id`: the data key that sealed an encrypted VM's stored frame).
 const MIGRATE_8_9: &str = "
 ALTER TABLE vms ADD COLUMN keyring BLOB;
 ALTER TABLE points ADD COLUMN mac BLOB;
@@ -167,6 +168,8 @@ CREATE TABLE data_keys(
   blob BLOB NOT NULL,
   created_us INTEGER NOT NULL,
   PRIMARY KEY(owner, keyring, key_id, recovery)) WITHOUT ROWID;
+ALTER TABLE chunks ADD COLUMN key_id BLOB;
+CREATE INDEX chunks_by_key ON chunks(owner, key_id) WHERE key_id IS NOT NULL;
 ";
 
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.

@@ -270,7 +270,14 @@ impl Store {
         }
         // What the owner now holds more, for its storage quota (a row a racing stream of the
         // same owner inserted first is not counted twice).
-        let (added, bytes) = crate::catalog::chunks::index(tx, owner, placed, now)?;
+        // An encrypted VM's frame names the data key that sealed it: the chunk row keeps it,
+        // and its wrapped key is kept while a row names it.
+        let sealed: HashMap<BlockHash, [u8; 8]> = sent
+            .iter()
+            .filter_map(|c| Some((c.0, rewind_proto::crypt::envelope_key_id(&c.1)?)))
+            .collect();
+        let key_of = |h: &BlockHash| sealed.get(h).copied();
+        let (added, bytes) = crate::catalog::chunks::index(tx, owner, placed, &key_of, now)?;
         if added > 0 {
             crate::catalog::add_usage(tx, owner, added, bytes)?;
         }
