@@ -33,6 +33,7 @@ impl Monitor {
             reader: BufReader::new(sock.try_clone().expect("clone")),
             writer: sock,
         };
+        // The greeting (a late one is skipped by `execute` too).
         m.read();
         m.execute("qmp_capabilities", json!({}))
             .expect("qmp_capabilities");
@@ -51,13 +52,17 @@ impl Monitor {
         writeln!(self.writer, "{msg}").expect("write QMP");
         loop {
             let v = self.read();
-            if v.get("event").is_some() {
+            // Events, and a greeting read late (QEMU under load), are not the reply.
+            if v.get("event").is_some() || v.get("QMP").is_some() {
                 continue;
             }
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             }
-            return Err(v["error"]["desc"].as_str().unwrap_or("?").to_owned());
+            return Err(match v["error"]["desc"].as_str() {
+                Some(desc) => desc.to_owned(),
+                None => format!("unexpected QMP reply {v}"),
+            });
         }
     }
 
