@@ -289,3 +289,51 @@ fn a_copy_keeps_to_its_bandwidth_limit() {
     assert!(m.contains(&lag), "{m}");
     assert!(m.contains("rewind_copy_last_run_age_seconds{"), "{m}");
 }
+
+#[test]
+fn a_vm_that_exists_on_the_copy_is_never_written_by_it() {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let (a, z, l) = (d.path("a.raw"), d.path("z.raw"), d.path("l.raw"));
+    for p in [&a, &z, &l] {
+        disk::create(p, 4 * MIB);
+        disk::random_blocks(p, BLOCK, 0, 8, &mut rand::rng());
+    }
+    d.sync_ok(&rx, "host1", "alpha", &[("vda", &a)]);
+    d.sync_ok(&rx, "host1", "zulu", &[("vda", &z)]);
+    // The copy's own agent protects a VM of the same name on the copy, before any copy run.
+    let (copy, config) = copy_setup(&d, &rx);
+    let local = {
+        let own = copy.serve();
+        copy.sync_ok(&own, "host1", "alpha", &[("vda", &l)])
+    };
+    let crx = Receiver::start_with(
+        &copy.data(),
+        &copy.pki(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_points(&copy, "zulu", 1);
+    // Two more runs over every VM: alpha was tried at least once in between.
+    wait_two_runs(&copy, "zulu");
+    drop(crx);
+    let points = copy.points("alpha");
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert_eq!(
+        points[0]["disks"][0]["root"],
+        rewind_tests::disk_of(&local, "vda")["root"]
+    );
+    let conn = rusqlite::Connection::open(copy.data().join("catalog.sqlite")).unwrap();
+    let copied: i64 = conn
+        .query_row("SELECT COUNT(*) FROM copies WHERE vm = 'alpha'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(copied, 0);
+    let alpha = copy.points("alpha")[0]["id"].as_u64().unwrap();
+    assert_eq!(
+        copy.restored_digest("alpha", "vda", alpha),
+        disk::digest(&l)
+    );
+    let zulu = copy.points("zulu")[0]["id"].as_u64().unwrap();
+    assert_eq!(copy.restored_digest("zulu", "vda", zulu), disk::digest(&z));
+}
