@@ -75,14 +75,7 @@ pub fn open_key(
     path: &std::path::Path,
     passphrase_file: Option<&std::path::Path>,
 ) -> Result<Keyring, KeyFileError> {
-    let file = read_key_file(path)?;
-    if !file.needs_passphrase() {
-        return file.unlock(None);
-    }
-    let pass = read_passphrase(
-        passphrase_file,
-        &format!("Passphrase for {}: ", path.display()),
-    )?;
+    let (file, pass) = read_unlockable(path, passphrase_file)?;
     file.unlock(pass.as_ref().map(|p| p.as_bytes()))
 }
 
@@ -91,15 +84,23 @@ pub fn open_recovery(
     path: &std::path::Path,
     passphrase_file: Option<&std::path::Path>,
 ) -> Result<RecoveryKey, KeyFileError> {
+    let (file, pass) = read_unlockable(path, passphrase_file)?;
+    file.unlock_recovery(pass.as_ref().map(|p| p.as_bytes()))
+}
+
+/// The key file at `path`, and its passphrase when it has one (from `passphrase_file`, or
+/// typed at a prompt).
+fn read_unlockable(
+    path: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<(KeyFile, Option<Zeroizing<String>>), KeyFileError> {
     let file = read_key_file(path)?;
     if !file.needs_passphrase() {
-        return file.unlock_recovery(None);
+        return Ok((file, None));
     }
-    let pass = read_passphrase(
-        passphrase_file,
-        &format!("Passphrase for {}: ", path.display()),
-    )?;
-    file.unlock_recovery(pass.as_ref().map(|p| p.as_bytes()))
+    let prompt = format!("Passphrase for {}: ", path.display());
+    let pass = read_passphrase(passphrase_file, &prompt)?;
+    Ok((file, pass))
 }
 
 /// Reads and parses the key file at `path`.
