@@ -14,6 +14,7 @@ pub mod libvirt;
 pub mod procfs;
 pub mod qemu;
 pub mod s3;
+pub mod s3proxy;
 pub mod wan;
 
 use serde_json::Value;

@@ -142,6 +142,22 @@ for v in vs:
             .collect()
     }
 
+    /// The ids of the multipart uploads open in bucket `name` (a plain listing request).
+    pub fn uploads(&self, name: &str) -> Vec<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "-f"])
+            .arg(format!("{}/{name}?uploads", self.endpoint()))
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "list uploads of {name}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("<UploadId>")
+            .skip(1)
+            .filter_map(|s| s.split("</UploadId>").next())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The environment a receiver command needs to reach the server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -162,6 +178,37 @@ impl Drop for Moto {
 
 /// The variables a receiver command needs to reach the S3 server.
 pub type Env = Vec<(&'static str, String)>;
+
+/// A deployment and a moto_server with bucket `rewind`; None (skipped) without moto_server.
+pub fn with_moto() -> Option<(Deployment, Moto, Env)> {
+    if !available() {
+        eprintln!("moto_server is not installed: skipped (the test command installs it)");
+        return None;
+    }
+    let d = Deployment::new();
+    let moto = Moto::start(d.dir.path());
+    moto.bucket("rewind", false);
+    let env = moto.env();
+    Some((d, moto, env))
+}
+
+/// `verify --json EXTRA`: whether it succeeded, and its report.
+pub fn verify_json(
+    d: &Deployment,
+    env: &[(&'static str, String)],
+    extra: &[&str],
+) -> (bool, serde_json::Value) {
+    let mut args = vec!["verify", "--json"];
+    args.extend_from_slice(extra);
+    let o = receiver(d, env, &args);
+    let report = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no report ({e}): {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.success(), report)
+}
 
 /// `serve --store URL` with the server's environment, reaching it at `endpoint`.
 pub fn serve(d: &Deployment, url: &str, env: &[(&'static str, String)]) -> Receiver {

@@ -6,25 +6,14 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use rewind_tests::faultlink::{FaultLink, LinkMode};
-use rewind_tests::s3::{self, copy_digest, empty_cache, receiver, restored, serve, Env, Moto};
-use rewind_tests::{bin, disk, sync_report, Deployment};
+use rewind_tests::s3::{
+    self, copy_digest, empty_cache, receiver, restored, serve, verify_json, with_moto,
+};
+use rewind_tests::{bin, disk, sync_report};
 use std::process::{Command, Output};
 
 const BLOCK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
-
-/// A deployment and a moto_server with bucket `rewind`; None (skipped) without moto_server.
-fn with_moto() -> Option<(Deployment, Moto, Env)> {
-    if !s3::available() {
-        eprintln!("moto_server is not installed: skipped (the test command installs it)");
-        return None;
-    }
-    let d = Deployment::new();
-    let moto = Moto::start(d.dir.path());
-    moto.bucket("rewind", false);
-    let env = moto.env();
-    Some((d, moto, env))
-}
 
 #[test]
 fn packs_live_in_the_bucket_and_every_point_restores_from_it() {
@@ -349,23 +338,6 @@ fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_the
 }
 
 /// `verify --json` (with `extra` arguments): its exit status and report.
-fn verify_json(
-    d: &Deployment,
-    env: &[(&'static str, String)],
-    extra: &[&str],
-) -> (bool, serde_json::Value) {
-    let mut args = vec!["verify", "--json"];
-    args.extend_from_slice(extra);
-    let o = receiver(d, env, &args);
-    let report = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "verify printed no report ({e}): {}",
-            String::from_utf8_lossy(&o.stderr)
-        )
-    });
-    (o.status.success(), report)
-}
-
 #[test]
 fn a_default_verify_reads_nothing_from_the_bucket_and_a_deep_one_keeps_to_its_budget() {
     let Some((d, moto, env)) = with_moto() else {
@@ -445,57 +417,6 @@ fn a_default_verify_reads_nothing_from_the_bucket_and_a_deep_one_keeps_to_its_bu
         assert_eq!(b["points"], serde_json::json!([["vm1", id(&p2)]]), "{b}");
     }
     assert_eq!(restored(&d, &env, id(&p1)), want1);
-}
-
-#[test]
-fn a_large_object_goes_up_in_parts_and_comes_back_whole() {
-    let Some((d, moto, _)) = with_moto() else {
-        return;
-    };
-    use rewind_receiver::chunks::location::{Location, StoreTable};
-    use std::sync::atomic::Ordering;
-    let creds = d.path("creds.toml");
-    std::fs::write(
-        &creds,
-        "access_key_id = \"rewind-test\"\nsecret_access_key = \"rewind-test-secret\"\n",
-    )
-    .unwrap();
-    let table = StoreTable {
-        endpoint: Some(moto.endpoint()),
-        region: Some("us-east-1".into()),
-        credentials_file: Some(creds),
-        ..StoreTable::default()
-    };
-    let loc = Location::new("s3://rewind/big", &table).unwrap();
-    let client = rewind_receiver::chunks::s3::S3Client::new(&loc.target().unwrap()).unwrap();
-    // 12 MiB and a bit in parts of 5 MiB: three parts, the last one short.
-    let file = d.path("big.bin");
-    let mut bytes = vec![0u8; (12 * MIB + 12345) as usize];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    std::fs::write(&file, &bytes).unwrap();
-    assert!(client
-        .put_file_in("catalog/big.sqlite", &file, 5 * MIB)
-        .unwrap());
-    // One request to start, one per part, one to complete.
-    assert_eq!(client.counters.puts.load(Ordering::Relaxed), 5);
-    let back = d.path("back.bin");
-    let n = client
-        .get_file("catalog/big.sqlite", &back, 64 * MIB)
-        .unwrap();
-    assert_eq!(n, bytes.len() as u64);
-    assert_eq!(std::fs::read(&back).unwrap(), bytes);
-    // The store made one object of the three parts (a multipart ETag names its part count).
-    let stat = client.stat("catalog/big.sqlite").unwrap().unwrap();
-    assert_eq!(stat.size, bytes.len() as u64);
-    assert!(stat.etag.unwrap().ends_with("-3"));
-    // A small file is one create-only PUT.
-    std::fs::write(&file, b"small").unwrap();
-    assert!(client
-        .put_file_in("catalog/small.sqlite", &file, 5 * MIB)
-        .unwrap());
-    assert!(!client
-        .put_file_in("catalog/small.sqlite", &file, 5 * MIB)
-        .unwrap());
 }
 
 #[test]
