@@ -19,6 +19,7 @@
 //! parallel = 4                          # chunk reads in flight
 //! ```
 
+mod fetch;
 pub mod pull;
 pub mod source;
 
@@ -121,35 +122,42 @@ pub struct CopyReport {
     pub chunk_bytes: u64,
 }
 
-/// Holds reads from the source to a byte rate.
+/// Holds reads from the source to a byte rate; shared by the batches being fetched.
 pub struct RateLimit {
     rate: Option<u64>,
-    start: Instant,
-    spent: u64,
+    /// When counting began, and the bytes counted since.
+    spent: std::sync::Mutex<(Instant, u64)>,
 }
 
 impl RateLimit {
     pub fn new(rate: Option<u64>) -> RateLimit {
         RateLimit {
             rate,
-            start: Instant::now(),
-            spent: 0,
+            spent: std::sync::Mutex::new((Instant::now(), 0)),
         }
     }
 
     /// Counts `bytes` read, waiting until the rate allows them.
-    pub async fn spend(&mut self, bytes: u64) {
+    pub async fn spend(&self, bytes: u64) {
         let Some(rate) = self.rate else { return };
-        // Time spent idle (walking leaves, VMs with nothing new) earns at most a second's
-        // worth of bytes: no unthrottled burst after it.
-        let earned = self.start.elapsed().as_secs_f64() * rate as f64;
-        if earned > self.spent as f64 + rate as f64 {
-            self.start = Instant::now() - Duration::from_secs(1);
-            self.spent = rate;
-        }
-        self.spent += bytes;
-        let due = Duration::from_secs_f64(self.spent as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+        let wait = {
+            let mut g = self
+                .spent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (start, spent) = &mut *g;
+            // Time spent idle (walking leaves, VMs with nothing new) earns at most a second's
+            // worth of bytes: no unthrottled burst after it.
+            let earned = start.elapsed().as_secs_f64() * rate as f64;
+            if earned > *spent as f64 + rate as f64 {
+                *start = Instant::now() - Duration::from_secs(1);
+                *spent = rate;
+            }
+            *spent += bytes;
+            let due = Duration::from_secs_f64(*spent as f64 / rate as f64);
+            due.checked_sub(start.elapsed())
+        };
+        if let Some(wait) = wait {
             tokio::time::sleep(wait).await;
         }
     }
@@ -194,8 +202,8 @@ pub async fn connect(cfg: &CopyConfig) -> Result<CopyClient<Channel>, CopyError>
 /// One copy run: connects and copies every new point.
 pub async fn run_once(store: &Arc<Store>, cfg: &CopyConfig) -> Result<CopyReport, CopyError> {
     let mut client = connect(cfg).await?;
-    let mut limit = RateLimit::new(cfg.bwlimit);
-    pull::run_once(&mut client, store, cfg, &mut limit).await
+    let limit = Arc::new(RateLimit::new(cfg.bwlimit));
+    pull::run_once(&mut client, store, cfg, &limit).await
 }
 
 /// Copies on `cfg`'s schedule until the process stops; a failed run is logged and retried at

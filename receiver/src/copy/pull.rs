@@ -8,13 +8,13 @@
 //! source's roots. The local session is recorded before anything is sent
 //! ([`crate::catalog::copies`]), so a copy cut short resumes it and never makes a point twice.
 
+use super::fetch::{Fetch, Reads, BATCHES_FETCHING};
 use super::{CopyConfig, CopyError, CopyReport};
 use crate::catalog::{copies, now_us, sessions};
 use crate::chunks::ChunkWriter;
 use crate::error::StoreError;
-use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, IncomingChunk, PointMeta};
+use crate::ingest::{BeginSpec, DiskMode, DiskSpec, Entry, PointMeta};
 use crate::store::Store;
-use futures::StreamExt;
 use rewind_proto::format::{
     max_frame_len, DiskGeometry, MAX_POINT_BLOCKS_PAGE, MAX_READ_CHUNKS, MAX_READ_REPLY_BYTES,
 };
@@ -65,11 +65,17 @@ struct PointCopy<'a> {
     session: String,
     /// The point's chunk writer, while no batch is being staged with it.
     writer: Option<Box<dyn ChunkWriter>>,
-    /// The batch being staged on a blocking thread while the next one is fetched; it hands
+    /// The batch being staged on a blocking thread while the next ones are fetched; it hands
     /// the writer back.
     staging: Option<Staging>,
+    /// Batches whose chunks are being read from the source, oldest first.
+    fetching: VecDeque<Fetch>,
+    /// Chunks asked for and not staged yet: a later batch that needs one does not ask again.
+    in_flight: HashSet<BlockHash>,
+    /// The chunks of the batch being staged (out of `in_flight` once it is staged).
+    staging_asked: Vec<BlockHash>,
     report: &'a mut CopyReport,
-    limiter: &'a mut super::RateLimit,
+    limiter: &'a Arc<super::RateLimit>,
 }
 
 /// A batch being staged: the writer comes back with the outcome.
@@ -81,7 +87,7 @@ pub async fn run_once(
     client: &mut CopyClient<Channel>,
     store: &Arc<Store>,
     cfg: &CopyConfig,
-    limiter: &mut super::RateLimit,
+    limiter: &Arc<super::RateLimit>,
 ) -> Result<CopyReport, CopyError> {
     let mut report = CopyReport::default();
     let vms = client
@@ -106,7 +112,7 @@ async fn copy_vm(
     cfg: &CopyConfig,
     v: &pb::CopyVm,
     report: &mut CopyReport,
-    limiter: &mut super::RateLimit,
+    limiter: &Arc<super::RateLimit>,
 ) -> Result<(), CopyError> {
     rewind_proto::names::vm(&v.vm).map_err(|_| CopyError::Answer("a VM name"))?;
     rewind_proto::names::vm(&v.owner).map_err(|_| CopyError::Answer("an owner name"))?;
@@ -253,7 +259,7 @@ async fn copy_point(
     (owner, vm): (&str, &str),
     p: &pb::CopyPoint,
     report: &mut CopyReport,
-    limiter: &mut super::RateLimit,
+    limiter: &Arc<super::RateLimit>,
 ) -> Result<(), CopyError> {
     let info = p
         .info
@@ -292,6 +298,9 @@ async fn copy_point(
         session: plan.session.clone(),
         writer: Some(store.chunk_writer()),
         staging: None,
+        fetching: VecDeque::new(),
+        in_flight: HashSet::new(),
+        staging_asked: Vec::new(),
         report,
         limiter,
     };
@@ -311,7 +320,7 @@ async fn copy_point(
             break;
         }
     }
-    let staged = copy.staged().await;
+    let staged = copy.flush().await;
     sent = sent.and(staged);
     // The packs written are sealed however the point ended (gc may then collect them).
     let sealed = match copy.writer.take() {
@@ -494,60 +503,52 @@ impl PointCopy<'_> {
         Ok((leaves, next))
     }
 
-    /// Stages one batch of entries with the chunks this store lacks, read from the source
-    /// several requests at a time.
+    /// Starts reading the chunks of one batch of entries that this store lacks (and no
+    /// earlier batch asked for) from the source, several requests at a time; batches land
+    /// and stage in order.
     async fn send(&mut self, entries: Vec<Entry>, block: u64) -> Result<(), CopyError> {
+        while self.fetching.len() >= BATCHES_FETCHING {
+            self.land_one().await?;
+        }
         let wanted: Vec<BlockHash> = entries
             .iter()
-            .filter(|e| !e.leaf.is_zero())
+            .filter(|e| !e.leaf.is_zero() && !self.in_flight.contains(&e.leaf))
             .map(|e| e.leaf)
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
         let missing = blocking(|| self.store.missing(self.owner, &self.session, &wanted))?;
+        self.in_flight.extend(missing.iter().copied());
         let per_call =
             (MAX_READ_REPLY_BYTES / max_frame_len(block as usize)).clamp(1, MAX_READ_CHUNKS);
-        // Built up front, so the stream holds only owned futures.
-        let calls: Vec<_> = missing
-            .chunks(per_call)
-            .map(|group| {
-                let mut client = self.client.clone();
-                let req = pb::ReadChunksRequest {
-                    vm: self.vm.to_owned(),
-                    hashes: group.iter().map(|h| h.0.to_vec()).collect(),
-                };
-                async move { client.copy_chunks(req).await }
-            })
-            .collect();
-        let mut replies = futures::stream::iter(calls).buffer_unordered(self.cfg.parallel.max(1));
-        let mut asked: HashSet<BlockHash> = missing.iter().copied().collect();
-        let mut chunks = Vec::with_capacity(missing.len());
-        while let Some(reply) = replies.next().await {
-            let reply = reply?.into_inner();
-            let bytes: usize = reply.chunks.iter().map(|c| c.data.len()).sum();
-            self.limiter.spend(bytes as u64).await;
-            for c in reply.chunks {
-                let hash = BlockHash::from_slice(&c.hash)
-                    .map_err(|_| CopyError::Answer("a chunk hash"))?;
-                // Each asked-for chunk once: a repeat is refused like a stranger.
-                if !asked.remove(&hash) {
-                    return Err(CopyError::Answer("a chunk that was not asked for"));
-                }
-                self.report.chunk_bytes += c.data.len() as u64;
-                chunks.push(IncomingChunk {
-                    hash,
-                    frame: c.data,
-                });
-            }
-        }
-        drop(replies);
-        if chunks.len() != missing.len() {
-            return Err(CopyError::Answer("fewer chunks than asked for"));
-        }
+        let reads = Reads {
+            client: self.client.clone(),
+            vm: self.vm.to_owned(),
+            per_call,
+            parallel: self.cfg.parallel.max(1),
+            limiter: self.limiter.clone(),
+        };
+        let task = tokio::spawn(reads.run(missing.clone()));
+        self.fetching.push_back(Fetch {
+            entries,
+            asked: missing,
+            task,
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest batch's chunks, then stages it on a blocking thread once the
+    /// batch before it is staged.
+    async fn land_one(&mut self) -> Result<(), CopyError> {
+        let Some(mut fetch) = self.fetching.pop_front() else {
+            return Ok(());
+        };
+        let chunks = (&mut fetch.task)
+            .await
+            .map_err(|e| CopyError::Worker(e.to_string()))??;
         self.report.chunks += chunks.len() as u64;
-        self.report.entries += entries.len() as u64;
-        // The previous batch is staged first (batches stage in order); this one then stages
-        // while the next is fetched.
+        self.report.chunk_bytes += chunks.iter().map(|c| c.frame.len() as u64).sum::<u64>();
+        self.report.entries += fetch.entries.len() as u64;
         self.staged().await?;
         let Some(mut writer) = self.writer.take() else {
             return Err(CopyError::Worker("the chunk writer is in use".into()));
@@ -557,11 +558,21 @@ impl PointCopy<'_> {
             self.owner.to_owned(),
             self.session.clone(),
         );
+        let entries = std::mem::take(&mut fetch.entries);
+        self.staging_asked = std::mem::take(&mut fetch.asked);
         self.staging = Some(tokio::task::spawn_blocking(move || {
             let r = store.ingest(&owner, &session, entries, chunks, &mut *writer);
             (writer, r.map(drop))
         }));
         Ok(())
+    }
+
+    /// Lands every batch still being fetched and waits until the last one is staged.
+    async fn flush(&mut self) -> Result<(), CopyError> {
+        while !self.fetching.is_empty() {
+            self.land_one().await?;
+        }
+        self.staged().await
     }
 
     /// Waits for the batch being staged, if any, and takes the writer back.
@@ -571,6 +582,9 @@ impl PointCopy<'_> {
         };
         let (writer, r) = h.await.map_err(|e| CopyError::Worker(e.to_string()))?;
         self.writer = Some(writer);
+        for hash in std::mem::take(&mut self.staging_asked) {
+            self.in_flight.remove(&hash);
+        }
         Ok(r?)
     }
 }
