@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 9;
+pub const VERSION: i64 = 10;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -172,6 +172,19 @@ ALTER TABLE chunks ADD COLUMN key_id BLOB;
 CREATE INDEX chunks_by_key ON chunks(owner, key_id) WHERE key_id IS NOT NULL;
 ";
 
+/// From version 9 to 10: indexes that keep a commit, a Begin and a prune's cost flat as
+/// points (and their finished sessions) accumulate: without them, listing a VM's points for
+/// retention checked every session for each point, and removing a point scanned every point
+/// and every disk row for its children and its disk's next point.
+const MIGRATE_9_10: &str = "
+CREATE INDEX points_by_parent ON points(parent) WHERE parent IS NOT NULL;
+CREATE INDEX point_disks_by_disk ON point_disks(disk_id, point_id);
+CREATE INDEX sessions_by_vm ON sessions(vm_id, updated_us);
+CREATE INDEX sessions_open_by_owner ON sessions(owner) WHERE state = 'open';
+CREATE INDEX sessions_open_by_base ON sessions(base_point) WHERE state = 'open';
+CREATE INDEX events_by_kind ON events(kind, id);
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -276,6 +289,7 @@ const STEPS: &[(i64, &str)] = &[
     (7, MIGRATE_6_7),
     (8, MIGRATE_7_8),
     (9, MIGRATE_8_9),
+    (10, MIGRATE_9_10),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

@@ -42,6 +42,9 @@ struct Args {
     /// Print the results as JSON too.
     #[arg(long)]
     json: bool,
+    /// Runs only the scale case (no image, no copy).
+    #[arg(long)]
+    scale_only: bool,
 }
 
 mod scale;
@@ -298,6 +301,15 @@ fn main() -> Result<()> {
                 .arg(&pki),
         )?;
     }
+    if a.scale_only {
+        let bucket = Bucket::start(w)?;
+        let scale = scale::run(&bins, w, &bucket.env(), "s3://bench/scale", a.scale_points)?;
+        print_scale(&scale);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&scale)?);
+        }
+        return Ok(());
+    }
     let size = (a.size_gib * GIB) as u64 / BLOCK * BLOCK;
     eprintln!("generating a {:.1} GiB mixed image ...", size as f64 / GIB);
     let image = w.join("image.raw");
@@ -422,19 +434,7 @@ fn main() -> Result<()> {
             a.wan_rtt_ms
         );
     }
-    if !scale.is_empty() {
-        println!("scale, simulated 1 TiB disk, 16 changed blocks a point, packs in the bucket:");
-        println!(
-            "{:>8} {:>12} {:>12} {:>14}",
-            "points", "commit ms", "catalog MB", "prune one ms"
-        );
-        for s in &scale {
-            println!(
-                "{:>8} {:>12.1} {:>12.2} {:>14.1}",
-                s.points, s.commit_ms, s.catalog_mb, s.prune_ms
-            );
-        }
-    }
+    print_scale(&scale);
     let mut r = r;
     r["scale"] = serde_json::to_value(&scale)?;
     if a.json {
@@ -467,4 +467,25 @@ fn seed_incr(
     })();
     stop(&mut rx);
     result
+}
+
+fn print_scale(scale: &[scale::Figures]) {
+    if scale.is_empty() {
+        return;
+    }
+    println!("scale, simulated 1 TiB disk, 16 changed blocks a point, packs in the bucket:");
+    println!(
+        "{:>8} {:>12} {:>12} {:>14} {:>14}",
+        "points", "commit ms", "catalog MB", "kB per point", "prune one ms"
+    );
+    for s in scale {
+        println!(
+            "{:>8} {:>12.1} {:>12.2} {:>14.1} {:>14.1}",
+            s.points,
+            s.commit_ms,
+            s.catalog_mb,
+            s.catalog_mb * 1e3 / s.points as f64,
+            s.prune_ms
+        );
+    }
 }
