@@ -1,11 +1,14 @@
 //! Removing points by retention rules, and locking points against removal.
 //!
-//! Removing point P folds its node versions into the next point N of the same disk (the very
-//! next one, even if it is to be removed too): a row (level, idx, P) is deleted when a newer row
-//! of the same node exists at or before N (N does not see it), and is moved to N otherwise (N saw
-//! it through P). Points are removed newest first, so each row moves once. The cost follows the
-//! rows P wrote, i.e. the blocks it changed, never the disk size. Each point is removed in its
-//! own transaction, so a crash between two leaves every remaining point whole.
+//! Removing point P of a disk whose remaining points around it are B (before; maybe none) and N
+//! (next; the very next one, even if it is to be removed too) deletes the versions in (B, P]
+//! that a version in (P, N] replaces: no remaining point sees them. The others stay under P's
+//! id (a reader takes a node's newest version not after its point, whether or not a point of
+//! that id still exists), so N sees them as it did. The cost follows the rows in (P, N] (what
+//! changed after P), never the disk size nor the history before P: removing the oldest point
+//! of a long history, which holds the whole disk, costs what its successor changed. Each point
+//! is removed in its own transaction, so a crash between two leaves every remaining point
+//! whole.
 //!
 //! Ordering rule: prune removes references before gc removes chunks; chunks are never touched
 //! here.
@@ -24,7 +27,7 @@ pub struct VmPrune {
     pub vm: String,
     pub kept: Vec<Verdict>,
     pub removed: Vec<i64>,
-    /// Node rows deleted or moved: the work done, proportional to the removed points' changes.
+    /// Node rows deleted: the work done, proportional to what changed after the removed points.
     pub rows_touched: u64,
 }
 
@@ -102,12 +105,13 @@ fn remove_point(conn: &mut Connection, point: i64) -> Result<u64, StoreError> {
     }
     let mut touched = 0u64;
     for disk in rows::disk_ids(&tx, id)? {
-        // The very next point of this disk, even one this prune will remove too: folding past
-        // it would hide this point's versions from it, and a prune killed before removing it
-        // would leave it damaged. Its own removal folds them further.
+        // The very next point of this disk, even one this prune will remove too: a version
+        // replaced only after it is still what it sees, and a prune killed before removing it
+        // must leave it whole. Its own removal then drops what its successor replaces.
+        let prev = rows::prev_with_disk(&tx, disk, id)?;
         touched += match rows::next_with_disk(&tx, disk, id)? {
-            Some(next) => leaves::fold_into(&tx, disk, id, next)?,
-            None => leaves::drop_point(&tx, disk, id)?,
+            Some(next) => leaves::fold_into(&tx, disk, (prev, id, next))?,
+            None => leaves::drop_point(&tx, disk, prev, id)?,
         };
     }
     rows::delete(&tx, id)?;
@@ -151,18 +155,45 @@ mod tests {
             .collect()
     }
 
-    /// Every state a prune of points 1..=4 of 5 passes through (it may be killed after any
-    /// removal) leaves each remaining point seeing exactly the leaves it saw before.
-    #[test]
-    fn every_step_of_a_prune_leaves_the_remaining_points_whole() {
+    /// Node rows of disk 1, and the versions some remaining point sees: a removal must leave
+    /// none that no point sees (a leak that would keep chunks alive forever).
+    fn rows_and_seen(conn: &Connection, remaining: &[i64]) -> (usize, usize) {
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM nodes WHERE disk_id = 1", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        let mut seen = std::collections::BTreeSet::new();
+        for &q in remaining {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT level, idx, MAX(point) FROM nodes WHERE disk_id = 1 AND point <= ?1
+                     GROUP BY level, idx",
+                )
+                .expect("prepare");
+            let versions = stmt
+                .query_map([q], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .expect("query");
+            seen.extend(versions.map(|v| v.expect("row")));
+        }
+        (rows as usize, seen.len())
+    }
+
+    /// A catalog with points 1..=5 of one disk, each rewriting some of 16 blocks (overlapping).
+    fn five_points() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut conn = crate::catalog::open_rw(dir.path()).expect("catalog");
+        let conn = crate::catalog::open_rw(dir.path()).expect("catalog");
         conn.execute_batch(
             "INSERT INTO vms(id, name, owner, created_us) VALUES (1, 'v', 'a', 0);
              INSERT INTO disks(id, vm_id, name, size, block_size) VALUES (1, 1, 'vda', 1048576, 65536);",
         )
         .expect("vm");
-        // Five points; each rewrites some of 16 blocks (overlapping).
         let writes: [&[i64]; 5] = [
             &[0, 1, 2, 3, 4, 5],
             &[1, 2, 9],
@@ -192,6 +223,15 @@ mod tests {
                 .expect("node");
             }
         }
+        (dir, conn)
+    }
+
+    /// Every state a prune of points 1..=4 of 5 passes through (it may be killed after any
+    /// removal) leaves each remaining point seeing exactly the leaves it saw before, and no
+    /// row that no remaining point sees.
+    #[test]
+    fn every_step_of_a_prune_leaves_the_remaining_points_whole() {
+        let (_dir, mut conn) = five_points();
         let before: Vec<_> = (1..=5).map(|p| view(&conn, p)).collect();
         let policy = Policy {
             last: Some(1),
@@ -209,6 +249,35 @@ mod tests {
                     view(&conn, q),
                     before[q as usize - 1],
                     "point {q} after removing {p}"
+                );
+            }
+            let (rows, seen) = rows_and_seen(&conn, &remaining);
+            assert_eq!(rows, seen, "rows no point sees after removing {p}");
+        }
+    }
+
+    /// Any order of removals (oldest first, from the middle out, ...) keeps every remaining
+    /// point whole and leaves no row that no remaining point sees.
+    #[test]
+    fn removals_in_any_order_keep_the_rest_whole_and_leak_no_row() {
+        for order in [[1, 2, 3, 4], [2, 3, 1, 4], [3, 1, 4, 2], [4, 1, 3, 2]] {
+            let (_dir, mut conn) = five_points();
+            let before: Vec<_> = (1..=5).map(|p| view(&conn, p)).collect();
+            let mut remaining: Vec<i64> = (1..=5).collect();
+            for p in order {
+                remove_point(&mut conn, p).expect("remove");
+                remaining.retain(|&q| q != p);
+                for &q in &remaining {
+                    assert_eq!(
+                        view(&conn, q),
+                        before[q as usize - 1],
+                        "order {order:?}: point {q} after removing {p}"
+                    );
+                }
+                let (rows, seen) = rows_and_seen(&conn, &remaining);
+                assert_eq!(
+                    rows, seen,
+                    "order {order:?}: leaked rows after removing {p}"
                 );
             }
         }

@@ -186,8 +186,19 @@ pub fn quarantined(conn: &Connection) -> rusqlite::Result<Vec<Quarantined>> {
     rows.collect()
 }
 
-/// Quarantined chunks of the VM's owner that any version of the VM's leaves names.
+/// Quarantined chunks of the VM's owner that any version of the VM's leaves names. Finding
+/// them walks the VM's leaves, so only when the owner has a quarantined chunk at all: every
+/// Begin asks, and its cost must not follow the disk's size in the usual case of none.
 pub fn to_heal(conn: &Connection, vm_id: VmId) -> rusqlite::Result<Vec<Vec<u8>>> {
+    let any: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM bad_chunks
+               WHERE owner = (SELECT owner FROM vms WHERE id = ?1))",
+        )?
+        .query_row([vm_id], |r| r.get(0))?;
+    if !any {
+        return Ok(Vec::new());
+    }
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT b.hash FROM bad_chunks b JOIN nodes n ON n.hash = b.hash AND n.level = 0
          JOIN disks d ON d.id = n.disk_id JOIN vms v ON v.id = d.vm_id

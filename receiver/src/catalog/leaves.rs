@@ -32,6 +32,21 @@ const ONE_NODE: &str = "SELECT hash FROM nodes
      WHERE disk_id = ?1 AND level = ?2 AND idx = ?3 AND point <= ?5
      ORDER BY point DESC LIMIT 1";
 
+/// One level's nodes in a short range (a parent's children, as a commit's tree update reads
+/// them), found by seeks: each index present in turn, then its newest version not after
+/// `?5`. The upper levels gain a version at almost every point, so grouping all versions as
+/// [`NODES`] does would cost more with every point kept; this costs two seeks per index.
+const CHILDREN: &str = "WITH RECURSIVE ids(i) AS (
+       SELECT (SELECT idx FROM nodes WHERE disk_id = ?1 AND level = ?2 AND idx >= ?3
+               AND idx < ?4 ORDER BY idx LIMIT 1)
+       UNION ALL
+       SELECT (SELECT idx FROM nodes WHERE disk_id = ?1 AND level = ?2 AND idx > ids.i
+               AND idx < ?4 ORDER BY idx LIMIT 1)
+       FROM ids WHERE ids.i IS NOT NULL)
+     SELECT i, (SELECT hash FROM nodes WHERE disk_id = ?1 AND level = ?2 AND idx = ids.i
+                AND point <= ?5 ORDER BY point DESC LIMIT 1)
+     FROM ids WHERE i IS NOT NULL";
+
 /// Non-zero nodes with where the disk's owner holds each chunk, in index order. A chunk the
 /// owner does not hold (quarantined, lost) comes back without a location. SQLite does not carry
 /// the grouped rows' order through the join: the `ORDER BY` sorts them (in a temporary b-tree,
@@ -228,34 +243,56 @@ pub fn drop_point_step(
     .execute(params![disk, point, limit])
 }
 
-/// Folds the node rows `point` wrote for `disk` into `next`, the disk's next point: a row
-/// that `next` does not see (a newer version exists at or before it) is deleted, the others
-/// move to `next`. Returns the rows deleted or moved.
+/// Removes `point` from `disk`'s history; `prev` is the disk's point before it that stays
+/// (None: none) and `next` the one after it. The rule reads "newest not after P", which needs
+/// no point of a row's id to exist, so the rows in `(prev, point]` stay as they are, except
+/// those `next` no longer sees: for each node with a version in `(point, next]`, its version
+/// in `(prev, point]` goes (at most one per node: each removal keeps it so). No remaining point
+/// sees such a row: those up to `prev` never did, those from `next` on see the newer one. The
+/// cost follows the rows in `(point, next]` (what changed after `point`), never the disk's
+/// size nor the history before it. Returns the rows deleted.
 pub fn fold_into(
     conn: &Connection,
     disk: DiskId,
-    point: PointId,
-    next: PointId,
+    (prev, point, next): (Option<PointId>, PointId, PointId),
 ) -> rusqlite::Result<u64> {
-    let deleted = conn.execute(
-        "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2 AND EXISTS
-           (SELECT 1 FROM nodes n2 WHERE n2.disk_id = ?1 AND n2.level = nodes.level
-            AND n2.idx = nodes.idx AND n2.point > ?2 AND n2.point <= ?3)",
-        params![disk, point, next],
-    )?;
-    let moved = conn.execute(
-        "UPDATE nodes SET point = ?3 WHERE disk_id = ?1 AND point = ?2",
-        params![disk, point, next],
-    )?;
-    Ok((deleted + moved) as u64)
+    Ok(conn.execute(
+        "DELETE FROM nodes WHERE (disk_id, level, idx, point) IN
+           (SELECT o.disk_id, o.level, o.idx, o.point FROM nodes y JOIN nodes o
+              ON o.disk_id = y.disk_id AND o.level = y.level AND o.idx = y.idx
+             AND o.point > ?2 AND o.point <= ?3
+            WHERE y.disk_id = ?1 AND y.point > ?3 AND y.point <= ?4)",
+        params![disk, prev.map_or(-1, |p| p.0), point, next],
+    )? as u64)
 }
 
-/// Deletes every node row `point` wrote for `disk` (no later point sees them).
-pub fn drop_point(conn: &Connection, disk: DiskId, point: PointId) -> rusqlite::Result<u64> {
+/// Deletes every row of `disk` in `(prev, point]`: `point` is the disk's last point and goes,
+/// and no remaining point sees those rows. Returns how many.
+pub fn drop_point(
+    conn: &Connection,
+    disk: DiskId,
+    prev: Option<PointId>,
+    point: PointId,
+) -> rusqlite::Result<u64> {
     Ok(conn.execute(
-        "DELETE FROM nodes WHERE disk_id = ?1 AND point = ?2",
-        params![disk, point],
+        "DELETE FROM nodes WHERE disk_id = ?1 AND point > ?2 AND point <= ?3",
+        params![disk, prev.map_or(-1, |p| p.0), point],
     )? as u64)
+}
+
+/// The non-zero nodes of `span` in index order, each found by seeks ([`CHILDREN`]): for
+/// short ranges of levels with many versions per node.
+pub fn children(conn: &Connection, span: &Span) -> Result<Vec<(u64, BlockHash)>, CatalogError> {
+    let (first, end) = (clamp(span.blocks.start), clamp(span.blocks.end));
+    let mut stmt = conn.prepare_cached(CHILDREN)?;
+    let mut rows = stmt.query(params![span.disk, span.level, first, end, span.point])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        if let Some(h) = r.get::<_, Option<Vec<u8>>>(1)? {
+            out.push((r.get::<_, i64>(0)? as u64, BlockHash::from_slice(&h)?));
+        }
+    }
+    Ok(out)
 }
 
 /// The leaf of block `idx` of `disk` at `point`, None when it is zero.

@@ -247,6 +247,18 @@ pub fn next_with_disk(
     .query_row(params![disk, point], |r| r.get(0))
 }
 
+/// The last point before `point` that has `disk`.
+pub fn prev_with_disk(
+    conn: &Connection,
+    disk: DiskId,
+    point: PointId,
+) -> rusqlite::Result<Option<PointId>> {
+    conn.prepare_cached(
+        "SELECT MAX(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id < ?2",
+    )?
+    .query_row(params![disk, point], |r| r.get(0))
+}
+
 /// Removes a point's rows (its disks, the link from its children, the point). Its node rows
 /// must have been folded or dropped first ([`super::leaves::fold_into`]).
 pub fn delete(conn: &Connection, point: PointId) -> rusqlite::Result<()> {

@@ -3,10 +3,9 @@
 //! against the agent's, and make the point visible in one transaction.
 
 use super::*;
-use crate::catalog::leaves::{self, Columns, Node, Span};
+use crate::catalog::leaves::{self, Node, Span};
 use crate::catalog::{commits, points, DiskId, PointId};
 use rewind_proto::NodeHash;
-use std::ops::ControlFlow;
 
 /// What a point records besides its blocks: configuration, consistency, and an encrypted
 /// VM's manifest MAC and time of capture.
@@ -570,12 +569,10 @@ impl NodeStore for SqlNodes<'_> {
             level,
             blocks: first..end,
         };
-        let mut out = Vec::new();
-        leaves::at_point(self.conn, &span, Columns::Hashes, |n| {
-            out.push((n.idx, n.hash.into()));
-            Ok::<_, StoreError>(ControlFlow::Continue(()))
-        })?;
-        Ok(out)
+        Ok(leaves::children(self.conn, &span)?
+            .into_iter()
+            .map(|(idx, hash)| (idx, hash.into()))
+            .collect())
     }
 
     fn put(&mut self, level: u32, index: u64, value: NodeHash) -> Result<(), StoreError> {

@@ -55,7 +55,21 @@ struct Shared {
     fetched: std::sync::Condvar,
     /// One publish at a time: a sweep and a writer never upload one pack twice at once.
     publishing: Mutex<()>,
+    /// Bytes the cache is believed to hold (see [`Shared::evict`]).
+    tally: Mutex<CacheTally>,
 }
+
+/// The cache's size as last counted, and the packs added since.
+#[derive(Default)]
+struct CacheTally {
+    bytes: Option<u64>,
+    adds: u32,
+}
+
+/// Packs added between two counts of the cache folder: other processes on the data folder
+/// (a restore, a verify) add packs this one does not see, and a count every this many bounds
+/// how far the cache can pass its limit unseen.
+const RECOUNT_EVERY: u32 = 256;
 
 /// The packs of one data folder on object storage.
 #[derive(Clone)]
@@ -122,6 +136,7 @@ impl S3Packs {
                 fetching: Mutex::new(Default::default()),
                 fetched: std::sync::Condvar::new(),
                 publishing: Mutex::new(()),
+                tally: Mutex::new(CacheTally::default()),
             }),
         })
     }
@@ -260,7 +275,7 @@ impl Shared {
         }
         let cached = self.cache.join(pack_name(id));
         fs::rename(&path, &cached).map_err(io_err(&cached))?;
-        self.evict(id);
+        self.evict(id, bytes.len() as u64);
         Ok(Some(PackDigest::of(&bytes)))
     }
 
@@ -310,27 +325,45 @@ impl Shared {
         let tmp = self.cache.join(format!(".{}.part", pack_name(id)));
         fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
         fs::rename(&tmp, cached).map_err(io_err(cached))?;
-        self.evict(id);
+        self.evict(id, bytes.len() as u64);
         Ok(())
     }
 
-    /// Removes the least recently used cached packs (never `keep`) until the cache fits its
-    /// bound. Best effort: the cache holds only copies.
-    fn evict(&self, keep: PackId) {
+    /// Counts pack `keep` of `added` bytes into the cache; once the cache is past its bound,
+    /// removes the least recently used cached packs (never `keep`) until it fits. The folder is
+    /// listed only when the tally says the bound is passed, or every [`RECOUNT_EVERY`] packs:
+    /// a publish does not list a cache of thousands of packs. Best effort: the cache holds
+    /// only copies.
+    fn evict(&self, keep: PackId, added: u64) {
+        {
+            let mut t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+            let CacheTally { bytes, adds } = &mut *t;
+            if let Some(b) = bytes {
+                if *adds < RECOUNT_EVERY && *b + added <= self.cache_limit {
+                    *b += added;
+                    *adds += 1;
+                    return;
+                }
+            }
+        }
         let mut packs = packs_in(&self.cache);
         let mut total: u64 = packs.iter().map(|p| p.1).sum();
-        if total <= self.cache_limit {
-            return;
-        }
-        packs.sort_by_key(|p| p.2);
-        for (id, size, _) in packs {
-            if total <= self.cache_limit {
-                break;
+        if total > self.cache_limit {
+            packs.sort_by_key(|p| p.2);
+            for (id, size, _) in packs {
+                if total <= self.cache_limit {
+                    break;
+                }
+                if id != keep && fs::remove_file(self.cache.join(pack_name(id))).is_ok() {
+                    total -= size;
+                }
             }
-            if id != keep && fs::remove_file(self.cache.join(pack_name(id))).is_ok() {
-                total -= size;
-            }
         }
+        let mut t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        *t = CacheTally {
+            bytes: Some(total),
+            adds: 0,
+        };
     }
 }
 

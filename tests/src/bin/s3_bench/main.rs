@@ -45,6 +45,12 @@ struct Args {
     /// Runs only the scale case (no image, no copy).
     #[arg(long)]
     scale_only: bool,
+    /// Runs the scale case with local packs instead of the bucket (with --scale-only).
+    #[arg(long)]
+    scale_local: bool,
+    /// Keeps the work folder (data folders, catalogs) for a look afterwards.
+    #[arg(long)]
+    keep_dir: bool,
 }
 
 mod scale;
@@ -303,8 +309,16 @@ fn main() -> Result<()> {
     }
     if a.scale_only {
         let bucket = Bucket::start(w)?;
-        let scale = scale::run(&bins, w, &bucket.env(), "s3://bench/scale", a.scale_points)?;
+        let url = if a.scale_local {
+            ""
+        } else {
+            "s3://bench/scale"
+        };
+        let scale = scale::run(&bins, w, &bucket.env(), url, a.scale_points)?;
         print_scale(&scale);
+        if a.keep_dir {
+            eprintln!("work folder kept: {}", work.keep().display());
+        }
         if a.json {
             println!("{}", serde_json::to_string_pretty(&scale)?);
         }
@@ -440,6 +454,9 @@ fn main() -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     }
+    if a.keep_dir {
+        eprintln!("work folder kept: {}", work.keep().display());
+    }
     Ok(())
 }
 
@@ -475,13 +492,14 @@ fn print_scale(scale: &[scale::Figures]) {
     }
     println!("scale, simulated 1 TiB disk, 16 changed blocks a point, packs in the bucket:");
     println!(
-        "{:>8} {:>12} {:>12} {:>14} {:>14}",
-        "points", "commit ms", "catalog MB", "kB per point", "prune one ms"
+        "{:>8} {:>10} {:>10} {:>11} {:>13} {:>13}",
+        "points", "begin ms", "commit ms", "catalog MB", "kB per point", "prune one ms"
     );
     for s in scale {
         println!(
-            "{:>8} {:>12.1} {:>12.2} {:>14.1} {:>14.1}",
+            "{:>8} {:>10.1} {:>10.1} {:>11.2} {:>13.1} {:>13.1}",
             s.points,
+            s.begin_ms,
             s.commit_ms,
             s.catalog_mb,
             s.catalog_mb * 1e3 / s.points as f64,

@@ -1,8 +1,9 @@
 //! The scale case: a simulated 1 TiB disk (sparse: only what the points change exists) gets
 //! one point after another, each changing 16 random blocks, sent by a minimal agent over gRPC
 //! (Begin, one Upload, Commit with the root kept by an in-memory Merkle tree). At 10, 100,
-//! 1000, ... points: the mean commit time of the last ten points, the catalog's size, and how
-//! long a prune of the oldest point takes: all three must stay flat as points accumulate.
+//! 1000, ... points: the median Begin and commit times of the last 50 points, the catalog's size, and
+//! how long a prune of the oldest point takes (the median of three): the commit and the prune
+//! must stay flat as points accumulate, and the catalog grow by a constant amount per point.
 
 use anyhow::{bail, Result};
 use rand::{Rng, RngCore, SeedableRng};
@@ -24,6 +25,7 @@ const CHANGED: usize = 16;
 #[derive(Debug, Serialize)]
 pub struct Figures {
     pub points: u64,
+    pub begin_ms: f64,
     pub commit_ms: f64,
     pub catalog_mb: f64,
     pub prune_ms: f64,
@@ -38,7 +40,8 @@ fn catalog_bytes(data: &Path) -> u64 {
         .sum()
 }
 
-/// Runs the case against a receiver keeping its packs at `url`; returns the figures.
+/// Runs the case against a receiver keeping its packs at `url` (local packs when empty);
+/// returns the figures.
 pub fn run(
     bins: &Path,
     w: &Path,
@@ -47,7 +50,12 @@ pub fn run(
     points: u64,
 ) -> Result<Vec<Figures>> {
     let data = w.join("data-scale");
-    let (mut rx, addr) = super::serve(bins, env, &data, &w.join("pki"), &["--store", url])?;
+    let extra: &[&str] = if url.is_empty() {
+        &[]
+    } else {
+        &["--store", url]
+    };
+    let (mut rx, addr) = super::serve(bins, env, &data, &w.join("pki"), extra)?;
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(points_loop(bins, w, env, &data, &addr, points));
     super::stop(&mut rx);
@@ -69,10 +77,12 @@ async fn points_loop(
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut base = 0u64;
     let mut commits = Vec::new();
+    let mut begins = Vec::new();
     let mut out = Vec::new();
     let mut next_mark = 10;
     let mut block = vec![0u8; BLOCK as usize];
     for n in 1..=points {
+        let t = Instant::now();
         let begin = c
             .begin(pb::BeginRequest {
                 vm: "scale".into(),
@@ -88,6 +98,7 @@ async fn points_loop(
             })
             .await?
             .into_inner();
+        begins.push(t.elapsed().as_secs_f64() * 1e3);
         let mut entries = Vec::with_capacity(CHANGED);
         let mut chunks = Vec::with_capacity(CHANGED);
         for _ in 0..CHANGED {
@@ -121,22 +132,29 @@ async fn points_loop(
         commits.push(t.elapsed().as_secs_f64() * 1e3);
         base = reply.point;
         if n == next_mark || n == points {
-            let last: Vec<f64> = commits.iter().rev().take(10).copied().collect();
-            let commit_ms = last.iter().sum::<f64>() / last.len() as f64;
-            let t = Instant::now();
-            let o = Command::new(bins.join("rewind-receiver"))
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-                .args(["prune", "--vm", "scale", "--keep-last"])
-                .arg((n - 1).max(1).to_string())
-                .arg("--data")
-                .arg(data)
-                .output()?;
-            let prune_ms = t.elapsed().as_secs_f64() * 1e3;
-            if !o.status.success() {
-                bail!("prune failed: {}", String::from_utf8_lossy(&o.stderr));
+            let commit_ms = median(commits.iter().rev().take(50).copied().collect());
+            let begin_ms = median(begins.iter().rev().take(50).copied().collect());
+            // Three prunes of the oldest point each; the median (one run can meet a catalog
+            // snapshot in progress).
+            let mut prunes = Vec::new();
+            for k in 1..=3 {
+                let t = Instant::now();
+                let o = Command::new(bins.join("rewind-receiver"))
+                    .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                    .args(["prune", "--vm", "scale", "--keep-last"])
+                    .arg(n.saturating_sub(k).max(1).to_string())
+                    .arg("--data")
+                    .arg(data)
+                    .output()?;
+                prunes.push(t.elapsed().as_secs_f64() * 1e3);
+                if !o.status.success() {
+                    bail!("prune failed: {}", String::from_utf8_lossy(&o.stderr));
+                }
             }
+            let prune_ms = median(prunes);
             out.push(Figures {
                 points: n,
+                begin_ms,
                 commit_ms,
                 catalog_mb: catalog_bytes(data) as f64 / 1e6,
                 prune_ms,
@@ -146,4 +164,9 @@ async fn points_loop(
         }
     }
     Ok(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
