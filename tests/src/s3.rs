@@ -94,21 +94,7 @@ s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=open(sys.argv[4], "rb").
 
     /// The object keys of bucket `name` under `prefix` (a plain listing request).
     pub fn keys(&self, name: &str, prefix: &str) -> Vec<String> {
-        let out = Command::new("curl")
-            .args(["-sS", "-f"])
-            .arg(format!(
-                "{}/{name}?list-type=2&prefix={prefix}",
-                self.endpoint()
-            ))
-            .output()
-            .expect("run curl");
-        assert!(out.status.success(), "list {name}");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split("<Key>")
-            .skip(1)
-            .filter_map(|s| s.split("</Key>").next())
-            .map(str::to_owned)
-            .collect()
+        self.listed(&format!("{name}?list-type=2&prefix={prefix}"), "Key")
     }
 
     /// Tries to delete every version of object `key` with the receiver's keys (signed
@@ -144,18 +130,45 @@ for v in vs:
 
     /// The ids of the multipart uploads open in bucket `name` (a plain listing request).
     pub fn uploads(&self, name: &str) -> Vec<String> {
+        self.listed(&format!("{name}?uploads"), "UploadId")
+    }
+
+    /// The texts of the `tag` elements of the answer to a plain GET of `query`.
+    fn listed(&self, query: &str, tag: &str) -> Vec<String> {
         let out = Command::new("curl")
             .args(["-sS", "-f"])
-            .arg(format!("{}/{name}?uploads", self.endpoint()))
+            .arg(format!("{}/{query}", self.endpoint()))
             .output()
             .expect("run curl");
-        assert!(out.status.success(), "list uploads of {name}");
+        assert!(out.status.success(), "GET {query}");
         let text = String::from_utf8_lossy(&out.stdout);
-        text.split("<UploadId>")
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        text.split(open.as_str())
             .skip(1)
-            .filter_map(|s| s.split("</UploadId>").next())
+            .filter_map(|s| s.split(close.as_str()).next())
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Deletes object `key` with the receiver's keys and no version (a signed request through
+    /// boto3, as a thief holding those keys would): on a versioned bucket this puts a delete
+    /// marker over it, which Object Lock allows, and plain reads then miss the object.
+    pub fn delete_plain(&self, bucket: &str, key: &str) {
+        let script = r#"
+import boto3, sys
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="rewind-test",
+                  aws_secret_access_key="rewind-test-secret", region_name="us-east-1")
+s3.delete_object(Bucket=sys.argv[2], Key=sys.argv[3])
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, &self.endpoint(), bucket, key])
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The environment a receiver command needs to reach the server.

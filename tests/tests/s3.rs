@@ -335,6 +335,18 @@ fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_the
     drop(rx);
     empty_cache(&d);
     assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
+
+    // The same thief's plain DELETE puts a delete marker over the locked pack (Object Lock
+    // allows it: no version goes), so a plain read no longer finds it. The receiver reads the
+    // pack's newest version instead: a verify of the locked point finds it whole, and it
+    // restores bit-exact from a cold cache.
+    moto.delete_plain("vault", first);
+    assert!(!moto.keys("vault", "l/packs/").contains(&first.to_owned()));
+    empty_cache(&d);
+    let (ok, r) = verify_json(&d, &env, &["--vm", "vm1", "--point", &id1]);
+    assert!(ok, "{r}");
+    assert_eq!(r["bad"], serde_json::json!([]), "{r}");
+    assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
 }
 
 /// `verify --json` (with `extra` arguments): its exit status and report.

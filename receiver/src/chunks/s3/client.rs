@@ -259,6 +259,9 @@ impl S3Client {
         self.get_inner(name, Some((offset, len)), len)
     }
 
+    /// A GET of object `name`. When a delete marker hides the object (someone holding the
+    /// store's keys deleted it: under Object Lock its versions stay), its newest version is
+    /// read instead, so a thief's plain DELETE cannot make locked history unreadable.
     fn get_inner(
         &self,
         name: &str,
@@ -266,7 +269,61 @@ impl S3Client {
         limit: u64,
     ) -> Result<Vec<u8>, S3Error> {
         let key = self.key(name);
-        let url = GetObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
+        let first = self.get_at(&key, None, range, limit);
+        if !matches!(first, Err(S3Error::Refused { status: 404, .. })) {
+            return first;
+        }
+        match self.hidden_version(&key)? {
+            Some(v) => self.get_at(&key, Some(&v), range, limit),
+            None => first,
+        }
+    }
+
+    /// The newest version of object `key` that is not a delete marker, when the object reads
+    /// as absent but such a version exists (a versioned bucket). Logged: it means someone
+    /// deleted an object this store still needs.
+    fn hidden_version(&self, key: &str) -> Result<Option<String>, S3Error> {
+        let mut action = GetObject::new(&self.bucket, Some(&self.credentials), "");
+        action.query_mut().insert("versions", "");
+        action.query_mut().insert("prefix", key.to_owned());
+        let url = action.sign(SIGNED_FOR);
+        let text = self.retry("LIST versions", key, || {
+            self.counters.lists.fetch_add(1, Ordering::Relaxed);
+            match answer(self.agent.get(url.as_str()).call()) {
+                Ok(mut r) if r.status().as_u16() == 200 => match small_text(&mut r) {
+                    Ok(t) => Attempt::Done(t),
+                    Err(e) => Attempt::Again(e),
+                },
+                Ok(mut r) => refusal(&mut r, "LIST versions", key),
+                Err(m) => Attempt::Again(m),
+            }
+        })?;
+        // Versions of one key come newest first; delete markers are other elements.
+        let version = text
+            .split("<Version>")
+            .skip(1)
+            .filter_map(|v| v.split("</Version>").next())
+            .filter(|v| tag_text(v, "Key").as_deref() == Some(key))
+            .find_map(|v| tag_text(v, "VersionId"));
+        if let Some(v) = &version {
+            tracing::warn!(key, version = %v, "object hidden by a delete marker: reading its newest version");
+        }
+        Ok(version)
+    }
+
+    fn get_at(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        range: Option<(u64, u64)>,
+        limit: u64,
+    ) -> Result<Vec<u8>, S3Error> {
+        let key = key.to_owned();
+        let mut action = GetObject::new(&self.bucket, Some(&self.credentials), &key);
+        if let Some(v) = version {
+            action.query_mut().insert("versionId", v.to_owned());
+        }
+        let url = action.sign(SIGNED_FOR);
         self.retry("GET", &key, || {
             self.counters.gets.fetch_add(1, Ordering::Relaxed);
             let mut req = self.agent.get(url.as_str());
@@ -299,9 +356,25 @@ impl S3Client {
 
     /// What the store says of object `name` (checksums included where it keeps them), None
     /// when it is not there.
+    /// When a delete marker hides the object, its newest version is the one described (see
+    /// [`S3Client::get`]).
     pub fn stat(&self, name: &str) -> Result<Option<ObjectStat>, S3Error> {
         let key = self.key(name);
+        match self.stat_at(&key, None)? {
+            Some(s) => Ok(Some(s)),
+            None => match self.hidden_version(&key)? {
+                Some(v) => self.stat_at(&key, Some(&v)),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn stat_at(&self, key: &str, version: Option<&str>) -> Result<Option<ObjectStat>, S3Error> {
+        let key = key.to_owned();
         let mut action = HeadObject::new(&self.bucket, Some(&self.credentials), &key);
+        if let Some(v) = version {
+            action.query_mut().insert("versionId", v.to_owned());
+        }
         action
             .headers_mut()
             .insert("x-amz-checksum-mode", "ENABLED");
@@ -426,15 +499,7 @@ pub(super) fn refusal<T>(
 ) -> Attempt<T> {
     let status = r.status().as_u16();
     let body = small_text(r).unwrap_or_default();
-    let tag = |t: &str| {
-        let open = format!("<{t}>");
-        body.find(&open)
-            .and_then(|s| {
-                let rest = &body[s + open.len()..];
-                rest.find(&format!("</{t}>")).map(|e| rest[..e].to_owned())
-            })
-            .unwrap_or_default()
-    };
+    let tag = |t: &str| tag_text(&body, t).unwrap_or_default();
     let (code, message) = (tag("Code"), tag("Message"));
     if status >= 500 || status == 429 || (status == 409 && code == "ConditionalRequestConflict") {
         return Attempt::Again(format!("HTTP {status} {code}: {message}"));
@@ -446,6 +511,13 @@ pub(super) fn refusal<T>(
         code,
         message,
     })
+}
+
+/// The text of the first `<tag>` element in `xml`.
+fn tag_text(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let rest = &xml[xml.find(&open)? + open.len()..];
+    Some(rest[..rest.find(&format!("</{tag}>"))?].to_owned())
 }
 
 /// An HTTP date (`Wed, 21 Oct 2015 07:28:00 GMT`) in microseconds since the epoch.
