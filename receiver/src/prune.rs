@@ -108,8 +108,8 @@ fn remove_point(conn: &mut Connection, point: i64) -> Result<u64, StoreError> {
         // The very next point of this disk, even one this prune will remove too: a version
         // replaced only after it is still what it sees, and a prune killed before removing it
         // must leave it whole. Its own removal then drops what its successor replaces.
-        let prev = rows::prev_with_disk(&tx, disk, id)?;
-        touched += match rows::next_with_disk(&tx, disk, id)? {
+        let (prev, next) = rows::neighbours_with_disk(&tx, disk, id)?;
+        touched += match next {
             Some(next) => leaves::fold_into(&tx, disk, (prev, id, next))?,
             None => leaves::drop_point(&tx, disk, prev, id)?,
         };
@@ -226,34 +226,45 @@ mod tests {
         (dir, conn)
     }
 
-    /// Every state a prune of points 1..=4 of 5 passes through (it may be killed after any
-    /// removal) leaves each remaining point seeing exactly the leaves it saw before, and no
-    /// row that no remaining point sees.
-    #[test]
-    fn every_step_of_a_prune_leaves_the_remaining_points_whole() {
+    /// Removes points in `order` from a fresh [`five_points`] catalog, one transaction at a
+    /// time, checking after each that every remaining point sees exactly the leaves it saw
+    /// before and that no row is left that no remaining point sees.
+    fn remove_checking(order: &[i64]) {
         let (_dir, mut conn) = five_points();
         let before: Vec<_> = (1..=5).map(|p| view(&conn, p)).collect();
-        let policy = Policy {
-            last: Some(1),
-            ..Policy::default()
-        };
-        let plan = prune(&mut conn, Some("v"), &policy, true).expect("dry run");
-        assert_eq!(plan[0].removed, vec![1, 2, 3, 4]);
-        // The removals prune makes, one transaction at a time, in its order.
         let mut remaining: Vec<i64> = (1..=5).collect();
-        for p in [4, 3, 2, 1] {
+        for &p in order {
             remove_point(&mut conn, p).expect("remove");
             remaining.retain(|&q| q != p);
             for &q in &remaining {
                 assert_eq!(
                     view(&conn, q),
                     before[q as usize - 1],
-                    "point {q} after removing {p}"
+                    "order {order:?}: point {q} after removing {p}"
                 );
             }
             let (rows, seen) = rows_and_seen(&conn, &remaining);
-            assert_eq!(rows, seen, "rows no point sees after removing {p}");
+            assert_eq!(
+                rows, seen,
+                "order {order:?}: leaked rows after removing {p}"
+            );
         }
+    }
+
+    /// Every state a prune of points 1..=4 of 5 passes through (it may be killed after any
+    /// removal) leaves each remaining point seeing exactly the leaves it saw before, and no
+    /// row that no remaining point sees.
+    #[test]
+    fn every_step_of_a_prune_leaves_the_remaining_points_whole() {
+        let (_dir, mut conn) = five_points();
+        let policy = Policy {
+            last: Some(1),
+            ..Policy::default()
+        };
+        let plan = prune(&mut conn, Some("v"), &policy, true).expect("dry run");
+        assert_eq!(plan[0].removed, vec![1, 2, 3, 4]);
+        // The removals prune makes (newest first), in its order.
+        remove_checking(&[4, 3, 2, 1]);
     }
 
     /// Any order of removals (oldest first, from the middle out, ...) keeps every remaining
@@ -261,25 +272,7 @@ mod tests {
     #[test]
     fn removals_in_any_order_keep_the_rest_whole_and_leak_no_row() {
         for order in [[1, 2, 3, 4], [2, 3, 1, 4], [3, 1, 4, 2], [4, 1, 3, 2]] {
-            let (_dir, mut conn) = five_points();
-            let before: Vec<_> = (1..=5).map(|p| view(&conn, p)).collect();
-            let mut remaining: Vec<i64> = (1..=5).collect();
-            for p in order {
-                remove_point(&mut conn, p).expect("remove");
-                remaining.retain(|&q| q != p);
-                for &q in &remaining {
-                    assert_eq!(
-                        view(&conn, q),
-                        before[q as usize - 1],
-                        "order {order:?}: point {q} after removing {p}"
-                    );
-                }
-                let (rows, seen) = rows_and_seen(&conn, &remaining);
-                assert_eq!(
-                    rows, seen,
-                    "order {order:?}: leaked rows after removing {p}"
-                );
-            }
+            remove_checking(&order);
         }
     }
 }

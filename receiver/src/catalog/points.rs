@@ -235,28 +235,17 @@ pub fn disk_ids(conn: &Connection, point: PointId) -> rusqlite::Result<Vec<DiskI
     rows.collect()
 }
 
-/// The first point after `point` that has `disk`.
-pub fn next_with_disk(
+/// The last point before `point` and the first point after it that have `disk`.
+pub fn neighbours_with_disk(
     conn: &Connection,
     disk: DiskId,
     point: PointId,
-) -> rusqlite::Result<Option<PointId>> {
+) -> rusqlite::Result<(Option<PointId>, Option<PointId>)> {
     conn.prepare_cached(
-        "SELECT MIN(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id > ?2",
+        "SELECT (SELECT MAX(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id < ?2),
+                (SELECT MIN(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id > ?2)",
     )?
-    .query_row(params![disk, point], |r| r.get(0))
-}
-
-/// The last point before `point` that has `disk`.
-pub fn prev_with_disk(
-    conn: &Connection,
-    disk: DiskId,
-    point: PointId,
-) -> rusqlite::Result<Option<PointId>> {
-    conn.prepare_cached(
-        "SELECT MAX(point_id) FROM point_disks WHERE disk_id = ?1 AND point_id < ?2",
-    )?
-    .query_row(params![disk, point], |r| r.get(0))
+    .query_row(params![disk, point], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// Removes a point's rows (its disks, the link from its children, the point). Its node rows
