@@ -74,21 +74,10 @@ impl Moto {
     /// Overwrites object `key` with the bytes of `file`, behind the receiver's back (a plain
     /// PUT, as a store fault or an intruder would).
     pub fn overwrite(&self, bucket: &str, key: &str, file: &Path) {
-        let script = r#"
-import boto3, sys
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="rewind-test",
-                  aws_secret_access_key="rewind-test-secret", region_name="us-east-1")
-s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=open(sys.argv[4], "rb").read())
-"#;
-        let out = Command::new("timeout")
-            .args(["60", "python3", "-c", script, &self.endpoint(), bucket, key])
-            .arg(file)
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "put {key}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let path = file.to_string_lossy();
+        self.boto3(
+            "s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=open(sys.argv[4], \"rb\").read())",
+            &[bucket, key, &path],
         );
     }
 
@@ -101,10 +90,8 @@ s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=open(sys.argv[4], "rb").
     /// requests through boto3, as a thief holding those keys would); returns each try's
     /// outcome: `deleted`, or the store's error code.
     pub fn delete_versions(&self, bucket: &str, key: &str) -> Vec<String> {
-        let script = r#"
-import boto3, sys
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="rewind-test",
-                  aws_secret_access_key="rewind-test-secret", region_name="us-east-1")
+        let out = self.boto3(
+            r#"
 vs = s3.list_object_versions(Bucket=sys.argv[2], Prefix=sys.argv[3]).get("Versions", [])
 for v in vs:
     try:
@@ -112,9 +99,23 @@ for v in vs:
         print("deleted")
     except Exception as e:
         print(getattr(e, "response", {}).get("Error", {}).get("Code", str(e)))
-"#;
-        let out = Command::new("python3")
-            .args(["-c", script, &self.endpoint(), bucket, key])
+"#,
+            &[bucket, key],
+        );
+        out.lines().map(str::to_owned).collect()
+    }
+
+    /// Runs `code` in Python with `s3`, a boto3 client holding the receiver's keys, and
+    /// `sys.argv[1]` the endpoint followed by `args`; returns what it printed.
+    fn boto3(&self, code: &str, args: &[&str]) -> String {
+        let script = format!(
+            "import boto3, sys\ns3 = boto3.client(\"s3\", endpoint_url=sys.argv[1], \
+             aws_access_key_id=\"rewind-test\", aws_secret_access_key=\"rewind-test-secret\", \
+             region_name=\"us-east-1\")\n{code}\n"
+        );
+        let out = Command::new("timeout")
+            .args(["60", "python3", "-c", &script, &self.endpoint()])
+            .args(args)
             .output()
             .expect("run python3");
         assert!(
@@ -122,10 +123,7 @@ for v in vs:
             "boto3: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The ids of the multipart uploads open in bucket `name` (a plain listing request).
@@ -154,20 +152,9 @@ for v in vs:
     /// boto3, as a thief holding those keys would): on a versioned bucket this puts a delete
     /// marker over it, which Object Lock allows, and plain reads then miss the object.
     pub fn delete_plain(&self, bucket: &str, key: &str) {
-        let script = r#"
-import boto3, sys
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="rewind-test",
-                  aws_secret_access_key="rewind-test-secret", region_name="us-east-1")
-s3.delete_object(Bucket=sys.argv[2], Key=sys.argv[3])
-"#;
-        let out = Command::new("python3")
-            .args(["-c", script, &self.endpoint(), bucket, key])
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "boto3: {}",
-            String::from_utf8_lossy(&out.stderr)
+        self.boto3(
+            "s3.delete_object(Bucket=sys.argv[2], Key=sys.argv[3])",
+            &[bucket, key],
         );
     }
 

@@ -273,9 +273,10 @@ impl S3Client {
         if !matches!(first, Err(S3Error::Refused { status: 404, .. })) {
             return first;
         }
-        match self.hidden_version(&key)? {
-            Some(v) => self.get_at(&key, Some(&v), range, limit),
-            None => first,
+        // A listing that fails leaves the read's own answer standing.
+        match self.hidden_version(&key) {
+            Ok(Some(v)) => self.get_at(&key, Some(&v), range, limit),
+            _ => first,
         }
     }
 
@@ -294,6 +295,8 @@ impl S3Client {
                     Ok(t) => Attempt::Done(t),
                     Err(e) => Attempt::Again(e),
                 },
+                // A store without versions (Garage answers 501): nothing can be hidden.
+                Ok(r) if r.status().as_u16() == 501 => Attempt::Done(String::new()),
                 Ok(mut r) => refusal(&mut r, "LIST versions", key),
                 Err(m) => Attempt::Again(m),
             }
@@ -362,9 +365,9 @@ impl S3Client {
         let key = self.key(name);
         match self.stat_at(&key, None)? {
             Some(s) => Ok(Some(s)),
-            None => match self.hidden_version(&key)? {
-                Some(v) => self.stat_at(&key, Some(&v)),
-                None => Ok(None),
+            None => match self.hidden_version(&key) {
+                Ok(Some(v)) => self.stat_at(&key, Some(&v)),
+                _ => Ok(None),
             },
         }
     }
