@@ -59,20 +59,12 @@ fn sync_ok(d: &Deployment, rx: &Receiver, vm: &str, vda: &Path, k: &(PathBuf, Pa
 
 /// `restore` of `vm`'s point to `out` with `extra` flags (key, format).
 fn restore(d: &Deployment, vm: &str, point: u64, out: &Path, extra: &[String]) -> Output {
-    run(Command::new(bin("rewind-receiver"))
-        .args(["restore", "--data"])
-        .arg(d.data())
-        .args([
-            "--vm",
-            vm,
-            "--disk",
-            "vda",
-            "--point",
-            &point.to_string(),
-            "--out",
-        ])
-        .arg(out)
-        .args(extra))
+    let point = point.to_string();
+    let select: Vec<&str> = ["--point", point.as_str()]
+        .into_iter()
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    d.restore(vm, "vda", &select, out)
 }
 
 fn stderr(o: &Output) -> String {

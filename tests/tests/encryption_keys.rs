@@ -31,6 +31,28 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `key generate --recovery`: a recovery key at `out` under passphrase file `pass`.
+fn recovery_key(out: &Path, pass: &Path) -> Value {
+    agent_key(&[
+        "generate",
+        "--recovery",
+        "--out",
+        s(out),
+        "--passphrase-file",
+        s(pass),
+    ])
+}
+
+/// `key generate`: a keyring at `out` under passphrase file `pass`, its data keys wrapped to
+/// recovery key `wrap_to` when given.
+fn keyring(out: &Path, pass: &Path, wrap_to: Option<&Path>) -> Value {
+    let mut args = vec!["generate", "--out", s(out), "--passphrase-file", s(pass)];
+    if let Some(r) = wrap_to {
+        args.extend(["--wrap-to", s(r)]);
+    }
+    agent_key(&args)
+}
+
 /// A passphrase file.
 fn pass(d: &Deployment, name: &str) -> PathBuf {
     let p = d.path(&format!("{name}.pass"));
@@ -45,20 +67,12 @@ fn sync(d: &Deployment, rx: &Receiver, vm: &str, vda: &Path, extra: &[&str]) -> 
 /// `restore` of `vm`'s point to a fresh file with `extra` flags; the digest, or the error.
 fn restore(d: &Deployment, vm: &str, point: u64, extra: &[&str]) -> Result<disk::Digest, String> {
     let out = d.path(&format!("r-{vm}-{point}-{}.raw", rand::random::<u32>()));
-    let o = run(Command::new(bin("rewind-receiver"))
-        .args(["restore", "--data"])
-        .arg(d.data())
-        .args([
-            "--vm",
-            vm,
-            "--disk",
-            "vda",
-            "--point",
-            &point.to_string(),
-            "--out",
-        ])
-        .arg(&out)
-        .args(extra));
+    let point = point.to_string();
+    let select: Vec<&str> = ["--point", point.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let o = d.restore(vm, "vda", &select, &out);
     if !o.status.success() {
         return Err(stderr(&o));
     }
@@ -73,15 +87,8 @@ fn a_write_only_agent_adds_points_only_the_recovery_key_reads() {
     let rx = d.serve();
     let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
     let (k, r, w) = (d.path("k.key"), d.path("r.key"), d.path("w.key"));
-    agent_key(&["generate", "--out", s(&k), "--passphrase-file", s(&kp)]);
-    let rec = agent_key(&[
-        "generate",
-        "--recovery",
-        "--out",
-        s(&r),
-        "--passphrase-file",
-        s(&rp),
-    ]);
+    keyring(&k, &kp, None);
+    let rec = recovery_key(&r, &rp);
     let wo = agent_key(&[
         "write-only",
         "--key",
@@ -218,31 +225,9 @@ fn rotating_keys_moves_no_disk_data_and_keeps_every_point_readable() {
     let rx = d.serve();
     let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
     let (k1, r1, r2) = (d.path("k1.key"), d.path("r1.key"), d.path("r2.key"));
-    agent_key(&[
-        "generate",
-        "--recovery",
-        "--out",
-        s(&r1),
-        "--passphrase-file",
-        s(&rp),
-    ]);
-    agent_key(&[
-        "generate",
-        "--recovery",
-        "--out",
-        s(&r2),
-        "--passphrase-file",
-        s(&rp),
-    ]);
-    agent_key(&[
-        "generate",
-        "--out",
-        s(&k1),
-        "--passphrase-file",
-        s(&kp),
-        "--wrap-to",
-        s(&r1),
-    ]);
+    recovery_key(&r1, &rp);
+    recovery_key(&r2, &rp);
+    keyring(&k1, &kp, Some(&r1));
     let key1 = ["--encryption-key", s(&k1), "--passphrase-file", s(&kp)];
     let vda = d.path("vda.raw");
     disk::create(&vda, 8 * MIB);
@@ -310,23 +295,8 @@ fn an_encrypted_vms_copy_holds_ciphertext_and_restores_with_the_key() {
     let rx = d.serve();
     let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
     let (k, r) = (d.path("k.key"), d.path("r.key"));
-    agent_key(&[
-        "generate",
-        "--recovery",
-        "--out",
-        s(&r),
-        "--passphrase-file",
-        s(&rp),
-    ]);
-    agent_key(&[
-        "generate",
-        "--out",
-        s(&k),
-        "--passphrase-file",
-        s(&kp),
-        "--wrap-to",
-        s(&r),
-    ]);
+    recovery_key(&r, &rp);
+    keyring(&k, &kp, Some(&r));
     let key = ["--encryption-key", s(&k), "--passphrase-file", s(&kp)];
     let vda = d.path("vda.raw");
     disk::create(&vda, 8 * MIB);
@@ -386,15 +356,8 @@ fn gc_forgets_the_wrapped_keys_no_stored_chunk_uses() {
     let rx = d.serve();
     let (kp, rp) = (pass(&d, "k"), pass(&d, "r"));
     let (k, r, w) = (d.path("k.key"), d.path("r.key"), d.path("w.key"));
-    agent_key(&["generate", "--out", s(&k), "--passphrase-file", s(&kp)]);
-    agent_key(&[
-        "generate",
-        "--recovery",
-        "--out",
-        s(&r),
-        "--passphrase-file",
-        s(&rp),
-    ]);
+    keyring(&k, &kp, None);
+    recovery_key(&r, &rp);
     agent_key(&[
         "write-only",
         "--key",
