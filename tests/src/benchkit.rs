@@ -37,6 +37,21 @@ pub fn timed(cmd: &mut Command) -> anyhow::Result<(f64, std::process::Output)> {
     Ok((secs, out))
 }
 
+/// A throw-away PKI in `dir`: a CA, the receiver's certificate and agent `bench`'s.
+pub fn pki(bins: &Path, dir: &Path) -> anyhow::Result<()> {
+    for args in [
+        vec!["pki", "init", "--dir"],
+        vec!["pki", "issue", "--agent", "bench", "--dir"],
+    ] {
+        timed(
+            Command::new(bins.join("rewind-receiver"))
+                .args(args)
+                .arg(dir),
+        )?;
+    }
+    Ok(())
+}
+
 /// Clock ticks per second of /proc/PID/stat times (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
 

@@ -120,16 +120,7 @@ fn main() -> Result<()> {
         .tempdir_in(&a.dir)?;
     let w = work.path();
     let pki = w.join("pki");
-    for args in [
-        vec!["pki", "init", "--dir"],
-        vec!["pki", "issue", "--agent", "bench", "--dir"],
-    ] {
-        timed(
-            Command::new(bins.join("rewind-receiver"))
-                .args(args)
-                .arg(&pki),
-        )?;
-    }
+    benchkit::pki(&bins, &pki)?;
     let key = w.join("bench.key");
     timed(
         Command::new(bins.join("rewind-agent"))

@@ -145,16 +145,7 @@ fn main() -> Result<()> {
         .tempdir_in(&a.dir)?;
     let w = work.path();
     let rx_bin = bins.join("rewind-receiver");
-    for args in [
-        vec!["pki", "init", "--dir"],
-        vec!["pki", "issue", "--agent", "bench", "--dir"],
-    ] {
-        let o = Command::new(&rx_bin)
-            .args(args)
-            .arg(w.join("pki"))
-            .output()?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    rewind_tests::benchkit::pki(&bins, &w.join("pki"))?;
     let (rx, addr) = spawn_receiver(
         Command::new(&rx_bin),
         &w.join("data"),

@@ -297,16 +297,7 @@ fn main() -> Result<()> {
         .tempdir_in(&a.dir)?;
     let w = work.path();
     let pki = w.join("pki");
-    for args in [
-        vec!["pki", "init", "--dir"],
-        vec!["pki", "issue", "--agent", "bench", "--dir"],
-    ] {
-        timed(
-            Command::new(bins.join("rewind-receiver"))
-                .args(args)
-                .arg(&pki),
-        )?;
-    }
+    benchkit::pki(&bins, &pki)?;
     if a.scale_only {
         let bucket = Bucket::start(w)?;
         let url = if a.scale_local {
@@ -315,7 +306,7 @@ fn main() -> Result<()> {
             "s3://bench/scale"
         };
         let scale = scale::run(&bins, w, &bucket.env(), url, a.scale_points)?;
-        print_scale(&scale);
+        print_scale(&scale, a.scale_local);
         if a.keep_dir {
             eprintln!("work folder kept: {}", work.keep().display());
         }
@@ -448,7 +439,7 @@ fn main() -> Result<()> {
             a.wan_rtt_ms
         );
     }
-    print_scale(&scale);
+    print_scale(&scale, false);
     let mut r = r;
     r["scale"] = serde_json::to_value(&scale)?;
     if a.json {
@@ -486,11 +477,18 @@ fn seed_incr(
     result
 }
 
-fn print_scale(scale: &[scale::Figures]) {
+fn print_scale(scale: &[scale::Figures], local: bool) {
     if scale.is_empty() {
         return;
     }
-    println!("scale, simulated 1 TiB disk, 16 changed blocks a point, packs in the bucket:");
+    println!(
+        "scale, simulated 1 TiB disk, 16 changed blocks a point, {}:",
+        if local {
+            "local packs"
+        } else {
+            "packs in the bucket"
+        }
+    );
     println!(
         "{:>8} {:>10} {:>10} {:>11} {:>13} {:>13}",
         "points", "begin ms", "commit ms", "catalog MB", "kB per point", "prune one ms"
