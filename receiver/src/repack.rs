@@ -78,7 +78,7 @@ pub fn repack(
             for &id in &group {
                 if let (Some(d), Some(bytes)) = (packs::digest(conn, id)?, objects.cached_copy(id)?)
                 {
-                    if crate::chunks::PackDigest::of(&bytes) != d {
+                    if !d.matches(&bytes) {
                         tracing::warn!(pack = %id, "cached copy differs from the uploaded pack: dropped");
                         objects.drop_cached(id);
                     }

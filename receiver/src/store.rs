@@ -92,10 +92,14 @@ impl Store {
         let lock = crate::gc::open_lock_file(&data.join(SERVE_LOCK))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StoreError::InUse(data.to_owned()))?;
-        let chunks = chunks::create(data, wanted)?;
+        let (chunks, published) = chunks::create(data, wanted)?;
         let conn = catalog::open_rw(data)?;
-        // No upload of an earlier serve process can still be appending to its packs.
+        // No upload of an earlier serve process can still be appending to its packs; those it
+        // left unpublished are in the bucket now, with their digests and versions.
         catalog::seal_orphans(&conn, "serve")?;
+        for r in &published {
+            catalog::packs::seal(&conn, r)?;
+        }
         // A stepped commit cut short by a crash left nodes at an id no point has: remove them
         // before any point of its VM can commit over them.
         let mut conn = conn;

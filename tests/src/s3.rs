@@ -86,6 +86,12 @@ impl Moto {
         self.listed(&format!("{name}?list-type=2&prefix={prefix}"), "Key")
     }
 
+    /// The keys of every version and delete marker in bucket `name` under `prefix`, one per
+    /// entry (a plain version listing request).
+    pub fn versions(&self, name: &str, prefix: &str) -> Vec<String> {
+        self.listed(&format!("{name}?versions&prefix={prefix}"), "Key")
+    }
+
     /// Tries to delete every version of object `key` with the receiver's keys (signed
     /// requests through boto3, as a thief holding those keys would); returns each try's
     /// outcome: `deleted`, or the store's error code.

@@ -181,7 +181,10 @@ fn gc_on_the_bucket_deletes_dead_packs_and_keeps_every_kept_point_whole() {
     let Some((d, moto, env)) = with_moto() else {
         return;
     };
-    let rx = serve(&d, "s3://rewind/gc", &env);
+    // A bucket that keeps versions (Object Lock needs them), where a plain DELETE only hides
+    // an object: gc must remove every version of what it deletes, or the bytes stay billed.
+    moto.bucket("versioned", true);
+    let rx = serve(&d, "s3://versioned/gc", &env);
     let vda = d.path("vda.raw");
     disk::create(&vda, 32 * MIB);
     let mut rng = rand::rng();
@@ -195,14 +198,14 @@ fn gc_on_the_bucket_deletes_dead_packs_and_keeps_every_kept_point_whole() {
     }
     let newest = d.points("vm1").last().unwrap()["id"].as_u64().unwrap();
     let want = copy_digest(&d, &vda, "want.raw");
-    let before = moto.keys("rewind", "gc/packs/");
+    let before = moto.keys("versioned", "gc/packs/");
     let o = receiver(&d, &env, &["prune", "--vm", "vm1", "--keep-last", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = receiver(&d, &env, &["gc", "--grace", "0", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["chunks_removed"], 64, "{r}");
-    let after = moto.keys("rewind", "gc/packs/");
+    let after = moto.keys("versioned", "gc/packs/");
     // Every pack of the first two points held dead chunks: each is gone from the bucket
     // (deleted, or rewritten into a new object first).
     assert!(
@@ -211,7 +214,14 @@ fn gc_on_the_bucket_deletes_dead_packs_and_keeps_every_kept_point_whole() {
     );
     assert!(after.iter().all(|k| k.ends_with(".pack")));
     // Before deleting pack objects, gc left a catalog snapshot that names none of them.
-    assert!(!moto.keys("rewind", "gc/catalog/").is_empty());
+    assert!(!moto.keys("versioned", "gc/catalog/").is_empty());
+    // Nothing gc deleted (packs, older catalog snapshots) left a version or a delete marker
+    // behind: the bucket's versions are exactly its objects.
+    let mut versions = moto.versions("versioned", "gc/");
+    let mut current = moto.keys("versioned", "gc/");
+    versions.sort();
+    current.sort();
+    assert_eq!(versions, current);
     drop(rx);
     empty_cache(&d);
     assert_eq!(restored(&d, &env, newest), want);
@@ -347,6 +357,34 @@ fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_the
     assert!(ok, "{r}");
     assert_eq!(r["bad"], serde_json::json!([]), "{r}");
     assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
+
+    // The thief then writes other bytes under the locked pack's name (a new version: the
+    // locked one stays). Reads, checks and locks name the version the receiver uploaded, so
+    // the locked point still verifies and restores bit-exact from a cold cache, and the lock
+    // can still be extended (on that version).
+    let junk = d.path("junk.pack");
+    std::fs::write(&junk, vec![0x5a; 1 << 20]).unwrap();
+    moto.overwrite("vault", first, &junk);
+    assert!(moto.keys("vault", "l/packs/").contains(&first.to_owned()));
+    empty_cache(&d);
+    let (ok, r) = verify_json(&d, &env, &["--vm", "vm1", "--point", &id1, "--deep"]);
+    assert!(ok, "{r}");
+    assert_eq!(r["bad"], serde_json::json!([]), "{r}");
+    assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
+    let o = receiver(
+        &d,
+        &env,
+        &[
+            "lock",
+            "--vm",
+            "vm1",
+            "--point",
+            &id1,
+            "--until",
+            "2100-01-01T00:00:00Z",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// `verify --json` (with `extra` arguments): its exit status and report.

@@ -26,8 +26,8 @@ pub fn seal(conn: &Connection, r: &Retired) -> rusqlite::Result<()> {
     seal_pack(conn, r.id)?;
     if let Some(d) = &r.digest {
         conn.execute(
-            "UPDATE packs SET bytes = ?2, md5 = ?3, sha256 = ?4 WHERE id = ?1",
-            rusqlite::params![r.id, d.bytes as i64, &d.md5[..], &d.sha256[..]],
+            "UPDATE packs SET bytes = ?2, md5 = ?3, sha256 = ?4, version = ?5 WHERE id = ?1",
+            rusqlite::params![r.id, d.bytes as i64, &d.md5[..], &d.sha256[..], d.version],
         )?;
     }
     Ok(())
@@ -111,12 +111,17 @@ pub fn forget(conn: &Connection, id: PackId) -> rusqlite::Result<()> {
 /// What an object store was given of pack `id`, if it was recorded.
 pub fn digest(conn: &Connection, id: PackId) -> rusqlite::Result<Option<PackDigest>> {
     use rusqlite::OptionalExtension;
-    type Row = (Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+    type Row = (
+        Option<i64>,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+        Option<String>,
+    );
     let row: Option<Row> = conn
-        .prepare_cached("SELECT bytes, md5, sha256 FROM packs WHERE id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .prepare_cached("SELECT bytes, md5, sha256, version FROM packs WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
-    let Some((Some(bytes), Some(md5), Some(sha256))) = row else {
+    let Some((Some(bytes), Some(md5), Some(sha256), version)) = row else {
         return Ok(None);
     };
     Ok(match (md5.try_into(), sha256.try_into()) {
@@ -124,9 +129,73 @@ pub fn digest(conn: &Connection, id: PackId) -> rusqlite::Result<Option<PackDige
             bytes: bytes as u64,
             md5,
             sha256,
+            version,
         }),
         _ => None,
     })
+}
+
+/// What the catalog knows of pack `id`'s object: no row at all, or a row with the version
+/// the upload made (None: unversioned, or not recorded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Known {
+    NoRow,
+    Row { version: Option<String> },
+}
+
+/// What the catalog knows of pack `id`'s object.
+pub fn known(conn: &Connection, id: PackId) -> rusqlite::Result<Known> {
+    use rusqlite::OptionalExtension;
+    let row: Option<Option<String>> = conn
+        .prepare_cached("SELECT version FROM packs WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(match row {
+        None => Known::NoRow,
+        Some(version) => Known::Row { version },
+    })
+}
+
+/// Looks up pack versions in the catalog of one data folder, on a read-only connection of its
+/// own (opened at first use; a catalog not there yet is looked for again next time), for an
+/// object store that reads, checks, locks and removes the version each pack was uploaded as.
+pub struct VersionBook {
+    data: std::path::PathBuf,
+    conn: std::sync::Mutex<Option<Connection>>,
+}
+
+impl VersionBook {
+    pub fn new(data: &std::path::Path) -> VersionBook {
+        VersionBook {
+            data: data.to_owned(),
+            conn: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// What the catalog knows of pack `id`; None when the catalog cannot be read (the store
+    /// then reads the object as it is now, and its reader checks what it reads).
+    pub fn known(&self, id: PackId) -> Option<Known> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.is_none() {
+            *conn = super::open_reader(&self.data).ok();
+        }
+        match known(conn.as_ref()?, id) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::debug!(pack = %id, error = %e, "pack version lookup failed");
+                *conn = None;
+                None
+            }
+        }
+    }
+
+    /// The version pack `id` was uploaded as, when the catalog recorded one.
+    pub fn version(&self, id: PackId) -> Option<String> {
+        match self.known(id)? {
+            Known::Row { version } => version,
+            Known::NoRow => None,
+        }
+    }
 }
 
 /// Packs among `ids` in the order a deep verify reads them: the longest unread first, with

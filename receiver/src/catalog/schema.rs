@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 10;
+pub const VERSION: i64 = 11;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -185,6 +185,12 @@ CREATE INDEX sessions_open_by_base ON sessions(base_point) WHERE state = 'open';
 CREATE INDEX events_by_kind ON events(kind, id);
 ";
 
+/// From version 10 to 11: the version id a bucket that keeps versions gave each pack's
+/// object at upload, so reads, checks, locks and removals name that version.
+const MIGRATE_10_11: &str = "
+ALTER TABLE packs ADD COLUMN version TEXT;
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -290,6 +296,7 @@ const STEPS: &[(i64, &str)] = &[
     (8, MIGRATE_7_8),
     (9, MIGRATE_8_9),
     (10, MIGRATE_9_10),
+    (11, MIGRATE_10_11),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

@@ -81,28 +81,38 @@ pub enum ReadOrder {
 }
 
 /// What an object store was given of a pack: its size and digests, which the store reports
-/// back (ETag, `x-amz-checksum-sha256`) for `verify` to compare without reading the pack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// back (ETag, `x-amz-checksum-sha256`) for `verify` to compare without reading the pack;
+/// and, on a bucket that keeps versions, the version that holds these bytes, which every
+/// later read, check, lock and removal names (whatever is written over the name since).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackDigest {
     pub bytes: u64,
     pub md5: [u8; 16],
     pub sha256: [u8; 32],
+    pub version: Option<String>,
 }
 
 impl PackDigest {
-    /// The digest of a pack's bytes.
+    /// The digest of a pack's bytes (no version: that is the store's to name).
     pub fn of(bytes: &[u8]) -> PackDigest {
         use md5::Digest as _;
         PackDigest {
             bytes: bytes.len() as u64,
             md5: md5::Md5::digest(bytes).into(),
             sha256: sha2::Sha256::digest(bytes).into(),
+            version: None,
         }
+    }
+
+    /// Whether `bytes` are the bytes this digest was taken of.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        let d = PackDigest::of(bytes);
+        (d.bytes, d.md5, d.sha256) == (self.bytes, self.md5, self.sha256)
     }
 }
 
 /// A pack a writer finished, to be sealed: with its digest when it went to an object store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retired {
     pub id: PackId,
     pub digest: Option<PackDigest>,
@@ -287,13 +297,13 @@ pub fn open(data: &Path) -> Result<Arc<dyn ChunkStore>, ChunkStoreError> {
 /// The chunk store of data folder `data` for `serve`, created if it is not there yet. With
 /// `wanted` (from `--store`), a new folder records it and an existing one must have recorded
 /// the same. An object store is checked (listing the bucket, so wrong credentials fail here)
-/// and packs a crash left unpublished are uploaded.
+/// and packs a crash left unpublished are uploaded: returned, to be sealed with their digests.
 pub fn create(
     data: &Path,
     wanted: Option<&location::Location>,
-) -> Result<Arc<dyn ChunkStore>, ChunkStoreError> {
+) -> Result<(Arc<dyn ChunkStore>, Vec<Retired>), ChunkStoreError> {
     match location::settle(data, wanted)? {
-        None => Ok(Arc::new(local::LocalPacks::create(data)?)),
+        None => Ok((Arc::new(local::LocalPacks::create(data)?), Vec::new())),
         Some(loc) => {
             let packs = loc.open(data)?;
             packs.check()?;
@@ -305,7 +315,7 @@ pub fn create(
                     "uploaded packs an earlier serve left unpublished"
                 );
             }
-            Ok(Arc::new(packs))
+            Ok((Arc::new(packs), published))
         }
     }
 }

@@ -135,7 +135,7 @@ impl<'a> PackChecks<'a> {
         if self.deep.contains(&id) {
             let bytes = self.packs.read_remote(id)?;
             self.report.packs_read_back += 1;
-            if recorded.is_some_and(|d| d != PackDigest::of(&bytes)) {
+            if recorded.as_ref().is_some_and(|d| !d.matches(&bytes)) {
                 return Ok(Source::Bad(format!(
                     "pack {id}: the bytes read back are not the ones uploaded"
                 )));
@@ -144,7 +144,7 @@ impl<'a> PackChecks<'a> {
             return Ok(Source::Bytes(bytes));
         }
         match self.packs.cached_copy(id)? {
-            Some(bytes) if recorded.is_some_and(|d| d != PackDigest::of(&bytes)) => {
+            Some(bytes) if recorded.as_ref().is_some_and(|d| !d.matches(&bytes)) => {
                 tracing::warn!(pack = %id, "cached copy differs from the uploaded pack: dropped");
                 self.packs.drop_cached(id);
                 self.report.cache_copies_dropped += 1;

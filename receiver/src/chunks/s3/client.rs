@@ -8,7 +8,7 @@
 //! create-only (`If-None-Match: *`) with a SHA-256 checksum the store verifies and keeps.
 
 use base64::Engine;
-use rusty_s3::actions::{DeleteObject, GetObject, HeadObject, ListObjectsV2, PutObject};
+use rusty_s3::actions::{GetObject, HeadObject, ListObjectsV2, PutObject};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use sha2::Digest;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,6 +94,17 @@ pub struct ObjectStat {
     pub etag: Option<String>,
     /// The SHA-256 the store keeps (base64), when it keeps one and says so.
     pub sha256: Option<String>,
+    /// The version the store answered for (a versioned bucket), as `x-amz-version-id` said.
+    pub version: Option<String>,
+}
+
+/// What a create-only write came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Put {
+    /// The object was created; a versioned bucket names the version that holds these bytes.
+    Created { version: Option<String> },
+    /// An object of that name was there already (the store refused with 412).
+    Taken,
 }
 
 /// One bucket (under a prefix) of an S3-compatible store.
@@ -103,6 +114,9 @@ pub struct S3Client {
     prefix: String,
     pub(super) agent: ureq::Agent,
     pub counters: Counters,
+    /// The store answered a version listing with 501 (Garage keeps no versions): no listing
+    /// is asked for again.
+    pub(super) no_versions: std::sync::atomic::AtomicBool,
 }
 
 /// What a single attempt came to.
@@ -140,6 +154,7 @@ impl S3Client {
             prefix: t.prefix.clone(),
             agent,
             counters: Counters::default(),
+            no_versions: Default::default(),
         })
     }
 
@@ -176,9 +191,9 @@ impl S3Client {
         })
     }
 
-    /// Stores `body` as object `name` unless one is there already: true when it was created,
-    /// false when the name was taken (the store refused with 412).
-    pub fn put_new(&self, name: &str, body: &[u8]) -> Result<bool, S3Error> {
+    /// Stores `body` as object `name` unless one is there already (the store refuses with
+    /// 412): what the write came to, with the version a versioned bucket made.
+    pub fn put_new(&self, name: &str, body: &[u8]) -> Result<Put, S3Error> {
         let key = self.key(name);
         let sum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
         let mut action = PutObject::new(&self.bucket, Some(&self.credentials), &key);
@@ -201,9 +216,11 @@ impl S3Client {
                         self.counters
                             .bytes_up
                             .fetch_add(body.len() as u64, Ordering::Relaxed);
-                        Attempt::Done(true)
+                        Attempt::Done(Put::Created {
+                            version: version_of(&r),
+                        })
                     }
-                    412 => Attempt::Done(false),
+                    412 => Attempt::Done(Put::Taken),
                     _ => refusal(&mut r, "PUT", &key),
                 },
                 Err(m) => Attempt::Again(m),
@@ -213,8 +230,9 @@ impl S3Client {
 
     /// Puts object `name` under Object Lock in COMPLIANCE mode until `until_us` (microseconds
     /// since the epoch). The bucket must have Object Lock enabled. A date earlier than the
-    /// one in force is refused by the store (COMPLIANCE only extends).
-    pub fn retain(&self, name: &str, until_us: i64) -> Result<(), S3Error> {
+    /// one in force is refused by the store (COMPLIANCE only extends). With `version`, that
+    /// version is the one locked (not whatever was written over it since).
+    pub fn retain(&self, name: &str, version: Option<&str>, until_us: i64) -> Result<(), S3Error> {
         let key = self.key(name);
         let until = time::OffsetDateTime::from_unix_timestamp(until_us.div_euclid(1_000_000))
             .ok()
@@ -230,6 +248,9 @@ impl S3Client {
         let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
         let mut action = PutObject::new(&self.bucket, Some(&self.credentials), &key);
         action.query_mut().insert("retention", "");
+        if let Some(v) = version {
+            action.query_mut().insert("versionId", v.to_owned());
+        }
         action.headers_mut().insert("content-md5", md5.clone());
         let url = action.sign(SIGNED_FOR);
         self.retry("PUT retention", &key, || {
@@ -280,41 +301,7 @@ impl S3Client {
         }
     }
 
-    /// The newest version of object `key` that is not a delete marker, when the object reads
-    /// as absent but such a version exists (a versioned bucket). Logged: it means someone
-    /// deleted an object this store still needs.
-    fn hidden_version(&self, key: &str) -> Result<Option<String>, S3Error> {
-        let mut action = GetObject::new(&self.bucket, Some(&self.credentials), "");
-        action.query_mut().insert("versions", "");
-        action.query_mut().insert("prefix", key.to_owned());
-        let url = action.sign(SIGNED_FOR);
-        let text = self.retry("LIST versions", key, || {
-            self.counters.lists.fetch_add(1, Ordering::Relaxed);
-            match answer(self.agent.get(url.as_str()).call()) {
-                Ok(mut r) if r.status().as_u16() == 200 => match small_text(&mut r) {
-                    Ok(t) => Attempt::Done(t),
-                    Err(e) => Attempt::Again(e),
-                },
-                // A store without versions (Garage answers 501): nothing can be hidden.
-                Ok(r) if r.status().as_u16() == 501 => Attempt::Done(String::new()),
-                Ok(mut r) => refusal(&mut r, "LIST versions", key),
-                Err(m) => Attempt::Again(m),
-            }
-        })?;
-        // Versions of one key come newest first; delete markers are other elements.
-        let version = text
-            .split("<Version>")
-            .skip(1)
-            .filter_map(|v| v.split("</Version>").next())
-            .filter(|v| tag_text(v, "Key").as_deref() == Some(key))
-            .find_map(|v| tag_text(v, "VersionId"));
-        if let Some(v) = &version {
-            tracing::warn!(key, version = %v, "object hidden by a delete marker: reading its newest version");
-        }
-        Ok(version)
-    }
-
-    fn get_at(
+    pub(super) fn get_at(
         &self,
         key: &str,
         version: Option<&str>,
@@ -372,7 +359,11 @@ impl S3Client {
         }
     }
 
-    fn stat_at(&self, key: &str, version: Option<&str>) -> Result<Option<ObjectStat>, S3Error> {
+    pub(super) fn stat_at(
+        &self,
+        key: &str,
+        version: Option<&str>,
+    ) -> Result<Option<ObjectStat>, S3Error> {
         let key = key.to_owned();
         let mut action = HeadObject::new(&self.bucket, Some(&self.credentials), &key);
         if let Some(v) = version {
@@ -400,6 +391,7 @@ impl S3Client {
                                 modified_us: h("last-modified").and_then(http_date_us),
                                 etag: h("etag").map(|e| e.trim_matches('"').to_owned()),
                                 sha256: h("x-amz-checksum-sha256").map(str::to_owned),
+                                version: version_of(&r),
                             });
                         match stat {
                             Some(s) => Attempt::Done(Some(s)),
@@ -412,22 +404,6 @@ impl S3Client {
                     }
                     404 => Attempt::Done(None),
                     _ => refusal(&mut r, "HEAD", &key),
-                },
-                Err(m) => Attempt::Again(m),
-            }
-        })
-    }
-
-    /// Deletes object `name`; one already gone is not an error.
-    pub fn delete(&self, name: &str) -> Result<(), S3Error> {
-        let key = self.key(name);
-        let url = DeleteObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
-        self.retry("DELETE", &key, || {
-            self.counters.deletes.fetch_add(1, Ordering::Relaxed);
-            match answer(self.agent.delete(url.as_str()).call()) {
-                Ok(mut r) => match r.status().as_u16() {
-                    200 | 204 | 404 => Attempt::Done(()),
-                    _ => refusal(&mut r, "DELETE", &key),
                 },
                 Err(m) => Attempt::Again(m),
             }
@@ -516,8 +492,15 @@ pub(super) fn refusal<T>(
     })
 }
 
+/// The version an answer names (`x-amz-version-id`), unless it names none (`null`: a bucket
+/// without versioning).
+fn version_of(r: &ureq::http::Response<ureq::Body>) -> Option<String> {
+    let v = r.headers().get("x-amz-version-id")?.to_str().ok()?;
+    (!v.is_empty() && v != "null").then(|| v.to_owned())
+}
+
 /// The text of the first `<tag>` element in `xml`.
-fn tag_text(xml: &str, tag: &str) -> Option<String> {
+pub(super) fn tag_text(xml: &str, tag: &str) -> Option<String> {
     let open = format!("<{tag}>");
     let rest = &xml[xml.find(&open)? + open.len()..];
     Some(rest[..rest.find(&format!("</{tag}>"))?].to_owned())

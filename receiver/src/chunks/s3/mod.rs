@@ -20,8 +20,9 @@
 mod client;
 mod multipart;
 mod reader;
+mod versions;
 
-pub use client::{Counters, ObjectStat, S3Client, S3Error, S3Target};
+pub use client::{Counters, ObjectStat, Put, S3Client, S3Error, S3Target};
 pub use multipart::PART_BYTES;
 
 use super::format::{pack_name, MAX_FRAME_BYTES, PACK_TARGET_BYTES, RECORD_HEADER};
@@ -57,6 +58,8 @@ struct Shared {
     publishing: Mutex<()>,
     /// Bytes the cache is believed to hold (see [`Shared::evict`]).
     tally: Mutex<CacheTally>,
+    /// The version each pack was uploaded as, from the catalog.
+    book: crate::catalog::packs::VersionBook,
 }
 
 /// The cache's size as last counted, and the packs added since.
@@ -137,6 +140,7 @@ impl S3Packs {
                 fetched: std::sync::Condvar::new(),
                 publishing: Mutex::new(()),
                 tally: Mutex::new(CacheTally::default()),
+                book: crate::catalog::packs::VersionBook::new(data),
             }),
         })
     }
@@ -173,20 +177,19 @@ impl S3Packs {
         let _ = fs::remove_file(self.shared.cache.join(pack_name(id)));
     }
 
-    /// What the store says of pack `id`'s object (None: not there).
+    /// What the store says of pack `id`'s object, the version it was uploaded as (None: not
+    /// there).
     pub fn stat(&self, id: PackId) -> Result<Option<ObjectStat>, ChunkStoreError> {
+        let version = self.shared.book.version(id);
         self.shared
             .client
-            .stat(&Shared::object(id))
+            .stat_version(&Shared::object(id), version.as_deref())
             .map_err(remote(format!("looking at pack {id}")))
     }
 
     /// Pack `id` read from the bucket, past the cache (a deep verify's read).
     pub fn read_remote(&self, id: PackId) -> Result<Vec<u8>, ChunkStoreError> {
-        self.shared
-            .client
-            .get(&Shared::object(id), MAX_PACK_BYTES)
-            .map_err(remote(format!("fetching pack {id}")))
+        self.shared.get(id)
     }
 
     /// Checks that the bucket answers and the credentials are accepted (a listing).
@@ -256,27 +259,45 @@ impl Shared {
             Err(e) => return Err(io_err(&path)(e)),
         };
         let name = Self::object(id);
-        let created = self
+        let put = self
             .client
             .put_new(&name, &bytes)
             .map_err(remote(format!("uploading pack {id}")))?;
-        if !created {
-            let there = self
-                .client
-                .head(&name)
-                .map_err(remote(format!("looking at pack {id}")))?;
-            if there.map(|(size, _)| size) != Some(bytes.len() as u64) {
-                return Err(ChunkStoreError::Conflict {
-                    pack: id,
-                    size: bytes.len() as u64,
-                    there: there.map(|(s, _)| s),
-                });
+        let version = match put {
+            Put::Created { version } => version,
+            // An earlier try got through: the object there must be this pack.
+            Put::Taken => {
+                let there = self
+                    .client
+                    .stat(&name)
+                    .map_err(remote(format!("looking at pack {id}")))?;
+                match there {
+                    Some(s) if s.size == bytes.len() as u64 => s.version,
+                    _ => {
+                        return Err(ChunkStoreError::Conflict {
+                            pack: id,
+                            size: bytes.len() as u64,
+                            there: there.map(|s| s.size),
+                        })
+                    }
+                }
             }
-        }
+        };
         let cached = self.cache.join(pack_name(id));
         fs::rename(&path, &cached).map_err(io_err(&cached))?;
         self.evict(id, bytes.len() as u64);
-        Ok(Some(PackDigest::of(&bytes)))
+        Ok(Some(PackDigest {
+            version,
+            ..PackDigest::of(&bytes)
+        }))
+    }
+
+    /// Pack `id`'s object from the bucket: the version it was uploaded as, when recorded.
+    fn get(&self, id: PackId) -> Result<Vec<u8>, ChunkStoreError> {
+        let version = self.book.version(id);
+        self.client
+            .get_version(&Self::object(id), version.as_deref(), MAX_PACK_BYTES)
+            .map_err(remote(format!("fetching pack {id}")))
     }
 
     /// Makes pack `id` readable from the cache, fetching it if needed.
@@ -318,10 +339,7 @@ impl Shared {
 
     /// Downloads pack `id` into the cache as `cached`.
     fn download(&self, id: PackId, cached: &Path) -> Result<(), ChunkStoreError> {
-        let bytes = self
-            .client
-            .get(&Self::object(id), MAX_PACK_BYTES)
-            .map_err(remote(format!("fetching pack {id}")))?;
+        let bytes = self.get(id)?;
         let tmp = self.cache.join(format!(".{}.part", pack_name(id)));
         fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
         fs::rename(&tmp, cached).map_err(io_err(cached))?;
@@ -439,9 +457,10 @@ impl ChunkStore for S3Packs {
     }
 
     fn retain(&self, id: PackId, until_us: i64) -> Result<(), ChunkStoreError> {
+        let version = self.shared.book.version(id);
         self.shared
             .client
-            .retain(&Shared::object(id), until_us)
+            .retain(&Shared::object(id), version.as_deref(), until_us)
             .map_err(remote(format!("locking pack {id}")))
     }
 

@@ -43,7 +43,7 @@ impl S3Client {
             .len();
         if size <= part {
             let bytes = std::fs::read(path).map_err(|e| io_failed("PUT", &key, e))?;
-            return self.put_new(name, &bytes);
+            return Ok(self.put_new(name, &bytes)? != super::Put::Taken);
         }
         let upload = self.create_upload(&key)?;
         let done = self.upload_parts(&key, &upload, &file, (size, part));

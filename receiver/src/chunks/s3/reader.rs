@@ -3,6 +3,7 @@
 //! decompression of what was fetched before.
 
 use super::{PackReader, Shared};
+use crate::catalog::packs::Known;
 use crate::chunks::{BlockHash, ChunkLocation, ChunkReader, ChunkStoreError, PackId, Prepared};
 use std::sync::Arc;
 
@@ -36,7 +37,10 @@ impl S3Reader {
         if self.ahead && self.last != Some(id) {
             self.last = Some(id);
             for next in (1..=AHEAD).map(|n| PackId(id.0 + n)) {
-                if self.shared.cached_or_coming(next) {
+                // A pack the catalog has no row for is never read by this walk.
+                if self.shared.cached_or_coming(next)
+                    || self.shared.book.known(next) == Some(Known::NoRow)
+                {
                     continue;
                 }
                 let shared = self.shared.clone();
