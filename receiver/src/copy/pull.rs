@@ -74,6 +74,9 @@ struct PointCopy<'a> {
     in_flight: HashSet<BlockHash>,
     /// The chunks of the batch being staged (out of `in_flight` once it is staged).
     staging_asked: Vec<BlockHash>,
+    /// Chunks this store quarantined that the VM's points need (Begin's heal list): a block
+    /// holding one is sent even where the base has it, so the source's good copy comes back.
+    heal: HashSet<BlockHash>,
     report: &'a mut CopyReport,
     limiter: &'a Arc<super::RateLimit>,
 }
@@ -301,6 +304,7 @@ async fn copy_point(
         fetching: VecDeque::new(),
         in_flight: HashSet::new(),
         staging_asked: Vec::new(),
+        heal: plan.heal.iter().copied().collect(),
         report,
         limiter,
     };
@@ -451,7 +455,7 @@ impl PointCopy<'_> {
                 (Some(s), Some(o)) => {
                     src.buf.pop_front();
                     old.buf.pop_front();
-                    (s.1 != o.1).then_some(s)
+                    (s.1 != o.1 || self.heal.contains(&s.1)).then_some(s)
                 }
                 _ => None,
             };
