@@ -42,6 +42,9 @@ pub enum StoreError {
     /// The VM belongs to another agent.
     #[error("VM {vm} belongs to another agent; {caller} may not write or read it")]
     NotOwner { vm: String, caller: String },
+    /// The VM is a copy of another receiver's: only that copy adds its points.
+    #[error("VM {vm} is a copy of {from}'s: only that copy writes it")]
+    CopiedVm { vm: String, from: String },
     /// No session of that id exists (or it belongs to another agent).
     #[error("no session {0}")]
     UnknownSession(String),

@@ -140,7 +140,7 @@ pub fn to_status(e: StoreError) -> Status {
         | BadTime(_)
         | NoPolicy => Status::invalid_argument(msg),
         Protected(_) | GcRunning => Status::failed_precondition(msg),
-        NotOwner { .. } => Status::permission_denied(msg),
+        NotOwner { .. } | CopiedVm { .. } => Status::permission_denied(msg),
         KeyringMismatch { .. } | Key(_) => Status::failed_precondition(msg),
         UnknownVm(_)
         | UnknownSession(_)
@@ -381,6 +381,7 @@ impl Replication for ReplicationService {
             resume: (!r.resume_session.is_empty()).then_some(r.resume_session),
             keyring: keyring_of(&r.keyring)?,
             wrapped: wrapped_of(&r.wrapped_keys)?,
+            copy_of: None,
         };
         let store = self.store.clone();
         let plan = blocking(self.calls(&owner).await?, move || {

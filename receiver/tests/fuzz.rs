@@ -120,6 +120,7 @@ fn store_with_point(dir: &Path) -> (Store, PointInfo, Vec<u8>) {
         resume: None,
         keyring: None,
         wrapped: Vec::new(),
+        copy_of: None,
     };
     let session = store.begin("agent", &spec).unwrap().session;
     let mut image = vec![0u8; DISK_SIZE as usize];
@@ -579,6 +580,7 @@ fn upload_batches_survive_mutation() {
         resume: None,
         keyring: None,
         wrapped: Vec::new(),
+        copy_of: None,
     };
     let session = store.begin("agent", &spec).unwrap().session;
     let kit = batch_kit(&session);

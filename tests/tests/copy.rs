@@ -336,6 +336,18 @@ fn a_vm_that_exists_on_the_copy_is_never_written_by_it() {
     );
     let zulu = copy.points("zulu")[0]["id"].as_u64().unwrap();
     assert_eq!(copy.restored_digest("zulu", "vda", zulu), disk::digest(&z));
+
+    // Nor is a copied VM written by the copy's own agents, even one whose name is the source
+    // agent's (the copy's PKI issued it): the copy's history is the source's alone.
+    let own = copy.serve();
+    let o = copy.sync(&own, "host1", "zulu", &[("vda", &l)], &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("VM zulu is a copy of https://{}'s", rx.addr())),
+        "{err}"
+    );
+    assert_eq!(copy.points("zulu").len(), 1);
 }
 
 #[test]

@@ -28,6 +28,13 @@ pub fn is_copied(conn: &Connection, source: &str, vm: &str) -> rusqlite::Result<
     )
 }
 
+/// The source that copies into `vm`, if one does.
+pub fn copied_from(conn: &Connection, vm: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT source FROM copies WHERE vm = ?1 LIMIT 1")?
+        .query_row([vm], |r| r.get(0))
+        .optional()
+}
+
 /// The local session of a source point begun and not committed yet.
 pub fn pending(
     conn: &Connection,

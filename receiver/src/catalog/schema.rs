@@ -186,9 +186,11 @@ CREATE INDEX events_by_kind ON events(kind, id);
 ";
 
 /// From version 10 to 11: the version id a bucket that keeps versions gave each pack's
-/// object at upload, so reads, checks, locks and removals name that version.
+/// object at upload, so reads, checks, locks and removals name that version; and copies by
+/// VM, which every Begin asks (a copied VM is written by its copy only).
 const MIGRATE_10_11: &str = "
 ALTER TABLE packs ADD COLUMN version TEXT;
+CREATE INDEX copies_by_vm ON copies(vm, source);
 ";
 
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.

@@ -249,6 +249,7 @@ fn begin_copy(
         keyring: crate::service::keyring_of(&info.keyring)
             .map_err(|_| CopyError::Answer("a keyring id that is not 16 bytes"))?,
         wrapped: Vec::new(),
+        copy_of: Some(cfg.source.clone()),
     };
     let plan = store.begin(owner, &spec)?;
     Ok((plan, base))

@@ -60,6 +60,9 @@ pub struct BeginSpec {
     pub keyring: Option<KeyringId>,
     /// Data keys the session seals with, wrapped to recovery keys (kept before the answer).
     pub wrapped: Vec<rewind_proto::crypt::WrappedKey>,
+    /// The source receiver, when a copy begins the point (None: an agent). A VM a copy
+    /// writes is written by that copy only.
+    pub copy_of: Option<String>,
 }
 
 /// How the agent must send a disk.

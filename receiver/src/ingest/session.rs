@@ -155,6 +155,14 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let vm_id = claim_vm(&tx, spec, owner, rules.claim_timeout, &quota, &mut dead)?;
+        if let Some(source) = crate::catalog::copies::copied_from(&tx, &spec.vm)? {
+            if spec.copy_of.as_ref() != Some(&source) {
+                return Err(StoreError::CopiedVm {
+                    vm: spec.vm.clone(),
+                    from: source,
+                });
+            }
+        }
         let latest = latest_point(&tx, vm_id)?;
         settle_keyring(&tx, vm_id, spec, latest)?;
         keep_wrapped(&tx, owner, spec)?;

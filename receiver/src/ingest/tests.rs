@@ -49,6 +49,7 @@ fn open() -> (tempfile::TempDir, Store, String) {
         resume: None,
         keyring: None,
         wrapped: Vec::new(),
+        copy_of: None,
     };
     let session = store.begin("agent", &spec).expect("begin").session;
     (dir, store, session)
@@ -139,6 +140,7 @@ fn a_large_session_commits_in_steps_to_the_same_point() {
         resume: None,
         keyring: None,
         wrapped: Vec::new(),
+        copy_of: None,
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
@@ -223,6 +225,7 @@ fn a_grown_disk_commits_as_a_delta_whole_and_in_steps() {
         resume: None,
         keyring: None,
         wrapped: Vec::new(),
+        copy_of: None,
     };
     let (a, ca) = block(1);
     let (b, cb) = block(2);
@@ -335,6 +338,7 @@ fn a_commit_first_removes_what_an_earlier_stepped_commit_of_its_vm_left() {
         resume: None,
         keyring: None,
         wrapped: Vec::new(),
+        copy_of: None,
     };
     let s2 = store.begin("agent", &spec).expect("begin").session;
     let second = vec![(1, a)];
