@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use rewind_tests::faultlink::{FaultLink, LinkMode};
 use rewind_tests::{bin, disk, Deployment, Receiver};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,6 +27,14 @@ fn start_copy(primary: &Deployment, rx: &Receiver) -> (Deployment, Receiver) {
 
 /// The replica identity on `primary`, and a copy deployment with its configuration file.
 fn copy_setup(primary: &Deployment, rx: &Receiver) -> (Deployment, std::path::PathBuf) {
+    copy_setup_at(primary, rx.addr())
+}
+
+/// [`copy_setup`] for a primary reached at `addr` (a proxy in front of it).
+fn copy_setup_at(
+    primary: &Deployment,
+    addr: std::net::SocketAddr,
+) -> (Deployment, std::path::PathBuf) {
     let o = rewind_tests::run(
         Command::new(bin("rewind-receiver"))
             .args(["pki", "issue", "--replica", "--agent", "copy1", "--dir"])
@@ -39,7 +48,7 @@ fn copy_setup(primary: &Deployment, rx: &Receiver) -> (Deployment, std::path::Pa
         &config,
         format!(
             "[copy]\nfrom = \"https://{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nevery = 1\nparallel = 4\n",
-            rx.addr(),
+            addr,
             pki.join("ca.pem").display(),
             pki.join("copy1.pem").display(),
             pki.join("copy1.key").display()
@@ -406,4 +415,76 @@ fn a_chunk_the_copy_quarantined_comes_back_from_the_source_with_the_next_point()
     let id = |p: &serde_json::Value| p["id"].as_u64().unwrap();
     assert_eq!(copy.restored_digest("vm1", "vda", id(&got[0])), want1);
     assert_eq!(copy.restored_digest("vm1", "vda", id(&got[1])), want2);
+}
+
+#[test]
+fn a_copy_whose_source_link_fails_mid_point_resumes_without_reading_what_is_durable() {
+    // 5000 random blocks: five batches of entries (1024 blocks each), at most three read at a
+    // time, so when the first is durable the last ones have not all arrived.
+    const BLOCKS: u64 = 5000;
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 320 * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, BLOCKS, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want = disk::digest(&vda);
+    // The copy reaches the primary through a link slow enough that the last batches are
+    // still to come when the first is durable.
+    let link = FaultLink::start(rx.addr()).unwrap();
+    link.set(LinkMode::Trickle {
+        bytes_per_sec: 32 << 20,
+    });
+    let (copy, config) = copy_setup_at(&d, link.addr);
+    let crx = Receiver::start_with(
+        &copy.data(),
+        &copy.pki(),
+        &["--config", config.to_str().unwrap()],
+    );
+    // Once the first batch's chunks are durable on the copy, the link goes down: the reads
+    // in flight fail, and with them the run. It stays down until the copy tries it again (a
+    // connection refused), so no read of this run gets through.
+    let indexed = || {
+        rusqlite::Connection::open(copy.data().join("catalog.sqlite"))
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0)))
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while indexed() < 1024 {
+        assert!(Instant::now() < deadline, "no batch was staged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tried = link.connections();
+    link.set(LinkMode::Down);
+    let held = indexed();
+    assert!(
+        held < BLOCKS as i64,
+        "the point was copied before the link went down"
+    );
+    while link.connections() == tried {
+        assert!(
+            Instant::now() < deadline,
+            "the copy never tried the link again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    link.set(LinkMode::Pass);
+    // The next run resumes the point: only the chunks the copy lacked travel again (fewer
+    // than all: so a run did fail and another resumed), the point is made once, and it
+    // restores bit-exact.
+    let got = wait_points(&copy, "vm1", 1);
+    drop(crx);
+    assert_eq!(got.len(), 1);
+    let ev = copy_events(&copy);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let resent = ev[0].1["chunks"].as_i64().unwrap();
+    assert!(
+        resent <= BLOCKS as i64 - held,
+        "{resent} chunks read again, {held} were durable"
+    );
+    assert_eq!(indexed(), BLOCKS as i64);
+    assert_eq!(
+        copy.restored_digest("vm1", "vda", got[0]["id"].as_u64().unwrap()),
+        want
+    );
 }

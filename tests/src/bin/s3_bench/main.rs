@@ -53,6 +53,7 @@ struct Args {
     keep_dir: bool,
 }
 
+mod ceiling;
 mod scale;
 
 const BLOCK: u64 = 64 * 1024;
@@ -347,6 +348,8 @@ fn main() -> Result<()> {
     let stored = dir_bytes(&data.join("object-cache/packs"));
     let packs = bucket.objects("site/packs/");
     let snapshots = bucket.objects("site/catalog/");
+    eprintln!("the store alone: the same pack objects up and down ...");
+    let alone = ceiling::measure(&env, w, &data.join("object-cache/packs"))?;
     empty_cache(&data)?;
     let s_restore = restore(&bins, &env, &data, &s_point, &out, &want2)?;
 
@@ -394,6 +397,9 @@ fn main() -> Result<()> {
         "verify": {"secs": v_secs, "bytes_read": v["store"]["bytes_read"], "requests": v["store"]["requests"],
             "packs_checked": v["store"]["packs_checked"]},
         "recover": {"secs": r_secs, "catalog_mb": catalog_mb},
+        "store_alone": {"objects": alone.objects, "bytes": alone.bytes, "in_flight": ceiling::IN_FLIGHT,
+            "put_secs": alone.put_secs, "get_secs": alone.get_secs,
+            "seed_over_put": s_seed / alone.put_secs, "restore_over_get": s_restore / alone.get_secs},
         "copy": copy.map(|(secs, bytes)| json!({"secs": secs, "bytes": bytes,
             "mbit_per_sec": bytes as f64 * 8.0 / secs / 1e6,
             "share_of_cap": bytes as f64 * 8.0 / secs / 1e6 / a.wan_mbit as f64,
@@ -419,6 +425,17 @@ fn main() -> Result<()> {
         "seed speed {:.0} MB/s local, {:.0} MB/s to the bucket (target >= 0.8x); cold restore target >= 0.7x",
         mb / l_seed,
         mb / s_seed
+    );
+    println!(
+        "the store alone ({} requests in flight): PUT of the seed's {} pack objects ({:.2} GiB) {:.2} s, GET {:.2} s; \
+         the bucket seed took {:.2}x that PUT, the cold restore {:.2}x that GET",
+        ceiling::IN_FLIGHT,
+        alone.objects,
+        alone.bytes as f64 / GIB,
+        alone.put_secs,
+        alone.get_secs,
+        s_seed / alone.put_secs,
+        s_restore / alone.get_secs
     );
     println!(
         "PUTs: {packs} pack objects + {snapshots} catalog snapshots for {:.2} GiB stored = {puts_per_gib:.1} per GiB (target <= 64)",
