@@ -160,6 +160,12 @@ impl Garage {
     /// `garage.log`) on free loopback ports; connects them, applies a layout (zone `dc1`, 1 GB
     /// each), waits until every node sees the three up, and creates the access key.
     pub fn start(dir: &Path) -> Garage {
+        Self::start_with(dir, "")
+    }
+
+    /// [`Garage::start`] with `extra` lines at the top of each node's configuration (settings
+    /// such as `compression_level`).
+    pub fn start_with(dir: &Path, extra: &str) -> Garage {
         let bin = binary().expect("no garage binary: set REWIND_GARAGE or install it");
         let rpc_secret = random_hex();
         let admin_token = random_hex();
@@ -180,7 +186,8 @@ impl Garage {
             let meta = node_dir.join("meta");
             let data = node_dir.join("data");
             let text = format!(
-                "metadata_dir = {}\n\
+                "{extra}\n\
+                 metadata_dir = {}\n\
                  data_dir = {}\n\
                  db_engine = \"sqlite\"\n\
                  replication_factor = {NODES}\n\

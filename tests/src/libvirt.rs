@@ -334,6 +334,13 @@ impl Drop for Libvirtd {
             }
         }
         if let Some(mut child) = self.child.take() {
+            // A domain the daemon could not destroy outlives it (libvirt keeps domains across
+            // daemon restarts): its QEMU, named by the daemon's pid file, is killed here.
+            for qemu in qemu_pids(&self.dir.join("run")) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &qemu.to_string()])
+                    .status();
+            }
             let pid = child.id().to_string();
             // unshare exec'd the shell, which exec'd libvirtd: the child is the daemon.
             let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -351,4 +358,20 @@ impl Drop for Libvirtd {
             }
         }
     }
+}
+
+/// The QEMU processes of the domains libvirt started from `run` (its `/run/libvirt`): the
+/// pid files it keeps in `qemu/`, where the process is still a QEMU.
+fn qemu_pids(run: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir(run.join("qemu")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+        .filter(|pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu-system"))
+        })
+        .collect()
 }

@@ -68,10 +68,12 @@ fn no_job(lv: &Libvirtd) -> bool {
     !lv.virsh(&["backup-dumpxml", DOMAIN]).status.success()
 }
 
+/// Fields drop in order: the daemon first, while the deployment's folder (its socket) is
+/// still there to destroy the domain through.
 struct Setup {
+    lv: Libvirtd,
     d: Deployment,
     rx: Receiver,
-    lv: Libvirtd,
     images: Vec<PathBuf>,
     a: Model,
     b: Model,

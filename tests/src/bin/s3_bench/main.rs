@@ -51,6 +51,10 @@ struct Args {
     /// Keeps the work folder (data folders, catalogs) for a look afterwards.
     #[arg(long)]
     keep_dir: bool,
+    /// Garage's `compression_level` (`none`, or a zstd level). Rewind's packs hold zstd
+    /// frames already, so compressing them again only spends the store's CPU.
+    #[arg(long, default_value = "none")]
+    garage_compression: String,
 }
 
 mod ceiling;
@@ -149,9 +153,19 @@ enum Bucket {
 }
 
 impl Bucket {
-    fn start(dir: &Path) -> Result<Bucket> {
+    fn start(dir: &Path, compression: &str) -> Result<Bucket> {
         if garage::binary().is_some() {
-            let g = garage::Garage::start(&dir.join("garage"));
+            let level = match compression {
+                "none" => "\"none\"".to_owned(),
+                n => n
+                    .parse::<i32>()
+                    .context("--garage-compression")?
+                    .to_string(),
+            };
+            let g = garage::Garage::start_with(
+                &dir.join("garage"),
+                &format!("compression_level = {level}"),
+            );
             g.bucket("bench");
             return Ok(Bucket::Garage(g));
         }
@@ -172,7 +186,7 @@ impl Bucket {
 
     fn name(&self) -> &'static str {
         match self {
-            Bucket::Garage(_) => "Garage 2.5, 3 nodes",
+            Bucket::Garage(_) => "Garage 2.5, 3 nodes, one box",
             Bucket::Moto(_) => "moto_server",
         }
     }
@@ -300,7 +314,7 @@ fn main() -> Result<()> {
     let pki = w.join("pki");
     benchkit::pki(&bins, &pki)?;
     if a.scale_only {
-        let bucket = Bucket::start(w)?;
+        let bucket = Bucket::start(w, &a.garage_compression)?;
         let url = if a.scale_local {
             ""
         } else {
@@ -334,7 +348,7 @@ fn main() -> Result<()> {
     let (l_seed, l_incr, l_point, want) = seed_incr(&bins, w, &[], &local, &[], &vda, changed)?;
     let l_restore = restore(&bins, &[], &local, &l_point, &out, &want)?;
 
-    let bucket = Bucket::start(w)?;
+    let bucket = Bucket::start(w, &a.garage_compression)?;
     eprintln!(
         "object store ({}): seed, incremental, cold restore ...",
         bucket.name()
@@ -388,6 +402,7 @@ fn main() -> Result<()> {
     let r = json!({
         "image_gib": size as f64 / GIB,
         "bucket": bucket.name(),
+        "garage_compression": a.garage_compression,
         "local": {"seed_secs": l_seed, "incr_secs": l_incr, "restore_secs": l_restore},
         "object_store": {"seed_secs": s_seed, "incr_secs": s_incr, "cold_restore_secs": s_restore,
             "stored_bytes": stored, "pack_objects": packs, "catalog_snapshots": snapshots,
@@ -406,9 +421,13 @@ fn main() -> Result<()> {
             "cap_mbit": a.wan_mbit, "rtt_ms": a.wan_rtt_ms})),
     });
     println!(
-        "object storage vs local packs, {:.1} GiB mixed image, bucket: {}",
+        "object storage vs local packs, {:.1} GiB mixed image, bucket: {}{}",
         size as f64 / GIB,
-        bucket.name()
+        bucket.name(),
+        match bucket {
+            Bucket::Garage(_) => format!(" (compression_level {})", a.garage_compression),
+            Bucket::Moto(_) => String::new(),
+        }
     );
     println!(
         "{:<28} {:>10} {:>10} {:>8}",
