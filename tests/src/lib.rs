@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod benchkit;
+pub mod copying;
 pub mod disk;
 pub mod faultlink;
 pub mod garage;

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use rewind_tests::copying::{replica, wait_points};
 use rewind_tests::faultlink::{FaultLink, LinkMode};
 use rewind_tests::{bin, disk, Deployment, Receiver};
 use std::process::Command;
@@ -27,52 +28,7 @@ fn start_copy(primary: &Deployment, rx: &Receiver) -> (Deployment, Receiver) {
 
 /// The replica identity on `primary`, and a copy deployment with its configuration file.
 fn copy_setup(primary: &Deployment, rx: &Receiver) -> (Deployment, std::path::PathBuf) {
-    copy_setup_at(primary, rx.addr())
-}
-
-/// [`copy_setup`] for a primary reached at `addr` (a proxy in front of it).
-fn copy_setup_at(
-    primary: &Deployment,
-    addr: std::net::SocketAddr,
-) -> (Deployment, std::path::PathBuf) {
-    let o = rewind_tests::run(
-        Command::new(bin("rewind-receiver"))
-            .args(["pki", "issue", "--replica", "--agent", "copy1", "--dir"])
-            .arg(primary.pki()),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let copy = Deployment::new();
-    let pki = primary.pki();
-    let config = copy.path("copy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[copy]\nfrom = \"https://{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nevery = 1\nparallel = 4\n",
-            addr,
-            pki.join("ca.pem").display(),
-            pki.join("copy1.pem").display(),
-            pki.join("copy1.key").display()
-        ),
-    )
-    .unwrap();
-    (copy, config)
-}
-
-/// Waits until `d` holds `n` points of `vm` (a copy run made them).
-fn wait_points(d: &Deployment, vm: &str, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Ok(p) = d.try_points(vm) {
-            if p.len() >= n {
-                return p;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the copy never reached {n} points"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    replica(primary, rx.addr())
 }
 
 /// The copy events of `d`'s catalog: (local point, detail).
@@ -435,7 +391,7 @@ fn a_copy_whose_source_link_fails_mid_point_resumes_without_reading_what_is_dura
     link.set(LinkMode::Trickle {
         bytes_per_sec: 32 << 20,
     });
-    let (copy, config) = copy_setup_at(&d, link.addr);
+    let (copy, config) = replica(&d, link.addr);
     let crx = Receiver::start_with(
         &copy.data(),
         &copy.pki(),

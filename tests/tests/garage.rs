@@ -1,6 +1,7 @@
 //! Packs on a real distributed S3 store: a three-node Garage 2.x cluster on loopback (built
 //! once by the test command and cached). Seed, incrementals, cold restores, verify, prune + gc
-//! and recover against it; a node killed mid-seed; wrong credentials refused at start.
+//! and recover against it; a copy between two receivers whose packs both live on it; a node
+//! killed mid-seed; wrong credentials refused at start.
 //!
 //! Garage 2.5 implements neither conditional writes (`If-None-Match: *` is ignored: a second
 //! PUT replaces the object) nor Object Lock (`PUT ?retention` answers 501), so the create-only
@@ -9,9 +10,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use rewind_tests::copying::{replica, wait_points};
 use rewind_tests::garage::{self, Garage};
 use rewind_tests::s3::{self, copy_digest, empty_cache, receiver, restored, serve};
-use rewind_tests::{bin, disk, Deployment};
+use rewind_tests::{bin, disk, Deployment, Receiver};
 use std::process::Command;
 use std::time::Duration;
 
@@ -95,6 +97,51 @@ fn seed_incrementals_restore_verify_gc_and_recover_on_a_garage_cluster() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(restored(&d, &env, id(&p2)), want2);
+}
+
+#[test]
+fn a_copy_between_two_receivers_on_the_cluster_reads_and_writes_pack_objects() {
+    let Some((d, g)) = with_garage() else {
+        return;
+    };
+    let env = g.env();
+    let rx = serve(&d, "s3://rewind/primary", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 32 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 200, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want1 = copy_digest(&d, &vda, "want1.raw");
+    disk::random_blocks(&vda, BLOCK, 50, 3, &mut rng);
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want2 = copy_digest(&d, &vda, "want2.raw");
+    // The primary serves the copy's reads from the cluster, not from its cache.
+    empty_cache(&d);
+    let (copy, config) = replica(&d, rx.addr());
+    let mut cmd = Command::new(bin("rewind-receiver"));
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let crx = Receiver::start_via(
+        cmd,
+        &copy.data(),
+        &copy.pki(),
+        "127.0.0.1:0",
+        &[
+            "--store",
+            "s3://rewind/copy",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let got = wait_points(&copy, "vm1", 2);
+    drop(crx);
+    drop(rx);
+    // The copy's packs are objects of its own prefix, and its points restore bit-exact from
+    // them with its cache emptied.
+    assert!(!g.keys("rewind", "copy/packs/").is_empty());
+    empty_cache(&copy);
+    let id = |p: &serde_json::Value| p["id"].as_u64().unwrap();
+    assert_eq!(restored(&copy, &env, id(&got[0])), want1);
+    assert_eq!(restored(&copy, &env, id(&got[1])), want2);
 }
 
 #[test]
