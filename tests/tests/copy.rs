@@ -57,6 +57,19 @@ fn last_check(d: &Deployment, vm: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// A primary receiver holding one point of `vm1` (agent `host1`): a disk of `mib` MiB whose
+/// first `blocks` blocks are random; the disk's path and digest.
+fn seeded(mib: u64, blocks: u64) -> (Deployment, Receiver, std::path::PathBuf, disk::Digest) {
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, mib * MIB);
+    disk::random_blocks(&vda, BLOCK, 0, blocks, &mut rand::rng());
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want = disk::digest(&vda);
+    (d, rx, vda, want)
+}
+
 /// Waits for two more copy runs over `vm` after now.
 fn wait_two_runs(d: &Deployment, vm: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -71,14 +84,8 @@ fn wait_two_runs(d: &Deployment, vm: &str) {
 
 #[test]
 fn a_copy_pulls_only_missing_chunks_and_keeps_its_points_when_the_primary_prunes_everything() {
-    let d = Deployment::new();
-    let rx = d.serve();
-    let vda = d.path("vda.raw");
-    disk::create(&vda, 32 * MIB);
+    let (d, rx, vda, want1) = seeded(32, 200);
     let mut rng = rand::rng();
-    disk::random_blocks(&vda, BLOCK, 0, 200, &mut rng);
-    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
-    let want1 = disk::digest(&vda);
     disk::random_blocks(&vda, BLOCK, 50, 3, &mut rng);
     d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
     let want2 = disk::digest(&vda);
@@ -149,14 +156,8 @@ fn a_copy_pulls_only_missing_chunks_and_keeps_its_points_when_the_primary_prunes
 
 #[test]
 fn a_copy_killed_before_a_commit_resumes_that_point_and_never_makes_it_twice() {
-    let d = Deployment::new();
-    let rx = d.serve();
-    let vda = d.path("vda.raw");
-    disk::create(&vda, 16 * MIB);
+    let (d, rx, vda, want1) = seeded(16, 100);
     let mut rng = rand::rng();
-    disk::random_blocks(&vda, BLOCK, 0, 100, &mut rng);
-    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
-    let want1 = disk::digest(&vda);
     disk::random_blocks(&vda, BLOCK, 10, 5, &mut rng);
     d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
     let want2 = disk::digest(&vda);
@@ -317,14 +318,8 @@ fn a_vm_that_exists_on_the_copy_is_never_written_by_it() {
 
 #[test]
 fn a_chunk_the_copy_quarantined_comes_back_from_the_source_with_the_next_point() {
-    let d = Deployment::new();
-    let rx = d.serve();
-    let vda = d.path("vda.raw");
-    disk::create(&vda, 16 * MIB);
+    let (d, rx, vda, want1) = seeded(16, 100);
     let mut rng = rand::rng();
-    disk::random_blocks(&vda, BLOCK, 0, 100, &mut rng);
-    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
-    let want1 = disk::digest(&vda);
     let (copy, config) = copy_setup(&d, &rx);
     let start = || {
         Receiver::start_with(
@@ -378,13 +373,7 @@ fn a_copy_whose_source_link_fails_mid_point_resumes_without_reading_what_is_dura
     // 5000 random blocks: five batches of entries (1024 blocks each), at most three read at a
     // time, so when the first is durable the last ones have not all arrived.
     const BLOCKS: u64 = 5000;
-    let d = Deployment::new();
-    let rx = d.serve();
-    let vda = d.path("vda.raw");
-    disk::create(&vda, 320 * MIB);
-    disk::random_blocks(&vda, BLOCK, 0, BLOCKS, &mut rand::rng());
-    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
-    let want = disk::digest(&vda);
+    let (d, rx, _, want) = seeded(320, BLOCKS);
     // The copy reaches the primary through a link slow enough that the last batches are
     // still to come when the first is durable.
     let link = FaultLink::start(rx.addr()).unwrap();

@@ -305,19 +305,7 @@ fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_the
     d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
     let id1 = p1["point"].as_u64().unwrap().to_string();
 
-    let o = receiver(
-        &d,
-        &env,
-        &[
-            "lock",
-            "--vm",
-            "vm1",
-            "--point",
-            &id1,
-            "--until",
-            "2099-01-01T00:00:00Z",
-        ],
-    );
+    let o = lock(&d, &env, &id1, "2099-01-01T00:00:00Z");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -371,23 +359,19 @@ fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_the
     assert!(ok, "{r}");
     assert_eq!(r["bad"], serde_json::json!([]), "{r}");
     assert_eq!(restored(&d, &env, p1["point"].as_u64().unwrap()), want1);
-    let o = receiver(
-        &d,
-        &env,
-        &[
-            "lock",
-            "--vm",
-            "vm1",
-            "--point",
-            &id1,
-            "--until",
-            "2100-01-01T00:00:00Z",
-        ],
-    );
+    let o = lock(&d, &env, &id1, "2100-01-01T00:00:00Z");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// `verify --json` (with `extra` arguments): its exit status and report.
+/// `lock --vm vm1 --point POINT --until UNTIL`.
+fn lock(d: &rewind_tests::Deployment, env: &s3::Env, point: &str, until: &str) -> Output {
+    receiver(
+        d,
+        env,
+        &["lock", "--vm", "vm1", "--point", point, "--until", until],
+    )
+}
+
 #[test]
 fn a_default_verify_reads_nothing_from_the_bucket_and_a_deep_one_keeps_to_its_budget() {
     let Some((d, moto, env)) = with_moto() else {

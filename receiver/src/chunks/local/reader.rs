@@ -22,7 +22,8 @@ const WINDOWS_KEPT: usize = 4;
 
 struct OpenPack {
     file: Arc<File>,
-    /// The same file opened with O_DIRECT, for reading a pack in order in large windows.
+    /// The same file opened for reading a pack in order in large windows (with O_DIRECT
+    /// unless the reader reads through the page cache).
     direct: Option<File>,
     /// End of the last record read.
     last_end: u64,
@@ -70,6 +71,9 @@ pub struct PackReader {
     open: HashMap<PackId, OpenPack>,
     /// Whether records read in order are read in windows (see [`PackReader::sequential`]).
     windowed: bool,
+    /// Whether windows are read with O_DIRECT (packs this store wrote) or through the page
+    /// cache (see [`PackReader::sequential_cached`]).
+    direct: bool,
     /// The last windows read, with their packs: a few, so memory stays bounded however many
     /// packs a long-lived reader opens, and a restore alternating between packs does not
     /// read the same window again.
@@ -84,6 +88,7 @@ impl PackReader {
             dir: Arc::from(dir),
             open: HashMap::new(),
             windowed: false,
+            direct: true,
             windows: Vec::new(),
         }
     }
@@ -94,6 +99,16 @@ impl PackReader {
         PackReader {
             windowed: true,
             ..PackReader::new(dir)
+        }
+    }
+
+    /// A [`PackReader::sequential`] reader whose windows go through the page cache: for packs
+    /// written through it (an object store's cache, filled by downloads), where an O_DIRECT
+    /// read would first force the pages just written out to disk, then read them back.
+    pub fn sequential_cached(dir: &Path) -> PackReader {
+        PackReader {
+            direct: false,
+            ..PackReader::sequential(dir)
         }
     }
 
@@ -120,11 +135,16 @@ impl PackReader {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 let path = pack_path(&self.dir, id);
+                let flags = if self.direct {
+                    rustix::fs::OFlags::DIRECT.bits() as i32
+                } else {
+                    0
+                };
                 v.insert(OpenPack {
                     file: Arc::new(File::open(&path).map_err(io_err(&path))?),
                     direct: OpenOptions::new()
                         .read(true)
-                        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                        .custom_flags(flags)
                         .open(&path)
                         .ok(),
                     last_end: 0,

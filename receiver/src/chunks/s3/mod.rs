@@ -395,9 +395,12 @@ impl ChunkStore for S3Packs {
         let dir = &self.shared.cache;
         Box::new(reader::S3Reader::new(
             self.shared.clone(),
+            // A downloaded pack is in the page cache: its windows are read through it (a pack
+            // renamed in from staging, written with O_DIRECT, is read from disk in the same
+            // 8 MiB windows).
             match order {
                 ReadOrder::Random => PackReader::new(dir),
-                ReadOrder::Sequential => PackReader::sequential(dir),
+                ReadOrder::Sequential => PackReader::sequential_cached(dir),
             },
             order == ReadOrder::Sequential,
         ))

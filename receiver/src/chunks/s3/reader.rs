@@ -19,6 +19,10 @@ pub(super) struct S3Reader {
     ahead: bool,
     /// The last pack this reader fetched ahead of, so each pack starts its look-ahead once.
     last: Option<PackId>,
+    /// Packs made readable and opened by the inner reader, which keeps them open: a read of
+    /// one of them needs no look at the cache (a stat, an open and a time stamp per record
+    /// cost a restore's walk about as much as its own work).
+    ready: std::collections::HashSet<PackId>,
 }
 
 impl S3Reader {
@@ -28,11 +32,15 @@ impl S3Reader {
             inner,
             ahead,
             last: None,
+            ready: Default::default(),
         }
     }
 
     /// Makes pack `id` readable, and starts fetching the packs after it.
     fn fetch(&mut self, id: PackId) -> Result<(), ChunkStoreError> {
+        if self.ready.contains(&id) {
+            return Ok(());
+        }
         self.shared.fetch(id)?;
         if self.ahead && self.last != Some(id) {
             self.last = Some(id);
@@ -57,7 +65,9 @@ impl S3Reader {
 impl ChunkReader for S3Reader {
     fn read(&mut self, at: ChunkLocation, hash: &BlockHash) -> Result<Vec<u8>, ChunkStoreError> {
         self.fetch(at.pack)?;
-        self.inner.read(at, hash)
+        let frame = self.inner.read(at, hash)?;
+        self.ready.insert(at.pack);
+        Ok(frame)
     }
 
     fn prepare(
@@ -66,6 +76,8 @@ impl ChunkReader for S3Reader {
         hash: &BlockHash,
     ) -> Result<Prepared, ChunkStoreError> {
         self.fetch(at.pack)?;
-        self.inner.prepare(at, hash)
+        let prepared = self.inner.prepare(at, hash)?;
+        self.ready.insert(at.pack);
+        Ok(prepared)
     }
 }
