@@ -17,6 +17,8 @@ pub enum Meddle {
     Pass,
     Refuse,
     FlipBody,
+    /// Answers 501 `NotImplemented`, as Garage answers what it lacks (versions, Object Lock).
+    NotImplemented,
 }
 
 /// The request line of a request: method and target (path and query).
@@ -149,11 +151,18 @@ fn one(
     };
     let meddle = rule(&request);
     log.lock().expect("log").push((request, meddle));
-    if meddle == Meddle::Refuse {
-        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code>\
-                   <Message>refused by the test proxy</Message></Error>";
+    let refusal = match meddle {
+        Meddle::Refuse => Some(("403 Forbidden", "AccessDenied")),
+        Meddle::NotImplemented => Some(("501 Not Implemented", "NotImplemented")),
+        _ => None,
+    };
+    if let Some((status, code)) = refusal {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>\
+             <Message>refused by the test proxy</Message></Error>"
+        );
         let answer = format!(
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
              Connection: close\r\n\r\n{xml}",
             xml.len()
         );

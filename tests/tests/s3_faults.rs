@@ -122,6 +122,49 @@ fn a_multipart_upload_refused_part_way_is_aborted_and_leaves_no_part_behind() {
     assert_eq!(moto.keys("rewind", "big/"), Vec::<String>::new());
 }
 
+#[test]
+fn a_store_without_versions_is_asked_for_them_once_and_reads_and_deletes_go_on() {
+    let Some((d, moto, _)) = with_moto() else {
+        return;
+    };
+    // The store answers every version listing 501, as Garage does.
+    let proxy = S3Proxy::start(moto.addr, |r| {
+        if r.target.contains("versions") {
+            Meddle::NotImplemented
+        } else {
+            Meddle::Pass
+        }
+    });
+    let client = client(&d, proxy.endpoint());
+    for n in ["a", "b", "c"] {
+        client.put_new(&format!("x/{n}"), b"bytes").unwrap();
+    }
+    // An object that is not there reads as not there: the listing's 501 leaves the 404.
+    let err = client.get("x/none", 1024).unwrap_err();
+    assert!(
+        matches!(&err, S3Error::Refused { status: 404, .. }),
+        "{err}"
+    );
+    for n in ["a", "b", "c"] {
+        client.delete(&format!("x/{n}")).unwrap();
+    }
+    // One listing asked in all (the 501 is remembered), then plain DELETEs: every object gone.
+    let seen: Vec<(String, String)> = proxy
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(r, _)| (r.method.clone(), r.target.clone()))
+        .collect();
+    assert_eq!(proxy.count(Meddle::NotImplemented), 1, "{seen:?}");
+    let deletes = seen
+        .iter()
+        .filter(|(m, t)| m == "DELETE" && !t.contains("versionId"))
+        .count();
+    assert_eq!(deletes, 3, "{seen:?}");
+    assert_eq!(moto.keys("rewind", "big/x/"), Vec::<String>::new());
+}
+
 /// The pack objects of the receiver at `s3://rewind/v`.
 fn packs(moto: &Moto) -> usize {
     moto.keys("rewind", "v/packs/").len()
