@@ -80,6 +80,16 @@ impl S3Proxy {
         format!("http://{}", self.addr)
     }
 
+    /// Every request seen so far, in order: method and target.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.seen
+            .lock()
+            .expect("log")
+            .iter()
+            .map(|(r, _)| (r.method.clone(), r.target.clone()))
+            .collect()
+    }
+
     /// How many requests were met with `m`.
     pub fn count(&self, m: Meddle) -> usize {
         self.seen

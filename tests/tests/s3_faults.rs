@@ -100,13 +100,7 @@ fn a_multipart_upload_refused_part_way_is_aborted_and_leaves_no_part_behind() {
         "{err}"
     );
     // Refused once (a refusal is not retried), the third part never sent, the upload aborted.
-    let seen: Vec<(String, String)> = proxy
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(r, _)| (r.method.clone(), r.target.clone()))
-        .collect();
+    let seen = proxy.requests();
     assert_eq!(proxy.count(Meddle::Refuse), 1, "{seen:?}");
     assert!(
         !seen.iter().any(|(_, t)| t.contains("partNumber=3")),
@@ -149,13 +143,7 @@ fn a_store_without_versions_is_asked_for_them_once_and_reads_and_deletes_go_on()
         client.delete(&format!("x/{n}")).unwrap();
     }
     // One listing asked in all (the 501 is remembered), then plain DELETEs: every object gone.
-    let seen: Vec<(String, String)> = proxy
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(r, _)| (r.method.clone(), r.target.clone()))
-        .collect();
+    let seen = proxy.requests();
     assert_eq!(proxy.count(Meddle::NotImplemented), 1, "{seen:?}");
     let deletes = seen
         .iter()
