@@ -169,6 +169,9 @@ pub fn recover(data: &Path, loc: &Location) -> Result<Recovered, StoreError> {
             [top],
         )?;
     }
+    // Points made after the snapshot are lost, and their ids will be handed out again: a new
+    // history id tells copies of this receiver that an id no longer names the point it did.
+    catalog::copies::new_history(&tx)?;
     let points: i64 = tx.query_row("SELECT COUNT(*) FROM points", [], |r| r.get(0))?;
     let vms: i64 = tx.query_row("SELECT COUNT(*) FROM vms", [], |r| r.get(0))?;
     tx.commit()?;

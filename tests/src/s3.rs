@@ -218,9 +218,20 @@ pub fn verify_json(
 
 /// `serve --store URL` with the server's environment, reaching it at `endpoint`.
 pub fn serve(d: &Deployment, url: &str, env: &[(&'static str, String)]) -> Receiver {
+    serve_at(d, url, env, "127.0.0.1:0")
+}
+
+/// [`serve`] listening on `listen` (a receiver started again where its agents and copies
+/// reach it).
+pub fn serve_at(
+    d: &Deployment,
+    url: &str,
+    env: &[(&'static str, String)],
+    listen: &str,
+) -> Receiver {
     let mut cmd = Command::new(bin("rewind-receiver"));
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    Receiver::start_via(cmd, &d.data(), &d.pki(), "127.0.0.1:0", &["--store", url])
+    Receiver::start_via(cmd, &d.data(), &d.pki(), listen, &["--store", url])
 }
 
 /// `rewind-receiver ARGS --data DATA` with the server's environment.

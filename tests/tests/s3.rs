@@ -288,6 +288,96 @@ fn a_receiver_rebuilt_from_its_bucket_restores_every_snapshotted_point_and_agent
     assert_eq!(restored(&d, &env, id(&p4)), want4);
 }
 
+/// A copy of a receiver that `recover` rebuilt: a VM's point ids grow by a random step from its
+/// newest point, so the rebuilt receiver's next point gets an id below those of the points it
+/// lost, which the copy holds. The copy matches points by id and creation time, keeps the
+/// lost points, and copies the new one as a new point (it asked only for ids past the newest
+/// it held, and never saw it).
+#[test]
+fn a_copy_of_a_rebuilt_receiver_copies_the_points_made_below_the_lost_ids() {
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
+    let rx = serve(&d, "s3://rewind/dr", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 16 * MIB);
+    let mut rng = rand::rng();
+    disk::random_blocks(&vda, BLOCK, 0, 100, &mut rng);
+    let id = |p: &serde_json::Value| p["point"].as_u64().unwrap();
+    let p1 = id(&d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]));
+    let mut want = vec![copy_digest(&d, &vda, "want1.raw")];
+    // A clean stop leaves a catalog snapshot holding point 1.
+    let stopped = rx.terminate(std::time::Duration::from_secs(60));
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+
+    // Points are made and copied until the newest is past any id the next point after point
+    // 1 can get; then the primary dies before a snapshot of them is due, and its site burns.
+    let rx = serve(&d, "s3://rewind/dr", &env);
+    let (copy, config) = rewind_tests::copying::replica(&d, rx.addr());
+    let start_copy = || {
+        rewind_tests::Receiver::start_with(
+            &copy.data(),
+            &copy.pki(),
+            &["--config", config.to_str().unwrap()],
+        )
+    };
+    let crx = start_copy();
+    let mut lost = p1;
+    while lost <= p1 + (1 << 16) {
+        disk::random_blocks(&vda, BLOCK, 50, 2, &mut rng);
+        lost = id(&d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]));
+        want.push(copy_digest(
+            &d,
+            &vda,
+            &format!("want{}.raw", want.len() + 1),
+        ));
+    }
+    rewind_tests::copying::wait_points(&copy, "vm1", want.len());
+    let addr = rx.addr();
+    rx.kill9();
+    drop(crx);
+    assert_eq!(moto.keys("rewind", "dr/catalog/").len(), 1);
+    std::fs::remove_dir_all(d.data()).unwrap();
+    let o = receiver(&d, &env, &["recover", "--store", "s3://rewind/dr"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The rebuilt primary, where its agents and its copy reach it, gets its next point an id
+    // below the newest lost one.
+    let rx = s3::serve_at(&d, "s3://rewind/dr", &env, &addr.to_string());
+    disk::random_blocks(&vda, BLOCK, 120, 4, &mut rng);
+    let next = id(&d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]));
+    want.push(copy_digest(&d, &vda, "want-next.raw"));
+    assert!(next < lost, "{next} {lost}");
+
+    // The copy keeps every point it holds and copies the new one, reading only the chunks it
+    // lacks (the 4 new blocks').
+    let crx = start_copy();
+    let kept = rewind_tests::copying::wait_points(&copy, "vm1", want.len());
+    drop(crx);
+    assert_eq!(kept.len(), want.len(), "{kept:?}");
+    let newest = kept[want.len() - 1]["id"].as_i64().unwrap();
+    let conn = rusqlite::Connection::open(copy.data().join("catalog.sqlite")).unwrap();
+    let (listed, held, chunks): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT json_extract(h.detail, '$.listed'), json_extract(h.detail, '$.held'),
+                    json_extract(c.detail, '$.chunks')
+               FROM events h, events c
+              WHERE h.kind = 'copy-history' AND c.kind = 'copy' AND c.point = ?1",
+            [newest],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((listed, held, chunks), (2, 1, 4));
+    for (k, w) in kept.iter().zip(&want) {
+        let local = k["id"].as_u64().unwrap();
+        assert_eq!(
+            &copy.restored_digest("vm1", "vda", local),
+            w,
+            "point {local}"
+        );
+    }
+}
+
 #[test]
 fn a_locked_points_packs_are_under_object_lock_and_stolen_keys_cannot_delete_them() {
     let Some((d, moto, env)) = with_moto() else {

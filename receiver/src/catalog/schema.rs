@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 11;
+pub const VERSION: i64 = 12;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -193,6 +193,31 @@ ALTER TABLE packs ADD COLUMN version TEXT;
 CREATE INDEX copies_by_vm ON copies(vm, source);
 ";
 
+/// From version 11 to 12: the catalog's history id (a new one when `recover` rebuilds it from
+/// a snapshot, after which point ids are handed out again), and copies keyed by the source's
+/// history, each with the source point's creation time: a copy of a rebuilt source takes over
+/// the points it already holds (same id, same creation time) and copies the others as new
+/// points, where it would have taken a reused id for one it holds.
+const MIGRATE_11_12: &str = "
+CREATE TABLE history(id TEXT NOT NULL);
+INSERT INTO history(id) VALUES (lower(hex(randomblob(16))));
+CREATE TABLE copies_12(
+  source TEXT NOT NULL,
+  vm TEXT NOT NULL,
+  history TEXT NOT NULL,
+  source_point INTEGER NOT NULL,
+  source_created_us INTEGER,
+  session TEXT NOT NULL,
+  point INTEGER,
+  copied_us INTEGER NOT NULL,
+  PRIMARY KEY(source, vm, history, source_point)) WITHOUT ROWID;
+INSERT INTO copies_12(source, vm, history, source_point, session, point, copied_us)
+  SELECT source, vm, '', source_point, session, point, copied_us FROM copies;
+DROP TABLE copies;
+ALTER TABLE copies_12 RENAME TO copies;
+CREATE INDEX copies_by_vm ON copies(vm, source);
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -299,6 +324,7 @@ const STEPS: &[(i64, &str)] = &[
     (9, MIGRATE_8_9),
     (10, MIGRATE_9_10),
     (11, MIGRATE_10_11),
+    (12, MIGRATE_11_12),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

@@ -2,7 +2,9 @@
 //!
 //! - [`source`]: the primary's Copy service, for replica identities only (read, never write);
 //! - [`pull`]: the copying side, which makes each new source point a local point through the
-//!   ingest path (only missing chunks travel; roots checked at commit).
+//!   ingest path (only missing chunks travel; roots checked at commit);
+//! - [`history`]: a source whose catalog was rebuilt (point ids handed out again): the points
+//!   the copy holds are matched by id and creation time, the others copied as new points.
 //!
 //! The copy keeps its own retention and locks: nothing the source does (prune, gc, a
 //! compromise) reaches what the copy holds, since the copy only ever adds points and the Copy
@@ -20,6 +22,7 @@
 //! ```
 
 mod fetch;
+mod history;
 pub mod pull;
 pub mod source;
 

@@ -28,10 +28,10 @@ use tonic::transport::Channel;
 /// Raw block bytes one batch of entries may reference (bounds the chunks held in memory).
 const BATCH_BLOCK_BYTES: u64 = 64 << 20;
 /// Points asked for per CopyPoints call.
-const POINTS_PAGE: u32 = 64;
+pub(super) const POINTS_PAGE: u32 = 64;
 
 /// A store call on this (runtime) thread, which may block.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
@@ -93,14 +93,14 @@ pub async fn run_once(
     limiter: &Arc<super::RateLimit>,
 ) -> Result<CopyReport, CopyError> {
     let mut report = CopyReport::default();
-    let vms = client
-        .copy_vms(pb::CopyVmsRequest {})
-        .await?
-        .into_inner()
-        .vms;
-    for v in vms {
+    let reply = client.copy_vms(pb::CopyVmsRequest {}).await?.into_inner();
+    let src = copies::Source {
+        url: &cfg.source,
+        history: &reply.history,
+    };
+    for v in reply.vms {
         report.vms += 1;
-        if let Err(e) = copy_vm(client, store, cfg, &v, &mut report, limiter).await {
+        if let Err(e) = copy_vm(client, store, (cfg, src), &v, &mut report, limiter).await {
             report.failed_vms += 1;
             tracing::warn!(vm = %rewind_proto::names::shown(&v.vm), error = %rewind_proto::report::Chain(&e), "copying a VM failed; retried at the next run");
         }
@@ -112,23 +112,27 @@ pub async fn run_once(
 async fn copy_vm(
     client: &mut CopyClient<Channel>,
     store: &Arc<Store>,
-    cfg: &CopyConfig,
+    (cfg, src): (&CopyConfig, copies::Source<'_>),
     v: &pb::CopyVm,
     report: &mut CopyReport,
     limiter: &Arc<super::RateLimit>,
 ) -> Result<(), CopyError> {
     rewind_proto::names::vm(&v.vm).map_err(|_| CopyError::Answer("a VM name"))?;
     rewind_proto::names::vm(&v.owner).map_err(|_| CopyError::Answer("an owner name"))?;
-    let (mut after, foreign) = blocking(|| -> Result<_, CopyError> {
+    let (foreign, rebuilt) = blocking(|| -> Result<_, CopyError> {
         let conn = store.conn();
         let exists = crate::catalog::points::vm_owner(&conn, &v.vm)?.is_some();
         let foreign = exists && !copies::is_copied(&conn, &cfg.source, &v.vm)?;
-        Ok((copies::copied_upto(&conn, &cfg.source, &v.vm)?, foreign))
+        Ok((foreign, copies::history_changed(&conn, src, &v.vm)?))
     })?;
     if foreign {
         // A VM of this receiver's own agents (or another source's) is never written by a copy.
         return Err(CopyError::Foreign(v.vm.clone()));
     }
+    if rebuilt {
+        super::history::take_over(client, store, src, &v.vm).await?;
+    }
+    let mut after = blocking(|| copies::copied_upto(&store.conn(), src, &v.vm))?;
     let mut newest_us = 0;
     let mut copied_us = 0;
     loop {
@@ -158,7 +162,16 @@ async fn copy_vm(
                 return Err(CopyError::Answer("point ids that do not grow"));
             }
             newest_us = newest_us.max(p.created_us);
-            copy_point(client, store, cfg, (&v.owner, &v.vm), &p, report, limiter).await?;
+            copy_point(
+                client,
+                store,
+                (cfg, src),
+                (&v.owner, &v.vm),
+                &p,
+                report,
+                limiter,
+            )
+            .await?;
             copied_us = copied_us.max(p.created_us);
             after = id;
         }
@@ -224,7 +237,7 @@ async fn keep_keys(
 /// local base it builds on.
 fn begin_copy(
     store: &Store,
-    cfg: &CopyConfig,
+    src: copies::Source<'_>,
     (owner, vm): (&str, &str),
     info: &pb::PointInfo,
     disks: &[crate::ingest::DiskSpec],
@@ -232,7 +245,7 @@ fn begin_copy(
     // One connection guard at a time: the catalog's writer lock is not reentrant.
     let (resume, base) = {
         let conn = store.conn();
-        let resume = copies::pending(&conn, &cfg.source, vm, info.id as i64)?;
+        let resume = copies::pending(&conn, src, vm, info.id as i64)?;
         let base = match crate::catalog::points::vm_owner(&conn, vm)? {
             Some((id, _)) => crate::ingest::latest_point(&conn, id)?,
             None => None,
@@ -249,7 +262,7 @@ fn begin_copy(
         keyring: crate::service::keyring_of(&info.keyring)
             .map_err(|_| CopyError::Answer("a keyring id that is not 16 bytes"))?,
         wrapped: Vec::new(),
-        copy_of: Some(cfg.source.clone()),
+        copy_of: Some(src.url.to_owned()),
     };
     let plan = store.begin(owner, &spec)?;
     Ok((plan, base))
@@ -259,7 +272,7 @@ fn begin_copy(
 async fn copy_point(
     client: &mut CopyClient<Channel>,
     store: &Arc<Store>,
-    cfg: &CopyConfig,
+    (cfg, src): (&CopyConfig, copies::Source<'_>),
     (owner, vm): (&str, &str),
     p: &pb::CopyPoint,
     report: &mut CopyReport,
@@ -271,23 +284,15 @@ async fn copy_point(
         .ok_or(CopyError::Answer("a point without its disks"))?;
     let source_point = info.id as i64;
     let (disks, roots) = disks_of(info)?;
-    let (plan, base) = blocking(|| begin_copy(store, cfg, (owner, vm), info, &disks))?;
+    let (plan, base) = blocking(|| begin_copy(store, src, (owner, vm), info, &disks))?;
     if let Some(point) = plan.committed_point {
-        blocking(|| {
-            copies::done(
-                &store.conn(),
-                &cfg.source,
-                vm,
-                source_point,
-                point,
-                now_us(),
-            )
-        })?;
+        blocking(|| copies::done(&store.conn(), src, vm, source_point, point, now_us()))?;
         return Ok(());
     }
     blocking(|| -> rusqlite::Result<()> {
         let conn = store.conn();
-        copies::begin(&conn, &cfg.source, vm, source_point, &plan.session)?;
+        let created = (source_point, p.created_us);
+        copies::begin(&conn, src, vm, created, &plan.session)?;
         // Never in the future, never before the epoch: a source's clock cannot make this
         // copy's retention drop points.
         sessions::set_created(&conn, &plan.session, p.created_us.clamp(1, now_us()))
@@ -350,14 +355,7 @@ async fn copy_point(
         "chunk_bytes": report.chunk_bytes - before.chunk_bytes,
     })
     .to_string();
-    blocking(|| {
-        record_copied(
-            store,
-            (&cfg.source, vm, source_point),
-            committed.point,
-            &detail,
-        )
-    })?;
+    blocking(|| record_copied(store, (src, vm, source_point), committed.point, &detail))?;
     report.points += 1;
     tracing::info!(vm, source_point, point = committed.point, "point copied");
     Ok(())
@@ -387,7 +385,7 @@ fn disks_of(info: &pb::PointInfo) -> Result<(Vec<DiskSpec>, Roots), CopyError> {
 /// saying what travelled (`detail`).
 fn record_copied(
     store: &Store,
-    (source, vm, source_point): (&str, &str, i64),
+    (source, vm, source_point): (copies::Source<'_>, &str, i64),
     point: i64,
     detail: &str,
 ) -> Result<(), CopyError> {

@@ -70,7 +70,7 @@ impl Copy for CopySource {
     ) -> Result<Response<pb::CopyVmsReply>, Status> {
         let slot = self.replica(&req).await?;
         let store = self.store.clone();
-        let vms = blocking(slot, move || {
+        let (vms, history) = blocking(slot, move || {
             let conn = store.reader()?;
             let mut out = Vec::new();
             for (_, vm) in rows::vms(&conn, None)? {
@@ -78,10 +78,10 @@ impl Copy for CopySource {
                     out.push(pb::CopyVm { vm, owner });
                 }
             }
-            Ok(out)
+            Ok((out, crate::catalog::copies::history_id(&conn)?))
         })
         .await?;
-        Ok(Response::new(pb::CopyVmsReply { vms }))
+        Ok(Response::new(pb::CopyVmsReply { vms, history }))
     }
 
     async fn copy_points(
