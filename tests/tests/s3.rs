@@ -462,6 +462,85 @@ fn lock(d: &rewind_tests::Deployment, env: &s3::Env, point: &str, until: &str) -
     )
 }
 
+/// The catalog and a bucket that keeps versions disagree. Versions the catalog recorded that
+/// the bucket lacks (a bucket copied elsewhere keeps versions of its own) are read and checked
+/// as the objects are now, with a warning. A locked version the catalog does not know to be
+/// locked (a catalog older than the lock) cannot be deleted by gc: gc warns, goes on with the
+/// other dead packs, and the locked version stays.
+#[test]
+fn versions_the_bucket_lacks_read_as_objects_are_and_gc_leaves_a_locked_version_it_was_not_told_of()
+{
+    let Some((d, moto, env)) = with_moto() else {
+        return;
+    };
+    moto.bucket("vault", true);
+    let rx = serve(&d, "s3://vault/v", &env);
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 16 * MIB);
+    let mut rng = rand::rng();
+    let mut points = Vec::new();
+    // Three points each rewriting the same 64 blocks: one pack each, the first two dead once
+    // only the newest point is kept.
+    for k in 0..3 {
+        disk::random_blocks(&vda, BLOCK, 0, 64, &mut rng);
+        let p = d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+        let want = copy_digest(&d, &vda, &format!("want{k}.raw"));
+        points.push((p["point"].as_u64().unwrap(), want));
+    }
+    let o = lock(&d, &env, &points[0].0.to_string(), "2099-01-01T00:00:00Z");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(rx);
+
+    let conn = rusqlite::Connection::open(d.data().join("catalog.sqlite")).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE packs SET version = 'no-such-version-' || id WHERE version IS NOT NULL",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 3);
+    empty_cache(&d);
+    for deep in [false, true] {
+        let args: &[&str] = if deep {
+            &["verify", "--json", "--deep"]
+        } else {
+            &["verify", "--json"]
+        };
+        let o = receiver(&d, &env, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("the recorded version is not there"), "{err}");
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["bad"], serde_json::json!([]), "{r}");
+    }
+    empty_cache(&d);
+    for (id, want) in &points {
+        assert_eq!(&restored(&d, &env, *id), want, "point {id}");
+    }
+
+    // The catalog forgets the first point's lock; prune removes it and the second point.
+    conn.execute_batch(
+        "UPDATE packs SET retain_until_us = 0; UPDATE points SET locked_until_us = NULL;",
+    )
+    .unwrap();
+    drop(conn);
+    let o = receiver(&d, &env, &["prune", "--vm", "vm1", "--keep-last", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = receiver(&d, &env, &["gc", "--grace", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("stays until its date"), "{err}");
+    let (first, second) = (
+        "v/packs/0000000000000001.pack",
+        "v/packs/0000000000000002.pack",
+    );
+    assert!(!moto.versions("vault", first).is_empty());
+    assert!(moto.versions("vault", second).is_empty());
+    let (newest, want) = &points[2];
+    empty_cache(&d);
+    assert_eq!(&restored(&d, &env, *newest), want);
+}
+
 #[test]
 fn a_default_verify_reads_nothing_from_the_bucket_and_a_deep_one_keeps_to_its_budget() {
     let Some((d, moto, env)) = with_moto() else {
