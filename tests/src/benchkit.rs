@@ -37,6 +37,38 @@ pub fn timed(cmd: &mut Command) -> anyhow::Result<(f64, std::process::Output)> {
     Ok((secs, out))
 }
 
+/// Runs a command to its end; fails unless it succeeded. Returns its wall time and the CPU
+/// time (user and system, every thread) it used, read from its exit status's process entry
+/// before it is reaped. Its output is discarded (its errors shown on failure).
+pub fn timed_cpu(cmd: &mut Command) -> anyhow::Result<(f64, f64)> {
+    let mut err = tempfile::tempfile().context("a file for the command's errors")?;
+    let t = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err.try_clone()?)
+        .spawn()
+        .context("running a command")?;
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::waitid(
+        rustix::process::WaitId::Pid(pid),
+        rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+    )
+    .context("waiting for the command")?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu =
+        crate::procfs::cpu_ticks(child.id()) as f64 / crate::procfs::ticks_per_second() as f64;
+    let status = child.wait()?;
+    if !status.success() {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        err.seek(std::io::SeekFrom::Start(0))?;
+        err.read_to_string(&mut text)?;
+        anyhow::bail!("{:?} failed: {text}", cmd.get_args().collect::<Vec<_>>());
+    }
+    Ok((secs, cpu))
+}
+
 /// A throw-away PKI in `dir`: a CA, the receiver's certificate and agent `bench`'s.
 pub fn pki(bins: &Path, dir: &Path) -> anyhow::Result<()> {
     for args in [

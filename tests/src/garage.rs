@@ -263,6 +263,14 @@ impl Garage {
     }
 
     /// Node 0's S3 endpoint URL.
+    /// The process ids of the nodes running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     pub fn endpoint(&self) -> String {
         self.endpoint_of(0)
     }

@@ -49,6 +49,11 @@ impl Moto {
     }
 
     /// The endpoint URL for the receiver.
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }

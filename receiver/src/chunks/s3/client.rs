@@ -16,6 +16,47 @@ use std::time::Duration;
 use thiserror::Error;
 use url::Url;
 
+/// Takes a GET's body: returns what it made of it and the bytes read. Called again on each
+/// try of the request, so it must start over (a file it writes is created anew).
+pub(super) type BodyReader<'a, T> = &'a dyn Fn(&mut dyn std::io::Read) -> std::io::Result<(T, u64)>;
+
+/// A body read into memory.
+pub(super) fn to_vec(body: &mut dyn std::io::Read) -> std::io::Result<(Vec<u8>, u64)> {
+    let mut v = Vec::new();
+    let n = body.read_to_end(&mut v)?;
+    Ok((v, n as u64))
+}
+
+/// A body written to a new file at `path` (a megabyte at a time: a pack never sits in memory
+/// whole, and no fresh memory is touched per byte); the file is not synced. Returns its size.
+pub(super) fn to_file(
+    path: &std::path::Path,
+) -> impl Fn(&mut dyn std::io::Read) -> std::io::Result<(u64, u64)> + '_ {
+    move |body| {
+        use std::io::Write;
+        let mut file = std::fs::File::create(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            // A full buffer per write: the body comes in much smaller reads.
+            let mut filled = 0;
+            while filled < buf.len() {
+                match body.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(got) => filled += got,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if filled == 0 {
+                return Ok((n, n));
+            }
+            file.write_all(&buf[..filled])?;
+            n += filled as u64;
+        }
+    }
+}
+
 /// How long a signed request stays valid (it is sent at once; this only covers clock skew
 /// and retries).
 pub(super) const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
@@ -272,42 +313,47 @@ impl S3Client {
 
     /// Object `name` whole, at most `limit` bytes.
     pub fn get(&self, name: &str, limit: u64) -> Result<Vec<u8>, S3Error> {
-        self.get_inner(name, None, limit)
+        self.get_inner(name, None, limit, &to_vec)
     }
 
     /// `len` bytes of object `name` from `offset`.
     pub fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, S3Error> {
-        self.get_inner(name, Some((offset, len)), len)
+        self.get_inner(name, Some((offset, len)), len, &to_vec)
     }
 
-    /// A GET of object `name`. When a delete marker hides the object (someone holding the
-    /// store's keys deleted it: under Object Lock its versions stay), its newest version is
-    /// read instead, so a thief's plain DELETE cannot make locked history unreadable.
-    fn get_inner(
+    /// A GET of object `name`, its body taken by `read`. When a delete marker hides the
+    /// object (someone holding the store's keys deleted it: under Object Lock its versions
+    /// stay), its newest version is read instead, so a thief's plain DELETE cannot make
+    /// locked history unreadable.
+    pub(super) fn get_inner<T>(
         &self,
         name: &str,
         range: Option<(u64, u64)>,
         limit: u64,
-    ) -> Result<Vec<u8>, S3Error> {
+        read: BodyReader<'_, T>,
+    ) -> Result<T, S3Error> {
         let key = self.key(name);
-        let first = self.get_at(&key, None, range, limit);
+        let first = self.get_at(&key, None, range, limit, read);
         if !matches!(first, Err(S3Error::Refused { status: 404, .. })) {
             return first;
         }
         // A listing that fails leaves the read's own answer standing.
         match self.hidden_version(&key) {
-            Ok(Some(v)) => self.get_at(&key, Some(&v), range, limit),
+            Ok(Some(v)) => self.get_at(&key, Some(&v), range, limit, read),
             _ => first,
         }
     }
 
-    pub(super) fn get_at(
+    /// A GET of `key` (of `version`, of `range`), its body (at most `limit` bytes) taken by
+    /// `read`, again on each try.
+    pub(super) fn get_at<T>(
         &self,
         key: &str,
         version: Option<&str>,
         range: Option<(u64, u64)>,
         limit: u64,
-    ) -> Result<Vec<u8>, S3Error> {
+        read: BodyReader<'_, T>,
+    ) -> Result<T, S3Error> {
         let key = key.to_owned();
         let mut action = GetObject::new(&self.bucket, Some(&self.credentials), &key);
         if let Some(v) = version {
@@ -322,15 +368,16 @@ impl S3Client {
             }
             match answer(req.call()) {
                 Ok(mut r) => match r.status().as_u16() {
-                    200 | 206 => match r.body_mut().with_config().limit(limit).read_to_vec() {
-                        Ok(v) => {
-                            self.counters
-                                .bytes_down
-                                .fetch_add(v.len() as u64, Ordering::Relaxed);
-                            Attempt::Done(v)
+                    200 | 206 => {
+                        let mut body = r.body_mut().with_config().limit(limit).reader();
+                        match read(&mut body) {
+                            Ok((got, n)) => {
+                                self.counters.bytes_down.fetch_add(n, Ordering::Relaxed);
+                                Attempt::Done(got)
+                            }
+                            Err(e) => Attempt::Again(format!("reading the body: {e}")),
                         }
-                        Err(e) => Attempt::Again(format!("reading the body: {e}")),
-                    },
+                    }
                     _ => refusal(&mut r, "GET", &key),
                 },
                 Err(m) => Attempt::Again(m),

@@ -297,7 +297,12 @@ impl Shared {
     fn get(&self, id: PackId) -> Result<Vec<u8>, ChunkStoreError> {
         let version = self.book.version(id);
         self.client
-            .get_version(&Self::object(id), version.as_deref(), MAX_PACK_BYTES)
+            .get_version(
+                &Self::object(id),
+                version.as_deref(),
+                MAX_PACK_BYTES,
+                &client::to_vec,
+            )
             .map_err(remote(format!("fetching pack {id}")))
     }
 
@@ -338,13 +343,22 @@ impl Shared {
                 .contains(&id)
     }
 
-    /// Downloads pack `id` into the cache as `cached`.
+    /// Downloads pack `id` into the cache as `cached`, streamed into the file (a pack in
+    /// memory whole would cost a restore more in fresh pages than in decompression).
     fn download(&self, id: PackId, cached: &Path) -> Result<(), ChunkStoreError> {
-        let bytes = self.get(id)?;
         let tmp = self.cache.join(format!(".{}.part", pack_name(id)));
-        fs::write(&tmp, &bytes).map_err(io_err(&tmp))?;
+        let version = self.book.version(id);
+        let bytes = self
+            .client
+            .get_version(
+                &Self::object(id),
+                version.as_deref(),
+                MAX_PACK_BYTES,
+                &client::to_file(&tmp),
+            )
+            .map_err(remote(format!("fetching pack {id}")))?;
         fs::rename(&tmp, cached).map_err(io_err(cached))?;
-        self.evict(id, bytes.len() as u64);
+        self.evict(id, bytes);
         Ok(())
     }
 

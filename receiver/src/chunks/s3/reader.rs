@@ -36,12 +36,12 @@ impl S3Reader {
         }
     }
 
-    /// Makes pack `id` readable, and starts fetching the packs after it.
+    /// Makes pack `id` readable, once the packs after it are on their way (so the first pack
+    /// of a walk is not fetched alone).
     fn fetch(&mut self, id: PackId) -> Result<(), ChunkStoreError> {
         if self.ready.contains(&id) {
             return Ok(());
         }
-        self.shared.fetch(id)?;
         if self.ahead && self.last != Some(id) {
             self.last = Some(id);
             for next in (1..=AHEAD).map(|n| PackId(id.0 + n)) {
@@ -58,7 +58,7 @@ impl S3Reader {
                     .spawn(move || shared.fetch(next));
             }
         }
-        Ok(())
+        self.shared.fetch(id)
     }
 }
 

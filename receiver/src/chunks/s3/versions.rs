@@ -5,7 +5,8 @@
 //! asked once, then treated as keeping none.
 
 use super::client::{
-    answer, refusal, small_text, tag_text, Attempt, ObjectStat, S3Client, S3Error, SIGNED_FOR,
+    answer, refusal, small_text, tag_text, Attempt, BodyReader, ObjectStat, S3Client, S3Error,
+    SIGNED_FOR,
 };
 use rusty_s3::actions::{DeleteObject, GetObject};
 use rusty_s3::S3Action;
@@ -20,21 +21,22 @@ struct Listed {
 }
 
 impl S3Client {
-    /// Version `version` of object `name` (the current one when None), at most `limit` bytes.
-    /// A version the store no longer has, or does not know (a bucket copied elsewhere has
-    /// versions of its own), falls back to a plain read, with a warning: what is read is
-    /// checked by its reader either way.
-    pub fn get_version(
+    /// Version `version` of object `name` (the current one when None), at most `limit` bytes,
+    /// taken by `read`. A version the store no longer has, or does not know (a bucket copied
+    /// elsewhere has versions of its own), falls back to a plain read, with a warning: what is
+    /// read is checked by its reader either way.
+    pub fn get_version<T>(
         &self,
         name: &str,
         version: Option<&str>,
         limit: u64,
-    ) -> Result<Vec<u8>, S3Error> {
+        read: BodyReader<'_, T>,
+    ) -> Result<T, S3Error> {
         let Some(v) = version else {
-            return self.get(name, limit);
+            return self.get_inner(name, None, limit, read);
         };
         let key = self.key(name);
-        match self.get_at(&key, Some(v), None, limit) {
+        match self.get_at(&key, Some(v), None, limit, read) {
             Err(S3Error::Refused {
                 status: 400 | 404,
                 code,
@@ -46,7 +48,7 @@ impl S3Client {
                     code,
                     "the recorded version is not there: reading the object as it is now"
                 );
-                self.get(name, limit)
+                self.get_inner(name, None, limit, read)
             }
             done => done,
         }

@@ -11,7 +11,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rewind_tests::benchkit::{self, spawn_receiver, timed};
-use rewind_tests::{disk, garage, s3, wan};
+use rewind_tests::{disk, garage, procfs, s3, wan};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -112,16 +112,26 @@ fn stop(rx: &mut Child) {
     let _ = rx.wait();
 }
 
-/// Restores the point into `out`, timed, and checks it against `want`.
+/// One restore: its wall time, the receiver's CPU time, and the store's CPU time meanwhile.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    secs: f64,
+    cpu: f64,
+    store_cpu: f64,
+}
+
+/// Restores the point into `out`, timed, and checks it against `want`; `store_cpu` reads the
+/// store's CPU seconds so far (0 for local packs).
 fn restore(
     bins: &Path,
     env: &[(&'static str, String)],
     data: &Path,
-    point: &str,
-    out: &Path,
+    (point, out): (&str, &Path),
     want: &disk::Digest,
-) -> Result<f64> {
-    let (secs, _) = timed(
+    store_cpu: &dyn Fn() -> f64,
+) -> Result<Run> {
+    let store_before = store_cpu();
+    let (secs, cpu) = benchkit::timed_cpu(
         receiver(bins, env)
             .args([
                 "restore", "--vm", "bench", "--disk", "vda", "--point", point, "--data",
@@ -130,19 +140,25 @@ fn restore(
             .arg("--out")
             .arg(out),
     )?;
+    let store_cpu = store_cpu() - store_before;
+    eprintln!("  restore: {secs:.2} s, receiver CPU {cpu:.2} s, store CPU {store_cpu:.2} s");
     if disk::digest(out) != *want {
         bail!("the restore differs from the source");
     }
     std::fs::remove_file(out)?;
-    Ok(secs)
+    Ok(Run {
+        secs,
+        cpu,
+        store_cpu,
+    })
 }
 
-/// The median of `runs` (at least one) timings by `run`.
-fn median(runs: usize, mut run: impl FnMut() -> Result<f64>) -> Result<f64> {
+/// The run of median wall time of `runs` (at least one) by `run`.
+fn median(runs: usize, mut run: impl FnMut() -> Result<Run>) -> Result<Run> {
     let mut t = (0..runs.max(1))
         .map(|_| run())
-        .collect::<Result<Vec<f64>>>()?;
-    t.sort_by(f64::total_cmp);
+        .collect::<Result<Vec<Run>>>()?;
+    t.sort_by(|a, b| a.secs.total_cmp(&b.secs));
     Ok(t[t.len() / 2])
 }
 
@@ -201,6 +217,16 @@ impl Bucket {
             Bucket::Garage(_) => "Garage 2.5, 3 nodes, one box",
             Bucket::Moto(_) => "moto_server",
         }
+    }
+
+    /// CPU seconds the store's processes have used so far.
+    fn cpu_secs(&self) -> f64 {
+        let pids = match self {
+            Bucket::Garage(g) => g.pids(),
+            Bucket::Moto(m) => vec![m.pid()],
+        };
+        let ticks: u64 = pids.into_iter().map(procfs::cpu_ticks).sum();
+        ticks as f64 / procfs::ticks_per_second() as f64
     }
 
     fn objects(&self, prefix: &str) -> usize {
@@ -358,9 +384,10 @@ fn main() -> Result<()> {
     fresh_disk(w, &image, &vda)?;
     let local = w.join("data-local");
     let (l_seed, l_incr, l_point, want) = seed_incr(&bins, w, &[], &local, &[], &vda, changed)?;
-    let l_restore = median(a.restore_runs, || {
-        restore(&bins, &[], &local, &l_point, &out, &want)
+    let l_run = median(a.restore_runs, || {
+        restore(&bins, &[], &local, (&l_point, &out), &want, &|| 0.0)
     })?;
+    let l_restore = l_run.secs;
 
     let bucket = Bucket::start(w, &a.garage_compression)?;
     eprintln!(
@@ -378,10 +405,13 @@ fn main() -> Result<()> {
     let snapshots = bucket.objects("site/catalog/");
     eprintln!("the store alone: the same pack objects up and down ...");
     let alone = ceiling::measure(&env, w, &data.join("object-cache/packs"))?;
-    let s_restore = median(a.restore_runs, || {
+    let s_run = median(a.restore_runs, || {
         empty_cache(&data)?;
-        restore(&bins, &env, &data, &s_point, &out, &want2)
+        restore(&bins, &env, &data, (&s_point, &out), &want2, &|| {
+            bucket.cpu_secs()
+        })
     })?;
+    let s_restore = s_run.secs;
 
     eprintln!("verify, recover ...");
     let (v_secs, o) = timed(
@@ -414,6 +444,10 @@ fn main() -> Result<()> {
     };
 
     let mb = size as f64 / 1e6;
+    // Both the receiver and the store run on this machine's cores: their CPU time together,
+    // spread over every core, is the least wall time a cold restore can take here.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let floor = (s_run.cpu + s_run.store_cpu) / cores as f64;
     let puts_per_gib = (packs + snapshots) as f64 / (stored as f64 / GIB).max(1e-9);
     let r = json!({
         "image_gib": size as f64 / GIB,
@@ -425,6 +459,8 @@ fn main() -> Result<()> {
             "puts_per_gib_stored": puts_per_gib},
         "ratios": {"seed_speed": l_seed / s_seed, "incr_speed": l_incr / s_incr,
             "cold_restore_speed": l_restore / s_restore},
+        "restore_cpu": {"local_secs": l_run.cpu, "cold_secs": s_run.cpu, "store_secs": s_run.store_cpu,
+            "cores": cores, "cold_floor_secs": floor},
         "verify": {"secs": v_secs, "bytes_read": v["store"]["bytes_read"], "requests": v["store"]["requests"],
             "packs_checked": v["store"]["packs_checked"]},
         "recover": {"secs": r_secs, "catalog_mb": catalog_mb},
@@ -460,6 +496,17 @@ fn main() -> Result<()> {
         "seed speed {:.0} MB/s local, {:.0} MB/s to the bucket (target >= 0.8x); cold restore target >= 0.7x",
         mb / l_seed,
         mb / s_seed
+    );
+    println!(
+        "restore CPU (median runs): local {:.2} s in {:.2} s; cold: receiver {:.2} s + store {:.2} s in {:.2} s, \
+         {:.2} of {cores} cores busy (that CPU needs at least {floor:.2} s here: at best {:.2}x the local restore)",
+        l_run.cpu,
+        l_restore,
+        s_run.cpu,
+        s_run.store_cpu,
+        s_restore,
+        (s_run.cpu + s_run.store_cpu) / s_restore,
+        l_restore / floor
     );
     println!(
         "the store alone ({} requests in flight): PUT of the seed's {} pack objects ({:.2} GiB) {:.2} s, GET {:.2} s; \
