@@ -94,6 +94,11 @@ pub async fn run_once(
 ) -> Result<CopyReport, CopyError> {
     let mut report = CopyReport::default();
     let reply = client.copy_vms(pb::CopyVmsRequest {}).await?.into_inner();
+    // Kept in every row copied from it: a source's history id is 32 hex digits (none from a
+    // source older than history ids).
+    if reply.history.len() > 64 || !reply.history.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CopyError::Answer("a history id"));
+    }
     let src = copies::Source {
         url: &cfg.source,
         history: &reply.history,
