@@ -171,6 +171,30 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, time::error::Parse> {
 mod tests {
     use super::*;
 
+    /// The statements a Begin and a commit run for every point find their rows by an index
+    /// seek, never by a scan of the VM's points or sessions (which grow with the history).
+    #[test]
+    fn per_point_statements_seek_their_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = open_rw(dir.path()).expect("catalog");
+        for (sql, index, params) in [
+            (sessions::OPEN_OF_VM, "sessions_open_by_vm", 3),
+            (points::NEWEST_CREATED, "points_by_vm_created", 1),
+        ] {
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain");
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter((1..=params).map(|_| 1)), |r| {
+                    r.get(3)
+                })
+                .expect("plan")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            assert!(plan.iter().any(|p| p.contains(index)), "{sql}: {plan:?}");
+        }
+    }
+
     #[test]
     fn time_roundtrip() {
         let us = 1_795_000_000_123_456;

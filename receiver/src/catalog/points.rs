@@ -383,12 +383,11 @@ pub fn drop_unused_disk(conn: &Connection, disk: i64) -> rusqlite::Result<()> {
 
 /// When the VM's newest point (by time) was created.
 pub fn newest_created(conn: &Connection, vm_id: VmId) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT MAX(created_us) FROM points WHERE vm_id = ?1",
-        [vm_id],
-        |r| r.get(0),
-    )
+    conn.query_row(NEWEST_CREATED, [vm_id], |r| r.get(0))
 }
+
+/// A VM's newest creation time: one seek in `points_by_vm_created`, however many points.
+pub(super) const NEWEST_CREATED: &str = "SELECT MAX(created_us) FROM points WHERE vm_id = ?1";
 
 /// Whether `point` exists and was committed by `session`.
 pub fn committed_by(conn: &Connection, point: i64, session: &str) -> rusqlite::Result<bool> {

@@ -5,7 +5,7 @@
 use rusqlite::Connection;
 
 /// Schema version, kept in `PRAGMA user_version`: the last step's.
-pub const VERSION: i64 = 12;
+pub const VERSION: i64 = 13;
 
 /// The version [`SCHEMA`] creates.
 const BASE_VERSION: i64 = 2;
@@ -218,6 +218,14 @@ ALTER TABLE copies_12 RENAME TO copies;
 CREATE INDEX copies_by_vm ON copies(vm, source);
 ";
 
+/// From version 12 to 13: indexes that keep a Begin and a commit flat as a VM's points (and
+/// finished sessions) accumulate: a Begin looked for the VM's open sessions among all its
+/// sessions, and a commit for the VM's newest creation time among all its points.
+const MIGRATE_12_13: &str = "
+CREATE INDEX sessions_open_by_vm ON sessions(vm_id) WHERE state = 'open';
+CREATE INDEX points_by_vm_created ON points(vm_id, created_us);
+";
+
 /// Version 2's schema, the base of a new catalog; [`STEPS`] above version 2 follow it.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
@@ -325,6 +333,7 @@ const STEPS: &[(i64, &str)] = &[
     (10, MIGRATE_9_10),
     (11, MIGRATE_10_11),
     (12, MIGRATE_11_12),
+    (13, MIGRATE_12_13),
 ];
 
 /// Brings the catalog to [`VERSION`]: a new one (version 0) gets [`SCHEMA`] and the steps

@@ -97,6 +97,11 @@ pub fn is_open_of(conn: &Connection, id: &str, owner: &str, vm: &str) -> rusqlit
     )
 }
 
+/// A VM's open sessions: one seek in the index of open sessions, however many finished
+/// sessions the VM has.
+pub(super) const OPEN_OF_VM: &str = "SELECT id FROM sessions
+     WHERE vm_id = ?1 AND state = 'open' AND id <> ?3 AND (?2 IS NULL OR owner = ?2)";
+
 /// The open sessions of a VM (of one owner, if given) other than `keep`.
 pub fn open_of_vm(
     conn: &Connection,
@@ -104,10 +109,7 @@ pub fn open_of_vm(
     owner: Option<&str>,
     keep: &str,
 ) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id FROM sessions WHERE vm_id = ?1 AND state = 'open' AND id <> ?3
-           AND (?2 IS NULL OR owner = ?2)",
-    )?;
+    let mut stmt = conn.prepare_cached(OPEN_OF_VM)?;
     let rows = stmt.query_map(params![vm_id, owner, keep], |r| r.get(0))?;
     rows.collect()
 }
