@@ -136,23 +136,30 @@ pub fn digest(conn: &Connection, id: PackId) -> rusqlite::Result<Option<PackDige
 }
 
 /// What the catalog knows of pack `id`'s object: no row at all, or a row with the version
-/// the upload made (None: unversioned, or not recorded).
+/// the upload made (None: unversioned, or not recorded) and the object's size (None: not
+/// published yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known {
     NoRow,
-    Row { version: Option<String> },
+    Row {
+        version: Option<String>,
+        bytes: Option<u64>,
+    },
 }
 
 /// What the catalog knows of pack `id`'s object.
 pub fn known(conn: &Connection, id: PackId) -> rusqlite::Result<Known> {
     use rusqlite::OptionalExtension;
-    let row: Option<Option<String>> = conn
-        .prepare_cached("SELECT version FROM packs WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))
+    let row: Option<(Option<String>, Option<i64>)> = conn
+        .prepare_cached("SELECT version, bytes FROM packs WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     Ok(match row {
         None => Known::NoRow,
-        Some(version) => Known::Row { version },
+        Some((version, bytes)) => Known::Row {
+            version,
+            bytes: bytes.and_then(|b| u64::try_from(b).ok()),
+        },
     })
 }
 
@@ -192,7 +199,15 @@ impl VersionBook {
     /// The version pack `id` was uploaded as, when the catalog recorded one.
     pub fn version(&self, id: PackId) -> Option<String> {
         match self.known(id)? {
-            Known::Row { version } => version,
+            Known::Row { version, .. } => version,
+            Known::NoRow => None,
+        }
+    }
+
+    /// The size of pack `id`'s object, when the catalog recorded it.
+    pub fn bytes(&self, id: PackId) -> Option<u64> {
+        match self.known(id)? {
+            Known::Row { bytes, .. } => bytes,
             Known::NoRow => None,
         }
     }

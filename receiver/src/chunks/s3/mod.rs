@@ -309,7 +309,7 @@ impl Shared {
     /// Makes pack `id` readable from the cache, fetching it if needed.
     fn fetch(&self, id: PackId) -> Result<(), ChunkStoreError> {
         let cached = self.cache.join(pack_name(id));
-        if cached.exists() {
+        if cached.exists() && self.cached_whole(id, &cached) {
             // Recently used: the eviction order is the files' modification times.
             if let Ok(f) = fs::File::options().append(true).open(&cached) {
                 let _ = f.set_modified(std::time::SystemTime::now());
@@ -331,6 +331,24 @@ impl Shared {
         busy.remove(&id);
         self.fetched.notify_all();
         done
+    }
+
+    /// Whether the cached copy of pack `id` has the size of the object uploaded (when the
+    /// catalog recorded it). The cache is written without a sync, so a crash can leave a copy
+    /// short or empty under its name: such a copy is removed, to be fetched again.
+    fn cached_whole(&self, id: PackId, cached: &Path) -> bool {
+        let Some(want) = self.book.bytes(id) else {
+            return true;
+        };
+        match fs::metadata(cached) {
+            Ok(m) if m.len() == want => true,
+            Ok(m) => {
+                tracing::warn!(pack = %id, cached = m.len(), uploaded = want, "a cached pack is not the size uploaded (cut short by a crash?): fetching it again");
+                let _ = fs::remove_file(cached);
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Whether pack `id` is in the cache or on its way there.
