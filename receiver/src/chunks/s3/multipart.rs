@@ -4,7 +4,7 @@
 
 use super::client::{answer, refusal, small_text, Attempt, S3Client, S3Error, SIGNED_FOR};
 use rusty_s3::actions::{
-    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, GetObject, UploadPart,
+    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, UploadPart,
 };
 use rusty_s3::S3Action;
 use std::fs::File;
@@ -174,33 +174,13 @@ impl S3Client {
         }
     }
 
-    /// Writes object `name` into the file at `path` as it streams (at most `limit` bytes);
-    /// returns its size.
+    /// Writes object `name` into the file at `path` as it streams (at most `limit` bytes),
+    /// synced; returns its size.
     pub fn get_file(&self, name: &str, path: &Path, limit: u64) -> Result<u64, S3Error> {
-        let key = self.key(name);
-        let url = GetObject::new(&self.bucket, Some(&self.credentials), &key).sign(SIGNED_FOR);
-        self.retry("GET", &key, || {
-            self.counters.gets.fetch_add(1, Ordering::Relaxed);
-            match answer(self.agent.get(url.as_str()).call()) {
-                Ok(mut r) if r.status().as_u16() == 200 => {
-                    let mut file = match File::create(path) {
-                        Ok(f) => f,
-                        Err(e) => return Attempt::Fail(io_failed("GET", &key, e)),
-                    };
-                    let mut body = r.body_mut().with_config().limit(limit).reader();
-                    match std::io::copy(&mut body, &mut file)
-                        .and_then(|n| file.sync_all().map(|()| n))
-                    {
-                        Ok(n) => {
-                            self.counters.bytes_down.fetch_add(n, Ordering::Relaxed);
-                            Attempt::Done(n)
-                        }
-                        Err(e) => Attempt::Again(format!("reading the body: {e}")),
-                    }
-                }
-                Ok(mut r) => refusal(&mut r, "GET", &key),
-                Err(m) => Attempt::Again(m),
-            }
+        self.get_at(&self.key(name), None, None, limit, &|body| {
+            let got = super::client::to_file(path)(body)?;
+            File::open(path)?.sync_all()?;
+            Ok(got)
         })
     }
 }
