@@ -2,7 +2,7 @@
 //! Object Lock), with a bucket made by a plain HTTP request.
 
 use crate::{bin, disk, Deployment, Receiver};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -24,36 +24,47 @@ pub fn available() -> bool {
 }
 
 impl Moto {
-    /// Starts a server on a free loopback port (its log in `dir/moto.log`) and waits until
-    /// it accepts connections.
+    /// Starts a server on a loopback port of its own choosing (its log in `dir/moto.log`)
+    /// and waits until it says where it listens. The server binds port 0 itself: a port
+    /// picked here and handed over could be taken by another test's process in between, and
+    /// the probe would then reach that process while this server failed to start.
     pub fn start(dir: &Path) -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let log = std::fs::File::create(dir.join("moto.log")).expect("moto log");
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let path = dir.join("moto.log");
+        let log = std::fs::File::create(&path).expect("moto log");
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start moto_server");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let port = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(port) = listening_port(&text) {
+                break port;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("moto_server exited ({status}) before listening: {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        // It binds before it says so; a refused connection here is a real fault.
+        TcpStream::connect(addr).expect("connect to moto_server where it said it listens");
         Moto { child, addr }
     }
 
-    /// The endpoint URL for the receiver.
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The endpoint URL for the receiver.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -185,6 +196,18 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The port of the first "Running on http://127.0.0.1:PORT" line of a moto_server log.
+fn listening_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find_map(|l| l.split("Running on http://127.0.0.1:").nth(1))
+        .and_then(|rest| {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..digits].parse().ok()
+        })
 }
 
 /// The variables a receiver command needs to reach the S3 server.
