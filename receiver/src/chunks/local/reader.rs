@@ -19,6 +19,9 @@ const WINDOW_BYTES: u64 = 8 << 20;
 const WINDOW_GAP: u64 = 256 << 10;
 /// Windows a reader keeps (one per pack, the least recently made dropped first).
 const WINDOWS_KEPT: usize = 4;
+/// Dropped windows whose buffers a reader keeps for reuse: about as many as a restore's
+/// decoder may still hold (the frames of its queued batches lie in a few windows).
+const RETIRED_KEPT: usize = 4;
 
 struct OpenPack {
     file: Arc<File>,
@@ -27,6 +30,9 @@ struct OpenPack {
     direct: Option<File>,
     /// End of the last record read.
     last_end: u64,
+    /// Bytes of the file that may be read, when it is still being written (a pack being
+    /// downloaded, see [`PackReader::adopt`]); None: all of it.
+    limit: Option<u64>,
 }
 
 /// Bytes `[start, start + len)` of a pack, read with O_DIRECT into an aligned buffer.
@@ -71,13 +77,14 @@ pub struct PackReader {
     open: HashMap<PackId, OpenPack>,
     /// Whether records read in order are read in windows (see [`PackReader::sequential`]).
     windowed: bool,
-    /// Whether windows are read with O_DIRECT (packs this store wrote) or through the page
-    /// cache (see [`PackReader::sequential_cached`]).
-    direct: bool,
     /// The last windows read, with their packs: a few, so memory stays bounded however many
     /// packs a long-lived reader opens, and a restore alternating between packs does not
     /// read the same window again.
     windows: Vec<(PackId, Arc<Window>)>,
+    /// Windows dropped from `windows`, whose buffers are taken for new windows once no
+    /// prepared read holds them: memory new to the process is zeroed by the kernel page by
+    /// page, which cost a restore about a third of its CPU when each window had a new one.
+    retired: Vec<Arc<Window>>,
 }
 
 impl PackReader {
@@ -88,8 +95,8 @@ impl PackReader {
             dir: Arc::from(dir),
             open: HashMap::new(),
             windowed: false,
-            direct: true,
             windows: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -102,13 +109,29 @@ impl PackReader {
         }
     }
 
-    /// A [`PackReader::sequential`] reader whose windows go through the page cache: for packs
-    /// written through it (an object store's cache, filled by downloads), where an O_DIRECT
-    /// read would first force the pages just written out to disk, then read them back.
-    pub fn sequential_cached(dir: &Path) -> PackReader {
-        PackReader {
-            direct: false,
-            ..PackReader::sequential(dir)
+    /// Reads pack `id` from `file` (and `direct`, the same file opened with O_DIRECT where
+    /// the file system takes it) while it is being written, its first `readable` bytes final
+    /// (an object store's download in progress): windows stop there. Called again as more is
+    /// written; [`PackReader::whole`] once it all is.
+    pub fn adopt(
+        &mut self,
+        id: PackId,
+        (file, direct): (&Arc<File>, Option<&File>),
+        readable: u64,
+    ) {
+        let pack = self.open.entry(id).or_insert_with(|| OpenPack {
+            file: file.clone(),
+            direct: direct.and_then(|d| d.try_clone().ok()),
+            last_end: 0,
+            limit: None,
+        });
+        pack.limit = Some(readable);
+    }
+
+    /// Pack `id` is written whole: an adopted file is read to its end from now on.
+    pub fn whole(&mut self, id: PackId) {
+        if let Some(pack) = self.open.get_mut(&id) {
+            pack.limit = None;
         }
     }
 
@@ -135,19 +158,15 @@ impl PackReader {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 let path = pack_path(&self.dir, id);
-                let flags = if self.direct {
-                    rustix::fs::OFlags::DIRECT.bits() as i32
-                } else {
-                    0
-                };
                 v.insert(OpenPack {
                     file: Arc::new(File::open(&path).map_err(io_err(&path))?),
                     direct: OpenOptions::new()
                         .read(true)
-                        .custom_flags(flags)
+                        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
                         .open(&path)
                         .ok(),
                     last_end: 0,
+                    limit: None,
                 })
             }
         };
@@ -167,9 +186,13 @@ impl PackReader {
             return Ok(Found::File(pack.file.clone()));
         };
         let from = start / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-        let want =
-            (end - from).max(WINDOW_BYTES).div_ceil(DIRECT_ALIGN as u64) as usize * DIRECT_ALIGN;
-        let mut buf = vec![0u8; want + DIRECT_ALIGN];
+        let mut span = (end - from).max(WINDOW_BYTES);
+        if let Some(limit) = pack.limit {
+            // No further than is written (past it lies a hole, read as zeros).
+            span = span.min(limit.saturating_sub(from)).max(end - from);
+        }
+        let want = span.div_ceil(DIRECT_ALIGN as u64) as usize * DIRECT_ALIGN;
+        let mut buf = spare_buffer(&mut self.retired, want + DIRECT_ALIGN);
         let at = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         let got = match read_direct(direct, &mut buf[at..at + want], from) {
             Ok(got) => got,
@@ -180,23 +203,34 @@ impl PackReader {
             }
             Err(e) => return Err(io_err(&pack_path(&self.dir, id))(e)),
         };
+        // A file still being written is read only as far as it is final.
+        let got = match pack.limit {
+            Some(limit) => got.min(limit.saturating_sub(from) as usize),
+            None => got,
+        };
         // Short: the pack ends before the record (a bad offset, reported when read).
         if from + (got as u64) < end {
             return Ok(Found::File(pack.file.clone()));
         }
         // The last page of a file may be the zero padding of a write in progress, where later
         // records will go: a window reaching the end of the file stops before its last page
-        // (the few records there are read directly).
-        let size = pack
-            .file
-            .metadata()
-            .map_err(io_err(&pack_path(&self.dir, id)))?
-            .len();
-        let len = if from + got as u64 >= size {
-            let last_page = size.saturating_sub(1) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-            last_page.saturating_sub(from) as usize
-        } else {
-            got
+        // (the few records there are read directly). A limited file has no such padding.
+        let len = match pack.limit {
+            Some(_) => got,
+            None => {
+                let size = pack
+                    .file
+                    .metadata()
+                    .map_err(io_err(&pack_path(&self.dir, id)))?
+                    .len();
+                if from + got as u64 >= size {
+                    let last_page =
+                        size.saturating_sub(1) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+                    last_page.saturating_sub(from) as usize
+                } else {
+                    got
+                }
+            }
         };
         let w = Arc::new(Window {
             buf,
@@ -204,9 +238,14 @@ impl PackReader {
             start: from,
             len,
         });
-        self.windows.retain(|(p, _)| *p != id);
+        if let Some(i) = self.windows.iter().position(|(p, _)| *p == id) {
+            self.retired.push(self.windows.remove(i).1);
+        }
         if self.windows.len() >= WINDOWS_KEPT {
-            self.windows.remove(0);
+            self.retired.push(self.windows.remove(0).1);
+        }
+        if self.retired.len() > RETIRED_KEPT {
+            self.retired.remove(0);
         }
         self.windows.push((id, w.clone()));
         if end > from + len as u64 {
@@ -234,6 +273,18 @@ impl ChunkReader for PackReader {
         };
         Ok(Prepared::new(at, *hash, Box::new(fetch)))
     }
+}
+
+/// A buffer of at least `len` bytes (contents undefined): the buffer of a window in `retired`
+/// that nothing else holds any more, else a new one.
+fn spare_buffer(retired: &mut Vec<Arc<Window>>, len: usize) -> Vec<u8> {
+    let free = retired
+        .iter()
+        .position(|w| Arc::strong_count(w) == 1 && w.buf.len() >= len);
+    if let Some(w) = free.and_then(|i| Arc::try_unwrap(retired.remove(i)).ok()) {
+        return w.buf;
+    }
+    vec![0u8; len]
 }
 
 /// Reads whole pages at `offset` until `buf` is full or the file ends; returns the bytes read.

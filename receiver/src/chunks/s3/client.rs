@@ -27,16 +27,51 @@ pub(super) fn to_vec(body: &mut dyn std::io::Read) -> std::io::Result<(Vec<u8>, 
     Ok((v, n as u64))
 }
 
-/// A body written to a new file at `path` (a megabyte at a time: a pack never sits in memory
-/// whole, and no fresh memory is touched per byte); the file is not synced. Returns its size.
-pub(super) fn to_file(
-    path: &std::path::Path,
-) -> impl Fn(&mut dyn std::io::Read) -> std::io::Result<(u64, u64)> + '_ {
+/// Where a GET's body is written: a file, and the same file opened with O_DIRECT (where the
+/// file system takes it) for the whole pages.
+#[derive(Clone, Copy)]
+pub(super) struct Sink<'a> {
+    pub file: &'a std::fs::File,
+    pub direct: Option<&'a std::fs::File>,
+    /// Where in the file the body's first byte goes (page-aligned for O_DIRECT).
+    pub at: u64,
+}
+
+/// Alignment O_DIRECT needs of offsets, lengths and memory.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A body written into `to` from its offset, a megabyte at a time (a pack never sits in memory
+/// whole), `written` called with the bytes written so far after each write; the file is not
+/// synced. Whole pages go through the O_DIRECT handle: a download copied into the page cache
+/// costs more CPU than the decompression of what it holds, where fresh memory is slow to
+/// come by, and fills the page cache with packs. A later try of the same request (the
+/// connection broke part way) writes only what the earlier ones did not: the bytes already
+/// written stay as they are, so a reader of them never sees them change. Returns the body's
+/// size (twice: what it made, and the bytes this try read).
+pub(super) fn to_file<'a>(
+    to: Sink<'a>,
+    written: &'a (dyn Fn(u64) + Sync),
+) -> impl Fn(&mut dyn std::io::Read) -> std::io::Result<(u64, u64)> + 'a {
+    let done = AtomicU64::new(0);
+    let direct_ok = std::sync::atomic::AtomicBool::new(to.direct.is_some());
     move |body| {
-        use std::io::Write;
-        let mut file = std::fs::File::create(path)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
+        use std::os::unix::fs::FileExt;
+        let mut space = vec![0u8; (1 << 20) + DIRECT_ALIGN];
+        let at = space.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        let buf = &mut space[at..at + (1 << 20)];
+        let kept = done.load(Ordering::Relaxed);
+        // Skips what an earlier try wrote.
+        let skipped = std::io::copy(
+            &mut std::io::Read::take(&mut *body, kept),
+            &mut std::io::sink(),
+        )?;
+        if skipped < kept {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the body ended after {skipped} bytes, before the {kept} read before"),
+            ));
+        }
+        let mut n = kept;
         loop {
             // A full buffer per write: the body comes in much smaller reads.
             let mut filled = 0;
@@ -51,8 +86,33 @@ pub(super) fn to_file(
             if filled == 0 {
                 return Ok((n, n));
             }
-            file.write_all(&buf[..filled])?;
+            // Whole pages at a page-aligned offset (every write but the last starts on one).
+            let pages = match to.direct {
+                Some(_) if (to.at + n).is_multiple_of(DIRECT_ALIGN as u64) => {
+                    filled / DIRECT_ALIGN * DIRECT_ALIGN
+                }
+                _ => 0,
+            };
+            let mut sent = 0;
+            if let Some(d) = to
+                .direct
+                .filter(|_| pages > 0 && direct_ok.load(Ordering::Relaxed))
+            {
+                match d.write_all_at(&buf[..pages], to.at + n) {
+                    Ok(()) => sent = pages,
+                    // A file system that opens with O_DIRECT but refuses such writes.
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        direct_ok.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // The rest (the last partial page, or all where O_DIRECT is refused) is cached.
+            to.file
+                .write_all_at(&buf[sent..filled], to.at + n + sent as u64)?;
             n += filled as u64;
+            done.store(n, Ordering::Relaxed);
+            written(n);
         }
     }
 }
@@ -72,7 +132,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest answer to a listing or an error (bytes).
 pub(super) const SMALL_BODY: u64 = 8 << 20;
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum S3Error {
     /// The store could not be reached, or did not answer in time, after every retry.
     #[error("object store unreachable for {op} {key} after {ATTEMPTS} tries: {message}")]
@@ -571,5 +631,70 @@ mod tests {
             Some(1_445_412_480_000_000)
         );
         assert_eq!(http_date_us("yesterday"), None);
+    }
+
+    /// A body that breaks (connection reset) after its first `cut` bytes.
+    struct Cut<'a>(&'a [u8], usize);
+
+    impl std::io::Read for Cut<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.1 == 0 {
+                return Err(std::io::ErrorKind::ConnectionReset.into());
+            }
+            let n = buf.len().min(self.1).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            self.1 -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_body_cut_part_way_is_resumed_and_what_was_written_is_not_written_again() {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part");
+        let open = |flags: i32| {
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let file = open(0).unwrap();
+        // O_DIRECT where the file system takes it (the whole pages go that way).
+        let direct = open(rustix::fs::OFlags::DIRECT.bits() as i32).ok();
+        let body: Vec<u8> = (0..(3 << 20) + 12_345u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let written = |n: u64| seen.lock().unwrap().push(n);
+        let sink = Sink {
+            file: &file,
+            direct: direct.as_ref(),
+            at: 8192,
+        };
+        let read = to_file(sink, &written);
+        // The first try breaks after 1.5 MiB: the whole first megabyte is written.
+        let err = read(&mut Cut(&body, 3 << 19)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        assert_eq!(*seen.lock().unwrap(), vec![1 << 20]);
+        // Bytes a reader was told of are not written again: marked here, they stay marked.
+        file.write_all_at(b"MARK", 8192 + 100).unwrap();
+        // A try whose body ends before what was written is refused.
+        let err = read(&mut &body[..1000]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // The next try writes the rest only.
+        let (size, got) = read(&mut &body[..]).unwrap();
+        assert_eq!((size, got), (body.len() as u64, body.len() as u64));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![1 << 20, 2 << 20, 3 << 20, body.len() as u64]
+        );
+        let mut want = vec![0u8; 8192];
+        want.extend_from_slice(&body);
+        want[8192 + 100..8192 + 104].copy_from_slice(b"MARK");
+        assert_eq!(std::fs::read(&path).unwrap(), want);
     }
 }

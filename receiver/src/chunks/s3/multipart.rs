@@ -178,8 +178,15 @@ impl S3Client {
     /// synced; returns its size.
     pub fn get_file(&self, name: &str, path: &Path, limit: u64) -> Result<u64, S3Error> {
         self.get_at(&self.key(name), None, None, limit, &|body| {
-            let got = super::client::to_file(path)(body)?;
-            File::open(path)?.sync_all()?;
+            // Each try starts over in a new file.
+            let file = File::create(path)?;
+            let to = super::client::Sink {
+                file: &file,
+                direct: None,
+                at: 0,
+            };
+            let got = super::client::to_file(to, &|_| {})(body)?;
+            file.sync_all()?;
             Ok(got)
         })
     }

@@ -21,22 +21,22 @@ struct Listed {
 }
 
 impl S3Client {
-    /// Version `version` of object `name` (the current one when None), at most `limit` bytes,
-    /// taken by `read`. A version the store no longer has, or does not know (a bucket copied
+    /// Version `version` of object `name` (the current one when None), or its bytes `range`
+    /// (offset, length), at most `limit` bytes, taken by `read`. A version the store no longer has, or does not know (a bucket copied
     /// elsewhere has versions of its own), falls back to a plain read, with a warning: what is
     /// read is checked by its reader either way.
     pub fn get_version<T>(
         &self,
         name: &str,
         version: Option<&str>,
-        limit: u64,
+        (range, limit): (Option<(u64, u64)>, u64),
         read: BodyReader<'_, T>,
     ) -> Result<T, S3Error> {
         let Some(v) = version else {
-            return self.get_inner(name, None, limit, read);
+            return self.get_inner(name, range, limit, read);
         };
         let key = self.key(name);
-        match self.get_at(&key, Some(v), None, limit, read) {
+        match self.get_at(&key, Some(v), range, limit, read) {
             Err(S3Error::Refused {
                 status: 400 | 404,
                 code,
@@ -48,7 +48,7 @@ impl S3Client {
                     code,
                     "the recorded version is not there: reading the object as it is now"
                 );
-                self.get_inner(name, None, limit, read)
+                self.get_inner(name, range, limit, read)
             }
             done => done,
         }
