@@ -37,11 +37,15 @@ pub(super) struct Sink<'a> {
     pub at: u64,
 }
 
+/// Bytes of each write of [`to_file`] (all but the last of a body).
+pub(super) const WRITE_BYTES: usize = 1 << 20;
+
 /// Alignment O_DIRECT needs of offsets, lengths and memory.
 const DIRECT_ALIGN: usize = 4096;
 
-/// A body written into `to` from its offset, a megabyte at a time (a pack never sits in memory
-/// whole), `written` called with the bytes written so far after each write; the file is not
+/// A body written into `to` from its offset, [`WRITE_BYTES`] at a time (a pack never sits in
+/// memory whole), `written` called after each write with the bytes written so far and those
+/// just written; the file is not
 /// synced. Whole pages go through the O_DIRECT handle: a download copied into the page cache
 /// costs more CPU than the decompression of what it holds, where fresh memory is slow to
 /// come by, and fills the page cache with packs. A later try of the same request (the
@@ -50,15 +54,15 @@ const DIRECT_ALIGN: usize = 4096;
 /// size (twice: what it made, and the bytes this try read).
 pub(super) fn to_file<'a>(
     to: Sink<'a>,
-    written: &'a (dyn Fn(u64) + Sync),
+    written: &'a (dyn Fn(u64, &[u8]) + Sync),
 ) -> impl Fn(&mut dyn std::io::Read) -> std::io::Result<(u64, u64)> + 'a {
     let done = AtomicU64::new(0);
     let direct_ok = std::sync::atomic::AtomicBool::new(to.direct.is_some());
     move |body| {
         use std::os::unix::fs::FileExt;
-        let mut space = vec![0u8; (1 << 20) + DIRECT_ALIGN];
+        let mut space = vec![0u8; WRITE_BYTES + DIRECT_ALIGN];
         let at = space.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        let buf = &mut space[at..at + (1 << 20)];
+        let buf = &mut space[at..at + WRITE_BYTES];
         let kept = done.load(Ordering::Relaxed);
         // Skips what an earlier try wrote.
         let skipped = std::io::copy(
@@ -112,7 +116,7 @@ pub(super) fn to_file<'a>(
                 .write_all_at(&buf[sent..filled], to.at + n + sent as u64)?;
             n += filled as u64;
             done.store(n, Ordering::Relaxed);
-            written(n);
+            written(n, &buf[..filled]);
         }
     }
 }
@@ -669,7 +673,11 @@ mod tests {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let seen = std::sync::Mutex::new(Vec::new());
-        let written = |n: u64| seen.lock().unwrap().push(n);
+        let written = |n: u64, bytes: &[u8]| {
+            // The bytes just written are the body's, ending at `n`.
+            assert_eq!(bytes, &body[n as usize - bytes.len()..n as usize]);
+            seen.lock().unwrap().push(n);
+        };
         let sink = Sink {
             file: &file,
             direct: direct.as_ref(),

@@ -18,6 +18,7 @@
 //! every committed point's chunks are in the bucket.
 
 mod client;
+mod download;
 mod multipart;
 mod reader;
 mod versions;
@@ -54,7 +55,9 @@ struct Shared {
     /// Packs being downloaded, each by a thread of its own: readers of one pack share its
     /// download and read its records as they arrive; downloads of different packs run side
     /// by side.
-    downloads: Mutex<std::collections::HashMap<PackId, Arc<Download>>>,
+    downloads: Mutex<std::collections::HashMap<PackId, Arc<download::Download>>>,
+    /// Buffers of downloads' pieces kept in memory, used again.
+    pool: Arc<download::Pool>,
     /// One publish at a time: a sweep and a writer never upload one pack twice at once.
     publishing: Mutex<()>,
     /// Bytes the cache is believed to hold (see [`Shared::evict`]).
@@ -62,109 +65,6 @@ struct Shared {
     /// The version each pack was uploaded as, from the catalog.
     book: crate::catalog::packs::VersionBook,
 }
-
-/// A pack being downloaded into the cache, and how far it got: a reader takes a record as
-/// soon as its bytes are in the part file, not once the whole pack is (a restore would
-/// otherwise wait for a whole first pack before it decodes anything).
-#[derive(Default)]
-struct Download {
-    state: Mutex<Progress>,
-    /// Woken at each write and at the end.
-    moved: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct Progress {
-    /// The part file, once created: it keeps its inode when renamed into the cache, so a
-    /// reader's handle stays good.
-    file: Option<Arc<fs::File>>,
-    /// The same file opened with O_DIRECT, where the file system takes it.
-    direct: Option<Arc<fs::File>>,
-    /// Bytes from the file's start written so far; they never change afterwards.
-    written: u64,
-    /// Set when the download ended: Ok once the pack is in the cache whole.
-    done: Option<Result<(), Failed>>,
-}
-
-/// Why a download failed, for every reader that waited on it.
-#[derive(Debug, Clone)]
-enum Failed {
-    Remote {
-        what: String,
-        source: S3Error,
-    },
-    Local {
-        path: PathBuf,
-        kind: std::io::ErrorKind,
-        message: String,
-    },
-}
-
-impl Failed {
-    fn of(e: ChunkStoreError, path: &Path) -> Failed {
-        match e {
-            ChunkStoreError::Remote { what, source } => Failed::Remote { what, source },
-            ChunkStoreError::Io { path, source } => Failed::Local {
-                path,
-                kind: source.kind(),
-                message: source.to_string(),
-            },
-            other => Failed::Local {
-                path: path.to_owned(),
-                kind: std::io::ErrorKind::Other,
-                message: other.to_string(),
-            },
-        }
-    }
-
-    fn error(&self) -> ChunkStoreError {
-        match self.clone() {
-            Failed::Remote { what, source } => ChunkStoreError::Remote { what, source },
-            Failed::Local {
-                path,
-                kind,
-                message,
-            } => ChunkStoreError::Io {
-                path,
-                source: std::io::Error::new(kind, message),
-            },
-        }
-    }
-}
-
-impl Download {
-    /// The first `written` bytes of the part file are final (never less than said before).
-    fn advance(&self, written: u64) {
-        let mut p = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if written > p.written {
-            p.written = written;
-            drop(p);
-            self.moved.notify_all();
-        }
-    }
-}
-
-/// Bytes of a pack object one ranged GET of a download fetches.
-const SEGMENT_BYTES: u64 = 8 << 20;
-/// GETs a download runs at once, each taking the next segment.
-const STREAMS: usize = 2;
-
-/// What a reader may read of a pack.
-enum Readable {
-    /// The pack is in the cache whole.
-    Whole,
-    /// The pack is being downloaded into `file` (also open as `direct`, with O_DIRECT),
-    /// whose first `written` bytes are final.
-    Part {
-        file: Arc<fs::File>,
-        direct: Option<Arc<fs::File>>,
-        written: u64,
-    },
-}
-
-/// A part file untouched this long belongs to a download that died with its process (a
-/// download's every try ends well within it).
-const STALE_PART: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The cache's size as last counted, and the packs added since.
 #[derive(Default)]
@@ -220,29 +120,6 @@ fn packs_in(dir: &Path) -> Vec<(PackId, u64, std::time::SystemTime)> {
         .collect()
 }
 
-/// Removes the part files in `dir` no download has written to for [`STALE_PART`] (left by a
-/// process that died while downloading).
-fn remove_stale_parts(dir: &Path) {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let part = name
-            .to_str()
-            .is_some_and(|n| n.starts_with('.') && n.ends_with(".part"));
-        let stale = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE_PART);
-        if part && stale {
-            let _ = fs::remove_file(e.path());
-        }
-    }
-}
-
 impl S3Packs {
     /// The store of data folder `data` in the bucket `target` names, caching up to
     /// `cache_limit` bytes of packs. Creates the local folders; contacts nothing.
@@ -264,6 +141,7 @@ impl S3Packs {
                 cache,
                 cache_limit,
                 downloads: Mutex::new(Default::default()),
+                pool: Default::default(),
                 publishing: Mutex::new(()),
                 tally: Mutex::new(CacheTally::default()),
                 book: crate::catalog::packs::VersionBook::new(data),
@@ -431,279 +309,6 @@ impl Shared {
             .map_err(remote(format!("fetching pack {id}")))
     }
 
-    /// The download of pack `id`, started unless one is under way; None when the cache has
-    /// the pack whole. Never waits for the download.
-    fn start(self: &Arc<Self>, id: PackId) -> Option<Arc<Download>> {
-        let cached = self.cache.join(pack_name(id));
-        let download = {
-            let mut all = self.downloads.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(d) = all.get(&id) {
-                return Some(d.clone());
-            }
-            // Looked at under the lock: a download leaves the map only once its pack is in
-            // the cache, so a pack in neither is fetched by one reader only.
-            if cached.exists() && self.cached_whole(id, &cached) {
-                None
-            } else {
-                let d = Arc::new(Download::default());
-                all.insert(id, d.clone());
-                Some(d)
-            }
-        };
-        let Some(download) = download else {
-            // Recently used: the eviction order is the files' modification times.
-            if let Ok(f) = fs::File::options().append(true).open(&cached) {
-                let _ = f.set_modified(std::time::SystemTime::now());
-            }
-            return None;
-        };
-        let (shared, d) = (self.clone(), download.clone());
-        let spawned = std::thread::Builder::new()
-            .name("pack-fetch".into())
-            .spawn(move || shared.download(id, &d));
-        if let Err(e) = spawned {
-            let failed = ChunkStoreError::Io {
-                path: cached.clone(),
-                source: e,
-            };
-            self.finish(id, &download, Err(Failed::of(failed, &cached)));
-        }
-        Some(download)
-    }
-
-    /// Waits until pack `id` can be read as far as `end`: in the cache whole, or downloaded
-    /// that far (its download started if need be).
-    fn readable(self: &Arc<Self>, id: PackId, end: u64) -> Result<Readable, ChunkStoreError> {
-        let Some(download) = self.start(id) else {
-            return Ok(Readable::Whole);
-        };
-        let mut p = download.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            match &p.done {
-                Some(Ok(())) => return Ok(Readable::Whole),
-                Some(Err(failed)) => return Err(failed.error()),
-                None => {}
-            }
-            if let Some(file) = p.file.as_ref().filter(|_| p.written >= end) {
-                return Ok(Readable::Part {
-                    file: file.clone(),
-                    direct: p.direct.clone(),
-                    written: p.written,
-                });
-            }
-            p = download.moved.wait(p).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Whether the cached copy of pack `id` has the size of the object uploaded (when the
-    /// catalog recorded it). The cache is written without a sync, so a crash can leave a copy
-    /// short or empty under its name: such a copy is removed, to be fetched again.
-    fn cached_whole(&self, id: PackId, cached: &Path) -> bool {
-        let Some(want) = self.book.bytes(id) else {
-            return true;
-        };
-        match fs::metadata(cached) {
-            Ok(m) if m.len() == want => true,
-            Ok(m) => {
-                tracing::warn!(pack = %id, cached = m.len(), uploaded = want, "a cached pack is not the size uploaded (cut short by a crash?): fetching it again");
-                let _ = fs::remove_file(cached);
-                false
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Downloads pack `id` (on its own thread), then tells its readers how it ended.
-    fn download(&self, id: PackId, download: &Download) {
-        let cached = self.cache.join(pack_name(id));
-        let done = self
-            .download_into(id, download, &cached)
-            .map_err(|e| Failed::of(e, &cached));
-        self.finish(id, download, done);
-    }
-
-    /// Ends download `download` of pack `id` as `done`: its readers wake, and the next read
-    /// of the pack finds it in the cache (or, after a failure, fetches it again).
-    fn finish(&self, id: PackId, download: &Download, done: Result<(), Failed>) {
-        download
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .done = Some(done);
-        download.moved.notify_all();
-        self.downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-    }
-
-    /// Downloads pack `id` into the cache as `cached`, streamed into a part file of this
-    /// process with O_DIRECT (see [`client::to_file`]) whose progress `download` tells its
-    /// readers, then renamed.
-    fn download_into(
-        &self,
-        id: PackId,
-        download: &Download,
-        cached: &Path,
-    ) -> Result<(), ChunkStoreError> {
-        let tmp = self
-            .cache
-            .join(format!(".{}.{}.part", pack_name(id), std::process::id()));
-        let file = fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        let file = Arc::new(file);
-        let direct = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::File::options()
-                .read(true)
-                .write(true)
-                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-                .open(&tmp)
-                .ok()
-                .map(Arc::new)
-        };
-        {
-            let mut p = download.state.lock().unwrap_or_else(|p| p.into_inner());
-            p.file = Some(file.clone());
-            p.direct = direct.clone();
-        }
-        let version = self.book.version(id);
-        let started = std::time::Instant::now();
-        let object = Self::object(id);
-        let to = (&*file, direct.as_deref());
-        let got = match self.book.bytes(id) {
-            Some(size) if size > 0 && size <= MAX_PACK_BYTES => {
-                self.get_segments(&object, version.as_deref(), size, to, download)
-            }
-            // A pack uploaded before sizes were recorded: one GET of the whole object.
-            _ => {
-                let written = |n: u64| download.advance(n);
-                let sink = client::Sink {
-                    file: to.0,
-                    direct: to.1,
-                    at: 0,
-                };
-                let whole = self.client.get_version(
-                    &object,
-                    version.as_deref(),
-                    (None, MAX_PACK_BYTES),
-                    &client::to_file(sink, &written),
-                );
-                whole
-            }
-        };
-        let bytes = match got {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                // Readers holding the file keep what they were told is there.
-                let _ = fs::remove_file(&tmp);
-                return Err(remote(format!("fetching pack {id}"))(e));
-            }
-        };
-        if let Err(e) = fs::rename(&tmp, cached) {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(cached)(e));
-        }
-        tracing::debug!(pack = %id, bytes, ms = started.elapsed().as_millis() as u64, "pack fetched");
-        self.evict(id, bytes);
-        Ok(())
-    }
-
-    /// Fetches object `object` (of `version`, `size` bytes) into `to` (a file, and the same
-    /// file opened with O_DIRECT) in ranges of [`SEGMENT_BYTES`], [`STREAMS`] at a time and
-    /// in order, telling the readers of `download` how much of its start is written: a
-    /// reader that reads a pack as it arrives needs it faster than one stream brings it.
-    /// Returns the bytes written.
-    fn get_segments(
-        &self,
-        object: &str,
-        version: Option<&str>,
-        size: u64,
-        to: (&fs::File, Option<&fs::File>),
-        download: &Download,
-    ) -> Result<u64, S3Error> {
-        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-        let count = size.div_ceil(SEGMENT_BYTES).max(1) as usize;
-        let length = |i: usize| SEGMENT_BYTES.min(size - i as u64 * SEGMENT_BYTES);
-        let next = AtomicUsize::new(0);
-        let done: Vec<AtomicU64> = (0..count).map(|_| AtomicU64::new(0)).collect();
-        let failed = AtomicBool::new(false);
-        // The written start: whole segments, then what the first unfinished one has.
-        let publish = || {
-            let mut start = 0;
-            for (i, d) in done.iter().enumerate() {
-                let n = d.load(Ordering::Acquire);
-                start = i as u64 * SEGMENT_BYTES + n;
-                if n < length(i) {
-                    break;
-                }
-            }
-            download.advance(start);
-        };
-        let stream = || -> Result<(), S3Error> {
-            while !failed.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    break;
-                }
-                let (at, len) = (i as u64 * SEGMENT_BYTES, length(i));
-                let written = |n: u64| {
-                    done[i].store(n, Ordering::Release);
-                    publish();
-                };
-                let sink = client::Sink {
-                    file: to.0,
-                    direct: to.1,
-                    at,
-                };
-                let got = self.client.get_version(
-                    object,
-                    version,
-                    (Some((at, len)), len),
-                    &client::to_file(sink, &written),
-                );
-                let short = |n: u64| S3Error::Answer {
-                    op: "GET",
-                    key: object.to_owned(),
-                    detail: format!("bytes {at}..{}: {n} came", at + len),
-                };
-                if let Err(e) = got.and_then(|n| if n == len { Ok(()) } else { Err(short(n)) }) {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-            Ok(())
-        };
-        let results: Vec<Result<(), S3Error>> = std::thread::scope(|scope| {
-            let others: Vec<_> = (1..STREAMS)
-                .map(|_| {
-                    std::thread::Builder::new()
-                        .name("pack-fetch".into())
-                        .spawn_scoped(scope, stream)
-                })
-                .collect();
-            let mut all = vec![stream()];
-            // A stream that could not start leaves its segments to the others.
-            for handle in others.into_iter().flatten() {
-                all.push(handle.join().unwrap_or_else(|_| {
-                    Err(S3Error::Answer {
-                        op: "GET",
-                        key: object.to_owned(),
-                        detail: "a download stream panicked".into(),
-                    })
-                }));
-            }
-            all
-        });
-        results.into_iter().collect::<Result<Vec<()>, _>>()?;
-        Ok(size)
-    }
-
     /// Counts pack `keep` of `added` bytes into the cache; once the cache is past its bound,
     /// removes the least recently used cached packs (never `keep`) until it fits. The folder is
     /// listed only when the tally says the bound is passed, or every [`RECOUNT_EVERY`] packs:
@@ -721,7 +326,7 @@ impl Shared {
                 }
             }
         }
-        remove_stale_parts(&self.cache);
+        download::remove_stale_parts(&self.cache);
         let mut packs = packs_in(&self.cache);
         let mut total: u64 = packs.iter().map(|p| p.1).sum();
         if total > self.cache_limit {

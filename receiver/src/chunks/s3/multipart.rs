@@ -185,7 +185,7 @@ impl S3Client {
                 direct: None,
                 at: 0,
             };
-            let got = super::client::to_file(to, &|_| {})(body)?;
+            let got = super::client::to_file(to, &|_, _| {})(body)?;
             file.sync_all()?;
             Ok(got)
         })
