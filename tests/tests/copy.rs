@@ -433,3 +433,134 @@ fn a_copy_whose_source_link_fails_mid_point_resumes_without_reading_what_is_dura
         want
     );
 }
+
+/// A source that answers `CopyVms` with one VM and history id `history`, and refuses every
+/// other call, counting them: what a compromised or impostor primary could send.
+struct HistorySource {
+    history: String,
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HistorySource {
+    fn refuse<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(tonic::Status::unavailable("this source serves no points"))
+    }
+}
+
+#[tonic::async_trait]
+impl rewind_proto::pb::copy_server::Copy for HistorySource {
+    async fn copy_vms(
+        &self,
+        _: tonic::Request<rewind_proto::pb::CopyVmsRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::CopyVmsReply>, tonic::Status> {
+        Ok(tonic::Response::new(rewind_proto::pb::CopyVmsReply {
+            vms: vec![rewind_proto::pb::CopyVm {
+                vm: "vm1".into(),
+                owner: "host1".into(),
+            }],
+            history: self.history.clone(),
+        }))
+    }
+
+    async fn copy_points(
+        &self,
+        _: tonic::Request<rewind_proto::pb::CopyPointsRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::CopyPointsReply>, tonic::Status> {
+        self.refuse()
+    }
+
+    async fn copy_blocks(
+        &self,
+        _: tonic::Request<rewind_proto::pb::PointBlocksRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::PointBlocksReply>, tonic::Status> {
+        self.refuse()
+    }
+
+    async fn copy_chunks(
+        &self,
+        _: tonic::Request<rewind_proto::pb::ReadChunksRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::ReadChunksReply>, tonic::Status> {
+        self.refuse()
+    }
+
+    async fn copy_keys(
+        &self,
+        _: tonic::Request<rewind_proto::pb::DataKeysRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::DataKeysReply>, tonic::Status> {
+        self.refuse()
+    }
+}
+
+#[test]
+fn a_source_sending_a_history_id_that_is_not_short_hex_is_refused_before_any_point_is_asked() {
+    use rewind_receiver::copy::{CopyConfig, CopyError};
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    let primary = Deployment::new();
+    let pki = primary.pki();
+    let read = |name: &str| std::fs::read(pki.join(name)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let copy = Deployment::new();
+    let store = std::sync::Arc::new(rewind_receiver::store::Store::open(&copy.data()).unwrap());
+    let mut replica_made = false;
+    // Not hex, too long, a path, and then a good id (which gets past the check).
+    for (history, refused) in [
+        ("g".repeat(32), true),
+        ("a".repeat(65), true),
+        ("../../etc".to_owned(), true),
+        ("0123456789abcdef0123456789ABCDEF".to_owned(), false),
+    ] {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let source = HistorySource {
+            history: history.clone(),
+            asked: asked.clone(),
+        };
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        if !replica_made {
+            // The replica identity and its settings, as a real copy has them.
+            let _ = replica(&primary, addr);
+            replica_made = true;
+        }
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read("receiver.pem"),
+                read("receiver.key"),
+            ))
+            .client_ca_root(Certificate::from_pem(read("ca.pem")));
+        let server = Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(rewind_proto::pb::copy_server::CopyServer::new(source))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let serving = rt.spawn(server);
+        let cfg = CopyConfig {
+            source: format!("https://{addr}"),
+            ca: pki.join("ca.pem"),
+            cert: pki.join("copy1.pem"),
+            key: pki.join("copy1.key"),
+            every: Duration::from_secs(1),
+            bwlimit: None,
+            parallel: 1,
+        };
+        let run = rt.block_on(rewind_receiver::copy::run_once(&store, &cfg));
+        serving.abort();
+        let taken = asked.load(std::sync::atomic::Ordering::SeqCst);
+        if refused {
+            match run {
+                Err(CopyError::Answer(what)) => assert_eq!(what, "a history id", "{history}"),
+                other => panic!("history {history:?} was taken: {other:?}"),
+            }
+            assert_eq!(taken, 0, "{history}: the copy asked for points");
+        } else {
+            // Past the check: the copy asks for the VM's points, which this source refuses.
+            let report = run.unwrap();
+            assert_eq!((report.vms, report.failed_vms), (1, 1));
+            assert!(taken >= 1, "a good history id stopped the copy");
+        }
+        // Nothing was made on the copy either way.
+        assert!(copy.try_points("vm1").map_or(true, |p| p.is_empty()));
+    }
+}
