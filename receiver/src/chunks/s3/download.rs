@@ -12,7 +12,7 @@
 
 use super::client::{self, S3Error};
 use super::{io_err, pack_name, remote, Shared, MAX_PACK_BYTES};
-use crate::chunks::format::{record_header, RECORD_HEADER};
+use crate::chunks::format::{frame_in, RECORD_HEADER};
 use crate::chunks::{BlockHash, ChunkLocation, ChunkStoreError, Fetch, PackId};
 use std::borrow::Cow;
 use std::fs;
@@ -169,12 +169,12 @@ impl Fetch for MemoryRecord {
             MemoryRecord::Lent(piece, from) => piece.bytes().get(*from..).unwrap_or_default(),
             MemoryRecord::Copied(v) => v,
         };
-        let record = bytes.get(..RECORD_HEADER as usize + at.len as usize);
-        let frame = record.and_then(|r| {
-            let (header, frame) = r.split_at(RECORD_HEADER as usize);
-            (*header == record_header(hash, at.len)[..]).then_some(frame)
-        });
-        frame
+        // `bytes` starts with the record: its frame lies right after the header.
+        let in_record = ChunkLocation {
+            offset: RECORD_HEADER,
+            ..at
+        };
+        frame_in(bytes, in_record, hash)
             .map(Cow::Borrowed)
             .ok_or_else(|| ChunkStoreError::BadRecord {
                 path: PathBuf::from(pack_name(at.pack)),
@@ -562,6 +562,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunks::format::record_header;
 
     /// A download keeping pieces, its part file in `dir`, with `bytes` fetched.
     fn fetched(dir: &Path, bytes: &[u8]) -> Download {
