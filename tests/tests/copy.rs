@@ -564,3 +564,206 @@ fn a_source_sending_a_history_id_that_is_not_short_hex_is_refused_before_any_poi
         assert!(copy.try_points("vm1").map_or(true, |p| p.is_empty()));
     }
 }
+
+/// What a [`Relay`] saw.
+#[derive(Default)]
+struct RelaySeen {
+    /// Chunk reads being answered now, and the most at once.
+    in_flight: usize,
+    most: usize,
+    /// The chunks each read asked for, in the order the reads came.
+    reads: Vec<Vec<Vec<u8>>>,
+    /// Block index of each leaf the source listed.
+    leaves: std::collections::HashMap<Vec<u8>, u64>,
+}
+
+/// A Copy service that forwards every call to the real primary, holding each chunk read for
+/// `delay` first (a long link's round trip), and records what it saw.
+struct Relay {
+    to: rewind_proto::pb::copy_client::CopyClient<tonic::transport::Channel>,
+    delay: Duration,
+    seen: std::sync::Arc<std::sync::Mutex<RelaySeen>>,
+}
+
+#[tonic::async_trait]
+impl rewind_proto::pb::copy_server::Copy for Relay {
+    async fn copy_vms(
+        &self,
+        req: tonic::Request<rewind_proto::pb::CopyVmsRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::CopyVmsReply>, tonic::Status> {
+        self.to.clone().copy_vms(req.into_inner()).await
+    }
+
+    async fn copy_points(
+        &self,
+        req: tonic::Request<rewind_proto::pb::CopyPointsRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::CopyPointsReply>, tonic::Status> {
+        self.to.clone().copy_points(req.into_inner()).await
+    }
+
+    async fn copy_blocks(
+        &self,
+        req: tonic::Request<rewind_proto::pb::PointBlocksRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::PointBlocksReply>, tonic::Status> {
+        let reply = self.to.clone().copy_blocks(req.into_inner()).await?;
+        let mut seen = self.seen.lock().unwrap();
+        for e in &reply.get_ref().entries {
+            seen.leaves.insert(e.hash.clone(), e.index);
+        }
+        Ok(reply)
+    }
+
+    async fn copy_chunks(
+        &self,
+        req: tonic::Request<rewind_proto::pb::ReadChunksRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::ReadChunksReply>, tonic::Status> {
+        let req = req.into_inner();
+        {
+            let mut seen = self.seen.lock().unwrap();
+            seen.in_flight += 1;
+            seen.most = seen.most.max(seen.in_flight);
+            seen.reads.push(req.hashes.clone());
+        }
+        tokio::time::sleep(self.delay).await;
+        let reply = self.to.clone().copy_chunks(req).await;
+        self.seen.lock().unwrap().in_flight -= 1;
+        reply
+    }
+
+    async fn copy_keys(
+        &self,
+        req: tonic::Request<rewind_proto::pb::DataKeysRequest>,
+    ) -> Result<tonic::Response<rewind_proto::pb::DataKeysReply>, tonic::Status> {
+        self.to.clone().copy_keys(req.into_inner()).await
+    }
+}
+
+#[test]
+fn a_copy_keeps_parallel_reads_in_flight_across_batches_and_reads_the_batches_in_order() {
+    use rewind_receiver::copy::CopyConfig;
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    // Three batches of entries (a batch references 64 MiB of blocks: 1024 of 64 KiB), each
+    // block different and compressible.
+    const BLOCKS: u64 = 2600;
+    const PER_BATCH: u64 = 1024;
+    const PARALLEL: usize = 3;
+    let d = Deployment::new();
+    let rx = d.serve();
+    let vda = d.path("vda.raw");
+    disk::create(&vda, 192 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&vda).unwrap();
+        for i in 0..BLOCKS {
+            let line = format!("block {i:08}\n");
+            let block: Vec<u8> = line.bytes().cycle().take(BLOCK as usize).collect();
+            f.write_all_at(&block, i * BLOCK).unwrap();
+        }
+    }
+    d.sync_ok(&rx, "host1", "vm1", &[("vda", &vda)]);
+    let want = disk::digest(&vda);
+
+    let pki = d.pki();
+    let read = |name: &str| std::fs::read(pki.join(name)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (copy, _) = replica(&d, addr);
+    let cfg = |source: String, parallel: usize| CopyConfig {
+        source,
+        ca: pki.join("ca.pem"),
+        cert: pki.join("copy1.pem"),
+        key: pki.join("copy1.key"),
+        every: Duration::from_secs(1),
+        bwlimit: None,
+        parallel,
+    };
+    // The relay on a runtime of one thread: calls are seen in the order they arrive.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(RelaySeen::default()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = {
+        let seen = seen.clone();
+        let to_primary = cfg(format!("https://{}", rx.addr()), 1);
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read("receiver.pem"),
+                read("receiver.key"),
+            ))
+            .client_ca_root(Certificate::from_pem(read("ca.pem")));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let to = rewind_receiver::copy::connect(&to_primary).await.unwrap();
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let relay = Relay {
+                    to,
+                    delay: Duration::from_millis(30),
+                    seen,
+                };
+                Server::builder()
+                    .tls_config(tls)
+                    .unwrap()
+                    .add_service(rewind_proto::pb::copy_server::CopyServer::new(relay))
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
+        })
+    };
+
+    let store = std::sync::Arc::new(rewind_receiver::store::Store::open(&copy.data()).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt
+        .block_on(rewind_receiver::copy::run_once(
+            &store,
+            &cfg(format!("https://{addr}"), PARALLEL),
+        ))
+        .unwrap();
+    drop(store);
+    let _ = stop.send(());
+    relay.join().unwrap();
+    assert_eq!((report.points, report.failed_vms), (1, 0));
+
+    let seen = seen.lock().unwrap();
+    // `parallel` is what the whole copy has in flight, not each batch: with three batches
+    // fetched at once, reads per batch would put up to nine in flight.
+    assert_eq!(seen.most, PARALLEL, "reads in flight at most");
+    // Every block's chunk read once, and the reads in batch order: a younger batch's reads
+    // never go out before an older batch's.
+    let batches: Vec<u64> = seen
+        .reads
+        .iter()
+        .map(|hashes| {
+            let of: std::collections::BTreeSet<u64> =
+                hashes.iter().map(|h| seen.leaves[h] / PER_BATCH).collect();
+            assert_eq!(of.len(), 1, "a read spans batches {of:?}");
+            *of.first().unwrap()
+        })
+        .collect();
+    assert!(
+        batches.windows(2).all(|w| w[0] <= w[1]),
+        "reads out of batch order: {batches:?}"
+    );
+    assert_eq!(batches.last(), Some(&((BLOCKS - 1) / PER_BATCH)));
+    let asked: std::collections::HashSet<&Vec<u8>> = seen.reads.iter().flatten().collect();
+    assert_eq!(asked.len() as u64, BLOCKS);
+    assert_eq!(
+        seen.reads.iter().map(Vec::len).sum::<usize>() as u64,
+        BLOCKS
+    );
+    drop(seen);
+    let got = copy.points("vm1");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        copy.restored_digest("vm1", "vda", got[0]["id"].as_u64().unwrap()),
+        want
+    );
+}

@@ -59,7 +59,6 @@ impl Cursor {
 struct PointCopy<'a> {
     client: &'a mut CopyClient<Channel>,
     store: &'a Arc<Store>,
-    cfg: &'a CopyConfig,
     owner: &'a str,
     vm: &'a str,
     session: String,
@@ -79,6 +78,8 @@ struct PointCopy<'a> {
     heal: HashSet<BlockHash>,
     report: &'a mut CopyReport,
     limiter: &'a Arc<super::RateLimit>,
+    /// Chunk reads in flight (`parallel` of the configuration), shared by every batch.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A batch being staged: the writer comes back with the outcome.
@@ -306,7 +307,6 @@ async fn copy_point(
     let mut copy = PointCopy {
         client,
         store,
-        cfg,
         owner,
         vm,
         session: plan.session.clone(),
@@ -318,6 +318,7 @@ async fn copy_point(
         heal: plan.heal.iter().copied().collect(),
         report,
         limiter,
+        slots: Arc::new(tokio::sync::Semaphore::new(cfg.parallel.max(1))),
     };
     let mut sent = Ok(());
     for (pos, d) in disks.iter().enumerate() {
@@ -533,7 +534,7 @@ impl PointCopy<'_> {
             client: self.client.clone(),
             vm: self.vm.to_owned(),
             per_call,
-            parallel: self.cfg.parallel.max(1),
+            slots: self.slots.clone(),
             limiter: self.limiter.clone(),
         };
         let task = tokio::spawn(reads.run(missing.clone()));

@@ -8,6 +8,48 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+/// Buffers of writers that ended, kept for the next ones. A new writer's buffer is backed
+/// page by page as it is first written, which a host that backs new memory slowly pays
+/// dearly for: a copied incremental's first batch of 41 MB took 0.2-0.9 s to append with a
+/// new (doubling) buffer and 0.01 s with a kept one.
+static SPARE: Spares = Spares::new();
+/// Buffers kept at most (the largest).
+const SPARE_KEPT: usize = 2;
+/// A buffer's size: what it holds between syncs is at most a pack and its last record.
+const BUF_BYTES: usize = PACK_TARGET_BYTES as usize + (16 << 20);
+/// Larger buffers (a writer that grew past a pack) are not kept.
+const SPARE_MAX_BYTES: usize = 2 * PACK_TARGET_BYTES as usize;
+/// Smaller buffers are cheap to make again.
+const SPARE_MIN_BYTES: usize = 8 << 20;
+
+/// Spare buffers, their contents stale.
+struct Spares(Mutex<Vec<Vec<u8>>>);
+
+impl Spares {
+    const fn new() -> Spares {
+        Spares(Mutex::new(Vec::new()))
+    }
+
+    /// A kept buffer of at least `len` bytes, if there is one.
+    fn take(&self, len: usize) -> Option<Vec<u8>> {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = kept.iter().position(|v| v.len() >= len)?;
+        Some(kept.swap_remove(i))
+    }
+
+    /// Keeps `v` if its size is worth keeping and it is among the largest kept.
+    fn keep(&self, v: Vec<u8>) {
+        if !(SPARE_MIN_BYTES..=SPARE_MAX_BYTES).contains(&v.len()) {
+            return;
+        }
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.push(v);
+        kept.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        kept.truncate(SPARE_KEPT);
+    }
+}
 
 /// Bytes to be written from a page boundary of the pack, kept at a page-aligned address so
 /// they can go to the file with O_DIRECT as they are.
@@ -37,11 +79,15 @@ impl PageBuf {
         if need <= self.capacity() {
             return;
         }
-        let cap = need.max(2 * self.capacity()).max(1 << 20);
-        let mut v = vec![0u8; cap + DIRECT_ALIGN];
+        // Room for a whole pack at once: pages are backed as they are first written, and
+        // the buffer never grows (a doubling buffer touches twice what it holds).
+        let cap = need.max(2 * self.capacity()).max(BUF_BYTES);
+        let mut v = SPARE
+            .take(need + DIRECT_ALIGN)
+            .unwrap_or_else(|| vec![0u8; cap + DIRECT_ALIGN]);
         let at = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         v[at..at + self.len].copy_from_slice(self.bytes());
-        self.v = v;
+        SPARE.keep(std::mem::replace(&mut self.v, v));
         self.at = at;
     }
 
@@ -74,6 +120,12 @@ impl PageBuf {
 
     fn clear(&mut self) {
         self.len = 0;
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        SPARE.keep(std::mem::take(&mut self.v));
     }
 }
 
@@ -241,5 +293,29 @@ impl ChunkWriter for PackWriter {
         self.pending.consume((base - c.base) as usize);
         c.base = base;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spares_keep_the_largest_buffers_of_a_useful_size_and_hand_out_one_big_enough() {
+        let spares = Spares::new();
+        // Too small to be worth keeping, too large to keep.
+        spares.keep(vec![0; SPARE_MIN_BYTES - 1]);
+        spares.keep(vec![0; SPARE_MAX_BYTES + 1]);
+        assert!(spares.take(1).is_none());
+        spares.keep(vec![1; SPARE_MIN_BYTES]);
+        spares.keep(vec![2; BUF_BYTES]);
+        spares.keep(vec![3; SPARE_MIN_BYTES + 1]);
+        // The two largest are kept; a request larger than any gets none.
+        assert!(spares.take(BUF_BYTES + 1).is_none());
+        let big = spares.take(SPARE_MIN_BYTES + 2).unwrap();
+        assert_eq!((big.len(), big[0]), (BUF_BYTES, 2));
+        let next = spares.take(1).unwrap();
+        assert_eq!((next.len(), next[0]), (SPARE_MIN_BYTES + 1, 3));
+        assert!(spares.take(1).is_none());
     }
 }
