@@ -299,8 +299,18 @@ impl S3Client {
     /// Stores `body` as object `name` unless one is there already (the store refuses with
     /// 412): what the write came to, with the version a versioned bucket made.
     pub fn put_new(&self, name: &str, body: &[u8]) -> Result<Put, S3Error> {
+        self.put_new_summed(name, body, &sha2::Sha256::digest(body).into())
+    }
+
+    /// [`S3Client::put_new`] of a body whose SHA-256 the caller took already.
+    pub fn put_new_summed(
+        &self,
+        name: &str,
+        body: &[u8],
+        sha256: &[u8; 32],
+    ) -> Result<Put, S3Error> {
         let key = self.key(name);
-        let sum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
+        let sum = base64::engine::general_purpose::STANDARD.encode(sha256);
         let mut action = PutObject::new(&self.bucket, Some(&self.credentials), &key);
         action.headers_mut().insert("if-none-match", "*");
         action

@@ -46,6 +46,45 @@ const PACKS_PREFIX: &str = "packs/";
 /// The largest pack object a fetch accepts: a full pack plus its last record.
 const MAX_PACK_BYTES: u64 = PACK_TARGET_BYTES + RECORD_HEADER + MAX_FRAME_BYTES as u64 + 8;
 
+/// Pack uploads one process runs at once (they used to run one at a time, so a receiver's
+/// ingest was bound by a single PUT's speed, about 35 MB/s into the test's Garage). Each holds
+/// its pack in memory: at most this many packs' bytes for uploads per process.
+const PUBLISHES_AT_ONCE: usize = 2;
+
+/// A counting limit for threads: [`Slots::take`] waits while all are taken.
+struct Slots {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A taken slot, given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            free: Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn take(&self) -> Slot<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Slot(self)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// What the store's writers and readers share.
 struct Shared {
     client: S3Client,
@@ -58,8 +97,10 @@ struct Shared {
     downloads: Mutex<std::collections::HashMap<PackId, Arc<download::Download>>>,
     /// Buffers of downloads' pieces kept in memory, used again.
     pool: Arc<download::Pool>,
-    /// One publish at a time: a sweep and a writer never upload one pack twice at once.
-    publishing: Mutex<()>,
+    /// Publishes running in this process: at most [`PUBLISHES_AT_ONCE`], each holding its
+    /// pack in memory. (A pack is published only by whoever holds its lock file, so no pack
+    /// is uploaded twice at once.)
+    publishing: Slots,
     /// Bytes the cache is believed to hold (see [`Shared::evict`]).
     tally: Mutex<CacheTally>,
     /// The version each pack was uploaded as, from the catalog.
@@ -142,7 +183,7 @@ impl S3Packs {
                 cache_limit,
                 downloads: Mutex::new(Default::default()),
                 pool: Default::default(),
-                publishing: Mutex::new(()),
+                publishing: Slots::new(PUBLISHES_AT_ONCE),
                 tally: Mutex::new(CacheTally::default()),
                 book: crate::catalog::packs::VersionBook::new(data),
             }),
@@ -219,7 +260,7 @@ impl Shared {
             let Some(lock) = self.try_lock(id)? else {
                 continue;
             };
-            let digest = self.publish(id)?;
+            let digest = self.publish(id, &lock)?;
             self.unlock(id, lock);
             done.push(Retired { id, digest });
         }
@@ -253,8 +294,13 @@ impl Shared {
     /// Uploads finished pack `id` from `staging/` (create-only), then moves it into the cache;
     /// returns what was uploaded (None when another publish took it meanwhile). An object of
     /// that name already there (an earlier try that got through) must have the same size.
-    fn publish(&self, id: PackId) -> Result<Option<PackDigest>, ChunkStoreError> {
-        let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+    /// The caller holds the pack's lock file (`_locked`), so no other publish of it runs.
+    fn publish(
+        &self,
+        id: PackId,
+        _locked: &fs::File,
+    ) -> Result<Option<PackDigest>, ChunkStoreError> {
+        let _slot = self.publishing.take();
         let path = self.staging.join(pack_name(id));
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -263,9 +309,11 @@ impl Shared {
             Err(e) => return Err(io_err(&path)(e)),
         };
         let name = Self::object(id);
+        // Its SHA-256 goes with the PUT, which the store checks the body against.
+        let digest = PackDigest::of(&bytes);
         let put = self
             .client
-            .put_new(&name, &bytes)
+            .put_new_summed(&name, &bytes, &digest.sha256)
             .map_err(remote(format!("uploading pack {id}")))?;
         let version = match put {
             Put::Created { version } => version,
@@ -290,10 +338,7 @@ impl Shared {
         let cached = self.cache.join(pack_name(id));
         fs::rename(&path, &cached).map_err(io_err(&cached))?;
         self.evict(id, bytes.len() as u64);
-        Ok(Some(PackDigest {
-            version,
-            ..PackDigest::of(&bytes)
-        }))
+        Ok(Some(PackDigest { version, ..digest }))
     }
 
     /// Pack `id`'s object from the bucket: the version it was uploaded as, when recorded.

@@ -79,3 +79,42 @@ fn packs_another_process_adds_are_counted_within_a_bounded_number_of_adds() {
     }
     assert!(back.is_some(), "the cache never came back within its bound");
 }
+
+#[test]
+fn slots_let_that_many_holders_in_at_once_and_the_next_only_when_one_leaves() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let slots = Arc::new(Slots::new(2));
+    let (inside, entered) = mpsc::channel::<usize>();
+    let mut leave = Vec::new();
+    let mut threads = Vec::new();
+    for n in 0..3 {
+        let (go, gone) = mpsc::channel::<()>();
+        leave.push(go);
+        let (slots, inside) = (slots.clone(), inside.clone());
+        threads.push(std::thread::spawn(move || {
+            let _slot = slots.take();
+            let _ = inside.send(n);
+            let _ = gone.recv();
+        }));
+    }
+    let wait = Duration::from_secs(30);
+    let mut first = [
+        entered.recv_timeout(wait).expect("a holder"),
+        entered.recv_timeout(wait).expect("a second holder at once"),
+    ];
+    first.sort_unstable();
+    // The third waits while both slots are held (it can only get in once one leaves).
+    assert!(entered.recv_timeout(Duration::from_millis(300)).is_err());
+    let _ = leave[first[0]].send(());
+    let third = entered
+        .recv_timeout(wait)
+        .expect("the third, once a slot was given back");
+    assert!(!first.contains(&third));
+    for go in leave {
+        let _ = go.send(());
+    }
+    for t in threads {
+        t.join().expect("holder");
+    }
+}

@@ -60,8 +60,17 @@ impl S3Writer {
             let handle = std::thread::Builder::new()
                 .name("pack-upload".into())
                 .spawn(move || {
-                    let published = shared.publish(id);
-                    if let (Ok(_), Some(lock)) = (&published, lock) {
+                    // The writer locked each of its packs when it made it; one it no longer
+                    // holds is published by whoever does.
+                    let lock = match lock {
+                        Some(lock) => lock,
+                        None => match shared.try_lock(id)? {
+                            Some(lock) => lock,
+                            None => return Ok(None),
+                        },
+                    };
+                    let published = shared.publish(id, &lock);
+                    if published.is_ok() {
                         shared.unlock(id, lock);
                     }
                     published
