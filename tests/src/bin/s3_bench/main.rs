@@ -439,6 +439,9 @@ fn main() -> Result<()> {
         if let Some((secs, bytes)) = copy_case(&a, w, &bins, &local)? {
             print_copy(&a, secs, bytes);
         }
+        if a.keep_dir {
+            eprintln!("work folder kept: {}", work.keep().display());
+        }
         return Ok(());
     }
     let l_run = median(a.restore_runs, || {
