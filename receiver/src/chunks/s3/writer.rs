@@ -60,14 +60,17 @@ impl S3Writer {
             let handle = std::thread::Builder::new()
                 .name("pack-upload".into())
                 .spawn(move || {
-                    // The writer locked each of its packs when it made it; one it no longer
-                    // holds is published by whoever does.
+                    // The writer locked each of its packs when it made it. One whose lock it
+                    // no longer holds stays staged for a sweep unless the lock is free: it is
+                    // never reported published while someone else may still be uploading it.
                     let lock = match lock {
                         Some(lock) => lock,
-                        None => match shared.try_lock(id)? {
-                            Some(lock) => lock,
-                            None => return Ok(None),
-                        },
+                        None => shared.try_lock(id)?.ok_or_else(|| ChunkStoreError::Io {
+                            path: shared.staging.join(pack_name(id)),
+                            source: std::io::Error::other(
+                                "the pack's lock is held elsewhere; a sweep publishes it",
+                            ),
+                        })?,
                     };
                     let published = shared.publish(id, &lock);
                     if published.is_ok() {

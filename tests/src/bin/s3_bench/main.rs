@@ -293,27 +293,32 @@ fn copy_case(a: &Args, w: &Path, bins: &Path, primary_data: &Path) -> Result<Opt
                 .map_or(String::new(), |n| format!("parallel = {n}\n"))
         ),
     )?;
-    let mut runs = Vec::new();
-    for run in 0..a.copy_runs.max(1) {
-        let copy_data = w.join("data-copy");
-        if copy_data.exists() {
-            std::fs::remove_dir_all(&copy_data)?;
+    let runs = (|| -> Result<Vec<(f64, u64)>> {
+        let mut runs = Vec::new();
+        for run in 0..a.copy_runs.max(1) {
+            let copy_data = w.join("data-copy");
+            if copy_data.exists() {
+                std::fs::remove_dir_all(&copy_data)?;
+            }
+            let (secs, bytes) = copy_run(bins, &config, &pki, &copy_data)?;
+            if a.copy_runs > 1 {
+                eprintln!(
+                    "  copy run {}: {:.0} MB in {secs:.2} s = {:.0} Mbit/s",
+                    run + 1,
+                    bytes as f64 / 1e6,
+                    bytes as f64 * 8.0 / secs / 1e6
+                );
+            }
+            runs.push((secs, bytes));
         }
-        let (secs, bytes) = copy_run(bins, &config, &pki, &copy_data)?;
-        if a.copy_runs > 1 {
-            eprintln!(
-                "  copy run {}: {:.0} MB in {secs:.2} s = {:.0} Mbit/s",
-                run + 1,
-                bytes as f64 / 1e6,
-                bytes as f64 * 8.0 / secs / 1e6
-            );
-        }
-        runs.push((secs, bytes));
-    }
+        Ok(runs)
+    })();
+    // The primary, the proxy and the namespace go however the runs ended.
     let _ = primary.kill();
     let _ = primary.wait();
     drop(proxy);
     drop(ns);
+    let mut runs = runs?;
     runs.sort_by(|x, y| x.0.total_cmp(&y.0));
     Ok(Some(runs[runs.len() / 2]))
 }
