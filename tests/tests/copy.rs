@@ -434,6 +434,36 @@ fn a_copy_whose_source_link_fails_mid_point_resumes_without_reading_what_is_dura
     );
 }
 
+/// The TLS of a Copy service of a test's own, behind `pki`'s receiver certificate: what a
+/// copy with the replica identity takes for its primary.
+fn source_tls(pki: &std::path::Path) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |name: &str| std::fs::read(pki.join(name)).unwrap();
+    ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read("receiver.pem"),
+            read("receiver.key"),
+        ))
+        .client_ca_root(Certificate::from_pem(read("ca.pem")))
+}
+
+/// A copy's settings with `pki`'s replica identity `copy1`, pulling from `source`.
+fn copy_config(
+    pki: &std::path::Path,
+    source: String,
+    parallel: usize,
+) -> rewind_receiver::copy::CopyConfig {
+    rewind_receiver::copy::CopyConfig {
+        source,
+        ca: pki.join("ca.pem"),
+        cert: pki.join("copy1.pem"),
+        key: pki.join("copy1.key"),
+        every: Duration::from_secs(1),
+        bwlimit: None,
+        parallel,
+    }
+}
+
 /// A source that answers `CopyVms` with one VM and history id `history`, and refuses every
 /// other call, counting them: what a compromised or impostor primary could send.
 struct HistorySource {
@@ -494,11 +524,10 @@ impl rewind_proto::pb::copy_server::Copy for HistorySource {
 
 #[test]
 fn a_source_sending_a_history_id_that_is_not_short_hex_is_refused_before_any_point_is_asked() {
-    use rewind_receiver::copy::{CopyConfig, CopyError};
-    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    use rewind_receiver::copy::CopyError;
+    use tonic::transport::Server;
     let primary = Deployment::new();
     let pki = primary.pki();
-    let read = |name: &str| std::fs::read(pki.join(name)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let copy = Deployment::new();
     let store = std::sync::Arc::new(rewind_receiver::store::Store::open(&copy.data()).unwrap());
@@ -524,27 +553,13 @@ fn a_source_sending_a_history_id_that_is_not_short_hex_is_refused_before_any_poi
             let _ = replica(&primary, addr);
             replica_made = true;
         }
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                read("receiver.pem"),
-                read("receiver.key"),
-            ))
-            .client_ca_root(Certificate::from_pem(read("ca.pem")));
         let server = Server::builder()
-            .tls_config(tls)
+            .tls_config(source_tls(&pki))
             .unwrap()
             .add_service(rewind_proto::pb::copy_server::CopyServer::new(source))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         let serving = rt.spawn(server);
-        let cfg = CopyConfig {
-            source: format!("https://{addr}"),
-            ca: pki.join("ca.pem"),
-            cert: pki.join("copy1.pem"),
-            key: pki.join("copy1.key"),
-            every: Duration::from_secs(1),
-            bwlimit: None,
-            parallel: 1,
-        };
+        let cfg = copy_config(&pki, format!("https://{addr}"), 1);
         let run = rt.block_on(rewind_receiver::copy::run_once(&store, &cfg));
         serving.abort();
         let taken = asked.load(std::sync::atomic::Ordering::SeqCst);
@@ -640,8 +655,7 @@ impl rewind_proto::pb::copy_server::Copy for Relay {
 
 #[test]
 fn a_copy_keeps_parallel_reads_in_flight_across_batches_and_reads_the_batches_in_order() {
-    use rewind_receiver::copy::CopyConfig;
-    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    use tonic::transport::Server;
     // Three batches of entries (a batch references 64 MiB of blocks: 1024 of 64 KiB), each
     // block different and compressible.
     const BLOCKS: u64 = 2600;
@@ -664,31 +678,16 @@ fn a_copy_keeps_parallel_reads_in_flight_across_batches_and_reads_the_batches_in
     let want = disk::digest(&vda);
 
     let pki = d.pki();
-    let read = |name: &str| std::fs::read(pki.join(name)).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (copy, _) = replica(&d, addr);
-    let cfg = |source: String, parallel: usize| CopyConfig {
-        source,
-        ca: pki.join("ca.pem"),
-        cert: pki.join("copy1.pem"),
-        key: pki.join("copy1.key"),
-        every: Duration::from_secs(1),
-        bwlimit: None,
-        parallel,
-    };
     // The relay on a runtime of one thread: calls are seen in the order they arrive.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(RelaySeen::default()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let relay = {
         let seen = seen.clone();
-        let to_primary = cfg(format!("https://{}", rx.addr()), 1);
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                read("receiver.pem"),
-                read("receiver.key"),
-            ))
-            .client_ca_root(Certificate::from_pem(read("ca.pem")));
+        let to_primary = copy_config(&pki, format!("https://{}", rx.addr()), 1);
+        let tls = source_tls(&pki);
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -724,7 +723,7 @@ fn a_copy_keeps_parallel_reads_in_flight_across_batches_and_reads_the_batches_in
     let report = rt
         .block_on(rewind_receiver::copy::run_once(
             &store,
-            &cfg(format!("https://{addr}"), PARALLEL),
+            &copy_config(&pki, format!("https://{addr}"), PARALLEL),
         ))
         .unwrap();
     drop(store);
